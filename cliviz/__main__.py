@@ -1,0 +1,3 @@
+from cliviz.cli.main import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `cliviz` command line: one typer app, one module per subcommand."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from cliviz.cli.train_cmd import train
+from cliviz.errors import CLIVizError
+
+app = typer.Typer(
+    name="cliviz",
+    help="See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
+
+
+app.command("train")(train)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app(standalone_mode=False)
+    except CLIVizError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.TyperException as err:  # usage errors: typer prints them itself
+        err.show()
+        sys.exit(2)

@@ -1,0 +1,16 @@
+"""Option definitions shared by every subcommand (declared once, like Inseq's typed args)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[Path], typer.Option("--model", "-m", help="Model folder (config.json + model.safetensors). Default: bundled cli-tiny.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]. auto picks a GPU when present.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16. auto: bf16 on GPU, fp32 on CPU.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the rich view.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

@@ -1,0 +1,53 @@
+"""`cliviz train`: train a tiny model of any fusion variant on ShapesVQA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cliviz.cli.options import DeviceOpt, SeedOpt
+from cliviz.errors import CLIVizError
+from cliviz.model.configuration import FUSIONS
+
+
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the trained model to.")],
+    fusion: Annotated[str, typer.Option("--fusion", help="cli | projector | shallow | deepstack")] = "cli",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (reproducible budget).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-clock budget instead of --steps.")] = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (all their questions in one sequence).")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a tiny CLI model (or a baseline) from scratch; progress bar shows loss and running accuracy."""
+    import torch
+
+    from cliviz.runtime import resolve_device
+    from cliviz.training import TrainSettings
+    from cliviz.training import train as run_training
+
+    if fusion not in FUSIONS:
+        raise CLIVizError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if (steps is None) == (minutes is None):
+        raise CLIVizError("give exactly one of --steps or --minutes")
+    if (steps is not None and steps <= 0) or (minutes is not None and minutes <= 0):
+        raise CLIVizError("--steps/--minutes must be positive")
+    if threads:
+        torch.set_num_threads(threads)
+    dev, _ = resolve_device(device, "float32")
+    settings = TrainSettings(fusion=fusion, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr)
+    columns = (TextColumn("[bold]train[/] {task.fields[fusion]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=1.0, fusion=fusion, step=0, loss=0.0, acc=0.0)
+
+        def on_step(step: int, loss: float, acc: float, frac: float) -> None:
+            progress.update(task, completed=frac, step=step, loss=loss, acc=acc)
+
+        summary = run_training(settings, out, dev, on_step=on_step)
+    typer.echo(f"saved {fusion} model to {out} after {summary['steps']} steps ({summary['seconds']:.0f} s)")

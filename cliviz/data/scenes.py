@@ -1,0 +1,149 @@
+"""Procedural scenes for ShapesVQA: a few coloured shapes and a digit glyph in the top-left corner.
+
+Everything is drawn with PIL from a seeded numpy generator, so a (seed, index) pair always gives
+the same picture. Each scene also carries per-patch labels used as an auxiliary training signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 220, 50),
+    "purple": (160, 60, 210),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 5, "large": 9}
+GLYPH_BOX = (1, 1, 11, 15)  # x0, y0, x1, y1 (inclusive) of the white box holding the digit
+BACKGROUND = (24, 24, 28)
+
+# 3x5 bitmap digits, drawn at 2x: fine detail that only early vision layers see clearly.
+_DIGITS = {
+    "0": ["111", "101", "101", "101", "111"],
+    "1": ["010", "110", "010", "010", "111"],
+    "2": ["111", "001", "111", "100", "111"],
+    "3": ["111", "001", "111", "001", "111"],
+    "4": ["101", "101", "111", "001", "001"],
+    "5": ["111", "100", "111", "001", "111"],
+    "6": ["111", "100", "111", "101", "111"],
+    "7": ["111", "001", "010", "010", "010"],
+    "8": ["111", "101", "111", "101", "111"],
+    "9": ["111", "101", "111", "001", "111"],
+}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    x: int
+    y: int
+
+    @property
+    def radius(self) -> int:
+        return SIZES[self.size]
+
+
+@dataclass
+class Scene:
+    objects: list[SceneObject]
+    digit: str
+    image: Image.Image = field(repr=False)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    r, x, y, fill = obj.radius, obj.x, obj.y, COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif obj.shape == "square":
+        s = round(r * 0.85)
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r - 1), (x + r, y + r - 1)], fill=fill)
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, digit: str) -> None:
+    x0, y0, x1, y1 = GLYPH_BOX
+    draw.rectangle([x0, y0, x1, y1], fill=(245, 245, 245))
+    for row, bits in enumerate(_DIGITS[digit]):
+        for col, bit in enumerate(bits):
+            if bit == "1":
+                px, py = x0 + 2 + 2 * col, y0 + 2 + 2 * row
+                draw.rectangle([px, py, px + 1, py + 1], fill=(0, 0, 0))
+
+
+def _place_objects(rng: np.random.Generator, n: int) -> list[SceneObject] | None:
+    colors = rng.choice(list(COLORS), size=n, replace=False)
+    placed: list[SceneObject] = []
+    for color in colors:
+        for _ in range(100):
+            size = str(rng.choice(list(SIZES)))
+            r = SIZES[size]
+            x, y = int(rng.integers(r + 1, IMAGE_SIZE - r - 1)), int(rng.integers(r + 1, IMAGE_SIZE - r - 1))
+            if x - r <= GLYPH_BOX[2] + 2 and y - r <= GLYPH_BOX[3] + 2:
+                continue  # keep the glyph corner clear
+            if abs(x - IMAGE_SIZE / 2) < 4 or abs(y - IMAGE_SIZE / 2) < 4:
+                continue  # left/right and top/bottom must be unambiguous
+            if any((x - o.x) ** 2 + (y - o.y) ** 2 < (r + o.radius + 3) ** 2 for o in placed):
+                continue
+            placed.append(SceneObject(str(rng.choice(SHAPES)), str(color), size, x, y))
+            break
+        else:
+            return None
+    return placed
+
+
+def make_scene(rng: np.random.Generator) -> Scene:
+    """Draw one scene: 1-4 objects of distinct colours and a digit glyph."""
+    while True:
+        objects = _place_objects(rng, int(rng.integers(1, 5)))
+        if objects is not None:
+            break
+    digit = str(rng.integers(0, 10))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw_object(draw, obj)
+    _draw_glyph(draw, digit)
+    return Scene(objects=objects, digit=digit, image=image)
+
+
+def patch_labels(scene: Scene, patch: int) -> dict[str, np.ndarray]:
+    """Per-patch targets `[grid, grid]` (colour id, shape id, digit id; 0 = none) from the pixels.
+
+    Computed from the rendered image itself, so they can never disagree with what is drawn.
+    """
+    pixels = np.asarray(scene.image, dtype=np.int16)  # [H, W, 3]
+    grid = IMAGE_SIZE // patch
+    color_ids = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.int64)
+    shape_ids = np.zeros_like(color_ids)
+    for obj in scene.objects:
+        hit = np.all(np.abs(pixels - np.array(COLORS[obj.color])) < 3, axis=-1)
+        color_ids[hit] = list(COLORS).index(obj.color) + 1
+        shape_ids[hit] = SHAPES.index(obj.shape) + 1
+    out = {name: _patch_mode(ids, patch) for name, ids in (("color", color_ids), ("shape", shape_ids))}
+    digit = np.zeros((grid, grid), np.int64)
+    x0, y0, x1, y1 = GLYPH_BOX
+    digit[y0 // patch : y1 // patch + 1, x0 // patch : x1 // patch + 1] = int(scene.digit) + 1
+    out["digit"] = digit
+    return out
+
+
+def _patch_mode(ids: np.ndarray, patch: int) -> np.ndarray:
+    """Most frequent non-zero id in each `patch` x `patch` cell (0 when the cell is empty)."""
+    grid = ids.shape[0] // patch
+    n_ids = int(ids.max()) + 1
+    onehot = np.eye(max(n_ids, 2), dtype=np.int32)[ids]  # [H, W, C]
+    counts = onehot.reshape(grid, patch, grid, patch, -1).sum(axis=(1, 3))  # [grid, grid, C]
+    counts[..., 0] = 0
+    mode = counts.argmax(-1)
+    return np.where(counts.max(-1) > 0, mode, 0).astype(np.int64)

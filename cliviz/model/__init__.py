@@ -1,0 +1,6 @@
+"""The CLI model family: config, modules, loading and `attach`."""
+
+from cliviz.model.configuration import FUSIONS, CLIConfig
+from cliviz.model.modeling import CLIForConditionalGeneration
+
+__all__ = ["CLIConfig", "CLIForConditionalGeneration", "FUSIONS"]
