@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
 from cliviz.cli.train_cmd import train
 from cliviz.errors import CLIVizError
 
@@ -24,7 +25,12 @@ def _root() -> None:
     """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
 
 
+app.command("ask")(ask)
+app.command("data")(data)
 app.command("train")(train)
+app.command("eval")(eval_cmd)
+app.command("attach")(attach_cmd)
+app.command("vocab")(vocab)
 
 
 def main() -> None:

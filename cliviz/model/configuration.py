@@ -6,6 +6,7 @@ folder exactly as users of transformers expect (config.json + model.safetensors)
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, LlavaConfig, LlavaOnevisionConfig, PretrainedConfig
@@ -24,7 +25,7 @@ class CLIConfig(PretrainedConfig):
         injection_layers: LLM decoder layers whose *input* receives the injection.
         lora_rank: rank of the per-vision-layer LoRA in AMP.
         gate_temperature: softmax temperature of the AGF gate.
-        read_heads: heads of the AGF multi-head read.
+        read_heads: heads of the AGF multi-head read (default: the LLM's attention heads).
     """
 
     model_type = "cliviz_cli"
@@ -38,7 +39,7 @@ class CLIConfig(PretrainedConfig):
         injection_layers: list[int] | None = None,
         lora_rank: int = 8,
         gate_temperature: float = 1.0,
-        read_heads: int = 4,
+        read_heads: int | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(base_config, dict):
@@ -46,8 +47,12 @@ class CLIConfig(PretrainedConfig):
             if base_type not in BASE_CONFIGS:
                 raise ValueError(f"unsupported base model_type {base_type!r}; expected one of {sorted(BASE_CONFIGS)}")
             base_config = BASE_CONFIGS[base_type](**base_config)
-        if base_config is None:
+        elif base_config is None:
             base_config = LlavaConfig()
+        else:
+            # PretrainedConfig.__init__ rewrites sub-configs (e.g. the attention implementation);
+            # never let that reach the config object a live base model is still using.
+            base_config = copy.deepcopy(base_config)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
         self.base_config = base_config
@@ -68,7 +73,7 @@ class CLIConfig(PretrainedConfig):
                 raise ValueError(f"injection layer {i} outside 0..{n_text - 1}")
         self.lora_rank = int(lora_rank)
         self.gate_temperature = float(gate_temperature)
-        self.read_heads = int(read_heads)
+        self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

@@ -90,12 +90,13 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         print(model.config.vision_layers, model.config.injection_layers)
     """
 
-    def __init__(self, config: CLIConfig) -> None:
+    def __init__(self, config: CLIConfig, base: PreTrainedModel | None = None) -> None:
         super().__init__(config)
         base_cls = BASE_CLASSES.get(config.base_model_type)
         if base_cls is None:
             raise ValueError(f"unsupported base model_type {config.base_model_type!r}")
-        self.base = base_cls(config.base_config)
+        # `attach` hands in an already-loaded base so that no second copy of its weights is built.
+        self.base = base if base is not None else base_cls(config.base_config)
         if not isinstance(config.base_config.vision_feature_layer, int):
             raise ValueError("CLI reuses the LLaVA projector, which needs a single int vision_feature_layer")
         vision_hidden = config.base_config.vision_config.hidden_size

@@ -1,0 +1,1 @@
+"""Analyses over traces: heatmaps, ablations, attributions, statistics (imported as `cliviz.analyses`)."""

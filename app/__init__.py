@@ -1,0 +1,1 @@
+"""The Dash dashboard (imported as `cliviz.app`)."""

@@ -1,0 +1,141 @@
+"""`cliviz ask`, `cliviz eval`, `cliviz data`, `cliviz attach`, `cliviz vocab`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SeedOpt
+from cliviz.errors import CLIVizError
+
+console = Console()
+
+
+def load_checked(model: Path | None, device: str, dtype: str):
+    from cliviz.model.loading import load_model
+
+    return load_model(model, device=device, dtype=dtype)
+
+
+def checked_question(question: str, tokenizer) -> str:
+    from cliviz.inputs import check_question
+
+    return check_question(question, tokenizer.get_vocab(), tokenizer.tokenize)
+
+
+def ask(
+    image: Annotated[Path, typer.Argument(help="Image file (any format PIL reads).")],
+    question: Annotated[str, typer.Argument(help="Question in the model's vocabulary.")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question about an image."""
+    import math
+
+    from cliviz.inference import answer
+    from cliviz.inputs import load_image
+
+    img = load_image(image)
+    net, tok = load_checked(model, device, dtype)
+    q = checked_question(question, tok)
+    ans = answer(net, tok, [img], [q], max_new_tokens=max_new_tokens)[0]
+    prob = math.exp(ans.logprobs[0]) if ans.logprobs else float("nan")
+    if as_json:
+        typer.echo(json.dumps({"question": q, "answer": ans.text, "probability": prob, "model": str(net.name_or_path)}))
+    else:
+        console.print(f"[bold]{ans.text}[/]  [dim](p={prob:.3f})[/]")
+
+
+def eval_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy overall and per question type."""
+    from cliviz.evaluation import evaluate, read_jsonl
+
+    dataset = read_jsonl(data)
+    net, tok = load_checked(model, device, dtype)
+    with Progress(console=Console(stderr=True), transient=True, disable=as_json) as progress:
+        task = progress.add_task("evaluating", total=len(dataset.records))
+        result = evaluate(net, tok, dataset, batch_size, on_batch=lambda n: progress.advance(task, n))
+    result["model"] = str(net.name_or_path)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"{net.name_or_path} on {data}")
+    table.add_column("question type")
+    table.add_column("accuracy", justify="right")
+    table.add_column("n", justify="right")
+    for qtype, acc in result["per_type"].items():
+        table.add_row(qtype, f"{acc:.3f}", str(result["n_per_type"][qtype]))
+    table.add_row("[bold]overall", f"[bold]{result['overall']:.3f}", str(result["n"]))
+    console.print(table)
+    for reason, count in result["skipped"].items():
+        console.print(f"[yellow]skipped {count} rows: {reason}[/]")
+
+
+def data(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write images/ and samples.jsonl to.")],
+    n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of samples.")] = 700,
+    seed: SeedOpt = 1,
+) -> None:
+    """Write a ShapesVQA set (balanced over question types) as PNG + JSONL."""
+    from cliviz.data import write_dataset
+
+    if out.exists() and not out.is_dir():
+        raise CLIVizError(f"--out exists and is not a folder: {out}")
+    try:
+        target = write_dataset(out, n, seed)
+    except PermissionError:
+        raise CLIVizError(f"cannot write to {out} (permission denied)") from None
+    typer.echo(f"wrote {n} samples to {target}")
+
+
+def attach_cmd(
+    base: Annotated[Path, typer.Option("--base", help="Local LLaVA / LLaVA-OneVision model folder (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the CLI model.")],
+    fusion: Annotated[str, typer.Option("--fusion")] = "cli",
+    vision_layers: Annotated[Optional[str], typer.Option("--vision-layers", help="Comma-separated hidden_states indices.")] = None,
+    injection_layers: Annotated[Optional[str], typer.Option("--injection-layers", help="Comma-separated LLM layers.")] = None,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", min=1e-3)] = 1.0,
+) -> None:
+    """Turn a LLaVA checkpoint into a CLI model that equals the base at init."""
+    from cliviz.model.attach import attach_folder
+
+    def parse(text: str | None) -> list[int] | None:
+        if text is None:
+            return None
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise CLIVizError(f"expected comma-separated integers, got {text!r}") from None
+
+    attach_folder(base, out, fusion=fusion, vision_layers=parse(vision_layers), injection_layers=parse(injection_layers),
+                  lora_rank=lora_rank, gate_temperature=temperature)
+    typer.echo(f"wrote CLI model ({fusion}) to {out}")
+
+
+def vocab(model: ModelOpt = None) -> None:
+    """List the words the model understands."""
+    from cliviz.model.loading import check_model_dir, resolve_model_dir
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_dir(model)
+    check_model_dir(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    words = [w for w, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if w not in tok.all_special_tokens]
+    typer.echo(" ".join(words))

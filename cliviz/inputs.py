@@ -1,0 +1,83 @@
+"""Validation of what users hand us — images and questions — with one-line errors.
+
+The same loader serves the command line and the dashboard uploads.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cliviz.errors import CLIVizError
+
+MAX_PIXELS = 40_000_000  # far above any real photo we need; stops decompression bombs before decoding
+MAX_QUESTION_CHARS = 400
+MAX_QUESTION_WORDS = 48
+BACKGROUND = (24, 24, 28)  # transparent pixels become the ShapesVQA background
+
+
+def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open, verify and convert any PIL-readable image to RGB; raise `CLIVizError` on bad input."""
+    label = name or (str(source) if not isinstance(source, bytes) else "upload")
+    if isinstance(source, bytes):
+        stream: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        stream = Path(source)
+        if not stream.exists():
+            raise CLIVizError(f"image not found: {label}")
+        if not stream.is_file():
+            raise CLIVizError(f"not a file: {label}")
+    try:
+        with Image.open(stream) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise CLIVizError(f"image too large: {label} is {width}x{height} (limit {MAX_PIXELS:,} pixels)")
+            image.load()
+            return to_rgb(image)
+    except CLIVizError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise CLIVizError(f"not a readable image: {label} ({type(err).__name__})") from None
+    except PermissionError:
+        raise CLIVizError(f"cannot read image (permission denied): {label}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CLIVizError(f"corrupt or truncated image: {label} ({err})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode (RGBA, palette, grayscale, 16-bit, float, CMYK) -> 8-bit RGB."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        data = np.asarray(image, dtype=np.float64)
+        lo, hi = float(data.min()), float(data.max())
+        scaled = np.zeros_like(data) if hi <= lo else (data - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def check_question(question: str, vocab: dict[str, int] | None = None, tokenize=None) -> str:
+    """Normalise whitespace and refuse empty, over-long or out-of-vocabulary questions."""
+    text = re.sub(r"\s+", " ", question or "").strip()
+    if not text:
+        raise CLIVizError("the question is empty")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise CLIVizError(f"the question is too long ({len(text)} characters, limit {MAX_QUESTION_CHARS})")
+    words = tokenize(text) if tokenize else text.lower().split()
+    if len(words) > MAX_QUESTION_WORDS:
+        raise CLIVizError(f"the question is too long ({len(words)} words, limit {MAX_QUESTION_WORDS})")
+    if vocab is not None:
+        unknown = [w for w in dict.fromkeys(words) if w not in vocab]
+        if unknown:
+            shown = ", ".join(repr(w) for w in unknown[:5])
+            raise CLIVizError(f"words not in the model's vocabulary: {shown} (see `cliviz vocab`)")
+    return text

@@ -1,0 +1,83 @@
+"""`attach`: turn a stock LLaVA / LLaVA-OneVision model into a CLI model equal to it at init.
+
+Equality holds because every injection is scaled by `tanh(alpha)` with `alpha = 0`, and the
+base's own weights and forward pass are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration, PreTrainedModel
+
+from cliviz.errors import CLIVizError
+from cliviz.model.configuration import FUSIONS, CLIConfig
+from cliviz.model.modeling import BASE_CLASSES, CLIForConditionalGeneration
+
+# Files next to the weights that a user's tokenizer/processor needs; copied as they are.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+    "chat_template.jinja", "generation_config.json",
+)
+
+
+def attach(
+    base: LlavaForConditionalGeneration | LlavaOnevisionForConditionalGeneration,
+    fusion: str = "cli",
+    vision_layers: list[int] | None = None,
+    injection_layers: list[int] | None = None,
+    lora_rank: int = 8,
+    gate_temperature: float = 1.0,
+    read_heads: int | None = None,
+) -> CLIForConditionalGeneration:
+    """Wrap `base` (its modules are re-used, not copied) in a CLI model. Example::
+
+        base = LlavaForConditionalGeneration.from_pretrained("path/to/llava", use_safetensors=True)
+        model = attach(base, vision_layers=[4, 8, 12, 16, 20, 24])
+    """
+    if base.config.model_type not in BASE_CLASSES:
+        raise CLIVizError(f"cannot attach to model_type {base.config.model_type!r}; expected llava or llava_onevision")
+    config = CLIConfig(
+        base_config=base.config, fusion=fusion, vision_layers=vision_layers, injection_layers=injection_layers,
+        lora_rank=lora_rank, gate_temperature=gate_temperature, read_heads=read_heads,
+    )
+    model = CLIForConditionalGeneration(config, base=base)
+    return model.to(dtype=base.dtype, device=base.device).eval()
+
+
+def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGeneration:
+    """`cliviz attach`: load a local LLaVA folder (safetensors only), attach CLI, save to `out`."""
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise CLIVizError(f"base model folder {base_dir} has no config.json")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except json.JSONDecodeError as err:
+        raise CLIVizError(f"unreadable {config_path}: {err}") from None
+    if model_type not in BASE_CLASSES:
+        raise CLIVizError(f"{base_dir} holds model_type {model_type!r}; cliviz attaches to llava or llava_onevision")
+    if options.get("fusion", "cli") not in FUSIONS:
+        raise CLIVizError(f"unknown fusion {options['fusion']!r}; choose one of {', '.join(FUSIONS)}")
+    if not any(base_dir.glob("*.safetensors")):
+        raise CLIVizError(f"{base_dir} has no .safetensors weights (pickled weights are never loaded)")
+    try:
+        base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True)
+        model = attach(base, **options)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in SIDE_FILES:
+        if (base_dir / name).is_file() and name != "generation_config.json":
+            shutil.copy2(base_dir / name, out / name)
+    return model
+
+
+@torch.no_grad()
+def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, inputs: dict) -> float:
+    """Largest absolute logit difference between two models on the same inputs (identity checks)."""
+    return (a(**inputs).logits.float() - b(**inputs).logits.float()).abs().max().item()

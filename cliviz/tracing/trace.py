@@ -1,0 +1,109 @@
+"""`Trace`: everything recorded about one (image, question) run of a CLI model.
+
+Positions and steps. The model reads `n_tokens` input positions: the prompt (`<bos>`, image
+placeholders, question words) and every generated token except the last (which is never fed
+back). Generation step `s` is computed at position `answer_positions[s]` (the last prompt position
+for step 0) and emits `answer_ids[s]`. So "the gates that produced answer token s" are
+`gates[:, answer_positions[s]]` — see `Trace.answer_gates()`.
+
+Shapes (float32): `gates [n_injection_layers, n_tokens, K]` (rows sum to 1; zero injection layers
+for the `projector` fusion, which has no gates), `injection_norm [n_injection_layers, n_tokens]`
+(L2 norm of the residual update), `answer_logprobs [n_answer]`, `topk_ids/topk_logprobs
+[n_answer, k]`. `attributions` holds optional named arrays added by `cliviz attribute`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+ROLES = ("image", "prompt", "answer")
+
+
+@dataclass
+class TraceMeta:
+    question: str
+    answer: str
+    model: str
+    config_hash: str
+    fusion: str
+    vision_layers: list[int]
+    injection_layers: list[int]
+    image_sha256: str
+    image_width: int
+    image_height: int
+    device: str
+    dtype: str
+    created_at: str
+    cliviz_version: str
+    schema_version: int = SCHEMA_VERSION
+    qtype: str | None = None
+    reference_answer: str | None = None
+    sample_id: str | None = None
+
+
+@dataclass
+class Trace:
+    meta: TraceMeta
+    token_ids: np.ndarray  # [n_tokens] int64
+    token_texts: list[str]
+    token_roles: list[str]  # each in ROLES
+    gates: np.ndarray  # [n_injection_layers, n_tokens, K] float32
+    injection_norm: np.ndarray  # [n_injection_layers, n_tokens] float32
+    answer_ids: np.ndarray  # [n_answer] int64
+    answer_texts: list[str]
+    answer_positions: np.ndarray  # [n_answer] int64: the position whose output is answer token s
+    answer_logprobs: np.ndarray  # [n_answer] float32
+    topk_ids: np.ndarray  # [n_answer, k] int64
+    topk_texts: list[list[str]]
+    topk_logprobs: np.ndarray  # [n_answer, k] float32
+    attributions: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def has_gates(self) -> bool:
+        return self.gates.size > 0
+
+    def role_mask(self, role: str) -> np.ndarray:
+        return np.array([r == role for r in self.token_roles], dtype=bool)
+
+    def answer_gates(self) -> np.ndarray:
+        """Gates that produced each answer token: `[n_injection_layers, n_answer, K]`."""
+        return self.gates[:, self.answer_positions]
+
+    def validate(self) -> None:
+        """Check the shape contract; raises ValueError naming the first broken field."""
+        n, n_ans = self.n_tokens, len(self.answer_ids)
+        if not (len(self.token_texts) == len(self.token_roles) == n):
+            raise ValueError("token_ids, token_texts and token_roles differ in length")
+        if any(r not in ROLES for r in self.token_roles):
+            raise ValueError(f"token roles must be one of {ROLES}")
+        if self.gates.ndim != 3 or self.gates.shape[1] != n:
+            raise ValueError(f"gates must be [layers, {n}, K], got {self.gates.shape}")
+        if self.gates.shape[0] != len(self.meta.injection_layers) or self.gates.shape[2] != len(self.meta.vision_layers):
+            raise ValueError("gates must be [len(injection_layers), n_tokens, len(vision_layers)]")
+        if self.injection_norm.shape != self.gates.shape[:2]:
+            raise ValueError(f"injection_norm must be {self.gates.shape[:2]}, got {self.injection_norm.shape}")
+        for name in ("answer_texts", "answer_positions", "answer_logprobs", "topk_ids", "topk_texts", "topk_logprobs"):
+            if len(getattr(self, name)) != n_ans:
+                raise ValueError(f"{name} must have one entry per answer token ({n_ans})")
+        if n_ans and (self.answer_positions.min() < 0 or self.answer_positions.max() >= n):
+            raise ValueError("answer_positions outside the token range")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists, not arrays) — what `--json` prints."""
+        from dataclasses import asdict
+
+        out: dict[str, Any] = {"meta": asdict(self.meta)}
+        for name in ("token_ids", "token_texts", "token_roles", "gates", "injection_norm", "answer_ids", "answer_texts",
+                     "answer_positions", "answer_logprobs", "topk_ids", "topk_texts", "topk_logprobs"):
+            value = getattr(self, name)
+            out[name] = value.tolist() if isinstance(value, np.ndarray) else value
+        out["attributions"] = {k: v.tolist() for k, v in self.attributions.items()}
+        return out
