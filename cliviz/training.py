@@ -88,7 +88,7 @@ def make_batch(tokenizer, config: CLIConfig, seed: int, indices: list[int]) -> d
             q = tokenizer(qa.question, add_special_tokens=False).input_ids
             a = tokenizer.convert_tokens_to_ids(qa.answer)
             ids += q + [a, tokenizer.eos_token_id]
-            tgt += [-100] * (len(q) - 1) + [a, tokenizer.eos_token_id, -100]
+            tgt += [-100] * len(q) + [a, tokenizer.eos_token_id]  # label at its own position; shifted in the loss
         rows.append(ids)
         targets.append(tgt)
         images.append(scene.image)

@@ -1,0 +1,170 @@
+"""Record gates through nnsight while the model generates.
+
+The model is wrapped once with `nnsight.NNsight`; inside one `trace(fn=generate)` the loop over
+`tracer.iter[:max_new_tokens]` saves, at every step, each AGF layer's gate output
+(`[B, T, K]` at prefill, `[B, 1, K]` after), the norm of its injection output, and the LM head's
+logits. Generation that ends early (every row hit `<eos>`) simply cuts the loop short: the values
+saved so far are kept (nnsight's documented behaviour), and the generated ids come from a second,
+input-free invoke reading `tracer.result`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+import weakref
+from datetime import datetime, timezone
+
+import nnsight
+import numpy as np
+import torch
+from PIL import Image
+
+import cliviz
+from cliviz.inference import generation_kwargs, prepare_inputs
+from cliviz.model.loading import config_hash
+from cliviz.model.modeling import CLIForConditionalGeneration
+from cliviz.tracing.trace import Trace, TraceMeta
+
+_ENVOYS: "weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight]" = weakref.WeakKeyDictionary()
+
+
+def envoy(model: CLIForConditionalGeneration) -> nnsight.NNsight:
+    """The nnsight wrapper of `model`, built once per model object (wrapping is not free)."""
+    if model not in _ENVOYS:
+        _ENVOYS[model] = nnsight.NNsight(model)
+    return _ENVOYS[model]
+
+
+def image_sha256(image: Image.Image) -> str:
+    """Hash of the decoded RGB pixels and size: the same picture gives the same hash in any format."""
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def _record(model: CLIForConditionalGeneration, inputs: dict, gen_kwargs: dict, steps: int):
+    """One traced generate: per-step gate outputs, injection norms, logits, and the final ids."""
+    wrapped = envoy(model)
+    n_layers = len(model.agf)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with wrapped.trace(fn=functools.partial(model.generate, **gen_kwargs)) as tracer:
+            with tracer.invoke(**inputs):
+                gates = nnsight.save([])
+                norms = nnsight.save([])
+                logits = nnsight.save([])
+                for _ in tracer.iter[:steps]:
+                    step_gates, step_norms = [], []
+                    for j in range(n_layers):
+                        step_gates.append(wrapped.agf[j].gate.output.float())
+                        step_norms.append(wrapped.agf[j].injection.output.float().norm(dim=-1))
+                    gates.append(step_gates)
+                    norms.append(step_norms)
+                    logits.append(wrapped.base.lm_head.output[:, -1].float())
+            with tracer.invoke():
+                sequences = tracer.result.save()
+    return gates, norms, logits, sequences
+
+
+@torch.no_grad()
+def trace_batch(
+    model: CLIForConditionalGeneration,
+    tokenizer,
+    images: list[Image.Image],
+    questions: list[str],
+    *,
+    max_new_tokens: int = 4,
+    top_k: int = 5,
+    qtypes: list[str | None] | None = None,
+    references: list[str | None] | None = None,
+    sample_ids: list[str | None] | None = None,
+) -> list[Trace]:
+    """Generate answers for a batch and return one `Trace` per (image, question)."""
+    batch = len(questions)
+    inputs = prepare_inputs(model, tokenizer, images, questions)
+    prompt_width = inputs["input_ids"].shape[1]
+    gates, norms, logits, sequences = _record(model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens)
+    generated = sequences[:, prompt_width:].cpu()  # [B, n_steps]
+    n_steps = len(logits)
+    step_logprobs = torch.log_softmax(torch.stack(logits, dim=1), dim=-1).cpu()  # [B, n_steps, V]
+    n_layers, k = len(model.agf), len(model.config.vision_layers)
+    prefill_gates = torch.stack(gates[0], dim=0).cpu() if n_layers else None  # [L, B, T, K]
+    prefill_norms = torch.stack(norms[0], dim=0).cpu() if n_layers else None  # [L, B, T]
+    later_gates = [torch.stack(g, 0)[:, :, -1].cpu() for g in gates[1:]] if n_layers else []  # each [L, B, K]
+    later_norms = [torch.stack(n, 0)[:, :, -1].cpu() for n in norms[1:]] if n_layers else []  # each [L, B]
+    mask = inputs["attention_mask"].cpu()
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    traces = []
+    for b in range(batch):
+        row = generated[b, :n_steps].tolist()
+        n_answer = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        start = int((mask[b] == 0).sum())  # left padding
+        prompt = inputs["input_ids"][b, start:].cpu().tolist()
+        fed = prompt + row[: n_answer - 1]
+        if n_layers:
+            g = torch.cat([prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in later_gates[: n_answer - 1]]], dim=1)
+            nrm = torch.cat([prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in later_norms[: n_answer - 1]]], dim=1)
+        else:
+            g = torch.zeros(0, len(fed), k)
+            nrm = torch.zeros(0, len(fed))
+        lp = step_logprobs[b, :n_answer]  # [n_answer, V]
+        answer_ids = torch.tensor(row[:n_answer])
+        top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+        answer_words = [t for t in tokenizer.convert_ids_to_tokens(row[:n_answer]) if t != tokenizer.eos_token]
+        image_id = model.image_token_id
+        roles = ["image" if t == image_id else "prompt" for t in prompt] + ["answer"] * (n_answer - 1)
+        meta = TraceMeta(
+            question=questions[b],
+            answer=" ".join(answer_words),
+            model=str(getattr(model, "name_or_path", "") or ""),
+            config_hash=config_hash(model),
+            fusion=model.config.fusion,
+            vision_layers=list(model.config.vision_layers),
+            injection_layers=list(model.config.injection_layers),
+            image_sha256=image_sha256(images[b]),
+            image_width=images[b].width,
+            image_height=images[b].height,
+            device=str(model.device),
+            dtype=str(model.dtype).replace("torch.", ""),
+            created_at=created,
+            cliviz_version=cliviz.__version__,
+            qtype=qtypes[b] if qtypes else None,
+            reference_answer=references[b] if references else None,
+            sample_id=sample_ids[b] if sample_ids else None,
+        )
+        trace = Trace(
+            meta=meta,
+            token_ids=np.asarray(fed, dtype=np.int64),
+            token_texts=tokenizer.convert_ids_to_tokens(fed),
+            token_roles=roles,
+            gates=g.numpy().astype(np.float32),
+            injection_norm=nrm.numpy().astype(np.float32),
+            answer_ids=answer_ids.numpy().astype(np.int64),
+            answer_texts=tokenizer.convert_ids_to_tokens(row[:n_answer]),
+            answer_positions=np.arange(len(prompt) - 1, len(prompt) - 1 + n_answer, dtype=np.int64),
+            answer_logprobs=lp.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1).numpy().astype(np.float32),
+            topk_ids=top.indices.numpy().astype(np.int64),
+            topk_texts=[tokenizer.convert_ids_to_tokens(r) for r in top.indices.tolist()],
+            topk_logprobs=top.values.numpy().astype(np.float32),
+        )
+        trace.validate()
+        traces.append(trace)
+    return traces
+
+
+def trace(
+    model: CLIForConditionalGeneration, tokenizer, image: Image.Image, question: str, *, max_new_tokens: int = 4,
+    top_k: int = 5, qtype: str | None = None, reference: str | None = None,
+) -> Trace:
+    """Answer one question and record every gate. Example::
+
+        from cliviz import load_model, trace
+        model, tok = load_model()
+        t = trace(model, tok, Image.open("assets/examples/shapes-1.png"), "what color is the circle ?")
+        t.meta.answer, t.gates.shape          # 'red', (3, n_tokens, 6)
+    """
+    return trace_batch(model, tokenizer, [image], [question], max_new_tokens=max_new_tokens, top_k=top_k,
+                       qtypes=[qtype], references=[reference])[0]
