@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
+# Before transformers is imported anywhere: quiet loading, never reach for the hub.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import typer  # noqa: E402
 
 from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
+from cliviz.cli.trace_cmd import trace_cmd
 from cliviz.cli.train_cmd import train
 from cliviz.errors import CLIVizError
 
@@ -25,6 +31,7 @@ def _root() -> None:
     """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
 
 
+app.command("trace")(trace_cmd)
 app.command("ask")(ask)
 app.command("data")(data)
 app.command("train")(train)
@@ -35,8 +42,6 @@ app.command("vocab")(vocab)
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         app(standalone_mode=False)
     except CLIVizError as err:

@@ -44,7 +44,10 @@ def ask(
     from cliviz.inference import answer
     from cliviz.inputs import load_image
 
+    from cliviz.inputs import check_question
+
     img = load_image(image)
+    check_question(question)
     net, tok = load_checked(model, device, dtype)
     q = checked_question(question, tok)
     ans = answer(net, tok, [img], [q], max_new_tokens=max_new_tokens)[0]

@@ -38,10 +38,17 @@ class StaticGate(nn.Module):
 
     def __init__(self, n_vision: int, index: int) -> None:
         super().__init__()
-        self.register_buffer("weights", F.one_hot(torch.tensor(index), n_vision).float(), persistent=False)
+        # Plain ints, not a buffer: from_pretrained builds modules on the meta device and would
+        # leave an unsaved buffer uninitialised.
+        self.n_vision = n_vision
+        self.index = index
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return F.one_hot(torch.tensor(self.index), self.n_vision).float()  # [K]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weights.to(hidden.dtype).expand(*hidden.shape[:-1], -1)  # [B, T, K]
+        return self.weights.to(hidden.device, hidden.dtype).expand(*hidden.shape[:-1], -1)  # [B, T, K]
 
 
 class VisionRead(nn.Module):

@@ -66,6 +66,9 @@ def load_model(
         model, tokenizer = load_model()              # bundled cli-tiny on the best device
         model, tokenizer = load_model("assets/models/projector-tiny", device="cpu")
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     folder = resolve_model_dir(path)
     config = check_model_dir(folder)
     dev, dt = resolve_device(device, dtype)

@@ -1,0 +1,49 @@
+"""Terminal views (rich): the answer with probabilities and a shaded vision x LLM gate table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cliviz.tracing.trace import Trace
+
+
+def _shade(value: float) -> str:
+    """Cividis-like ramp from dark blue to yellow for a value in [0, 1]."""
+    v = min(max(value, 0.0), 1.0)
+    r, g, b = int(0 + 255 * v), int(32 + 200 * v), int(77 - 40 * v)
+    return f"rgb({r},{g},{b})"
+
+
+def answer_line(trace: Trace) -> Text:
+    text = Text("answer: ", style="bold")
+    for word, lp in zip(trace.answer_texts, trace.answer_logprobs):
+        text.append(f"{word}", style="bold green" if word != "<eos>" else "dim")
+        text.append(f" ({math.exp(lp):.2f})  ", style="dim")
+    return text
+
+
+def gate_table(trace: Trace, matrix: np.ndarray, title: str) -> Table:
+    table = Table(title=title, show_lines=False, pad_edge=False)
+    table.add_column("LLM layer", justify="right")
+    for k in trace.meta.vision_layers:
+        table.add_column(f"V{k}", justify="center")
+    table.add_column("top", justify="left")
+    for i, row in zip(trace.meta.injection_layers, matrix):
+        cells = [Text(f"{v:.2f}", style=f"{'black' if v > 0.55 else 'white'} on {_shade(v)}") for v in row]
+        top = int(np.argmax(row))
+        table.add_row(f"L{i}", *cells, f"V{trace.meta.vision_layers[top]} ({row[top]:.2f})")
+    return table
+
+
+def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
+    console.print(f"[dim]question:[/] {trace.meta.question}")
+    console.print(answer_line(trace))
+    if not trace.has_gates:
+        console.print("[yellow]this model has no gates (fusion=projector): nothing is injected, so there is no gate map[/]")
+        return
+    console.print(gate_table(trace, matrix, "gates over vision layers, mean over answer steps"))

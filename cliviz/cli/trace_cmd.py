@@ -1,0 +1,74 @@
+"""`cliviz trace`: answer, record gates through nnsight, show and save them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cliviz.cli.model_cmds import checked_question, load_checked
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.errors import CLIVizError
+
+
+def check_writable(path: Path | None, what: str) -> None:
+    """Fail before any model work when an output cannot be written."""
+    if path is None:
+        return
+    parent = path.resolve().parent
+    if path.is_dir():
+        raise CLIVizError(f"{what} {path} is a folder, expected a file path")
+    if not parent.exists():
+        raise CLIVizError(f"cannot write {what} {path}: folder {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIVizError(f"cannot write {what} {path}: permission denied")
+
+
+def trace_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    question: Annotated[str, typer.Argument(help="Question in the model's vocabulary.")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer and show which vision layers each LLM layer drew on, per answer token."""
+    from cliviz.analyses.heatmaps import gate_matrix, write_trace_html
+    from cliviz.cli.render import print_trace
+    from cliviz.inputs import check_question, load_image
+    from cliviz.tracing import trace
+    from cliviz.tracing.traceset import TraceSet
+
+    check_writable(out, "trace file")
+    check_writable(html, "html file")
+    if out is not None and out.exists():
+        TraceSet.read(out)  # refuse a foreign or corrupt file before any work
+    img = load_image(image)
+    check_question(question)
+    net, tok = load_checked(model, device, dtype)
+    q = checked_question(question, tok)
+    result = trace(net, tok, img, q, max_new_tokens=max_new_tokens)
+    if out is not None:
+        TraceSet.append(out, [result])
+    if html is not None:
+        if not result.has_gates:
+            raise CLIVizError("this model has no gates (fusion=projector): no heatmap page to write")
+        write_trace_html(result, html)
+    if as_json:
+        payload = result.to_dict()
+        typer.echo(json.dumps({"answer": result.meta.answer, **payload}))
+        return
+    console = Console()
+    print_trace(result, gate_matrix(result, "answer"), console)
+    if out is not None:
+        console.print(f"[dim]trace appended to {out}[/]")
+    if html is not None:
+        console.print(f"[dim]heatmap page written to {html}[/]")

@@ -1,0 +1,191 @@
+"""The CLI model: AMP/AGF shapes, gate normalisation, attach identity, fusion variants, I/O."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from cliviz.model import FUSIONS, CLIForConditionalGeneration
+from cliviz.model.agf import AGFLayer, Gate
+from cliviz.model.amp import AMP
+from cliviz.model.attach import attach
+from cliviz.model.loading import load_model
+from cliviz.training import TrainSettings, make_batch, tiny_config
+
+from conftest import build_tiny
+
+
+def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=3, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(seed)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+    tc = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_index=3, image_grid_pinpoints=[[32, 32]],
+                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def llava_inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((2, 16), 3), torch.randint(5, 50, (2, 6), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+def onevision_inputs(model):
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(2, 2, 3, 32, 32, generator=g)
+    sizes = torch.tensor([[32, 32], [32, 32]])
+    # the number of placeholders OneVision expects for this image (anyres base + crop + newlines)
+    with torch.no_grad():
+        n = sum(f.shape[0] for f in model.model.get_image_features(pv, sizes, vision_feature_layer=-1,
+                vision_feature_select_strategy="full", return_dict=True).pooler_output) // 2
+    ids = torch.cat([torch.full((2, n), 3), torch.randint(5, 50, (2, 6), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
+
+
+def test_amp_shapes_and_zero_lora():
+    amp = AMP(vision_hidden=16, text_hidden=24, n_layers=3, rank=4)
+    projector = torch.nn.Linear(16, 24)
+    states = [torch.randn(2, 10, 16) for _ in range(3)]
+    out = amp(states, projector)
+    assert out.shape == (2, 3, 10, 24)  # [B, K, N, D]
+    # B_k = 0 at init: each layer is exactly the shared projector of its normalised state
+    torch.testing.assert_close(out[:, 1], projector(amp.norms[1](states[1])))
+
+
+def test_gate_rows_are_a_distribution_and_temperature_sharpens():
+    torch.manual_seed(0)
+    gate = Gate(hidden=32, n_vision=5, temperature=1.0)
+    h = torch.randn(3, 7, 32)
+    g = gate(h)
+    assert g.shape == (3, 7, 5)
+    torch.testing.assert_close(g.sum(-1), torch.ones(3, 7))
+    assert (g >= 0).all()
+    gate.temperature = 0.1
+    assert gate(h).max(-1).values.mean() > g.max(-1).values.mean()
+
+
+def test_agf_layer_output_shape_and_zero_alpha():
+    layer = AGFLayer(hidden=32, n_vision=4, heads=4, temperature=1.0, static_index=None)
+    update = layer(torch.randn(2, 5, 32), torch.randn(2, 4, 9, 32))
+    assert update.shape == (2, 5, 32)
+    assert update.abs().max() == 0  # alpha = 0 at init
+
+
+@pytest.mark.parametrize("builder", [tiny_llava, tiny_onevision], ids=["llava", "llava_onevision"])
+def test_attach_is_identity_at_init(builder):
+    base = builder()
+    reference = copy.deepcopy(base)
+    inputs = llava_inputs() if builder is tiny_llava else onevision_inputs(base)
+    model = attach(base)
+    with torch.no_grad():
+        diff = (model(**inputs).logits - reference(**inputs).logits).abs().max().item()
+        assert diff <= 1e-5
+        for layer in model.agf:  # and the injection path is live once alpha moves
+            layer.injection.alpha.fill_(0.5)
+        assert (model(**inputs).logits - reference(**inputs).logits).abs().max().item() > 1e-4
+
+
+def test_attach_folder_round_trip(tmp_path):
+    from cliviz.model.attach import attach_folder
+
+    base = tiny_llava()
+    base.save_pretrained(tmp_path / "base")
+    model = attach_folder(tmp_path / "base", tmp_path / "cli", vision_layers=[1, 2, 3])
+    again = CLIForConditionalGeneration.from_pretrained(tmp_path / "cli", use_safetensors=True).eval()
+    assert again.config.vision_layers == [1, 2, 3]
+    inputs = llava_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, base(**inputs).logits, atol=1e-5, rtol=0)
+    assert model.config.fusion == "cli"
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_trains_with_falling_loss(fusion):
+    model, tok = build_tiny(fusion, open_alpha=0.0)
+    model.train()
+    batch = make_batch(tok, model.config, seed=5, indices=list(range(8)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):  # the same batch: loss must fall
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    if fusion != "projector":
+        assert any(layer.injection.alpha.item() != 0 for layer in model.agf)
+
+
+def test_training_labels_sit_on_answer_tokens():
+    from cliviz.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = tiny_config("cli", len(tok), 3, 0)
+    batch = make_batch(tok, cfg, seed=3, indices=[0])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    marked = (labels != -100).nonzero().flatten()
+    # every labelled position holds its own token (the loss shifts), and every answer follows a '?'
+    assert torch.equal(ids[marked], labels[marked])
+    answers = [p for p in marked.tolist() if ids[p] != tok.eos_token_id]
+    assert all(tok.convert_ids_to_tokens(int(ids[p - 1])) == "?" for p in answers)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_save_load_round_trip_and_cached_generation(tmp_path, fusion):
+    model, tok = build_tiny(fusion)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = load_model(tmp_path, device="cpu")
+    batch = make_batch(tok, model.config, seed=1, indices=[0, 1])
+    inputs = {"input_ids": batch["input_ids"][:, :80], "pixel_values": batch["pixel_values"]}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, suppress_tokens=[0, 3])
+        with_cache = loaded.generate(**inputs, **kw)
+        without = loaded.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+    assert tok2.get_vocab() == tok.get_vocab()
+
+
+def test_config_refuses_bad_layers():
+    from cliviz.model import CLIConfig
+
+    base = tiny_llava().config
+    with pytest.raises(ValueError, match="vision layer"):
+        CLIConfig(base_config=base, vision_layers=[0, 9])
+    with pytest.raises(ValueError, match="injection layer"):
+        CLIConfig(base_config=base, injection_layers=[3])
+    with pytest.raises(ValueError, match="fusion"):
+        CLIConfig(base_config=base, fusion="magic")
+
+
+def test_shallow_gates_are_static_one_hot(tiny_cli):
+    model, _ = build_tiny("shallow")
+    g = model.agf[0].gate(torch.randn(2, 4, model.config.base_config.text_config.hidden_size))
+    assert g.shape == (2, 4, len(model.config.vision_layers))
+    assert torch.equal(g.sum(-1), torch.ones(2, 4)) and set(g.unique().tolist()) <= {0.0, 1.0}
+    # shallow LLM layers read shallow vision layers
+    firsts = [int(layer.gate.weights.argmax()) for layer in model.agf]
+    assert firsts == sorted(firsts) and firsts[0] == 0 and firsts[-1] == len(model.config.vision_layers) - 1
