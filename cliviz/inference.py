@@ -54,9 +54,10 @@ def answer(
 ) -> list[Answer]:
     """Answer a batch of questions (one image each) greedily, with per-token log-probs."""
     inputs = prepare_inputs(model, tokenizer, images, questions)
-    out = model.generate(**inputs, **generation_kwargs(tokenizer, max_new_tokens), output_scores=True, return_dict_in_generate=True)
+    out = model.generate(**inputs, **generation_kwargs(tokenizer, max_new_tokens), output_logits=True, return_dict_in_generate=True)
     new = out.sequences[:, inputs["input_ids"].shape[1] :]  # [B, new]
-    logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)  # [B, new, V]
+    # raw logits (not the processed scores) so that probabilities match what `trace` records
+    logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], dim=1)  # [B, new, V]
     chosen = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, new]
     answers = []
     for row, lp in zip(new.tolist(), chosen.tolist()):

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 
+from cliviz.cli.figures_cmd import figures_cmd
 from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
+from cliviz.cli.sweep_cmd import sweep_cmd
 from cliviz.cli.trace_cmd import trace_cmd
 from cliviz.cli.train_cmd import train
 from cliviz.errors import CLIVizError
@@ -38,6 +40,8 @@ app.command("train")(train)
 app.command("eval")(eval_cmd)
 app.command("attach")(attach_cmd)
 app.command("vocab")(vocab)
+app.command("figures")(figures_cmd)
+app.command("sweep")(sweep_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,602 @@
+"""`cliviz figures`: the standard paper figure set from a trace file, as PDF / SVG / PNG + CSV.
+
+What each figure shows (file stem, then what the numbers in its CSV are):
+
+- `gate_mean` — mean answer-step gate per (LLM layer, vision layer), every trace weighing the
+  same: where each LLM layer reads from on average.
+- `gate_by_qtype` — the same, one panel per question type, one shared colour scale: do
+  different questions make the model read different vision layers?
+- `gate_entropy` — per LLM layer, mean entropy (nats) of the answer-step gates, with log K (a
+  uniform gate) as a dashed line; the CSV also has the effective number of vision layers.
+- `gate_variance` — per LLM layer, within-sample (across tokens) vs across-sample variance of
+  the gate vectors (all positions): are the gates dynamic, or a per-question constant?
+- `gate_trajectory` — one example trace (`--example N`, default: the first with gates and the
+  longest answer among the first 100): each LLM layer's gate over vision layers at each answer step.
+- `probe_confusion` — out-of-fold confusion matrix of a logistic-regression probe predicting
+  the question type from the gates (row-normalised colours, counts as text); accuracy and the
+  majority-class baseline go to `probe_confusion_summary.csv` (and the title with --titles).
+- `gate_pca` — first two principal components of the per-trace gate vectors, coloured by type.
+- `comparison` (with `--compare`) — accuracy per question type for each model / fusion variant.
+- `ablation_grid` (with `--ablations`) — effect of knocking out vision layer k at LLM layer i.
+
+Inputs for the optional figures, read leniently (CSV, JSON records / columns, JSON Lines or
+Parquet; column names are matched case-insensitively, with the aliases below):
+
+- `--compare`: columns `model` (aliases fusion, variant, name), `qtype` (question_type, type,
+  task; optional: "all" when missing) and `accuracy` (acc, score). Values above 1 are read as
+  percentages. Repeated (model, qtype) rows are averaged.
+- `--ablations`: a tidy frame with `llm_layer` (layer, injection_layer), `vision_layer`
+  (vision, knocked_out, knockout) and `effect` (delta_logprob, delta_accuracy, delta, change,
+  value). If a `metric`/`measure` column holds several metrics, the first one mentioning
+  "logprob" (else the first in sorted order) is drawn. Repeated cells (e.g. one row per sample)
+  are averaged; the CSV written next to the figure holds the cell means and counts.
+
+Publication defaults: plotly "simple_white", text as vector text, a Cividis sequential scale,
+a reversed RdBu diverging scale centred at 0, the Okabe-Ito qualitative palette with distinct
+markers; widths 336 px (one column, 3.5 in at 96 dpi) or 672 px (two columns, 7 in); no titles
+unless asked. PNGs are rendered at `png_scale` x (default 3, about 288 dpi).
+
+Export goes through kaleido and the system Chromium with ONE persistent browser session for
+the whole set (`kaleido.start_sync_server(mathjax=False)` ... `stop_sync_server()`); MathJax is
+off, nothing is downloaded. Every file is written to a temporary name and moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from cliviz.analyses.heatmaps import (
+    DIVERGING, MARKERS, QUALITATIVE, SEQUENTIAL, GateRows, gate_matrix_frame, gate_rows, group_counts,
+    grouped_gate_matrices, grouped_heatmap_figure, heatmap_figure, mean_gate_matrix, trajectory_figure,
+    trajectory_frame,
+)
+from cliviz.analyses.stats import entropy_per_layer, gate_pca, gate_variance_decomposition, probe_qtype
+from cliviz.errors import CLIVizError
+from cliviz.tracing.traceset import TraceSet
+
+__all__ = ["FORMATS", "WIDTHS", "FigureItem", "FigureReport", "parse_formats", "build_figure_set", "export_figures",
+           "make_figures", "read_compare", "read_ablations", "find_chromium", "style_figure", "kaleido_session"]
+
+FORMATS = ("pdf", "svg", "png")
+WIDTHS = {"single": 336, "double": 672}  # px at 96 dpi: 3.5 in and 7 in
+FONT = {"family": "Liberation Sans, Arial, Helvetica, sans-serif", "size": 10, "color": "black"}
+RENDER_TIMEOUT_S = 180.0  # one figure, first one includes the browser start; generous for a loaded machine
+
+
+@dataclass
+class FigureItem:
+    """One figure of the set: the plotly figure, its size in px, the numbers behind it."""
+
+    name: str
+    fig: go.Figure
+    data: pd.DataFrame
+    width: int
+    height: int
+    title: str
+    description: str
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)  # more CSVs: stem suffix -> frame
+
+
+@dataclass
+class FigureReport:
+    out: Path
+    files: list[Path]
+    figures: list[str]
+    skipped: dict[str, str]  # figure -> reason
+    timings: dict[str, float]  # seconds: read, compute, export
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+def parse_formats(spec: str | Sequence[str]) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for f in (x.strip().lower().lstrip(".") for x in items):
+        if not f:
+            continue
+        if f not in FORMATS:
+            raise CLIVizError(f"unknown figure format {f!r}; use a comma-separated list of {', '.join(FORMATS)}")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise CLIVizError(f"no figure format given; use a comma-separated list of {', '.join(FORMATS)}")
+    return out
+
+
+def _check_width(width: str) -> int:
+    if width not in WIDTHS:
+        raise CLIVizError(f"unknown width {width!r}; use single (3.5 in) or double (7 in)")
+    return WIDTHS[width]
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    """Create `out` (and parents) and check that files can be written in it."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise CLIVizError(f"output folder {p} is a file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIVizError(f"cannot create output folder {p}: {e.strerror or e}") from None
+    probe = p / f".cliviz-write-test-{secrets.token_hex(4)}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIVizError(f"cannot write in output folder {p}: {e.strerror or e}") from None
+    return p
+
+
+def _read_frame(path: str | os.PathLike, what: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise CLIVizError(f"{what} file {p} does not exist")
+    if not p.is_file():
+        raise CLIVizError(f"{what} file {p} is not a file")
+    suffix = p.suffix.lower()
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+        if suffix in (".parquet", ".pq") or head == b"PAR1":
+            df = pd.read_parquet(p)
+        elif suffix in (".jsonl", ".ndjson"):
+            df = pd.read_json(p, lines=True)
+        elif suffix == ".json":
+            raw = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(raw, dict) and not any(isinstance(v, (list, dict)) for v in raw.values()):
+                raw = [raw]
+            if isinstance(raw, dict):
+                for key in ("records", "rows", "data", "results"):
+                    if isinstance(raw.get(key), list):
+                        raw = raw[key]
+                        break
+            df = pd.DataFrame(raw)
+        else:
+            df = pd.read_csv(p, sep=None, engine="python")
+    except Exception as e:  # noqa: BLE001 - any parse problem is a user input problem here
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLIVizError(f"cannot read {what} file {p}: {msg}") from None
+    if len(df) == 0:
+        raise CLIVizError(f"{what} file {p} has no rows")
+    return df
+
+
+def _pick(df: pd.DataFrame, names: Sequence[str], what: str, path: str | os.PathLike, required: bool = True) -> str | None:
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    for n in names:
+        if n in lower:
+            return lower[n]
+    if required:
+        raise CLIVizError(f"{what} file {path} needs a column {names[0]!r} (or one of {', '.join(names[1:])}); "
+                          f"it has {', '.join(map(str, df.columns))}")
+    return None
+
+
+def read_compare(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a comparison table -> columns model, qtype, accuracy (0..1), one row per pair."""
+    df = _read_frame(path, "comparison")
+    m = _pick(df, ("model", "fusion", "variant", "name"), "comparison", path)
+    q = _pick(df, ("qtype", "question_type", "type", "task"), "comparison", path, required=False)
+    a = _pick(df, ("accuracy", "acc", "score"), "comparison", path)
+    acc = pd.to_numeric(df[a], errors="coerce")
+    if acc.isna().all():
+        raise CLIVizError(f"comparison file {path}: column {a!r} holds no numbers")
+    out = pd.DataFrame({"model": df[m].astype(str), "qtype": df[q].astype(str) if q is not None else "all",
+                        "accuracy": acc}).dropna(subset=["accuracy"])
+    if out.accuracy.max() > 1.0:
+        out["accuracy"] = out.accuracy / 100.0
+    models = list(dict.fromkeys(out.model))
+    qtypes = list(dict.fromkeys(out.qtype))
+    out = out.groupby(["model", "qtype"], sort=False, as_index=False).accuracy.mean()
+    out["model"] = pd.Categorical(out.model, categories=models)
+    out["qtype"] = pd.Categorical(out.qtype, categories=qtypes)
+    return out.sort_values(["qtype", "model"]).reset_index(drop=True).astype({"model": str, "qtype": str})
+
+
+def read_ablations(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
+    """Read an ablation table -> (cell means: llm_layer, vision_layer, effect, n; the effect label)."""
+    df = _read_frame(path, "ablations")
+    li = _pick(df, ("llm_layer", "layer", "injection_layer"), "ablations", path)
+    vi = _pick(df, ("vision_layer", "vision", "knocked_out", "knockout"), "ablations", path)
+    ef = _pick(df, ("effect", "delta_logprob", "delta_accuracy", "delta", "change", "value"), "ablations", path)
+    label = str(ef)
+    metric = _pick(df, ("metric", "measure"), "ablations", path, required=False)
+    if metric is not None and df[metric].nunique() > 1:
+        names = sorted(df[metric].astype(str).unique())
+        chosen = next((n for n in names if "logprob" in n.lower()), names[0])
+        df = df[df[metric].astype(str) == chosen]
+        label = chosen
+    effect = pd.to_numeric(df[ef], errors="coerce")
+    frame = pd.DataFrame({"llm_layer": df[li], "vision_layer": df[vi], "effect": effect}).dropna()
+    if len(frame) == 0:
+        raise CLIVizError(f"ablations file {path}: column {ef!r} holds no numbers")
+    for col in ("llm_layer", "vision_layer"):
+        num = pd.to_numeric(frame[col], errors="coerce")
+        frame[col] = num.astype(np.int64) if num.notna().all() and (num % 1 == 0).all() else frame[col].astype(str)
+    cells = frame.groupby(["llm_layer", "vision_layer"], as_index=False).agg(effect=("effect", "mean"),
+                                                                            n=("effect", "size"))
+    return cells, label
+
+
+# ---------------------------------------------------------------------------------------- styling
+
+def style_figure(fig: go.Figure, width: int, height: int, *, title: str | None = None, titles: bool = False,
+                 legend: bool = True) -> go.Figure:
+    """Publication layout: white template, one font, compact margins, fixed size, optional title."""
+    top = 34 if titles and title else 14
+    fig.update_layout(
+        template="simple_white", font=FONT, width=width, height=height,
+        title={"text": title, "x": 0.5, "xanchor": "center", "font": {"size": 11}} if titles and title else None,
+        margin={"l": 52, "r": 10, "t": top, "b": 44}, showlegend=legend,
+    )
+    fig.update_xaxes(ticks="outside", ticklen=3, title_font={"size": 10}, tickfont={"size": 9})
+    fig.update_yaxes(ticks="outside", ticklen=3, title_font={"size": 10}, tickfont={"size": 9})
+    fig.update_traces(colorbar={"thickness": 10, "tickfont": {"size": 9}}, selector={"type": "heatmap"})
+    if fig.layout.coloraxis and fig.layout.coloraxis.colorscale is not None:
+        fig.update_layout(coloraxis_colorbar={"thickness": 10, "tickfont": {"size": 9}})
+    return fig
+
+
+def _heat_height(n_rows: int, base: int) -> int:
+    return int(max(170, base + 22 * n_rows))
+
+
+# --------------------------------------------------------------------------------------- builders
+
+def _default_example(ts: TraceSet, rows: GateRows) -> int:
+    gated = np.flatnonzero(rows.gated)
+    lengths = ts.table.column("answer_positions").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    cand = gated[:100]
+    return int(cand[np.argmax(lengths[cand])])
+
+
+def build_figure_set(ts: TraceSet, *, ablations: tuple[pd.DataFrame, str] | None = None,
+                     compare: pd.DataFrame | None = None, example: int | None = None, width: str = "single",
+                     titles: bool = False) -> tuple[list[FigureItem], dict[str, str]]:
+    """Compute every figure (no export): (items, skipped figure -> reason)."""
+    W = _check_width(width)
+    double = width == "double"
+    rows = gate_rows(ts, "answer")
+    if len(rows) == 0:
+        raise CLIVizError("no trace with gates has an answer step: nothing to draw")
+    vis, inj = rows.vision_layers, rows.injection_layers
+    L, K = len(inj), len(vis)
+    items: list[FigureItem] = []
+    skipped: dict[str, str] = {}
+    n_tr = len(np.unique(rows.trace))
+
+    def add(name: str, fig: go.Figure, data: pd.DataFrame, height: int, title: str, desc: str, *,
+            legend: bool = True, extra: dict[str, pd.DataFrame] | None = None) -> None:
+        style_figure(fig, W, height, title=title, titles=titles, legend=legend)
+        items.append(FigureItem(name, fig, data, W, height, title, desc, extra or {}))
+
+    # 1. mean heatmap
+    mean = mean_gate_matrix(rows)
+    fig = heatmap_figure(mean, vis, inj, zmax=float(max(mean.max(), 1e-6)), colorscale=SEQUENTIAL)
+    fig.update_layout(xaxis_title="vision layer", yaxis_title="LLM layer")
+    add("gate_mean", fig, gate_matrix_frame(mean, vis, inj, n_traces=n_tr), _heat_height(L, 90),
+        f"Mean answer-step gates ({n_tr} traces)", "mean answer-step gate per (LLM layer, vision layer)", legend=False)
+
+    # 2. per question type
+    groups = grouped_gate_matrices(rows)
+    counts = group_counts(rows)
+    if set(groups) == {"unknown"}:
+        skipped["gate_by_qtype"] = "no trace carries a question type"
+    else:
+        cols = min(len(groups), 4 if double else 3)
+        n_r = -(-len(groups) // cols)
+        fig = grouped_heatmap_figure(groups, vis, inj, cols=cols, counts=counts)
+        data = pd.concat([gate_matrix_frame(m, vis, inj, qtype=g, n_traces=counts.get(g, 0)) for g, m in groups.items()],
+                         ignore_index=True)[["qtype", "n_traces", "llm_layer", "vision_layer", "gate"]]
+        add("gate_by_qtype", fig, data, int(60 + n_r * max(95, 16 * L + 40)), "Answer-step gates by question type",
+            "mean answer-step gates per question type (shared colour scale)", legend=False)
+
+    # 3. entropy per layer
+    ent = entropy_per_layer(rows)
+    x = [f"L{i}" for i in inj]
+    fig = go.Figure(go.Scatter(x=x, y=ent.entropy, mode="lines+markers", name="mean entropy",
+                               error_y={"type": "data", "array": ent.entropy_sd, "thickness": 1, "width": 3},
+                               line={"color": QUALITATIVE[0]}, marker={"symbol": MARKERS[0], "size": 6}))
+    fig.add_trace(go.Scatter(x=x, y=ent.pooled_entropy, mode="lines+markers", name="entropy of mean gate",
+                             line={"color": QUALITATIVE[1], "dash": "dot"}, marker={"symbol": MARKERS[1], "size": 6}))
+    fig.add_hline(y=float(np.log(K)), line={"dash": "dash", "color": "grey", "width": 1},
+                  annotation_text=f"log K (K={K})", annotation_position="bottom right", annotation_font_size=9)
+    fig.update_layout(xaxis_title="LLM layer", yaxis_title="gate entropy (nats)",
+                      yaxis_range=[0, float(np.log(K)) * 1.12 + 1e-6],
+                      legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
+    add("gate_entropy", fig, ent, 240, "Gate entropy per LLM layer", "per-layer gate entropy and effective layers")
+
+    # 4. are the gates dynamic? variance decomposition
+    var = gate_variance_decomposition(ts, select="all")
+    fig = go.Figure([
+        go.Bar(x=x, y=var.within_sample, name="within sample (across tokens)", marker_color=QUALITATIVE[0]),
+        go.Bar(x=x, y=var.across_sample, name="across samples", marker_color=QUALITATIVE[1],
+               marker_pattern_shape="/"),
+    ])
+    fig.update_layout(barmode="stack", xaxis_title="LLM layer", yaxis_title="gate variance",
+                      legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
+    add("gate_variance", fig, var, 240, "Gate variance: within vs across samples",
+        "variance decomposition of gate vectors (all positions)")
+
+    # 5. token trajectories of one example
+    ex = _default_example(ts, rows) if example is None else example
+    if not 0 <= ex < len(ts):
+        raise CLIVizError(f"--example {ex} is outside the trace set (0..{len(ts) - 1})")
+    tr = ts[ex]
+    if not tr.has_gates:
+        raise CLIVizError(f"--example {ex}: that trace has no gates (projector fusion)")
+    if len(tr.answer_positions) == 0:
+        skipped["gate_trajectory"] = f"example {ex} has no answer step"
+    else:
+        fig = trajectory_figure(tr)
+        data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
+        fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(L, 1), "x": 0.0, "font": {"size": 9}})
+        add("gate_trajectory", fig, data, int(70 + L * 85), f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
+            f"answer-step gate trajectories of trace {ex}")
+
+    # 6. probe confusion matrix
+    try:
+        probe = probe_qtype(rows)
+    except CLIVizError as e:
+        skipped["probe_confusion"] = str(e)
+    else:
+        conf = probe.confusion
+        share = conf.div(conf.sum(axis=1).where(conf.sum(axis=1) > 0, 1), axis=0)
+        fig = go.Figure(go.Heatmap(
+            z=share.to_numpy(float), x=list(conf.columns), y=list(conf.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
+            colorbar={"title": {"text": "share"}},
+            hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.2f}<extra></extra>"))
+        for i, true in enumerate(conf.index):  # counts as text, dark on light cells and light on dark
+            for j, pred in enumerate(conf.columns):
+                fig.add_annotation(x=pred, y=true, text=str(int(conf.iat[i, j])), showarrow=False,
+                                   font={"size": 9, "color": "black" if share.iat[i, j] > 0.5 else "white"})
+        fig.update_layout(xaxis_title="predicted question type", yaxis_title="true question type",
+                          yaxis={"autorange": "reversed"})
+        fig.update_xaxes(tickangle=-35 if len(conf) > 3 else 0)
+        summary = probe.summary()
+        add("probe_confusion", fig, probe.confusion_long(), int(max(220, 110 + 24 * len(conf))),
+            f"Question-type probe: accuracy {probe.accuracy:.2f} (baseline {probe.baseline:.2f})",
+            "cross-validated logistic-regression probe: question type from answer-step gates", legend=False,
+            extra={"summary": summary})
+
+    # 7. PCA scatter
+    try:
+        pcs = gate_pca(rows)
+    except CLIVizError as e:
+        skipped["gate_pca"] = str(e)
+    else:
+        ratio = pcs.attrs["explained_variance_ratio"]
+        fig = go.Figure()
+        qt = pcs.qtype.where(pcs.qtype.notna(), "unknown").astype(str)
+        y_col = "PC2" if "PC2" in pcs else "PC1"
+        for j, g in enumerate(sorted(qt.unique())):
+            sub = pcs[qt == g]
+            fig.add_trace(go.Scatter(x=sub.PC1, y=sub[y_col], mode="markers", name=g,
+                                     marker={"color": QUALITATIVE[j % len(QUALITATIVE)], "size": 4, "opacity": 0.75,
+                                             "symbol": MARKERS[j % len(MARKERS)]}))
+        fig.update_layout(xaxis_title=f"PC1 ({100 * ratio[0]:.0f}%)",
+                          yaxis_title=f"{y_col} ({100 * ratio[-1]:.0f}%)",
+                          legend={"title": {"text": "question type"}, "font": {"size": 9}, "itemsizing": "constant"})
+        data = pcs.copy()
+        data.attrs = {}
+        add("gate_pca", fig, data, 260, "PCA of answer-step gate vectors", "PCA of per-trace gate vectors")
+
+    # 8. comparison bars
+    if compare is not None:
+        models = list(dict.fromkeys(compare.model))
+        fig = go.Figure()
+        for j, m in enumerate(models):
+            sub = compare[compare.model == m]
+            fig.add_trace(go.Bar(x=sub.qtype, y=sub.accuracy, name=m, marker_color=QUALITATIVE[j % len(QUALITATIVE)],
+                                 marker_pattern_shape=["", "/", ".", "x", "\\", "+", "-", "|"][j % 8]))
+        fig.update_layout(barmode="group", xaxis_title="question type", yaxis_title="accuracy", yaxis_range=[0, 1],
+                          legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
+        fig.update_xaxes(tickangle=-35 if compare.qtype.nunique() > 4 else 0)
+        add("comparison", fig, compare, 250, "Accuracy per question type", "accuracy per question type and model")
+
+    # 9. ablation grid
+    if ablations is not None:
+        cells, label = ablations
+        lv = sorted(cells.llm_layer.unique(), key=lambda v: (isinstance(v, str), v))
+        vv = sorted(cells.vision_layer.unique(), key=lambda v: (isinstance(v, str), v))
+        grid = cells.pivot(index="llm_layer", columns="vision_layer", values="effect").reindex(index=lv, columns=vv)
+        m = float(np.nanmax(np.abs(grid.to_numpy(float)))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
+        m = m if m > 0 else 1e-6
+        fig = go.Figure(go.Heatmap(
+            z=grid.to_numpy(float), x=[f"V{v}" for v in vv], y=[f"L{v}" for v in lv], colorscale=DIVERGING,
+            zmin=-m, zmax=m, zmid=0, colorbar={"title": {"text": label}},
+            hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>effect %{z:.3f}<extra></extra>"))
+        fig.update_layout(xaxis_title="vision layer knocked out", yaxis_title="LLM layer",
+                          yaxis={"autorange": "reversed"})
+        add("ablation_grid", fig, cells, _heat_height(len(lv), 90), f"Knock-out effect ({label})",
+            "knock-out effect per (LLM layer, vision layer)", legend=False)
+    return items, skipped
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def find_chromium() -> str:
+    """Path of the Chromium that kaleido will use; CLIVizError when there is none."""
+    env = os.environ.get("BROWSER_PATH")
+    hint = ("install Debian's chromium (apt-get install -y --no-install-recommends chromium fonts-liberation) "
+            "or point BROWSER_PATH at a Chromium/Chrome executable")
+    if env:
+        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            raise CLIVizError(f"BROWSER_PATH={env} is not an executable Chromium; {hint}")
+        return env
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        path = Chromium.find_browser(skip_local=False)
+    except Exception:  # noqa: BLE001 - fall back to a PATH search
+        import shutil
+
+        path = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome",
+                                                            "chrome")) if p), None)
+    if not path:
+        raise CLIVizError(f"figure export needs Chromium and none was found; {hint}")
+    return str(path)
+
+
+class kaleido_session:  # noqa: N801 - used as a context manager
+    """One persistent kaleido browser session (MathJax off) for many exports; reuses a session the
+    caller already started and then leaves it running."""
+
+    def __enter__(self) -> kaleido_session:
+        self._browser = find_chromium()
+        import kaleido
+
+        server = getattr(kaleido, "_global_server", None)
+        self._owned = not (server is not None and server.is_running())
+        self._server_error: BaseException | None = None
+        self._prev_hook = threading.excepthook
+
+        def hook(args: threading.ExceptHookArgs) -> None:  # keep a failed browser start off stderr
+            if args.thread is getattr(server, "_thread", None):
+                self._server_error = args.exc_value
+                return
+            self._prev_hook(args)
+
+        threading.excepthook = hook
+        if self._owned:
+            kaleido.start_sync_server(mathjax=False, silence_warnings=True)
+        self._kaleido = kaleido
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._owned:
+                self._kaleido.stop_sync_server(silence_warnings=True)
+        finally:
+            threading.excepthook = self._prev_hook
+
+    def _server_alive(self) -> bool:
+        thread = getattr(getattr(self._kaleido, "_global_server", None), "_thread", None)
+        return thread is None or thread.is_alive()
+
+    def _dead_browser_error(self) -> CLIVizError:
+        err = self._server_error
+        why = ""
+        if err is not None:
+            first = err.args[0] if err.args else type(err).__name__
+            why = f": {str(first).splitlines()[0]}"
+        return CLIVizError(f"Chromium at {self._browser} failed during figure export{why} (check that "
+                           f"`{self._browser} --headless --no-sandbox --dump-dom about:blank` works; on Debian install "
+                           "the chromium package)")
+
+    def render(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float = 1.0) -> bytes:
+        """Figure -> bytes through the running session, with a watchdog against a dead browser."""
+        box: dict[str, object] = {}
+        spec = fig.to_dict()
+        opts = {"format": fmt, "width": width, "height": height, "scale": scale}
+
+        def work() -> None:
+            try:
+                box["data"] = self._kaleido.calc_fig_sync(spec, opts=opts)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        deadline = time.monotonic() + RENDER_TIMEOUT_S
+        while th.is_alive():
+            th.join(0.1)
+            if th.is_alive() and not self._server_alive():
+                raise self._dead_browser_error()
+            if th.is_alive() and time.monotonic() > deadline:
+                raise CLIVizError(f"Chromium at {self._browser} did not answer within {RENDER_TIMEOUT_S:.0f} s "
+                                  "during figure export")
+        if "error" in box:
+            e = box["error"]
+            raise CLIVizError(f"figure export failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        data = box.get("data")
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise CLIVizError("figure export returned no data")
+        return bytes(data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise CLIVizError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _csv_bytes(df: pd.DataFrame) -> bytes:
+    return df.to_csv(index=False, float_format="%.6g").encode("utf-8")
+
+
+def export_figures(items: Sequence[FigureItem], out: str | os.PathLike, formats: Sequence[str],
+                   *, png_scale: float = 3.0) -> list[Path]:
+    """Write each figure in every format plus its CSV(s), in one kaleido browser session."""
+    out_dir = prepare_out_dir(out)
+    formats = parse_formats(list(formats))
+    written: list[Path] = []
+    for it in items:  # numbers first: cheap, and useful even if the browser fails
+        p = out_dir / f"{it.name}.csv"
+        _atomic_write(p, _csv_bytes(it.data))
+        written.append(p)
+        for suffix, frame in it.extra.items():
+            q = out_dir / f"{it.name}_{suffix}.csv"
+            _atomic_write(q, _csv_bytes(frame))
+            written.append(q)
+    with kaleido_session() as session:
+        for it in items:
+            for fmt in formats:
+                data = session.render(it.fig, fmt, it.width, it.height, png_scale if fmt == "png" else 1.0)
+                p = out_dir / f"{it.name}.{fmt}"
+                _atomic_write(p, data)
+                written.append(p)
+    return written
+
+
+def make_figures(traces: str | os.PathLike, out: str | os.PathLike, *, formats: str | Sequence[str] = FORMATS,
+                 ablations: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
+                 example: int | None = None, width: str = "single", titles: bool = False,
+                 png_scale: float = 3.0) -> FigureReport:
+    """The whole `cliviz figures` pipeline: check inputs, compute, export, write a manifest."""
+    fmts = parse_formats(formats)
+    _check_width(width)
+    if not (0.25 <= png_scale <= 10):
+        raise CLIVizError(f"--png-scale {png_scale} is out of range (0.25..10)")
+    out_dir = prepare_out_dir(out)
+    find_chromium()  # fail before any work
+    t0 = time.perf_counter()
+    ts = TraceSet.read(traces)
+    abl = read_ablations(ablations) if ablations is not None else None
+    cmp = read_compare(compare) if compare is not None else None
+    t1 = time.perf_counter()
+    items, skipped = build_figure_set(ts, ablations=abl, compare=cmp, example=example, width=width, titles=titles)
+    t2 = time.perf_counter()
+    files = export_figures(items, out_dir, fmts, png_scale=png_scale)
+    t3 = time.perf_counter()
+    manifest = {
+        "traces": str(traces), "n_traces": len(ts), "formats": fmts, "width": width, "png_scale": png_scale,
+        "figures": [{"name": it.name, "description": it.description, "title": it.title, "width_px": it.width,
+                     "height_px": it.height,
+                     "files": [f"{it.name}.{f}" for f in fmts] + [f"{it.name}.csv"]
+                     + [f"{it.name}_{s}.csv" for s in it.extra]} for it in items],
+        "skipped": skipped,
+    }
+    mp = out_dir / "manifest.json"
+    _atomic_write(mp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    files.append(mp)
+    return FigureReport(out=out_dir, files=files, figures=[it.name for it in items], skipped=skipped,
+                        timings={"read": t1 - t0, "compute": t2 - t1, "export": t3 - t2})

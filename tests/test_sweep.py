@@ -1,0 +1,226 @@
+"""`cliviz sweep`: batched, chunked, resumable sweeps into one trace file, and torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, assert_clean_error, run_cli
+
+N_SAMPLES = 16
+BATCH, CHUNK = 4, 8
+GEN = ["--max-new-tokens", "2", "--device", "cpu", "--batch-size", str(BATCH), "--chunk-size", str(CHUNK)]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """16 good rows, plus a malformed line (line 3) and a row whose image is missing (line 9)."""
+    from cliviz.data import write_dataset
+
+    out = tmp_path_factory.mktemp("sweep-data")
+    write_dataset(out, N_SAMPLES, seed=3)
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    lines.insert(2, '{"image": "images/broken.png", "question": ')
+    lines.insert(8, json.dumps({"image": "images/missing.png", "question": "what color is the circle ?",
+                                "answer": "red", "qtype": "color"}))
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, data_dir, random_model_dir):
+    """One uninterrupted single-process sweep through the command line."""
+    out = tmp_path_factory.mktemp("sweep-base") / "traces.parquet"
+    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def _rows(path: Path) -> list[dict]:
+    from cliviz.tracing.traceset import TraceSet
+
+    return [{"sample_id": t.meta.sample_id, "qtype": t.meta.qtype, "reference": t.meta.reference_answer,
+             "answer": t.meta.answer, "gates": t.gates, "norm": t.injection_norm, "ids": t.token_ids.tolist(),
+             "answer_ids": t.answer_ids.tolist()} for t in TraceSet.read(path)]
+
+
+def _assert_same_set(a: Path, b: Path, atol: float = 1e-6) -> None:
+    ra, rb = _rows(a), _rows(b)
+    assert [r["sample_id"] for r in ra] == [r["sample_id"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert (x["qtype"], x["reference"], x["answer"], x["ids"], x["answer_ids"]) == \
+               (y["qtype"], y["reference"], y["answer"], y["ids"], y["answer_ids"]), x["sample_id"]
+        assert x["gates"].shape == y["gates"].shape
+        np.testing.assert_allclose(x["gates"], y["gates"], rtol=0, atol=atol)
+        np.testing.assert_allclose(x["norm"], y["norm"], rtol=0, atol=atol)
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real `main()` in this process (saves an interpreter start per error case)."""
+    from cliviz.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["cliviz", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def test_sweep_writes_one_row_per_sample(baseline, data_dir):
+    out, proc = baseline
+    rows = _rows(out)
+    good = [json.loads(line) for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1)
+            if n not in (3, 9)]
+    assert len(rows) == N_SAMPLES
+    expected_ids = [f"L{n}:{json.loads(line)['image']}"
+                    for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1) if n not in (3, 9)]
+    assert [r["sample_id"] for r in rows] == expected_ids
+    assert [r["qtype"] for r in rows] == [g["qtype"] for g in good]
+    assert [r["reference"] for r in rows] == [g["answer"] for g in good]
+    assert all(r["gates"].ndim == 3 and np.allclose(r["gates"].sum(-1), 1, atol=1e-5) for r in rows)
+    # skipped rows are counted, not silently dropped
+    assert "skipped 1 sample(s): malformed line" in proc.stderr
+    assert "skipped 1 sample(s): missing image" in proc.stderr
+    assert f"{N_SAMPLES} traces" in proc.stdout
+    # plain Parquet, readable without cliviz
+    assert pq.read_table(out).num_rows == N_SAMPLES
+
+
+def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_model_dir, tmp_path):
+    from cliviz.evaluation import read_jsonl
+    from cliviz.model.loading import load_model
+    from cliviz.tracing.sweep import plan_sweep, run_sweep
+
+    out = tmp_path / "traces.parquet"
+    model, tok = load_model(random_model_dir, device="cpu")
+    items = plan_sweep(read_jsonl(data_dir), data_dir)
+
+    def crash(written: int) -> None:  # a kill right after the first chunk reached the disk
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_sweep(model, tok, items, out, batch_size=BATCH, chunk_size=CHUNK, max_new_tokens=2, on_chunk=crash)
+    assert [r["sample_id"] for r in _rows(out)] == [it.sample_id for it in items[:CHUNK]]
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN,
+                   "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{N_SAMPLES - CHUNK} traced now, {CHUNK} already there" in proc.stdout
+    _assert_same_set(baseline[0], out)
+
+    # resuming a finished sweep does nothing (no model work) and leaves the file as it is
+    before = out.read_bytes()
+    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", "no/such/model", *GEN, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 traced now" in proc.stdout
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_corrupt_and_other_schema_files(baseline, data_dir, random_model_dir, tmp_path, monkeypatch,
+                                                       capsys):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(baseline[0].read_bytes()[:300])
+    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(corrupt), "--model", str(random_model_dir), *GEN,
+                   "--resume")
+    assert_clean_error(proc, "not a readable Parquet file")
+    assert corrupt.read_bytes() == baseline[0].read_bytes()[:300]
+
+    other = tmp_path / "v99.parquet"
+    table = pq.read_table(baseline[0])
+    meta = dict(table.schema.metadata)
+    meta[b"cliviz.schema_version"] = b"99"
+    pq.write_table(table.replace_schema_metadata(meta), other)
+    before = other.read_bytes()
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(other),
+                         "--model", str(random_model_dir), *GEN, "--resume")
+    _one_error_line(code, err, "schema version 99")
+    assert other.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.parquet", "v99.parquet"]
+
+
+def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, data_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    existing = tmp_path / "done.parquet"
+    existing.write_bytes(baseline[0].read_bytes())
+    before = existing.read_bytes()
+    # --model names nothing: each error below must come before the model is even looked at
+    args = ("--data", str(data_dir), "--model", str(tmp_path / "no-model"), *GEN)
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), *args)
+    _one_error_line(code, err, "already exists")
+    assert existing.read_bytes() == before
+
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "nowhere" / "t.parquet"), *args)
+    _one_error_line(code, err, "does not exist")
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path), *args)
+    _one_error_line(code, err, "is a folder")
+
+    # shards left by an interrupted multi-process sweep are not silently merged into a new run
+    (tmp_path / "fresh.rank1.parquet").write_bytes(before)
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "fresh.parquet"), *args)
+    _one_error_line(code, err, "--resume")
+    # --resume of a finished sweep: nothing to do (no model needed); into a file of other samples: refused
+    code, out, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), "--data", str(data_dir),
+                           "--model", str(tmp_path / "no-model"), "--resume")
+    assert code == 0 and "0 traced now" in out, err
+    other_data = tmp_path / "other.jsonl"
+    lines = (data_dir / "samples.jsonl").read_text().splitlines()
+    other_data.write_text("\n".join([lines[0]] * 2) + "\n")
+    (tmp_path / "images").symlink_to(data_dir / "images")
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), "--data", str(other_data),
+                         "--model", str(tmp_path / "no-model"), "--resume")
+    _one_error_line(code, err, "not samples of this data set")
+    assert existing.read_bytes() == before
+
+
+def test_finalize_merges_shards_in_data_order(baseline, data_dir, tmp_path):
+    """Rank-0 merge: shards in any order, with a repeat (a kill between merge and cleanup), give the set."""
+    from cliviz.evaluation import read_jsonl
+    from cliviz.tracing.sweep import existing_shards, finalize, plan_sweep, shard_path
+    from cliviz.tracing.traceset import TraceSet
+
+    full = TraceSet.read(baseline[0])
+    out = tmp_path / "merged.parquet"
+    full[: 5].write(out)
+    full[9:3:-2].write(shard_path(out, 0))  # reversed, overlapping with out
+    full[4:].write(shard_path(out, 1))
+    assert existing_shards(out) == [tmp_path / "merged.rank0.parquet", tmp_path / "merged.rank1.parquet"]
+    items = plan_sweep(read_jsonl(data_dir), data_dir)
+    assert finalize(out, items, existing_shards(out)) == N_SAMPLES
+    assert existing_shards(out) == []
+    _assert_same_set(baseline[0], out, atol=0)
+
+
+def test_torchrun_two_processes_match_single_process(baseline, data_dir, random_model_dir, tmp_path):
+    out = tmp_path / "traces.parquet"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "cliviz", "sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.parquet"]  # shards merged and removed
+    _assert_same_set(baseline[0], out, atol=1e-6)
