@@ -56,21 +56,21 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
     [
         (("ask", "nope.png", "what color is the triangle ?"), "not found"),
         (("ask", "{img}", ""), "empty"),
-        (("ask", "{img}", "what color is the zebra ?"), "vocabulary"),
+        (("ask", "{img}", "what color is the zebra ?", "--model", "{model}"), "vocabulary"),
         (("ask", "{img}", "what " * 200), "too long"),
         (("ask", "{img}", "what color is the triangle ?", "--model", "{tmp}/nomodel"), "not found"),
         (("ask", "{img}", "what color is the triangle ?", "--model", "{tmp}"), "incomplete"),
-        (("ask", "{img}", "what color is the triangle ?", "--device", "cuda"), "cuda"),
-        (("ask", "{img}", "what color is the triangle ?", "--dtype", "int3"), "dtype"),
+        (("ask", "{img}", "what color is the triangle ?", "--device", "cuda", "--model", "{model}"), "cuda"),
+        (("ask", "{img}", "what color is the triangle ?", "--dtype", "int3", "--model", "{model}"), "dtype"),
         (("ask", "{txt}", "what color is the triangle ?"), "not a readable image"),
         (("eval", "--data", "{tmp}/nodata"), "not found"),
         (("train", "--out", "{tmp}/m", "--fusion", "magic", "--steps", "1"), "fusion"),
         (("attach", "--base", "{tmp}", "--out", "{tmp}/o"), "config.json"),
     ],
 )
-def test_bad_input_one_line_exit_2(args, needle, tmp_path, example_image):
+def test_bad_input_one_line_exit_2(args, needle, tmp_path, example_image, random_model_dir):
     (tmp_path / "notes.txt").write_text("text")
-    filled = [a.format(img=example_image, tmp=tmp_path, txt=tmp_path / "notes.txt") for a in args]
+    filled = [a.format(img=example_image, tmp=tmp_path, txt=tmp_path / "notes.txt", model=random_model_dir) for a in args]
     assert_clean_error(run_cli(*filled), needle)
 
 
