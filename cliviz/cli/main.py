@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer  # noqa: E402
 
 from cliviz.cli.figures_cmd import figures_cmd
+from cliviz.cli.compare_cmd import compare_cmd
 from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
 from cliviz.cli.sweep_cmd import sweep_cmd
 from cliviz.cli.trace_cmd import trace_cmd
@@ -35,6 +36,7 @@ def _root() -> None:
 
 app.command("trace")(trace_cmd)
 app.command("ask")(ask)
+app.command("compare")(compare_cmd)
 app.command("data")(data)
 app.command("train")(train)
 app.command("eval")(eval_cmd)

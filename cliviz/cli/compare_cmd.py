@@ -1,0 +1,69 @@
+"""`cliviz compare`: several models on one held-out set, plus gate-map stability across seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt
+from cliviz.errors import CLIVizError
+
+
+def compare_cmd(
+    models: Annotated[list[Path], typer.Option("--models", help="Model folders (repeat --models, or bundled names).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for compare.csv, stability.csv, compare.html.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    stability_samples: Annotated[int, typer.Option("--stability-samples", min=7)] = 140,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy overall and per question type for each model; seed stability of gate maps."""
+    from cliviz.analyses.compare import accuracy_table, gate_profiles, seed_stability, write_comparison
+    from cliviz.evaluation import read_jsonl
+    from cliviz.model.loading import load_model
+
+    if len(models) < 1:
+        raise CLIVizError("give at least one --models folder")
+    if out is not None and out.exists() and not out.is_dir():
+        raise CLIVizError(f"--out {out} exists and is not a folder")
+    dataset = read_jsonl(data)
+    loaded = {}
+    for path in models:
+        label = path.name
+        if label in loaded:
+            label = str(path)
+        loaded[label] = load_model(path, device=device, dtype=dtype)
+    table = accuracy_table(loaded, dataset)
+    profiles = {label: gate_profiles(m, t, dataset, limit=stability_samples) for label, (m, t) in loaded.items() if m.config.fusion == "cli"}
+    stability = seed_stability(profiles, {label: m.config.fusion for label, (m, _) in loaded.items()})
+    if out is not None:
+        write_comparison(out, table, stability)
+    if as_json:
+        typer.echo(json.dumps({"accuracy": table.to_dict("records"), "stability": stability.to_dict("records")}))
+        return
+    console = Console()
+    pivot = table.pivot(index="qtype", columns="model", values="accuracy")
+    grid = Table(title=f"accuracy on {data}")
+    grid.add_column("question type")
+    for label in pivot.columns:
+        grid.add_column(label, justify="right")
+    for qtype, row in pivot.iterrows():
+        grid.add_row(qtype, *(f"{v:.3f}" for v in row))
+    console.print(grid)
+    if len(stability):
+        summary = stability.groupby("qtype")[["profile_spearman", "top_layer_agreement"]].mean()
+        st = Table(title="gate-map stability across cli seeds (mean over model pairs)")
+        st.add_column("question type")
+        st.add_column("profile Spearman", justify="right")
+        st.add_column("top-layer agreement", justify="right")
+        for qtype, row in summary.iterrows():
+            st.add_row(qtype, f"{row.profile_spearman:.2f}", f"{row.top_layer_agreement:.2f}")
+        console.print(st)
+    if out is not None:
+        console.print(f"[dim]wrote {out}/compare.csv, stability.csv, compare.html[/]")
