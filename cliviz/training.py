@@ -63,6 +63,8 @@ class TrainSettings:
     warmup: int = 200
     aux_weight: float = 0.5
     weight_decay: float = 0.01
+    init_from: str | None = None  # continue from a saved model (fresh optimiser and schedule)
+    data_offset: int = 0  # first scene index, so that a continuation sees new scenes
 
 
 class AuxHeads(nn.Module):
@@ -128,7 +130,14 @@ def train(
     np.random.seed(settings.seed)
     tokenizer = build_tokenizer()
     config = tiny_config(settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    model = CLIForConditionalGeneration(config).to(device).train()
+    if settings.init_from:
+        model = CLIForConditionalGeneration.from_pretrained(settings.init_from, use_safetensors=True)
+        if model.config.fusion != settings.fusion:
+            raise ValueError(f"--init-from holds a {model.config.fusion} model, not {settings.fusion}")
+        config = model.config
+    else:
+        model = CLIForConditionalGeneration(config)
+    model = model.to(device).train()
     heads = AuxHeads(config.base_config.vision_config.hidden_size).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
@@ -140,7 +149,7 @@ def train(
     recent_loss: deque[float] = deque(maxlen=50)
     recent_acc: deque[float] = deque(maxlen=50)
     step = 0
-    scene_index = 0
+    scene_index = settings.data_offset
     while True:
         elapsed = time.monotonic() - start
         progress = step / settings.steps if settings.steps else elapsed / (settings.minutes * 60)
