@@ -81,3 +81,22 @@ def check_question(question: str, vocab: dict[str, int] | None = None, tokenize=
             shown = ", ".join(repr(w) for w in unknown[:5])
             raise CLIVizError(f"words not in the model's vocabulary: {shown} (see `cliviz vocab`)")
     return text
+
+
+def question_words(tokenizer, text: str) -> list[str]:
+    """The tokenizer's own normalisation and word split, *before* the vocabulary lookup (which
+    would turn unknown words into `[UNK]`, itself a known token)."""
+    core = getattr(tokenizer, "backend_tokenizer", None)
+    if core is None:
+        return text.lower().split()
+    norm = core.normalizer.normalize_str(text) if core.normalizer is not None else text
+    if core.pre_tokenizer is None:
+        return norm.split()
+    return [w for w, _ in core.pre_tokenizer.pre_tokenize_str(norm)]
+
+
+def check_model_question(question: str, tokenizer) -> str:
+    """`check_question` against a model's tokenizer: the one check every front end uses."""
+    unk = getattr(tokenizer, "unk_token", None)
+    vocab = {w: i for w, i in tokenizer.get_vocab().items() if w != unk}
+    return check_question(question, vocab, lambda text: question_words(tokenizer, text))

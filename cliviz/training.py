@@ -3,8 +3,9 @@
 What makes a ~1 M-parameter VLM learn on two CPU cores (see the model card for numbers):
 - init scale 0.1 instead of transformers' 0.02 (0.02 stays at chance);
 - every question about an image in one sequence (loss on answers only): 6-7 answers per image;
-- an auxiliary per-patch loss on the vision tower (colour, shape, digit under each patch), so the
-  vision features are useful before the language model has learned to route;
+- an auxiliary per-patch loss on the vision tower (colour, shape, digit under each patch, and the
+  patch's row and column), so the vision features are useful before the language model has
+  learned to route (without row/column targets, left/right stayed at chance);
 - linear warmup then cosine decay, scheduled on the fraction of the budget (steps or minutes).
 """
 
@@ -75,6 +76,8 @@ class AuxHeads(nn.Module):
         self.color = nn.Linear(hidden, len(COLORS) + 1)
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
         self.digit = nn.Linear(hidden, 11)
+        self.row = nn.Linear(hidden, IMAGE_SIZE // PATCH)  # keeps where a patch is in its features
+        self.col = nn.Linear(hidden, IMAGE_SIZE // PATCH)
 
 
 def make_batch(tokenizer, config: CLIConfig, seed: int, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -132,7 +135,14 @@ def train(
     config = tiny_config(settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
     if settings.init_from:
         model = CLIForConditionalGeneration.from_pretrained(settings.init_from, use_safetensors=True)
-        if model.config.fusion != settings.fusion:
+        if model.config.fusion == "projector" and settings.fusion != "projector":
+            # CLI on top of a trained baseline, as the paper does with LLaVA: `attach` keeps the
+            # baseline exactly (alpha = 0) and training then learns what to inject.
+            from cliviz.model.attach import attach
+
+            model = attach(model.base, fusion=settings.fusion, lora_rank=config.lora_rank,
+                           read_heads=config.read_heads, gate_temperature=config.gate_temperature)
+        elif model.config.fusion != settings.fusion:
             raise ValueError(f"--init-from holds a {model.config.fusion} model, not {settings.fusion}")
         config = model.config
     else:
@@ -200,6 +210,11 @@ def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tenso
     for name in ("color", "shape", "digit"):
         logits = getattr(heads, name)(hidden)  # [B, N, C]
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+    grid = IMAGE_SIZE // PATCH
+    index = torch.arange(grid * grid, device=hidden.device)  # raster order of the patches
+    for name, target in (("row", index // grid), ("col", index % grid)):
+        logits = getattr(heads, name)(hidden)  # [B, N, grid]
+        loss = loss + F.cross_entropy(logits.reshape(-1, grid), target.repeat(hidden.shape[0]))
     return loss
 
 

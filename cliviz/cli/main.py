@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 
+from cliviz.cli.dash_cmd import dash_cmd
+from cliviz.cli.attribute_cmd import attribute_cmd
+from cliviz.cli.ablate_cmd import ablate_cmd
 from cliviz.cli.figures_cmd import figures_cmd
 from cliviz.cli.compare_cmd import compare_cmd
 from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
@@ -44,6 +47,9 @@ app.command("attach")(attach_cmd)
 app.command("vocab")(vocab)
 app.command("figures")(figures_cmd)
 app.command("sweep")(sweep_cmd)
+app.command("ablate")(ablate_cmd)
+app.command("attribute")(attribute_cmd)
+app.command("dash")(dash_cmd)
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ def load_checked(model: Path | None, device: str, dtype: str):
 
 
 def checked_question(question: str, tokenizer) -> str:
-    from cliviz.inputs import check_question
+    from cliviz.inputs import check_model_question
 
-    return check_question(question, tokenizer.get_vocab(), tokenizer.tokenize)
+    return check_model_question(question, tokenizer)
 
 
 def ask(

@@ -157,18 +157,17 @@ def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, targ
     """Load the model, drop unusable questions, trace this rank's share; all ranks' totals back."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cliviz.inputs import check_question
+    from cliviz.inputs import check_model_question
     from cliviz.model.loading import config_hash, load_model
     from cliviz.tracing.sweep import check_same_model, run_sweep
 
     net, tok = load_model(model_dir, device=device, dtype=dtype)
     if done is not None:
         check_same_model(done, out, config_hash(net))
-    vocab = tok.get_vocab()
     usable, bad_questions = [], 0
     for item in pending:
         try:
-            check_question(item.record.question, vocab, tok.tokenize)
+            check_model_question(item.record.question, tok)
             usable.append(item)
         except CLIVizError:
             bad_questions += 1

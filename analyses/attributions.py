@@ -1,0 +1,727 @@
+"""Token-level attributions: which gate cells, image patches and prompt tokens made each answer token.
+
+**The question.** For every answer token s the target is its log-probability given its prefix,
+`f_s = log p(answer_s | image, prompt, answer_<s)`, teacher-forced on the model's own greedy answer
+(or on an answer you give). Attributions split `f_s` over three kinds of input:
+
+1. **Gate cells** (LLM layer i, vision layer k). The gate outputs of all injection layers,
+   `G [L, T, K]` (every token position), are treated as *the input*: forward hooks on the gate
+   modules (`agf.<j>.gate`, the one hook point of cliviz) replace the gates by a tensor we
+   control, so `f_s(G)` is the model with the gate network cut out and G set by hand. At the real
+   gates `f_s(G_actual)` is exactly the model's log-prob. Two methods:
+   - `gxi`, gradient x input: `dF/dG * G` at G_actual;
+   - `ig`, integrated gradients (Captum's `IntegratedGradients`, Gauss-Legendre rule) from a
+     baseline G' — `uniform` (every gate 1/K: "no preference") or `injection_off` (G' = 0: the
+     injection is `tanh(alpha) W_o sum_k g_k c_k`, so zero gates inject nothing) —
+     `IG = (G - G') * integral_0^1 dF/dG(G' + a (G - G')) da`. Interpolation steps are stacked in
+     the batch dimension, at most `internal_batch_size` per forward.
+   Both are summed over token positions: `gate_cells [n_answer, L, K]`; the per-position totals
+   (summed over L and K) are kept as `gate_token_scores [n_answer, n_tokens]`.
+
+   **Completeness** (the property that makes IG an accounting, not a picture): the IG attributions
+   of one answer token sum to `f_s(G_actual) - f_s(G')`, up to the error of the integration rule.
+   `completeness_error[s] = |sum IG_s - (f_s(G) - f_s(G'))| / max(|f_s(G) - f_s(G')|, 1e-3)` — a
+   relative error, floored at 1e-3 nats so that a negligible total does not inflate it. It is
+   reported for `ig` (NaN for `gxi`, which has no such property). Note that with the `uniform`
+   baseline a vision layer whose gate is zero still gets credit (moving its gate from 1/K to 0
+   changed the output); with `injection_off` and with `gxi` it gets exactly zero.
+
+2. **Image patches** (attention-free): gradient x input on the AMP memory `Vhat [K, N, D]` — the
+   projected vision layers that every injection layer reads — summed over D: a map per vision
+   layer `patches [n_answer, K, N]`, combined over layers by summing (`combined`, `[n_answer, N]`),
+   reshaped to the patch grid (`patch_grid`, 8 x 8 for the bundled model). This pass runs the
+   real model (gates live), so it includes effects through the gates. The LLaVA path (projected
+   final-layer features at the image-token positions of the prompt) is kept apart as
+   `image_token_scores [n_answer, n_image_tokens]` (gradient x input on those embeddings).
+   `fusion="deepstack"` has no AMP memory: its `patches` are NaN.
+
+3. **Prompt tokens**: gradient x input on the input embeddings of every non-image position
+   (`<bos>`, the question words and the answer tokens fed back), summed over the embedding
+   dimension: `prompt_scores [n_answer, n_prompt_tokens]`, with `prompt_tokens` (texts) and
+   `prompt_positions`. A position after the target (a later answer token) scores exactly 0.
+
+Patches and prompt tokens use gradient x input for both methods; `method` picks the gate-cell
+method. Scale: when the model is sure of a token (p close to 1) its log-prob is flat, so gradients —
+and every gradient x input map — are tiny (1e-7 and below on the bundled model); the *pattern*
+(which cells, which patches, their share of the absolute mass) is what to read, not the size.
+IG sums to the finite difference f(G) - f(G') whatever the gradient at G. A `projector` model has no gates and no injection: `attribute` refuses it with a
+`CLIVizError`.
+
+**Stored in the trace file** (`AttributionResult.to_trace()` -> `Trace.attributions`, float32):
+`gate_cells [n_answer, L, K]`, `patches [n_answer, K, N]`, `prompt_scores [n_answer, P]`,
+`completeness_error [n_answer]`, `image_token_scores [n_answer, n_image_tokens]`,
+`gate_token_scores [n_answer, n_tokens]`, `target_logprob [n_answer]` (f at the real gates),
+`baseline_logprob [n_answer]` (f at the baseline gates), and
+`attribution_settings = [method (0 gxi, 1 ig), steps, baseline (0 uniform, 1 injection_off),
+grid rows, grid cols]`. `AttributionResult.from_trace(trace)` rebuilds the result from them.
+
+Example::
+
+    from cliviz import load_model
+    from cliviz.analyses.attributions import attribute
+    model, tok = load_model()
+    r = attribute(model, tok, image, "what digit is in the corner ?", method="ig", steps=64)
+    r.gate_cells[0]            # [L, K]: credit of each (LLM layer, vision layer) for answer token 0
+    r.completeness_error       # e.g. [0.002, 0.004]
+    r.combined_grid(0)         # [8, 8] patch map
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import html as html_lib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+
+from cliviz.errors import CLIVizError
+from cliviz.tracing.trace import Trace
+
+METHODS = ("ig", "gxi")
+_METHOD_CODES = {"gxi": 0, "ig": 1}  # as stored in `attribution_settings`
+BASELINES = ("uniform", "injection_off")
+ARRAY_NAMES = ("gate_cells", "patches", "prompt_scores", "completeness_error", "image_token_scores",
+               "gate_token_scores", "target_logprob", "baseline_logprob", "attribution_settings")
+REL_FLOOR = 1e-3  # nats: denominator floor of the relative completeness error
+MAX_STEPS = 4096
+
+# ===================================================================================== hooks
+# Hooks live only for one `attribute` call and act only when the ContextVar holds *their* state,
+# so other threads using the same model (the dashboard) run it untouched meanwhile.
+
+
+@dataclass(eq=False)
+class _HookState:
+    mode: str = "off"  # off | record | run
+    gates: torch.Tensor | None = None  # run: [B, L, T, K] replaces every gate output
+    embeds: torch.Tensor | None = None  # run: [B, T, D] replaces the language model's inputs_embeds
+    rec_gates: list = field(default_factory=list)
+    rec_norms: list = field(default_factory=list)
+    rec_embeds: torch.Tensor | None = None
+
+
+_ACTIVE: contextvars.ContextVar[_HookState | None] = contextvars.ContextVar("cliviz_attribution", default=None)
+
+
+@contextlib.contextmanager
+def _hooks(model):
+    state = _HookState()
+
+    def gate_hook(j: int):
+        def hook(module, args, out):
+            if _ACTIVE.get() is not state:
+                return None
+            if state.mode == "record":
+                state.rec_gates.append(out.detach().float())
+            elif state.gates is not None:
+                return state.gates[:, j].to(out.dtype)  # [B, T, K]
+            return None
+
+        return hook
+
+    def injection_hook(module, args, out):
+        if _ACTIVE.get() is state and state.mode == "record":
+            state.rec_norms.append(out.detach().float().norm(dim=-1))  # [B, T]
+
+    def embeds_hook(module, args, kwargs):
+        if _ACTIVE.get() is not state:
+            return None
+        if state.mode == "record":
+            state.rec_embeds = kwargs["inputs_embeds"].detach()
+        elif state.embeds is not None:
+            return args, {**kwargs, "inputs_embeds": state.embeds}
+        return None
+
+    handles = []
+    try:
+        for j, layer in enumerate(model.agf):
+            handles.append(layer.gate.register_forward_hook(gate_hook(j)))
+            handles.append(layer.injection.register_forward_hook(injection_hook))
+        handles.append(model.base.model.language_model.register_forward_pre_hook(embeds_hook, with_kwargs=True))
+        token = _ACTIVE.set(state)
+        try:
+            yield state
+        finally:
+            _ACTIVE.reset(token)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Runner:
+    """The model as functions of (embeddings, AMP memory, gates) for one teacher-forced sequence.
+
+    `record(ids)` runs the real model once and keeps the merged input embeddings (image features
+    already at the image tokens), the AMP memory, the gates and the injection norms; later calls
+    reuse them, so the vision tower runs once per attribution (except `deepstack`, which needs the
+    pixel path for its image-token injection and gets the embeddings swapped in by a hook).
+    """
+
+    def __init__(self, model, state: _HookState, pixel_values: torch.Tensor, answer_positions, answer_ids):
+        self.model, self.state, self.pix = model, state, pixel_values
+        dev = model.device
+        self.positions = torch.as_tensor(np.asarray(answer_positions), dtype=torch.long, device=dev)  # [n]
+        self.targets = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long, device=dev)  # [n]
+        self.ids = self.embeds = self.memory = None
+
+    def record(self, ids: torch.Tensor):
+        """One real forward over `ids [1, T]`: returns (gates [L,T,K], norms [L,T], logits at answer positions)."""
+        st = self.state
+        st.mode, st.rec_gates, st.rec_norms = "record", [], []
+        with torch.no_grad():
+            out = self.model(input_ids=ids, pixel_values=self.pix, attention_mask=torch.ones_like(ids), use_cache=False)
+        st.mode = "run"
+        self.ids, self.embeds, self.memory = ids, st.rec_embeds, out.vision_memory  # [1,T,D], [1,K,N,D]
+        gates = torch.stack([g[0] for g in st.rec_gates]) if st.rec_gates else None  # [L, T, K]
+        norms = torch.stack([n[0] for n in st.rec_norms]) if st.rec_norms else None  # [L, T]
+        return gates, norms, out.logits[0, self.positions].float()  # [n, V]
+
+    def logprobs(self, embeds: torch.Tensor, memory: torch.Tensor | None, gates: torch.Tensor | None) -> torch.Tensor:
+        """Answer-token log-probs `[B, n_answer]`; `gates [B, L, T, K]` replaces the gate outputs (None: live)."""
+        b = embeds.shape[0]
+        self.state.gates = gates
+        mask = torch.ones(b, embeds.shape[1], dtype=torch.long, device=embeds.device)
+        try:
+            if self.model.config.fusion == "deepstack":
+                self.state.embeds = embeds
+                out = self.model(input_ids=self.ids.expand(b, -1), pixel_values=self.pix.expand(b, *self.pix.shape[1:]),
+                                 attention_mask=mask, use_cache=False, logits_to_keep=self.positions)
+            else:
+                out = self.model(inputs_embeds=embeds, vision_memory=memory, attention_mask=mask, use_cache=False,
+                                 logits_to_keep=self.positions)
+        finally:
+            self.state.gates = self.state.embeds = None
+        lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, n, V]
+        return lp.gather(-1, self.targets.view(1, -1, 1).expand(b, -1, 1)).squeeze(-1)  # [B, n]
+
+    def const(self, b: int):
+        """Embeddings and memory repeated `b` times (no grad)."""
+        m = self.memory.expand(b, *self.memory.shape[1:]) if self.memory is not None else None
+        return self.embeds.expand(b, *self.embeds.shape[1:]), m
+
+    def gate_fn(self, s: int):
+        """`G [B, L, T, K] -> f_s [B]` for Captum."""
+
+        def f(gates: torch.Tensor) -> torch.Tensor:
+            e, m = self.const(gates.shape[0])
+            return self.logprobs(e, m, gates)[:, s]
+
+        return f
+
+
+# ===================================================================================== result
+
+
+@dataclass
+class AttributionResult:
+    """Attributions of every answer token of one (image, question); see the module docstring.
+
+    Shapes: `gate_cells [n_answer, L, K]`, `patches [n_answer, K, N]` (N = patch_grid[0] *
+    patch_grid[1]), `prompt_scores [n_answer, P]` with `prompt_tokens` / `prompt_positions [P]`,
+    `completeness_error [n_answer]` (NaN unless `method == "ig"`), `image_token_scores
+    [n_answer, n_image_tokens]`, `gate_token_scores [n_answer, n_tokens]`, `target_logprob` /
+    `baseline_logprob [n_answer]`.
+    """
+
+    trace: Trace
+    method: str
+    gate_cells: np.ndarray
+    patches: np.ndarray
+    patch_grid: tuple[int, int]
+    prompt_scores: np.ndarray
+    prompt_tokens: list[str]
+    prompt_positions: np.ndarray
+    completeness_error: np.ndarray
+    image_token_scores: np.ndarray
+    gate_token_scores: np.ndarray
+    target_logprob: np.ndarray
+    baseline_logprob: np.ndarray
+    baseline: str = "uniform"
+    steps: int = 64
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def n_answer(self) -> int:
+        return int(self.gate_cells.shape[0])
+
+    @property
+    def answer_tokens(self) -> list[str]:
+        return list(self.trace.answer_texts)
+
+    @property
+    def vision_layers(self) -> list[int]:
+        return list(self.trace.meta.vision_layers)
+
+    @property
+    def injection_layers(self) -> list[int]:
+        return list(self.trace.meta.injection_layers)
+
+    @property
+    def combined(self) -> np.ndarray:
+        """Patch maps summed over vision layers: `[n_answer, N]`."""
+        return self.patches.sum(axis=1)
+
+    def combined_grid(self, step: int = 0) -> np.ndarray:
+        """The combined patch map of one answer token on the patch grid: `[rows, cols]`."""
+        return self.combined[self._step(step)].reshape(self.patch_grid)
+
+    def totals(self) -> np.ndarray:
+        """Sum of the gate-cell attributions of each answer token: `[n_answer]` (IG: ~ f(x) - f(baseline))."""
+        return self.gate_cells.sum(axis=(1, 2))
+
+    def top_cells(self, step: int, n: int = 3) -> list[tuple[int, int, float]]:
+        """The `n` gate cells with the largest |attribution|: (LLM layer, vision layer, value), real indices."""
+        m = self.gate_cells[self._step(step)]
+        order = np.argsort(-np.abs(m), axis=None)[:n]
+        return [(self.injection_layers[i], self.vision_layers[k], float(m[i, k]))
+                for i, k in zip(*np.unravel_index(order, m.shape))]
+
+    def _step(self, step: int) -> int:
+        if not -self.n_answer <= step < self.n_answer:
+            raise ValueError(f"answer step {step} outside 0..{self.n_answer - 1}")
+        return step % self.n_answer
+
+    # -- storage ------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The named float32 arrays stored in `Trace.attributions` (names in `ARRAY_NAMES`)."""
+        settings = [_METHOD_CODES[self.method], self.steps, BASELINES.index(self.baseline), *self.patch_grid]
+        out = {
+            "gate_cells": self.gate_cells, "patches": self.patches, "prompt_scores": self.prompt_scores,
+            "completeness_error": self.completeness_error, "image_token_scores": self.image_token_scores,
+            "gate_token_scores": self.gate_token_scores, "target_logprob": self.target_logprob,
+            "baseline_logprob": self.baseline_logprob, "attribution_settings": np.asarray(settings),
+        }
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+    def to_trace(self) -> Trace:
+        """A copy of the trace with the attribution arrays in `trace.attributions` (see `ARRAY_NAMES`)."""
+        return dataclasses.replace(self.trace, attributions={**self.trace.attributions, **self.arrays()})
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> AttributionResult:
+        """Rebuild a result from a trace that went through `to_trace` (e.g. read back from a trace file)."""
+        a = trace.attributions
+        missing = [n for n in ARRAY_NAMES if n not in a]
+        if missing:
+            raise CLIVizError(f"trace holds no attributions (missing {', '.join(missing)}); run `cliviz attribute`")
+        method_code, steps, base_code, rows, cols = (int(round(float(x))) for x in a["attribution_settings"])
+        prompt_positions = _prompt_positions(trace)
+        return cls(
+            trace=trace, method={v: k for k, v in _METHOD_CODES.items()}[method_code],
+            gate_cells=a["gate_cells"], patches=a["patches"],
+            patch_grid=(rows, cols), prompt_scores=a["prompt_scores"],
+            prompt_tokens=[trace.token_texts[p] for p in prompt_positions], prompt_positions=prompt_positions,
+            completeness_error=a["completeness_error"], image_token_scores=a["image_token_scores"],
+            gate_token_scores=a["gate_token_scores"], target_logprob=a["target_logprob"],
+            baseline_logprob=a["baseline_logprob"], baseline=BASELINES[base_code], steps=steps,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (lists; NaN becomes None) — what `cliviz attribute --json` prints."""
+        out: dict[str, Any] = {
+            "question": self.trace.meta.question, "answer": self.trace.meta.answer,
+            "answer_tokens": self.answer_tokens, "method": self.method, "baseline": self.baseline,
+            "steps": self.steps, "vision_layers": self.vision_layers, "injection_layers": self.injection_layers,
+            "patch_grid": list(self.patch_grid), "prompt_tokens": self.prompt_tokens,
+            "prompt_positions": self.prompt_positions.tolist(),
+        }
+        for name in ARRAY_NAMES[:-1]:
+            out[name] = _jsonable(getattr(self, name))
+        trace = self.trace.to_dict()
+        trace.pop("attributions", None)
+        out["trace"] = trace
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: one row per (answer step, attributed item). Columns: step, answer_token, kind
+        (`gate_cell` | `patch` | `prompt_token` | `image_token`), llm_layer, vision_layer (real
+        indices; vision_layer NaN for a combined patch), patch, patch_row, patch_col, position, token,
+        value. A patch row with vision_layer NaN is the combined map. Absent fields are NA."""
+        frames = []
+        L, K = self.gate_cells.shape[1:]
+        rows, cols = self.patch_grid
+        for s in range(self.n_answer):
+            base = {"step": s, "answer_token": self.answer_tokens[s]}
+            ii, kk = np.meshgrid(np.arange(L), np.arange(K), indexing="ij")
+            frames.append(pd.DataFrame({**base, "kind": "gate_cell",
+                                        "llm_layer": np.asarray(self.injection_layers)[ii.ravel()] if L else [],
+                                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()] if L else [],
+                                        "value": self.gate_cells[s].ravel()}))
+            n = self.patches.shape[2]
+            kk, pp = np.meshgrid(np.arange(K), np.arange(n), indexing="ij")
+            frames.append(pd.DataFrame({**base, "kind": "patch", "vision_layer": np.asarray(self.vision_layers)[kk.ravel()],
+                                        "patch": pp.ravel(), "value": self.patches[s].ravel()}))
+            frames.append(pd.DataFrame({**base, "kind": "patch", "patch": np.arange(n), "value": self.combined[s]}))
+            frames.append(pd.DataFrame({**base, "kind": "prompt_token", "position": self.prompt_positions,
+                                        "token": self.prompt_tokens, "value": self.prompt_scores[s]}))
+            img_pos = np.flatnonzero(self.trace.role_mask("image"))
+            frames.append(pd.DataFrame({**base, "kind": "image_token", "position": img_pos,
+                                        "patch": np.arange(len(img_pos)), "value": self.image_token_scores[s]}))
+        df = pd.concat(frames, ignore_index=True)
+        for col in ("llm_layer", "vision_layer", "patch", "position"):
+            if col not in df:
+                df[col] = pd.NA
+            df[col] = df[col].astype("Int64")
+        df["patch_row"] = (df["patch"] // cols).astype("Int64") if rows * cols else pd.NA
+        df["patch_col"] = (df["patch"] % cols).astype("Int64") if rows * cols else pd.NA
+        if "token" not in df:
+            df["token"] = None
+        df["value"] = df["value"].astype(np.float32)
+        df["kind"] = pd.Categorical(df["kind"], categories=["gate_cell", "patch", "prompt_token", "image_token"])
+        return df[["step", "answer_token", "kind", "llm_layer", "vision_layer", "patch", "patch_row", "patch_col",
+                   "position", "token", "value"]]
+
+    # -- plotting -----------------------------------------------------------------------------
+    def token_strip_figure(self) -> go.Figure:
+        """Two strips: the answer tokens coloured by their total gate-cell attribution, and below,
+        per answer token, every prompt token coloured by its gradient x input."""
+        from plotly.subplots import make_subplots
+
+        from cliviz.analyses.heatmaps import DIVERGING
+
+        totals = self.totals()
+        labels = [f"{s}: {t}" for s, t in enumerate(self.answer_tokens)]
+        fig = make_subplots(rows=2, cols=1, row_heights=[0.25, 0.75], vertical_spacing=0.18,
+                            subplot_titles=(f"answer tokens: total gate-cell attribution ({self.method})",
+                                            "prompt tokens: gradient x input, per answer token"))
+        tmax = float(np.nanmax(np.abs(totals))) if totals.size else 0.0
+        fig.add_trace(go.Heatmap(
+            z=[totals.tolist()], x=labels, y=["answer"], text=[self.answer_tokens], texttemplate="%{text}",
+            colorscale=DIVERGING, zmid=0, zmin=-tmax or -1, zmax=tmax or 1, coloraxis=None,
+            colorbar={"title": {"text": "gates", "side": "right"}, "y": 1.0, "yanchor": "top", "len": 0.3},
+            hovertemplate="answer token %{x}<br>total %{z:.4f}<extra></extra>"), row=1, col=1)
+        cols = [f"{p}: {t}" for p, t in zip(self.prompt_positions, self.prompt_tokens)]
+        pmax = float(np.nanmax(np.abs(self.prompt_scores))) if self.prompt_scores.size else 0.0
+        fig.add_trace(go.Heatmap(
+            z=self.prompt_scores, x=cols, y=[f"-> {t}" for t in self.answer_tokens],
+            text=[self.prompt_tokens] * self.n_answer, texttemplate="%{text}", colorscale=DIVERGING, zmid=0,
+            zmin=-pmax or -1, zmax=pmax or 1,
+            colorbar={"title": {"text": "prompt", "side": "right"}, "y": 0.0, "yanchor": "bottom", "len": 0.6},
+            hovertemplate="prompt token %{x}<br>%{y}<br>grad x input %{z:.4f}<extra></extra>"), row=2, col=1)
+        fig.update_yaxes(autorange="reversed", row=2, col=1)
+        fig.update_xaxes(showticklabels=False)
+        fig.update_layout(template="simple_white", height=300 + 50 * self.n_answer,
+                          title=f"{self.trace.meta.question}  ->  {self.trace.meta.answer}",
+                          margin={"l": 80, "r": 20, "t": 80, "b": 20})
+        return fig
+
+    def cell_heatmap_figure(self, step: int | None = 0) -> go.Figure:
+        """(LLM layer x vision layer) gate-cell attributions of one answer token (None: summed over tokens)."""
+        from cliviz.analyses.heatmaps import DIVERGING, heatmap_figure
+
+        if step is None:
+            m, what = self.gate_cells.sum(axis=0), "all answer tokens"
+        else:
+            s = self._step(step)
+            m, what = self.gate_cells[s], f"answer token {s} ({self.answer_tokens[s]!r})"
+        zmax = float(np.abs(m).max()) if m.size else 0.0
+        zmax = zmax or 1.0
+        label = "IG" if self.method == "ig" else "grad x gate"
+        fig = heatmap_figure(m, self.vision_layers, self.injection_layers, title=f"gate-cell attribution ({label}), {what}",
+                             colorscale=DIVERGING, zmid=0.0, zmin=-zmax, zmax=zmax, colorbar_title=label)
+        fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>attribution %{z:.4f}<extra></extra>")
+        return fig
+
+    def patch_overlay_figure(self, image: Image.Image, step: int = 0, layer: int | None = None,
+                             display_size: int = 256, max_alpha: float = 0.85) -> go.Figure:
+        """The image with a semi-transparent diverging heatmap of the patch attributions on top
+        (RdBu_r, red > 0 > blue, opacity growing with |value| up to `max_alpha`, so the image shows
+        through where a patch did not matter). `layer`: a real vision-layer index (one of
+        `vision_layers`), or None for the combined map."""
+        s = self._step(step)
+        if layer is None:
+            grid, what = self.combined[s], "all vision layers"
+        else:
+            if layer not in self.vision_layers:
+                raise ValueError(f"vision layer {layer} not in {self.vision_layers}")
+            grid, what = self.patches[s, self.vision_layers.index(layer)], f"vision layer {layer}"
+        rows, cols = self.patch_grid
+        grid = np.asarray(grid, dtype=float).reshape(rows, cols)
+        shown = image.convert("RGB").resize((display_size, display_size), Image.Resampling.NEAREST)
+        cw, ch = display_size / cols, display_size / rows
+        fig = go.Figure(go.Image(z=np.asarray(shown), hoverinfo="skip"))
+        finite = grid[np.isfinite(grid)]
+        zmax = float(np.abs(finite).max()) if finite.size else 0.0
+        zmax = zmax or 1.0
+        fig.add_trace(go.Heatmap(
+            z=grid, x=(np.arange(cols) + 0.5) * cw, y=(np.arange(rows) + 0.5) * ch,
+            colorscale=overlay_colorscale(max_alpha), zmid=0, zmin=-zmax, zmax=zmax,
+            colorbar={"title": {"text": "grad x input"}},
+            customdata=np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1),
+            hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.4f}<extra></extra>"))
+        fig.update_xaxes(visible=False, range=[0, display_size])
+        fig.update_yaxes(visible=False, range=[display_size, 0], scaleanchor="x")
+        fig.update_layout(template="simple_white", width=display_size + 160, height=display_size + 80,
+                          title=f"patches -> {self.answer_tokens[s]!r} ({what})",
+                          margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        return fig
+
+
+def overlay_colorscale(max_alpha: float = 0.85) -> list[list]:
+    """RdBu_r (DIVERGING) with opacity growing with |value|: zero is fully transparent, so the image
+    shows through wherever a patch did not matter."""
+    import plotly.colors
+
+    colors = plotly.colors.diverging.RdBu_r
+    n = len(colors)
+    scale = []
+    for i, c in enumerate(colors):
+        alpha = max_alpha * abs(2 * i / (n - 1) - 1) ** 0.6
+        scale.append([i / (n - 1), c.replace("rgb(", "rgba(").replace(")", f",{alpha:.3f})")])
+    return scale
+
+
+def _jsonable(a: np.ndarray) -> Any:
+    return _nan_to_none(np.asarray(a, dtype=float).tolist())
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _prompt_positions(trace: Trace) -> np.ndarray:
+    return np.flatnonzero(~trace.role_mask("image")).astype(np.int64)
+
+
+def _patch_grid(model, n: int) -> tuple[int, int]:
+    vc = model.config.base_config.vision_config
+    side = int(vc.image_size) // int(vc.patch_size)
+    return (side, side) if side * side == n else (1, n)
+
+
+# ===================================================================================== compute
+
+
+def _forced_trace(trace: Trace, tokenizer, answer_ids: list[int], gates, norms, logits, top_k: int = 5) -> Trace:
+    """`trace` with its answer replaced by the teacher-forced `answer_ids` (gates from that forward)."""
+    n_prompt = int(trace.answer_positions[0]) + 1
+    fed = trace.token_ids[:n_prompt].tolist() + answer_ids[:-1]
+    lp = torch.log_softmax(logits, dim=-1).cpu()  # [n, V]
+    ids = torch.tensor(answer_ids)
+    top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+    words = [t for t in tokenizer.convert_ids_to_tokens(answer_ids) if t != tokenizer.eos_token]
+    L, K = len(trace.meta.injection_layers), len(trace.meta.vision_layers)
+    return dataclasses.replace(
+        trace,
+        meta=dataclasses.replace(trace.meta, answer=" ".join(words)),
+        token_ids=np.asarray(fed, dtype=np.int64),
+        token_texts=tokenizer.convert_ids_to_tokens(fed),
+        token_roles=trace.token_roles[:n_prompt] + ["answer"] * (len(answer_ids) - 1),
+        gates=gates.cpu().numpy().astype(np.float32) if gates is not None else np.zeros((L, len(fed), K), np.float32),
+        injection_norm=norms.cpu().numpy().astype(np.float32) if norms is not None else np.zeros((L, len(fed)), np.float32),
+        answer_ids=np.asarray(answer_ids, dtype=np.int64),
+        answer_texts=tokenizer.convert_ids_to_tokens(answer_ids),
+        answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids), dtype=np.int64),
+        answer_logprobs=lp.gather(-1, ids[:, None]).squeeze(-1).numpy().astype(np.float32),
+        topk_ids=top.indices.numpy().astype(np.int64),
+        topk_texts=[tokenizer.convert_ids_to_tokens(r) for r in top.indices.tolist()],
+        topk_logprobs=top.values.numpy().astype(np.float32),
+        attributions={},
+    )
+
+
+def _answer_ids(tokenizer, answer: str) -> list[int]:
+    words = answer.split()
+    if not words:
+        raise CLIVizError("the answer to attribute is empty")
+    vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # `tokenize` maps unknown words to [UNK]
+    if backend is not None and backend.pre_tokenizer is not None:
+        text = backend.normalizer.normalize_str(answer) if backend.normalizer is not None else answer
+        words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    else:
+        words = tokenizer.tokenize(answer)
+    unknown = [w for w in dict.fromkeys(words) if w not in vocab]
+    if unknown:
+        raise CLIVizError(f"answer words not in the model's vocabulary: {', '.join(map(repr, unknown[:5]))}")
+    return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def check_options(method: str, baseline: str, steps: int, internal_batch_size: int) -> None:
+    """Refuse bad settings with one-line `CLIVizError`s (shared by the API and the command line)."""
+    if method not in METHODS:
+        raise CLIVizError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
+    if baseline not in BASELINES:
+        raise CLIVizError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise CLIVizError(f"--steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if not isinstance(internal_batch_size, (int, np.integer)) or internal_batch_size < 1:
+        raise CLIVizError(f"internal batch size must be a positive integer, got {internal_batch_size!r}")
+
+
+def baseline_gates(gates: torch.Tensor, baseline: str) -> torch.Tensor:
+    """Baseline G' for `gates [..., K]`: `uniform` (1/K) or `injection_off` (0)."""
+    if baseline == "uniform":
+        return torch.full_like(gates, 1.0 / gates.shape[-1])
+    if baseline == "injection_off":
+        return torch.zeros_like(gates)
+    raise CLIVizError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
+
+
+def integrated_gradients(fn, gates: torch.Tensor, base: torch.Tensor, steps: int, internal_batch_size: int) -> torch.Tensor:
+    """Captum IG of `fn: [B, L, T, K] -> [B]` from `base` to `gates` (`[L, T, K]` each): `[L, T, K]`."""
+    from captum.attr import IntegratedGradients
+
+    attr = IntegratedGradients(fn).attribute(gates[None], baselines=base[None], n_steps=int(steps),
+                                             method="gausslegendre", internal_batch_size=int(internal_batch_size))
+    return attr[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    if was:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was:
+            model.train()
+
+
+def attribute(
+    model,
+    tokenizer,
+    image: Image.Image,
+    question: str,
+    *,
+    method: str = "ig",
+    steps: int = 64,
+    baseline: str = "uniform",
+    internal_batch_size: int = 16,
+    answer: str | None = None,
+    max_new_tokens: int = 4,
+) -> AttributionResult:
+    """Attribute every answer token to gate cells, image patches and prompt tokens.
+
+    `method`: `ig` (integrated gradients on the gates, `steps` Gauss-Legendre points from
+    `baseline`, at most `internal_batch_size` points per forward) or `gxi` (gradient x input).
+    `answer`: attribute this answer (words in the vocabulary; `<eos>` is appended) instead of the
+    model's greedy one. Raises `CLIVizError` for bad options, words or a gate-less model. Example::
+
+        r = attribute(model, tok, image, "what color is the circle ?", method="gxi")
+        r.top_cells(0)              # [(llm_layer, vision_layer, value), ...]
+    """
+    from cliviz.inference import prepare_inputs
+    from cliviz.tracing.record import trace as record_trace
+
+    check_options(method, baseline, steps, internal_batch_size)
+    if model.config.fusion == "projector" or len(model.agf) == 0:
+        raise CLIVizError(f"this model has no gates (fusion={model.config.fusion}): nothing is injected, "
+                          "so there are no gate cells or patch maps to attribute")
+    forced = _answer_ids(tokenizer, answer) if answer is not None else None
+    tr = record_trace(model, tokenizer, image, question, max_new_tokens=max_new_tokens)
+    n_prompt = int(tr.answer_positions[0]) + 1
+    answer_ids = forced if forced is not None else tr.answer_ids.tolist()
+    fed = tr.token_ids[:n_prompt].tolist() + list(answer_ids[:-1])
+    positions = np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids))
+    pix = prepare_inputs(model, tokenizer, [image], [question])["pixel_values"]
+    ids = torch.tensor([fed], dtype=torch.long, device=model.device)
+
+    with _eval_mode(model), _hooks(model) as state, torch.enable_grad():
+        run = _Runner(model, state, pix, positions, answer_ids)
+        gates, norms, logits = run.record(ids)
+        if forced is not None:
+            tr = _forced_trace(tr, tokenizer, list(answer_ids), gates, norms, logits)
+        n = len(answer_ids)
+        eye = torch.eye(n, device=model.device)
+
+        # (1) live model: gradient x input on the embeddings and the AMP memory, all answer tokens at
+        # once (row s of a batch of n carries target s, so sum_s f_s[row s] separates the gradients).
+        e, m = run.const(n)
+        e = e.detach().clone().requires_grad_(True)
+        leaves = [e]
+        if m is not None:
+            m = m.detach().clone().requires_grad_(True)
+            leaves.append(m)
+        lp = run.logprobs(e, m, None)  # [n, n]
+        grads = torch.autograd.grad((lp * eye).sum(), leaves)
+        embed_scores = (grads[0] * e).sum(-1).float().detach().cpu().numpy()  # [n, T]
+        if m is not None:
+            patches = (grads[1] * m).sum(-1).float().detach().cpu().numpy()  # [n, K, N]
+        else:
+            n_img = int(tr.role_mask("image").sum())
+            patches = np.full((n, len(model.config.vision_layers), n_img), np.nan, dtype=np.float32)
+
+        # (2) gates as the input: real gates G and baseline G'.
+        g_actual = gates  # [L, T, K]
+        g_base = baseline_gates(g_actual, baseline)
+        e1, m1 = run.const(2)
+        with torch.no_grad():
+            f_pair = run.logprobs(e1, m1, torch.stack([g_actual, g_base]))  # [2, n]
+        f_x, f_b = f_pair[0].cpu().numpy(), f_pair[1].cpu().numpy()
+        if method == "gxi":
+            g = g_actual.expand(n, *g_actual.shape).clone().requires_grad_(True)  # [n, L, T, K]
+            en, mn = run.const(n)
+            lp = run.logprobs(en, mn, g)
+            (grad,) = torch.autograd.grad((lp * eye).sum(), [g])
+            per_pos = (grad * g).detach()  # [n, L, T, K]
+            completeness = np.full(n, np.nan, dtype=np.float32)
+        else:
+            per_pos = torch.stack([integrated_gradients(run.gate_fn(s), g_actual, g_base, steps, internal_batch_size)
+                                   for s in range(n)]).detach()  # [n, L, T, K]
+            total = per_pos.sum(dim=(1, 2, 3)).cpu().numpy()
+            delta = f_x - f_b
+            completeness = (np.abs(total - delta) / np.maximum(np.abs(delta), REL_FLOOR)).astype(np.float32)
+
+    per_pos = per_pos.float().cpu().numpy()
+    prompt_pos = _prompt_positions(tr)
+    image_pos = np.flatnonzero(tr.role_mask("image"))
+    return AttributionResult(
+        trace=tr, method=method, baseline=baseline, steps=int(steps),
+        gate_cells=per_pos.sum(axis=2).astype(np.float32),
+        patches=patches.astype(np.float32),
+        patch_grid=_patch_grid(model, patches.shape[2]),
+        prompt_scores=embed_scores[:, prompt_pos].astype(np.float32),
+        prompt_tokens=[tr.token_texts[p] for p in prompt_pos],
+        prompt_positions=prompt_pos,
+        completeness_error=completeness,
+        image_token_scores=embed_scores[:, image_pos].astype(np.float32),
+        gate_token_scores=per_pos.sum(axis=(1, 3)).astype(np.float32),
+        target_logprob=f_x.astype(np.float32),
+        baseline_logprob=f_b.astype(np.float32),
+    )
+
+
+# ===================================================================================== page
+
+
+def write_attribution_html(result: AttributionResult, image: Image.Image, path: str | Path) -> Path:
+    """A self-contained page (plotly.js inlined, opens offline): token strip, then per answer token
+    the gate-cell heatmap and the patch overlay."""
+    figs = [result.token_strip_figure()]
+    for s in range(result.n_answer):
+        figs.append(result.cell_heatmap_figure(s))
+        figs.append(result.patch_overlay_figure(image, s))
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    meta = result.trace.meta
+    if result.method == "ig":
+        comp = ", ".join(f"{t!r}: {e:.2%}" for t, e in zip(result.answer_tokens, result.completeness_error))
+        note = (f"Integrated gradients from the {result.baseline} baseline, {result.steps} steps. "
+                f"Completeness (relative error of sum of attributions vs f(x) - f(baseline)): {comp}.")
+    else:
+        note = "Gradient x input on the gates (no completeness property)."
+    head = (f"<h2>{html_lib.escape(meta.question)} &rarr; {html_lib.escape(meta.answer)}</h2>"
+            f"<p>model {html_lib.escape(meta.model)} ({html_lib.escape(meta.fusion)}). {html_lib.escape(note)} "
+            "Patches and prompt tokens: gradient x input.</p>")
+    body = [head, parts[0]]
+    for s in range(result.n_answer):
+        body.append(f"<h3>answer token {s}: {html_lib.escape(result.answer_tokens[s])}</h3>"
+                    f"<div style='display:flex;flex-wrap:wrap;gap:16px'><div>{parts[1 + 2 * s]}</div>"
+                    f"<div>{parts[2 + 2 * s]}</div></div>")
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>cliviz attribution</title></head>"
+            "<body style='font-family:sans-serif'>" + "".join(body) + "</body></html>")
+    p = Path(path)
+    p.write_text(page, encoding="utf-8")
+    return p

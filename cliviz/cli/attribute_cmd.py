@@ -1,0 +1,135 @@
+"""`cliviz attribute`: which gate cells, image patches and prompt tokens made each answer token."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cliviz.cli.model_cmds import checked_question, load_checked
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.trace_cmd import check_writable
+from cliviz.errors import CLIVizError
+
+
+def _signed_style(value: float, scale: float) -> str:
+    """Red for positive, blue for negative, stronger with |value| / scale (RdBu-like)."""
+    v = 0.0 if scale <= 0 or not math.isfinite(value) else max(-1.0, min(1.0, value / scale))
+    if v >= 0:
+        r, g, b = 255, int(255 - 180 * v), int(255 - 200 * v)
+    else:
+        r, g, b = int(255 + 200 * v), int(255 + 120 * v), 255
+    return f"bold black on rgb({r},{g},{b})"
+
+
+def print_attribution(result, console: Console) -> None:
+    """Answer tokens coloured by total gate-cell attribution, top cells per token, completeness."""
+    import numpy as np
+
+    meta = result.trace.meta
+    console.print(f"[dim]question:[/] {meta.question}")
+    totals = result.totals()
+    scale = float(np.nanmax(np.abs(totals))) if totals.size else 0.0
+    line = Text("answer: ", style="bold")
+    for word, total, lp in zip(result.answer_tokens, totals, result.trace.answer_logprobs):
+        line.append(f" {word} ", style=_signed_style(float(total), scale))
+        line.append(f" p={math.exp(lp):.2f} sum={total:+.3f}  ", style="dim")
+    console.print(line)
+    label = f"integrated gradients ({result.baseline} baseline, {result.steps} steps)" if result.method == "ig" \
+        else "gradient x input"
+    table = Table(title=f"gate-cell attribution, {label}; patches and prompt tokens: gradient x input",
+                  pad_edge=False)
+    table.add_column("step", justify="right")
+    table.add_column("token")
+    table.add_column("top gate cells (LLM layer x vision layer)")
+    table.add_column("top patch (row, col)")
+    table.add_column("top prompt token")
+    rows, cols = result.patch_grid
+    for s, word in enumerate(result.answer_tokens):
+        cells = Text()
+        cell_scale = float(np.abs(result.gate_cells[s]).max()) if result.gate_cells[s].size else 0.0
+        for i, k, v in result.top_cells(s, 3):
+            cells.append(f"L{i}xV{k} {v:+.3f}", style=_signed_style(v, cell_scale))
+            cells.append("  ")
+        comb = result.combined[s]
+        if np.isfinite(comb).any():
+            p = int(np.nanargmax(np.abs(comb)))
+            patch = f"({p // cols}, {p % cols}) {comb[p]:+.3f}"
+        else:
+            patch = "n/a (no AMP memory)"
+        prompt = result.prompt_scores[s]
+        if prompt.size:
+            q = int(np.argmax(np.abs(prompt)))
+            top_prompt = f"{result.prompt_tokens[q]!r} {prompt[q]:+.3f}"
+        else:
+            top_prompt = "-"
+        table.add_row(str(s), word, cells, patch, top_prompt)
+    console.print(table)
+    if result.method == "ig":
+        parts = [f"{w!r} {t:+.4f} vs {fx - fb:+.4f} ({e:.2%})" for w, t, fx, fb, e in zip(
+            result.answer_tokens, totals, result.target_logprob, result.baseline_logprob, result.completeness_error)]
+        worst = float(np.nanmax(result.completeness_error)) if result.n_answer else 0.0
+        console.print(f"IG completeness (sum of attributions vs f(x) - f(baseline), relative error): "
+                      f"{'; '.join(parts)} — max {worst:.2%}")
+    else:
+        console.print("[dim]gradient x input has no completeness property; use --method ig for an exact accounting[/]")
+
+
+def attribute_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    question: Annotated[str, typer.Argument(help="Question in the model's vocabulary.")],
+    method: Annotated[str, typer.Option(
+        "--method", help="ig (integrated gradients) | gxi (gradient x input).")] = "ig",
+    steps: Annotated[int, typer.Option("--steps", help="Integration steps for ig (1..4096).")] = 64,
+    baseline: Annotated[str, typer.Option(
+        "--baseline", help="ig baseline gates: uniform (1/K) | injection_off (0).")] = "uniform",
+    answer: Annotated[Optional[str], typer.Option(
+        "--answer", help="Attribute this answer instead of the model's own.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Interpolation steps per forward (ig).")] = 16,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Append the trace with its attribution arrays to this Parquet trace set.")] = None,
+    html: Annotated[Optional[Path], typer.Option(
+        "--html", help="Write a self-contained page: token strip, cell heatmaps, patch overlays.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attribute each answer token to (LLM layer, vision layer) gate cells, image patches and prompt tokens."""
+    from cliviz.analyses.attributions import attribute, check_options, write_attribution_html
+    from cliviz.inputs import check_question, load_image
+    from cliviz.tracing.traceset import TraceSet
+
+    check_options(method, baseline, steps, batch_size)
+    check_writable(out, "trace file")
+    check_writable(html, "html file")
+    if out is not None and out.exists():
+        TraceSet.read(out)  # refuse a foreign or corrupt file before any work
+    img = load_image(image)
+    check_question(question)
+    net, tok = load_checked(model, device, dtype)
+    if net.config.fusion == "projector":
+        raise CLIVizError("this model has no gates (fusion=projector): nothing is injected, "
+                          "so there is nothing to attribute")
+    q = checked_question(question, tok)
+    result = attribute(net, tok, img, q, method=method, steps=steps, baseline=baseline, answer=answer,
+                       internal_batch_size=batch_size)
+    if out is not None:
+        TraceSet.append(out, [result.to_trace()])
+    if html is not None:
+        write_attribution_html(result, img, html)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    console = Console()
+    print_attribution(result, console)
+    if out is not None:
+        console.print(f"[dim]trace with attributions appended to {out}[/]")
+    if html is not None:
+        console.print(f"[dim]attribution page written to {html}[/]")

@@ -1,0 +1,280 @@
+"""The dashboard in a real browser: headless system Chromium driven by Playwright.
+
+One browser for the session; the app (random-weight model from `random_model_dir`, a small trace
+set written by `write_traces`) is served in-process by werkzeug on a free port. Assertions read
+what the page rendered (text, SVG titles, the heatmap's raster image), never `gd.data`.
+Screenshots go to the pytest tmp folder and a copy of each to /tmp/cliviz-app-shots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from werkzeug.serving import make_server
+
+from conftest import EXAMPLES
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+SHOTS = Path("/tmp/cliviz-app-shots")
+TIMEOUT_MS = 60_000  # the box is shared with training jobs: be patient, not flaky
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+def samples() -> list[dict]:
+    return [json.loads(line) for line in (EXAMPLES / "samples.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def traces_file(random_model_dir, tmp_path_factory) -> Path:
+    """One trace per bundled example, with question type and reference answer."""
+    from cliviz.inputs import load_image
+    from cliviz.model.loading import load_model
+    from cliviz.tracing import trace
+    from cliviz.tracing.traceset import write_traces
+
+    model, tok = load_model(random_model_dir, device="cpu", dtype="float32")
+    traces = [trace(model, tok, load_image(EXAMPLES / s["image"]), s["question"], qtype=s["qtype"], reference=s["answer"])
+              for s in samples()]
+    return write_traces(tmp_path_factory.mktemp("traces") / "examples.parquet", traces)
+
+
+@pytest.fixture(scope="session")
+def served(random_model_dir, traces_file):
+    """(base URL, app) of the dashboard served from a thread."""
+    from cliviz.app import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in the test log
+    app = create_app(random_model_dir, traces_file, device="cpu", dtype="float32")
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/", app
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str) -> Page:
+    context = browser.new_context(viewport={"width": 1440, "height": 1300})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    expect(page.locator("#upload")).to_be_visible()
+    return page
+
+
+@pytest.fixture
+def page(browser, served):
+    p = open_page(browser, served[0])
+    yield p
+    p.context.close()
+
+
+def shot(page: Page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SHOTS / path.name)
+    return path
+
+
+def expected_trace(app, image_path: Path, question: str):
+    """The answer the server's own model gives (greedy, deterministic)."""
+    from cliviz.inputs import load_image
+
+    return app.cliviz_backend.ask(load_image(image_path), question)
+
+
+def upload(page: Page, path: Path) -> None:
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+
+
+def ask(page: Page, question: str) -> None:
+    page.locator("#question").fill(question)
+    page.locator("#ask").click()
+
+
+def heatmap_title(page: Page) -> str:
+    return page.locator("#heatmap .gtitle").text_content()
+
+
+def heatmap_raster(page: Page) -> str:
+    """The heatmap as plotly rendered it: the data URL of its <image> (one pixel per cell)."""
+    return page.locator("#heatmap .hm image").first.get_attribute("href")
+
+
+def wait_raster(page: Page, href: str, same: bool) -> None:
+    """Wait until the heatmap raster differs from (or equals) `href`: plotly draws asynchronously."""
+    page.wait_for_function(
+        """([href, same]) => { const i = document.querySelector('#heatmap .hm image');
+                               return !!i && (i.getAttribute('href') === href) === same; }""",
+        arg=[href, same])
+
+
+def answer_and_heatmap(page: Page, question: str, answer: str, n_answer: int) -> None:
+    expect(page.locator("#answer-question")).to_have_text(question)
+    expect(page.locator("#answer-text")).to_have_text(answer)
+    expect(page.locator("#heatmap .gtitle")).to_contain_text(f"all {n_answer} answer tokens")
+    expect(page.locator("#heatmap .hm image")).to_have_count(1)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+def test_upload_ask_shows_answer_heatmap_and_attributions(page, served, tmp_path):
+    image, question = EXAMPLES / "color.png", "what color is the triangle ?"
+    upload(page, image)
+    expect(page.locator("#image-name")).to_contain_text("color.png")
+    assert page.locator("#image-preview").get_attribute("src").startswith("data:image/png;base64,")
+    ask(page, question)
+    want = expected_trace(served[1], image, question)
+    answer_and_heatmap(page, question, want.meta.answer or "(empty)", len(want.answer_texts))
+    expect(page.locator("#heatmap-caption")).to_have_attribute("data-selection", "all")
+    # the token strip: one button per answer step plus "all answer tokens"
+    expect(page.locator("#token-strip button")).to_have_count(len(want.answer_texts) + 1)
+    # attributions for the same answer arrive from their own callback
+    expect(page.locator("#attr-caption")).to_contain_text("answer token 0")
+    expect(page.locator("#attr-overlay .main-svg").first).to_be_visible()
+    shot(page, tmp_path, "explore")
+
+
+def test_token_click_redraws_heatmap(page, served, tmp_path):
+    image, question = EXAMPLES / "count.png", "how many objects are there ?"
+    page.locator("button.example").filter(has_text="count").click()
+    expect(page.locator("#question")).to_have_value(question)
+    page.locator("#ask").click()
+    want = expected_trace(served[1], image, question)
+    answer_and_heatmap(page, question, want.meta.answer or "(empty)", len(want.answer_texts))
+    before_title, before_raster = heatmap_title(page), heatmap_raster(page)
+
+    page.locator("#token-strip button").nth(0).click()
+    expect(page.locator("#heatmap .gtitle")).to_contain_text(f"answer token 0: '{want.answer_texts[0]}'")
+    expect(page.locator("#heatmap-caption")).to_have_attribute("data-selection", "step-0")
+    expect(page.locator("#token-strip button").nth(0)).to_have_class("tok tok-answer selected")
+    assert heatmap_title(page) != before_title
+    expect(page.locator("#attr-caption")).to_contain_text("answer token 0")
+    if len(want.answer_texts) > 1:  # another step: other gates, so another picture
+        wait_raster(page, before_raster, same=False)  # one step differs from the mean over steps
+        step0 = heatmap_raster(page)
+        page.locator("#token-strip button").nth(1).click()
+        expect(page.locator("#heatmap-caption")).to_have_attribute("data-selection", "step-1")
+        expect(page.locator("#attr-caption")).to_contain_text("answer token 1")
+        wait_raster(page, step0, same=False)
+    page.locator("#token-strip button", has_text="all answer tokens").click()
+    expect(page.locator("#heatmap-caption")).to_have_attribute("data-selection", "all")
+    wait_raster(page, before_raster, same=True)  # back to the mean: the same picture as first drawn
+    shot(page, tmp_path, "explore-token")
+
+
+def click_cell(page: Page, row: int, col: int, n_rows: int, n_cols: int) -> None:
+    """Click the centre of heatmap cell (row, col) on the plot area."""
+    box = page.locator("#heatmap .nsewdrag").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * (col + 0.5) / n_cols, box["y"] + box["height"] * (row + 0.5) / n_rows)
+
+
+def test_cell_click_ablates_and_reruns(page, served, tmp_path):
+    image, question = EXAMPLES / "shape.png", "what shape is the purple object ?"
+    page.locator("button.example").filter(has_text="shape").click()
+    expect(page.locator("#question")).to_have_value(question)
+    page.locator("#ask").click()
+    want = expected_trace(served[1], image, question)
+    answer_and_heatmap(page, question, want.meta.answer or "(empty)", len(want.answer_texts))
+    llm, vision = want.meta.injection_layers, want.meta.vision_layers
+    click_cell(page, 0, len(vision) - 1, len(llm), len(vision))  # first LLM layer, last vision layer
+    expect(page.locator("#ablation-result .ablation")).to_have_attribute("data-cell", f"L{llm[0]}-V{vision[-1]}")
+    expect(page.locator("#ablation-result thead")).to_contain_text(f"L{llm[0]} × V{vision[-1]} knocked out")
+    # the original column is the stored answer's first token and its probability, re-measured
+    expect(page.locator("#ablation-base-answer")).to_have_text(want.answer_texts[0])
+    expect(page.locator("#ablation-base-prob")).to_have_text(f"{math.exp(want.answer_logprobs[0]):.3f}")
+    for cell in ("#ablation-answer", "#ablation-prob", "#ablation-delta"):
+        expect(page.locator(cell)).not_to_be_empty()
+    assert 0.0 <= float(page.locator("#ablation-prob").inner_text()) <= 1.0
+    expect(page.locator("#heatmap .shapelayer path")).to_have_count(1)  # the ablated cell is outlined
+    shot(page, tmp_path, "explore-ablation")
+
+    page.get_by_text("no injection in this LLM layer").click()  # another intervention, another cell
+    click_cell(page, len(llm) - 1, 0, len(llm), len(vision))
+    expect(page.locator("#ablation-result .ablation")).to_have_attribute("data-cell", f"L{llm[-1]}-V{vision[0]}")
+    expect(page.locator("#ablation-result thead")).to_contain_text(f"L{llm[-1]} injection off")
+
+
+def test_dataset_tab_renders_from_trace_set(page, served, tmp_path):
+    page.locator("button.example").filter(has_text="glyph").click()
+    page.locator("#ask").click()
+    expect(page.locator("#answer-question")).to_have_text("what digit is in the corner ?")
+    answer = page.locator("#answer-text").inner_text()
+    page.get_by_text("Dataset", exact=True).click()
+    for s in samples():
+        expect(page.locator("#dataset-heatmaps")).to_contain_text(f"{s['qtype']} (n=1)")
+    expect(page.locator("#dataset-entropy")).to_contain_text("all traces (n=7)")
+    expect(page.locator("#dataset-table tbody tr")).to_have_count(len(samples()))
+    expect(page.locator("#dataset-heatmaps .gtitle")).to_contain_text("answer positions")
+    page.get_by_text("image tokens", exact=True).click()
+    expect(page.locator("#dataset-heatmaps .gtitle")).to_contain_text("image positions")
+    shot(page, tmp_path, "dataset")
+    page.get_by_text("Explore", exact=True).click()  # the answer is still there after a tab switch
+    expect(page.locator("#answer-text")).to_have_text(answer)
+    expect(page.locator("#heatmap .hm image")).to_have_count(1)
+
+
+def test_bad_inputs_show_friendly_messages(page, tmp_path):
+    page.locator("#ask").click()  # nothing chosen yet
+    expect(page.locator("#ask-message")).to_contain_text("Choose an image first")
+    fake = tmp_path / "notes.png"
+    fake.write_text("these are my notes, not a picture\n")
+    upload(page, fake)
+    expect(page.locator("#upload-message")).to_contain_text("not a readable image")
+    expect(page.locator("#upload-message")).to_contain_text("notes.png")
+    shot(page, tmp_path, "bad-upload")
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (6 * 1024 * 1024))
+    upload(page, big)
+    expect(page.locator("#upload-message")).to_contain_text("too large")
+    upload(page, EXAMPLES / "glyph.png")  # a good file clears the message
+    expect(page.locator("#upload-message")).to_be_empty()
+    ask(page, "what color is the zebra ?")
+    expect(page.locator("#ask-message")).to_contain_text("not in the model's vocabulary")
+
+
+def test_two_users_see_only_their_own_state(browser, served, tmp_path):
+    url, app = served
+    a, b = open_page(browser, url), open_page(browser, url)
+    try:
+        a.locator("button.example").filter(has_text="color").click()
+        b.locator("button.example").filter(has_text="relation").click()
+        qa, qb = "what color is the triangle ?", "is the red object above or below the yellow object ?"
+        expect(a.locator("#question")).to_have_value(qa)
+        expect(b.locator("#question")).to_have_value(qb)
+        a.locator("#ask").click()
+        b.locator("#ask").click()  # both in flight at once
+        want_a = expected_trace(app, EXAMPLES / "color.png", qa)
+        want_b = expected_trace(app, EXAMPLES / "relation.png", qb)
+        answer_and_heatmap(a, qa, want_a.meta.answer or "(empty)", len(want_a.answer_texts))
+        answer_and_heatmap(b, qb, want_b.meta.answer or "(empty)", len(want_b.answer_texts))
+        b.locator("#token-strip button").nth(0).click()  # B's selection must not move A's heatmap
+        expect(b.locator("#heatmap-caption")).to_have_attribute("data-selection", "step-0")
+        a.wait_for_timeout(300)
+        expect(a.locator("#heatmap-caption")).to_have_attribute("data-selection", "all")
+        expect(a.locator("#image-name")).to_contain_text("color.png")
+        expect(b.locator("#image-name")).to_contain_text("relation.png")
+        shot(a, tmp_path, "user-a")
+        shot(b, tmp_path, "user-b")
+    finally:
+        a.context.close()
+        b.context.close()

@@ -1,0 +1,295 @@
+"""Attributions: zero gates get zero credit, IG completeness, gxi by hand, trace-file round trip,
+the command line, and (bundled model) glyph questions look at the glyph corner."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cliviz.analyses.attributions import ARRAY_NAMES, AttributionResult, attribute, write_attribution_html
+from cliviz.data import iter_samples, scene_with_questions
+from cliviz.errors import CLIVizError
+from cliviz.inference import prepare_inputs
+from cliviz.tracing.traceset import TraceSet
+
+from conftest import BUNDLED, EXAMPLES, assert_clean_error, build_tiny, run_cli
+
+torch.set_num_threads(1)  # training jobs share this machine
+
+
+def _sample(i: int = 0):
+    scene, qas = scene_with_questions(99, i)
+    return scene.image, qas[0].question
+
+
+@pytest.fixture(scope="module")
+def cli_ig(tiny_cli):
+    model, tok = tiny_cli
+    image, question = _sample()
+    return attribute(model, tok, image, question, method="ig", steps=64, baseline="injection_off")
+
+
+# ------------------------------------------------------------------------ zero gate -> zero credit
+
+def test_shallow_static_gates_credit_only_their_vision_layer():
+    model, tok = build_tiny("shallow")
+    image, question = _sample(1)
+    wired = model.config.shallow_map()  # vision index read by each injection layer
+    for method in ("gxi", "ig"):
+        r = attribute(model, tok, image, question, method=method, steps=16, baseline="injection_off")
+        L, K = r.gate_cells.shape[1:]
+        off = np.ones((L, K), dtype=bool)
+        off[np.arange(L), wired] = False
+        assert np.all(r.gate_cells[:, off] == 0.0), method
+        assert np.abs(r.gate_cells[:, ~off]).sum() > 0
+        unread = [k for k in range(K) if k not in wired]
+        assert np.all(r.patches[:, unread] == 0.0) and np.abs(r.patches[:, wired]).sum() > 0
+
+
+def test_cli_gate_pushed_to_zero_gets_zero_credit():
+    model, tok = build_tiny("cli", seed=1)
+    k = 2
+    with torch.no_grad():
+        for layer in model.agf:
+            layer.gate.to_logits.bias[k] = -1e4  # softmax weight exactly 0 for vision index k
+    image, question = _sample(2)
+    gxi = attribute(model, tok, image, question, method="gxi")
+    ig = attribute(model, tok, image, question, method="ig", steps=16, baseline="injection_off")
+    assert np.all(gxi.trace.gates[:, :, k] == 0.0)
+    for r in (gxi, ig):
+        assert np.all(r.gate_cells[:, :, k] == 0.0) and np.all(r.patches[:, k] == 0.0)
+        assert np.abs(r.gate_cells).sum() > 0
+    # from the uniform baseline a closed gate still gets credit: moving it from 1/K to 0 mattered
+    uni = attribute(model, tok, image, question, method="ig", steps=16, baseline="uniform")
+    assert np.abs(uni.gate_cells[:, :, k]).sum() > 0
+
+
+# ------------------------------------------------------------------------ completeness
+
+def test_ig_completeness_and_shapes(tiny_cli, cli_ig):
+    model, _ = tiny_cli
+    r = cli_ig
+    n, L, K = r.n_answer, len(model.config.injection_layers), len(model.config.vision_layers)
+    assert r.gate_cells.shape == (n, L, K) and r.patches.shape == (n, K, 64) and r.patch_grid == (8, 8)
+    assert r.prompt_scores.shape == (n, len(r.prompt_tokens)) and r.prompt_tokens[0] == "<bos>"
+    assert r.gate_token_scores.shape == (n, r.trace.n_tokens) and r.image_token_scores.shape == (n, 64)
+    np.testing.assert_allclose(r.target_logprob, r.trace.answer_logprobs, atol=1e-4)  # real gates = real model
+    delta = r.target_logprob - r.baseline_logprob
+    assert np.abs(delta).max() > 1e-3  # the injection matters, so the check is not vacuous
+    np.testing.assert_allclose(r.gate_cells.sum(axis=(1, 2)), delta, rtol=0.05, atol=1e-5)
+    assert np.all(r.completeness_error < 0.05), r.completeness_error
+    # a position after the target cannot matter
+    for s, pos in enumerate(r.trace.answer_positions):
+        assert np.all(r.gate_token_scores[s, pos + 1:] == 0.0)
+
+
+def test_ig_completeness_uniform_baseline(tiny_cli):
+    model, tok = tiny_cli
+    image, question = _sample(3)
+    r = attribute(model, tok, image, question, method="ig", steps=64, baseline="uniform", internal_batch_size=64)
+    assert np.all(r.completeness_error < 0.05), r.completeness_error
+    assert np.isnan(attribute(model, tok, image, question, method="gxi").completeness_error).all()
+
+
+# ------------------------------------------------------------------------ gxi by hand
+
+def test_gxi_matches_autograd_by_hand(tiny_cli):
+    model, tok = tiny_cli
+    image, question = _sample(4)
+    r = attribute(model, tok, image, question, method="gxi")
+    ids = torch.tensor([r.trace.token_ids.tolist()])
+    pix = prepare_inputs(model, tok, [image], [question])["pixel_values"]
+    pos, tgt = r.trace.answer_positions, r.trace.answer_ids
+
+    def logprob(out, s):
+        return torch.log_softmax(out.logits[0, pos[s]].float(), -1)[tgt[s]]
+
+    # gates: every gate output replaced by a leaf holding the real values
+    leaves = [torch.tensor(r.trace.gates[j], requires_grad=True) for j in range(len(model.agf))]
+    hooks = [layer.gate.register_forward_hook(lambda m, a, o, j=j: leaves[j][None].to(o.dtype))
+             for j, layer in enumerate(model.agf)]
+    try:
+        for s in range(r.n_answer):
+            out = model(input_ids=ids, pixel_values=pix, use_cache=False)
+            grads = torch.autograd.grad(logprob(out, s), leaves)
+            by_hand = torch.stack([(g * x).sum(0) for g, x in zip(grads, leaves)]).detach().numpy()  # [L, K]
+            np.testing.assert_allclose(r.gate_cells[s], by_hand, atol=2e-6, rtol=1e-3)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    # patches and prompt tokens: the live model, gradients w.r.t. the AMP memory and the embeddings
+    seen = {}
+    h1 = model.amp.register_forward_hook(lambda m, a, o: seen.__setitem__("memory", o))
+    h2 = model.base.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        for s in range(r.n_answer):
+            out = model(input_ids=ids, pixel_values=pix, use_cache=False)
+            g_mem, g_emb = torch.autograd.grad(logprob(out, s), [seen["memory"], seen["embeds"]])
+            patches = (g_mem * seen["memory"]).sum(-1)[0].detach().numpy()  # [K, N]
+            tokens = (g_emb * seen["embeds"]).sum(-1)[0].detach().numpy()  # [T]
+            np.testing.assert_allclose(r.patches[s], patches, atol=2e-6, rtol=1e-3)
+            np.testing.assert_allclose(r.prompt_scores[s], tokens[r.prompt_positions], atol=2e-6, rtol=1e-3)
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+# ------------------------------------------------------------------------ storage, views, options
+
+def test_round_trip_through_trace_file(cli_ig, tmp_path):
+    path = tmp_path / "attr.parquet"
+    TraceSet.append(path, [cli_ig.to_trace()])
+    back = TraceSet.read(path)[0]
+    assert set(ARRAY_NAMES) <= set(back.attributions)
+    for name in ("gate_cells", "patches", "prompt_scores", "completeness_error"):
+        np.testing.assert_array_equal(back.attributions[name], getattr(cli_ig, name).astype(np.float32))
+    again = AttributionResult.from_trace(back)
+    assert (again.method, again.baseline, again.steps, again.patch_grid) == ("ig", "injection_off", 64, (8, 8))
+    assert again.prompt_tokens == cli_ig.prompt_tokens
+    raw = pd.read_parquet(path)  # plain pandas sees the named arrays
+    assert [a["name"] for a in raw.loc[0, "attributions"]][:4] == ["gate_cells", "patches", "prompt_scores",
+                                                                  "completeness_error"]
+    with pytest.raises(CLIVizError, match="no attributions"):
+        AttributionResult.from_trace(cli_ig.trace)
+
+
+def test_frame_figures_and_page(cli_ig, tmp_path):
+    r = cli_ig
+    df = r.to_frame()
+    cells = df[df.kind == "gate_cell"]
+    assert len(cells) == r.gate_cells.size
+    np.testing.assert_allclose(cells.groupby("step")["value"].sum().to_numpy(), r.totals(), rtol=1e-4, atol=1e-6)
+    combined = df[(df.kind == "patch") & df.vision_layer.isna()]
+    assert len(combined) == r.n_answer * 64 and combined.patch_row.max() == 7
+    assert set(df.kind.unique()) == {"gate_cell", "patch", "prompt_token", "image_token"}
+    image, _ = _sample()
+    assert r.cell_heatmap_figure(0).data[0].zmid == 0
+    assert len(r.patch_overlay_figure(image, 0).data) == 2 and len(r.token_strip_figure().data) == 2
+    r.patch_overlay_figure(image, 0, layer=r.vision_layers[-1])
+    page = write_attribution_html(r, image, tmp_path / "a.html").read_text()
+    assert page.count("Plotly.newPlot") == 1 + 2 * r.n_answer and '<script src="http' not in page
+    payload = json.loads(json.dumps(r.to_dict()))
+    assert payload["patch_grid"] == [8, 8] and len(payload["gate_cells"]) == r.n_answer
+
+
+def test_forced_answer_and_refusals(tiny_cli):
+    model, tok = tiny_cli
+    image, question = _sample(5)
+    r = attribute(model, tok, image, question, method="gxi", answer="red")
+    assert r.trace.answer_texts == ["red", "<eos>"] and r.trace.meta.answer == "red"
+    np.testing.assert_allclose(r.target_logprob, r.trace.answer_logprobs, atol=1e-4)
+    assert r.trace.gates.shape[1] == r.trace.n_tokens
+    with pytest.raises(CLIVizError, match="vocabulary"):
+        attribute(model, tok, image, question, answer="zebra")
+    with pytest.raises(CLIVizError, match="method"):
+        attribute(model, tok, image, question, method="saliency")
+    with pytest.raises(CLIVizError, match="steps"):
+        attribute(model, tok, image, question, steps=0)
+    proj, ptok = build_tiny("projector")
+    with pytest.raises(CLIVizError, match="no gates"):
+        attribute(proj, ptok, image, question)
+
+
+def test_deepstack_has_gates_but_no_patch_memory():
+    model, tok = build_tiny("deepstack")
+    image, question = _sample()
+    r = attribute(model, tok, image, question, method="ig", steps=16, baseline="injection_off")
+    assert r.gate_cells.shape[2] == 1 and np.isnan(r.patches).all()
+    assert np.all(r.completeness_error < 0.05)
+
+
+# ------------------------------------------------------------------------ command line
+
+def test_cli_json_out_html(random_model_dir, tmp_path):
+    parquet, page = tmp_path / "a.parquet", tmp_path / "a.html"
+    args = ("attribute", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir))
+    proc = run_cli(*args, "--steps", "8", "--json", "--out", str(parquet), "--html", str(page))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "ig" and len(out["gate_cells"]) == len(out["answer_tokens"]) == len(out["completeness_error"])
+    assert np.array(out["patches"]).shape[1:] == (6, 64)
+    ts = TraceSet.read(parquet)
+    assert len(ts) == 1 and set(ARRAY_NAMES) <= set(ts[0].attributions)
+    text = page.read_text()
+    assert "Plotly.newPlot" in text and '<script src="http' not in text and len(text) > 1_000_000
+    proc = run_cli(*args, "--method", "gxi", "--out", str(parquet))  # rich view, appends
+    assert proc.returncode == 0, proc.stderr
+    assert "answer:" in proc.stdout and "gate cells" in proc.stdout and "completeness" in proc.stdout
+    assert len(pd.read_parquet(parquet)) == 2
+
+
+def test_cli_missing_image_end_to_end(random_model_dir):
+    proc = run_cli("attribute", "nope.png", "what color is the triangle ?", "--model", str(random_model_dir))
+    assert_clean_error(proc, "not found")
+
+
+@pytest.fixture(scope="module")
+def projector_dir(tmp_path_factory):
+    model, tok = build_tiny("projector")
+    out = tmp_path_factory.mktemp("projector")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--method", "saliency"), "unknown attribution method"),
+    (("--baseline", "black"), "unknown baseline"),
+    (("--steps", "0"), "--steps"),
+    (("--out", "{tmp}/missing/a.parquet"), "does not exist"),
+    (("--out", "{corrupt}"), "parquet"),
+    (("--model", "{projector}"), "no gates"),
+    (("--answer", "zebra"), "vocabulary"),
+])
+def test_cli_bad_inputs_one_line_exit_2(extra, needle, random_model_dir, projector_dir, tmp_path, monkeypatch, capsys):
+    """Run in-process through `cliviz.cli.main.main` (the same error path as the console script)."""
+    from cliviz.cli.main import main
+
+    corrupt = tmp_path / "bad.parquet"
+    corrupt.write_bytes(b"not parquet")
+    fill = {"tmp": str(tmp_path), "corrupt": str(corrupt), "projector": str(projector_dir)}
+    extra = tuple(e.format(**fill) for e in extra)
+    argv = ["cliviz", "attribute", str(EXAMPLES / "color.png"), "what color is the triangle ?"]
+    if "--model" not in extra:
+        argv += ["--model", str(random_model_dir)]
+    monkeypatch.setattr(sys, "argv", argv + list(extra))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert corrupt.read_bytes() == b"not parquet"
+
+
+# ------------------------------------------------------------------------ the bundled model
+
+def test_bundled_glyph_questions_attribute_to_the_glyph_corner():
+    """Patch attributions of the trained model: glyph questions put more of their (absolute,
+    combined) mass on the glyph box (patches rows 0-1, cols 0-1 cover GLYPH_BOX) than colour
+    questions do. Needs the trained assets/models/cli-tiny."""
+    from cliviz.data.scenes import GLYPH_BOX
+    from cliviz.model.loading import load_model
+
+    model, tok = load_model(BUNDLED, device="cpu", dtype="float32")
+    patch = model.config.base_config.vision_config.patch_size
+    rows = slice(GLYPH_BOX[1] // patch, GLYPH_BOX[3] // patch + 1)
+    cols = slice(GLYPH_BOX[0] // patch, GLYPH_BOX[2] // patch + 1)
+    assert (rows, cols) == (slice(0, 2), slice(0, 2))
+    fractions: dict[str, list[float]] = {"glyph": [], "color": []}
+    for sample in iter_samples(7 * 30, seed=777):
+        if sample.qtype not in fractions:
+            continue
+        r = attribute(model, tok, sample.image, sample.question, method="gxi")
+        mass = np.abs(r.combined_grid(0))  # the answer word (step 0)
+        fractions[sample.qtype].append(float(mass[rows, cols].sum() / max(mass.sum(), 1e-12)))
+    assert sum(len(v) for v in fractions.values()) >= 50 and min(len(v) for v in fractions.values()) >= 25
+    glyph, color = np.mean(fractions["glyph"]), np.mean(fractions["color"])
+    assert glyph > color + 0.05 and glyph > 1.5 * color, (glyph, color)
