@@ -337,9 +337,10 @@ def _pad_id(tokenizer) -> int:
 
 
 def _suppressed(tokenizer) -> list[int]:
-    """Tokens generation never emits (see `cliviz.inference.generation_kwargs`): not answers."""
-    ids = [tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<image>"), tokenizer.bos_token_id]
-    return sorted({int(t) for t in ids if t is not None and t >= 0})
+    """Tokens generation never emits: not answers."""
+    from cliviz.inference import suppressed_tokens
+
+    return suppressed_tokens(tokenizer)
 
 
 @dataclass

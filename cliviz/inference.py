@@ -18,14 +18,20 @@ class Answer:
     logprobs: list[float]  # log-prob of each generated token (eos included when produced)
 
 
+def suppressed_tokens(tokenizer) -> list[int]:
+    """Tokens that are never an answer: padding, unknown, `<bos>`, image placeholders."""
+    ids = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<image>")]
+    return sorted({int(t) for t in ids if t is not None and t >= 0})
+
+
 def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
-    """Greedy decoding that never emits padding or image placeholders."""
+    """Greedy decoding that never emits the `suppressed_tokens`."""
     return {
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "suppress_tokens": [tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<image>"), tokenizer.bos_token_id],
+        "suppress_tokens": suppressed_tokens(tokenizer),
     }
 
 
