@@ -31,31 +31,9 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from common import bundled_model  # noqa: E402  (same folder)
+
 TARGET = 10.0
-
-
-def bundled_model(device: str = "cpu"):
-    """The bundled cli-tiny, or (when it is not in this checkout) the same architecture with random
-    weights and opened injections, built as tests/conftest.py's `build_tiny` does."""
-    from cliviz.model.loading import resolve_model_dir
-
-    if (resolve_model_dir(None) / "model.safetensors").is_file():
-        from cliviz.model.loading import load_model
-
-        model, tok = load_model(device=device, dtype="float32")
-        return model, tok, "bundled cli-tiny"
-    from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.model import CLIForConditionalGeneration
-    from cliviz.training import tiny_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    cfg = tiny_config("cli", len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    model = CLIForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(0.7)
-    return model.to(device), tok, "cli-tiny arch, random (no bundled weights)"
 
 
 def max_abs_diff(a, b) -> float:

@@ -39,24 +39,11 @@ QUESTION_EXAMPLE = "color"
 
 
 def load(model_dir: str | None):
-    """(model, tokenizer, label): `--model`, the bundled cli-tiny, or its architecture at random."""
-    from cliviz.model.loading import load_model, resolve_model_dir
+    """(model, tokenizer, label): `--model`, or the bundled cli-tiny."""
+    from cliviz.model.loading import load_model
 
-    if model_dir is not None or (resolve_model_dir(None) / "model.safetensors").is_file():
-        model, tok = load_model(model_dir, device="cpu", dtype="float32")
-        return model, tok, str(model.name_or_path)
-    from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.model import CLIForConditionalGeneration
-    from cliviz.training import tiny_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    cfg = tiny_config("cli", len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    model = CLIForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(0.7)
-    return model, tok, "cli-tiny architecture, random weights (no bundled model in this checkout)"
+    model, tok = load_model(model_dir, device="cpu", dtype="float32")
+    return model, tok, str(model.name_or_path)
 
 
 def timed(fn) -> float:

@@ -30,28 +30,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-def bundled_model():
-    """(model, tokenizer, label): the bundled cli-tiny, else the same architecture with random weights."""
-    from cliviz.model.loading import resolve_model_dir
-
-    if (resolve_model_dir(None) / "model.safetensors").is_file():
-        from cliviz.model.loading import load_model
-
-        model, tok = load_model(device="cpu", dtype="float32")
-        return model, tok, "bundled cli-tiny"
-    from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.model import CLIForConditionalGeneration
-    from cliviz.training import tiny_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    cfg = tiny_config("cli", len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    model = CLIForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(0.7)  # open the injection so that it does real work
-    return model, tok, "cli-tiny arch, random (no bundled weights)"
+from common import bundled_model  # noqa: E402  (same folder)
 
 
 def main() -> None:

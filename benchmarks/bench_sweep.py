@@ -27,7 +27,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench_trace_overhead import bundled_model  # noqa: E402  (same folder)
+from common import bundled_model  # noqa: E402  (same folder)
 
 TARGET = 5.0
 

@@ -29,6 +29,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from common import bundled_model  # noqa: E402  (same folder)
+
 TARGETS = {"bundled": 1.10, "medium": 1.05}
 
 
@@ -38,26 +40,6 @@ def open_alpha(model, value: float = 0.7):
         for layer in model.agf:
             layer.injection.alpha.fill_(value)
     return model
-
-
-def bundled_model():
-    """The bundled cli-tiny, or (when it is not in this checkout) the same architecture with random
-    weights, built as tests/conftest.py does. Returns (model, tokenizer, label)."""
-    from cliviz.model.loading import resolve_model_dir
-
-    if (resolve_model_dir(None) / "model.safetensors").is_file():
-        from cliviz.model.loading import load_model
-
-        model, tok = load_model(device="cpu", dtype="float32")
-        return model, tok, "bundled cli-tiny"
-    from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.model import CLIForConditionalGeneration
-    from cliviz.training import tiny_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    cfg = tiny_config("cli", len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    return open_alpha(CLIForConditionalGeneration(cfg).eval()), tok, "cli-tiny arch, random (no bundled weights)"
 
 
 def medium_model():
