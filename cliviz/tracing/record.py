@@ -97,6 +97,8 @@ def trace_batch(
     later_norms = [torch.stack(n, 0)[:, :, -1].cpu() for n in norms[1:]] if n_layers else []  # each [L, B]
     mask = inputs["attention_mask"].cpu()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    chash = config_hash(model)  # once per batch: serialising the config is not free
+    device, dtype = str(model.device), str(model.dtype).replace("torch.", "")
     traces = []
     for b in range(batch):
         row = generated[b, :n_steps].tolist()
@@ -120,15 +122,15 @@ def trace_batch(
             question=questions[b],
             answer=" ".join(answer_words),
             model=str(getattr(model, "name_or_path", "") or ""),
-            config_hash=config_hash(model),
+            config_hash=chash,
             fusion=model.config.fusion,
             vision_layers=list(model.config.vision_layers),
             injection_layers=list(model.config.injection_layers),
             image_sha256=image_sha256(images[b]),
             image_width=images[b].width,
             image_height=images[b].height,
-            device=str(model.device),
-            dtype=str(model.dtype).replace("torch.", ""),
+            device=device,
+            dtype=dtype,
             created_at=created,
             cliviz_version=cliviz.__version__,
             qtype=qtypes[b] if qtypes else None,
