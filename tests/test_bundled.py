@@ -1,10 +1,15 @@
-"""The bundled models load offline and meet their accuracy bar on a fresh held-out set."""
+"""The bundled models load offline, hold their measured accuracy, and their gates matter.
+
+`cli-tiny` (trained from scratch as a CLI model) does NOT reach the project's bar of 0.95 overall /
+0.90 per question type (see its model card); these tests pin the level it does reach. They also
+check what makes it a useful default for a gate tool: switching its injection off changes answers.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from cliviz.data import write_dataset
+from cliviz.data import iter_samples, write_dataset
 from cliviz.evaluation import evaluate, read_jsonl
 from cliviz.model.loading import load_model
 
@@ -19,20 +24,30 @@ def held_out(tmp_path_factory):
 
 
 def test_cli_tiny_holds_its_measured_accuracy(held_out):
-    """Guards the shipped model at what it measured (0.946 overall, position 0.80 the weakest).
-
-    The project's bar is 0.95 overall and 0.90 per type; this model does not reach it yet (see the
-    model card), so the test pins the level it does reach rather than pretending.
-    """
     model, tok = load_model(device="cpu")
     assert model.config.fusion == "cli" and model.num_parameters() < 5_000_000
     result = evaluate(model, tok, held_out)
-    assert result["overall"] >= 0.94, result
-    assert min(result["per_type"].values()) >= 0.78, result
-    assert all(result["per_type"][t] >= 0.99 for t in ("color", "count", "glyph")), result
+    assert result["overall"] >= 0.87, result  # measured 0.886
+    assert min(result["per_type"].values()) >= 0.66, result  # colour is the weakest at 0.68
+    assert all(result["per_type"][t] >= 0.99 for t in ("count", "glyph", "size")), result
 
 
-def test_projector_baseline_is_a_working_model(held_out):
-    model, tok = load_model("projector-tiny", device="cpu")
-    assert model.config.fusion == "projector" and len(model.agf) == 0
-    assert evaluate(model, tok, held_out)["overall"] >= 0.80
+def test_cli_tiny_injection_is_used():
+    """Injection off at every layer must cost accuracy or flip answers (the gates are causal)."""
+    from cliviz.analyses.ablations import Ablation, score_conditions
+
+    model, tok = load_model(device="cpu")
+    samples = list(iter_samples(70, seed=HELD_OUT_SEED + 1))
+    frame = score_conditions(model, tok, [s.image for s in samples], [s.question for s in samples],
+                             [s.answer for s in samples], [None, Ablation("injection_off")])
+    by = frame.groupby(frame["condition"].astype(str))
+    flips = by["flipped"].mean().max()
+    assert flips >= 0.05, frame.groupby("condition").mean(numeric_only=True)
+
+
+def test_attached_cli_and_projector_baselines(held_out):
+    attached, tok = load_model("cli-attached-tiny", device="cpu")
+    assert attached.config.fusion == "cli" and evaluate(attached, tok, held_out)["overall"] >= 0.94  # measured 0.946
+    projector, tok = load_model("projector-tiny", device="cpu")
+    assert projector.config.fusion == "projector" and len(projector.agf) == 0
+    assert evaluate(projector, tok, held_out)["overall"] >= 0.92  # measured 0.929
