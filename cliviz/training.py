@@ -66,13 +66,15 @@ class TrainSettings:
     weight_decay: float = 0.01
     init_from: str | None = None  # continue from a saved model (fresh optimiser and schedule)
     data_offset: int = 0  # first scene index, so that a continuation sees new scenes
+    position_aux: bool = True  # row/column targets in the auxiliary loss (the bundled cli-tiny had none)
 
 
 class AuxHeads(nn.Module):
     """Per-patch classifiers on the final vision layer; training-only, never saved with the model."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, position: bool = True) -> None:
         super().__init__()
+        self.position = position
         self.color = nn.Linear(hidden, len(COLORS) + 1)
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
         self.digit = nn.Linear(hidden, 11)
@@ -148,7 +150,7 @@ def train(
     else:
         model = CLIForConditionalGeneration(config)
     model = model.to(device).train()
-    heads = AuxHeads(config.base_config.vision_config.hidden_size).to(device)
+    heads = AuxHeads(config.base_config.vision_config.hidden_size, settings.position_aux).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +212,8 @@ def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tenso
     for name in ("color", "shape", "digit"):
         logits = getattr(heads, name)(hidden)  # [B, N, C]
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+    if not heads.position:
+        return loss
     grid = IMAGE_SIZE // PATCH
     index = torch.arange(grid * grid, device=hidden.device)  # raster order of the patches
     for name, target in (("row", index // grid), ("col", index % grid)):
