@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cliviz.data import write_dataset
 
 from conftest import EXAMPLES, assert_clean_error, run_cli
 

@@ -22,7 +22,7 @@ from cliviz.model.agf import AGFLayer, Gate
 from cliviz.model.amp import AMP
 from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
-from cliviz.training import TrainSettings, make_batch, tiny_config
+from cliviz.training import make_batch, tiny_config
 
 from conftest import build_tiny
 

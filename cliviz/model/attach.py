@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration, PreTrainedModel
 
 from cliviz.errors import CLIVizError
@@ -76,8 +75,3 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
             shutil.copy2(base_dir / name, out / name)
     return model
 
-
-@torch.no_grad()
-def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, inputs: dict) -> float:
-    """Largest absolute logit difference between two models on the same inputs (identity checks)."""
-    return (a(**inputs).logits.float() - b(**inputs).logits.float()).abs().max().item()
