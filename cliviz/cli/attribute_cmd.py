@@ -39,7 +39,7 @@ def print_attribution(result, console: Console) -> None:
     line = Text("answer: ", style="bold")
     for word, total, lp in zip(result.answer_tokens, totals, result.trace.answer_logprobs):
         line.append(f" {word} ", style=_signed_style(float(total), scale))
-        line.append(f" p={math.exp(lp):.2f} sum={total:+.3f}  ", style="dim")
+        line.append(f" p={math.exp(lp):.2f} sum={total:+.3g}  ", style="dim")
     console.print(line)
     label = f"integrated gradients ({result.baseline} baseline, {result.steps} steps)" if result.method == "ig" \
         else "gradient x input"
@@ -55,24 +55,24 @@ def print_attribution(result, console: Console) -> None:
         cells = Text()
         cell_scale = float(np.abs(result.gate_cells[s]).max()) if result.gate_cells[s].size else 0.0
         for i, k, v in result.top_cells(s, 3):
-            cells.append(f"L{i}xV{k} {v:+.3f}", style=_signed_style(v, cell_scale))
+            cells.append(f"L{i}xV{k} {v:+.2g}", style=_signed_style(v, cell_scale))
             cells.append("  ")
         comb = result.combined[s]
         if np.isfinite(comb).any():
             p = int(np.nanargmax(np.abs(comb)))
-            patch = f"({p // cols}, {p % cols}) {comb[p]:+.3f}"
+            patch = f"({p // cols}, {p % cols}) {comb[p]:+.2g}"
         else:
             patch = "n/a (no AMP memory)"
         prompt = result.prompt_scores[s]
         if prompt.size:
             q = int(np.argmax(np.abs(prompt)))
-            top_prompt = f"{result.prompt_tokens[q]!r} {prompt[q]:+.3f}"
+            top_prompt = f"{result.prompt_tokens[q]!r} {prompt[q]:+.2g}"
         else:
             top_prompt = "-"
         table.add_row(str(s), word, cells, patch, top_prompt)
     console.print(table)
     if result.method == "ig":
-        parts = [f"{w!r} {t:+.4f} vs {fx - fb:+.4f} ({e:.2%})" for w, t, fx, fb, e in zip(
+        parts = [f"{w!r} {t:+.3g} vs {fx - fb:+.3g} ({e:.2%})" for w, t, fx, fb, e in zip(
             result.answer_tokens, totals, result.target_logprob, result.baseline_logprob, result.completeness_error)]
         worst = float(np.nanmax(result.completeness_error)) if result.n_answer else 0.0
         console.print(f"IG completeness (sum of attributions vs f(x) - f(baseline), relative error): "
