@@ -9,8 +9,9 @@ Screenshots go to the pytest tmp folder and a copy of each to /tmp/cliviz-app-sh
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -218,6 +219,7 @@ def test_dataset_tab_renders_from_trace_set(page, served, tmp_path):
     page.locator("button.example").filter(has_text="glyph").click()
     page.locator("#ask").click()
     expect(page.locator("#answer-question")).to_have_text("what digit is in the corner ?")
+    expect(page.locator("#answer-text")).to_have_text(re.compile(r"\S"))  # rendered, not just the question
     answer = page.locator("#answer-text").inner_text()
     page.get_by_text("Dataset", exact=True).click()
     for s in samples():
