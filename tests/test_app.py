@@ -220,7 +220,7 @@ def test_dataset_tab_renders_from_trace_set(page, served, tmp_path):
     page.locator("#ask").click()
     expect(page.locator("#answer-question")).to_have_text("what digit is in the corner ?")
     expect(page.locator("#answer-text")).to_have_text(re.compile(r"\S"))  # rendered, not just the question
-    answer = page.locator("#answer-text").inner_text()
+    answer = page.locator("#answer-text").text_content().strip()  # inner_text is "" while a loading overlay hides it
     page.get_by_text("Dataset", exact=True).click()
     for s in samples():
         expect(page.locator("#dataset-heatmaps")).to_contain_text(f"{s['qtype']} (n=1)")
