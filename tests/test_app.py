@@ -205,7 +205,7 @@ def test_cell_click_ablates_and_reruns(page, served, tmp_path):
     expect(page.locator("#ablation-base-prob")).to_have_text(f"{math.exp(want.answer_logprobs[0]):.3f}")
     for cell in ("#ablation-answer", "#ablation-prob", "#ablation-delta"):
         expect(page.locator(cell)).not_to_be_empty()
-    assert 0.0 <= float(page.locator("#ablation-prob").inner_text()) <= 1.0
+    assert 0.0 <= float(page.locator("#ablation-prob").text_content().strip()) <= 1.0
     expect(page.locator("#heatmap .shapelayer path")).to_have_count(1)  # the ablated cell is outlined
     shot(page, tmp_path, "explore-ablation")
 
