@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
-from cliviz.model.processing import batch_prompts, pixel_values
+from cliviz.model.processing import batch_prompts, pad_id, pixel_values
 
 
 @dataclass
@@ -25,12 +26,12 @@ def suppressed_tokens(tokenizer) -> list[int]:
 
 
 def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
-    """Greedy decoding that never emits the `suppressed_tokens`."""
+    """Greedy decoding that never emits the `suppressed_tokens` (pad falls back to eos when unset)."""
     return {
         "max_new_tokens": max_new_tokens,
         "do_sample": False,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_id": pad_id(tokenizer),
         "suppress_tokens": suppressed_tokens(tokenizer),
     }
 
@@ -45,7 +46,12 @@ def prepare_inputs(model: CLIForConditionalGeneration, tokenizer, images: list[I
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:
-    """Tokens up to (not including) the first eos, joined as words."""
+    """Tokens up to (not including) the first eos: joined as words for the bundled word-level
+    tokenizer, `tokenizer.decode(..., skip_special_tokens=True)` for subword ones."""
+    if not is_word_level(tokenizer):
+        eos = tokenizer.eos_token_id
+        upto = ids.index(eos) if eos is not None and eos in ids else len(ids)
+        return tokenizer.decode(ids[:upto], skip_special_tokens=True).strip()
     words = []
     for t in ids:
         if t == tokenizer.eos_token_id:

@@ -95,8 +95,38 @@ def question_words(tokenizer, text: str) -> list[str]:
     return [w for w, _ in core.pre_tokenizer.pre_tokenize_str(norm)]
 
 
+def is_word_level(tokenizer) -> bool:
+    """True for the bundled kind of tokenizer: a `tokenizers` WordLevel model, one id per known word.
+
+    Decided by the tokenizer's model type, not by its vocabulary: any other tokenizer (BPE,
+    Unigram, WordPiece, a slow sentencepiece one) can spell any text, so it needs no vocabulary check.
+    """
+    from tokenizers.models import WordLevel
+
+    core = getattr(tokenizer, "backend_tokenizer", None)
+    return core is not None and isinstance(core.model, WordLevel)
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """Every special token's text: the named ones (bos, eos, ...) and added special tokens (`<image>`)."""
+    named = list(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = [t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if getattr(t, "special", False)]
+    return list(dict.fromkeys(named + added))
+
+
 def check_model_question(question: str, tokenizer) -> str:
-    """`check_question` against a model's tokenizer: the one check every front end uses."""
+    """`check_question` against a model's tokenizer: the one check every front end uses.
+
+    Word-level tokenizers (the bundled models) refuse words outside their vocabulary; subword
+    tokenizers accept any non-empty, not over-long text that does not spell one of their special
+    tokens (a typed `<image>` would add an image placeholder the image cannot fill).
+    """
+    if not is_word_level(tokenizer):
+        text = check_question(question)
+        specials = [t for t in special_token_texts(tokenizer) if len(t) > 1 and t in text]
+        if specials:
+            raise CLIVizError(f"the question contains the special token {specials[0]!r}; remove it")
+        return text
     unk = getattr(tokenizer, "unk_token", None)
     vocab = {w: i for w, i in tokenizer.get_vocab().items() if w != unk}
     return check_question(question, vocab, lambda text: question_words(tokenizer, text))

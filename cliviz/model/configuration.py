@@ -13,6 +13,7 @@ from transformers import AutoConfig, LlavaConfig, LlavaOnevisionConfig, Pretrain
 
 FUSIONS = ("projector", "shallow", "deepstack", "cli")
 BASE_CONFIGS = {"llava": LlavaConfig, "llava_onevision": LlavaOnevisionConfig}
+RUNTIME_ONLY = ("image_processor",)  # attributes set after loading, never serialised
 
 
 class CLIConfig(PretrainedConfig):
@@ -76,6 +77,19 @@ class CLIConfig(PretrainedConfig):
         self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers serialises it, minus runtime-only attributes.
+
+        `load_model` may set `image_processor` (the checkpoint's transformers image processor) on the
+        config object so that every consumer of `pixel_values(images, config)` reaches it; it lives
+        in `preprocessor_config.json` next to the weights, so it never goes into config.json or the
+        config hash.
+        """
+        out = super().to_dict()
+        for key in RUNTIME_ONLY:
+            out.pop(key, None)
+        return out
 
     @property
     def base_model_type(self) -> str:

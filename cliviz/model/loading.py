@@ -61,7 +61,11 @@ def check_model_dir(path: Path) -> CLIConfig:
 def load_model(
     path: str | Path | None = None, device: str = "auto", dtype: str = "auto"
 ) -> tuple[CLIForConditionalGeneration, object]:
-    """Load model + tokenizer in eval mode. Example::
+    """Load model + tokenizer in eval mode.
+
+    A real LLaVA folder also brings its chat template (used by `processing.prompt_ids`) and its
+    image processor, stored as `model.config.image_processor` (runtime-only, never saved) where
+    `processing.pixel_values(images, model.config)` finds it. Example::
 
         model, tokenizer = load_model()              # bundled cli-tiny on the best device
         model, tokenizer = load_model("assets/models/projector-tiny", device="cpu")
@@ -88,8 +92,71 @@ def load_model(
         raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
     if len(tokenizer) > config.base_config.text_config.vocab_size:
         raise CLIVizError(f"tokenizer in {folder} has {len(tokenizer)} tokens, more than the model's vocabulary")
+    load_chat_template(folder, tokenizer)
+    processor = load_image_processor(folder, config)
+    if processor is not None:
+        model.config.image_processor = processor  # runtime-only: see `processing.image_processor`
     model.name_or_path = str(folder)
     return model.to(dev).eval(), tokenizer
+
+
+def load_chat_template(folder: Path, tokenizer) -> None:
+    """Give the tokenizer the folder's chat template when only the processor file holds it.
+
+    transformers reads `chat_template.jinja` (and `tokenizer_config.json`) into the tokenizer;
+    older LLaVA checkpoints keep theirs in the processor's `chat_template.json` only.
+    """
+    legacy = folder / "chat_template.json"
+    if getattr(tokenizer, "chat_template", None) or not legacy.is_file():
+        return
+    try:
+        template = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise CLIVizError(f"unreadable {legacy} ({err})") from None
+    if isinstance(template, str) and template.strip():
+        tokenizer.chat_template = template
+
+
+def has_image_processor_config(folder: Path) -> bool:
+    """`preprocessor_config.json` (hub LLaVA checkpoints), or an `image_processor` entry inside
+    `processor_config.json` (where transformers 5 `LlavaProcessor.save_pretrained` puts it)."""
+    if (folder / "preprocessor_config.json").is_file():
+        return True
+    path = folder / "processor_config.json"
+    try:
+        return path.is_file() and isinstance(json.loads(path.read_text(encoding="utf-8")).get("image_processor"), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise CLIVizError(f"unreadable {path} ({err})") from None
+
+
+def load_image_processor(folder: Path, config: CLIConfig):
+    """The checkpoint's image processor (see `has_image_processor_config`), or None when it has none.
+
+    Bundled tiny models have none and keep their own [-1, 1] scaling. LLaVA-OneVision processors
+    (anyres crops + `image_sizes`) are not supported, so a OneVision folder keeps that path too.
+    The processor must turn any image, square or not, into the tower's `S x S`.
+    """
+    if not has_image_processor_config(folder) or config.base_model_type != "llava":
+        return None
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # unknown class, remote code, broken JSON: all one message
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIVizError(f"cannot load the image processor in {folder}: {first}") from None
+    size = int(config.base_config.vision_config.image_size)
+    try:
+        shape = tuple(processor(Image.new("RGB", (2 * size, size)), return_tensors="pt")["pixel_values"].shape)
+    except Exception as err:
+        raise CLIVizError(f"the image processor in {folder} fails on a test image: {err}") from None
+    if shape != (1, 3, size, size):
+        raise CLIVizError(
+            f"the image processor in {folder} makes pixel_values {list(shape)}, but the vision tower "
+            f"expects [1, 3, {size}, {size}] (check size/crop_size in preprocessor_config.json)"
+        )
+    return processor
 
 
 @torch.no_grad()
