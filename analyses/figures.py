@@ -62,6 +62,7 @@ from cliviz.analyses.heatmaps import (
     trajectory_frame,
 )
 from cliviz.analyses.stats import entropy_per_layer, gate_pca, gate_variance_decomposition, probe_qtype
+from cliviz.atomic import atomic_write_bytes
 from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet
 
@@ -526,19 +527,6 @@ class kaleido_session:  # noqa: N801 - used as a context manager
         return bytes(data)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise CLIVizError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False, float_format="%.6g").encode("utf-8")
 
@@ -551,18 +539,18 @@ def export_figures(items: Sequence[FigureItem], out: str | os.PathLike, formats:
     written: list[Path] = []
     for it in items:  # numbers first: cheap, and useful even if the browser fails
         p = out_dir / f"{it.name}.csv"
-        _atomic_write(p, _csv_bytes(it.data))
+        atomic_write_bytes(p, _csv_bytes(it.data))
         written.append(p)
         for suffix, frame in it.extra.items():
             q = out_dir / f"{it.name}_{suffix}.csv"
-            _atomic_write(q, _csv_bytes(frame))
+            atomic_write_bytes(q, _csv_bytes(frame))
             written.append(q)
     with kaleido_session() as session:
         for it in items:
             for fmt in formats:
                 data = session.render(it.fig, fmt, it.width, it.height, png_scale if fmt == "png" else 1.0)
                 p = out_dir / f"{it.name}.{fmt}"
-                _atomic_write(p, data)
+                atomic_write_bytes(p, data)
                 written.append(p)
     return written
 
@@ -596,7 +584,7 @@ def make_figures(traces: str | os.PathLike, out: str | os.PathLike, *, formats: 
         "skipped": skipped,
     }
     mp = out_dir / "manifest.json"
-    _atomic_write(mp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(mp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     files.append(mp)
     return FigureReport(out=out_dir, files=files, figures=[it.name for it in items], skipped=skipped,
                         timings={"read": t1 - t0, "compute": t2 - t1, "export": t3 - t2})

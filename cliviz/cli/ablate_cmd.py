@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
-from cliviz.cli.trace_cmd import check_writable
+from cliviz.cli.preflight import check_writable
 from cliviz.errors import CLIVizError
 
 CLI_KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
@@ -182,7 +182,7 @@ def ablate_cmd(
         raise CLIVizError(f"unknown --tokens {tokens!r}; use one of {', '.join(A.TOKEN_SETS)}")
     images, questions, references, qtypes = _inputs(image, question, data, limit, reference)
 
-    from cliviz.cli.model_cmds import checked_question, load_checked
+    from cliviz.cli.preflight import checked_question, load_checked
 
     net, tok = load_checked(model, device, dtype)
     if data is None:

@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cliviz.cli.model_cmds import checked_question, load_checked
+from cliviz.cli.preflight import prepare_question
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
-from cliviz.cli.trace_cmd import check_writable
 from cliviz.errors import CLIVizError
 
 
@@ -103,21 +102,13 @@ def attribute_cmd(
 ) -> None:
     """Attribute each answer token to (LLM layer, vision layer) gate cells, image patches and prompt tokens."""
     from cliviz.analyses.attributions import attribute, check_options, write_attribution_html
-    from cliviz.inputs import check_question, load_image
     from cliviz.tracing.traceset import TraceSet
 
     check_options(method, baseline, steps, batch_size)
-    check_writable(out, "trace file")
-    check_writable(html, "html file")
-    if out is not None and out.exists():
-        TraceSet.read(out)  # refuse a foreign or corrupt file before any work
-    img = load_image(image)
-    check_question(question)
-    net, tok = load_checked(model, device, dtype)
+    img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     if net.config.fusion == "projector":
         raise CLIVizError("this model has no gates (fusion=projector): nothing is injected, "
                           "so there is nothing to attribute")
-    q = checked_question(question, tok)
     result = attribute(net, tok, img, q, method=method, steps=steps, baseline=baseline, answer=answer,
                        internal_batch_size=batch_size)
     if out is not None:

@@ -13,21 +13,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SeedOpt
+from cliviz.cli.preflight import load_checked, prepare_question
 from cliviz.errors import CLIVizError
 
 console = Console()
-
-
-def load_checked(model: Path | None, device: str, dtype: str):
-    from cliviz.model.loading import load_model
-
-    return load_model(model, device=device, dtype=dtype)
-
-
-def checked_question(question: str, tokenizer) -> str:
-    from cliviz.inputs import check_model_question
-
-    return check_model_question(question, tokenizer)
 
 
 def ask(
@@ -43,14 +32,8 @@ def ask(
     import math
 
     from cliviz.inference import answer
-    from cliviz.inputs import load_image
 
-    from cliviz.inputs import check_question
-
-    img = load_image(image)
-    check_question(question)
-    net, tok = load_checked(model, device, dtype)
-    q = checked_question(question, tok)
+    img, net, tok, q = prepare_question(image, question, model, device, dtype)
     ans = answer(net, tok, [img], [q], max_new_tokens=max_new_tokens)[0]
     prob = math.exp(ans.logprobs[0]) if ans.logprobs else float("nan")
     if as_json:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, ModelOpt
-from cliviz.cli.trace_cmd import check_writable
+from cliviz.cli.preflight import check_writable
 from cliviz.errors import CLIVizError
 
 

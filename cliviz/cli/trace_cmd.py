@@ -9,24 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cliviz.cli.model_cmds import checked_question, load_checked
+from cliviz.cli.preflight import prepare_question
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
 from cliviz.errors import CLIVizError
-
-
-def check_writable(path: Path | None, what: str) -> None:
-    """Fail before any model work when an output cannot be written."""
-    if path is None:
-        return
-    parent = path.resolve().parent
-    if path.is_dir():
-        raise CLIVizError(f"{what} {path} is a folder, expected a file path")
-    if not parent.exists():
-        raise CLIVizError(f"cannot write {what} {path}: folder {parent} does not exist")
-    import os
-
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CLIVizError(f"cannot write {what} {path}: permission denied")
 
 
 def trace_cmd(
@@ -43,18 +28,10 @@ def trace_cmd(
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
     from cliviz.analyses.heatmaps import gate_matrix, write_trace_html
     from cliviz.cli.render import print_trace
-    from cliviz.inputs import check_question, load_image
     from cliviz.tracing import trace
     from cliviz.tracing.traceset import TraceSet
 
-    check_writable(out, "trace file")
-    check_writable(html, "html file")
-    if out is not None and out.exists():
-        TraceSet.read(out)  # refuse a foreign or corrupt file before any work
-    img = load_image(image)
-    check_question(question)
-    net, tok = load_checked(model, device, dtype)
-    q = checked_question(question, tok)
+    img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     result = trace(net, tok, img, q, max_new_tokens=max_new_tokens)
     if out is not None:
         TraceSet.append(out, [result])

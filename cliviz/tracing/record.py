@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import cliviz
-from cliviz.inference import generation_kwargs, prepare_inputs
+from cliviz.inference import decode_answer, generation_kwargs, prepare_inputs
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.trace import Trace, TraceMeta
@@ -115,12 +115,11 @@ def trace_batch(
         lp = step_logprobs[b, :n_answer]  # [n_answer, V]
         answer_ids = torch.tensor(row[:n_answer])
         top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-        answer_words = [t for t in tokenizer.convert_ids_to_tokens(row[:n_answer]) if t != tokenizer.eos_token]
         image_id = model.image_token_id
         roles = ["image" if t == image_id else "prompt" for t in prompt] + ["answer"] * (n_answer - 1)
         meta = TraceMeta(
             question=questions[b],
-            answer=" ".join(answer_words),
+            answer=decode_answer(tokenizer, row[:n_answer]),
             model=str(getattr(model, "name_or_path", "") or ""),
             config_hash=chash,
             fusion=model.config.fusion,

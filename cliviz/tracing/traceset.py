@@ -36,8 +36,6 @@ the new rows and rewrites the whole file. Nothing is ever unpickled: reading is 
 from __future__ import annotations
 
 import os
-import secrets
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -50,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cliviz import __version__
+from cliviz.atomic import atomic_file
 from cliviz.errors import CLIVizError
 from cliviz.tracing.trace import SCHEMA_VERSION, Trace, TraceMeta
 
@@ -313,45 +312,10 @@ def _read_checked(pf: pq.ParquetFile, p: Path, metadata: dict, verb: str) -> pa.
 
 
 def _atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    parent = p.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIVizError(f"cannot create output folder {parent}: {e.strerror or e}") from None
-    if p.is_dir():
-        raise CLIVizError(f"{p} is a folder, not a trace file")
-    tmp = parent / f".{p.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
-    except OSError as e:
-        raise CLIVizError(f"cannot write trace file in folder {parent}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table.replace_schema_metadata(ARROW_SCHEMA.metadata), fh,
-                           compression="zstd", row_group_size=_ROW_GROUP_SIZE)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if p.exists():
-            os.chmod(tmp, stat.S_IMODE(p.stat().st_mode))
-        os.replace(tmp, p)
-    except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CLIVizError(f"cannot write trace file {p}: {e.strerror or e}") from None
-        raise
-    try:  # make the rename durable; best effort (not every platform can open a folder)
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return p
+    with atomic_file(path, "trace file") as fh:
+        pq.write_table(table.replace_schema_metadata(ARROW_SCHEMA.metadata), fh,
+                       compression="zstd", row_group_size=_ROW_GROUP_SIZE)
+    return Path(path)
 
 
 def _as_table(traces: Trace | TraceSet | Iterable[Trace]) -> pa.Table:
