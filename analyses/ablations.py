@@ -259,10 +259,13 @@ class _LayerOps:
 
 
 def apply_ablation(wrapped, j: int, ops: _LayerOps | None, saved: list | None = None, *,
-                   reads_saved: dict | None = None, reads_replacement: torch.Tensor | None = None) -> None:
+                   reads_saved: dict | None = None, reads_replacement: torch.Tensor | None = None,
+                   kv_saved: dict | None = None, kv_replacement: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> None:
     """Inside an nnsight trace: the chunk's interventions at injection layer `j`, in the order the
     AGF layer runs its modules — gate (rewrite, optionally keep), read (keep it, or skip it with the
-    reference run's reads when they cannot have changed), injection (zero it where asked)."""
+    reference run's reads when they cannot have changed; or skip only its key/value maps of the
+    visual memory, which no gate or hidden state can change), injection (zero it where asked)."""
     agf = wrapped.agf[j]
     if ops is not None and ops.gate is not None:
         agf.gate.output = apply_gate_ablation(agf.gate.output, *ops.gate)
@@ -270,8 +273,14 @@ def apply_ablation(wrapped, j: int, ops: _LayerOps | None, saved: list | None = 
         saved.append(agf.gate.output.float())
     if reads_replacement is not None:
         agf.read.skip(reads_replacement)
-    elif reads_saved is not None:
-        reads_saved[j] = agf.read.output
+    else:
+        if kv_replacement is not None:
+            agf.read.key.skip(kv_replacement[0])
+            agf.read.value.skip(kv_replacement[1])
+        elif kv_saved is not None:
+            kv_saved[j] = (agf.read.key.output, agf.read.value.output)
+        if reads_saved is not None:
+            reads_saved[j] = agf.read.output
     if ops is not None and ops.inj_off is not None:
         out = agf.injection.output
         agf.injection.output = out.masked_fill(ops.inj_off[..., None], 0)
@@ -383,6 +392,7 @@ class _Want:
     memory: bool = False  # AMP output
     hidden_after: frozenset = frozenset()  # decoder layers whose output to keep
     reads: frozenset = frozenset()  # injection positions whose AGF reads to keep
+    kv: frozenset = frozenset()  # injection positions whose read key/value maps of the memory to keep
 
 
 @dataclass
@@ -398,7 +408,8 @@ class _Skip:
     hidden: torch.Tensor | None  # [R, W, D] output of decoder layer n_layers - 1
     reads: torch.Tensor | None  # [R, W, K, D] reads of AGF j
     vision: Any  # vision-tower output stand-in, or None
-    memory: torch.Tensor | None  # [R, K, N, D] AMP output, or None
+    memory: torch.Tensor | None  # [R, K, N, D] AMP output (or a zero stand-in when nothing reads it), or None
+    kv: dict = field(default_factory=dict)  # injection position -> ([R, K, N, D] keys, values) of its read
 
 
 def _forward(model, batch: _Batch, pixels: torch.Tensor, ops: list[_LayerOps | None] | None = None,
@@ -416,7 +427,7 @@ def _forward(model, batch: _Batch, pixels: torch.Tensor, ops: list[_LayerOps | N
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with wrapped.trace(input_ids=batch.ids, attention_mask=batch.mask, position_ids=position_ids,
                            pixel_values=pixels):
-            store = nnsight.save({"gates": [], "hidden": {}, "reads": {}})
+            store = nnsight.save({"gates": [], "hidden": {}, "reads": {}, "kv": {}})
             tower = wrapped.base.model.vision_tower
             if want.vision:
                 store["vision"] = tower.output.hidden_states[vfl]
@@ -437,7 +448,9 @@ def _forward(model, batch: _Batch, pixels: torch.Tensor, ops: list[_LayerOps | N
                         apply_ablation(wrapped, j, ops[j] if ops is not None else None,
                                        store["gates"] if want.gates else None,
                                        reads_saved=store["reads"] if j in want.reads else None,
-                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None)
+                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None,
+                                       kv_saved=store["kv"] if j in want.kv else None,
+                                       kv_replacement=skip.kv.get(j) if skip is not None else None)
                 if skip is not None and layer < skip.n_layers:
                     layers[layer].skip(skip.hidden)  # only the last skipped layer's value is ever read
                 elif layer in want.hidden_after:
@@ -477,6 +490,7 @@ class _Cache:
     memory: dict = field(default_factory=dict)  # s -> [K, N, D]
     hidden: dict = field(default_factory=dict)  # (s, decoder layer) -> [T_s, D]
     reads: dict = field(default_factory=dict)  # (s, j) -> [T_s, K, D]
+    kv: dict = field(default_factory=dict)  # (s, j) -> ([K, N, D] keys, [K, N, D] values)
     n_vision_states: int = 0
 
 
@@ -490,7 +504,7 @@ def _reference_pass(model, samples: list[_Sample], which: list[int], pixels: tor
     cache = _Cache(n_vision_states=model.config.base_config.vision_config.num_hidden_layers + 1)
     want = want_cache or _Want()
     want = _Want(gates=n_layers > 0, vision=want.vision, memory=want.memory, hidden_after=want.hidden_after,
-                 reads=want.reads)
+                 reads=want.reads, kv=want.kv)
     for start in range(0, len(which), max_batch):
         chunk = which[start:start + max_batch]
         batch = _batch(samples, chunk, pad_id, model.device)
@@ -511,6 +525,9 @@ def _reference_pass(model, samples: list[_Sample], which: list[int], pixels: tor
                     cache.hidden[(s, layer)] = store["hidden"][layer][r, off:]
                 for j in want.reads:
                     cache.reads[(s, j)] = store["reads"][j][r, off:]
+                for j in want.kv:
+                    keys, values = store["kv"][j]
+                    cache.kv[(s, j)] = (keys[r], values[r])
             if ref.filled[s]:
                 continue
             fresh += 1
@@ -550,7 +567,18 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
     n_layers = model.config.injection_layers[j]
     hidden = _pad_into([cache.hidden[(s, n_layers - 1)] for s in which], width) if n_layers > 0 else None
     reads = _pad_into([cache.reads[(s, j)] for s in which], width) if j in want.reads else None
-    memory = torch.stack([cache.memory[s] for s in which]) if want.memory else None
+    kv = {jj: (torch.stack([cache.kv[(s, jj)][0] for s in which]), torch.stack([cache.kv[(s, jj)][1] for s in which]))
+          for jj in want.kv if jj > j}
+    memory = None
+    if want.memory:
+        # AMP's output is read only by the AGF reads; those from j on are skipped whole (j) or have
+        # their key/value maps replaced (kv): then a zero stand-in of the right shape is enough.
+        readers = [jj for jj, agf in enumerate(model.agf) if jj >= j and hasattr(agf, "read")]
+        if all(jj in kv or (jj == j and reads is not None) for jj in readers):
+            first = cache.memory[which[0]]
+            memory = torch.zeros((), dtype=first.dtype, device=first.device).expand(len(which), *first.shape)
+        else:
+            memory = torch.stack([cache.memory[s] for s in which])
     vision = None
     if want.vision:
         real = torch.stack([cache.vision[s] for s in which])  # [R, P+1, Dv]
@@ -558,7 +586,7 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
         vfl = model.config.base_config.vision_feature_layer % cache.n_vision_states
         states = tuple(real if i == vfl else blank for i in range(cache.n_vision_states))
         vision = BaseModelOutputWithPooling(last_hidden_state=blank, pooler_output=None, hidden_states=states)
-    return _Skip(j, n_layers if hidden is not None else 0, hidden, reads, vision, memory)
+    return _Skip(j, n_layers if hidden is not None else 0, hidden, reads, vision, memory, kv)
 
 
 def _reference_run(model, samples: list[_Sample], pixels: torch.Tensor, suppress: list[int], pad_id: int, *,
@@ -615,15 +643,18 @@ def _mean_vector(means: Any, qtype: str | None, j: int, n_layers: int, k: int) -
     return m[j]
 
 
-def _donor_map(receiver: _Sample, donor: _Sample, n_img: int) -> np.ndarray:
-    """Donor position for each receiver position (-1: no counterpart), aligned by role."""
+def _donor_map(receiver: _Sample, donor: _Sample, n_img: int, image_id: int) -> np.ndarray:
+    """Donor position for each receiver position (-1: no counterpart), aligned by role: the prompt
+    head up to the last image token by position (a chat template's prefix is the same in every
+    sample), the question words from their end, the answer from its start."""
     t_r, t_d = len(receiver.fed), len(donor.fed)
     p_r, p_d = len(receiver.prompt), len(donor.prompt)
-    front = 1 + n_img  # <bos> + image tokens: same positions in every sample
+    front = receiver.prompt.index(image_id) + n_img if image_id in receiver.prompt else 0
+    front_d = donor.prompt.index(image_id) + n_img if image_id in donor.prompt else 0
     out = np.full(t_r, -1, dtype=np.int64)
     for p in range(t_r):
         if p < front:
-            q = p
+            q = p if p < front_d else -1
         elif p < p_r:
             q = p_d - (p_r - p)
             q = q if q >= front else -1
@@ -669,7 +700,7 @@ def _chunk_ops(rows: list[tuple[int, int]], plans: list[_Plan], batch: _Batch, s
                         d = plan.ablation.value if plan.ablation.value is not None else (s + 1) % len(samples)
                         if not 0 <= d < len(samples):
                             raise CLIVizError(f"patch donor {d} outside 0..{len(samples) - 1}")
-                        where = _donor_map(sample, samples[d], n_image_tokens(plan_cfg))
+                        where = _donor_map(sample, samples[d], n_image_tokens(plan_cfg), image_id)
                         has = where >= 0
                         fill[r, off:][has] = ref.gates[d][j][where[has]]
                         tok = tok & has
@@ -719,6 +750,9 @@ def _cache_plan(model, samples: list[_Sample], plans: dict[int, _Plan], max_batc
     per_group = max(sum(1 for p in plans.values() if min(p.layers) == g) for g in firsts)
     hidden_after = frozenset(cfg.injection_layers[g] - 1 for g in firsts if cfg.injection_layers[g] > 0)
     reads = frozenset(g for g in firsts if hasattr(model.agf[g], "read"))
+    # every later AGF read recomputes attention from changed hidden states, but its key/value maps
+    # of the visual memory are the same for all conditions of a sample: computed once, reused
+    kv = frozenset(j for j, agf in enumerate(model.agf) if hasattr(agf, "read") and j > min(firsts))
     vision = cfg.base_model_type == "llava"  # OneVision batches crops, not samples: run its tower
     memory = model.amp is not None
     vc, tc = cfg.base_config.vision_config, cfg.base_config.text_config
@@ -728,14 +762,14 @@ def _cache_plan(model, samples: list[_Sample], plans: dict[int, _Plan], max_batc
     elem = torch.finfo(model.dtype).bits // 8
     base = (vc.hidden_size * (n_img + 1) if vision else 0) + (k * n_img * tc.hidden_size if memory else 0)
     base += len(hidden_after) * t * tc.hidden_size
-    with_reads = base + len(reads) * t * k * tc.hidden_size
+    with_reads = base + len(reads) * t * k * tc.hidden_size + len(kv) * 2 * k * n_img * tc.hidden_size
     if with_reads * elem > CACHE_BUDGET_BYTES:
-        reads = frozenset()
+        reads, kv = frozenset(), frozenset()
         with_reads = base
     if with_reads * elem > CACHE_BUDGET_BYTES:
         return None, n
     block = max(1, min(n, max_batch // per_group, CACHE_BUDGET_BYTES // (with_reads * elem)))
-    return _Want(vision=vision, memory=memory, hidden_after=hidden_after, reads=reads), block
+    return _Want(vision=vision, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
 
 
 def _run_conditions(model, tokenizer, images, questions, references, conditions, *, qtypes=None, max_batch=256,

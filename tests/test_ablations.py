@@ -4,7 +4,6 @@ LLaVA, the batched engine equals the naive loop, and `cliviz ablate` end to end.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -150,13 +149,11 @@ def test_patch_from_itself_and_given_means(cli_model, data):
     assert np.allclose(given["logprob_ref"], computed["logprob_ref"], atol=1e-5)
 
 
-def test_single_cell_is_fast_and_complete(cli_model, data):
+def test_single_cell_is_complete(cli_model, data):
+    """Its speed (the app's click-to-ablate) is measured in benchmarks/bench_app.py, not here."""
     model, tok = cli_model
     images, questions, _, _ = data
-    A.single_cell(model, tok, images[0], questions[0], 2, 3)  # warm (nnsight wrapper built once per model)
-    t0 = time.perf_counter()
     out = A.single_cell(model, tok, images[0], questions[0], 2, 3)
-    assert time.perf_counter() - t0 < 1.0
     assert {"answer", "prob", "base_answer", "base_prob", "delta_logprob"} <= set(out)
     assert 0 < out["prob"] <= 1 and 0 < out["base_prob"] <= 1 and out["delta_logprob"] != 0
     off = A.single_cell(model, tok, images[0], questions[0], 3, None, kind="injection_off")

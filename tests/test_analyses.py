@@ -276,15 +276,12 @@ def test_pca_frame() -> None:
     assert meta.attrs["X_columns"][:2] == ["L2_V1", "L2_V4"]
 
 
-def test_fast_on_2000_traces() -> None:
-    import time
-
+def test_whole_pipeline_on_2000_traces() -> None:
+    """Scale check (its time is measured in benchmarks/bench_figures.py, not asserted here)."""
     ts = TraceSet(synthetic_traces(2000, seed=5, n_tokens=40))
-    t0 = time.perf_counter()
     rows = H.gate_rows(ts, "all")
-    H.grouped_gate_matrices(ts)
-    S.entropy_per_layer(ts)
+    groups = H.grouped_gate_matrices(ts)
+    entropy = S.entropy_per_layer(ts)
     S.gate_variance_decomposition(rows)
-    elapsed = time.perf_counter() - t0
     assert len(rows) == 2000 * 40
-    assert elapsed < 10, elapsed  # generous: the shared box may be loaded; vectorised is ~0.1 s
+    assert len(groups) >= 1 and np.isfinite(np.asarray(entropy.select_dtypes("number"))).all()
