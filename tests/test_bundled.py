@@ -1,8 +1,9 @@
 """The bundled models load offline, hold their measured accuracy, and their gates matter.
 
-`cli-tiny` (trained from scratch as a CLI model) does NOT reach the project's bar of 0.95 overall /
-0.90 per question type (see its model card); these tests pin the level it does reach. They also
-check what makes it a useful default for a gate tool: switching its injection off changes answers.
+`cli-tiny` (trained from scratch as a CLI model) clears the project's 0.95 overall bar but not the
+0.90 per-type bar: relation questions stay at 0.86 (see its model card); these tests pin the levels
+it does reach. They also check what makes it a useful default for a gate tool: switching its
+injection off changes answers.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def test_cli_tiny_holds_its_measured_accuracy(held_out):
     model, tok = load_model(device="cpu")
     assert model.config.fusion == "cli" and model.num_parameters() < 5_000_000
     result = evaluate(model, tok, held_out)
-    assert result["overall"] >= 0.87, result  # measured 0.886
-    assert min(result["per_type"].values()) >= 0.66, result  # colour is the weakest at 0.68
-    assert all(result["per_type"][t] >= 0.99 for t in ("count", "glyph", "size")), result
+    assert result["overall"] >= 0.95, result  # measured 0.974
+    assert result["per_type"]["relation"] >= 0.84, result  # measured 0.86: the one type under the 0.90 bar
+    others = {t: a for t, a in result["per_type"].items() if t != "relation"}
+    assert min(others.values()) >= 0.94, result  # position is the next weakest at 0.96
 
 
 def test_cli_tiny_injection_is_used():
@@ -42,12 +44,16 @@ def test_cli_tiny_injection_is_used():
                              [s.answer for s in samples], [None, Ablation("injection_off")])
     by = frame.groupby(frame["condition"].astype(str))
     flips = by["flipped"].mean().max()
-    assert flips >= 0.05, frame.groupby("condition").mean(numeric_only=True)
+    # measured: 0.22 of 140 samples (seed 4243) flip
+    assert flips >= 0.10, frame.groupby("condition").mean(numeric_only=True)
 
 
-def test_attached_cli_and_projector_baselines(held_out):
+def test_attached_cli_projector_and_shallow_baselines(held_out):
     attached, tok = load_model("cli-attached-tiny", device="cpu")
     assert attached.config.fusion == "cli" and evaluate(attached, tok, held_out)["overall"] >= 0.94  # measured 0.946
     projector, tok = load_model("projector-tiny", device="cpu")
     assert projector.config.fusion == "projector" and len(projector.agf) == 0
-    assert evaluate(projector, tok, held_out)["overall"] >= 0.92  # measured 0.929
+    assert evaluate(projector, tok, held_out)["overall"] >= 0.95  # measured 0.960
+    shallow, tok = load_model("shallow-tiny", device="cpu")
+    assert shallow.config.fusion == "shallow"
+    assert evaluate(shallow, tok, held_out)["overall"] >= 0.92  # measured 0.929
