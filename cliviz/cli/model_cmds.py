@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -101,7 +100,7 @@ def attach_cmd(
     temperature: Annotated[float, typer.Option("--temperature", min=1e-3)] = 1.0,
 ) -> None:
     """Turn a LLaVA checkpoint into a CLI model that equals the base at init."""
-    from cliviz.model.attach import attach_folder
+    from cliviz.model.attach import attach_folder, carried_files
 
     def parse(text: str | None) -> list[int] | None:
         if text is None:
@@ -113,32 +112,9 @@ def attach_cmd(
 
     attach_folder(base, out, fusion=fusion, vision_layers=parse(vision_layers), injection_layers=parse(injection_layers),
                   lora_rank=lora_rank, gate_temperature=temperature)
-    carried = carry_processing_files(base, out)
+    carried = carried_files(out)
     note = f"; carried {', '.join(carried)}" if carried else "; the base folder has no tokenizer: add one before `cliviz ask`"
     typer.echo(f"wrote CLI model ({fusion}) to {out}{note}")
-
-
-def carry_processing_files(base: Path, out: Path) -> list[str]:
-    """Make `out` self-contained: the base's tokenizer, chat template and image/processor configs.
-
-    `attach_folder` copies them as they are (`SIDE_FILES`); a base whose tokenizer exists only in
-    slow form (e.g. `tokenizer.model`) is converted once so that `out` has the `tokenizer.json`
-    that `load_model` requires. Returns the names now present in `out`.
-    """
-    from cliviz.model.attach import SIDE_FILES
-
-    for name in SIDE_FILES:  # attach_folder copied these already; this keeps attach_cmd honest on its own
-        if name != "generation_config.json" and (base / name).is_file() and not (out / name).is_file():
-            shutil.copy2(base / name, out / name)
-    slow = [n for n in ("tokenizer.model", "vocab.json", "vocab.txt") if (base / n).is_file()]
-    if not (out / "tokenizer.json").is_file() and slow:
-        from transformers import AutoTokenizer
-
-        try:
-            AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(out)
-        except Exception as err:  # tokenizers/sentencepiece raise many types
-            raise CLIVizError(f"cannot convert the tokenizer in {base} ({', '.join(slow)}) to tokenizer.json: {err}") from None
-    return [name for name in SIDE_FILES if (out / name).is_file() and name != "generation_config.json"]
 
 
 def vocab(model: ModelOpt = None) -> None:

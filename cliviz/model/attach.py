@@ -73,5 +73,25 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
     for name in SIDE_FILES:
         if (base_dir / name).is_file() and name != "generation_config.json":
             shutil.copy2(base_dir / name, out / name)
+    _ensure_fast_tokenizer(base_dir, out)
     return model
+
+
+def carried_files(out: Path) -> list[str]:
+    """The tokenizer, chat-template and processor files an attached folder holds."""
+    return [name for name in SIDE_FILES if (out / name).is_file() and name != "generation_config.json"]
+
+
+def _ensure_fast_tokenizer(base_dir: Path, out: Path) -> None:
+    """A base whose tokenizer exists only in slow form (e.g. `tokenizer.model`) is converted once,
+    so that `out` has the `tokenizer.json` that `load_model` requires."""
+    slow = [n for n in ("tokenizer.model", "vocab.json", "vocab.txt") if (base_dir / n).is_file()]
+    if (out / "tokenizer.json").is_file() or not slow:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(base_dir, local_files_only=True).save_pretrained(out)
+    except Exception as err:  # tokenizers/sentencepiece raise many types
+        raise CLIVizError(f"cannot convert the tokenizer in {base_dir} ({', '.join(slow)}) to tokenizer.json: {err}") from None
 
