@@ -3,9 +3,12 @@
 What makes a ~1 M-parameter VLM learn on two CPU cores (see the model card for numbers):
 - init scale 0.1 instead of transformers' 0.02 (0.02 stays at chance);
 - every question about an image in one sequence (loss on answers only): 6-7 answers per image;
-- an auxiliary per-patch loss on the vision tower (colour, shape, digit under each patch, and the
-  patch's row and column), so the vision features are useful before the language model has
-  learned to route (without row/column targets, left/right stayed at chance);
+- an auxiliary per-patch loss on the vision layer the LLaVA projector reads (colour, shape, digit
+  under each patch, the patch's row and column, and the centre of the object under it), so the
+  image tokens are useful before the language model has learned to route (without row/column
+  targets, left/right stayed at chance), and every fusion variant gets the same help;
+- more questions per image for the types that learn slowest (several object pairs for relation,
+  both axes for position): relation was the last type under the bar.
 - linear warmup then cosine decay, scheduled on the fraction of the budget (steps or minutes).
 """
 
@@ -26,7 +29,8 @@ from torch.nn import functional as F
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from cliviz.data.dataset import scene_with_questions
-from cliviz.data.scenes import COLORS, IMAGE_SIZE, SHAPES, patch_labels
+from cliviz.data.questions import QA, QUESTION_TYPES
+from cliviz.data.scenes import CENTER_BIN, COLORS, IMAGE_SIZE, SHAPES, Scene, patch_labels
 from cliviz.data.tokenizer import build_tokenizer
 from cliviz.model.configuration import CLIConfig
 from cliviz.model.modeling import CLIForConditionalGeneration
@@ -66,7 +70,8 @@ class TrainSettings:
     weight_decay: float = 0.01
     init_from: str | None = None  # continue from a saved model (fresh optimiser and schedule)
     data_offset: int = 0  # first scene index, so that a continuation sees new scenes
-    position_aux: bool = True  # row/column targets in the auxiliary loss (the bundled cli-tiny had none)
+    position_aux: bool = True  # row/column/object-centre targets in the auxiliary loss
+    extra_questions: str = "relation:2,position:1"  # more questions per image, "type:count,..."
 
 
 class AuxHeads(nn.Module):
@@ -80,15 +85,56 @@ class AuxHeads(nn.Module):
         self.digit = nn.Linear(hidden, 11)
         self.row = nn.Linear(hidden, IMAGE_SIZE // PATCH)  # keeps where a patch is in its features
         self.col = nn.Linear(hidden, IMAGE_SIZE // PATCH)
+        self.center_x = nn.Linear(hidden, IMAGE_SIZE // CENTER_BIN + 1)  # where its object is
+        self.center_y = nn.Linear(hidden, IMAGE_SIZE // CENTER_BIN + 1)
 
 
-def make_batch(tokenizer, config: CLIConfig, seed: int, indices: list[int]) -> dict[str, torch.Tensor]:
+def parse_extra_questions(spec: str) -> dict[str, int]:
+    """`"relation:2,position:1"` -> `{"relation": 2, "position": 1}`; raises ValueError on nonsense."""
+    extra: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition(":")
+        if name not in QUESTION_TYPES or not count.isdigit():
+            raise ValueError(f"bad extra-questions entry {part!r}: want type:count with a type among {', '.join(QUESTION_TYPES)}")
+        extra[name] = int(count)
+    return extra
+
+
+def training_questions(scene: Scene, qas: list[QA], extra: dict[str, int], rng: np.random.Generator) -> list[QA]:
+    """`qas` plus up to `extra[type]` further questions of each type about the same scene.
+
+    A question asks the same thing as another when it holds the same set of words ("is the red
+    object above or below the blue object ?" and its mirror, for instance): those are skipped,
+    so extra relation questions are about other pairs of objects.
+    """
+    seen = {frozenset(qa.question.split()) for qa in qas}
+    out = list(qas)
+    for qtype, count in extra.items():
+        added = 0
+        for _ in range(4 * count):  # a few draws; small scenes simply have fewer pairs
+            if added == count:
+                break
+            qa = QUESTION_TYPES[qtype](scene, rng)
+            if qa is None or frozenset(qa.question.split()) in seen:
+                continue
+            seen.add(frozenset(qa.question.split()))
+            out.append(qa)
+            added += 1
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def make_batch(
+    tokenizer, config: CLIConfig, seed: int, indices: list[int], extra: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
     """One multi-turn sequence per scene: `<bos> <image>*N (question answer <eos>)*`."""
     n_img = n_image_tokens(config)
     image_id = config.base_config.image_token_id
-    rows, targets, images, aux = [], [], [], {"color": [], "shape": [], "digit": []}
+    rows, targets, images, aux = [], [], [], {}
     for index in indices:
         scene, qas = scene_with_questions(seed, index)
+        if extra:
+            qas = training_questions(scene, qas, extra, np.random.default_rng([seed, index, 1]))
         ids = [tokenizer.bos_token_id] + [image_id] * n_img
         tgt = [-100] * len(ids)
         for qa in qas:
@@ -100,7 +146,7 @@ def make_batch(tokenizer, config: CLIConfig, seed: int, indices: list[int]) -> d
         targets.append(tgt)
         images.append(scene.image)
         for name, grid in patch_labels(scene, PATCH).items():
-            aux[name].append(torch.from_numpy(grid.reshape(-1)))
+            aux.setdefault(name, []).append(torch.from_numpy(grid.reshape(-1)))
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -160,6 +206,9 @@ def train(
     last_save = start
     recent_loss: deque[float] = deque(maxlen=50)
     recent_acc: deque[float] = deque(maxlen=50)
+    extra = parse_extra_questions(settings.extra_questions)
+    # The layer the LLaVA projector reads (`vision_feature_layer`): its features are the image tokens.
+    aux_layer = config.base_config.vision_feature_layer
     step = 0
     scene_index = settings.data_offset
     while True:
@@ -171,14 +220,14 @@ def train(
             group["lr"] = settings.lr * lr_factor(progress, step, settings.warmup)
         indices = list(range(scene_index, scene_index + settings.batch_size))
         scene_index += settings.batch_size
-        batch = {k: v.to(device) for k, v in make_batch(tokenizer, config, settings.seed * 1_000_003 + 17, indices).items()}
+        batch = {k: v.to(device) for k, v in make_batch(tokenizer, config, settings.seed * 1_000_003 + 17, indices, extra).items()}
         out_model = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
         )
         logits = out_model.logits[:, :-1]  # [B, T-1, V]
         labels = batch["labels"][:, 1:]  # [B, T-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        aux_loss = _aux_loss(heads, out_model.vision_hidden_states[-1][:, 1:], batch)
+        aux_loss = _aux_loss(heads, out_model.vision_hidden_states[aux_layer][:, 1:], batch)  # CLS dropped
         total = loss + settings.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -207,7 +256,7 @@ def train(
 
 
 def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-patch colour/shape/digit loss on the last vision layer `hidden` `[B, N, Dv]`."""
+    """Per-patch classification losses on one vision layer's patch states `hidden` `[B, N, Dv]`."""
     loss = 0.0
     for name in ("color", "shape", "digit"):
         logits = getattr(heads, name)(hidden)  # [B, N, C]
@@ -219,6 +268,9 @@ def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tenso
     for name, target in (("row", index // grid), ("col", index % grid)):
         logits = getattr(heads, name)(hidden)  # [B, N, grid]
         loss = loss + F.cross_entropy(logits.reshape(-1, grid), target.repeat(hidden.shape[0]))
+    for name in ("center_x", "center_y"):
+        logits = getattr(heads, name)(hidden)  # [B, N, bins + 1]
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
     return loss
 
 

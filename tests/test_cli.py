@@ -64,6 +64,7 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
         (("ask", "{txt}", "what color is the triangle ?"), "not a readable image"),
         (("eval", "--data", "{tmp}/nodata"), "not found"),
         (("train", "--out", "{tmp}/m", "--fusion", "magic", "--steps", "1"), "fusion"),
+        (("train", "--out", "{tmp}/m", "--steps", "1", "--extra-questions", "relation:lots"), "extra-questions"),
         (("attach", "--base", "{tmp}", "--out", "{tmp}/o"), "config.json"),
     ],
 )

@@ -55,6 +55,22 @@ def test_glyph_is_drawn_in_its_box_and_labelled():
     assert labels["color"].max() > 0
 
 
+def test_patch_labels_carry_each_objects_centre():
+    from cliviz.data.scenes import CENTER_BIN
+
+    for index in range(30):
+        scene, _ = scene_with_questions(11, index)
+        labels = patch_labels(scene, 8)
+        by_colour = {list(COLORS).index(o.color) + 1: o for o in scene.objects}
+        marked = labels["color"] > 0
+        assert marked.any()
+        for row, col in zip(*np.nonzero(marked)):
+            obj = by_colour[labels["color"][row, col]]
+            assert labels["center_y"][row, col] == obj.y // CENTER_BIN + 1
+            assert labels["center_x"][row, col] == obj.x // CENTER_BIN + 1
+        assert (labels["center_y"][~marked] == 0).all()
+
+
 def test_tokenizer_covers_every_question_and_answer():
     tok = build_tokenizer()
     vocab = tok.get_vocab()

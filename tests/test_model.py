@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -17,6 +18,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from cliviz.data import scene_with_questions
+from cliviz.data.scenes import COLORS
 from cliviz.model import FUSIONS, CLIForConditionalGeneration
 from cliviz.model.agf import AGFLayer, Gate
 from cliviz.model.amp import AMP
@@ -150,6 +153,46 @@ def test_training_labels_sit_on_answer_tokens():
     assert torch.equal(ids[marked], labels[marked])
     answers = [p for p in marked.tolist() if ids[p] != tok.eos_token_id]
     assert all(tok.convert_ids_to_tokens(int(ids[p - 1])) == "?" for p in answers)
+
+
+def test_extra_training_questions_ask_about_other_pairs():
+    from cliviz.training import parse_extra_questions, training_questions
+
+    extra = parse_extra_questions("relation:2, position:1")
+    assert extra == {"relation": 2, "position": 1}
+    grew = 0
+    for index in range(40):
+        scene, qas = scene_with_questions(9, index)
+        more = training_questions(scene, qas, extra, np.random.default_rng(index))
+        assert set(map(str, qas)) <= set(map(str, more))  # the base questions all stay
+        added = len(more) - len(qas)
+        assert added <= 3
+        grew += added > 0
+        relations = [qa for qa in more if qa.qtype == "relation"]
+        pairs = [frozenset(w for w in qa.question.split() if w in COLORS) for qa in relations]
+        assert len(pairs) == len(set(pairs))  # never the same pair twice, mirrored or not
+        ys = {o.color: o.y for o in scene.objects}
+        for qa in relations:  # extra questions are answered right too
+            a, b = [w for w in qa.question.split() if w in COLORS]
+            assert qa.answer == ("above" if ys[a] < ys[b] else "below")
+    assert grew > 20
+    for bad in ("relation", "relation:x", "colour:2"):
+        with pytest.raises(ValueError, match="extra-questions"):
+            parse_extra_questions(bad)
+    assert parse_extra_questions("") == {}
+
+
+def test_make_batch_with_extra_questions_labels_more_answers():
+    from cliviz.data.tokenizer import build_tokenizer
+    from cliviz.training import parse_extra_questions
+
+    tok = build_tokenizer()
+    cfg = tiny_config("cli", len(tok), 3, 0)
+    plain = make_batch(tok, cfg, seed=3, indices=[0, 1, 2, 3])
+    more = make_batch(tok, cfg, seed=3, indices=[0, 1, 2, 3], extra=parse_extra_questions("relation:2,position:1"))
+    assert (more["labels"] != -100).sum() > (plain["labels"] != -100).sum()
+    assert torch.equal(more["pixel_values"], plain["pixel_values"])
+    assert {"aux_center_x", "aux_center_y"} <= set(more)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

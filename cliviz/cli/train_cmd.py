@@ -24,7 +24,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue training a saved model (fresh optimiser).")] = None,
     data_offset: Annotated[int, typer.Option("--data-offset", min=0, help="First training scene index (use new scenes when continuing).")] = 0,
-    position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column targets in the auxiliary loss.")] = True,
+    position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
+    extra_questions: Annotated[str, typer.Option("--extra-questions", help='More questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warmup steps.")] = 200,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -32,7 +33,7 @@ def train(
     import torch
 
     from cliviz.runtime import resolve_device
-    from cliviz.training import TrainSettings
+    from cliviz.training import TrainSettings, parse_extra_questions
     from cliviz.training import train as run_training
 
     if fusion not in FUSIONS:
@@ -44,10 +45,14 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     dev, _ = resolve_device(device, "float32")
+    try:
+        parse_extra_questions(extra_questions)
+    except ValueError as err:
+        raise CLIVizError(str(err)) from None
     if init_from is not None and not (init_from / "model.safetensors").is_file():
         raise CLIVizError(f"--init-from {init_from} holds no model.safetensors")
     settings = TrainSettings(fusion=fusion, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                             warmup=warmup, position_aux=position_aux, init_from=str(init_from) if init_from else None, data_offset=data_offset)
+                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, init_from=str(init_from) if init_from else None, data_offset=data_offset)
     columns = (TextColumn("[bold]train[/] {task.fields[fusion]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeElapsedColumn())
     with Progress(*columns) as progress:

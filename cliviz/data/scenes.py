@@ -117,20 +117,31 @@ def make_scene(rng: np.random.Generator) -> Scene:
     return Scene(objects=objects, digit=digit, image=image)
 
 
-def patch_labels(scene: Scene, patch: int) -> dict[str, np.ndarray]:
-    """Per-patch targets `[grid, grid]` (colour id, shape id, digit id; 0 = none) from the pixels.
+CENTER_BIN = 2  # pixels per bin of the object-centre targets: finer than the 6 px relation gap
 
-    Computed from the rendered image itself, so they can never disagree with what is drawn.
+
+def patch_labels(scene: Scene, patch: int) -> dict[str, np.ndarray]:
+    """Per-patch targets `[grid, grid]` from the pixels (0 = no object / no digit there):
+    colour id, shape id, digit id, and the centre (x and y, in `CENTER_BIN`-pixel bins) of the
+    object under the patch.
+
+    Computed from the rendered image itself, so they can never disagree with what is drawn. The
+    centre targets make every patch of an object carry where the *whole object* is, at a finer
+    grain than the patch grid: comparing two objects' heights ("above or below") then needs one
+    read per object instead of an aggregation over its patches.
     """
     pixels = np.asarray(scene.image, dtype=np.int16)  # [H, W, 3]
     grid = IMAGE_SIZE // patch
     color_ids = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.int64)
-    shape_ids = np.zeros_like(color_ids)
+    shape_ids, center_x, center_y = (np.zeros_like(color_ids) for _ in range(3))
     for obj in scene.objects:
         hit = np.all(np.abs(pixels - np.array(COLORS[obj.color])) < 3, axis=-1)
         color_ids[hit] = list(COLORS).index(obj.color) + 1
         shape_ids[hit] = SHAPES.index(obj.shape) + 1
-    out = {name: _patch_mode(ids, patch) for name, ids in (("color", color_ids), ("shape", shape_ids))}
+        center_x[hit] = obj.x // CENTER_BIN + 1
+        center_y[hit] = obj.y // CENTER_BIN + 1
+    maps = (("color", color_ids), ("shape", shape_ids), ("center_x", center_x), ("center_y", center_y))
+    out = {name: _patch_mode(ids, patch) for name, ids in maps}
     digit = np.zeros((grid, grid), np.int64)
     x0, y0, x1, y1 = GLYPH_BOX
     digit[y0 // patch : y1 // patch + 1, x0 // patch : x1 // patch + 1] = int(scene.digit) + 1
