@@ -37,12 +37,13 @@ from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import n_image_tokens, pixel_values
 
 PATCH = 8
+VISION_LAYERS = 6  # encoder layers of the tiny CLIP tower: hidden_states 0 (patch embedding) .. 6
 
 
 def tiny_config(fusion: str, vocab_size: int, image_token_id: int, pad_token_id: int) -> CLIConfig:
     """The bundled tiny architecture: CLIP 64 px / patch 8 (6 layers) + Llama 128-d (4 layers)."""
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4,
+        hidden_size=64, intermediate_size=192, num_hidden_layers=VISION_LAYERS, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.1,
     )
     text = LlamaConfig(
@@ -72,6 +73,7 @@ class TrainSettings:
     data_offset: int = 0  # first scene index, so that a continuation sees new scenes
     position_aux: bool = True  # row/column/object-centre targets in the auxiliary loss
     extra_questions: str = "relation:2,position:1"  # more questions per image, "type:count,..."
+    aux_layer: int | None = None  # vision hidden_states index for the auxiliary loss; None: the projector's
 
 
 class AuxHeads(nn.Module):
@@ -207,13 +209,15 @@ def train(
     recent_loss: deque[float] = deque(maxlen=50)
     recent_acc: deque[float] = deque(maxlen=50)
     extra = parse_extra_questions(settings.extra_questions)
-    # The layer the LLaVA projector reads (`vision_feature_layer`): its features are the image tokens.
-    aux_layer = config.base_config.vision_feature_layer
+    # Default: the layer the LLaVA projector reads (`vision_feature_layer`), whose features are the image tokens.
+    aux_layer = config.base_config.vision_feature_layer if settings.aux_layer is None else settings.aux_layer
     step = 0
     scene_index = settings.data_offset
+    def fraction_done() -> float:
+        return step / settings.steps if settings.steps else (time.monotonic() - start) / (settings.minutes * 60)
+
     while True:
-        elapsed = time.monotonic() - start
-        progress = step / settings.steps if settings.steps else elapsed / (settings.minutes * 60)
+        progress = fraction_done()
         if progress >= 1.0:
             break
         for group in opt.param_groups:
@@ -241,7 +245,7 @@ def train(
         step += 1
         mean_loss, mean_acc = float(np.mean(recent_loss)), float(np.mean(recent_acc))
         if on_step:
-            on_step(step, mean_loss, mean_acc, progress)
+            on_step(step, mean_loss, mean_acc, min(fraction_done(), 1.0))
         if step % 25 == 0:
             log.write(json.dumps({"step": step, "seconds": round(time.monotonic() - start, 1), "loss": round(mean_loss, 4), "acc": round(mean_acc, 4)}) + "\n")
             log.flush()

@@ -65,6 +65,7 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
         (("eval", "--data", "{tmp}/nodata"), "not found"),
         (("train", "--out", "{tmp}/m", "--fusion", "magic", "--steps", "1"), "fusion"),
         (("train", "--out", "{tmp}/m", "--steps", "1", "--extra-questions", "relation:lots"), "extra-questions"),
+        (("train", "--out", "{tmp}/m", "--steps", "1", "--aux-layer", "9"), "aux-layer"),
         (("attach", "--base", "{tmp}", "--out", "{tmp}/o"), "config.json"),
     ],
 )

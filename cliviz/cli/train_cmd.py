@@ -27,13 +27,14 @@ def train(
     position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
     extra_questions: Annotated[str, typer.Option("--extra-questions", help='More questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warmup steps.")] = 200,
+    aux_layer: Annotated[Optional[int], typer.Option("--aux-layer", help="Vision hidden_states index the auxiliary loss supervises (default: the one the projector reads; -1 = last).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a tiny CLI model (or a baseline) from scratch; progress bar shows loss and running accuracy."""
     import torch
 
     from cliviz.runtime import resolve_device
-    from cliviz.training import TrainSettings, parse_extra_questions
+    from cliviz.training import VISION_LAYERS, TrainSettings, parse_extra_questions
     from cliviz.training import train as run_training
 
     if fusion not in FUSIONS:
@@ -45,6 +46,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     dev, _ = resolve_device(device, "float32")
+    if aux_layer is not None and not -(VISION_LAYERS + 1) <= aux_layer <= VISION_LAYERS:
+        raise CLIVizError(f"--aux-layer {aux_layer} is not a vision hidden_states index (0..{VISION_LAYERS}, or negative from the end)")
     try:
         parse_extra_questions(extra_questions)
     except ValueError as err:
@@ -52,7 +55,7 @@ def train(
     if init_from is not None and not (init_from / "model.safetensors").is_file():
         raise CLIVizError(f"--init-from {init_from} holds no model.safetensors")
     settings = TrainSettings(fusion=fusion, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, init_from=str(init_from) if init_from else None, data_offset=data_offset)
+                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, aux_layer=aux_layer, init_from=str(init_from) if init_from else None, data_offset=data_offset)
     columns = (TextColumn("[bold]train[/] {task.fields[fusion]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeElapsedColumn())
     with Progress(*columns) as progress:
