@@ -48,6 +48,23 @@ def test_cli_tiny_injection_is_used():
     assert flips >= 0.10, frame.groupby("condition").mean(numeric_only=True)
 
 
+def test_probe_reads_the_question_type_off_the_bundled_gates():
+    """A cross-validated probe on the answer-step gates of cli-tiny beats the majority baseline."""
+    from cliviz.analyses.stats import probe_qtype
+    from cliviz.tracing import trace_batch
+
+    model, tok = load_model(device="cpu")
+    samples = list(iter_samples(140, seed=HELD_OUT_SEED + 2))
+    traces = []
+    for start in range(0, len(samples), 35):
+        chunk = samples[start : start + 35]
+        traces += trace_batch(model, tok, [s.image for s in chunk], [s.question for s in chunk],
+                              max_new_tokens=2, qtypes=[s.qtype for s in chunk])
+    result = probe_qtype(traces, n_splits=5, seed=0)
+    assert result.baseline == pytest.approx(1 / 7)
+    assert result.accuracy > result.baseline + 0.4, (result.accuracy, result.baseline)
+
+
 def test_attached_cli_projector_and_shallow_baselines(held_out):
     attached, tok = load_model("cli-attached-tiny", device="cpu")
     assert attached.config.fusion == "cli" and evaluate(attached, tok, held_out)["overall"] >= 0.94  # measured 0.946

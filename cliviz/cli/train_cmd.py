@@ -27,7 +27,7 @@ def train(
     position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
     extra_questions: Annotated[str, typer.Option("--extra-questions", help='More questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warmup steps.")] = 200,
-    aux_layer: Annotated[Optional[int], typer.Option("--aux-layer", help="Vision hidden_states index the auxiliary loss supervises (default: the one the projector reads; -1 = last).")] = None,
+    aux_layer: Annotated[int, typer.Option("--aux-layer", help="Vision hidden_states index the auxiliary loss supervises (-1: the last layer).")] = -1,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a tiny CLI model (or a baseline) from scratch; progress bar shows loss and running accuracy."""
@@ -46,7 +46,7 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     dev, _ = resolve_device(device, "float32")
-    if aux_layer is not None and not -(VISION_LAYERS + 1) <= aux_layer <= VISION_LAYERS:
+    if not -(VISION_LAYERS + 1) <= aux_layer <= VISION_LAYERS:
         raise CLIVizError(f"--aux-layer {aux_layer} is not a vision hidden_states index (0..{VISION_LAYERS}, or negative from the end)")
     try:
         parse_extra_questions(extra_questions)
