@@ -77,6 +77,8 @@ class TrainSettings:
     position_aux: bool = True  # row/column/object-centre targets in the auxiliary loss
     extra_questions: str = "relation:2,position:1"  # more questions per image, "type:count,..."
     aux_layer: int = -1  # vision hidden_states index the auxiliary loss supervises (-1: the last layer)
+    start_step: int = 0  # resume an interrupted --steps run: schedule and scenes continue from this step
+    stop_step: int | None = None  # stop early on a --steps schedule (a checkpoint partway through it)
 
 
 class AuxHeads(nn.Module):
@@ -212,17 +214,19 @@ def train(
     recent_loss: deque[float] = deque(maxlen=50)
     recent_acc: deque[float] = deque(maxlen=50)
     extra = parse_extra_questions(settings.extra_questions)
-    step = 0
-    scene_index = settings.data_offset
+    if settings.start_step and settings.steps is None:
+        raise ValueError("start_step resumes a --steps run only")
+    step = settings.start_step
+    scene_index = settings.data_offset + settings.start_step * settings.batch_size
     def fraction_done() -> float:
         return step / settings.steps if settings.steps else (time.monotonic() - start) / (settings.minutes * 60)
 
     while True:
         progress = fraction_done()
-        if progress >= 1.0:
+        if progress >= 1.0 or step == settings.stop_step:
             break
         for group in opt.param_groups:
-            group["lr"] = settings.lr * lr_factor(progress, step, settings.warmup)
+            group["lr"] = settings.lr * lr_factor(progress, step - settings.start_step, settings.warmup)
         indices = list(range(scene_index, scene_index + settings.batch_size))
         scene_index += settings.batch_size
         batch = {k: v.to(device) for k, v in make_batch(tokenizer, config, settings.seed * 1_000_003 + 17, indices, extra).items()}
@@ -255,7 +259,7 @@ def train(
             last_save = time.monotonic()
     log.close()
     _save(model, tokenizer, out)
-    summary = {"settings": asdict(settings), "steps": step, "seconds": round(time.monotonic() - start, 1), "final_train_acc": float(np.mean(recent_acc)) if recent_acc else None}
+    summary = {"settings": asdict(settings), "steps": step - settings.start_step, "seconds": round(time.monotonic() - start, 1), "final_train_acc": float(np.mean(recent_acc)) if recent_acc else None}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

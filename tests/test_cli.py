@@ -66,6 +66,8 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
         (("train", "--out", "{tmp}/m", "--fusion", "magic", "--steps", "1"), "fusion"),
         (("train", "--out", "{tmp}/m", "--steps", "1", "--extra-questions", "relation:lots"), "extra-questions"),
         (("train", "--out", "{tmp}/m", "--steps", "1", "--aux-layer", "9"), "aux-layer"),
+        (("train", "--out", "{tmp}/m", "--steps", "5", "--start-step", "2"), "--init-from"),
+        (("train", "--out", "{tmp}/m", "--steps", "5", "--stop-step", "9"), "--stop-step"),
         (("attach", "--base", "{tmp}", "--out", "{tmp}/o"), "config.json"),
     ],
 )

@@ -141,6 +141,19 @@ def test_every_fusion_trains_with_falling_loss(fusion):
         assert any(layer.injection.alpha.item() != 0 for layer in model.agf)
 
 
+def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
+    """--stop-step leaves a checkpoint partway through a schedule; --start-step carries it on to the end."""
+    from cliviz.training import TrainSettings, lr_factor, train
+
+    early = train(TrainSettings(steps=4, stop_step=2, batch_size=2, warmup=1), tmp_path / "early", torch.device("cpu"))
+    assert early["steps"] == 2 and (tmp_path / "early" / "model.safetensors").is_file()
+    seen = []
+    rest = train(TrainSettings(steps=4, start_step=2, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
+                 tmp_path / "rest", torch.device("cpu"), on_step=lambda step, loss, acc, frac: seen.append((step, frac)))
+    assert rest["steps"] == 2 and seen == [(3, 0.75), (4, 1.0)]  # steps 3 and 4 of 4, not a fresh schedule
+    assert lr_factor(0.5, 0, 50) < lr_factor(0.5, 49, 50) == lr_factor(0.5, 999, 50)  # a short re-warmup, then the schedule
+
+
 def test_training_labels_sit_on_answer_tokens():
     from cliviz.data.tokenizer import build_tokenizer
 

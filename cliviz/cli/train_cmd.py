@@ -24,6 +24,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue training a saved model (fresh optimiser).")] = None,
     data_offset: Annotated[int, typer.Option("--data-offset", min=0, help="First training scene index (use new scenes when continuing).")] = 0,
+    stop_step: Annotated[Optional[int], typer.Option("--stop-step", min=1, help="Stop at this step of the --steps schedule (an early checkpoint, e.g. to compare seeds at a matched point).")] = None,
+    start_step: Annotated[int, typer.Option("--start-step", min=0, help="Resume an interrupted --steps run at this step (with --init-from its checkpoint): the LR schedule and scenes carry on; optimiser and auxiliary heads start fresh.")] = 0,
     position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
     extra_questions: Annotated[str, typer.Option("--extra-questions", help='More questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warmup steps.")] = 200,
@@ -52,10 +54,14 @@ def train(
         parse_extra_questions(extra_questions)
     except ValueError as err:
         raise CLIVizError(str(err)) from None
+    if start_step and (steps is None or start_step >= steps or init_from is None):
+        raise CLIVizError("--start-step resumes a --steps run: give --init-from CHECKPOINT and a --start-step below --steps")
+    if stop_step is not None and (steps is None or not start_step < stop_step <= steps):
+        raise CLIVizError("--stop-step needs --steps and must lie after --start-step and at most --steps")
     if init_from is not None and not (init_from / "model.safetensors").is_file():
         raise CLIVizError(f"--init-from {init_from} holds no model.safetensors")
     settings = TrainSettings(fusion=fusion, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, aux_layer=aux_layer, init_from=str(init_from) if init_from else None, data_offset=data_offset)
+                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, aux_layer=aux_layer, init_from=str(init_from) if init_from else None, data_offset=data_offset, start_step=start_step, stop_step=stop_step)
     columns = (TextColumn("[bold]train[/] {task.fields[fusion]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeElapsedColumn())
     with Progress(*columns) as progress:
