@@ -274,11 +274,12 @@ def test_cli_bad_inputs_one_line_exit_2(extra, needle, random_model_dir, project
 def test_bundled_glyph_questions_attribute_to_the_glyph_corner():
     """Patch attributions of the trained model: glyph questions put more of their (absolute,
     combined) mass on the glyph box (patches rows 0-1, cols 0-1 cover GLYPH_BOX) than colour
-    questions do. Needs the trained assets/models/cli-tiny."""
+    questions do. Measured on cli-v1-tiny, whose injection is causal; the default cli-tiny barely uses
+    its injection and does not show this (glyph 0.014 vs colour 0.028, see its model card)."""
     from cliviz.data.scenes import GLYPH_BOX
     from cliviz.model.loading import load_model
 
-    model, tok = load_model(BUNDLED, device="cpu", dtype="float32")
+    model, tok = load_model("cli-v1-tiny", device="cpu", dtype="float32")
     patch = model.config.base_config.vision_config.patch_size
     rows = slice(GLYPH_BOX[1] // patch, GLYPH_BOX[3] // patch + 1)
     cols = slice(GLYPH_BOX[0] // patch, GLYPH_BOX[2] // patch + 1)
