@@ -9,7 +9,8 @@ What makes a ~1 M-parameter VLM learn on two CPU cores (see the model card for n
   stayed at chance). It plays the part of the vision tower's pretraining objective, which in CLIP
   also sits on the last layer while LLaVA reads the penultimate one (`vision_feature_layer=-2`).
   On the penultimate layer instead (`--aux-layer -2`) the projector baseline fell from 0.97 to
-  0.93 and CLI's injection went nearly unused (see the model card);
+  0.93 while CLI stayed at 1.00; with either choice CLI's injection ends up nearly unused at
+  inference (see the model card);
 - more questions per image for the types that learn slowest (several object pairs for relation,
   both axes for position): relation was the last type under the bar;
 - linear warmup then cosine decay, scheduled on the fraction of the budget (steps or minutes).
