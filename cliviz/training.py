@@ -39,6 +39,7 @@ from cliviz.data.tokenizer import build_tokenizer
 from cliviz.model.configuration import CLIConfig
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import n_image_tokens, pixel_values
+from cliviz.train_state import STATE_FILE, SavedState, restore, write_train_state
 
 PATCH = 8
 VISION_LAYERS = 6  # encoder layers of the tiny CLIP tower: hidden_states 0 (patch embedding) .. 6
@@ -178,18 +179,27 @@ def train(
     out: Path,
     device: torch.device,
     on_step: Callable[[int, float, float, float], None] | None = None,
+    resume: SavedState | None = None,
+    save_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Train and save to `out` (config, safetensors, tokenizer, `training_log.jsonl`); returns a summary.
 
-    Checkpoints every few minutes, so an interrupted run still leaves a usable model.
+    Checkpoints every few minutes, model and full training state (`train_state.safetensors`), so an
+    interrupted run leaves a usable model and `resume` (its `read_train_state`) continues the same run
+    exactly. `settings` must then be the saved run's own (`settings_from_state`).
     """
     if (settings.steps is None) == (settings.minutes is None):
         raise ValueError("give exactly one of steps or minutes")
+    if settings.start_step and settings.steps is None:
+        raise ValueError("start_step resumes a --steps run only")
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     tokenizer = build_tokenizer()
     config = tiny_config(settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    if settings.init_from:
+    if resume is not None:
+        config = CLIConfig.from_dict(resume.config)
+        model = CLIForConditionalGeneration(config)
+    elif settings.init_from:
         model = CLIForConditionalGeneration.from_pretrained(settings.init_from, use_safetensors=True)
         if model.config.fusion == "projector" and settings.fusion != "projector":
             # CLI on top of a trained baseline, as the paper does with LLaVA: `attach` keeps the
@@ -207,20 +217,38 @@ def train(
     heads = AuxHeads(config.base_config.vision_config.hidden_size, settings.position_aux).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
+    step, seconds_before, resumed_at = settings.start_step, 0.0, []
+    earlier_rows: list[dict] = []
+    if resume is not None:
+        restore(resume, model, heads, opt)
+        step, seconds_before, resumed_at = resume.step, resume.seconds, resume.resumed_at + [resume.step]
+        earlier_rows = earlier_log_rows(resume.run, resume.step)
+    elif settings.start_step and settings.init_from:
+        earlier_rows = earlier_log_rows(Path(settings.init_from), settings.start_step)
+        seconds_before = earlier_rows[-1]["seconds"] if earlier_rows else 0.0
+        resumed_at = [settings.start_step]
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "training_log.jsonl"
-    log = open(log_path, "w", encoding="utf-8")
+    log = open(out / "training_log.jsonl", "w", encoding="utf-8")
+    log.writelines(json.dumps(row) + "\n" for row in earlier_rows)  # a resumed run's log tells the whole run
     start = time.monotonic()
     last_save = start
-    recent_loss: deque[float] = deque(maxlen=50)
-    recent_acc: deque[float] = deque(maxlen=50)
+    recent_loss: deque[float] = deque(resume.recent("loss") if resume else (), maxlen=50)
+    recent_acc: deque[float] = deque(resume.recent("acc") if resume else (), maxlen=50)
     extra = parse_extra_questions(settings.extra_questions)
-    if settings.start_step and settings.steps is None:
-        raise ValueError("start_step resumes a --steps run only")
-    step = settings.start_step
-    scene_index = settings.data_offset + settings.start_step * settings.batch_size
+    scene_index = settings.data_offset + step * settings.batch_size
+
+    def elapsed() -> float:
+        return round(seconds_before + time.monotonic() - start, 1)
+
     def fraction_done() -> float:
-        return step / settings.steps if settings.steps else (time.monotonic() - start) / (settings.minutes * 60)
+        return step / settings.steps if settings.steps else elapsed() / (settings.minutes * 60)
+
+    def window() -> dict[str, list[float]]:
+        return {"loss": list(recent_loss), "acc": list(recent_acc)}
+
+    def checkpoint() -> None:
+        _save(model, tokenizer, out)
+        write_train_state(out, model, heads, opt, asdict(settings), step, elapsed(), resumed_at, window())
 
     while True:
         progress = fraction_done()
@@ -253,16 +281,47 @@ def train(
         if on_step:
             on_step(step, mean_loss, mean_acc, min(fraction_done(), 1.0))
         if step % 25 == 0:
-            log.write(json.dumps({"step": step, "seconds": round(time.monotonic() - start, 1), "loss": round(mean_loss, 4), "acc": round(mean_acc, 4)}) + "\n")
+            row = {"step": step, "seconds": elapsed(), "loss": round(mean_loss, 4), "acc": round(mean_acc, 4)}
+            log.write(json.dumps(row | ({"resumed": True} if resumed_at else {})) + "\n")
             log.flush()
         if time.monotonic() - last_save > 300:
-            _save(model, tokenizer, out)
+            checkpoint()
             last_save = time.monotonic()
     log.close()
-    _save(model, tokenizer, out)
-    summary = {"settings": asdict(settings), "steps": step - settings.start_step, "seconds": round(time.monotonic() - start, 1), "final_train_acc": float(np.mean(recent_acc)) if recent_acc else None}
+    finished = fraction_done() >= 1.0
+    if finished:
+        (out / STATE_FILE).unlink(missing_ok=True)  # nothing left to resume; keeps shipped folders small
+    else:
+        write_train_state(out, model, heads, opt, asdict(settings), step, elapsed(), resumed_at, window())  # resumable
+    _save(model.to(save_dtype), tokenizer, out)
+    summary = {
+        "settings": asdict(settings), "steps": step - settings.start_step, "seconds": round(time.monotonic() - start, 1),
+        "final_train_acc": float(np.mean(recent_acc)) if recent_acc else None,
+        "saved_dtype": str(save_dtype).removeprefix("torch."),
+    }
+    if resumed_at:
+        summary |= {"resumed_at": resumed_at, "total_seconds": elapsed()}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def settings_from_state(state: SavedState, stop_step: int | None = None) -> TrainSettings:
+    """The saved run's own settings, to carry it on to `stop_step` (None: the end of its schedule)."""
+    settings = TrainSettings(**state.settings)
+    total = settings.steps
+    if stop_step is not None and (total is None or not state.step < stop_step <= total):
+        raise ValueError(f"--stop-step must lie after the saved step {state.step} and at most the run's {total} steps")
+    settings.stop_step = stop_step
+    return settings
+
+
+def earlier_log_rows(run: Path, up_to_step: int) -> list[dict]:
+    """The log rows of an interrupted run up to the step a continuation starts from."""
+    path = run / "training_log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= up_to_step]
 
 
 def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:

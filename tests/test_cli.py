@@ -68,6 +68,10 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
         (("train", "--out", "{tmp}/m", "--steps", "1", "--aux-layer", "9"), "aux-layer"),
         (("train", "--out", "{tmp}/m", "--steps", "5", "--start-step", "2"), "--init-from"),
         (("train", "--out", "{tmp}/m", "--steps", "5", "--stop-step", "9"), "--stop-step"),
+        (("train", "--out", "{tmp}/m", "--steps", "1", "--save-dtype", "int8"), "save-dtype"),
+        (("train", "--resume", "{tmp}"), "train_state"),
+        (("train", "--resume", "{tmp}", "--steps", "5", "--fusion", "shallow"), "drop --fusion, --steps"),
+        (("train", "--steps", "5"), "--out"),
         (("attach", "--base", "{tmp}", "--out", "{tmp}/o"), "config.json"),
     ],
 )
@@ -112,6 +116,21 @@ def test_train_a_few_steps_then_use_the_model(tmp_path):
     img = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(img)
     assert run_cli("ask", str(img), "how many objects are there ?", "--model", str(tmp_path / "m")).returncode == 0
+
+
+def test_train_stop_then_resume_from_the_command_line(tmp_path):
+    """A run stopped partway keeps its training state; --resume finishes it elsewhere in bfloat16."""
+    half, full = tmp_path / "half", tmp_path / "full"
+    proc = run_cli("train", "--steps", "4", "--stop-step", "2", "--batch-size", "2", "--out", str(half))
+    assert proc.returncode == 0, proc.stderr
+    assert_clean_error(run_cli("train", "--resume", str(half), "--stop-step", "1"), "after the saved step 2")
+    proc = run_cli("train", "--resume", str(half), "--out", str(full), "--save-dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((full / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_at"] == [2] and summary["saved_dtype"] == "bfloat16"
+    assert (half / "train_state.safetensors").is_file() and not (full / "train_state.safetensors").exists()
+    (half / "train_state.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    assert_clean_error(run_cli("train", "--resume", str(half)), "cannot read training state")
 
 
 def test_attach_command(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -152,6 +153,47 @@ def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
                  tmp_path / "rest", torch.device("cpu"), on_step=lambda step, loss, acc, frac: seen.append((step, frac)))
     assert rest["steps"] == 2 and seen == [(3, 0.75), (4, 1.0)]  # steps 3 and 4 of 4, not a fresh schedule
     assert lr_factor(0.5, 0, 50) < lr_factor(0.5, 49, 50) == lr_factor(0.5, 999, 50)  # a short re-warmup, then the schedule
+
+
+def test_resume_continues_the_same_run_exactly(tmp_path):
+    """--resume restores weights, optimiser moments, aux heads, RNG and the running window: the
+    stopped-and-resumed run ends bit for bit where the uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from cliviz.train_state import STATE_FILE, read_train_state
+    from cliviz.training import TrainSettings, settings_from_state, train
+
+    cpu = torch.device("cpu")
+    straight = train(TrainSettings(steps=30, batch_size=2, warmup=5), tmp_path / "straight", cpu)
+    train(TrainSettings(steps=30, stop_step=25, batch_size=2, warmup=5), tmp_path / "half", cpu)
+    state = read_train_state(tmp_path / "half")
+    assert state.step == 25 and state.settings["stop_step"] == 25
+    with pytest.raises(ValueError, match="after the saved step"):
+        settings_from_state(state, stop_step=20)
+    rest = train(settings_from_state(state), tmp_path / "rest", cpu, resume=state)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "rest" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rest["final_train_acc"] == straight["final_train_acc"] and rest["resumed_at"] == [25] and rest["steps"] == 30
+    half_log = (tmp_path / "half" / "training_log.jsonl").read_text().splitlines()
+    assert (tmp_path / "rest" / "training_log.jsonl").read_text().splitlines() == half_log  # step 25 carried over
+    assert not (tmp_path / "rest" / STATE_FILE).exists() and (tmp_path / "half" / STATE_FILE).exists()
+
+
+def test_a_start_step_continuation_logs_the_whole_run(tmp_path):
+    """--init-from CKPT --start-step K (no training state) still writes one log from step 0."""
+    from cliviz.training import TrainSettings, train
+
+    cpu = torch.device("cpu")
+    train(TrainSettings(steps=50, stop_step=25, batch_size=2, warmup=1), tmp_path / "early", cpu)
+    summary = train(TrainSettings(steps=50, start_step=25, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
+                    tmp_path / "rest", cpu, save_dtype=torch.bfloat16)
+    rows = [json.loads(line) for line in (tmp_path / "rest" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [25, 50] and "resumed" not in rows[0] and rows[1]["resumed"]
+    assert summary["total_seconds"] >= rows[1]["seconds"] > rows[0]["seconds"]  # seconds count from the first start
+    assert summary["saved_dtype"] == "bfloat16" and summary["resumed_at"] == [25]
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "rest" / "model.safetensors").values()} == {torch.bfloat16}
 
 
 def test_training_labels_sit_on_answer_tokens():
