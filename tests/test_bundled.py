@@ -64,9 +64,11 @@ def test_probe_reads_the_question_type_off_the_bundled_gates():
 
 
 def test_baselines_and_siblings(held_out):
-    """Measured on this 350-sample set: projector 0.969, deepstack 0.966, shallow 0.929, attached 0.946, v1 0.974."""
+    """Measured on this 350-sample set: projector 0.969, deepstack 0.966, shallow 0.929, attached 0.946, v1 0.974,
+    seed 1 1.000, seed 2 0.960 (colour 0.72: one seed of the same recipe misses colour)."""
     expected = {"projector-tiny": ("projector", 0.95), "deepstack-tiny": ("deepstack", 0.95),
-                "shallow-tiny": ("shallow", 0.92), "cli-attached-tiny": ("cli", 0.94), "cli-v1-tiny": ("cli", 0.95)}
+                "shallow-tiny": ("shallow", 0.92), "cli-attached-tiny": ("cli", 0.94), "cli-v1-tiny": ("cli", 0.95),
+                "cli-tiny-seed1": ("cli", 0.97), "cli-tiny-seed2": ("cli", 0.93)}
     for name, (fusion, floor) in expected.items():
         model, tok = load_model(name, device="cpu")
         assert model.config.fusion == fusion, name
@@ -76,21 +78,26 @@ def test_baselines_and_siblings(held_out):
 
 
 def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
-    """Three seeds at the same point of the schedule: their gate maps agree less with each other
-    than one seed's map does with itself 3,255 steps later (cli-tiny is seed 0 trained on)."""
+    """Three seeds of cli-tiny (same recipe, 6,000 steps each) agree less with each other on the
+    vision-layer profile than each seed's map does with its own step-2,745 checkpoint."""
     from cliviz.analyses.compare import gate_profiles, seed_stability
 
-    names = ["cli-seed0-step2745", "cli-seed1-step2745", "cli-seed2-step2745", "cli-tiny"]
+    final = {0: "cli-tiny", 1: "cli-tiny-seed1", 2: "cli-tiny-seed2"}
+    early = {seed: f"cli-seed{seed}-step2745" for seed in final}
     profiles, fusions = {}, {}
-    for name in names:
+    for name in [*final.values(), *early.values()]:
         model, tok = load_model(name, device="cpu", dtype="float32")
         assert model.config.fusion == "cli"
         profiles[name], fusions[name] = gate_profiles(model, tok, held_out, limit=140), "cli"
     table = seed_stability(profiles, fusions)
-    assert len(table) == 6 * 7 and table.profile_spearman.between(-1, 1).all()
-    same_seed = table[(table.model_a == "cli-seed0-step2745") & (table.model_b == "cli-tiny")]
-    across = table[~table.model_a.eq("cli-tiny") & ~table.model_b.eq("cli-tiny")]
+    assert len(table) == 15 * 7 and table.profile_spearman.between(-1, 1).all()
+
+    def pairs(names: set[str]):
+        return table[table.model_a.isin(names) & table.model_b.isin(names)]
+
+    across = pairs(set(final.values()))
     assert len(across) == 3 * 7
-    # measured on held-out 4243: same seed 0.95 mean Spearman, across the three seeds 0.54
-    assert same_seed.profile_spearman.mean() >= 0.8, same_seed
-    assert across.profile_spearman.mean() < same_seed.profile_spearman.mean() - 0.1, across
+    within = {seed: pairs({final[seed], early[seed]}).profile_spearman.mean() for seed in final}
+    # measured on this set: within seeds 0.94 / 0.94 / 0.83, across the final seeds 0.58 (4243: 0.95 / 0.89 / 0.85 vs 0.56)
+    assert min(within.values()) >= 0.7, within
+    assert across.profile_spearman.mean() < min(within.values()) - 0.1, (across, within)
