@@ -316,12 +316,22 @@ def settings_from_state(state: SavedState, stop_step: int | None = None) -> Trai
 
 
 def earlier_log_rows(run: Path, up_to_step: int) -> list[dict]:
-    """The log rows of an interrupted run up to the step a continuation starts from."""
+    """The log rows of an interrupted run up to the step a continuation starts from.
+
+    A crash can leave a half-written last line; the log is a record, not state, so such lines are skipped.
+    """
     path = run / "training_log.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= up_to_step]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= up_to_step:
+            rows.append(row)
+    return rows
 
 
 def _aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -124,6 +124,8 @@ def test_train_stop_then_resume_from_the_command_line(tmp_path):
     proc = run_cli("train", "--steps", "4", "--stop-step", "2", "--batch-size", "2", "--out", str(half))
     assert proc.returncode == 0, proc.stderr
     assert_clean_error(run_cli("train", "--resume", str(half), "--stop-step", "1"), "after the saved step 2")
+    with open(half / "training_log.jsonl", "a") as log:
+        log.write('{"step": 3, "seco')  # the half-written line a crash leaves
     proc = run_cli("train", "--resume", str(half), "--out", str(full), "--save-dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((full / "training_summary.json").read_text())
