@@ -55,20 +55,42 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def seed_stability(profiles: dict[str, dict[str, np.ndarray]], fusions: dict[str, str]) -> pd.DataFrame:
-    """Pairwise agreement of gate maps between models of the same fusion variant with gates."""
+def seed_stability(
+    profiles: dict[str, dict[str, np.ndarray]], fusions: dict[str, str], seeds: dict[str, int | None] | None = None,
+) -> pd.DataFrame:
+    """Pairwise agreement of gate maps between models of the same fusion variant with gates.
+
+    `seeds` (label -> training seed, None when unknown) marks each pair `same_seed`: two checkpoints
+    of one seed measure drift during training, not seed-to-seed variation, and must not be averaged in.
+    """
+    seeds = seeds or {}
     rows = []
     for a, b in combinations(profiles, 2):
         if fusions[a] != fusions[b] or fusions[a] not in ("cli",):
             continue
+        known = seeds.get(a) is not None and seeds.get(b) is not None
         for qtype in sorted(set(profiles[a]) & set(profiles[b])):
             pa_, pb_ = profiles[a][qtype], profiles[b][qtype]
             rows.append({
                 "fusion": fusions[a], "model_a": a, "model_b": b, "qtype": qtype,
                 "profile_spearman": _spearman(pa_.mean(0), pb_.mean(0)),
                 "top_layer_agreement": float(np.mean(pa_.argmax(1) == pb_.argmax(1))),
+                "same_seed": (seeds[a] == seeds[b]) if known else None,
             })
-    return pd.DataFrame(rows, columns=["fusion", "model_a", "model_b", "qtype", "profile_spearman", "top_layer_agreement"])
+    columns = ["fusion", "model_a", "model_b", "qtype", "profile_spearman", "top_layer_agreement", "same_seed"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def stability_summary(stability: pd.DataFrame) -> pd.DataFrame:
+    """Per question type: mean agreement across different seeds (pairs of unknown seed count as
+    different) and, where the set holds checkpoints of one seed, within a seed for reference."""
+    same = stability.same_seed.eq(True)
+    metrics = ["profile_spearman", "top_layer_agreement"]
+    summary = stability[~same].groupby("qtype")[metrics].mean()
+    if same.any():
+        within = stability[same].groupby("qtype")[metrics].mean().add_prefix("same_seed_")
+        summary = summary.join(within, how="outer")
+    return summary
 
 
 def comparison_figure(table: pd.DataFrame) -> go.Figure:

@@ -14,6 +14,15 @@ from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt
 from cliviz.errors import CLIVizError
 
 
+def training_seed(model_dir: str) -> int | None:
+    """The seed `cliviz train` recorded in a model folder's training_summary.json (None if absent)."""
+    try:
+        seed = json.loads((Path(model_dir) / "training_summary.json").read_text())["settings"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return seed if isinstance(seed, int) else None
+
+
 def compare_cmd(
     models: Annotated[list[Path], typer.Option("--models", help="Model folders (repeat --models, or bundled names).")],
     data: Annotated[Path, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")],
@@ -24,7 +33,7 @@ def compare_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy overall and per question type for each model; seed stability of gate maps."""
-    from cliviz.analyses.compare import accuracy_table, gate_profiles, seed_stability, write_comparison
+    from cliviz.analyses.compare import accuracy_table, gate_profiles, seed_stability, stability_summary, write_comparison
     from cliviz.evaluation import read_jsonl
     from cliviz.model.loading import load_model
 
@@ -41,7 +50,8 @@ def compare_cmd(
         loaded[label] = load_model(path, device=device, dtype=dtype)
     table = accuracy_table(loaded, dataset)
     profiles = {label: gate_profiles(m, t, dataset, limit=stability_samples) for label, (m, t) in loaded.items() if m.config.fusion == "cli"}
-    stability = seed_stability(profiles, {label: m.config.fusion for label, (m, _) in loaded.items()})
+    seeds = {label: training_seed(m.name_or_path) for label, (m, _) in loaded.items()}
+    stability = seed_stability(profiles, {label: m.config.fusion for label, (m, _) in loaded.items()}, seeds)
     if out is not None:
         write_comparison(out, table, stability)
     if as_json:
@@ -57,13 +67,20 @@ def compare_cmd(
         grid.add_row(qtype, *(f"{v:.3f}" for v in row))
     console.print(grid)
     if len(stability):
-        summary = stability.groupby("qtype")[["profile_spearman", "top_layer_agreement"]].mean()
-        st = Table(title="gate-map stability across cli seeds (mean over model pairs)")
+        summary = stability_summary(stability)
+        st = Table(title="gate-map stability across cli seeds (mean over pairs of different seeds)")
         st.add_column("question type")
         st.add_column("profile Spearman", justify="right")
         st.add_column("top-layer agreement", justify="right")
+        within = "same_seed_profile_spearman" in summary
+        if within:
+            st.add_column("same seed: Spearman", justify="right")
+            st.add_column("same seed: top layer", justify="right")
         for qtype, row in summary.iterrows():
-            st.add_row(qtype, f"{row.profile_spearman:.2f}", f"{row.top_layer_agreement:.2f}")
+            cells = [row.profile_spearman, row.top_layer_agreement]
+            if within:
+                cells += [row.same_seed_profile_spearman, row.same_seed_top_layer_agreement]
+            st.add_row(qtype, *(f"{v:.2f}" for v in cells))
         console.print(st)
     if out is not None:
         console.print(f"[dim]wrote {out}/compare.csv, stability.csv, compare.html[/]")
