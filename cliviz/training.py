@@ -42,6 +42,7 @@ from cliviz.model.processing import n_image_tokens, pixel_values
 from cliviz.train_state import STATE_FILE, SavedState, restore, write_train_state
 
 PATCH = 8
+SUMMARY_FILE = "training_summary.json"
 VISION_LAYERS = 6  # encoder layers of the tiny CLIP tower: hidden_states 0 (patch embedding) .. 6
 
 
@@ -243,12 +244,13 @@ def train(
     def fraction_done() -> float:
         return step / settings.steps if settings.steps else elapsed() / (settings.minutes * 60)
 
-    def window() -> dict[str, list[float]]:
-        return {"loss": list(recent_loss), "acc": list(recent_acc)}
+    def save_state() -> None:
+        window = {"loss": list(recent_loss), "acc": list(recent_acc)}
+        write_train_state(out, model, heads, opt, asdict(settings), step, elapsed(), resumed_at, window)
 
     def checkpoint() -> None:
         _save(model, tokenizer, out)
-        write_train_state(out, model, heads, opt, asdict(settings), step, elapsed(), resumed_at, window())
+        save_state()
 
     while True:
         progress = fraction_done()
@@ -292,7 +294,7 @@ def train(
     if finished:
         (out / STATE_FILE).unlink(missing_ok=True)  # nothing left to resume; keeps shipped folders small
     else:
-        write_train_state(out, model, heads, opt, asdict(settings), step, elapsed(), resumed_at, window())  # resumable
+        save_state()  # stopped early (--stop-step): resumable
     _save(model.to(save_dtype), tokenizer, out)
     summary = {
         "settings": asdict(settings), "steps": step - settings.start_step, "seconds": round(time.monotonic() - start, 1),
@@ -301,7 +303,7 @@ def train(
     }
     if resumed_at:
         summary |= {"resumed_at": resumed_at, "total_seconds": elapsed()}
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -313,6 +315,16 @@ def settings_from_state(state: SavedState, stop_step: int | None = None) -> Trai
         raise ValueError(f"--stop-step must lie after the saved step {state.step} and at most the run's {total} steps")
     settings.stop_step = stop_step
     return settings
+
+
+def recorded_seed(model_dir: str | Path) -> int | None:
+    """The seed `train` recorded in a model folder's training_summary.json (None if absent), so
+    `compare` can tell two checkpoints of one run from two seeds."""
+    try:
+        seed = json.loads((Path(model_dir) / SUMMARY_FILE).read_text())["settings"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return seed if isinstance(seed, int) else None
 
 
 def earlier_log_rows(run: Path, up_to_step: int) -> list[dict]:

@@ -14,15 +14,6 @@ from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt
 from cliviz.errors import CLIVizError
 
 
-def training_seed(model_dir: str) -> int | None:
-    """The seed `cliviz train` recorded in a model folder's training_summary.json (None if absent)."""
-    try:
-        seed = json.loads((Path(model_dir) / "training_summary.json").read_text())["settings"]["seed"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return seed if isinstance(seed, int) else None
-
-
 def compare_cmd(
     models: Annotated[list[Path], typer.Option("--models", help="Model folders (repeat --models, or bundled names).")],
     data: Annotated[Path, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")],
@@ -36,6 +27,7 @@ def compare_cmd(
     from cliviz.analyses.compare import accuracy_table, gate_profiles, seed_stability, stability_summary, write_comparison
     from cliviz.evaluation import read_jsonl
     from cliviz.model.loading import load_model
+    from cliviz.training import recorded_seed
 
     if len(models) < 1:
         raise CLIVizError("give at least one --models folder")
@@ -50,7 +42,7 @@ def compare_cmd(
         loaded[label] = load_model(path, device=device, dtype=dtype)
     table = accuracy_table(loaded, dataset)
     profiles = {label: gate_profiles(m, t, dataset, limit=stability_samples) for label, (m, t) in loaded.items() if m.config.fusion == "cli"}
-    seeds = {label: training_seed(m.name_or_path) for label, (m, _) in loaded.items()}
+    seeds = {label: recorded_seed(m.name_or_path) for label, (m, _) in loaded.items()}
     stability = seed_stability(profiles, {label: m.config.fusion for label, (m, _) in loaded.items()}, seeds)
     if out is not None:
         write_comparison(out, table, stability)
