@@ -94,6 +94,29 @@ def test_mismatched_model_folder(random_model_dir, tmp_path, example_image):
     assert_clean_error(run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "not a cliviz")
 
 
+def test_broken_tokenizer_is_a_one_line_error_for_every_command(random_model_dir, tmp_path, example_image):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(random_model_dir, broken)
+    (broken / "tokenizer.json").write_text("{broken")
+    assert_clean_error(run_cli("vocab", "--model", str(broken)), "tokenizer")
+    assert_clean_error(run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "tokenizer")
+
+
+def test_loading_from_python_does_not_warn(random_model_dir, caplog):
+    """AutoTokenizer gets the model's config; without it transformers warns that `cliviz_cli` is
+    not the model type it expected, on every load, in every notebook."""
+    import logging
+
+    from cliviz.model.loading import load_model
+
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        model, tokenizer = load_model(random_model_dir, device="cpu")
+    assert len(tokenizer) <= model.config.base_config.text_config.vocab_size
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_data_then_eval(random_model_dir, tmp_path):
     proc = run_cli("data", "--n", "14", "--seed", "3", "--out", str(tmp_path / "d"))
     assert proc.returncode == 0, proc.stderr

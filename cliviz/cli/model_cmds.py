@@ -119,11 +119,9 @@ def attach_cmd(
 
 def vocab(model: ModelOpt = None) -> None:
     """List the words the model understands."""
-    from cliviz.model.loading import check_model_dir, resolve_model_dir
-    from transformers import AutoTokenizer
+    from cliviz.model.loading import check_model_dir, load_tokenizer, resolve_model_dir
 
     folder = resolve_model_dir(model)
-    check_model_dir(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = load_tokenizer(folder, check_model_dir(folder))
     words = [w for w, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if w not in tok.all_special_tokens]
     typer.echo(" ".join(words))

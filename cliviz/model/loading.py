@@ -86,18 +86,28 @@ def load_model(
     problems = [f"{k}: {', '.join(v[:3])}" for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
         raise CLIVizError(f"weights in {folder} do not match its config ({'; '.join(problems)})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as err:  # tokenizers raises a zoo of types on a broken file
-        raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
-    if len(tokenizer) > config.base_config.text_config.vocab_size:
-        raise CLIVizError(f"tokenizer in {folder} has {len(tokenizer)} tokens, more than the model's vocabulary")
-    load_chat_template(folder, tokenizer)
+    tokenizer = load_tokenizer(folder, config)
     processor = load_image_processor(folder, config)
     if processor is not None:
         model.config.image_processor = processor  # runtime-only: see `processing.image_processor`
     model.name_or_path = str(folder)
     return model.to(dev).eval(), tokenizer
+
+
+def load_tokenizer(folder: Path, config: CLIConfig):
+    """The folder's tokenizer, checked against the model's vocabulary, with its chat template.
+
+    The config is passed in: AutoConfig does not know `cliviz_cli`, and without it AutoTokenizer
+    falls back to a generic config and warns that the model type does not match.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+    except Exception as err:  # tokenizers raises a zoo of types on a broken file
+        raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
+    if len(tokenizer) > config.base_config.text_config.vocab_size:
+        raise CLIVizError(f"tokenizer in {folder} has {len(tokenizer)} tokens, more than the model's vocabulary")
+    load_chat_template(folder, tokenizer)
+    return tokenizer
 
 
 def load_chat_template(folder: Path, tokenizer) -> None:
