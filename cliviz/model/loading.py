@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import CLIConfig
@@ -94,7 +94,7 @@ def load_model(
     return model.to(dev).eval(), tokenizer
 
 
-def load_tokenizer(folder: Path, config: CLIConfig):
+def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
     """The folder's tokenizer, checked against the model's vocabulary, with its chat template.
 
     The config is passed in: AutoConfig does not know `cliviz_cli`, and without it AutoTokenizer
