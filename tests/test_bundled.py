@@ -85,7 +85,6 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
     vision-layer profile than each seed's map does with its own step-2,745 checkpoint — read the way
     `cliviz compare` reads it: seeds from each folder's training summary, then `stability_summary`."""
     from cliviz.analyses.compare import gate_profiles, seed_stability, stability_summary
-    from cliviz.model.loading import resolve_model_dir
     from cliviz.training import recorded_seed
 
     final = {0: "cli-tiny", 1: "cli-tiny-seed1", 2: "cli-tiny-seed2"}
@@ -95,7 +94,7 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
         model, tok = load_model(name, device="cpu", dtype="float32")
         assert model.config.fusion == "cli"
         profiles[name], fusions[name] = gate_profiles(model, tok, held_out, limit=140), "cli"
-        seeds[name] = recorded_seed(resolve_model_dir(name))
+        seeds[name] = recorded_seed(model.name_or_path)  # as `cliviz compare` reads it
     assert seeds == {**{v: k for k, v in final.items()}, **{v: k for k, v in early.items()}}
     table = seed_stability(profiles, fusions, seeds)
     assert len(table) == 15 * 7 and table.profile_spearman.between(-1, 1).all()
