@@ -9,7 +9,7 @@ from PIL import Image
 
 from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
-from cliviz.model.processing import batch_prompts, pad_id, pixel_values
+from cliviz.model.processing import batch_prompts, image_inputs, pad_id
 
 
 @dataclass
@@ -37,12 +37,11 @@ def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
 
 
 def prepare_inputs(model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str]) -> dict:
-    ids, mask = batch_prompts(tokenizer, questions, model.config)
-    return {
-        "input_ids": ids.to(model.device),
-        "attention_mask": mask.to(model.device),
-        "pixel_values": pixel_values(images, model.config).to(model.device, model.dtype),
-    }
+    """Left-padded prompts and the image inputs (`pixel_values`, and `image_sizes` for OneVision)."""
+    pixels = image_inputs(images, model.config)
+    ids, mask = batch_prompts(tokenizer, questions, model.config, pixels.token_counts)
+    return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device),
+            **pixels.to_model(model.device, model.dtype)}
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:

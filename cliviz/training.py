@@ -61,7 +61,7 @@ def tiny_config(fusion: str, vocab_size: int, image_token_id: int, pad_token_id:
         vision_config=vision, text_config=text, image_token_index=image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
-    return CLIConfig(base_config=base, fusion=fusion, lora_rank=8, gate_temperature=1.0, read_heads=4)
+    return CLIConfig(base_config=base, fusion=fusion, lora_rank=8, gate_temperature=1.0)
 
 
 @dataclass
@@ -208,7 +208,8 @@ def train(
             from cliviz.model.attach import attach
 
             model = attach(model.base, fusion=settings.fusion, lora_rank=config.lora_rank,
-                           read_heads=config.read_heads, gate_temperature=config.gate_temperature)
+                           read_width=config.read_width, read_heads=config.read_heads,
+                           gate_temperature=config.gate_temperature)
         elif model.config.fusion != settings.fusion:
             raise ValueError(f"--init-from holds a {model.config.fusion} model, not {settings.fusion}")
         config = model.config

@@ -72,8 +72,20 @@ def test_amp_shapes_and_zero_lora():
     states = [torch.randn(2, 10, 16) for _ in range(3)]
     out = amp(states, projector)
     assert out.shape == (2, 3, 10, 24)  # [B, K, N, D]
-    # B_k = 0 at init: each layer is exactly the shared projector of its normalised state
-    torch.testing.assert_close(out[:, 1], projector(amp.norms[1](states[1])))
+    # the paper's form, B_k = 0 at init: each layer is exactly the shared projector of its raw state
+    assert amp.norms is None
+    torch.testing.assert_close(out[:, 1], projector(states[1]))
+
+
+@pytest.mark.parametrize("builder", [tiny_llava, tiny_onevision], ids=["llava", "llava_onevision"])
+def test_fresh_attach_has_b_exactly_zero_and_no_norm(builder):
+    """post_init must not re-draw B_k (it once did: std 0.02), and no LayerNorm sits before P."""
+    model = attach(builder())
+    ups = [lora.up.weight for lora in model.amp.loras]
+    assert ups and all(torch.count_nonzero(w) == 0 for w in ups)
+    assert all(lora.down.weight.abs().sum() > 0 for lora in model.amp.loras)  # A_k is drawn
+    assert model.amp.norms is None and not any(".norms." in name for name, _ in model.named_parameters())
+    assert all(layer.injection.alpha.item() == 0 for layer in model.agf)
 
 
 def test_gate_rows_are_a_distribution_and_temperature_sharpens():
@@ -89,10 +101,37 @@ def test_gate_rows_are_a_distribution_and_temperature_sharpens():
 
 
 def test_agf_layer_output_shape_and_zero_alpha():
-    layer = AGFLayer(hidden=32, n_vision=4, heads=4, temperature=1.0, static_index=None)
-    update = layer(torch.randn(2, 5, 32), torch.randn(2, 4, 9, 32))
+    from cliviz.model.agf import MemoryKeysValues
+
+    kv = MemoryKeysValues(hidden=32, width=16, heads=2)
+    layer = AGFLayer(hidden=32, n_vision=4, width=16, heads=2, temperature=1.0, static_index=None)
+    keys, values = kv(torch.randn(2, 4, 9, 32))  # [B, K*H, N, r/H]
+    assert keys.shape == values.shape == (2, 8, 9, 8)
+    assert layer.read(torch.randn(2, 5, 32), keys, values).shape == (2, 5, 4, 16)  # [B, T, K, r]
+    update = layer(torch.randn(2, 5, 32), keys, values)
     assert update.shape == (2, 5, 32)
     assert update.abs().max() == 0  # alpha = 0 at init
+
+
+def test_light_read_reads_each_vision_layer_separately():
+    """Each vision layer's read attends only over that layer's memory: changing layer 2's memory
+    changes only the layer-2 read, and a padded memory position (mask False) changes nothing."""
+    from cliviz.model.agf import MemoryKeysValues
+
+    torch.manual_seed(0)
+    kv = MemoryKeysValues(hidden=32, width=16, heads=2)
+    layer = AGFLayer(hidden=32, n_vision=3, width=16, heads=2, temperature=1.0, static_index=None)
+    hidden, memory = torch.randn(1, 4, 32), torch.randn(1, 3, 6, 32)
+    before = layer.read(hidden, *kv(memory))
+    changed = memory.clone()
+    changed[:, 2] += 1.0
+    after = layer.read(hidden, *kv(changed))
+    torch.testing.assert_close(after[:, :, :2], before[:, :, :2])
+    assert (after[:, :, 2] - before[:, :, 2]).abs().max() > 1e-3
+    mask = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    mask[..., -1] = False
+    padded = torch.cat([memory, torch.randn(1, 3, 1, 32) * 100], dim=2)  # a junk 7th position, masked
+    torch.testing.assert_close(layer.read(hidden, *kv(padded), mask), before)
 
 
 @pytest.mark.parametrize("builder", [tiny_llava, tiny_onevision], ids=["llava", "llava_onevision"])

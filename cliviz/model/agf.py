@@ -1,12 +1,19 @@
 """AGF — Adaptive Gating Fusion, one instance per injection layer.
 
 For each token t with hidden state h_t at the input of LLM layer i:
-1. `VisionRead`: a multi-head read distils every vision layer, `c_{t,k} = MHA(f(h_t), Vhat_k)`;
+1. `VisionRead`: a multi-head read distils every vision layer k of the visual memory,
+   `c_{t,k} = Attn(Q_i norm(h_t), keys_k, values_k)`, r channels wide (`config.read_width`);
 2. `Gate`: `g_{i,t} = softmax(W_g norm(h_t) / tau)` over the K vision layers — **the hook point**
    every analysis in cliviz reads or overrides (`agf.<j>.gate`, output `[batch, seq, K]`);
 3. `Injection`: `tanh(alpha_i) W_o sum_k g_{t,k} c_{t,k}` is added to the residual stream
    (`agf.<j>.injection`, output `[batch, seq, D]`). `alpha_i = 0` at init: a freshly attached
    model equals its base.
+
+The keys and values of the memory do not depend on the token, so they are computed once per
+image at prefill and reused by every decode step. In the light read (DESIGN.md §1) one
+`MemoryKeysValues` (D -> r) serves every injection layer; only the query (D -> r) and the output
+map (r -> D) belong to a layer. The full read of the first design has D-wide maps of its own per
+layer (`VisionRead(own_keys_values=True)`), kept for checkpoints written with it.
 """
 
 from __future__ import annotations
@@ -51,39 +58,71 @@ class StaticGate(nn.Module):
         return self.weights.to(hidden.device, hidden.dtype).expand(*hidden.shape[:-1], -1)  # [B, T, K]
 
 
-class VisionRead(nn.Module):
-    """Multi-head read of each vision layer separately; key/value maps shared across layers."""
+def fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, K, N, r] -> [B, K*H, N, r/H]`: vision layers and heads folded into one batch axis, because
+    SDPA's fused kernels take 4-D inputs only (a 5-D call falls back to the unfused math path)."""
+    b, k, n, r = x.shape
+    return x.view(b, k, n, heads, r // heads).transpose(2, 3).reshape(b, k * heads, n, r // heads)
 
-    def __init__(self, hidden: int, heads: int) -> None:
+
+class MemoryKeysValues(nn.Module):
+    """Keys and values of the visual memory, `[B, K, N, D] -> 2 x [B, K*H, N, r/H]`.
+
+    Shared by every injection layer of the light read, and run once per image (at prefill).
+    """
+
+    def __init__(self, hidden: int, width: int, heads: int) -> None:
         super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden size {hidden} not divisible by {heads} read heads")
+        self.heads = heads
+        self.key = nn.Linear(hidden, width, bias=False)
+        self.value = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_heads(self.key(memory), self.heads), fold_heads(self.value(memory), self.heads)
+
+
+class VisionRead(nn.Module):
+    """Multi-head read of each vision layer separately: `[B, T, D]` -> `[B, T, K, r]`.
+
+    `keys`/`values` `[B, K*H, N, r/H]` come from `MemoryKeysValues` (light read) or, with
+    `own_keys_values`, from this layer's own maps (`memory_keys_values`, the full read).
+    `memory_mask` `[B, 1, 1, N]` is False at padding (images of a OneVision batch differ in length).
+    """
+
+    def __init__(self, hidden: int, width: int, heads: int, own_keys_values: bool = False) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"read width {width} not divisible by {heads} read heads")
         self.heads = heads
         self.norm = nn.LayerNorm(hidden)
-        self.query = nn.Linear(hidden, hidden, bias=False)
-        self.key = nn.Linear(hidden, hidden, bias=False)
-        self.value = nn.Linear(hidden, hidden, bias=False)
+        self.query = nn.Linear(hidden, width, bias=False)
+        if own_keys_values:
+            self.key = nn.Linear(hidden, width, bias=False)
+            self.value = nn.Linear(hidden, width, bias=False)
 
-    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        b, t, d = hidden.shape
-        _, k, n, _ = memory.shape
-        h, hd = self.heads, d // self.heads
-        q = self.query(self.norm(hidden)).view(b, t, h, hd).transpose(1, 2)  # [B, H, T, hd]
-        # Heads and vision layers folded into one axis: SDPA's fused kernels take 4-D inputs only
-        # (a 5-D call falls back to the unfused math path, ~3x slower in training here).
-        q = q.unsqueeze(2).expand(b, h, k, t, hd).reshape(b, h * k, t, hd)  # [B, H*K, T, hd]
-        keys = self.key(memory).view(b, k, n, h, hd).permute(0, 3, 1, 2, 4).reshape(b, h * k, n, hd)  # [B, H*K, N, hd]
-        values = self.value(memory).view(b, k, n, h, hd).permute(0, 3, 1, 2, 4).reshape(b, h * k, n, hd)  # [B, H*K, N, hd]
-        read = F.scaled_dot_product_attention(q, keys, values).view(b, h, k, t, hd)  # [B, H, K, T, hd]
-        return read.permute(0, 3, 2, 1, 4).reshape(b, t, k, d)  # [B, T, K, D]
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full read's own keys and values of `memory [B, K, N, D]`."""
+        return fold_heads(self.key(memory), self.heads), fold_heads(self.value(memory), self.heads)
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = hidden.shape
+        h = self.heads
+        k = keys.shape[1] // h
+        q = self.query(self.norm(hidden))  # [B, T, r]
+        r = q.shape[-1]
+        q = q.view(b, t, h, r // h).transpose(1, 2)  # [B, H, T, r/H]
+        q = q.unsqueeze(1).expand(b, k, h, t, r // h).reshape(b, k * h, t, r // h)  # [B, K*H, T, r/H]
+        read = F.scaled_dot_product_attention(q, keys, values, attn_mask=memory_mask)  # [B, K*H, T, r/H]
+        return read.view(b, k, h, t, r // h).permute(0, 3, 1, 2, 4).reshape(b, t, k, r)  # [B, T, K, r]
 
 
 class Injection(nn.Module):
-    """What is added to the residual stream: `tanh(alpha) * W_o(mixed)`; alpha starts at 0."""
+    """What is added to the residual stream: `tanh(alpha) * W_o(mixed)`, `W_o: r -> D`; alpha starts at 0."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.out_proj = nn.Linear(hidden, hidden, bias=False)
+        self.out_proj = nn.Linear(width, hidden, bias=False)
         self.alpha = nn.Parameter(torch.zeros(()))
 
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
@@ -93,16 +132,18 @@ class Injection(nn.Module):
 class AGFLayer(nn.Module):
     """Gate + read + injection for one LLM layer; returns the residual update `[B, T, D]`."""
 
-    def __init__(self, hidden: int, n_vision: int, heads: int, temperature: float, static_index: int | None) -> None:
+    def __init__(self, hidden: int, n_vision: int, width: int, heads: int, temperature: float,
+                 static_index: int | None, own_keys_values: bool = False) -> None:
         super().__init__()
         self.gate = Gate(hidden, n_vision, temperature) if static_index is None else StaticGate(n_vision, static_index)
-        self.read = VisionRead(hidden, heads)
-        self.injection = Injection(hidden)
+        self.read = VisionRead(hidden, width, heads, own_keys_values)
+        self.injection = Injection(width, hidden)
 
-    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         gates = self.gate(hidden)  # [B, T, K]
-        reads = self.read(hidden, memory)  # [B, T, K, D]
-        mixed = torch.einsum("btk,btkd->btd", gates, reads)  # [B, T, D]
+        reads = self.read(hidden, keys, values, memory_mask)  # [B, T, K, r]
+        mixed = torch.einsum("btk,btkr->btr", gates, reads)  # [B, T, r]
         return self.injection(mixed)
 
 
@@ -116,7 +157,7 @@ class DeepStackLayer(nn.Module):
         super().__init__()
         self.gate = StaticGate(1, 0)
         self.norm = nn.LayerNorm(hidden)
-        self.injection = Injection(hidden)
+        self.injection = Injection(hidden, hidden)
 
     def forward(self, hidden: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         gates = self.gate(hidden)  # [B, T, 1]

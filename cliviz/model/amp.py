@@ -1,9 +1,13 @@
 """AMP — Adaptive Multi-Projection.
 
-Each selected vision layer k is normalised and mapped into the LLM space by the model's own
-LLaVA projector `P` (shared across k) plus a per-layer low-rank correction:
-`Vhat_k = P(norm_k(V_k)) + B_k A_k norm_k(V_k)`, `B_k` zero-initialised.
-Sharing `P` keeps all layers in one comparable space; the LoRA lets each layer adapt cheaply.
+Each selected vision layer k is mapped into the LLM space by the model's own pretrained LLaVA
+projector `P` (shared across k) plus a per-layer low-rank correction, as the paper writes it:
+`Vhat_k = P(V_k) + B_k A_k V_k`, with `B_k` exactly zero at init, so every layer starts as the
+projector's own reading of it. Sharing `P` keeps all layers in one comparable space; the LoRA lets
+each layer adapt cheaply (rank r: `r (Dv + D)` parameters per layer).
+
+Checkpoints written before this form had a LayerNorm per layer in front of `P`
+(`Vhat_k = P(n_k(V_k)) + B_k A_k n_k(V_k)`); `CLIConfig.amp_norm` keeps them loading.
 """
 
 from __future__ import annotations
@@ -20,22 +24,28 @@ class LoRA(nn.Module):
         self.down = nn.Linear(d_in, rank, bias=False)
         self.up = nn.Linear(rank, d_out, bias=False)
         nn.init.zeros_(self.up.weight)
+        self.up.zero_init = True  # read by `CLIPreTrainedModel._init_weights`: post_init must not re-draw B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
 
 class AMP(nn.Module):
-    """Projects K vision layers into the LLM embedding space: `[B, N, Dv] x K -> [B, K, N, D]`."""
+    """Projects K vision layers into the LLM space: K x `[X, N, Dv]` -> `[X, K, N, D]`.
 
-    def __init__(self, vision_hidden: int, text_hidden: int, n_layers: int, rank: int) -> None:
+    X is the vision tower's batch: images for LLaVA, crops for LLaVA-OneVision (the model packs
+    crops into images afterwards, exactly as the base packs its own image features).
+    """
+
+    def __init__(self, vision_hidden: int, text_hidden: int, n_layers: int, rank: int, norm: bool = False) -> None:
         super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(vision_hidden) for _ in range(n_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(vision_hidden) for _ in range(n_layers)) if norm else None
         self.loras = nn.ModuleList(LoRA(vision_hidden, text_hidden, rank) for _ in range(n_layers))
 
     def forward(self, layer_states: list[torch.Tensor], projector: nn.Module) -> torch.Tensor:
-        projected = []
-        for state, norm, lora in zip(layer_states, self.norms, self.loras):
-            x = norm(state)  # [B, N, Dv]
-            projected.append(projector(x) + lora(x))  # [B, N, D]
-        return torch.stack(projected, dim=1)  # [B, K, N, D]
+        if self.norms is not None:
+            layer_states = [norm(state) for state, norm in zip(layer_states, self.norms)]
+        stacked = torch.stack(layer_states, dim=1)  # [X, K, N, Dv]
+        projected = projector(stacked)  # [X, K, N, D]: P is token-wise, one call for every layer
+        corrections = torch.stack([lora(state) for state, lora in zip(layer_states, self.loras)], dim=1)  # [X, K, N, D]
+        return projected + corrections

@@ -31,9 +31,10 @@ def attach(
     injection_layers: list[int] | None = None,
     lora_rank: int = 8,
     gate_temperature: float = 1.0,
+    read_width: int | None = None,
     read_heads: int | None = None,
 ) -> CLIForConditionalGeneration:
-    """Wrap `base` (its modules are re-used, not copied) in a CLI model. Example::
+    """Wrap `base` (its modules are re-used, not copied) in a CLI model with the light read. Example::
 
         base = LlavaForConditionalGeneration.from_pretrained("path/to/llava", use_safetensors=True)
         model = attach(base, vision_layers=[4, 8, 12, 16, 20, 24])
@@ -42,7 +43,7 @@ def attach(
         raise CLIVizError(f"cannot attach to model_type {base.config.model_type!r}; expected llava or llava_onevision")
     config = CLIConfig(
         base_config=base.config, fusion=fusion, vision_layers=vision_layers, injection_layers=injection_layers,
-        lora_rank=lora_rank, gate_temperature=gate_temperature, read_heads=read_heads,
+        lora_rank=lora_rank, gate_temperature=gate_temperature, read_width=read_width, read_heads=read_heads,
     )
     model = CLIForConditionalGeneration(config, base=base)
     return model.to(dtype=base.dtype, device=base.device).eval()

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import AutoConfig, LlavaConfig, LlavaOnevisionConfig, PretrainedConfig
 
 FUSIONS = ("projector", "shallow", "deepstack", "cli")
+READS = ("light", "full")
 BASE_CONFIGS = {"llava": LlavaConfig, "llava_onevision": LlavaOnevisionConfig}
 RUNTIME_ONLY = ("image_processor",)  # attributes set after loading, never serialised
 
@@ -26,7 +27,16 @@ class CLIConfig(PretrainedConfig):
         injection_layers: LLM decoder layers whose *input* receives the injection.
         lora_rank: rank of the per-vision-layer LoRA in AMP.
         gate_temperature: softmax temperature of the AGF gate.
-        read_heads: heads of the AGF multi-head read (default: the LLM's attention heads).
+        agf_read: `light` (DESIGN.md §1: a low-rank read whose keys/values of the visual memory are
+            computed once per image and shared by every injection layer) or `full` (the first
+            design: D-wide query/key/value maps per injection layer; kept so that checkpoints
+            written before the light read still load).
+        read_width: width r of the light read (default `default_read_width`: 32 per 1,024 of the
+            LLM's hidden size, at least 32 — 128 for a 7B LLM, about 0.5% extra parameters).
+        read_heads: heads of the read (default: one per 32 channels of the light read; the LLM's
+            attention heads for the full read).
+        amp_norm: a LayerNorm per vision layer in front of the shared projector. Off (the paper's
+            `P(V_k) + B_k A_k V_k`); on only in checkpoints written before it was removed.
     """
 
     model_type = "cliviz_cli"
@@ -40,7 +50,10 @@ class CLIConfig(PretrainedConfig):
         injection_layers: list[int] | None = None,
         lora_rank: int = 8,
         gate_temperature: float = 1.0,
+        agf_read: str = "light",
+        read_width: int | None = None,
         read_heads: int | None = None,
+        amp_norm: bool = False,
         **kwargs: Any,
     ) -> None:
         if isinstance(base_config, dict):
@@ -56,10 +69,13 @@ class CLIConfig(PretrainedConfig):
             base_config = copy.deepcopy(base_config)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
+        if agf_read not in READS:
+            raise ValueError(f"unknown agf_read {agf_read!r}; expected one of {', '.join(READS)}")
         self.base_config = base_config
         self.fusion = fusion
         n_vision = base_config.vision_config.num_hidden_layers
         n_text = base_config.text_config.num_hidden_layers
+        text_hidden = base_config.text_config.hidden_size
         if vision_layers is None:
             vision_layers = [n_vision] if fusion == "deepstack" else list(range(1, n_vision + 1))
         if injection_layers is None:
@@ -74,9 +90,26 @@ class CLIConfig(PretrainedConfig):
                 raise ValueError(f"injection layer {i} outside 0..{n_text - 1}")
         self.lora_rank = int(lora_rank)
         self.gate_temperature = float(gate_temperature)
-        self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
+        self.agf_read = agf_read
+        self.amp_norm = bool(amp_norm)
+        if agf_read == "light":
+            self.read_width = int(read_width or default_read_width(text_hidden))
+            self.read_heads = int(read_heads or max(1, self.read_width // 32))
+        else:
+            self.read_width = text_hidden
+            self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
+        if self.read_width < 1 or self.read_heads < 1 or self.read_width % self.read_heads:
+            raise ValueError(f"read width {self.read_width} must be a positive multiple of read_heads {self.read_heads}")
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "CLIConfig":
+        """A config.json written before the light read and the paper's AMP describes the first
+        design (full read, LayerNorm in AMP): it says so by lacking `agf_read`."""
+        if "agf_read" not in config_dict:
+            config_dict = {**config_dict, "agf_read": "full", "amp_norm": True}
+        return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """As transformers serialises it, minus runtime-only attributes.
@@ -108,3 +141,12 @@ class CLIConfig(PretrainedConfig):
         if n_inj <= 1:
             return [0] * n_inj
         return [round(j * (k - 1) / (n_inj - 1)) for j in range(n_inj)]
+
+
+def default_read_width(text_hidden: int) -> int:
+    """32 channels per 1,024 of the LLM width (128 at 4,096), at least 32.
+
+    Sized by the budget in DESIGN.md §1: at 128 the read adds about 0.5% parameters to
+    LLaVA-1.5-7B and about 2% FLOPs per decoded token (`benchmarks/bench_cli_cost.py`).
+    """
+    return 32 * max(1, round(text_hidden / 1024))

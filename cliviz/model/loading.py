@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import CLIConfig
@@ -76,6 +76,7 @@ def load_model(
     folder = resolve_model_dir(path)
     config = check_model_dir(folder)
     dev, dt = resolve_device(device, dtype)
+    set_dtype(config, dt)
     try:
         model, info = CLIForConditionalGeneration.from_pretrained(
             folder, config=config, use_safetensors=True, dtype=dt, output_loading_info=True
@@ -92,6 +93,20 @@ def load_model(
         model.config.image_processor = processor  # runtime-only: see `processing.image_processor`
     model.name_or_path = str(folder)
     return model.to(dev).eval(), tokenizer
+
+
+def set_dtype(config: CLIConfig, dtype: torch.dtype) -> None:
+    """The requested dtype on the config and every config nested in it.
+
+    transformers builds each sub-model (vision tower, LLM) in its own sub-config's dtype, and a
+    checkpoint saved in float16 records float16 in each of them: setting the top level alone
+    would leave part of the model in float16 ("mat1 and mat2 must have the same dtype").
+    """
+    stack = [config]
+    while stack:
+        cfg = stack.pop()
+        cfg.dtype = dtype
+        stack += [value for value in vars(cfg).values() if isinstance(value, PretrainedConfig)]
 
 
 def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
@@ -142,29 +157,39 @@ def has_image_processor_config(folder: Path) -> bool:
 def load_image_processor(folder: Path, config: CLIConfig):
     """The checkpoint's image processor (see `has_image_processor_config`), or None when it has none.
 
-    Bundled tiny models have none and keep their own [-1, 1] scaling. LLaVA-OneVision processors
-    (anyres crops + `image_sizes`) are not supported, so a OneVision folder keeps that path too.
-    The processor must turn any image, square or not, into the tower's `S x S`.
+    Bundled tiny models have none and keep their own [-1, 1] scaling. LLaVA: the processor must
+    turn any image, square or not, into the tower's `S x S`. LLaVA-OneVision cannot run without
+    its anyres processor (crops and `image_sizes`), so a OneVision folder must have one. The PIL
+    implementation is asked for by name: it needs no torchvision, and transformers itself prefers
+    it for these processors to keep outputs identical.
     """
-    if not has_image_processor_config(folder) or config.base_model_type != "llava":
+    onevision = config.base_model_type == "llava_onevision"
+    if not has_image_processor_config(folder):
+        if onevision:
+            raise CLIVizError(f"{folder} is a LLaVA-OneVision model without its image processor: copy the base "
+                              "checkpoint's preprocessor_config.json (and processor_config.json) into it")
         return None
     from PIL import Image
     from transformers import AutoImageProcessor
 
     try:
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil", trust_remote_code=False)
     except Exception as err:  # unknown class, remote code, broken JSON: all one message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIVizError(f"cannot load the image processor in {folder}: {first}") from None
     size = int(config.base_config.vision_config.image_size)
+    if onevision and not getattr(processor, "image_grid_pinpoints", None):
+        raise CLIVizError(f"the image processor in {folder} is {type(processor).__name__}, not LLaVA-OneVision's anyres processor")
     try:
         shape = tuple(processor(Image.new("RGB", (2 * size, size)), return_tensors="pt")["pixel_values"].shape)
     except Exception as err:
         raise CLIVizError(f"the image processor in {folder} fails on a test image: {err}") from None
-    if shape != (1, 3, size, size):
+    crop = shape[-3:] if onevision else shape
+    want = (3, size, size) if onevision else (1, 3, size, size)
+    if crop != want:
         raise CLIVizError(
             f"the image processor in {folder} makes pixel_values {list(shape)}, but the vision tower "
-            f"expects [1, 3, {size}, {size}] (check size/crop_size in preprocessor_config.json)"
+            f"expects {'crops of ' if onevision else ''}{list(want)} (check size/crop_size in preprocessor_config.json)"
         )
     return processor
 

@@ -2,17 +2,23 @@
 
 The wrapped model (`self.base`, a stock `LlavaForConditionalGeneration` or
 `LlavaOnevisionForConditionalGeneration`) runs unchanged. CLI adds:
-- `self.amp`: projects the selected vision layers into the LLM space once per image;
+- `self.amp`: projects the selected vision layers into the LLM space once per image; for
+  LLaVA-OneVision the projected crops are then packed per image exactly as the base packs its own
+  image features (anyres grid, unpadding, newline tokens), so AMP reads what the LLM sees;
+- `self.read_kv`: the keys and values of that visual memory (light read), computed once per image
+  and carried through generation in `VisionKeysValues` — never recomputed per token;
 - `self.agf[j]`: one AGF layer per injection layer, applied to the *input* of LLM decoder layer
   `injection_layers[j]` by a forward pre-hook, so the base's module tree and weight names stay
-  exactly the base's (a CLI checkpoint is the base checkpoint plus `amp.*` and `agf.*`).
+  exactly the base's (a CLI checkpoint is the base checkpoint plus `amp.*`, `read_kv.*`, `agf.*`).
 
 The per-call visual memory reaches the hooks through a `ContextVar`, never through module
 state, so one loaded model can serve concurrent requests (the dashboard does).
 
 Hook points (one name each, used everywhere in cliviz):
 `agf.<j>.gate` (output `[batch, seq, K]`), `agf.<j>.gate.to_logits` (pre-softmax logits),
-`agf.<j>.injection` (residual update `[batch, seq, D]`).
+`agf.<j>.injection` (residual update `[batch, seq, D]`); `amp` (memory `[X, K, N, D]`) and
+`read_kv` (keys, values `[batch, K*H, N, r/H]`). `model.agf_for(llm_layer)` maps a real LLM
+layer index to its AGF module.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from cliviz.model.agf import AGFLayer, DeepStackLayer
+from cliviz.model.agf import AGFLayer, DeepStackLayer, MemoryKeysValues
 from cliviz.model.amp import AMP
 from cliviz.model.configuration import CLIConfig
 
@@ -39,10 +45,23 @@ BASE_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_onevision": Llava
 
 
 @dataclass
+class VisionKeysValues:
+    """What every decode step needs of the image: the read's keys and values, per injection layer.
+
+    The light read shares one (keys, values) pair across layers (the list holds the same tensors);
+    the full read has its own per layer. `mask [B, 1, 1, N]` is None when no memory is padded.
+    """
+
+    keys: list[torch.Tensor]  # each [B, K*H, N, r/H]
+    values: list[torch.Tensor]  # each [B, K*H, N, r/H]
+    mask: torch.Tensor | None
+
+
+@dataclass
 class _VisualContext:
     """What the decoder pre-hooks need for one forward call."""
 
-    memory: torch.Tensor | None  # [B, K, N, D] AMP output (cli, shallow)
+    kv: VisionKeysValues | None  # cli, shallow
     image_embeds: torch.Tensor | None  # [B, T, D] image features at their token positions (deepstack)
     image_mask: torch.Tensor | None  # [B, T] True at image-token positions
 
@@ -57,7 +76,9 @@ class CLIOutput(ModelOutput):
     cache: Any = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    vision_memory: torch.Tensor | None = None
+    vision_memory: torch.Tensor | None = None  # [B, K, N, D] packed AMP output, at prefill
+    vision_memory_mask: torch.Tensor | None = None  # [B, N] True at real memory positions (None: all)
+    vision_kv: VisionKeysValues | None = None  # carried to the next decode step
     vision_hidden_states: tuple[torch.Tensor, ...] | None = None  # every vision layer, at prefill only
 
 
@@ -72,7 +93,10 @@ class CLIPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Only CLI's own modules land here; the wrapped LLaVA initialises itself (smart_apply).
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "zero_init", False):  # AMP's B_k: the correction starts at nothing
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -85,7 +109,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
 
     Example::
 
-        from cliviz.model import load_model
+        from cliviz.model.loading import load_model
         model, tokenizer = load_model()          # the bundled cli-tiny
         print(model.config.vision_layers, model.config.injection_layers)
     """
@@ -102,11 +126,16 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         vision_hidden = config.base_config.vision_config.hidden_size
         text_hidden = config.base_config.text_config.hidden_size
         k = len(config.vision_layers)
-        self.amp = AMP(vision_hidden, text_hidden, k, config.lora_rank) if config.fusion in ("cli", "shallow") else None
-        if config.fusion in ("cli", "shallow"):
+        reads = config.fusion in ("cli", "shallow")
+        light = config.agf_read == "light"
+        self.amp = AMP(vision_hidden, text_hidden, k, config.lora_rank, norm=config.amp_norm) if reads else None
+        self.read_kv = MemoryKeysValues(text_hidden, config.read_width, config.read_heads) if reads and light else None
+        if reads:
             statics = config.shallow_map() if config.fusion == "shallow" else [None] * len(config.injection_layers)
             self.agf = nn.ModuleList(
-                AGFLayer(text_hidden, k, config.read_heads, config.gate_temperature, s) for s in statics
+                AGFLayer(text_hidden, k, config.read_width, config.read_heads, config.gate_temperature, s,
+                         own_keys_values=not light)
+                for s in statics
             )
         elif config.fusion == "deepstack":
             self.agf = nn.ModuleList(DeepStackLayer(text_hidden) for _ in config.injection_layers)
@@ -123,6 +152,13 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
     def decoder_layers(self) -> nn.ModuleList:
         return self.base.model.language_model.layers
 
+    def agf_for(self, llm_layer: int) -> nn.Module:
+        """The AGF module of a real LLM layer index (`agf[j]` is `injection_layers[j]`, not layer j)."""
+        try:
+            return self.agf[self.config.injection_layers.index(int(llm_layer))]
+        except ValueError:
+            raise KeyError(f"LLM layer {llm_layer} takes no injection (injection layers: {self.config.injection_layers})") from None
+
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()
 
@@ -132,6 +168,10 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
     @property
     def image_token_id(self) -> int:
         return self.config.base_config.image_token_id
+
+    @property
+    def is_onevision(self) -> bool:
+        return self.config.base_model_type == "llava_onevision"
 
     # -- injection ---------------------------------------------------------------------------
     def _make_hook(self, j: int):
@@ -145,9 +185,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
                     return None  # decode steps hold no image tokens
                 update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
             else:
-                if ctx.memory is None:
+                if ctx.kv is None:
                     return None
-                update = self.agf[j](hidden, ctx.memory)  # [B, T, D]
+                update = self.agf[j](hidden, ctx.kv.keys[j], ctx.kv.values[j], ctx.kv.mask)  # [B, T, D]
             hidden = hidden + update
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -155,11 +195,14 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
 
         return hook
 
+    # -- the image side ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None):
         """Run the vision tower once: the base's image features plus every vision hidden state."""
         base_cfg = self.config.base_config
         kwargs: dict[str, Any] = {"output_hidden_states": True, "return_dict": True}
-        if self.config.base_model_type == "llava_onevision":
+        if self.is_onevision:
+            if image_sizes is None:
+                raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values")
             kwargs["image_sizes"] = image_sizes
         return self.base.model.get_image_features(
             pixel_values=pixel_values.to(self.dtype),
@@ -168,18 +211,59 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def vision_memory(self, image_outputs: Any, batch: int) -> torch.Tensor:
-        """AMP over the selected vision layers: `[B, K, N, D]` (crops of one image concatenated)."""
+    def vision_memory(self, image_outputs: Any, image_sizes: torch.Tensor | None = None,
+                      batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """AMP over the selected vision layers: memory `[B, K, N, D]` and its mask `[B, N]` (None: no padding).
+
+        LLaVA: one image = one row of the tower's batch. OneVision: the crops of each image are
+        packed as the base packs its image features, then images are right-padded to one length.
+        """
         strategy = self.config.base_config.vision_feature_select_strategy
         states = []
         for k in self.config.vision_layers:
-            hs = image_outputs.hidden_states[k]  # [B * crops, N(+1), Dv]
-            if strategy == "default":
-                hs = hs[:, 1:]
-            if hs.shape[0] % batch:
-                raise ValueError("CLI needs the same number of image crops for every sample in a batch")
-            states.append(hs.reshape(batch, -1, hs.shape[-1]))  # [B, crops*N, Dv]
-        return self.amp(states, self.base.model.multi_modal_projector)
+            hs = image_outputs.hidden_states[k]  # [X, N(+1), Dv]
+            states.append(hs[:, 1:] if strategy == "default" else hs)
+        projected = self.amp(states, self.base.model.multi_modal_projector)  # [X, K, N, D]
+        if self.is_onevision:
+            return self._pack_onevision(projected, image_sizes)
+        if batch is not None and projected.shape[0] != batch:
+            raise ValueError(f"{projected.shape[0]} images for a batch of {batch} prompts")
+        return projected, None
+
+    def _pack_onevision(self, projected: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops `[X, K, n, D]` -> per-image memory `[B, K, N, D]` + mask `[B, N]`, through the base's
+        own `pack_image_features` (the K layers ride along as channels: unpadding, interpolation and
+        newline tokens act channel by channel, so this is the base's path for every layer at once)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = self.config.base_config
+        crops = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                 for size in image_sizes]
+        x, k, n, d = projected.shape
+        if sum(crops) != x:
+            raise ValueError(f"the vision tower saw {x} crops, but image_sizes call for {sum(crops)}")
+        per_image = [p.permute(0, 2, 1, 3).reshape(p.shape[0], n, k * d) for p in torch.split(projected, crops)]
+        newline = self.base.model.image_newline.to(projected.dtype).repeat(k)  # [K*D]
+        packed, _ = self.base.model.pack_image_features(per_image, image_sizes, image_newline=newline,
+                                                        vision_aspect_ratio=cfg.vision_aspect_ratio)
+        width = max(f.shape[0] for f in packed)
+        memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
+        mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
+        for i, feats in enumerate(packed):  # each [N_i, K*D]
+            memory[i, :, : feats.shape[0]] = feats.view(-1, k, d).transpose(0, 1)
+            mask[i, : feats.shape[0]] = True
+        return memory, mask
+
+    def memory_keys_values(self, memory: torch.Tensor, mask: torch.Tensor | None = None) -> VisionKeysValues:
+        """The read's keys and values of `memory [B, K, N, D]`: once per image, shared by every layer
+        (light read) or per layer (full read)."""
+        attn_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, N]
+        if self.read_kv is not None:
+            keys, values = self.read_kv(memory)
+            n = len(self.agf)
+            return VisionKeysValues([keys] * n, [values] * n, attn_mask)
+        pairs = [agf.read.memory_keys_values(memory) for agf in self.agf]
+        return VisionKeysValues([p[0] for p in pairs], [p[1] for p in pairs], attn_mask)
 
     def _image_embeds_at_tokens(self, image_outputs: Any, input_ids: torch.Tensor, dtype: torch.dtype):
         features = torch.cat(list(image_outputs.pooler_output), dim=0)  # [n_image_tokens, D]
@@ -200,10 +284,15 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         image_sizes: torch.Tensor | None = None,
         vision_memory: torch.Tensor | None = None,
+        vision_memory_mask: torch.Tensor | None = None,
+        vision_kv: VisionKeysValues | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CLIOutput:
+        """LLaVA's forward with the injections. The visual memory comes, in order of precedence,
+        from `pixel_values` (prefill), from a given `vision_memory` (attributions substitute it),
+        or from `vision_kv`, the keys and values an earlier step computed (decode)."""
         mm_outputs = vision_states = None
         image_embeds = image_mask = None
         if pixel_values is not None:
@@ -211,11 +300,14 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             mm_outputs = {"image": image_outputs}
             vision_states = image_outputs.hidden_states
             if self.amp is not None:
-                vision_memory = self.vision_memory(image_outputs, input_ids.shape[0])
+                batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+                vision_memory, vision_memory_mask = self.vision_memory(image_outputs, image_sizes, batch)
             if self.config.fusion == "deepstack":
                 image_embeds, image_mask = self._image_embeds_at_tokens(image_outputs, input_ids, self.dtype)
-        extra = {"image_sizes": image_sizes} if self.config.base_model_type == "llava_onevision" else {}
-        token = _CURRENT.set(_VisualContext(vision_memory, image_embeds, image_mask))
+        if vision_memory is not None and self.amp is not None:
+            vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask)
+        extra = {"image_sizes": image_sizes} if self.is_onevision else {}
+        token = _CURRENT.set(_VisualContext(vision_kv, image_embeds, image_mask))
         try:
             out = self.base(
                 input_ids=input_ids,
@@ -239,12 +331,17 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             vision_memory=vision_memory,
+            vision_memory_mask=vision_memory_mask,
+            vision_kv=vision_kv,
             vision_hidden_states=vision_states,
         )
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
-        # The visual memory is computed once at prefill and re-used by every decode step.
+        # The keys and values of the visual memory are computed once at prefill and re-used by
+        # every decode step; the memory itself is not needed again.
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if outputs.get("vision_memory") is not None:
-            model_kwargs["vision_memory"] = outputs["vision_memory"]
+        if outputs.get("vision_kv") is not None:
+            model_kwargs["vision_kv"] = outputs["vision_kv"]
+            model_kwargs.pop("vision_memory", None)
+            model_kwargs.pop("vision_memory_mask", None)
         return model_kwargs
