@@ -19,61 +19,15 @@ from conftest import assert_clean_error, run_cli
 
 torch.set_num_threads(1)
 
-# LLaVA-1.5's template in miniature: `USER: <image>\n{question} ASSISTANT:` from structured content.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+from llava_folders import LLAVA15_TEMPLATE as CHAT_TEMPLATE  # noqa: F401  (kept for readers of this file)
+from llava_folders import PATCH, SIZE
+from llava_folders import llava15_base as build_base
+from llava_folders import llava15_image_processor as build_image_processor
+from llava_folders import llava15_processor as build_processor
+from llava_folders import llava15_tokenizer as build_tokenizer
+
 # Words, capitals, digits and punctuation the tokenizer's training text never saw.
 FREE_TEXT = "Qu'est-ce que c'est, l'objet «rouge» — #42?!"
-SIZE, PATCH = 32, 8  # vision tower: 16 patches -> 16 image tokens ("default" drops CLS)
-
-
-def build_tokenizer():
-    """A byte-level BPE (any text is spellable) with Llama-like specials: `<s>` added in front."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(["what color is the circle ?", "USER: ASSISTANT: a red square", "how many shapes are there"], trainer)
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATE)
-
-
-def build_image_processor():
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                              image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-
-
-def build_processor(tok, image_processor):
-    """What a llava-hf checkpoint ships: 1 extra (CLS) token, dropped by the "default" strategy."""
-    from transformers import LlavaProcessor
-
-    return LlavaProcessor(image_processor, tok, patch_size=PATCH, vision_feature_select_strategy="default",
-                          chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
-
-
-def build_base(tok):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
-                          patch_size=PATCH)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                     vocab_size=len(tok) + 20, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    return LlavaForConditionalGeneration(cfg).eval()
 
 
 def messages(question: str) -> list[dict]:

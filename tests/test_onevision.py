@@ -1,0 +1,154 @@
+"""LLaVA-OneVision for real: anyres crops, `image_sizes`, per-image token counts, and an AMP memory
+built from what the LLM sees (same crops, unpadding and newlines), exact per sample in a batch."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_clean_error, run_cli
+from llava_folders import PATCH, SIZE, onevision_folder
+
+torch.set_num_threads(1)
+
+SHAPES = {"wide": (60, 20), "tall": (20, 70), "square": (40, 40), "big": (200, 150)}  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def ov(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("onevision")
+    base = onevision_folder(root / "base", dtype=torch.float16)
+    proc = run_cli("attach", "--base", str(base), "--out", str(root / "cli"), "--vision-layers", "1,2,3")
+    assert proc.returncode == 0, proc.stderr
+    images = {}
+    for i, (name, (w, h)) in enumerate(SHAPES.items()):
+        path = root / f"{name}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images[name] = path
+    return {"base": base, "cli": root / "cli", "images": images}
+
+
+def _load(ov, dtype="float32"):
+    from cliviz.model.loading import load_model
+
+    return load_model(ov["cli"], device="cpu", dtype=dtype)
+
+
+def test_token_counts_equal_the_processor_rule_and_the_model_features(ov):
+    """Our count per image = what LlavaOnevisionProcessor expands `<image>` to = the features the model makes."""
+    from transformers import LlavaOnevisionProcessor
+
+    from cliviz.model.processing import image_inputs
+
+    model, _ = _load(ov)
+    images = [Image.open(p).convert("RGB") for p in ov["images"].values()]
+    inputs = image_inputs(images, model.config)
+    processor = model.config.image_processor
+    # the processor's own counting rule (its constructor needs torchvision's video processor, so call
+    # the rule on a stand-in holding exactly the attributes it reads)
+    rule = SimpleNamespace(image_processor=processor, num_image_tokens=(SIZE // PATCH) ** 2, vision_aspect_ratio="anyres_max_9")
+    rule._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(rule, *a)
+    with torch.no_grad():
+        feats = model.encode_images(inputs.pixel_values, inputs.image_sizes).pooler_output
+    for i, (h, w) in enumerate(inputs.image_sizes.tolist()):
+        want = LlavaOnevisionProcessor._get_number_of_features(rule, h, w, SIZE, SIZE)
+        assert inputs.token_counts[i] == want == feats[i].shape[0]
+    assert len(set(inputs.token_counts)) == len(images)  # the shapes really differ
+    assert inputs.pixel_values.ndim == 5 and inputs.pixel_values.shape[0] == len(images)  # [B, max_crops, 3, S, S]
+
+
+def test_identity_at_init_with_anyres_crops(ov):
+    """A fresh attach equals its base on wide, tall and square images (float32, crops of every count)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from cliviz.inference import prepare_inputs
+
+    model, tok = _load(ov)
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(ov["base"], dtype=torch.float32).eval()
+    images = [Image.open(p).convert("RGB") for p in ov["images"].values()]
+    inputs = prepare_inputs(model, tok, images, ["what is this", "how many shapes are there ?", "color", "where"])
+    assert len({int(n) for n in (inputs["input_ids"] == model.image_token_id).sum(1)}) == len(images)
+    with torch.no_grad():
+        assert (model(**inputs).logits - base(**inputs).logits).abs().max().item() <= 1e-5
+
+
+def test_batched_equals_alone_with_different_crop_counts(ov):
+    """With the injection live, each row of a wide + tall + square batch equals that sample run alone:
+    no crops mix across samples and padded memory positions are never read."""
+    from cliviz.inference import prepare_inputs
+
+    model, tok = _load(ov)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.agf:
+            layer.injection.alpha.fill_(0.8)
+            torch.nn.init.normal_(layer.gate.to_logits.weight, std=0.5)
+        for lora in model.amp.loras:
+            torch.nn.init.normal_(lora.up.weight, std=0.1)
+    names = ["wide", "tall", "square"]
+    images = [Image.open(ov["images"][n]).convert("RGB") for n in names]
+    questions = ["what is this", "how many shapes are there ?", "color"]
+    with torch.no_grad():
+        batched = model(**prepare_inputs(model, tok, images, questions)).logits  # [3, T, V], left-padded
+        for i in range(3):
+            alone = model(**prepare_inputs(model, tok, [images[i]], [questions[i]])).logits[0]  # [T_i, V]
+            assert (batched[i, -alone.shape[0]:] - alone).abs().max().item() <= 1e-5, names[i]
+        plain = model(**prepare_inputs(model, tok, images[:1], questions[:1]))
+    assert plain.vision_memory_mask is not None and plain.vision_memory.shape[:2] == (1, 3)
+
+
+def test_memory_is_the_features_the_llm_sees(ov):
+    """At B_k = 0, AMP's memory for the projector's own layer equals the base's packed image features."""
+    from cliviz.inference import prepare_inputs
+
+    model, tok = _load(ov)
+    image = Image.open(ov["images"]["wide"]).convert("RGB")
+    inputs = prepare_inputs(model, tok, [image], ["what is this"])
+    with torch.no_grad():
+        out = model(**inputs)
+        feats = model.encode_images(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]  # [N, D]
+    last = model.config.vision_layers.index(3)  # vision_feature_layer -1 = hidden_states[3]
+    torch.testing.assert_close(out.vision_memory[0, last], feats, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_caches_the_read_and_matches_uncached(ov):
+    from cliviz.inference import generation_kwargs, prepare_inputs
+
+    model, tok = _load(ov)
+    with torch.no_grad():
+        for layer in model.agf:
+            layer.injection.alpha.fill_(0.8)
+    images = [Image.open(ov["images"][n]).convert("RGB") for n in ("wide", "tall")]
+    inputs = prepare_inputs(model, tok, images, ["what is this", "color"])
+    calls = []
+    handle = model.read_kv.register_forward_hook(lambda *a: calls.append(1))
+    kw = {**generation_kwargs(tok, 6), "min_new_tokens": 6}
+    with torch.no_grad():
+        cached = model.generate(**inputs, **kw)
+        assert len(calls) == 1  # keys/values of the memory: once, at prefill
+        uncached = model.generate(**inputs, use_cache=False, **kw)
+    handle.remove()
+    assert torch.equal(cached, uncached)
+
+
+def test_onevision_commands_run(ov, tmp_path):
+    image, cli = str(ov["images"]["tall"]), str(ov["cli"])
+    proc = run_cli("ask", image, "what is this?", "--model", cli, "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("trace", image, "what is this?", "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_onevision_folder_without_processor_files_is_one_error_line(ov, tmp_path):
+    import shutil
+
+    broken = tmp_path / "noproc"
+    shutil.copytree(ov["cli"], broken)
+    (broken / "preprocessor_config.json").unlink()
+    (broken / "processor_config.json").unlink()
+    proc = run_cli("ask", str(ov["images"]["wide"]), "what is this?", "--model", str(broken), "--device", "cpu")
+    assert_clean_error(proc, "image processor")
