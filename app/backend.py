@@ -20,7 +20,6 @@ from PIL import Image
 
 from cliviz.errors import CLIVizError
 
-MAX_NEW_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Backend:
 
         q = self.check_question(question)
         with self.lock:
-            return trace(self.model, self.tokenizer, image, q, max_new_tokens=MAX_NEW_TOKENS)
+            return trace(self.model, self.tokenizer, image, q)  # default answer length for this kind of model
 
     def ablate(self, image: Image.Image, question: str, llm_layer: int, vision_layer: int, kind: str = "knockout") -> dict:
         """One gate-cell intervention and the re-run answer (`cliviz.analyses.ablations.single_cell`)."""

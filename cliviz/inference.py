@@ -25,6 +25,15 @@ def suppressed_tokens(tokenizer) -> list[int]:
     return sorted({int(t) for t in ids if t is not None and t >= 0})
 
 
+WORD_LEVEL_MAX_NEW_TOKENS = 4  # bundled models answer one word (+ eos)
+SUBWORD_MAX_NEW_TOKENS = 256  # real checkpoints answer in sentences; the command line allows up to 1024
+
+
+def default_max_new_tokens(tokenizer) -> int:
+    """The answer length limit when the user gives none: by the kind of model the tokenizer belongs to."""
+    return WORD_LEVEL_MAX_NEW_TOKENS if is_word_level(tokenizer) else SUBWORD_MAX_NEW_TOKENS
+
+
 def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
     """Greedy decoding that never emits the `suppressed_tokens` (pad falls back to eos when unset)."""
     return {
@@ -61,9 +70,11 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
 
 @torch.no_grad()
 def answer(
-    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str], max_new_tokens: int = 4
+    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str],
+    max_new_tokens: int | None = None,
 ) -> list[Answer]:
     """Answer a batch of questions (one image each) greedily, with per-token log-probs."""
+    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     inputs = prepare_inputs(model, tokenizer, images, questions)
     out = model.generate(**inputs, **generation_kwargs(tokenizer, max_new_tokens), output_logits=True, return_dict_in_generate=True)
     new = out.sequences[:, inputs["input_ids"].shape[1] :]  # [B, new]

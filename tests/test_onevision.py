@@ -76,12 +76,15 @@ def test_identity_at_init_with_anyres_crops(ov):
         assert (model(**inputs).logits - base(**inputs).logits).abs().max().item() <= 1e-5
 
 
-def test_batched_equals_alone_with_different_crop_counts(ov):
+@pytest.mark.parametrize("max_tokens", [1024, 40], ids=["unpooled", "pooled"])
+def test_batched_equals_alone_with_different_crop_counts(ov, max_tokens):
     """With the injection live, each row of a wide + tall + square batch equals that sample run alone:
-    no crops mix across samples and padded memory positions are never read."""
+    no crops mix across samples and padded memory positions are never read — also when the read
+    pools memories longer than `read_max_tokens` (34, 76 and 88 features here; 40 pools two of them)."""
     from cliviz.inference import prepare_inputs
 
     model, tok = _load(ov)
+    model.config.read_max_tokens = max_tokens
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.agf:

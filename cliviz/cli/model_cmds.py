@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SeedOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, SeedOpt
 from cliviz.cli.preflight import load_checked, prepare_question
 from cliviz.errors import CLIVizError
 
@@ -24,7 +24,7 @@ def ask(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
+    max_new_tokens: MaxNewTokensOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question about an image."""

@@ -14,3 +14,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16. auto: bf16 on GPU, fp32 on CPU.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the rich view.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+MaxNewTokensOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-new-tokens", min=1, max=1024,
+                 help="Answer length limit in tokens (generation stops at eos). Default: 4 for the bundled "
+                      "word-level models, 256 for real checkpoints."),
+]

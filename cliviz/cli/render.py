@@ -19,8 +19,17 @@ def _shade(value: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+PER_TOKEN_LIMIT = 16  # longer answers are shown as text with a probability summary
+
+
 def answer_line(trace: Trace) -> Text:
+    """Short answers token by token with probabilities; long ones (real checkpoints) as their text."""
     text = Text("answer: ", style="bold")
+    if len(trace.answer_texts) > PER_TOKEN_LIMIT:
+        probs = np.exp(trace.answer_logprobs)
+        text.append(trace.meta.answer, style="bold green")
+        text.append(f"\n  ({len(probs)} tokens; probability mean {probs.mean():.2f}, lowest {probs.min():.2f})", style="dim")
+        return text
     for word, lp in zip(trace.answer_texts, trace.answer_logprobs):
         text.append(f"{word}", style="bold green" if word != "<eos>" else "dim")
         text.append(f" ({math.exp(lp):.2f})  ", style="dim")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, ModelOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt
 from cliviz.cli.preflight import check_writable
 from cliviz.errors import CLIVizError
 
@@ -79,7 +79,7 @@ def sweep_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per traced generate.")] = 32,
     chunk_size: Annotated[int, typer.Option(
         "--chunk-size", min=1, help="Traces per atomic append to --out: a kill loses at most one chunk.")] = 256,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
+    max_new_tokens: MaxNewTokensOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Finish an interrupted sweep: skip the samples already in --out (and its shards).")] = False,
 ) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from cliviz.cli.preflight import prepare_question
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt
 from cliviz.errors import CLIVizError
 
 
@@ -20,7 +20,7 @@ def trace_cmd(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
+    max_new_tokens: MaxNewTokensOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
     as_json: JsonOpt = False,

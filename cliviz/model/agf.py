@@ -65,6 +65,30 @@ def fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, k, n, heads, r // heads).transpose(2, 3).reshape(b, k * heads, n, r // heads)
 
 
+def pool_memory(memory: torch.Tensor, mask: torch.Tensor | None, max_tokens: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Average neighbouring memory positions so that no image has more than `max_tokens`.
+
+    `memory [B, K, N, D]`, `mask [B, N]` (True at real positions; None: all real). Each image is
+    pooled on its own real positions (adaptive average pooling over the token axis), so a batch
+    pools exactly as its samples would alone. Keys and values are linear in the memory, so pooling
+    the memory equals pooling them.
+    """
+    lengths = [memory.shape[2]] * memory.shape[0] if mask is None else mask.sum(-1).tolist()
+    if max_tokens is None or max(lengths) <= max_tokens:
+        return memory, mask
+    b, k, _, d = memory.shape
+    pooled = [F.adaptive_avg_pool1d(memory[i, :, :n].transpose(1, 2).float(), min(int(n), max_tokens))
+              .transpose(1, 2).to(memory.dtype) for i, n in enumerate(lengths)]  # each [K, n_i', D]
+    width = max(p.shape[1] for p in pooled)
+    out = memory.new_zeros(b, k, width, d)  # [B, K, N', D]
+    out_mask = torch.zeros(b, width, dtype=torch.bool, device=memory.device)  # [B, N']
+    for i, p in enumerate(pooled):
+        out[i, :, : p.shape[1]] = p
+        out_mask[i, : p.shape[1]] = True
+    return out, out_mask
+
+
 class MemoryKeysValues(nn.Module):
     """Keys and values of the visual memory, `[B, K, N, D] -> 2 x [B, K*H, N, r/H]`.
 

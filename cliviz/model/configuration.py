@@ -13,6 +13,7 @@ from transformers import AutoConfig, LlavaConfig, LlavaOnevisionConfig, Pretrain
 
 FUSIONS = ("projector", "shallow", "deepstack", "cli")
 READS = ("light", "full")
+DEFAULT_READ_MAX_TOKENS = 1024
 BASE_CONFIGS = {"llava": LlavaConfig, "llava_onevision": LlavaOnevisionConfig}
 RUNTIME_ONLY = ("image_processor",)  # attributes set after loading, never serialised
 
@@ -37,6 +38,11 @@ class CLIConfig(PretrainedConfig):
             attention heads for the full read).
         amp_norm: a LayerNorm per vision layer in front of the shared projector. Off (the paper's
             `P(V_k) + B_k A_k V_k`); on only in checkpoints written before it was removed.
+        read_max_tokens: the light read attends over at most this many memory positions per
+            vision layer; a longer memory (LLaVA-OneVision's anyres images reach ~7,300 features)
+            is average-pooled over neighbouring positions down to it, per image. It bounds the
+            per-token cost of the read whatever the image size; None reads every position.
+            LLaVA-1.5 (576 features) and the bundled models (64) are never pooled.
     """
 
     model_type = "cliviz_cli"
@@ -54,6 +60,7 @@ class CLIConfig(PretrainedConfig):
         read_width: int | None = None,
         read_heads: int | None = None,
         amp_norm: bool = False,
+        read_max_tokens: int | None = DEFAULT_READ_MAX_TOKENS,
         **kwargs: Any,
     ) -> None:
         if isinstance(base_config, dict):
@@ -98,6 +105,9 @@ class CLIConfig(PretrainedConfig):
         else:
             self.read_width = text_hidden
             self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
+        self.read_max_tokens = None if read_max_tokens is None else int(read_max_tokens)
+        if self.read_max_tokens is not None and self.read_max_tokens < 1:
+            raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")
         if self.read_width < 1 or self.read_heads < 1 or self.read_width % self.read_heads:
             raise ValueError(f"read width {self.read_width} must be a positive multiple of read_heads {self.read_heads}")
         kwargs.setdefault("tie_word_embeddings", False)
@@ -108,7 +118,7 @@ class CLIConfig(PretrainedConfig):
         """A config.json written before the light read and the paper's AMP describes the first
         design (full read, LayerNorm in AMP): it says so by lacking `agf_read`."""
         if "agf_read" not in config_dict:
-            config_dict = {**config_dict, "agf_read": "full", "amp_norm": True}
+            config_dict = {**config_dict, "agf_read": "full", "amp_norm": True, "read_max_tokens": None}
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from cliviz.model.agf import AGFLayer, DeepStackLayer, MemoryKeysValues
+from cliviz.model.agf import AGFLayer, DeepStackLayer, MemoryKeysValues, pool_memory
 from cliviz.model.amp import AMP
 from cliviz.model.configuration import CLIConfig
 
@@ -256,7 +256,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
 
     def memory_keys_values(self, memory: torch.Tensor, mask: torch.Tensor | None = None) -> VisionKeysValues:
         """The read's keys and values of `memory [B, K, N, D]`: once per image, shared by every layer
-        (light read) or per layer (full read)."""
+        (light read, memory pooled to at most `read_max_tokens` positions) or per layer (full read)."""
+        if self.read_kv is not None:
+            memory, mask = pool_memory(memory, mask, self.config.read_max_tokens)
         attn_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, N]
         if self.read_kv is not None:
             keys, values = self.read_kv(memory)

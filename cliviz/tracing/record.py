@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import cliviz
-from cliviz.inference import decode_answer, generation_kwargs, prepare_inputs
+from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.trace import Trace, TraceMeta
@@ -76,13 +76,18 @@ def trace_batch(
     images: list[Image.Image],
     questions: list[str],
     *,
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     top_k: int = 5,
     qtypes: list[str | None] | None = None,
     references: list[str | None] | None = None,
     sample_ids: list[str | None] | None = None,
 ) -> list[Trace]:
-    """Generate answers for a batch and return one `Trace` per (image, question)."""
+    """Generate answers for a batch and return one `Trace` per (image, question).
+
+    `max_new_tokens` defaults to `default_max_new_tokens` (4 for the bundled models, 256 for real
+    checkpoints); generation stops earlier when every row has emitted eos.
+    """
+    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     batch = len(questions)
     inputs = prepare_inputs(model, tokenizer, images, questions)
     prompt_width = inputs["input_ids"].shape[1]
@@ -157,7 +162,7 @@ def trace_batch(
 
 
 def trace(
-    model: CLIForConditionalGeneration, tokenizer, image: Image.Image, question: str, *, max_new_tokens: int = 4,
+    model: CLIForConditionalGeneration, tokenizer, image: Image.Image, question: str, *, max_new_tokens: int | None = None,
     top_k: int = 5, qtype: str | None = None, reference: str | None = None,
 ) -> Trace:
     """Answer one question and record every gate. Example::

@@ -127,7 +127,7 @@ def run_sweep(
     *,
     batch_size: int = 32,
     chunk_size: int = 256,
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     top_k: int = 5,
     on_advance: Callable[[int], None] | None = None,
     on_chunk: Callable[[int], None] | None = None,
