@@ -65,24 +65,57 @@ def read_jsonl(data: str | Path) -> DataSet:
     return DataSet(records, dict(skipped))
 
 
+def normalise_answer(text: str) -> str:
+    """Lower case, no surrounding punctuation, single spaces: how free-text answers are matched."""
+    return " ".join(text.lower().strip().strip(".!?,;:\"'").split())
+
+
 def evaluate(model, tokenizer, data: DataSet, batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> dict:
-    """Greedy answers vs references: `{"overall", "per_type", "n", "skipped"}`."""
+    """Greedy answers vs references: `{"overall", "per_type", "n", "skipped"}`.
+
+    Bundled word-level models answer one word: exact match. Real checkpoints answer in free text:
+    the whole generated answer must match the reference after `normalise_answer`, and the reference
+    itself is scored teacher-forced (`score_references`): `reference_logprob` (sum over its tokens)
+    and `reference_logprob_mean` (per token), averaged over samples, overall and per type.
+    """
+    from cliviz.inference import score_references
+    from cliviz.inputs import is_word_level
+
+    word_level = is_word_level(tokenizer)
     correct: dict[str, list[int]] = defaultdict(list)
+    ref_sum: dict[str, list[float]] = defaultdict(list)
+    ref_mean: dict[str, list[float]] = defaultdict(list)
     labelled = [r for r in data.records if r.answer is not None]
     for start in range(0, len(labelled), batch_size):
         chunk = labelled[start : start + batch_size]
         images = [load_image(r.image_path) for r in chunk]
-        answers = answer(model, tokenizer, images, [r.question for r in chunk], max_new_tokens=2)
-        for record, ans in zip(chunk, answers):
-            correct[record.qtype or "unknown"].append(int(ans.text == record.answer))
+        questions = [r.question for r in chunk]
+        answers = answer(model, tokenizer, images, questions, max_new_tokens=2 if word_level else None)
+        scores = None if word_level else score_references(model, tokenizer, images, questions, [r.answer for r in chunk])
+        for i, (record, ans) in enumerate(zip(chunk, answers)):
+            qtype = record.qtype or "unknown"
+            if word_level:
+                correct[qtype].append(int(ans.text == record.answer))
+                continue
+            correct[qtype].append(int(normalise_answer(ans.text) == normalise_answer(record.answer)))
+            ref_sum[qtype].append(scores[i].total)
+            ref_mean[qtype].append(scores[i].mean)
         if on_batch:
             on_batch(len(chunk))
-    per_type = {k: sum(v) / len(v) for k, v in sorted(correct.items())}
-    total = [x for v in correct.values() for x in v]
+    result = _summary(correct)
+    result["skipped"] = data.skipped
+    if not word_level:
+        result["reference_logprob"] = _summary(ref_sum)
+        result["reference_logprob_mean"] = _summary(ref_mean)
+    return result
+
+
+def _summary(values: dict[str, list[float]]) -> dict:
+    per_type = {k: sum(v) / len(v) for k, v in sorted(values.items())}
+    total = [x for v in values.values() for x in v]
     return {
         "overall": sum(total) / len(total) if total else None,
         "per_type": per_type,
         "n": len(total),
-        "n_per_type": {k: len(v) for k, v in sorted(correct.items())},
-        "skipped": data.skipped,
+        "n_per_type": {k: len(v) for k, v in sorted(values.items())},
     }

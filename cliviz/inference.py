@@ -86,3 +86,57 @@ def answer(
         n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
         answers.append(Answer(decode_answer(tokenizer, row), row[:n], lp[:n]))
     return answers
+
+
+@dataclass
+class ReferenceScore:
+    """Teacher-forced log-probs of a given reference answer, one per reference token (no eos)."""
+
+    logprobs: list[float]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean(self) -> float:
+        """Per-token mean: comparable across answers of different lengths."""
+        return self.total / len(self.logprobs) if self.logprobs else float("nan")
+
+
+def reference_ids(tokenizer, reference: str) -> list[int]:
+    """A reference answer's token ids as the model would emit them right after the prompt."""
+    return list(tokenizer(str(reference).strip(), add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def score_references(
+    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str], references: list[str],
+) -> list[ReferenceScore]:
+    """Log-prob of each reference answer given (image, question), teacher-forced in one batched forward.
+
+    How free-text answers of real checkpoints are scored (`cliviz eval`): a long answer is judged
+    by how likely the model finds the whole reference, not by whether its first token matches.
+    """
+    from cliviz.model.processing import prompt_ids
+
+    pixels = image_inputs(images, model.config)
+    prompts = [prompt_ids(tokenizer, q, model.config, n) for q, n in zip(questions, pixels.token_counts)]
+    answers = [reference_ids(tokenizer, r) for r in references]
+    rows = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)  # [B, T], left-padded
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                position_ids=position_ids.to(model.device), **pixels.to_model(model.device, model.dtype))
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [B, T, V]
+    scores = []
+    for i, answer_ids in enumerate(answers):
+        start = width - len(answer_ids) - 1  # the position that predicts the first answer token
+        picked = [float(logprobs[i, start + s, t]) for s, t in enumerate(answer_ids)]
+        scores.append(ReferenceScore(picked))
+    return scores

@@ -61,13 +61,20 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(result))
         return
-    table = Table(title=f"{net.name_or_path} on {data}")
+    free_text = "reference_logprob" in result  # real checkpoints: exact match, then how likely the reference is
+    table = Table(title=f"{net.name_or_path} on {data}" + (" (exact match after normalising)" if free_text else ""))
     table.add_column("question type")
     table.add_column("accuracy", justify="right")
     table.add_column("n", justify="right")
+    if free_text:
+        table.add_column("reference log-prob", justify="right")
+        table.add_column("per token", justify="right")
+    sums, means = result.get("reference_logprob", {}), result.get("reference_logprob_mean", {})
     for qtype, acc in result["per_type"].items():
-        table.add_row(qtype, f"{acc:.3f}", str(result["n_per_type"][qtype]))
-    table.add_row("[bold]overall", f"[bold]{result['overall']:.3f}", str(result["n"]))
+        extra = [f"{sums['per_type'][qtype]:.2f}", f"{means['per_type'][qtype]:.3f}"] if free_text else []
+        table.add_row(qtype, f"{acc:.3f}", str(result["n_per_type"][qtype]), *extra)
+    extra = [f"[bold]{sums['overall']:.2f}", f"[bold]{means['overall']:.3f}"] if free_text else []
+    table.add_row("[bold]overall", f"[bold]{result['overall']:.3f}", str(result["n"]), *extra)
     console.print(table)
     for reason, count in result["skipped"].items():
         console.print(f"[yellow]skipped {count} rows: {reason}[/]")
