@@ -1,0 +1,371 @@
+"""The engine: every (sample, condition) of an ablation study in a few batched, prefix-sharing forwards.
+
+**Why one batched forward is exact.** Scoring is teacher-forced (`layout`): the prompt plus the
+reference answer go through the model once, and the answer's log-probability is read at the
+positions that predict it. A decoder is causal and every row of a batch is independent, so N
+samples x C conditions can be stacked along the batch dimension (left-padded, with position ids
+from the attention mask so that padding shifts nothing) and run as one forward per chunk of at most
+`max_batch` rows, in a single nnsight invoke. Each row carries its own intervention
+(`interventions`): rows with no intervention at a layer pass through it bit for bit.
+`naive_knockout_grid` is the Python loop of one forward per (condition, sample); the tests hold
+the two equal to 1e-5.
+
+**Prefix sharing.** An ablation that first acts at injection layer j leaves everything before that
+layer's gate as it was: the vision tower, AMP, the decoder layers below `injection_layers[j]` and
+the AGF reads of layer j are the unablated run's. The unablated reference runs first (one row per
+sample, per block of samples) and keeps exactly those values (`_Cache`); each chunk then holds rows
+that first act at the same layer and hands the kept values to nnsight's `skip` (`_Skip`) instead
+of recomputing them. Only the layers an ablation can change are run per row — on the bundled
+architecture a full grid runs about 2.4x faster than plain stacked forwards
+(`benchmarks/bench_ablate.py`; what remains is the layers above the knocked-out one, which no
+exact method can avoid). The kept values are bounded by `CACHE_BUDGET_BYTES` per block; past it
+the engine falls back to plain stacked forwards. The same reference run (`Reference`) also gives
+`mean`/`patch` their gates, the gate mass at the answer positions (for `faithfulness`) and the
+model's own answer, which every condition is compared against.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nnsight
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
+from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, padding_id, suppressed
+from cliviz.analyses.ablations.measures import score_row, scores_frame
+from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
+from cliviz.errors import CLIVizError
+from cliviz.model.processing import n_image_tokens, pixel_values
+from cliviz.tracing.record import envoy
+
+CACHE_BUDGET_BYTES = 1 << 30  # reference values kept for prefix sharing, per block of samples
+
+
+@dataclass
+class _Want:
+    """What a reference forward keeps besides the logits."""
+
+    gates: bool = False
+    vision: bool = False  # the vision hidden state the LLaVA projector reads
+    memory: bool = False  # AMP output
+    hidden_after: frozenset = frozenset()  # decoder layers whose output to keep
+    reads: frozenset = frozenset()  # injection positions whose AGF reads to keep
+    kv: frozenset = frozenset()  # injection positions whose read key/value maps of the memory to keep
+
+
+@dataclass
+class _Skip:
+    """What a chunk takes from the reference run instead of recomputing it (nnsight `skip`).
+
+    Every row of the chunk first changes something at injection position `j`: up to the gate of
+    that layer it is the unablated run, so the vision tower, AMP, decoder layers `0..n_layers-1`
+    (`n_layers = injection_layers[j]`) and the reads of AGF `j` are the reference run's values."""
+
+    j: int
+    n_layers: int
+    hidden: torch.Tensor | None  # [R, W, D] output of decoder layer n_layers - 1
+    reads: torch.Tensor | None  # [R, W, K, D] reads of AGF j
+    vision: Any  # vision-tower output stand-in, or None
+    memory: torch.Tensor | None  # [R, K, N, D] AMP output (or a zero stand-in when nothing reads it), or None
+    kv: dict = field(default_factory=dict)  # injection position -> ([R, K, N, D] keys, values) of its read
+
+
+def _forward(model, batch: Batch, pixels: torch.Tensor, ops: list[LayerOps | None] | None = None,
+             skip: _Skip | None = None, want: _Want | None = None) -> dict:
+    """One traced forward of a chunk: skips, interventions per layer, logits at the scored positions."""
+    wrapped = envoy(model)
+    want = want or _Want()
+    inj_at = {layer: j for j, layer in enumerate(model.config.injection_layers)}
+    n_dec = len(model.decoder_layers)
+    vfl = model.config.base_config.vision_feature_layer
+    position_ids = (batch.mask.cumsum(-1) - 1).clamp(min=0)
+    zero = torch.zeros((), device=model.device, dtype=model.dtype)
+    store = None  # only saved values leave an nnsight trace: fill a saved dict inside
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with wrapped.trace(input_ids=batch.ids, attention_mask=batch.mask, position_ids=position_ids,
+                           pixel_values=pixels):
+            store = nnsight.save({"gates": [], "hidden": {}, "reads": {}, "kv": {}})
+            tower = wrapped.base.model.vision_tower
+            if want.vision:
+                store["vision"] = tower.output.hidden_states[vfl]
+            elif skip is not None and skip.vision is not None:
+                tower.skip(skip.vision)
+            if model.amp is not None:
+                if want.memory:
+                    store["memory"] = wrapped.amp.output
+                elif skip is not None and skip.memory is not None:
+                    wrapped.amp.skip(skip.memory)
+            layers = wrapped.base.model.language_model.layers
+            for layer in range(n_dec):
+                j = inj_at.get(layer)
+                if j is not None:
+                    if skip is not None and j < skip.j:
+                        wrapped.agf[j].skip(zero)  # its decoder layer is skipped: the update is never used
+                    else:
+                        apply_ablation(wrapped, j, ops[j] if ops is not None else None,
+                                       store["gates"] if want.gates else None,
+                                       reads_saved=store["reads"] if j in want.reads else None,
+                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None,
+                                       kv_saved=store["kv"] if j in want.kv else None,
+                                       kv_replacement=skip.kv.get(j) if skip is not None else None)
+                if skip is not None and layer < skip.n_layers:
+                    layers[layer].skip(skip.hidden)  # only the last skipped layer's value is ever read
+                elif layer in want.hidden_after:
+                    store["hidden"][layer] = layers[layer].output
+            store["logits"] = wrapped.base.lm_head.output[batch.gather_rows, batch.gather_pos].float()
+    return store
+
+
+@dataclass
+class Reference:
+    """What the unablated run of every sample gives the conditions: own answers, gates, gate mass."""
+
+    own: np.ndarray  # [N] own (unablated) argmax at the first answer position
+    logprobs: list  # per sample [n_answer, V] log-probs (first row used for flips)
+    gate_mass: np.ndarray | None  # [N, L, K] mean gates over the answer positions
+    token_sums: dict[str, tuple[np.ndarray, np.ndarray]]  # tokens -> ([N, L, K] sums, [N] counts)
+    gates: list | None  # per sample [L, T_s, K] (only when a patch needs them)
+    filled: np.ndarray  # [N] bool: scores of this sample are in
+
+
+def _new_reference(model, n: int, token_sets: set[str], keep_gates: bool) -> Reference:
+    """An empty `Reference` for `n` samples (token sums for `token_sets` and `answer`; gates if asked)."""
+    n_layers = len(model.agf)
+    k = n_slots(model) if n_layers else 0
+    sets = set(token_sets) | {"answer"}
+    return Reference(
+        own=np.zeros(n, dtype=np.int64), logprobs=[None] * n,
+        gate_mass=np.zeros((n, n_layers, k)) if n_layers else None,
+        token_sums={t: (np.zeros((n, n_layers, k)), np.zeros(n)) for t in sets} if n_layers else {},
+        gates=[None] * n if keep_gates else None, filled=np.zeros(n, dtype=bool))
+
+
+@dataclass
+class _Cache:
+    """Reference values per sample (unpadded), for the `_Skip`s of the chunks of one block."""
+
+    vision: dict = field(default_factory=dict)  # s -> [P+1, Dv]
+    memory: dict = field(default_factory=dict)  # s -> [K, N, D]
+    hidden: dict = field(default_factory=dict)  # (s, decoder layer) -> [T_s, D]
+    reads: dict = field(default_factory=dict)  # (s, j) -> [T_s, K, D]
+    kv: dict = field(default_factory=dict)  # (s, j) -> ([K, N, D] keys, [K, N, D] values)
+    n_vision_states: int = 0
+
+
+def _reference_pass(model, samples: list[Sample], which: list[int], pixels: torch.Tensor, ref: Reference,
+                    suppress: list[int], pad_id: int, *, max_batch: int, want_cache: _Want | None,
+                    progress: Callable[[int], None] | None) -> _Cache:
+    """Unablated forwards of `which` (chunks of max_batch): fill `ref` for samples not filled yet and
+    keep what `want_cache` asks for."""
+    n_layers = len(model.agf)
+    image_id = model.image_token_id
+    cache = _Cache(n_vision_states=model.config.base_config.vision_config.num_hidden_layers + 1)
+    want = want_cache or _Want()
+    want = _Want(gates=n_layers > 0, vision=want.vision, memory=want.memory, hidden_after=want.hidden_after,
+                 reads=want.reads, kv=want.kv)
+    for start in range(0, len(which), max_batch):
+        chunk = which[start:start + max_batch]
+        batch = make_batch(samples, chunk, pad_id, model.device)
+        store = _forward(model, batch, pixels[chunk], want=want)
+        lp = torch.log_softmax(store["logits"], dim=-1).cpu()
+        masked = lp.clone()
+        masked[:, suppress] = -math.inf
+        g = torch.stack(list(store["gates"]), dim=1).cpu().numpy() if n_layers else None  # [R, L, W, K]
+        fresh = 0
+        for r, s in enumerate(chunk):
+            off = int(batch.offsets[r])
+            if want_cache is not None:
+                if want.vision:
+                    cache.vision[s] = store["vision"][r]
+                if want.memory:
+                    cache.memory[s] = store["memory"][r]
+                for layer in want.hidden_after:
+                    cache.hidden[(s, layer)] = store["hidden"][layer][r, off:]
+                for j in want.reads:
+                    cache.reads[(s, j)] = store["reads"][j][r, off:]
+                for j in want.kv:
+                    keys, values = store["kv"][j]
+                    cache.kv[(s, j)] = (keys[r], values[r])
+            if ref.filled[s]:
+                continue
+            fresh += 1
+            a, b = batch.spans[r]
+            ref.logprobs[s] = lp[a:b].numpy()
+            ref.own[s] = int(masked[a].argmax())
+            if g is not None:
+                row = g[r, :, off:]  # [L, T_s, K]
+                for t, (sums, counts) in ref.token_sums.items():
+                    m = samples[s].token_mask(t, image_id)
+                    sums[s] = row[:, m].sum(axis=1)
+                    counts[s] = m.sum()
+                sums, counts = ref.token_sums["answer"]
+                ref.gate_mass[s] = sums[s] / max(counts[s], 1)
+                if ref.gates is not None:
+                    ref.gates[s] = row.astype(np.float32)
+            ref.filled[s] = True
+        if progress and fresh:
+            progress(fresh)
+    return cache
+
+
+def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch: Batch, want: _Want) -> _Skip:
+    """The cached prefix of a chunk whose rows first act at injection position `j`, padded like `batch`."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    width = batch.ids.shape[1]
+    which = [s for s, _ in rows]
+    n_layers = model.config.injection_layers[j]
+    hidden = pad_into([cache.hidden[(s, n_layers - 1)] for s in which], width) if n_layers > 0 else None
+    reads = pad_into([cache.reads[(s, j)] for s in which], width) if j in want.reads else None
+    kv = {jj: (torch.stack([cache.kv[(s, jj)][0] for s in which]), torch.stack([cache.kv[(s, jj)][1] for s in which]))
+          for jj in want.kv if jj > j}
+    memory = None
+    if want.memory:
+        # AMP's output is read only by the AGF reads; those from j on are skipped whole (j) or have
+        # their key/value maps replaced (kv): then a zero stand-in of the right shape is enough.
+        readers = [jj for jj, agf in enumerate(model.agf) if jj >= j and hasattr(agf, "read")]
+        if all(jj in kv or (jj == j and reads is not None) for jj in readers):
+            first = cache.memory[which[0]]
+            memory = torch.zeros((), dtype=first.dtype, device=first.device).expand(len(which), *first.shape)
+        else:
+            memory = torch.stack([cache.memory[s] for s in which])
+    vision = None
+    if want.vision:
+        real = torch.stack([cache.vision[s] for s in which])  # [R, P+1, Dv]
+        blank = torch.zeros((), dtype=real.dtype, device=real.device).expand(real.shape)  # AMP is skipped: shape only
+        vfl = model.config.base_config.vision_feature_layer % cache.n_vision_states
+        states = tuple(real if i == vfl else blank for i in range(cache.n_vision_states))
+        vision = BaseModelOutputWithPooling(last_hidden_state=blank, pooler_output=None, hidden_states=states)
+    return _Skip(j, n_layers if hidden is not None else 0, hidden, reads, vision, memory, kv)
+
+
+def reference_run(model, samples: list[Sample], pixels: torch.Tensor, suppress: list[int], pad_id: int, *,
+                   max_batch: int, token_sets: set[str], keep_gates: bool,
+                   progress: Callable[[int], None] | None) -> Reference:
+    """The unablated forward of every sample, nothing cached (`mean_gates`)."""
+    ref = _new_reference(model, len(samples), token_sets, keep_gates)
+    _reference_pass(model, samples, list(range(len(samples))), pixels, ref, suppress, pad_id, max_batch=max_batch,
+                    want_cache=None, progress=progress)
+    return ref
+
+
+
+
+def _cache_plan(model, samples: list[Sample], plans: dict[int, Plan], max_batch: int,
+                share_prefix: bool) -> tuple[_Want | None, int]:
+    """What to keep from the reference run for prefix sharing, and how many samples per block."""
+    n = len(samples)
+    if not share_prefix or not plans:
+        return None, n
+    cfg = model.config
+    firsts = {min(p.layers) for p in plans.values()}
+    per_group = max(sum(1 for p in plans.values() if min(p.layers) == g) for g in firsts)
+    hidden_after = frozenset(cfg.injection_layers[g] - 1 for g in firsts if cfg.injection_layers[g] > 0)
+    reads = frozenset(g for g in firsts if hasattr(model.agf[g], "read"))
+    # every later AGF read recomputes attention from changed hidden states, but its key/value maps
+    # of the visual memory are the same for all conditions of a sample: computed once, reused
+    kv = frozenset(j for j, agf in enumerate(model.agf) if hasattr(agf, "read") and j > min(firsts))
+    vision = cfg.base_model_type == "llava"  # OneVision batches crops, not samples: run its tower
+    memory = model.amp is not None
+    vc, tc = cfg.base_config.vision_config, cfg.base_config.text_config
+    t = max(len(s.fed) for s in samples)
+    n_img = n_image_tokens(cfg)
+    k = n_slots(model)
+    elem = torch.finfo(model.dtype).bits // 8
+    base = (vc.hidden_size * (n_img + 1) if vision else 0) + (k * n_img * tc.hidden_size if memory else 0)
+    base += len(hidden_after) * t * tc.hidden_size
+    with_reads = base + len(reads) * t * k * tc.hidden_size + len(kv) * 2 * k * n_img * tc.hidden_size
+    if with_reads * elem > CACHE_BUDGET_BYTES:
+        reads, kv = frozenset(), frozenset()
+        with_reads = base
+    if with_reads * elem > CACHE_BUDGET_BYTES:
+        return None, n
+    block = max(1, min(n, max_batch // per_group, CACHE_BUDGET_BYTES // (with_reads * elem)))
+    return _Want(vision=vision, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
+
+
+def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
+                   references: Sequence[str | None] | None, conditions: Sequence[Ablation | None], *,
+                   qtypes: Sequence[str | None] | None = None, max_batch: int = 256,
+                   progress: Callable[[int], None] | None = None,
+                   share_prefix: bool = True) -> tuple[pd.DataFrame, Reference]:
+    """The engine's entry point: the scores frame of every (sample, condition) (`measures.scores_frame`)
+    and the reference run it was measured against. `progress(n)` is told of every n rows done."""
+    n = len(questions)
+    if n == 0:
+        raise CLIVizError("no samples to score")
+    if len(images) != n or any(x is not None and len(x) != n for x in (references, qtypes)):
+        raise CLIVizError("images, questions, references and qtypes must have the same length")
+    if max_batch < 1:
+        raise CLIVizError("max_batch must be at least 1")
+    conditions = list(conditions)
+    plans = {c: make_plan(a, model) for c, a in enumerate(conditions) if a is not None}
+    computed_means = [p for p in plans.values() if p.ablation.kind == "mean" and p.ablation.means is None]
+    if qtypes is None and any(p.ablation.per_qtype for p in computed_means):
+        raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
+    samples = layout_samples(model, tokenizer, questions, references, qtypes)
+    suppress = suppressed(tokenizer)
+    pad_id = padding_id(tokenizer)
+    pixels = pixel_values(list(images), model.config).to(model.device, model.dtype)
+    token_sets = {p.ablation.tokens for p in computed_means}
+    keep_gates = any(p.ablation.kind == "patch" for p in plans.values())
+    ref = _new_reference(model, n, token_sets, keep_gates)
+    if token_sets or keep_gates:  # means / donors come from every sample: a full reference pass first
+        _reference_pass(model, samples, list(range(n)), pixels, ref, suppress, pad_id, max_batch=max_batch,
+                        want_cache=None, progress=progress)
+    means = {c: means_for(p, ref, samples) for c, p in plans.items() if p.ablation.kind == "mean"}
+    results = _score_blocks(model, samples, plans, pixels, ref, means, suppress, pad_id, max_batch=max_batch,
+                            progress=progress, share_prefix=share_prefix)
+    frame = scores_frame(tokenizer, samples, conditions, questions, qtypes, ref.own, ref.logprobs, results, suppress)
+    return frame, ref
+
+
+def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: torch.Tensor, ref: Reference,
+                  means: dict[int, Any], suppress: list[int], pad_id: int, *, max_batch: int,
+                  progress: Callable[[int], None] | None, share_prefix: bool) -> dict[tuple[int, int], dict]:
+    """`score_row` of every ablated (sample, condition): block by block of samples, the reference
+    pass that fills `ref` and keeps the block's prefixes, then its chunks grouped by first layer."""
+    n = len(samples)
+    n_layers = len(model.agf)
+    k = n_slots(model) if n_layers else 0
+    image_id = model.image_token_id
+    want, block = _cache_plan(model, samples, plans, max_batch, share_prefix)
+    results: dict[tuple[int, int], dict[str, Any]] = {}
+    for b0 in range(0, n, block):
+        block_samples = list(range(b0, min(n, b0 + block)))
+        cache = _reference_pass(model, samples, block_samples, pixels, ref, suppress, pad_id, max_batch=max_batch,
+                                want_cache=want, progress=progress)
+        if want is not None:  # one row group per first-touched layer, each with its own skips
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for c, p in plans.items():
+                groups.setdefault(min(p.layers), []).extend((s, c) for s in block_samples)
+            todo = [(g, rows) for g, rows in sorted(groups.items())]
+        else:
+            todo = [(None, [(s, c) for s in block_samples for c in plans])]
+        for g, group_rows in todo:
+            group_rows.sort()
+            for start in range(0, len(group_rows), max_batch):
+                rows = group_rows[start:start + max_batch]
+                which = [s for s, _ in rows]
+                batch = make_batch(samples, which, pad_id, model.device)
+                ops = chunk_ops(rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device,
+                                model.config)
+                skip = _make_skip(model, cache, rows, g, batch, want) if g is not None else None
+                store = _forward(model, batch, pixels[which], ops, skip=skip)
+                lp = torch.log_softmax(store["logits"], dim=-1).cpu().numpy()
+                for r, (s, c) in enumerate(rows):
+                    a_, b_ = batch.spans[r]
+                    results[(s, c)] = score_row(lp[a_:b_], samples[s], int(ref.own[s]), suppress)
+                if progress:
+                    progress(len(rows))
+        del cache
+    return results

@@ -1,0 +1,157 @@
+"""Data layout for teacher forcing: samples as token ids, chunks of them as left-padded batches.
+
+Scoring is teacher-forced: a sample's prompt plus its reference answer minus the last token is fed
+once (`Sample.fed`), and the answer's log-probabilities are read at the positions that predict it
+(the last prompt token, then each fed answer token). A `Batch` stacks rows of different lengths
+left-padded, remembers each row's padding (`offsets`) and lists the scored positions in one flat
+gather (`gather_rows`, `gather_pos`), so a whole chunk's answer logits come out of one indexing.
+Token sets (`Sample.token_mask`) and the role alignment of a `patch` donor (`donor_map`) are
+defined here, on unpadded positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cliviz.errors import CLIVizError
+from cliviz.model.processing import prompt_ids
+
+_ROLE_PROMPT, _ROLE_ANSWER = 1, 3
+
+@dataclass
+class Sample:
+    """One (image, question, reference) laid out for teacher forcing (unpadded positions)."""
+
+    prompt: list[int]
+    answer: list[int] | None  # reference ids; None = the model's own answer (the reference run decides it)
+    qtype: str | None
+    roles: np.ndarray = field(init=False)
+
+    @property
+    def fed(self) -> list[int]:
+        """The ids that go in: the prompt and every reference token but the last."""
+        return self.prompt + (self.answer[:-1] if self.answer else [])
+
+    @property
+    def n_answer(self) -> int:
+        """How many answer tokens are scored (1 when the model's own answer is the reference)."""
+        return len(self.answer) if self.answer else 1
+
+    def __post_init__(self) -> None:
+        roles = np.full(len(self.fed), _ROLE_PROMPT, dtype=np.int8)
+        roles[len(self.prompt):] = _ROLE_ANSWER
+        self.roles = roles
+
+    def token_mask(self, tokens: str, image_id: int) -> np.ndarray:
+        """`[T]` bool: the fed positions of token set `tokens` (all | prompt | image | answer)."""
+        n = len(self.fed)
+        if tokens == "all":
+            return np.ones(n, dtype=bool)
+        if tokens == "image":
+            return np.asarray(self.fed) == image_id
+        if tokens == "prompt":
+            return (self.roles == _ROLE_PROMPT) & (np.asarray(self.fed) != image_id)
+        mask = np.zeros(n, dtype=bool)  # answer: the positions whose output predicts an answer token
+        start = len(self.prompt) - 1
+        mask[start:start + self.n_answer] = True
+        return mask
+
+
+def layout_samples(model, tokenizer, questions: Sequence[str], references: Sequence[str | None] | None,
+                   qtypes: Sequence[str | None] | None) -> list[Sample]:
+    """Tokenise each (question, reference); a missing or empty reference means the model's own answer."""
+    samples = []
+    unk = tokenizer.unk_token_id
+    for i, q in enumerate(questions):
+        ref = references[i] if references is not None else None
+        ids = None
+        if ref is not None and str(ref).strip():
+            ids = tokenizer(str(ref), add_special_tokens=False).input_ids
+            if not ids:
+                ids = None
+            elif unk is not None and unk in ids:
+                raise CLIVizError(f"reference answer {ref!r} has words outside the model's vocabulary")
+        samples.append(Sample(prompt_ids(tokenizer, q, model.config), ids, qtypes[i] if qtypes is not None else None))
+    return samples
+
+
+def padding_id(tokenizer) -> int:
+    """The id left padding is filled with (masked out: any id gives the same result)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def suppressed(tokenizer) -> list[int]:
+    """Tokens generation never emits: not answers."""
+    from cliviz.inference import suppressed_tokens
+
+    return suppressed_tokens(tokenizer)
+
+
+@dataclass
+class Batch:
+    """A chunk of samples, left-padded to one width W, with its P scored positions."""
+
+    ids: torch.Tensor  # [R, W]
+    mask: torch.Tensor  # [R, W]
+    offsets: np.ndarray  # [R] left padding of each row
+    gather_rows: torch.Tensor  # [P] row of each scored position
+    gather_pos: torch.Tensor  # [P] position of each scored position
+    spans: list[tuple[int, int]]  # per row: slice into the P scored positions
+
+
+def make_batch(samples: list[Sample], which: Sequence[int], pad_id: int, device) -> Batch:
+    """Rows `which` of `samples`, left-padded with `pad_id`, on `device`."""
+    fed = [samples[s].fed for s in which]
+    width = max(len(f) for f in fed)
+    ids = torch.full((len(fed), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(fed), width), dtype=torch.long)
+    offsets = np.zeros(len(fed), dtype=np.int64)
+    rows, pos, spans = [], [], []
+    for r, (s, f) in enumerate(zip(which, fed, strict=True)):
+        off = width - len(f)
+        offsets[r] = off
+        ids[r, off:] = torch.tensor(f)
+        mask[r, off:] = 1
+        start = off + len(samples[s].prompt) - 1
+        n = samples[s].n_answer
+        spans.append((len(rows), len(rows) + n))
+        rows += [r] * n
+        pos += list(range(start, start + n))
+    return Batch(ids.to(device), mask.to(device), offsets, torch.tensor(rows, device=device),
+                 torch.tensor(pos, device=device), spans)
+
+
+def pad_into(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Left-pad per-row `[T_r, ...]` tensors with zeros into `[R, width, ...]`."""
+    first = parts[0]
+    out = torch.zeros((len(parts), width, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    for r, part in enumerate(parts):
+        out[r, width - part.shape[0]:] = part
+    return out
+
+
+def donor_map(receiver: Sample, donor: Sample, n_img: int, image_id: int) -> np.ndarray:
+    """Donor position for each receiver position (-1: no counterpart), aligned by role: the prompt
+    head up to the last image token by position (a chat template's prefix is the same in every
+    sample), the question words from their end, the answer from its start."""
+    t_r, t_d = len(receiver.fed), len(donor.fed)
+    p_r, p_d = len(receiver.prompt), len(donor.prompt)
+    front = receiver.prompt.index(image_id) + n_img if image_id in receiver.prompt else 0
+    front_d = donor.prompt.index(image_id) + n_img if image_id in donor.prompt else 0
+    out = np.full(t_r, -1, dtype=np.int64)
+    for p in range(t_r):
+        if p < front:
+            q = p if p < front_d else -1
+        elif p < p_r:
+            q = p_d - (p_r - p)
+            q = q if q >= front else -1
+        else:
+            q = p_d + (p - p_r)
+            q = q if q < t_d else -1
+        out[p] = q
+    return out
+
