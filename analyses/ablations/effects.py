@@ -25,7 +25,7 @@ from cliviz.analyses.ablations.layout import layout_samples, suppressed
 from cliviz.analyses.ablations.measures import score_row
 from cliviz.analyses.ablations.spec import ALL, REFERENCE, Ablation, grid_conditions
 from cliviz.errors import CLIVizError
-from cliviz.model.processing import pixel_values
+from cliviz.model.processing import image_inputs
 from cliviz.tracing.record import envoy
 
 # Per-sample quantities the effects frame averages, and what each row of a grid reports.
@@ -131,7 +131,8 @@ def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questio
     """`knockout_grid` the slow, obvious way: a Python loop of one unpadded forward per (cell,
     sample), the knockout written out by hand inside each trace. For benchmarks and identity tests."""
     conditions = grid_conditions(model, "knockout", tokens)
-    samples = layout_samples(model, tokenizer, questions, references, qtypes)
+    pixels = image_inputs(list(images), model.config)
+    samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
     wrapped = envoy(model)
     cfg = model.config
@@ -139,13 +140,13 @@ def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questio
     records, mass = [], None
     for s, sample in enumerate(samples):
         ids = torch.tensor([sample.fed], device=model.device)
-        pix = pixel_values([images[s]], cfg).to(model.device, model.dtype)
+        pix = pixels.select([s]).to_model(model.device, model.dtype)
         pos = list(range(len(sample.prompt) - 1, len(sample.prompt) - 1 + sample.n_answer))
         tok_mask = torch.from_numpy(sample.token_mask(tokens, image_id)).to(model.device)
         own = None
         base = None
         for a in conditions:
-            with wrapped.trace(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix):
+            with wrapped.trace(input_ids=ids, attention_mask=torch.ones_like(ids), **pix):
                 if a is None:
                     gates = nnsight.save([wrapped.agf[j].gate.output.float() for j in range(len(model.agf))])
                 else:

@@ -43,7 +43,7 @@ from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make
 from cliviz.analyses.ablations.measures import score_row, scores_frame
 from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.errors import CLIVizError
-from cliviz.model.processing import n_image_tokens, pixel_values
+from cliviz.model.processing import ImageInputs, image_inputs, n_image_tokens
 from cliviz.tracing.record import envoy
 
 CACHE_BUDGET_BYTES = 1 << 30  # reference values kept for prefix sharing, per block of samples
@@ -58,7 +58,7 @@ class _Want:
     memory: bool = False  # AMP output
     hidden_after: frozenset = frozenset()  # decoder layers whose output to keep
     reads: frozenset = frozenset()  # injection positions whose AGF reads to keep
-    kv: frozenset = frozenset()  # injection positions whose read key/value maps of the memory to keep
+    kv: bool = False  # the read's keys and values of the visual memory (the same for every condition)
 
 
 @dataclass
@@ -72,13 +72,34 @@ class _Skip:
     j: int
     n_layers: int
     hidden: torch.Tensor | None  # [R, W, D] output of decoder layer n_layers - 1
-    reads: torch.Tensor | None  # [R, W, K, D] reads of AGF j
+    reads: torch.Tensor | None  # [R, W, K, r] reads of AGF j
     vision: Any  # vision-tower output stand-in, or None
     memory: torch.Tensor | None  # [R, K, N, D] AMP output (or a zero stand-in when nothing reads it), or None
-    kv: dict = field(default_factory=dict)  # injection position -> ([R, K, N, D] keys, values) of its read
+    kv: Any = None  # the read's keys and values (`_keys_values` layout), or None
 
 
-def _forward(model, batch: Batch, pixels: torch.Tensor, ops: list[LayerOps | None] | None = None,
+def _keys_values(wrapped, model, store: dict | None, replacement: Any) -> None:
+    """Inside a trace: the read's keys and values of the visual memory, which the model computes once,
+    before any decoder layer — keep them (`store["kv"]`) or put kept ones back (`replacement`).
+
+    Light read: the output of `read_kv`, a (keys, values) pair shared by every layer. Full read:
+    each layer's own `read.key` / `read.value` outputs, in the order the model calls them."""
+    if model.read_kv is not None:
+        if replacement is not None:
+            wrapped.read_kv.skip(replacement)
+        elif store is not None:
+            store["kv"] = wrapped.read_kv.output
+        return
+    for j in range(len(model.agf)):
+        read = wrapped.agf[j].read
+        if replacement is not None:
+            read.key.skip(replacement[j][0])
+            read.value.skip(replacement[j][1])
+        elif store is not None:
+            store["kv"][j] = (read.key.output, read.value.output)
+
+
+def _forward(model, batch: Batch, pixels: ImageInputs, ops: list[LayerOps | None] | None = None,
              skip: _Skip | None = None, want: _Want | None = None) -> dict:
     """One traced forward of a chunk: skips, interventions per layer, logits at the scored positions."""
     wrapped = envoy(model)
@@ -92,7 +113,7 @@ def _forward(model, batch: Batch, pixels: torch.Tensor, ops: list[LayerOps | Non
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with wrapped.trace(input_ids=batch.ids, attention_mask=batch.mask, position_ids=position_ids,
-                           pixel_values=pixels):
+                           **pixels.to_model(model.device, model.dtype)):
             store = nnsight.save({"gates": [], "hidden": {}, "reads": {}, "kv": {}})
             tower = wrapped.base.model.vision_tower
             if want.vision:
@@ -104,6 +125,7 @@ def _forward(model, batch: Batch, pixels: torch.Tensor, ops: list[LayerOps | Non
                     store["memory"] = wrapped.amp.output
                 elif skip is not None and skip.memory is not None:
                     wrapped.amp.skip(skip.memory)
+                _keys_values(wrapped, model, store if want.kv else None, skip.kv if skip is not None else None)
             layers = wrapped.base.model.language_model.layers
             for layer in range(n_dec):
                 j = inj_at.get(layer)
@@ -114,9 +136,7 @@ def _forward(model, batch: Batch, pixels: torch.Tensor, ops: list[LayerOps | Non
                         apply_ablation(wrapped, j, ops[j] if ops is not None else None,
                                        store["gates"] if want.gates else None,
                                        reads_saved=store["reads"] if j in want.reads else None,
-                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None,
-                                       kv_saved=store["kv"] if j in want.kv else None,
-                                       kv_replacement=skip.kv.get(j) if skip is not None else None)
+                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None)
                 if skip is not None and layer < skip.n_layers:
                     layers[layer].skip(skip.hidden)  # only the last skipped layer's value is ever read
                 elif layer in want.hidden_after:
@@ -156,12 +176,12 @@ class _Cache:
     vision: dict = field(default_factory=dict)  # s -> [P+1, Dv]
     memory: dict = field(default_factory=dict)  # s -> [K, N, D]
     hidden: dict = field(default_factory=dict)  # (s, decoder layer) -> [T_s, D]
-    reads: dict = field(default_factory=dict)  # (s, j) -> [T_s, K, D]
-    kv: dict = field(default_factory=dict)  # (s, j) -> ([K, N, D] keys, [K, N, D] values)
+    reads: dict = field(default_factory=dict)  # (s, j) -> [T_s, K, r]
+    kv: dict = field(default_factory=dict)  # s -> the read's keys and values of its memory (one row)
     n_vision_states: int = 0
 
 
-def _reference_pass(model, samples: list[Sample], which: list[int], pixels: torch.Tensor, ref: Reference,
+def _reference_pass(model, samples: list[Sample], which: list[int], pixels: ImageInputs, ref: Reference,
                     suppress: list[int], pad_id: int, *, max_batch: int, want_cache: _Want | None,
                     progress: Callable[[int], None] | None) -> _Cache:
     """Unablated forwards of `which` (chunks of max_batch): fill `ref` for samples not filled yet and
@@ -175,7 +195,7 @@ def _reference_pass(model, samples: list[Sample], which: list[int], pixels: torc
     for start in range(0, len(which), max_batch):
         chunk = which[start:start + max_batch]
         batch = make_batch(samples, chunk, pad_id, model.device)
-        store = _forward(model, batch, pixels[chunk], want=want)
+        store = _forward(model, batch, pixels.select(chunk), want=want)
         lp = torch.log_softmax(store["logits"], dim=-1).cpu()
         masked = lp.clone()
         masked[:, suppress] = -math.inf
@@ -192,9 +212,8 @@ def _reference_pass(model, samples: list[Sample], which: list[int], pixels: torc
                     cache.hidden[(s, layer)] = store["hidden"][layer][r, off:]
                 for j in want.reads:
                     cache.reads[(s, j)] = store["reads"][j][r, off:]
-                for j in want.kv:
-                    keys, values = store["kv"][j]
-                    cache.kv[(s, j)] = (keys[r], values[r])
+                if want.kv:
+                    cache.kv[s] = _row_of(store["kv"], r)
             if ref.filled[s]:
                 continue
             fresh += 1
@@ -226,15 +245,13 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
     n_layers = model.config.injection_layers[j]
     hidden = pad_into([cache.hidden[(s, n_layers - 1)] for s in which], width) if n_layers > 0 else None
     reads = pad_into([cache.reads[(s, j)] for s in which], width) if j in want.reads else None
-    kv = {jj: (torch.stack([cache.kv[(s, jj)][0] for s in which]), torch.stack([cache.kv[(s, jj)][1] for s in which]))
-          for jj in want.kv if jj > j}
+    kv = _stack_rows([cache.kv[s] for s in which]) if want.kv else None
     memory = None
     if want.memory:
-        # AMP's output is read only by the AGF reads; those from j on are skipped whole (j) or have
-        # their key/value maps replaced (kv): then a zero stand-in of the right shape is enough.
-        readers = [jj for jj, agf in enumerate(model.agf) if jj >= j and hasattr(agf, "read")]
-        if all(jj in kv or (jj == j and reads is not None) for jj in readers):
-            first = cache.memory[which[0]]
+        # AMP's output is read only through the keys and values of the read: when those are put back
+        # from the cache, a zero stand-in of the right shape is enough.
+        first = cache.memory[which[0]]
+        if kv is not None:
             memory = torch.zeros((), dtype=first.dtype, device=first.device).expand(len(which), *first.shape)
         else:
             memory = torch.stack([cache.memory[s] for s in which])
@@ -248,7 +265,22 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
     return _Skip(j, n_layers if hidden is not None else 0, hidden, reads, vision, memory, kv)
 
 
-def reference_run(model, samples: list[Sample], pixels: torch.Tensor, suppress: list[int], pad_id: int, *,
+def _row_of(kv: Any, r: int) -> Any:
+    """Row r of the read's keys and values: a (keys, values) pair, or a dict of them per layer (full read)."""
+    if isinstance(kv, dict):
+        return [(kv[j][0][r], kv[j][1][r]) for j in sorted(kv)]
+    return kv[0][r], kv[1][r]
+
+
+def _stack_rows(rows: list) -> Any:
+    """Rows of `_row_of` stacked back into a batch, in the layout `_keys_values` puts back."""
+    if isinstance(rows[0], list):
+        return [(torch.stack([row[j][0] for row in rows]), torch.stack([row[j][1] for row in rows]))
+                for j in range(len(rows[0]))]
+    return torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
+
+
+def reference_run(model, samples: list[Sample], pixels: ImageInputs, suppress: list[int], pad_id: int, *,
                    max_batch: int, token_sets: set[str], keep_gates: bool,
                    progress: Callable[[int], None] | None) -> Reference:
     """The unablated forward of every sample, nothing cached (`mean_gates`)."""
@@ -270,27 +302,29 @@ def _cache_plan(model, samples: list[Sample], plans: dict[int, Plan], max_batch:
     firsts = {min(p.layers) for p in plans.values()}
     per_group = max(sum(1 for p in plans.values() if min(p.layers) == g) for g in firsts)
     hidden_after = frozenset(cfg.injection_layers[g] - 1 for g in firsts if cfg.injection_layers[g] > 0)
+    if cfg.base_model_type != "llava":
+        # OneVision batches crops, not samples, and pads memories per chunk: plain stacked forwards
+        return None, n
     reads = frozenset(g for g in firsts if hasattr(model.agf[g], "read"))
-    # every later AGF read recomputes attention from changed hidden states, but its key/value maps
-    # of the visual memory are the same for all conditions of a sample: computed once, reused
-    kv = frozenset(j for j, agf in enumerate(model.agf) if hasattr(agf, "read") and j > min(firsts))
-    vision = cfg.base_model_type == "llava"  # OneVision batches crops, not samples: run its tower
-    memory = model.amp is not None
+    # every AGF read recomputes attention from changed hidden states, but the keys and values of
+    # the visual memory are the same for all conditions of a sample: computed once, reused
+    memory = kv = model.amp is not None
     vc, tc = cfg.base_config.vision_config, cfg.base_config.text_config
     t = max(len(s.fed) for s in samples)
     n_img = n_image_tokens(cfg)
     k = n_slots(model)
     elem = torch.finfo(model.dtype).bits // 8
-    base = (vc.hidden_size * (n_img + 1) if vision else 0) + (k * n_img * tc.hidden_size if memory else 0)
+    base = vc.hidden_size * (n_img + 1) + (k * n_img * tc.hidden_size if memory else 0)
     base += len(hidden_after) * t * tc.hidden_size
-    with_reads = base + len(reads) * t * k * tc.hidden_size + len(kv) * 2 * k * n_img * tc.hidden_size
+    kv_copies = 1 if model.read_kv is not None else len(model.agf)
+    with_reads = base + len(reads) * t * k * cfg.read_width + (kv_copies * 2 * k * n_img * cfg.read_width if kv else 0)
     if with_reads * elem > CACHE_BUDGET_BYTES:
-        reads, kv = frozenset(), frozenset()
+        reads, kv = frozenset(), False
         with_reads = base
     if with_reads * elem > CACHE_BUDGET_BYTES:
         return None, n
     block = max(1, min(n, max_batch // per_group, CACHE_BUDGET_BYTES // (with_reads * elem)))
-    return _Want(vision=vision, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
+    return _Want(vision=True, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
 
 
 def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
@@ -312,10 +346,10 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
     computed_means = [p for p in plans.values() if p.ablation.kind == "mean" and p.ablation.means is None]
     if qtypes is None and any(p.ablation.per_qtype for p in computed_means):
         raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
-    samples = layout_samples(model, tokenizer, questions, references, qtypes)
+    pixels = image_inputs(list(images), model.config)
+    samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
     pad_id = padding_id(tokenizer)
-    pixels = pixel_values(list(images), model.config).to(model.device, model.dtype)
     token_sets = {p.ablation.tokens for p in computed_means}
     keep_gates = any(p.ablation.kind == "patch" for p in plans.values())
     ref = _new_reference(model, n, token_sets, keep_gates)
@@ -329,7 +363,7 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
     return frame, ref
 
 
-def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: torch.Tensor, ref: Reference,
+def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: ImageInputs, ref: Reference,
                   means: dict[int, Any], suppress: list[int], pad_id: int, *, max_batch: int,
                   progress: Callable[[int], None] | None, share_prefix: bool) -> dict[tuple[int, int], dict]:
     """`score_row` of every ablated (sample, condition): block by block of samples, the reference
@@ -360,7 +394,7 @@ def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: 
                 ops = chunk_ops(rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device,
                                 model.config)
                 skip = _make_skip(model, cache, rows, g, batch, want) if g is not None else None
-                store = _forward(model, batch, pixels[which], ops, skip=skip)
+                store = _forward(model, batch, pixels.select(which), ops, skip=skip)
                 lp = torch.log_softmax(store["logits"], dim=-1).cpu().numpy()
                 for r, (s, c) in enumerate(rows):
                     a_, b_ = batch.spans[r]

@@ -21,7 +21,6 @@ import torch
 from cliviz.analyses.ablations.layout import Batch, Sample, donor_map
 from cliviz.analyses.ablations.spec import Plan
 from cliviz.errors import CLIVizError
-from cliviz.model.processing import n_image_tokens
 
 if TYPE_CHECKING:
     from cliviz.analyses.ablations.engine import Reference
@@ -53,13 +52,10 @@ class LayerOps:
 
 
 def apply_ablation(wrapped, j: int, ops: LayerOps | None, saved: list | None = None, *,
-                   reads_saved: dict | None = None, reads_replacement: torch.Tensor | None = None,
-                   kv_saved: dict | None = None, kv_replacement: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   ) -> None:
+                   reads_saved: dict | None = None, reads_replacement: torch.Tensor | None = None) -> None:
     """Inside an nnsight trace: the chunk's interventions at injection layer `j`, in the order the
     AGF layer runs its modules — gate (rewrite, optionally keep), read (keep it, or skip it with the
-    reference run's reads when they cannot have changed; or skip only its key/value maps of the
-    visual memory, which no gate or hidden state can change), injection (zero it where asked)."""
+    reference run's reads when they cannot have changed), injection (zero it where asked)."""
     agf = wrapped.agf[j]
     if ops is not None and ops.gate is not None:
         agf.gate.output = apply_gate_ablation(agf.gate.output, *ops.gate)
@@ -67,14 +63,8 @@ def apply_ablation(wrapped, j: int, ops: LayerOps | None, saved: list | None = N
         saved.append(agf.gate.output.float())
     if reads_replacement is not None:
         agf.read.skip(reads_replacement)
-    else:
-        if kv_replacement is not None:
-            agf.read.key.skip(kv_replacement[0])
-            agf.read.value.skip(kv_replacement[1])
-        elif kv_saved is not None:
-            kv_saved[j] = (agf.read.key.output, agf.read.value.output)
-        if reads_saved is not None:
-            reads_saved[j] = agf.read.output
+    elif reads_saved is not None:
+        reads_saved[j] = agf.read.output
     if ops is not None and ops.inj_off is not None:
         out = agf.injection.output
         agf.injection.output = out.masked_fill(ops.inj_off[..., None], 0)
@@ -141,7 +131,7 @@ def chunk_ops(rows: list[tuple[int, int]], plans: Mapping[int, Plan], batch: Bat
                         d = plan.ablation.value if plan.ablation.value is not None else (s + 1) % len(samples)
                         if not 0 <= d < len(samples):
                             raise CLIVizError(f"patch donor {d} outside 0..{len(samples) - 1}")
-                        where = donor_map(sample, samples[d], n_image_tokens(plan_cfg), image_id)
+                        where = donor_map(sample, samples[d], image_id)
                         has = where >= 0
                         fill[r, off:][has] = ref.gates[d][j][where[has]]
                         tok = tok & has

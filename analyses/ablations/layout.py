@@ -62,8 +62,11 @@ class Sample:
 
 
 def layout_samples(model, tokenizer, questions: Sequence[str], references: Sequence[str | None] | None,
-                   qtypes: Sequence[str | None] | None) -> list[Sample]:
-    """Tokenise each (question, reference); a missing or empty reference means the model's own answer."""
+                   qtypes: Sequence[str | None] | None, n_images: Sequence[int] | None = None) -> list[Sample]:
+    """Tokenise each (question, reference); a missing or empty reference means the model's own answer.
+
+    `n_images`: each image's placeholder count (`ImageInputs.token_counts`; needed for LLaVA-OneVision,
+    whose count depends on the image)."""
     samples = []
     unk = tokenizer.unk_token_id
     for i, q in enumerate(questions):
@@ -75,7 +78,8 @@ def layout_samples(model, tokenizer, questions: Sequence[str], references: Seque
                 ids = None
             elif unk is not None and unk in ids:
                 raise CLIVizError(f"reference answer {ref!r} has words outside the model's vocabulary")
-        samples.append(Sample(prompt_ids(tokenizer, q, model.config), ids, qtypes[i] if qtypes is not None else None))
+        n_img = n_images[i] if n_images is not None else None
+        samples.append(Sample(prompt_ids(tokenizer, q, model.config, n_img), ids, qtypes[i] if qtypes is not None else None))
     return samples
 
 
@@ -134,14 +138,18 @@ def pad_into(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def donor_map(receiver: Sample, donor: Sample, n_img: int, image_id: int) -> np.ndarray:
+def _after_image(prompt: list[int], image_id: int) -> int:
+    """The position right after the last image placeholder (0 when there is none)."""
+    return len(prompt) - prompt[::-1].index(image_id) if image_id in prompt else 0
+
+
+def donor_map(receiver: Sample, donor: Sample, image_id: int) -> np.ndarray:
     """Donor position for each receiver position (-1: no counterpart), aligned by role: the prompt
     head up to the last image token by position (a chat template's prefix is the same in every
     sample), the question words from their end, the answer from its start."""
     t_r, t_d = len(receiver.fed), len(donor.fed)
     p_r, p_d = len(receiver.prompt), len(donor.prompt)
-    front = receiver.prompt.index(image_id) + n_img if image_id in receiver.prompt else 0
-    front_d = donor.prompt.index(image_id) + n_img if image_id in donor.prompt else 0
+    front, front_d = _after_image(receiver.prompt, image_id), _after_image(donor.prompt, image_id)
     out = np.full(t_r, -1, dtype=np.int64)
     for p in range(t_r):
         if p < front:

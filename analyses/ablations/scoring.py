@@ -19,7 +19,7 @@ from cliviz.analyses.ablations.engine import reference_run, run_conditions
 from cliviz.analyses.ablations.layout import layout_samples, padding_id, suppressed
 from cliviz.analyses.ablations.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.errors import CLIVizError
-from cliviz.model.processing import pixel_values
+from cliviz.model.processing import image_inputs
 
 
 def mean_gates(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str], *, tokens: str = "all",
@@ -28,8 +28,8 @@ def mean_gates(model, tokenizer, images: Sequence[Image.Image], questions: Seque
     `{qtype: [L, K]}` — the `means` a ``mean`` ablation takes (e.g. from a held-out set)."""
     if tokens not in TOKEN_SETS:
         raise CLIVizError(f"unknown token set {tokens!r}; use one of {', '.join(TOKEN_SETS)}")
-    samples = layout_samples(model, tokenizer, questions, None, qtypes)
-    pixels = pixel_values(list(images), model.config).to(model.device, model.dtype)
+    pixels = image_inputs(list(images), model.config)
+    samples = layout_samples(model, tokenizer, questions, None, qtypes, pixels.token_counts)
     ref = reference_run(model, samples, pixels, suppressed(tokenizer), padding_id(tokenizer), max_batch=max_batch,
                         token_sets={tokens}, keep_gates=False, progress=None)
     if not ref.token_sums:
