@@ -130,7 +130,8 @@ class ConversationStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         current, epoch, conversations, skipped = None, 0, [], Counter()
-        for index, batch_epoch, row, raw in self.positions(worker, n_workers):
+        end: dict[str, int] = {}
+        for index, batch_epoch, row, raw in self.positions(worker, n_workers, end):
             if current is not None and index != current:
                 yield self._batch(current, epoch, worker, conversations, skipped)
                 conversations, skipped = [], Counter()
@@ -142,6 +143,12 @@ class ConversationStream(IterableDataset):
                 skipped[bad.reason] += 1
         if current is not None:
             yield self._batch(current, epoch, worker, conversations, skipped)
+        if "positions" in end:  # finite epochs: every rank ends on the same batch (DDP steps in lockstep)
+            last = (end["positions"] - 1) // (self.batch_size * self.world_size)
+            first = self.start_batch if current is None else current + 1
+            for index in range(first, last + 1):
+                if (index - self.start_batch) % n_workers == worker:
+                    yield self._batch(index, end["epochs"] - 1, worker, [], Counter())
 
     def _batch(self, index: int, epoch: int, worker: int, conversations: list, skipped: Counter) -> Batch:
         collated = self.collator(conversations) if conversations else None
@@ -163,8 +170,11 @@ class ConversationStream(IterableDataset):
             return np.arange(size)
         return np.random.default_rng([self.seed, epoch, window]).permutation(size)
 
-    def positions(self, worker: int, n_workers: int) -> Iterator[tuple[int, int, int, Any]]:
-        """`(batch index, epoch, row index, raw row)` of every position `worker` owns, in stream order."""
+    def positions(self, worker: int, n_workers: int, end: dict | None = None) -> Iterator[tuple[int, int, int, Any]]:
+        """`(batch index, epoch, row index, raw row)` of every position `worker` owns, in stream order.
+
+        When a finite stream ends, `end` receives its length in positions and epochs.
+        """
         first = self.start_batch * self.batch_size * self.world_size
         n = None if self.source.infinite else self.source.num_rows()
         if n is None and first > 0 and not self.source.infinite:
@@ -185,6 +195,8 @@ class ConversationStream(IterableDataset):
                     break
                 window += 1
             epoch, offset = epoch + 1, 0
+        if end is not None and self.epochs is not None:
+            end.update(positions=self.epochs * (n or 0), epochs=self.epochs)
 
     def _window(self, rows: Iterator, epoch: int, window: int, g0: int, size: int | None,
                 worker: int, n_workers: int) -> tuple[list[tuple[int, int, Any]], int]:
