@@ -86,7 +86,8 @@ def test_one_turn_training_prompt_is_the_inference_prompt(make_tok):
 
     tok = make_tok()
     image_id = tok.convert_tokens_to_ids("<image>")
-    base = LlavaConfig(vision_config=CLIPVisionConfig(image_size=32, patch_size=8), text_config=LlamaConfig(vocab_size=len(tok)),
+    base = LlavaConfig(vision_config=CLIPVisionConfig(image_size=32, patch_size=8),
+                       text_config=LlamaConfig(vocab_size=len(tok)),
                        image_token_index=image_id, vision_feature_select_strategy="default")
     config = CLIConfig(base_config=base)
     collator = collator_for_model(config, tok)
@@ -117,8 +118,8 @@ def test_word_level_layout_is_make_batch_bit_for_bit():
 
 def test_word_level_out_of_vocabulary_is_a_skipped_row():
     tok, config = word_level()
-    collated = collator_for_model(config, tok)([conversation((("user", "what colour is the circle ?"), ("assistant", "red"))),
-                                                 conversation(TURNS[:2])])
+    unknown_word = conversation((("user", "what colour is the circle ?"), ("assistant", "red")))
+    collated = collator_for_model(config, tok)([unknown_word, conversation(TURNS[:2])])
     assert collated.skipped == Counter({"out_of_vocabulary": 1}) and collated.inputs["input_ids"].shape[0] == 1
 
 
@@ -149,7 +150,8 @@ def test_placeholders_per_image_and_truncation():
     assert cut.inputs["pixel_values"][:, 0, 0, 0].tolist() == [16.0, 40.0]
     first_row = cut.inputs["input_ids"][0][cut.inputs["attention_mask"][0].bool()].tolist()
     assert len(first_row) == first_end < length_one
-    assert tok.decode([t for t, lab in zip(first_row, cut.inputs["labels"][0].tolist()) if lab != IGNORE]) == "red<|im_end|>"
+    first_labels = cut.inputs["labels"][0].tolist()
+    assert tok.decode([t for t, lab in zip(first_row, first_labels) if lab != IGNORE]) == "red<|im_end|>"
 
 
 def test_expand_image_refuses_when_nothing_fits():

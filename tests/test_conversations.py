@@ -94,7 +94,8 @@ def test_parquet_with_paths_json_conversations_and_row_groups(tmp_path):
     """Image paths resolved against --image-folder, conversations stored as a JSON string, and a
     start row that skips whole row groups."""
     rows, images = llava_dataset(tmp_path, 7)
-    table = pa.table({"image": [r["image"] for r in rows], "conversations": [json.dumps(r["conversations"]) for r in rows]})
+    table = pa.table({"image": [r["image"] for r in rows],
+                      "conversations": [json.dumps(r["conversations"]) for r in rows]})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
     source = ArrowSource(tmp_path / "d.parquet", images)
     good, bad = parsed(source)
@@ -117,7 +118,8 @@ def test_shapes_folder_one_conversation_per_image(tmp_path):
     assert not bad and len(good) == 6
     assert good[0].turns == (("user", lines[0]["question"]), ("assistant", lines[0]["answer"]))
     # several questions about one image (consecutive rows) become one multi-turn conversation
-    rows = [dict(lines[0], question=q, answer=a) for q, a in (("what digit is in the corner ?", "7"), ("how many objects are there ?", "two"))]
+    pairs = (("what digit is in the corner ?", "7"), ("how many objects are there ?", "two"))
+    rows = [dict(lines[0], question=q, answer=a) for q, a in pairs]
     write_jsonl(tmp_path / "shapes" / "samples.jsonl", rows + lines[1:2])
     good, _ = parsed(ShapesFolderSource(tmp_path / "shapes"))
     assert [len(c.pairs()) for c in good] == [2, 1]
@@ -147,9 +149,9 @@ def bad_rows(tmp_path) -> tuple[list, dict[str, int]]:
         dict(ok, conversations=[{"from": "human", "value": 3}]),  # malformed_row
         dict(ok, conversations=ok["conversations"][::-1]),  # wrong_roles
         dict(ok, conversations=ok["conversations"][:1]),  # wrong_roles: no answer
-        {"id": "text-only", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},  # no_image
+        {"id": "text-only", "conversations": [{"from": "human", "value": "hi"}, ok["conversations"][1]]},  # no_image
         dict(ok, image=["0.png", "1.png"]),  # multiple_images
-        dict(ok, conversations=[{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}]),  # no_image_token
+        dict(ok, conversations=[{"from": "human", "value": "what ?"}, ok["conversations"][1]]),  # no_image_token
         dict(ok, conversations=[{"from": "human", "value": "<image> <image> what ?"}, {"from": "gpt", "value": "red"}]),
         dict(ok, conversations=[ok["conversations"][0], {"from": "gpt", "value": "  "}]),  # empty_answer
         dict(ok, image="nowhere.png"),  # missing_image
@@ -157,7 +159,8 @@ def bad_rows(tmp_path) -> tuple[list, dict[str, int]]:
         llava_row(1),
     ]
     expected = {"malformed_json": 1, "malformed_row": 2, "wrong_roles": 2, "no_image": 1, "multiple_images": 1,
-                "no_image_token": 1, "extra_image_tokens": 1, "empty_answer": 1, "missing_image": 1, "unreadable_image": 1}
+                "no_image_token": 1, "extra_image_tokens": 1, "empty_answer": 1, "missing_image": 1,
+                "unreadable_image": 1}
     return rows, expected
 
 

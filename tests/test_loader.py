@@ -109,8 +109,9 @@ def test_order_is_seeded_windowed_and_reshuffled_per_epoch(data, collator):
 def test_resume_gives_the_same_batches_whatever_the_workers(data, collator, kind):
     """Batches 7.. of a run started at batch 7 (in-process) equal those of the uninterrupted run
     (2 worker processes), across an epoch boundary (batch 7 starts at position 21 of 20 rows)."""
-    full = batches(ConversationStream(source(data, kind), collator, batch_size=3, seed=5, shuffle_window=8), 12, workers=2)
-    resumed = batches(ConversationStream(source(data, kind), collator, batch_size=3, seed=5, shuffle_window=8, start_batch=7), 5)
+    layout = dict(batch_size=3, seed=5, shuffle_window=8)
+    full = batches(ConversationStream(source(data, kind), collator, **layout), 12, workers=2)
+    resumed = batches(ConversationStream(source(data, kind), collator, **layout, start_batch=7), 5)
     assert [b.index for b in resumed] == list(range(7, 12)) and resumed[0].epoch == 1
     for a, b in zip(full[7:], resumed):
         assert a.ids == b.ids and sorted(a.inputs) == sorted(b.inputs)
@@ -132,7 +133,9 @@ def test_tiny_trainer_stream_is_make_batch(collator):
 
     tok, config = word_level()
     stream = ConversationStream(ShapesSceneSource(11, offset=100), collator, batch_size=4, shuffle=False, start_batch=3)
-    for batch in batches(stream, 3, workers=2):
+    got = batches(stream, 3, workers=2)
+    assert [b.index for b in got] == [3, 4, 5] and [b.worker for b in got] == [0, 1, 0]  # in order from the start
+    for batch in got:
         want = make_batch(tok, config, 11, list(range(100 + 4 * batch.index, 104 + 4 * batch.index)))
         assert all(torch.equal(batch.inputs[k], want[k]) for k in want)
 
@@ -144,7 +147,8 @@ def test_summary_order_check_round_trip_and_reduce(data, collator):
         summary.add(got[1])
     summary.add(got[0])
     saved = summary.to_dict()
-    assert DataSummary.from_dict(saved) == summary and DataSummary.from_dict(saved, counts=False) == DataSummary(next_batch=1)
+    assert DataSummary.from_dict(saved) == summary
+    assert DataSummary.from_dict(saved, counts=False) == DataSummary(next_batch=1)
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -93,10 +93,11 @@ class ChatEncoder:
         if self._render_or_none(self.PROBE[:1], generation=True) != reference:
             self.structured = False
             if self._render_or_none(self.PROBE[:1], generation=True) != reference:
-                raise CLIVizError("the chat template renders a question unlike the inference prompt; cannot train on it")
-        self.special_ids = set(tokenizer.all_special_ids) | {
-            i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)
-        }
+                raise CLIVizError("the chat template renders a question unlike the inference prompt; "
+                                  "cannot train on it")
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
         self.special_ids.discard(image_token_id)
         try:
             self(Conversation("probe", b"", self.PROBE))
@@ -110,7 +111,8 @@ class ChatEncoder:
             with_image = role == "user" and not image_placed
             image_placed |= with_image
             if self.structured:
-                content: list[dict] | str = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+                image_part = [{"type": "image"}] if with_image else []
+                content: list[dict] | str = image_part + [{"type": "text", "text": text}]
             else:
                 content = f"{self.image_token}\n{text}" if with_image else text
             out.append({"role": role, "content": content})
@@ -217,11 +219,13 @@ class ConversationCollator:
     `Collated.skipped`, never raised. Per-sample `extra` arrays become `aux_<name>` tensors.
     """
 
-    def __init__(self, tokenizer, image_token_id: int, encode_images: ImageEncoder, max_length: int | None = None) -> None:
+    def __init__(self, tokenizer, image_token_id: int, encode_images: ImageEncoder,
+                 max_length: int | None = None) -> None:
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
         self.encode_images, self.max_length = encode_images, max_length
         chat = bool(getattr(tokenizer, "chat_template", None))
-        self.encode_text = ChatEncoder(tokenizer, image_token_id) if chat else WordLevelEncoder(tokenizer, image_token_id)
+        encoder = ChatEncoder if chat else WordLevelEncoder
+        self.encode_text = encoder(tokenizer, image_token_id)
 
     def __call__(self, conversations: list[Conversation]) -> Collated:
         skipped: Counter = Counter()
@@ -257,7 +261,8 @@ class ConversationCollator:
         kept = [kept[i] for i in rows_kept]
         inputs = self._pad(rows) | image_inputs
         names = set.intersection(*(set(c.extra) for c in kept))
-        inputs |= {f"aux_{name}": torch.stack([torch.from_numpy(np.asarray(c.extra[name])) for c in kept]) for name in sorted(names)}
+        for name in sorted(names):
+            inputs[f"aux_{name}"] = torch.stack([torch.from_numpy(np.asarray(c.extra[name])) for c in kept])
         return Collated(inputs, [c.id for c in kept], skipped, truncated)
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
@@ -275,4 +280,5 @@ class ConversationCollator:
 def collator_for_model(model_config, tokenizer, max_length: int | None = None) -> ConversationCollator:
     """The collator for a LLaVA-1.5-style or bundled model (`LlavaImageEncoder`); other
     architectures pass their own `ImageEncoder` to `ConversationCollator`."""
-    return ConversationCollator(tokenizer, int(model_config.base_config.image_token_id), LlavaImageEncoder(model_config), max_length)
+    image_token_id = int(model_config.base_config.image_token_id)
+    return ConversationCollator(tokenizer, image_token_id, LlavaImageEncoder(model_config), max_length)

@@ -106,7 +106,7 @@ def conversation_from_llava_row(row: Any, fallback_id: str, resolve_image) -> Co
         raise BadRow("malformed_row", "no conversations list")
     raw_turns = []
     for turn in row["conversations"]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise BadRow("malformed_row", "a turn is not {'from': str, 'value': str}")
         role = ROLES.get(turn["from"].strip().lower())
         if role is None:

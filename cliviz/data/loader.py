@@ -124,7 +124,8 @@ class ConversationStream(IterableDataset):
             raise ValueError(f"bad stream layout: batch_size={batch_size}, shuffle_window={shuffle_window}, "
                              f"start_batch={start_batch}, rank={self.rank}, world_size={self.world_size}")
         self.source, self.collator, self.batch_size = source, collator, batch_size
-        self.seed, self.shuffle, self.window, self.epochs, self.start_batch = seed, shuffle, shuffle_window, epochs, start_batch
+        self.seed, self.shuffle, self.window = seed, shuffle, shuffle_window
+        self.epochs, self.start_batch = epochs, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -155,12 +156,14 @@ class ConversationStream(IterableDataset):
         if collated is not None:
             skipped = skipped + collated.skipped
         inputs = collated.inputs if collated is not None and collated.inputs is not None else {}
-        return Batch(index, epoch, worker, inputs, collated.ids if collated else [], dict(skipped), collated.truncated if collated else 0)
+        ids, truncated = (collated.ids, collated.truncated) if collated is not None else ([], 0)
+        return Batch(index, epoch, worker, inputs, ids, dict(skipped), truncated)
 
     def owner(self, g: int, worker: int, n_workers: int) -> int | None:
         """This rank's batch index for global position `g` if `worker` builds it, else None."""
         index, slot = divmod(g, self.batch_size * self.world_size)
-        if slot // self.batch_size != self.rank or index < self.start_batch or (index - self.start_batch) % n_workers != worker:
+        mine = slot // self.batch_size == self.rank and index >= self.start_batch
+        if not mine or (index - self.start_batch) % n_workers != worker:
             return None
         return index
 
@@ -278,7 +281,8 @@ class DataSummary:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return DataSummary.from_dict(self.to_dict())
         names = ("batches", "samples", "tokens", "label_tokens", "truncated")
-        values = torch.tensor([getattr(self, n) for n in names] + [self.skipped.get(r, 0) for r in REASONS], dtype=torch.float64)
+        counts = [getattr(self, n) for n in names] + [self.skipped.get(r, 0) for r in REASONS]
+        values = torch.tensor(counts, dtype=torch.float64)
         torch.distributed.all_reduce(values)
         totals = [int(v) for v in values.tolist()]
         skipped = Counter({r: v for r, v in zip(REASONS, totals[len(names):]) if v})
