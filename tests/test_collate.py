@@ -38,6 +38,7 @@ def test_llava15_template_labels_answers_and_an_inserted_eos():
     """`USER: <image>\\nQ ASSISTANT: A USER: ...`: the template writes no `</s>` after an answer, so eos is
     inserted and labelled; the space the model says first (after `ASSISTANT:`) is labelled with the answer."""
     tok = llava_tokenizer()
+    assert tok.chat_template == CHAT_TEMPLATE
     encoder = ChatEncoder(tok, tok.convert_tokens_to_ids("<image>"))
     assert encoder.structured  # LLaVA-1.5's template takes [{"type": "image"}, {"type": "text"}] content
     got = encoder(conversation())
@@ -96,6 +97,34 @@ def test_one_turn_training_prompt_is_the_inference_prompt(make_tok):
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
     assert ids[:first] == chat_prompt_ids(tok, TURNS[0][1], config)
     assert ids.count(image_id) == 16 and all(lab == IGNORE for i, lab in zip(ids, labels) if i == image_id)
+
+
+def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answers():
+    """A tiny random llava-hf LLaVA-1.5 with its CLIP image processor: the batch's image placeholders
+    match the image features (else transformers raises), and transformers' own loss on `labels` is
+    the cross-entropy over exactly the labelled (answer + eos) tokens."""
+    from torch.nn import functional as F
+
+    from cliviz.model.configuration import CLIConfig
+    from test_real_llava import build_base, build_image_processor
+
+    tok = llava_tokenizer()
+    base = build_base(tok)
+    config = CLIConfig(base_config=base.config)
+    config.image_processor = build_image_processor()  # what load_model attaches for a real folder
+    rows = [conversation(), conversation(TURNS[:2], image=Image.new("RGB", (50, 30), (10, 200, 10)))]
+    batch = collator_for_model(config, tok)(rows).inputs
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+               pixel_values=batch["pixel_values"], labels=batch["labels"])
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
+    manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    def n(text):
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    assert torch.allclose(out.loss, manual) and (labels != IGNORE).sum() == 2 * (n(" red") + 1) + n(" two shapes") + 1
+    out.loss.backward()
+    assert base.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 def test_word_level_layout_is_make_batch_bit_for_bit():
