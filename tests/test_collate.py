@@ -124,7 +124,7 @@ def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answe
 
     assert torch.allclose(out.loss, manual) and (labels != IGNORE).sum() == 2 * (n(" red") + 1) + n(" two shapes") + 1
     out.loss.backward()
-    assert base.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert base.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 def test_word_level_layout_is_make_batch_bit_for_bit():
