@@ -191,6 +191,9 @@ def test_unknown_or_missing_data_is_a_clean_error(tmp_path):
         open_source(tmp_path / "d.csv")
     with pytest.raises(CLIVizError, match="no .parquet or .arrow"):
         open_source(tmp_path)
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(CLIVizError, match="data file is empty"):
+        open_source(tmp_path / "empty.json")
     write_jsonl(tmp_path / "d.jsonl", [llava_row(0)])
     with pytest.raises(CLIVizError, match="image folder not found"):
         open_source(tmp_path / "d.jsonl", tmp_path / "no-such-folder")

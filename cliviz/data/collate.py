@@ -86,6 +86,8 @@ class ChatEncoder:
              ("user", "and where ?"), ("assistant", "on the left"))
 
     def __init__(self, tokenizer, image_token_id: int) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise CLIVizError("training on a chat template needs a fast (tokenizers-backed) tokenizer for offsets")
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         reference = chat_text(tokenizer, self.PROBE[0][1], self.image_token)  # inference's prompt for one question

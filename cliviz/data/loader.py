@@ -100,6 +100,21 @@ class ConversationStream(IterableDataset):
     `epochs=None` goes on forever (a trainer stops after its steps; epoch e reshuffles with e).
     `rank`/`world_size` default to `torch.distributed`'s when it is initialised — read here, in the
     main process, so forked workers need no process group.
+
+    Example::
+
+        source = open_source("llava_instruct.json", image_folder="images/")
+        collator = collator_for_model(model.config, tokenizer, max_length=2048)
+        summary = DataSummary.from_dict(saved) if saved else DataSummary()
+        stream = ConversationStream(source, collator, batch_size=8, seed=0, start_batch=summary.next_batch)
+        for batch in make_loader(stream, num_workers=4):
+            summary.add(batch)  # counts bad rows, checks the order, raises if nothing is usable
+            if batch.size:  # a batch whose rows were all bad is empty
+                inputs = batch.to(device).inputs  # input_ids, attention_mask, labels [B, T], pixel_values, ...
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               pixel_values=inputs["pixel_values"]).logits
+                ...  # cross-entropy of logits[:, :-1] against inputs["labels"][:, 1:], ignore_index=-100
+        print(summary.reduced().describe())
     """
 
     def __init__(

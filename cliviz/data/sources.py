@@ -345,6 +345,8 @@ def open_source(data: str | Path, image_folder: str | Path | None = None) -> Con
     path = Path(data)
     if not path.exists():
         raise CLIVizError(f"data not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CLIVizError(f"the data file is empty: {path}")
     if image_folder is not None and not Path(image_folder).is_dir():
         raise CLIVizError(f"image folder not found: {image_folder}")
     if path.is_dir() and (path / "samples.jsonl").is_file():
