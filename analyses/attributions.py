@@ -166,21 +166,22 @@ class _Runner:
     pixel path for its image-token injection and gets the embeddings swapped in by a hook).
     """
 
-    def __init__(self, model, state: _HookState, pixel_values: torch.Tensor, answer_positions, answer_ids):
-        self.model, self.state, self.pix = model, state, pixel_values
+    def __init__(self, model, state: _HookState, images: dict[str, torch.Tensor], answer_positions, answer_ids):
+        self.model, self.state, self.images = model, state, images  # pixel_values (+ OneVision's image_sizes)
         dev = model.device
         self.positions = torch.as_tensor(np.asarray(answer_positions), dtype=torch.long, device=dev)  # [n]
         self.targets = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long, device=dev)  # [n]
-        self.ids = self.embeds = self.memory = None
+        self.ids = self.embeds = self.memory = self.memory_mask = None
 
     def record(self, ids: torch.Tensor):
         """One real forward over `ids [1, T]`: returns (gates [L,T,K], norms [L,T], logits at answer positions)."""
         st = self.state
         st.mode, st.rec_gates, st.rec_norms = "record", [], []
         with torch.no_grad():
-            out = self.model(input_ids=ids, pixel_values=self.pix, attention_mask=torch.ones_like(ids), use_cache=False)
+            out = self.model(input_ids=ids, **self.images, attention_mask=torch.ones_like(ids), use_cache=False)
         st.mode = "run"
         self.ids, self.embeds, self.memory = ids, st.rec_embeds, out.vision_memory  # [1,T,D], [1,K,N,D]
+        self.memory_mask = out.vision_memory_mask  # [1, N] or None
         gates = torch.stack([g[0] for g in st.rec_gates]) if st.rec_gates else None  # [L, T, K]
         norms = torch.stack([n[0] for n in st.rec_norms]) if st.rec_norms else None  # [L, T]
         return gates, norms, out.logits[0, self.positions].float()  # [n, V]
@@ -193,10 +194,13 @@ class _Runner:
         try:
             if self.model.config.fusion == "deepstack":
                 self.state.embeds = embeds
-                out = self.model(input_ids=self.ids.expand(b, -1), pixel_values=self.pix.expand(b, *self.pix.shape[1:]),
+                images = {k: v.expand(b, *v.shape[1:]) for k, v in self.images.items()}
+                out = self.model(input_ids=self.ids.expand(b, -1), **images,
                                  attention_mask=mask, use_cache=False, logits_to_keep=self.positions)
             else:
-                out = self.model(inputs_embeds=embeds, vision_memory=memory, attention_mask=mask, use_cache=False,
+                memory_mask = None if self.memory_mask is None else self.memory_mask.expand(b, -1)
+                out = self.model(inputs_embeds=embeds, vision_memory=memory, vision_memory_mask=memory_mask,
+                                 attention_mask=mask, use_cache=False,
                                  logits_to_keep=self.positions)
         finally:
             self.state.gates = self.state.embeds = None
@@ -495,6 +499,8 @@ def _prompt_positions(trace: Trace) -> np.ndarray:
 
 
 def _patch_grid(model, n: int) -> tuple[int, int]:
+    """The patch grid of the memory: square for LLaVA; a LLaVA-OneVision memory (base crop, anyres
+    grid and newlines packed in one row) is shown as that one row."""
     vc = model.config.base_config.vision_config
     side = int(vc.image_size) // int(vc.patch_size)
     return (side, side) if side * side == n else (1, n)
@@ -626,11 +632,12 @@ def attribute(
     answer_ids = forced if forced is not None else tr.answer_ids.tolist()
     fed = tr.token_ids[:n_prompt].tolist() + list(answer_ids[:-1])
     positions = np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids))
-    pix = prepare_inputs(model, tokenizer, [image], [question])["pixel_values"]
+    images = {k: v for k, v in prepare_inputs(model, tokenizer, [image], [question]).items()
+              if k in ("pixel_values", "image_sizes")}
     ids = torch.tensor([fed], dtype=torch.long, device=model.device)
 
     with _eval_mode(model), _hooks(model) as state, torch.enable_grad():
-        run = _Runner(model, state, pix, positions, answer_ids)
+        run = _Runner(model, state, images, positions, answer_ids)
         gates, norms, logits = run.record(ids)
         if forced is not None:
             tr = _forced_trace(tr, tokenizer, list(answer_ids), gates, norms, logits)

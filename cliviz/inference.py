@@ -19,9 +19,13 @@ class Answer:
     logprobs: list[float]  # log-prob of each generated token (eos included when produced)
 
 
+PLACEHOLDERS = ("<image>", "<video>")  # LLaVA's image token, LLaVA-OneVision's video token
+
+
 def suppressed_tokens(tokenizer) -> list[int]:
-    """Tokens that are never an answer: padding, unknown, `<bos>`, image placeholders."""
-    ids = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<image>")]
+    """Tokens that are never an answer: padding, unknown, `<bos>`, image and video placeholders."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, *(vocab.get(t) for t in PLACEHOLDERS)]
     return sorted({int(t) for t in ids if t is not None and t >= 0})
 
 
