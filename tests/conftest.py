@@ -23,7 +23,7 @@ def build_tiny(fusion: str = "cli", seed: int = 0, open_alpha: float = 0.7):
     """The bundled architecture with random weights; alpha opened so that injection matters."""
     from cliviz.data.tokenizer import build_tokenizer
     from cliviz.model import CLIForConditionalGeneration
-    from cliviz.training import tiny_config
+    from cliviz.train import tiny_config
 
     torch.manual_seed(seed)
     tok = build_tokenizer()

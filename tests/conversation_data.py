@@ -37,7 +37,7 @@ def chatml_tokenizer(template: str = CHATML_TEMPLATE):
 def word_level():
     """The bundled word-level tokenizer and the tiny model config (64 image tokens per image)."""
     from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.training import tiny_config
+    from cliviz.train import tiny_config
 
     tok = build_tokenizer()
     return tok, tiny_config("cli", len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)

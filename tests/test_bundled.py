@@ -85,7 +85,7 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
     vision-layer profile than each seed's map does with its own step-2,745 checkpoint — read the way
     `cliviz compare` reads it: seeds from each folder's training summary, then `stability_summary`."""
     from cliviz.analyses.compare import gate_profiles, seed_stability, stability_summary
-    from cliviz.training import recorded_seed
+    from cliviz.train import recorded_seed
 
     final = {0: "cli-tiny", 1: "cli-tiny-seed1", 2: "cli-tiny-seed2"}
     early = {seed: f"cli-seed{seed}-step2745" for seed in final}

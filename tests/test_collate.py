@@ -131,7 +131,8 @@ def test_word_level_layout_is_make_batch_bit_for_bit():
     """The ShapesVQA scenes through the collator give exactly `make_batch`'s tensors (ids, labels,
     mask, pixels, auxiliary patch targets), so the tiny trainer can switch over."""
     from cliviz.data.sources import ShapesSceneSource
-    from cliviz.training import make_batch, parse_extra_questions
+    from cliviz.data.questions import parse_extra_questions
+    from reference_batch import make_batch
 
     tok, config = word_level()
     collator = collator_for_model(config, tok)

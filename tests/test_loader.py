@@ -129,7 +129,7 @@ def test_resume_parses_only_what_it_trains_on(data, collator):
 def test_tiny_trainer_stream_is_make_batch(collator):
     """ShapesVQA scenes through 2 workers, started at a step as the tiny trainer resumes:
     batch b is `make_batch` of scenes `offset + b * batch_size ...`."""
-    from cliviz.training import make_batch
+    from reference_batch import make_batch
 
     tok, config = word_level()
     stream = ConversationStream(ShapesSceneSource(11, offset=100), collator, batch_size=4, shuffle=False, start_batch=3)

@@ -26,7 +26,8 @@ from cliviz.model.agf import AGFLayer, Gate
 from cliviz.model.amp import AMP
 from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
-from cliviz.training import make_batch, tiny_config
+from cliviz.train import tiny_config
+from reference_batch import make_batch
 
 from conftest import build_tiny
 
@@ -183,13 +184,13 @@ def test_every_fusion_trains_with_falling_loss(fusion):
 
 def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
     """--stop-step leaves a checkpoint partway through a schedule; --start-step carries it on to the end."""
-    from cliviz.training import TrainSettings, lr_factor, train
+    from cliviz.train import TrainSettings, lr_factor, train
 
     early = train(TrainSettings(steps=4, stop_step=2, batch_size=2, warmup=1), tmp_path / "early", torch.device("cpu"))
     assert early["steps"] == 2 and (tmp_path / "early" / "model.safetensors").is_file()
     seen = []
     rest = train(TrainSettings(steps=4, start_step=2, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
-                 tmp_path / "rest", torch.device("cpu"), on_step=lambda step, loss, acc, frac: seen.append((step, frac)))
+                 tmp_path / "rest", torch.device("cpu"), on_step=lambda r: seen.append((r.step, r.fraction)))
     assert rest["steps"] == 2 and seen == [(3, 0.75), (4, 1.0)]  # steps 3 and 4 of 4, not a fresh schedule
     assert lr_factor(0.5, 0, 50) < lr_factor(0.5, 49, 50) == lr_factor(0.5, 999, 50)  # a short re-warmup, then the schedule
 
@@ -199,8 +200,8 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     stopped-and-resumed run ends bit for bit where the uninterrupted one does."""
     from safetensors.torch import load_file
 
-    from cliviz.train_state import STATE_FILE, read_train_state
-    from cliviz.training import TrainSettings, settings_from_state, train
+    from cliviz.train import STATE_FILE, read_train_state
+    from cliviz.train import TrainSettings, settings_from_state, train
 
     cpu = torch.device("cpu")
     straight = train(TrainSettings(steps=30, batch_size=2, warmup=5), tmp_path / "straight", cpu)
@@ -220,7 +221,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
 
 def test_a_start_step_continuation_logs_the_whole_run(tmp_path):
     """--init-from CKPT --start-step K (no training state) still writes one log from step 0."""
-    from cliviz.training import TrainSettings, train
+    from cliviz.train import TrainSettings, train
 
     cpu = torch.device("cpu")
     train(TrainSettings(steps=50, stop_step=25, batch_size=2, warmup=1), tmp_path / "early", cpu)
@@ -250,7 +251,7 @@ def test_training_labels_sit_on_answer_tokens():
 
 
 def test_extra_training_questions_ask_about_other_pairs():
-    from cliviz.training import parse_extra_questions, training_questions
+    from cliviz.data.questions import parse_extra_questions, training_questions
 
     extra = parse_extra_questions("relation:2, position:1")
     assert extra == {"relation": 2, "position": 1}
@@ -278,7 +279,7 @@ def test_extra_training_questions_ask_about_other_pairs():
 
 def test_make_batch_with_extra_questions_labels_more_answers():
     from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.training import parse_extra_questions
+    from cliviz.data.questions import parse_extra_questions
 
     tok = build_tokenizer()
     cfg = tiny_config("cli", len(tok), 3, 0)

@@ -27,7 +27,7 @@ def compare_cmd(
     from cliviz.analyses.compare import accuracy_table, gate_profiles, seed_stability, stability_summary, write_comparison
     from cliviz.evaluation import read_jsonl
     from cliviz.model.loading import load_model
-    from cliviz.training import recorded_seed
+    from cliviz.train import recorded_seed
 
     if len(models) < 1:
         raise CLIVizError("give at least one --models folder")

@@ -1,4 +1,4 @@
-"""`cliviz train`: train a tiny model of any fusion variant on ShapesVQA."""
+"""`cliviz train`: a tiny model from scratch, or CLI's modules on a frozen checkpoint; resumable."""
 
 from __future__ import annotations
 
@@ -6,88 +6,117 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cliviz.cli.options import DeviceOpt, SeedOpt
 from cliviz.errors import CLIVizError
-from cliviz.model.configuration import FUSIONS
 
 if TYPE_CHECKING:
     import torch
 
-    from cliviz.train_state import SavedState
-    from cliviz.training import TrainSettings
+    from cliviz.train import SavedState, TrainSettings
 
 
-RESUME_KEEPS = {"out", "resume", "stop_step", "threads", "device", "save_dtype"}  # all else comes from the saved run
-SAVE_DTYPES = ("float32", "bfloat16")
+RESUME_KEEPS = {"out", "resume", "stop_step", "threads", "device", "save_dtype", "num_workers"}  # all else: the saved run's
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+Opt = typer.Option
 
 
 def train(
     ctx: typer.Context,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the trained model to (with --resume: the resumed run's folder unless given).")] = None,
-    fusion: Annotated[str, typer.Option("--fusion", help="cli | projector | shallow | deepstack")] = "cli",
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (reproducible budget).")] = None,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-clock budget instead of --steps.")] = None,
+    out: Annotated[Optional[Path], Opt("--out", help="Folder for the trained model (with --resume: the run's folder unless given).")] = None,
+    init_from: Annotated[Optional[Path], Opt("--init-from", help="Start from this model folder: a CLI model (e.g. from `cliviz attach`), a plain LLaVA / LLaVA-OneVision folder or a projector model (CLI is attached first). Default: a tiny model from scratch.")] = None,
+    data: Annotated[Optional[Path], Opt("--data", help="LLaVA-format JSON/JSONL (`{id, image, conversations}`), Parquet/Arrow files, or a ShapesVQA folder. Default: generated ShapesVQA scenes.")] = None,
+    image_folder: Annotated[Optional[Path], Opt("--image-folder", help="Where the images named in --data live.")] = None,
+    train_what: Annotated[Optional[str], Opt("--train", help="cli | cli+projector | all. Default: all from scratch, cli with --init-from (the base stays bit-identical).")] = None,
+    fusion: Annotated[str, Opt("--fusion", help="cli | projector | shallow | deepstack (from scratch, or attached to a LLaVA/projector --init-from).")] = "cli",
+    steps: Annotated[Optional[int], Opt("--steps", help="Optimiser steps (reproducible budget).")] = None,
+    minutes: Annotated[Optional[float], Opt("--minutes", help="Wall-clock budget instead of --steps.")] = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (all their questions in one sequence).")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue training a saved model (fresh optimiser).")] = None,
-    data_offset: Annotated[int, typer.Option("--data-offset", min=0, help="First training scene index (use new scenes when continuing).")] = 0,
-    stop_step: Annotated[Optional[int], typer.Option("--stop-step", min=1, help="Stop at this step of the --steps schedule (an early checkpoint, e.g. to compare seeds at a matched point).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Carry on an interrupted or --stop-step run exactly (model, optimiser, aux heads, RNG from its train_state.safetensors).")] = None,
-    start_step: Annotated[int, typer.Option("--start-step", min=0, help="Resume a checkpoint without training state at this step (with --init-from): the LR schedule and scenes carry on; optimiser and auxiliary heads start fresh.")] = 0,
-    position_aux: Annotated[bool, typer.Option("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
-    extra_questions: Annotated[str, typer.Option("--extra-questions", help='More questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
-    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Warmup steps.")] = 200,
-    aux_layer: Annotated[int, typer.Option("--aux-layer", help="Vision hidden_states index the auxiliary loss supervises (-1: the last layer).")] = -1,
-    save_dtype: Annotated[str, typer.Option("--save-dtype", help="float32 | bfloat16 for the saved model (training is float32; bfloat16 halves the folder).")] = "float32",
+    batch_size: Annotated[int, Opt("--batch-size", help="Samples per step and process (a ShapesVQA image with all its questions is one sample).")] = 32,
+    lr: Annotated[float, Opt("--lr", help="Peak learning rate.")] = 2e-3,
+    alpha_lr: Annotated[float, Opt("--alpha-lr", help="Learning rate of the injection gates' alpha (no warmup: it must leave 0 first).")] = 1e-2,
+    warmup: Annotated[int, Opt("--warmup", min=1, help="Warmup steps.")] = 200,
+    max_length: Annotated[Optional[int], Opt("--max-length", help="Tokens per conversation (longer ones are cut after their last whole answer).")] = None,
+    num_workers: Annotated[int, Opt("--num-workers", min=0, help="DataLoader worker processes.")] = 0,
+    gradient_checkpointing: Annotated[bool, Opt("--gradient-checkpointing", help="Recompute activations in backward (less memory).")] = False,
+    distributed: Annotated[str, Opt("--distributed", help="Under torchrun: auto (=ddp) | ddp | fsdp (sharded, for models whose state does not fit one GPU).")] = "auto",
+    dtype: Annotated[str, Opt("--dtype", help="Frozen base weights: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16; trained weights stay fp32, bf16 autocast on GPU.")] = "auto",
+    log_every: Annotated[int, Opt("--log-every", min=1, help="Steps between lines of training_log.jsonl.")] = 25,
+    threads: Annotated[Optional[int], Opt("--threads", help="CPU threads for torch.")] = None,
+    data_offset: Annotated[int, Opt("--data-offset", min=0, help="First generated scene index (use new scenes when continuing).")] = 0,
+    stop_step: Annotated[Optional[int], Opt("--stop-step", min=1, help="Stop at this step of the --steps schedule (a resumable checkpoint partway).")] = None,
+    resume: Annotated[Optional[Path], Opt("--resume", help="Carry on an interrupted or --stop-step run exactly (weights, optimiser, RNG, data position from its train_state.safetensors).")] = None,
+    start_step: Annotated[int, Opt("--start-step", min=0, help="Continue an older checkpoint without training state at this step (with --init-from): schedule and scenes carry on, optimiser starts fresh.")] = 0,
+    position_aux: Annotated[bool, Opt("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
+    extra_questions: Annotated[str, Opt("--extra-questions", help='More generated questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
+    aux_layer: Annotated[int, Opt("--aux-layer", help="Vision hidden_states index of the auxiliary loss (-1: the last layer).")] = -1,
+    save_dtype: Annotated[Optional[str], Opt("--save-dtype", help="float32 | bfloat16 | float16 for the saved model (default: the dtype the --init-from checkpoint is stored in; float32 from scratch).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Train a tiny CLI model (or a baseline) from scratch; progress bar shows loss and running accuracy."""
+    """Train a tiny model from scratch, or CLI's modules on a frozen checkpoint (torchrun: DDP/FSDP)."""
     import torch
 
     from cliviz.runtime import resolve_device
-    from cliviz.training import VISION_LAYERS, TrainSettings, parse_extra_questions
+    from cliviz.train import TrainSettings
 
-    if save_dtype not in SAVE_DTYPES:
-        raise CLIVizError(f"unknown --save-dtype {save_dtype!r}; choose {' or '.join(SAVE_DTYPES)}")
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise CLIVizError(f"unknown --save-dtype {save_dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
     dev, _ = resolve_device(device, "float32")
+    stored = getattr(torch, save_dtype) if save_dtype else None
     if resume is not None:
-        _resume(ctx, resume, out or resume, stop_step, dev, getattr(torch, save_dtype))
+        _resume(ctx, resume, out or resume, stop_step, dev, stored, num_workers)
         return
     if out is None:
         raise CLIVizError("give --out FOLDER for the trained model")
-    if fusion not in FUSIONS:
-        raise CLIVizError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    if (steps is None) == (minutes is None):
-        raise CLIVizError("give exactly one of --steps or --minutes")
-    if (steps is not None and steps <= 0) or (minutes is not None and minutes <= 0):
-        raise CLIVizError("--steps/--minutes must be positive")
-    if not -(VISION_LAYERS + 1) <= aux_layer <= VISION_LAYERS:
-        raise CLIVizError(f"--aux-layer {aux_layer} is not a vision hidden_states index (0..{VISION_LAYERS}, or negative from the end)")
+    _check_paths(init_from, data, image_folder)
+    settings = TrainSettings(
+        fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what,
+        data=str(data) if data else None, image_folder=str(image_folder) if image_folder else None,
+        max_length=max_length, num_workers=num_workers, data_offset=data_offset, extra_questions=extra_questions,
+        seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, alpha_lr=alpha_lr, warmup=warmup,
+        start_step=start_step, stop_step=stop_step, position_aux=position_aux, aux_layer=aux_layer, dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing, distributed=distributed, log_every=log_every,
+    )
+    _check_settings(settings)
+    _run(settings, out, dev, stored)
+
+
+def _check_paths(init_from: Path | None, data: Path | None, image_folder: Path | None) -> None:
+    if init_from is not None and not (init_from / "config.json").is_file():
+        raise CLIVizError(f"--init-from {init_from} is not a model folder (no config.json)")
+    if data is not None and not data.exists():
+        raise CLIVizError(f"--data {data} not found")
+    if image_folder is not None and not image_folder.is_dir():
+        raise CLIVizError(f"--image-folder {image_folder} is not a folder")
+
+
+def _check_settings(settings: TrainSettings) -> None:
+    """One error line for inconsistent options, before any model is built."""
+    from cliviz.data.questions import parse_extra_questions
+    from cliviz.model.configuration import FUSIONS
+    from cliviz.runtime import DTYPES
+    from cliviz.train import VISION_LAYERS
+
+    if settings.fusion not in FUSIONS:
+        raise CLIVizError(f"unknown fusion {settings.fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if settings.dtype != "auto" and settings.dtype not in DTYPES:
+        raise CLIVizError(f"unknown --dtype {settings.dtype!r}; use auto, float32, bfloat16 or float16")
+    if settings.init_from is None and not -(VISION_LAYERS + 1) <= settings.aux_layer <= VISION_LAYERS:
+        raise CLIVizError(f"--aux-layer {settings.aux_layer} is not a vision hidden_states index (0..{VISION_LAYERS}, "
+                          "or negative from the end)")
     try:
-        parse_extra_questions(extra_questions)
+        parse_extra_questions(settings.extra_questions)
+        settings.check()
     except ValueError as err:
-        raise CLIVizError(str(err)) from None
-    if start_step and (steps is None or start_step >= steps or init_from is None):
-        raise CLIVizError("--start-step resumes a --steps run: give --init-from CHECKPOINT and a --start-step below --steps")
-    if stop_step is not None and (steps is None or not start_step < stop_step <= steps):
-        raise CLIVizError("--stop-step needs --steps and must lie after --start-step and at most --steps")
-    if init_from is not None and not (init_from / "model.safetensors").is_file():
-        raise CLIVizError(f"--init-from {init_from} holds no model.safetensors")
-    settings = TrainSettings(fusion=fusion, seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                             warmup=warmup, position_aux=position_aux, extra_questions=extra_questions, aux_layer=aux_layer, init_from=str(init_from) if init_from else None, data_offset=data_offset, start_step=start_step, stop_step=stop_step)
-    _run(settings, out, dev, getattr(torch, save_dtype))
+        raise CLIVizError(str(err).replace("steps or minutes", "--steps or --minutes")) from None
 
 
-def _resume(ctx: typer.Context, run: Path, out: Path, stop_step: Optional[int], dev: torch.device, save_dtype: torch.dtype) -> None:
+def _resume(ctx: typer.Context, run: Path, out: Path, stop_step: Optional[int], dev: torch.device,
+            save_dtype: torch.dtype | None, num_workers: int) -> None:
     """`--resume RUN`: the saved run's own settings, carried on from its state file."""
-    from cliviz.train_state import read_train_state
-    from cliviz.training import settings_from_state
+    from cliviz.train import read_train_state, settings_from_state
 
     given = sorted(name for name in ctx.params if name not in RESUME_KEEPS
                    and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT"))
@@ -99,23 +128,33 @@ def _resume(ctx: typer.Context, run: Path, out: Path, stop_step: Optional[int], 
         settings = settings_from_state(state, stop_step)
     except (TypeError, ValueError) as err:
         raise CLIVizError(f"cannot resume {run}: {err}") from None
+    settings.num_workers = num_workers  # how many processes read the data never changes a batch
     _run(settings, out, dev, save_dtype, state)
 
 
-def _run(settings: TrainSettings, out: Path, dev: torch.device, save_dtype: torch.dtype, state: SavedState | None = None) -> None:
-    """Train with a progress bar; the final line says where the model went."""
-    from cliviz.training import train as run_training
+def _run(settings: TrainSettings, out: Path, dev: torch.device, save_dtype: torch.dtype | None,
+         state: SavedState | None = None) -> None:
+    """Train with a progress bar (loss, accuracy, tokens/s, ETA); the final line says where the model went."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    fusion = settings.fusion
-    columns = (TextColumn("[bold]train[/] {task.fields[fusion]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeElapsedColumn())
-    with Progress(*columns) as progress:
-        first = state.step if state else settings.start_step
-        task = progress.add_task("train", total=1.0, fusion=fusion, step=first, loss=0.0, acc=0.0)
+    from cliviz.train import Trainer
 
-        def on_step(step: int, loss: float, acc: float, frac: float) -> None:
-            progress.update(task, completed=frac, step=step, loss=loss, acc=acc)
+    columns = (TextColumn("[bold]train[/] {task.fields[what]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("step {task.fields[step]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} "
+                          "{task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    what = settings.fusion if settings.init_from is None else f"{settings.trainable} on {Path(settings.init_from).name}"
+    trainer = Trainer(settings, out, dev, resume=state, save_dtype=save_dtype)
+    main = trainer.where.main
+    with Progress(*columns, console=Console(stderr=True), disable=not main) as progress:
+        task = progress.add_task("train", total=1.0, what=what, step=trainer.step, loss=0.0, acc=0.0, rate=0.0)
+        trainer.on_step = lambda r: progress.update(task, completed=r.fraction, step=r.step, loss=r.loss, acc=r.acc,
+                                                    rate=r.tokens_per_second)
+        summary = trainer.run()
+    if main:
+        seconds = summary.get("total_seconds", summary["seconds"])
+        typer.echo(f"saved {what} model to {out} after {summary['steps']} steps ({seconds:.0f} s); "
+                   f"{summary['trainable_parameters']:,} trainable parameters")
+        from cliviz.data.loader import DataSummary
 
-        summary = run_training(settings, out, dev, on_step=on_step, resume=state, save_dtype=save_dtype)
-    seconds = summary.get("total_seconds", summary["seconds"])
-    typer.echo(f"saved {fusion} model to {out} after {summary['steps']} steps ({seconds:.0f} s)")
+        typer.echo(DataSummary.from_dict(summary["data"]).describe())

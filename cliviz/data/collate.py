@@ -14,7 +14,7 @@ Two layouts, chosen by the tokenizer as `cliviz.model.processing` chooses them f
   the generation prompt, and through each answer) and mapping those character spans onto the
   tokens of the full rendering with the tokenizer's offsets.
 - the bundled word-level models (no template): `<bos> <image>*N (question answer <eos>)*`, the
-  layout `cliviz.training.make_batch` builds.
+  layout the tiny models were always trained on (`cliviz.train.tiny`).
 
 Images are encoded by a callable the trainer passes in (`ImageEncoder`), which keeps the
 model-specific part (pixel layout, tokens per image) in the model code.
@@ -32,21 +32,27 @@ from PIL import Image
 
 from cliviz.data.conversations import BadRow, Conversation, load_conversation_image
 from cliviz.errors import CLIVizError
-from cliviz.model.processing import chat_text, n_image_tokens, pad_id, pixel_values
+from cliviz.model.processing import chat_text, image_inputs, pad_id
 
 IGNORE = -100
 # images -> (model inputs whose tensors have one row per image along dim 0, placeholder tokens per image)
 ImageEncoder = Callable[[list[Image.Image]], tuple[dict[str, torch.Tensor], list[int]]]
 
 
-class LlavaImageEncoder:
-    """LLaVA-1.5-style and bundled models: `pixel_values` `[B, 3, S, S]`, a fixed token count per image."""
+class ModelImageEncoder:
+    """The images of any model cliviz loads, as inference encodes them (`processing.image_inputs`):
+    LLaVA / bundled `pixel_values` with a fixed token count, or LLaVA-OneVision's anyres crops plus
+    `image_sizes` with a count per image."""
 
     def __init__(self, config) -> None:
         self.config = config
 
     def __call__(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        return {"pixel_values": pixel_values(images, self.config)}, [n_image_tokens(self.config)] * len(images)
+        encoded = image_inputs(images, self.config)
+        tensors = {"pixel_values": encoded.pixel_values}
+        if encoded.image_sizes is not None:
+            tensors["image_sizes"] = encoded.image_sizes
+        return tensors, encoded.token_counts
 
 
 @dataclass
@@ -280,7 +286,7 @@ class ConversationCollator:
 
 
 def collator_for_model(model_config, tokenizer, max_length: int | None = None) -> ConversationCollator:
-    """The collator for a LLaVA-1.5-style or bundled model (`LlavaImageEncoder`); other
-    architectures pass their own `ImageEncoder` to `ConversationCollator`."""
+    """The collator for any model cliviz loads (`ModelImageEncoder`); other architectures pass
+    their own `ImageEncoder` to `ConversationCollator`."""
     image_token_id = int(model_config.base_config.image_token_id)
-    return ConversationCollator(tokenizer, image_token_id, LlavaImageEncoder(model_config), max_length)
+    return ConversationCollator(tokenizer, image_token_id, ModelImageEncoder(model_config), max_length)

@@ -87,3 +87,38 @@ def vocabulary() -> list[str]:
     words += " above below digit in corner which bigger , ? and"
     vocab = words.split() + list(COLORS) + list(SHAPES) + list(NUMBER_WORDS) + [str(d) for d in range(10)]
     return list(dict.fromkeys(vocab))
+
+
+def parse_extra_questions(spec: str) -> dict[str, int]:
+    """`"relation:2,position:1"` -> `{"relation": 2, "position": 1}`; raises ValueError on nonsense."""
+    extra: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition(":")
+        if name not in QUESTION_TYPES or not count.isdigit():
+            raise ValueError(f"bad extra-questions entry {part!r}: want type:count with a type among {', '.join(QUESTION_TYPES)}")
+        extra[name] = int(count)
+    return extra
+
+
+def training_questions(scene: Scene, qas: list[QA], extra: dict[str, int], rng: np.random.Generator) -> list[QA]:
+    """`qas` plus up to `extra[type]` further questions of each type about the same scene.
+
+    A question asks the same thing as another when it holds the same set of words ("is the red
+    object above or below the blue object ?" and its mirror, for instance): those are skipped,
+    so extra relation questions are about other pairs of objects.
+    """
+    seen = {frozenset(qa.question.split()) for qa in qas}
+    out = list(qas)
+    for qtype, count in extra.items():
+        added = 0
+        for _ in range(4 * count):  # a few draws; small scenes simply have fewer pairs
+            if added == count:
+                break
+            qa = QUESTION_TYPES[qtype](scene, rng)
+            if qa is None or frozenset(qa.question.split()) in seen:
+                continue
+            seen.add(frozenset(qa.question.split()))
+            out.append(qa)
+            added += 1
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]

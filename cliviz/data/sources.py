@@ -328,7 +328,7 @@ class ShapesSceneSource(ConversationSource):
 
         scene, qas = scene_with_questions(self.seed, raw)
         if self.extra_questions:
-            from cliviz.training import training_questions  # moves to cliviz.data with the trainer rewrite
+            from cliviz.data.questions import training_questions
 
             qas = training_questions(scene, qas, self.extra_questions, np.random.default_rng([self.seed, raw, 1]))
         turns = [turn for qa in qas for turn in (("user", qa.question), ("assistant", qa.answer))]

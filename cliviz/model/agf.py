@@ -142,12 +142,15 @@ class VisionRead(nn.Module):
 
 
 class Injection(nn.Module):
-    """What is added to the residual stream: `tanh(alpha) * W_o(mixed)`, `W_o: r -> D`; alpha starts at 0."""
+    """What is added to the residual stream: `tanh(alpha) * W_o(mixed)`, `W_o: r -> D`; alpha starts at 0.
 
-    def __init__(self, width: int, hidden: int) -> None:
+    alpha is a one-element vector (FSDP cannot shard a 0-d parameter); checkpoints of the first
+    design hold it as a scalar (`scalar_alpha`)."""
+
+    def __init__(self, width: int, hidden: int, scalar_alpha: bool = False) -> None:
         super().__init__()
         self.out_proj = nn.Linear(width, hidden, bias=False)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.alpha = nn.Parameter(torch.zeros(() if scalar_alpha else (1,)))
 
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.alpha).to(mixed.dtype) * self.out_proj(mixed)  # [B, T, D]
@@ -161,7 +164,7 @@ class AGFLayer(nn.Module):
         super().__init__()
         self.gate = Gate(hidden, n_vision, temperature) if static_index is None else StaticGate(n_vision, static_index)
         self.read = VisionRead(hidden, width, heads, own_keys_values)
-        self.injection = Injection(width, hidden)
+        self.injection = Injection(width, hidden, scalar_alpha=own_keys_values)  # the full read: first design
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,11 +180,11 @@ class DeepStackLayer(nn.Module):
     The gate is a constant `[B, T, 1]` of ones (kept so that tracing code is uniform).
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, scalar_alpha: bool = False) -> None:
         super().__init__()
         self.gate = StaticGate(1, 0)
         self.norm = nn.LayerNorm(hidden)
-        self.injection = Injection(hidden, hidden)
+        self.injection = Injection(hidden, hidden, scalar_alpha)
 
     def forward(self, hidden: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         gates = self.gate(hidden)  # [B, T, 1]

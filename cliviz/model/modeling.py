@@ -138,9 +138,10 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
                 for s in statics
             )
         elif config.fusion == "deepstack":
-            self.agf = nn.ModuleList(DeepStackLayer(text_hidden) for _ in config.injection_layers)
+            self.agf = nn.ModuleList(DeepStackLayer(text_hidden, scalar_alpha=not light) for _ in config.injection_layers)
         else:
             self.agf = nn.ModuleList()
+        self._training_context: _VisualContext | None = None  # see enable_gradient_checkpointing
         self._hook_handles = [
             self.decoder_layers[layer].register_forward_pre_hook(self._make_hook(j), with_kwargs=True)
             for j, layer in enumerate(config.injection_layers)
@@ -176,7 +177,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
     # -- injection ---------------------------------------------------------------------------
     def _make_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            ctx = _CURRENT.get()
+            ctx = _CURRENT.get() or (self._training_context if self.training else None)
             if ctx is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
@@ -194,6 +195,13 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the base's activations in the backward pass instead of keeping them (memory for
+        time). The injections run inside the checkpointed decoder layers, and the backward pass
+        recomputes them outside `forward`, where the call's visual context is gone: while training,
+        the model keeps the last forward's context for that recomputation."""
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- the image side ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None):
@@ -309,7 +317,10 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         if vision_memory is not None and self.amp is not None:
             vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask)
         extra = {"image_sizes": image_sizes} if self.is_onevision else {}
-        token = _CURRENT.set(_VisualContext(vision_kv, image_embeds, image_mask))
+        context = _VisualContext(vision_kv, image_embeds, image_mask)
+        if self.training and self.base.is_activation_checkpointing:
+            self._training_context = context
+        token = _CURRENT.set(context)
         try:
             out = self.base(
                 input_ids=input_ids,

@@ -1,0 +1,311 @@
+"""The one training loop of `cliviz train`: build, step, checkpoint, finish.
+
+`Trainer` serves both jobs (tiny models from scratch on generated ShapesVQA, CLI modules on a
+frozen checkpoint with conversation data), in one process or under `torchrun` (DDP or FSDP, see
+`cliviz.train.distributed`). Each step takes the next batch of the data stream
+(`cliviz.data.loader`), computes the loss on the answer tokens only (labels -100 elsewhere), plus
+the auxiliary patch loss when the tower of a tiny model trains, and updates the trainable
+parameters (`cliviz.train.setup`). Every few minutes it writes the model and the full training
+state (`cliviz.train.state`), so `--resume` continues the same run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cliviz.data.collate import IGNORE, collator_for_model
+from cliviz.data.loader import Batch, ConversationStream, DataSummary, make_loader
+from cliviz.train import distributed as dist_
+from cliviz.train.records import TrainingLog, earlier_log_rows, write_model_card, write_summary
+from cliviz.train.settings import TrainSettings
+from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
+from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
+from cliviz.train.tiny import AuxHeads, aux_loss, scene_seed
+
+WINDOW = 50  # steps in the running loss/accuracy the progress bar and log show
+
+
+@dataclass
+class StepReport:
+    """What the progress bar shows after a step."""
+
+    step: int
+    loss: float  # running mean over the last WINDOW steps
+    acc: float  # running answer-token accuracy (eos excluded)
+    fraction: float  # of the budget (steps or minutes)
+    tokens_per_second: float
+
+
+class Trainee(nn.Module):
+    """The model plus its training-only auxiliary heads, one module for DDP/FSDP and the optimiser."""
+
+    def __init__(self, model: nn.Module, heads: AuxHeads | None, aux_layer: int) -> None:
+        super().__init__()
+        self.model, self.heads, self.aux_layer = model, heads, aux_layer
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **images)
+        aux = None
+        if self.heads is not None and "aux_color" in inputs:
+            aux = aux_loss(self.heads, out.vision_hidden_states[self.aux_layer][:, 1:], inputs)  # CLS dropped
+        return out.logits, aux  # [B, T, V]
+
+
+class Trainer:
+    """One run: `Trainer(...).run()` trains to the budget and returns the summary."""
+
+    def __init__(self, settings: TrainSettings, out: Path, device: torch.device, *, resume: SavedState | None = None,
+                 on_step: Callable[[StepReport], None] | None = None, save_dtype: torch.dtype | None = None) -> None:
+        settings.check()
+        self.settings, self.out, self.on_step, self.resume = settings, out, on_step, resume
+        self.where = dist_.init_distributed(device)
+        self.device = dist_.device_for(device, self.where)
+        torch.manual_seed(settings.seed + self.where.rank)
+        np.random.seed(settings.seed)
+        base_dtype = _base_dtype(settings.dtype, self.device)
+        model, self.tokenizer = build_model(settings, base_dtype)
+        self.model = model
+        self.save_dtype = save_dtype or _stored_dtype(settings)
+        self.trained = select_trainable(model, settings.trainable)
+        if settings.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        heads = None
+        if settings.data is None and settings.aux_weight > 0 and settings.trainable == "all":
+            heads = AuxHeads(model.config.base_config.vision_config.hidden_size, settings.position_aux)
+        trainee = Trainee(model.train(), heads, settings.aux_layer).to(self.device)
+        self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
+        self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
+        self.step, self.seconds_before, self.resumed_at = settings.start_step, 0.0, []
+        self.recent_loss: deque[float] = deque(maxlen=WINDOW)
+        self.recent_acc: deque[float] = deque(maxlen=WINDOW)
+        self.data = DataSummary(next_batch=settings.start_step)
+        earlier: list[dict] = []
+        if resume is not None:
+            restore(resume, self.trainee, self.opt)
+            self.step, self.seconds_before = resume.step, resume.seconds
+            self.resumed_at = resume.resumed_at + [resume.step]
+            self.recent_loss.extend(resume.recent("loss"))
+            self.recent_acc.extend(resume.recent("acc"))
+            self.data = DataSummary.from_dict(resume.data, counts=self.where.main)
+            earlier = earlier_log_rows(resume.run, resume.step)
+        elif settings.start_step and settings.init_from:
+            earlier = earlier_log_rows(Path(settings.init_from), settings.start_step)
+            self.seconds_before = earlier[-1]["seconds"] if earlier else 0.0
+            self.resumed_at = [settings.start_step]
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = TrainingLog(out, earlier, enabled=self.where.main)
+        self.loader = self._loader()
+        self.start = time.monotonic()
+
+    # ------------------------------------------------------------------------------ data
+    def _loader(self):
+        from cliviz.data.questions import parse_extra_questions
+        from cliviz.data.sources import ShapesSceneSource, open_source
+
+        s = self.settings
+        if s.data is None:
+            source = ShapesSceneSource(scene_seed(s.seed), offset=s.data_offset,
+                                       extra_questions=parse_extra_questions(s.extra_questions))
+        else:
+            source = open_source(s.data, s.image_folder)
+        collator = collator_for_model(self.model.config, self.tokenizer, s.max_length)
+        stream = ConversationStream(source, collator, s.batch_size, seed=s.seed, shuffle=s.data is not None,
+                                    shuffle_window=s.shuffle_window, start_batch=self.data.next_batch,
+                                    rank=self.where.rank, world_size=self.where.world_size)
+        return make_loader(stream, num_workers=s.num_workers, pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------------------ the loop
+    def elapsed(self) -> float:
+        return round(self.seconds_before + time.monotonic() - self.start, 1)
+
+    def fraction_done(self) -> float:
+        s = self.settings
+        if s.steps:
+            return self.step / s.steps
+        # a wall-clock budget must end every process on the same step: the main process's clock decides
+        seconds = dist_.all_sum([self.elapsed() if self.where.main else 0.0], self.where, self.device)[0]
+        return seconds / (s.minutes * 60)
+
+    def run(self) -> dict:
+        """Train to the budget (or `stop_step`), checkpointing as it goes; the run's summary."""
+        last_save, tokens, t0 = time.monotonic(), 0, time.monotonic()
+        for batch in self.loader:
+            progress = self.fraction_done()
+            if progress >= 1.0 or self.step == self.settings.stop_step:
+                break
+            self.data.add(batch)
+            tokens += self.train_step(batch, progress)
+            rate = tokens / max(time.monotonic() - t0, 1e-9)
+            if self.on_step and self.where.main:
+                self.on_step(StepReport(self.step, self.mean_loss, self.mean_acc, min(self.fraction_done(), 1.0), rate))
+            if self.step % self.settings.log_every == 0:
+                self.log.write({"step": self.step, "seconds": self.elapsed(), "loss": round(self.mean_loss, 4),
+                                "acc": round(self.mean_acc, 4), "step_loss": self.last_loss, "tokens_per_s": round(rate, 1)}
+                               | ({"resumed": True} if self.resumed_at else {}))
+            due = time.monotonic() - last_save > self.settings.checkpoint_minutes * 60
+            if dist_.all_sum([1.0 if due and self.where.main else 0.0], self.where, self.device)[0]:
+                self.checkpoint()
+                last_save = time.monotonic()
+        return self.finish()
+
+    def train_step(self, batch: Batch, progress: float) -> int:
+        """One optimiser step on `batch` (this process's slice of the global batch); its token count."""
+        s = self.settings
+        set_learning_rates(self.opt, s, progress, self.step - s.start_step)
+        divisor, global_tokens = dist_.token_scale(batch.label_tokens, self.where, self.device)
+        self.opt.zero_grad(set_to_none=True)
+        if batch.size:
+            inputs = batch.to(self.device).inputs
+            with self._autocast():
+                logits, aux = self.trainee(inputs)
+            logits, labels = logits[:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                                 reduction="sum")
+            loss = ce / divisor + (s.aux_weight * aux if aux is not None else 0.0)
+            with torch.no_grad():
+                answer = (labels != IGNORE) & (labels != self.tokenizer.eos_token_id)
+                hits, total = float((logits.argmax(-1)[answer] == labels[answer]).sum()), float(answer.sum())
+            ce_value = float(ce.detach())
+        else:  # nothing usable in this slice: still take part in the gradient all-reduce
+            loss = sum(p.sum() for p in self.trainee.parameters() if p.requires_grad) * 0.0
+            hits = total = ce_value = 0.0
+        if global_tokens:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in self.trainee.parameters() if p.requires_grad], 1.0)
+            self.opt.step()
+        ce_all, hits_all, total_all = dist_.all_sum([ce_value, hits, total], self.where, self.device)
+        self.last_loss = round(ce_all / max(global_tokens, 1), 6)
+        self.recent_loss.append(self.last_loss)
+        self.recent_acc.append(hits_all / max(total_all, 1.0))
+        self.step += 1
+        return batch.tokens
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.settings.dtype in ("auto", "bfloat16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.recent_loss)) if self.recent_loss else float("nan")
+
+    @property
+    def mean_acc(self) -> float:
+        return float(np.mean(self.recent_acc)) if self.recent_acc else float("nan")
+
+    # ------------------------------------------------------------------------------ saving
+    def checkpoint(self) -> None:
+        """A usable model and the exact state to resume from, every `checkpoint_minutes`."""
+        self.save_model()
+        self.save_state()
+
+    def save_state(self) -> None:
+        data = self.data.reduced().to_dict()
+        write_train_state(self.out, self.trainee, self.opt, config_json=self.model.config.to_json_string(use_diff=False),
+                          settings=self.settings.to_dict(), step=self.step, seconds=self.elapsed(),
+                          resumed_at=self.resumed_at, recent={"loss": list(self.recent_loss), "acc": list(self.recent_acc)},
+                          data=data, main=self.where.main)
+
+    def save_model(self) -> None:
+        """The model folder (weights in the run's save dtype), its tokenizer and the processor and
+        chat-template files of the checkpoint it started from: self-contained."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.where.main:
+            return
+        state = {k: (v.to(self.save_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        self.model.save_pretrained(self.out, state_dict=state)
+        self.tokenizer.save_pretrained(self.out)
+        if self.settings.init_from:
+            _carry_side_files(Path(self.settings.init_from), self.out)
+
+    def finish(self) -> dict:
+        """Final model, summary, model card; the state file is kept only when the run stopped early."""
+        self.log.close()
+        finished = self.fraction_done() >= 1.0
+        if finished:
+            if self.where.main:
+                (self.out / STATE_FILE).unlink(missing_ok=True)  # nothing left to resume
+        else:
+            self.save_state()  # stopped early (--stop-step): resumable
+        self.save_model()
+        summary = self.summary()
+        if self.where.main:
+            write_summary(self.out, summary)
+            if self.settings.init_from:
+                write_model_card(self.out, summary)
+        dist_.barrier(self.where)
+        return summary
+
+    def summary(self) -> dict:
+        s = self.settings
+        module = unwrap(self.trainee).model
+        out = {
+            "settings": s.to_dict(), "steps": self.step - s.start_step, "seconds": round(time.monotonic() - self.start, 1),
+            "final_train_acc": self.mean_acc if self.recent_acc else None,
+            "final_train_loss": round(self.mean_loss, 4) if self.recent_loss else None,
+            "saved_dtype": str(self.save_dtype).removeprefix("torch."), "trained": s.trainable,
+            "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in module.parameters()), "world_size": self.where.world_size,
+            "device": str(self.device), "data": self.data.reduced().to_dict(),
+        }
+        if self.resumed_at:
+            out |= {"resumed_at": self.resumed_at, "total_seconds": self.elapsed()}
+        return out
+
+
+def train(settings: TrainSettings, out: Path, device: torch.device, on_step: Callable[[StepReport], None] | None = None,
+          resume: SavedState | None = None, save_dtype: torch.dtype | None = None) -> dict:
+    """Train and save to `out` (config, safetensors, tokenizer, `training_log.jsonl`); returns a summary."""
+    return Trainer(settings, out, device, resume=resume, on_step=on_step, save_dtype=save_dtype).run()
+
+
+def settings_from_state(state: SavedState, stop_step: int | None = None) -> TrainSettings:
+    """The saved run's own settings, to carry it on to `stop_step` (None: the end of its schedule)."""
+    settings = TrainSettings.from_dict(state.settings)
+    total = settings.steps
+    if stop_step is not None and (total is None or not state.step < stop_step <= total):
+        raise ValueError(f"--stop-step must lie after the saved step {state.step} and at most the run's {total} steps")
+    settings.stop_step = stop_step
+    return settings
+
+
+def _base_dtype(name: str, device: torch.device) -> torch.dtype:
+    from cliviz.runtime import resolve_device
+
+    return resolve_device(str(device), name)[1]
+
+
+def _stored_dtype(settings: TrainSettings) -> torch.dtype:
+    """Save in the dtype the starting checkpoint was stored in (float32 from scratch)."""
+    if settings.init_from is None:
+        return torch.float32
+    import json
+
+    try:
+        raw = json.loads((Path(settings.init_from) / "config.json").read_text(encoding="utf-8"))
+        name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
+    except (OSError, ValueError):
+        return torch.float32
+
+
+def _carry_side_files(source: Path, out: Path) -> None:
+    from cliviz.model.attach import SIDE_FILES
+
+    for name in SIDE_FILES:
+        if (source / name).is_file() and name not in ("generation_config.json",) and not (out / name).exists():
+            shutil.copy2(source / name, out / name)

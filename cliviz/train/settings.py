@@ -1,0 +1,88 @@
+"""`TrainSettings`: everything one training run is, in one JSON-able record (saved with its state).
+
+Two jobs share them. From scratch (no `init_from`): a tiny model of `fusion` on generated
+ShapesVQA scenes, every parameter trained, with the auxiliary patch loss. On a checkpoint
+(`init_from`): a cliviz CLI folder — or a plain LLaVA / a projector model, which get CLI attached
+first — trained on `data` with only the CLI modules by default (`train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+TRAINABLE = ("cli", "cli+projector", "all")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class TrainSettings:
+    # what is trained
+    fusion: str = "cli"  # the architecture from scratch; with a projector/LLaVA `init_from`, the fusion attached to it
+    init_from: str | None = None  # a model folder to start from (None: a tiny model from scratch)
+    train: str | None = None  # cli | cli+projector | all; None: `all` from scratch (and for --start-step), else `cli`
+    # data
+    data: str | None = None  # None: generated ShapesVQA scenes; else a LLaVA JSON/JSONL, Parquet/Arrow, or ShapesVQA folder
+    image_folder: str | None = None  # where the images a LLaVA-format file names live
+    max_length: int | None = None  # tokens per conversation (longer ones are cut after their last whole answer)
+    num_workers: int = 0  # DataLoader worker processes
+    shuffle_window: int = 1024  # rows shuffled together (streamed data)
+    data_offset: int = 0  # first scene index of generated data, so that a continuation sees new scenes
+    extra_questions: str = "relation:2,position:1"  # more generated questions per image, "type:count,..."
+    # schedule
+    seed: int = 0
+    steps: int | None = None
+    minutes: float | None = None
+    batch_size: int = 32  # samples per step, per process
+    lr: float = 2e-3
+    alpha_lr: float = 1e-2  # the injection gates' tanh(alpha): own group, no warmup (see cliviz.train.setup)
+    warmup: int = 200
+    weight_decay: float = 0.01
+    start_step: int = 0  # resume an older --steps checkpoint (no training state) at this step
+    stop_step: int | None = None  # stop early on a --steps schedule (a checkpoint partway through it)
+    # objective (generated ShapesVQA scenes with a trainable vision tower only)
+    aux_weight: float = 0.5
+    position_aux: bool = True  # row/column/object-centre targets in the auxiliary loss
+    aux_layer: int = -1  # vision hidden_states index the auxiliary loss supervises (-1: the last layer)
+    # execution
+    dtype: str = "auto"  # weights of the frozen base (auto: bf16 on a GPU, fp32 on CPU); trained ones stay fp32
+    gradient_checkpointing: bool = False
+    distributed: str = "auto"  # under torchrun: ddp, or fsdp (sharded; for models whose state does not fit one GPU)
+    log_every: int = 25
+    checkpoint_minutes: float = 5.0
+
+    @property
+    def trainable(self) -> str:
+        if self.train is not None:
+            return self.train
+        return "all" if self.init_from is None or self.start_step else "cli"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainSettings":
+        """A saved run's settings; keys of older versions that no longer exist are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+    def check(self) -> None:
+        """ValueError naming the first inconsistent setting (the command turns it into one error line)."""
+        if (self.steps is None) == (self.minutes is None):
+            raise ValueError("give exactly one of steps or minutes")
+        if (self.steps is not None and self.steps <= 0) or (self.minutes is not None and self.minutes <= 0):
+            raise ValueError("steps/minutes must be positive")
+        if self.train is not None and self.train not in TRAINABLE:
+            raise ValueError(f"unknown train choice {self.train!r}; choose one of {', '.join(TRAINABLE)}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"unknown distributed mode {self.distributed!r}; choose one of {', '.join(DISTRIBUTED)}")
+        if self.start_step and (self.steps is None or self.start_step >= self.steps or self.init_from is None):
+            raise ValueError("start_step resumes a steps run: give init_from and a start_step below steps")
+        if self.stop_step is not None and (self.steps is None or not self.start_step < self.stop_step <= self.steps):
+            raise ValueError("stop_step needs steps and must lie after start_step and at most steps")
+        for name in ("batch_size", "warmup", "log_every", "shuffle_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.lr <= 0 or self.alpha_lr < 0 or self.num_workers < 0:
+            raise ValueError("lr must be positive, alpha_lr and num_workers not negative")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError("max_length must be at least 8 tokens")

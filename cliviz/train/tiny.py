@@ -1,0 +1,82 @@
+"""The tiny from-scratch job: the bundled architecture and the ShapesVQA auxiliary objective.
+
+What makes a ~1 M-parameter VLM learn on two CPU cores (see the model card for numbers):
+- init scale 0.1 instead of transformers' 0.02 (0.02 stays at chance);
+- every question about an image in one sequence (loss on answers only): about 8 answers per image
+  (`cliviz.data.sources.ShapesSceneSource` with extra relation/position questions);
+- an auxiliary per-patch loss on one vision layer (colour, shape, digit under each patch, the
+  patch's row and column, and the centre of the object under it), so the vision features are
+  useful before the language model has learned to route. It plays the part of the vision tower's
+  pretraining objective, which in CLIP also sits on the last layer while LLaVA reads the
+  penultimate one (`vision_feature_layer=-2`). It applies only while the tower is trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from cliviz.data.scenes import CENTER_BIN, COLORS, IMAGE_SIZE, SHAPES
+from cliviz.model.configuration import CLIConfig
+
+PATCH = 8
+VISION_LAYERS = 6  # encoder layers of the tiny CLIP tower: hidden_states 0 (patch embedding) .. 6
+
+
+def scene_seed(seed: int) -> int:
+    """The generated-scene stream of a run seed (the tiny models have always drawn their scenes so)."""
+    return seed * 1_000_003 + 17
+
+
+def tiny_config(fusion: str, vocab_size: int, image_token_id: int, pad_token_id: int) -> CLIConfig:
+    """The bundled tiny architecture: CLIP 64 px / patch 8 (6 layers) + Llama 128-d (4 layers)."""
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=VISION_LAYERS, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.1,
+    )
+    text = LlamaConfig(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=256,
+        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=pad_token_id,
+    )
+    base = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    return CLIConfig(base_config=base, fusion=fusion, lora_rank=8, gate_temperature=1.0)
+
+
+class AuxHeads(nn.Module):
+    """Per-patch classifiers on the final vision layer; training-only, never saved with the model."""
+
+    def __init__(self, hidden: int, position: bool = True) -> None:
+        super().__init__()
+        self.position = position
+        self.color = nn.Linear(hidden, len(COLORS) + 1)
+        self.shape = nn.Linear(hidden, len(SHAPES) + 1)
+        self.digit = nn.Linear(hidden, 11)
+        self.row = nn.Linear(hidden, IMAGE_SIZE // PATCH)  # keeps where a patch is in its features
+        self.col = nn.Linear(hidden, IMAGE_SIZE // PATCH)
+        self.center_x = nn.Linear(hidden, IMAGE_SIZE // CENTER_BIN + 1)  # where its object is
+        self.center_y = nn.Linear(hidden, IMAGE_SIZE // CENTER_BIN + 1)
+
+
+def aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-patch classification losses on one vision layer's patch states `hidden` `[B, N, Dv]`."""
+    loss = 0.0
+    for name in ("color", "shape", "digit"):
+        logits = getattr(heads, name)(hidden)  # [B, N, C]
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+    if not heads.position:
+        return loss
+    grid = IMAGE_SIZE // PATCH
+    index = torch.arange(grid * grid, device=hidden.device)  # raster order of the patches
+    for name, target in (("row", index // grid), ("col", index % grid)):
+        logits = getattr(heads, name)(hidden)  # [B, N, grid]
+        loss = loss + F.cross_entropy(logits.reshape(-1, grid), target.repeat(hidden.shape[0]))
+    for name in ("center_x", "center_y"):
+        logits = getattr(heads, name)(hidden)  # [B, N, bins + 1]
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+    return loss
