@@ -61,9 +61,11 @@ Example::
 
 from cliviz.analyses.ablations.effects import (
     GRID_METRICS,
+    METRIC_LABELS,
     effects_frame,
     grid_matrix,
     knockout_grid,
+    metric_label,
     naive_knockout_grid,
 )
 from cliviz.analyses.ablations.engine import CACHE_BUDGET_BYTES
@@ -95,4 +97,5 @@ __all__ = [
     "naive_knockout_grid", "grid_matrix", "single_cell", "faithfulness", "mean_gates",
     "ALL", "CACHE_BUDGET_BYTES", "apply_ablation",
     "AblationReport", "MIN_CI_SAMPLES", "run_study", "run_grid", "study_conditions", "report_paths", "grid_figure",
+    "METRIC_LABELS", "metric_label",
 ]

@@ -20,18 +20,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cliviz.analyses.ablations.effects import effects_frame, grid_matrix
+from cliviz.analyses.ablations.effects import METRIC_LABELS, effects_frame, grid_matrix
 from cliviz.analyses.ablations.faithfulness import faithfulness
 from cliviz.analyses.ablations.scoring import score_with_gate_mass
 from cliviz.analyses.ablations.spec import ALL, REFERENCE, Ablation, check_conditions, grid_conditions
 from cliviz.atomic import atomic_file, atomic_write_bytes
 
 MIN_CI_SAMPLES = 10  # fewer samples: the bootstrap CI is not reported as a 95% interval
-
-# metric -> its human label (figures, tables)
-METRIC_LABELS = {"delta_logprob_ref": "Δ log-prob (reference answer)", "delta_logprob_own": "Δ log-prob (own answer)",
-                 "flip_rate": "flip rate", "accuracy": "accuracy", "delta_accuracy": "Δ accuracy",
-                 "gate_mass": "gate mass (unablated)"}
 
 
 @dataclass
