@@ -304,3 +304,17 @@ def test_cli_prints_confidence_intervals_when_the_samples_allow(random_model_dir
                    str(random_model_dir), "--out", str(tmp_path / "off.parquet"))
     assert proc.returncode == 0, proc.stderr
     assert "95% CI" in proc.stdout and "no confidence intervals" not in proc.stdout
+
+
+def test_padding_id_changes_nothing(cli_model, data, monkeypatch):
+    """The engine pads with `processing.pad_id` (pad, else eos); padding is masked, so any id gives
+    the same scores — rows of different lengths share every chunk here."""
+    from cliviz.model import processing
+
+    model, tok = cli_model
+    images, questions, refs, qtypes = data
+    conditions = [None, A.Ablation("knockout", [2], [3]), A.Ablation("patch", [1]), A.Ablation("mean", [3])]
+    padded = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
+    monkeypatch.setattr(processing, "pad_id", lambda tokenizer: tok.convert_tokens_to_ids("red"))
+    other = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
+    assert (padded[NUM] - other[NUM]).abs().max().max() < 1e-6 and (padded["answer"] == other["answer"]).all()

@@ -39,10 +39,11 @@ import torch
 from PIL import Image
 
 from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, padding_id, suppressed
+from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, suppressed
 from cliviz.analyses.ablations.measures import score_row, scores_frame
 from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.errors import CLIVizError
+from cliviz.model import processing
 from cliviz.model.processing import n_image_tokens, pixel_values
 from cliviz.tracing.record import envoy
 
@@ -314,7 +315,7 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
         raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
     samples = layout_samples(model, tokenizer, questions, references, qtypes)
     suppress = suppressed(tokenizer)
-    pad_id = padding_id(tokenizer)
+    pad_id = processing.pad_id(tokenizer)
     pixels = pixel_values(list(images), model.config).to(model.device, model.dtype)
     token_sets = {p.ablation.tokens for p in computed_means}
     keep_gates = any(p.ablation.kind == "patch" for p in plans.values())
