@@ -12,6 +12,8 @@ mean a heatmap shows the architecture; low values mean it shows one seed's accid
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -22,29 +24,45 @@ import plotly.graph_objects as go
 from cliviz.evaluation import DataSet, evaluate
 from cliviz.inputs import load_image
 
+ALL_TYPES = "all types"  # the row of `stability_summary(..., with_mean=True)` that averages the question types
 
-def accuracy_table(models: dict[str, tuple], data: DataSet, batch_size: int = 64) -> pd.DataFrame:
-    """`models`: label -> (model, tokenizer). Returns rows model, fusion, qtype, accuracy, n."""
+
+def accuracy_table(models: dict[str, tuple], data: DataSet, batch_size: int = 64,
+                   progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """`models`: label -> (model, tokenizer). Returns rows model, fusion, qtype, accuracy, n.
+    `progress(n)` hears of every n samples answered."""
     rows = []
     for label, (model, tok) in models.items():
-        result = evaluate(model, tok, data, batch_size)
+        result = evaluate(model, tok, data, batch_size, on_batch=progress)
         for qtype, acc in result["per_type"].items():
-            rows.append({"model": label, "fusion": model.config.fusion, "qtype": qtype, "accuracy": acc, "n": result["n_per_type"][qtype]})
-        rows.append({"model": label, "fusion": model.config.fusion, "qtype": "overall", "accuracy": result["overall"], "n": result["n"]})
+            rows.append({"model": label, "fusion": model.config.fusion, "qtype": qtype, "accuracy": acc,
+                         "n": result["n_per_type"][qtype]})
+        rows.append({"model": label, "fusion": model.config.fusion, "qtype": "overall", "accuracy": result["overall"],
+                     "n": result["n"]})
     return pd.DataFrame(rows)
 
 
-def gate_profiles(model, tok, data: DataSet, batch_size: int = 32, limit: int | None = 140) -> dict[str, np.ndarray]:
-    """Per question type, the mean answer-step gate matrix `[L, K]` of one model."""
+def _profiled(data: DataSet, limit: int | None) -> list:
+    """The records a gate profile is averaged over: those with a question type, the first `limit`."""
+    return [r for r in data.records if r.qtype][:limit]
+
+
+def gate_profiles(model, tok, data: DataSet, batch_size: int = 32, limit: int | None = 140,
+                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Per question type, the mean answer-step gate matrix `[L, K]` of one model.
+    `progress(n)` hears of every n samples traced."""
     from cliviz.tracing import trace_batch
 
-    records = [r for r in data.records if r.qtype][:limit]
+    records = _profiled(data, limit)
     sums: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        traces = trace_batch(model, tok, [load_image(r.image_path) for r in chunk], [r.question for r in chunk], max_new_tokens=2)
-        for record, t in zip(chunk, traces):
+        traces = trace_batch(model, tok, [load_image(r.image_path) for r in chunk], [r.question for r in chunk],
+                             max_new_tokens=2)
+        for record, t in zip(chunk, traces, strict=True):
             sums.setdefault(record.qtype, []).append(t.answer_gates().mean(axis=1))  # [L, K]
+        if progress:
+            progress(len(chunk))
     return {q: np.mean(v, axis=0) for q, v in sorted(sums.items())}
 
 
@@ -81,16 +99,71 @@ def seed_stability(
     return pd.DataFrame(rows, columns=columns)
 
 
-def stability_summary(stability: pd.DataFrame) -> pd.DataFrame:
+def stability_summary(stability: pd.DataFrame, *, with_mean: bool = False) -> pd.DataFrame:
     """Per question type: mean agreement across different seeds (pairs of unknown seed count as
-    different) and, where the set holds checkpoints of one seed, within a seed for reference."""
+    different) and, where the set holds checkpoints of one seed, within a seed for reference.
+    `with_mean` adds a last row `ALL_TYPES`: the mean of the question-type rows above it."""
     same = stability.same_seed.eq(True)
     metrics = ["profile_spearman", "top_layer_agreement"]
     summary = stability[~same].groupby("qtype")[metrics].mean()
     if same.any():
         within = stability[same].groupby("qtype")[metrics].mean().add_prefix("same_seed_")
         summary = summary.join(within, how="outer")
+    if with_mean and len(summary):
+        summary.loc[ALL_TYPES] = summary.mean()
     return summary
+
+
+def pair_summary(stability: pd.DataFrame) -> pd.DataFrame:
+    """Per pair of models: mean profile Spearman and top-layer agreement over question types, with
+    `same_seed` and the number of question types compared (`n_qtypes`)."""
+    columns = ["model_a", "model_b", "same_seed", "profile_spearman", "top_layer_agreement", "n_qtypes"]
+    if stability.empty:
+        return pd.DataFrame(columns=columns)
+    by = stability.groupby(["model_a", "model_b"], sort=False)
+    out = by[["profile_spearman", "top_layer_agreement"]].mean()
+    out["same_seed"] = by["same_seed"].first()
+    out["n_qtypes"] = by["qtype"].nunique()
+    return out.reset_index()[columns]
+
+
+@dataclass
+class Comparison:
+    """What `cliviz compare` reports: accuracy per (model, question type) and seed stability."""
+
+    accuracy: pd.DataFrame  # accuracy_table
+    stability: pd.DataFrame  # seed_stability: one row per (pair, question type)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """`stability_summary` with its `ALL_TYPES` mean row (empty without a pair to compare)."""
+        return stability_summary(self.stability, with_mean=True) if len(self.stability) else pd.DataFrame()
+
+    @property
+    def pairs(self) -> pd.DataFrame:
+        return pair_summary(self.stability)
+
+
+def comparison_work(models: dict[str, tuple], data: DataSet, stability_samples: int | None = 140) -> int:
+    """How many samples `run_comparison` answers and traces in all (the progress total)."""
+    answered = sum(1 for r in data.records if r.answer is not None) * len(models)
+    profiled = len(_profiled(data, stability_samples)) * sum(m.config.fusion == "cli" for m, _ in models.values())
+    return answered + profiled
+
+
+def run_comparison(models: dict[str, tuple], data: DataSet, *, stability_samples: int | None = 140,
+                   progress: Callable[[int], None] | None = None) -> Comparison:
+    """Accuracy of every model (label -> (model, tokenizer)) on `data`, and the gate-map stability of
+    the cli models between training seeds (read from each model's training summary). `progress(n)`
+    hears of every n samples done, `comparison_work(...)` in all."""
+    from cliviz.train import recorded_seed
+
+    table = accuracy_table(models, data, progress=progress)
+    profiles = {label: gate_profiles(m, t, data, limit=stability_samples, progress=progress)
+                for label, (m, t) in models.items() if m.config.fusion == "cli"}
+    seeds = {label: recorded_seed(m.name_or_path) for label, (m, _) in models.items()}
+    fusions = {label: m.config.fusion for label, (m, _) in models.items()}
+    return Comparison(table, seed_stability(profiles, fusions, seeds))
 
 
 def comparison_figure(table: pd.DataFrame) -> go.Figure:

@@ -28,8 +28,12 @@ Parquet; column names are matched case-insensitively, with the aliases below):
 - `--ablations`: a tidy frame with `llm_layer` (layer, injection_layer), `vision_layer`
   (vision, knocked_out, knockout) and `effect` (delta_logprob, delta_accuracy, delta, change,
   value). If a `metric`/`measure` column holds several metrics, the first one mentioning
-  "logprob" (else the first in sorted order) is drawn. Repeated cells (e.g. one row per sample)
+  "logprob" (else the first in sorted order) is drawn, its colour bar labelled in words
+  (`delta_logprob_own` -> "Δ log-prob (own answer)"). Repeated cells (e.g. one row per sample)
   are averaged; the CSV written next to the figure holds the cell means and counts.
+
+Each figure has its builder (`gate_mean_figure`, ..., `ablation_grid_figure`: a `FigureContext` in,
+a styled `FigureItem` out, or `FigureSkipped` with the reason); `build_figure_set` is their list.
 
 Publication defaults: plotly "simple_white", text as vector text, a Cividis sequential scale,
 a reversed RdBu diverging scale centred at 0, the Okabe-Ito qualitative palette with distinct
@@ -48,17 +52,30 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from cliviz.analyses.ablations.effects import metric_label
 from cliviz.analyses.heatmaps import (
-    DIVERGING, MARKERS, QUALITATIVE, SEQUENTIAL, GateRows, gate_matrix_frame, gate_rows, group_counts,
-    grouped_gate_matrices, grouped_heatmap_figure, heatmap_figure, mean_gate_matrix, trajectory_figure,
+    DIVERGING,
+    MARKERS,
+    QUALITATIVE,
+    SEQUENTIAL,
+    GateRows,
+    gate_matrix_frame,
+    gate_rows,
+    group_counts,
+    grouped_gate_matrices,
+    grouped_heatmap_figure,
+    heatmap_figure,
+    mean_gate_matrix,
+    trajectory_figure,
     trajectory_frame,
 )
 from cliviz.analyses.stats import entropy_per_layer, gate_pca, gate_variance_decomposition, probe_qtype
@@ -67,7 +84,10 @@ from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet
 
 __all__ = ["FORMATS", "WIDTHS", "FigureItem", "FigureReport", "parse_formats", "build_figure_set", "export_figures",
-           "make_figures", "read_compare", "read_ablations", "find_chromium", "style_figure", "kaleido_session"]
+           "make_figures", "read_compare", "read_ablations", "find_chromium", "style_figure", "kaleido_session",
+           "FigureContext", "FigureSkipped", "gate_mean_figure", "gate_by_qtype_figure", "gate_entropy_figure",
+           "gate_variance_figure", "gate_trajectory_figure", "probe_confusion_figure", "gate_pca_figure",
+           "comparison_figure", "ablation_grid_figure"]
 
 FORMATS = ("pdf", "svg", "png")
 WIDTHS = {"single": 336, "double": 672}  # px at 96 dpi: 3.5 in and 7 in
@@ -173,7 +193,8 @@ def _read_frame(path: str | os.PathLike, what: str) -> pd.DataFrame:
     return df
 
 
-def _pick(df: pd.DataFrame, names: Sequence[str], what: str, path: str | os.PathLike, required: bool = True) -> str | None:
+def _pick(df: pd.DataFrame, names: Sequence[str], what: str, path: str | os.PathLike,
+          required: bool = True) -> str | None:
     lower = {str(c).strip().lower(): c for c in df.columns}
     for n in names:
         if n in lower:
@@ -255,6 +276,38 @@ def _heat_height(n_rows: int, base: int) -> int:
 
 # --------------------------------------------------------------------------------------- builders
 
+class FigureSkipped(Exception):
+    """A figure the inputs cannot support (no question types, a probe with one class...): its reason."""
+
+
+@dataclass
+class FigureContext:
+    """What every figure builder reads: the trace set, its answer-step gate rows, the layout."""
+
+    ts: TraceSet
+    rows: GateRows
+    width: int  # px
+    double: bool  # two-column width: more panels per row
+    titles: bool
+
+    @property
+    def n_traces(self) -> int:
+        return len(np.unique(self.rows.trace))
+
+    @property
+    def layer_labels(self) -> list[str]:
+        return [f"L{i}" for i in self.rows.injection_layers]
+
+    def item(self, name: str, fig: go.Figure, data: pd.DataFrame, height: int, title: str, desc: str, *,
+             legend: bool = True, extra: dict[str, pd.DataFrame] | None = None) -> FigureItem:
+        """Style `fig` for print at this width and wrap it with the numbers behind it."""
+        style_figure(fig, self.width, height, title=title, titles=self.titles, legend=legend)
+        return FigureItem(name, fig, data, self.width, height, title, desc, extra or {})
+
+
+BELOW_LEGEND = {"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}}  # for plots without tick labels
+
+
 def _default_example(ts: TraceSet, rows: GateRows) -> int:
     gated = np.flatnonzero(rows.gated)
     lengths = ts.table.column("answer_positions").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
@@ -262,166 +315,203 @@ def _default_example(ts: TraceSet, rows: GateRows) -> int:
     return int(cand[np.argmax(lengths[cand])])
 
 
-def build_figure_set(ts: TraceSet, *, ablations: tuple[pd.DataFrame, str] | None = None,
-                     compare: pd.DataFrame | None = None, example: int | None = None, width: str = "single",
-                     titles: bool = False) -> tuple[list[FigureItem], dict[str, str]]:
-    """Compute every figure (no export): (items, skipped figure -> reason)."""
-    W = _check_width(width)
-    double = width == "double"
-    rows = gate_rows(ts, "answer")
-    if len(rows) == 0:
-        raise CLIVizError("no trace with gates has an answer step: nothing to draw")
-    vis, inj = rows.vision_layers, rows.injection_layers
-    L, K = len(inj), len(vis)
-    items: list[FigureItem] = []
-    skipped: dict[str, str] = {}
-    n_tr = len(np.unique(rows.trace))
-
-    def add(name: str, fig: go.Figure, data: pd.DataFrame, height: int, title: str, desc: str, *,
-            legend: bool = True, extra: dict[str, pd.DataFrame] | None = None) -> None:
-        style_figure(fig, W, height, title=title, titles=titles, legend=legend)
-        items.append(FigureItem(name, fig, data, W, height, title, desc, extra or {}))
-
-    # 1. mean heatmap
-    mean = mean_gate_matrix(rows)
+def gate_mean_figure(ctx: FigureContext) -> FigureItem:
+    """Mean answer-step gate per (LLM layer, vision layer), every trace weighing the same."""
+    vis, inj = ctx.rows.vision_layers, ctx.rows.injection_layers
+    mean = mean_gate_matrix(ctx.rows)
     fig = heatmap_figure(mean, vis, inj, zmax=float(max(mean.max(), 1e-6)), colorscale=SEQUENTIAL)
     fig.update_layout(xaxis_title="vision layer", yaxis_title="LLM layer")
-    add("gate_mean", fig, gate_matrix_frame(mean, vis, inj, n_traces=n_tr), _heat_height(L, 90),
-        f"Mean answer-step gates ({n_tr} traces)", "mean answer-step gate per (LLM layer, vision layer)", legend=False)
+    return ctx.item("gate_mean", fig, gate_matrix_frame(mean, vis, inj, n_traces=ctx.n_traces),
+                    _heat_height(len(inj), 90), f"Mean answer-step gates ({ctx.n_traces} traces)",
+                    "mean answer-step gate per (LLM layer, vision layer)", legend=False)
 
-    # 2. per question type
-    groups = grouped_gate_matrices(rows)
-    counts = group_counts(rows)
+
+def gate_by_qtype_figure(ctx: FigureContext) -> FigureItem:
+    """One panel per question type, one shared colour scale."""
+    vis, inj = ctx.rows.vision_layers, ctx.rows.injection_layers
+    groups = grouped_gate_matrices(ctx.rows)
+    counts = group_counts(ctx.rows)
     if set(groups) == {"unknown"}:
-        skipped["gate_by_qtype"] = "no trace carries a question type"
-    else:
-        cols = min(len(groups), 4 if double else 3)
-        n_r = -(-len(groups) // cols)
-        fig = grouped_heatmap_figure(groups, vis, inj, cols=cols, counts=counts)
-        data = pd.concat([gate_matrix_frame(m, vis, inj, qtype=g, n_traces=counts.get(g, 0)) for g, m in groups.items()],
-                         ignore_index=True)[["qtype", "n_traces", "llm_layer", "vision_layer", "gate"]]
-        add("gate_by_qtype", fig, data, int(60 + n_r * max(95, 16 * L + 40)), "Answer-step gates by question type",
-            "mean answer-step gates per question type (shared colour scale)", legend=False)
+        raise FigureSkipped("no trace carries a question type")
+    cols = min(len(groups), 4 if ctx.double else 3)
+    n_r = -(-len(groups) // cols)
+    fig = grouped_heatmap_figure(groups, vis, inj, cols=cols, counts=counts)
+    data = pd.concat([gate_matrix_frame(m, vis, inj, qtype=g, n_traces=counts.get(g, 0)) for g, m in groups.items()],
+                     ignore_index=True)[["qtype", "n_traces", "llm_layer", "vision_layer", "gate"]]
+    return ctx.item("gate_by_qtype", fig, data, int(60 + n_r * max(95, 16 * len(inj) + 40)),
+                    "Answer-step gates by question type",
+                    "mean answer-step gates per question type (shared colour scale)", legend=False)
 
-    # 3. entropy per layer
-    ent = entropy_per_layer(rows)
-    x = [f"L{i}" for i in inj]
+
+def gate_entropy_figure(ctx: FigureContext) -> FigureItem:
+    """Mean gate entropy per LLM layer, the entropy of the mean gate, and log K (a uniform gate)."""
+    k = len(ctx.rows.vision_layers)
+    ent = entropy_per_layer(ctx.rows)
+    x = ctx.layer_labels
     fig = go.Figure(go.Scatter(x=x, y=ent.entropy, mode="lines+markers", name="mean entropy",
                                error_y={"type": "data", "array": ent.entropy_sd, "thickness": 1, "width": 3},
                                line={"color": QUALITATIVE[0]}, marker={"symbol": MARKERS[0], "size": 6}))
     fig.add_trace(go.Scatter(x=x, y=ent.pooled_entropy, mode="lines+markers", name="entropy of mean gate",
                              line={"color": QUALITATIVE[1], "dash": "dot"}, marker={"symbol": MARKERS[1], "size": 6}))
-    fig.add_hline(y=float(np.log(K)), line={"dash": "dash", "color": "grey", "width": 1},
-                  annotation_text=f"log K (K={K})", annotation_position="bottom right", annotation_font_size=9)
+    fig.add_hline(y=float(np.log(k)), line={"dash": "dash", "color": "grey", "width": 1},
+                  annotation_text=f"log K (K={k})", annotation_position="bottom right", annotation_font_size=9)
     fig.update_layout(xaxis_title="LLM layer", yaxis_title="gate entropy (nats)",
-                      yaxis_range=[0, float(np.log(K)) * 1.12 + 1e-6],
-                      legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
-    add("gate_entropy", fig, ent, 240, "Gate entropy per LLM layer", "per-layer gate entropy and effective layers")
+                      yaxis_range=[0, float(np.log(k)) * 1.12 + 1e-6], legend=BELOW_LEGEND)
+    return ctx.item("gate_entropy", fig, ent, 240, "Gate entropy per LLM layer",
+                    "per-layer gate entropy and effective layers")
 
-    # 4. are the gates dynamic? variance decomposition
-    var = gate_variance_decomposition(ts, select="all")
+
+def gate_variance_figure(ctx: FigureContext) -> FigureItem:
+    """Are the gates dynamic? Within-sample (across tokens) vs across-sample variance, all positions."""
+    var = gate_variance_decomposition(ctx.ts, select="all")
+    x = ctx.layer_labels
     fig = go.Figure([
         go.Bar(x=x, y=var.within_sample, name="within sample (across tokens)", marker_color=QUALITATIVE[0]),
         go.Bar(x=x, y=var.across_sample, name="across samples", marker_color=QUALITATIVE[1],
                marker_pattern_shape="/"),
     ])
-    fig.update_layout(barmode="stack", xaxis_title="LLM layer", yaxis_title="gate variance",
-                      legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
-    add("gate_variance", fig, var, 240, "Gate variance: within vs across samples",
-        "variance decomposition of gate vectors (all positions)")
+    fig.update_layout(barmode="stack", xaxis_title="LLM layer", yaxis_title="gate variance", legend=BELOW_LEGEND)
+    return ctx.item("gate_variance", fig, var, 240, "Gate variance: within vs across samples",
+                    "variance decomposition of gate vectors (all positions)")
 
-    # 5. token trajectories of one example
-    ex = _default_example(ts, rows) if example is None else example
+
+def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> FigureItem:
+    """Each LLM layer's gate over vision layers at each answer step of one trace (`example`)."""
+    ts = ctx.ts
+    ex = _default_example(ts, ctx.rows) if example is None else example
     if not 0 <= ex < len(ts):
         raise CLIVizError(f"--example {ex} is outside the trace set (0..{len(ts) - 1})")
     tr = ts[ex]
     if not tr.has_gates:
         raise CLIVizError(f"--example {ex}: that trace has no gates (projector fusion)")
     if len(tr.answer_positions) == 0:
-        skipped["gate_trajectory"] = f"example {ex} has no answer step"
-    else:
-        fig = trajectory_figure(tr)
-        data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
-        fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(L, 1), "x": 0.0, "font": {"size": 9}})
-        add("gate_trajectory", fig, data, int(70 + L * 85), f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
-            f"answer-step gate trajectories of trace {ex}")
+        raise FigureSkipped(f"example {ex} has no answer step")
+    n_layers = len(ctx.rows.injection_layers)
+    fig = trajectory_figure(tr)
+    data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
+    fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(n_layers, 1), "x": 0.0, "font": {"size": 9}})
+    return ctx.item("gate_trajectory", fig, data, int(70 + n_layers * 85),
+                    f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
+                    f"answer-step gate trajectories of trace {ex}")
 
-    # 6. probe confusion matrix
+
+def probe_confusion_figure(ctx: FigureContext) -> FigureItem:
+    """Out-of-fold confusion of a question-type probe on the gates (row shares as colour, counts as text)."""
     try:
-        probe = probe_qtype(rows)
+        probe = probe_qtype(ctx.rows)
     except CLIVizError as e:
-        skipped["probe_confusion"] = str(e)
-    else:
-        conf = probe.confusion
-        share = conf.div(conf.sum(axis=1).where(conf.sum(axis=1) > 0, 1), axis=0)
-        fig = go.Figure(go.Heatmap(
-            z=share.to_numpy(float), x=list(conf.columns), y=list(conf.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
-            colorbar={"title": {"text": "share"}},
-            hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.2f}<extra></extra>"))
-        for i, true in enumerate(conf.index):  # counts as text, dark on light cells and light on dark
-            for j, pred in enumerate(conf.columns):
-                fig.add_annotation(x=pred, y=true, text=str(int(conf.iat[i, j])), showarrow=False,
-                                   font={"size": 9, "color": "black" if share.iat[i, j] > 0.5 else "white"})
-        fig.update_layout(xaxis_title="predicted question type", yaxis_title="true question type",
-                          yaxis={"autorange": "reversed"})
-        fig.update_xaxes(tickangle=-35 if len(conf) > 3 else 0)
-        summary = probe.summary()
-        add("probe_confusion", fig, probe.confusion_long(), int(max(220, 110 + 24 * len(conf))),
-            f"Question-type probe: accuracy {probe.accuracy:.2f} (baseline {probe.baseline:.2f})",
-            "cross-validated logistic-regression probe: question type from answer-step gates", legend=False,
-            extra={"summary": summary})
+        raise FigureSkipped(str(e)) from None
+    conf = probe.confusion
+    share = conf.div(conf.sum(axis=1).where(conf.sum(axis=1) > 0, 1), axis=0)
+    fig = go.Figure(go.Heatmap(
+        z=share.to_numpy(float), x=list(conf.columns), y=list(conf.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
+        colorbar={"title": {"text": "share"}},
+        hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.2f}<extra></extra>"))
+    for i, true in enumerate(conf.index):  # counts as text, dark on light cells and light on dark
+        for j, pred in enumerate(conf.columns):
+            fig.add_annotation(x=pred, y=true, text=str(int(conf.iat[i, j])), showarrow=False,
+                               font={"size": 9, "color": "black" if share.iat[i, j] > 0.5 else "white"})
+    fig.update_layout(xaxis_title="predicted question type", yaxis_title="true question type",
+                      yaxis={"autorange": "reversed"})
+    fig.update_xaxes(tickangle=-35 if len(conf) > 3 else 0)
+    return ctx.item("probe_confusion", fig, probe.confusion_long(), int(max(220, 110 + 24 * len(conf))),
+                    f"Question-type probe: accuracy {probe.accuracy:.2f} (baseline {probe.baseline:.2f})",
+                    "cross-validated logistic-regression probe: question type from answer-step gates", legend=False,
+                    extra={"summary": probe.summary()})
 
-    # 7. PCA scatter
+
+def gate_pca_figure(ctx: FigureContext) -> FigureItem:
+    """The first two principal components of the per-trace gate vectors, coloured by question type."""
     try:
-        pcs = gate_pca(rows)
+        pcs = gate_pca(ctx.rows)
     except CLIVizError as e:
-        skipped["gate_pca"] = str(e)
-    else:
-        ratio = pcs.attrs["explained_variance_ratio"]
-        fig = go.Figure()
-        qt = pcs.qtype.where(pcs.qtype.notna(), "unknown").astype(str)
-        y_col = "PC2" if "PC2" in pcs else "PC1"
-        for j, g in enumerate(sorted(qt.unique())):
-            sub = pcs[qt == g]
-            fig.add_trace(go.Scatter(x=sub.PC1, y=sub[y_col], mode="markers", name=g,
-                                     marker={"color": QUALITATIVE[j % len(QUALITATIVE)], "size": 4, "opacity": 0.75,
-                                             "symbol": MARKERS[j % len(MARKERS)]}))
-        fig.update_layout(xaxis_title=f"PC1 ({100 * ratio[0]:.0f}%)",
-                          yaxis_title=f"{y_col} ({100 * ratio[-1]:.0f}%)",
-                          legend={"title": {"text": "question type"}, "font": {"size": 9}, "itemsizing": "constant"})
-        data = pcs.copy()
-        data.attrs = {}
-        add("gate_pca", fig, data, 260, "PCA of answer-step gate vectors", "PCA of per-trace gate vectors")
+        raise FigureSkipped(str(e)) from None
+    ratio = pcs.attrs["explained_variance_ratio"]
+    fig = go.Figure()
+    qt = pcs.qtype.where(pcs.qtype.notna(), "unknown").astype(str)
+    y_col = "PC2" if "PC2" in pcs else "PC1"
+    for j, g in enumerate(sorted(qt.unique())):
+        sub = pcs[qt == g]
+        fig.add_trace(go.Scatter(x=sub.PC1, y=sub[y_col], mode="markers", name=g,
+                                 marker={"color": QUALITATIVE[j % len(QUALITATIVE)], "size": 4, "opacity": 0.75,
+                                         "symbol": MARKERS[j % len(MARKERS)]}))
+    fig.update_layout(xaxis_title=f"PC1 ({100 * ratio[0]:.0f}%)",
+                      yaxis_title=f"{y_col} ({100 * ratio[-1]:.0f}%)",
+                      legend={"title": {"text": "question type"}, "font": {"size": 9}, "itemsizing": "constant"})
+    data = pcs.copy()
+    data.attrs = {}
+    return ctx.item("gate_pca", fig, data, 260, "PCA of answer-step gate vectors", "PCA of per-trace gate vectors")
 
-    # 8. comparison bars
+
+def comparison_figure(ctx: FigureContext, compare: pd.DataFrame) -> FigureItem:
+    """Accuracy per question type, one bar (colour and pattern) per model. The legend sits at the top
+    of the figure (it pushes the plot down by as many rows as it needs), a title between it and the
+    plot: below the plot, a legend covers the x-axis title whenever the tick labels are slanted."""
+    models = list(dict.fromkeys(compare.model))
+    fig = go.Figure()
+    for j, m in enumerate(models):
+        sub = compare[compare.model == m]
+        fig.add_trace(go.Bar(x=sub.qtype, y=sub.accuracy, name=m, marker_color=QUALITATIVE[j % len(QUALITATIVE)],
+                             marker_pattern_shape=["", "/", ".", "x", "\\", "+", "-", "|"][j % 8]))
+    fig.update_layout(barmode="group", xaxis_title="question type", yaxis_title="accuracy", yaxis_range=[0, 1],
+                      legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "top",
+                              "yref": "container", "font": {"size": 9}})
+    fig.update_xaxes(tickangle=-35 if compare.qtype.nunique() > 4 else 0)
+    item = ctx.item("comparison", fig, compare, 250, "Accuracy per question type",
+                    "accuracy per question type and model")
+    if ctx.titles:  # just above the plot, pushing the margin, so it never meets the legend
+        fig.update_layout(title={"automargin": True, "yref": "paper", "y": 1.0, "yanchor": "bottom"})
+    return item
+
+
+def ablation_grid_figure(ctx: FigureContext, ablations: tuple[pd.DataFrame, str]) -> FigureItem:
+    """Effect of knocking out vision layer k at LLM layer i (diverging, centred at 0)."""
+    cells, metric = ablations
+    label = metric_label(metric)
+    lv = sorted(cells.llm_layer.unique(), key=lambda v: (isinstance(v, str), v))
+    vv = sorted(cells.vision_layer.unique(), key=lambda v: (isinstance(v, str), v))
+    grid = cells.pivot(index="llm_layer", columns="vision_layer", values="effect").reindex(index=lv, columns=vv)
+    m = float(np.nanmax(np.abs(grid.to_numpy(float)))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
+    m = m if m > 0 else 1e-6
+    fig = go.Figure(go.Heatmap(
+        z=grid.to_numpy(float), x=[f"V{v}" for v in vv], y=[f"L{v}" for v in lv], colorscale=DIVERGING,
+        zmin=-m, zmax=m, zmid=0, colorbar={"title": {"text": label, "side": "right"}},
+        hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>effect %{z:.3f}<extra></extra>"))
+    fig.update_layout(xaxis_title="vision layer knocked out", yaxis_title="LLM layer",
+                      yaxis={"autorange": "reversed"})
+    return ctx.item("ablation_grid", fig, cells, _heat_height(len(lv), 90), f"Knock-out effect: {label}",
+                    "knock-out effect per (LLM layer, vision layer)", legend=False)
+
+
+def build_figure_set(ts: TraceSet, *, ablations: tuple[pd.DataFrame, str] | None = None,
+                     compare: pd.DataFrame | None = None, example: int | None = None, width: str = "single",
+                     titles: bool = False) -> tuple[list[FigureItem], dict[str, str]]:
+    """Compute every figure (no export): (items, skipped figure -> reason)."""
+    w = _check_width(width)
+    rows = gate_rows(ts, "answer")
+    if len(rows) == 0:
+        raise CLIVizError("no trace with gates has an answer step: nothing to draw")
+    ctx = FigureContext(ts, rows, w, width == "double", titles)
+    builders: list[tuple[str, Callable[[FigureContext], FigureItem]]] = [
+        ("gate_mean", gate_mean_figure),
+        ("gate_by_qtype", gate_by_qtype_figure),
+        ("gate_entropy", gate_entropy_figure),
+        ("gate_variance", gate_variance_figure),
+        ("gate_trajectory", partial(gate_trajectory_figure, example=example)),
+        ("probe_confusion", probe_confusion_figure),
+        ("gate_pca", gate_pca_figure),
+    ]
     if compare is not None:
-        models = list(dict.fromkeys(compare.model))
-        fig = go.Figure()
-        for j, m in enumerate(models):
-            sub = compare[compare.model == m]
-            fig.add_trace(go.Bar(x=sub.qtype, y=sub.accuracy, name=m, marker_color=QUALITATIVE[j % len(QUALITATIVE)],
-                                 marker_pattern_shape=["", "/", ".", "x", "\\", "+", "-", "|"][j % 8]))
-        fig.update_layout(barmode="group", xaxis_title="question type", yaxis_title="accuracy", yaxis_range=[0, 1],
-                          legend={"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}})
-        fig.update_xaxes(tickangle=-35 if compare.qtype.nunique() > 4 else 0)
-        add("comparison", fig, compare, 250, "Accuracy per question type", "accuracy per question type and model")
-
-    # 9. ablation grid
+        builders.append(("comparison", partial(comparison_figure, compare=compare)))
     if ablations is not None:
-        cells, label = ablations
-        lv = sorted(cells.llm_layer.unique(), key=lambda v: (isinstance(v, str), v))
-        vv = sorted(cells.vision_layer.unique(), key=lambda v: (isinstance(v, str), v))
-        grid = cells.pivot(index="llm_layer", columns="vision_layer", values="effect").reindex(index=lv, columns=vv)
-        m = float(np.nanmax(np.abs(grid.to_numpy(float)))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
-        m = m if m > 0 else 1e-6
-        fig = go.Figure(go.Heatmap(
-            z=grid.to_numpy(float), x=[f"V{v}" for v in vv], y=[f"L{v}" for v in lv], colorscale=DIVERGING,
-            zmin=-m, zmax=m, zmid=0, colorbar={"title": {"text": label}},
-            hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>effect %{z:.3f}<extra></extra>"))
-        fig.update_layout(xaxis_title="vision layer knocked out", yaxis_title="LLM layer",
-                          yaxis={"autorange": "reversed"})
-        add("ablation_grid", fig, cells, _heat_height(len(lv), 90), f"Knock-out effect ({label})",
-            "knock-out effect per (LLM layer, vision layer)", legend=False)
+        builders.append(("ablation_grid", partial(ablation_grid_figure, ablations=ablations)))
+    items: list[FigureItem] = []
+    skipped: dict[str, str] = {}
+    for name, build in builders:
+        try:
+            items.append(build(ctx))
+        except FigureSkipped as e:
+            skipped[name] = str(e)
     return items, skipped
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import Trace
+from cliviz.tracing.trace import TOKEN_SETS, Trace
 from cliviz.tracing.traceset import TraceSet
 
 SEQUENTIAL = "Cividis"  # colour-blind-safe sequential scale
@@ -36,7 +36,7 @@ DIVERGING = "RdBu_r"  # ColorBrewer RdBu (colour-blind safe), reversed: blue < 0
 # Okabe-Ito, reordered so the first colours are the most distinct on white (yellow late).
 QUALITATIVE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 MARKERS = ("circle", "square", "diamond", "triangle-up", "x", "triangle-down", "star", "cross")
-SET_SELECTIONS = ("answer", "image", "prompt", "all")
+SET_SELECTIONS = TOKEN_SETS  # the name this module used before the set had one home
 
 
 def positions_for(trace: Trace, select: str | int = "answer") -> np.ndarray:
@@ -233,8 +233,8 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
         if traces.select != select:
             raise CLIVizError(f"these gate rows were gathered for {traces.select!r}, not {select!r}")
         return traces
-    if select not in SET_SELECTIONS:
-        raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(SET_SELECTIONS)}")
+    if select not in TOKEN_SETS:
+        raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(TOKEN_SETS)}")
     ts = as_traceset(traces)
     t = ts.table
     n = t.num_rows

@@ -29,6 +29,7 @@ from PIL import Image
 from cliviz.errors import CLIVizError
 from cliviz.inputs import load_image
 from cliviz.tracing.trace import Trace, TraceMeta
+from cliviz.tracing.traceset import NUMERIC_ARRAYS
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # 5 MB per image
 PREVIEW_PIXELS = 256  # longest side of the on-page preview
@@ -93,19 +94,13 @@ def image_from_payload(payload: dict[str, Any]) -> Image.Image:
 
 # ------------------------------------------------------------------------------- traces as JSON
 
-_ARRAYS = {  # name -> (dtype, ndim)
-    "token_ids": (np.int64, 1), "gates": (np.float32, 3), "injection_norm": (np.float32, 2),
-    "answer_ids": (np.int64, 1), "answer_positions": (np.int64, 1), "answer_logprobs": (np.float32, 1),
-    "topk_ids": (np.int64, 2), "topk_logprobs": (np.float32, 2),
-}
-
-
 def trace_from_dict(d: dict[str, Any]) -> Trace:
     """Inverse of `Trace.to_dict()`; CLIVizError when the stored trace is malformed."""
     try:
         meta = TraceMeta(**d["meta"])
         arrays = {}
-        for name, (dtype, ndim) in _ARRAYS.items():
+        for name, (dtype, _, ndim) in NUMERIC_ARRAYS.items():  # the trace set's dtypes and ranks
+            ndim = ndim or 1
             arr = np.asarray(d[name], dtype=dtype)
             if arr.ndim != ndim:  # empty lists lose their trailing dimensions
                 if arr.size:

@@ -248,3 +248,73 @@ def test_cli_bad_inputs(args, needle, tmp_path, random_model_dir):
     filled = [a.format(img=EXAMPLES / "color.png", tmp=tmp_path, model=random_model_dir) for a in args]
     assert_clean_error(run_cli("ablate", *filled), needle)
     assert not (tmp_path / "a.parquet").exists()
+
+
+# ------------------------------------------------------------------ one study as one call (run_grid)
+
+def test_run_grid_is_the_knockout_grid_with_its_faithfulness(cli_model, data, tmp_path):
+    model, tok = cli_model
+    images, questions, refs, qtypes = data
+    report = A.run_grid(model, tok, images, questions, refs, qtypes=qtypes, max_batch=7, seed=3)
+    grid = A.knockout_grid(model, tok, images, questions, refs, qtypes=qtypes, max_batch=7, seed=3)
+    pd.testing.assert_frame_equal(report.effects, grid)
+    pd.testing.assert_frame_equal(report.faithfulness, A.faithfulness(grid))
+    assert report.is_grid and report.n_samples == 4 and len(report.conditions) == 19
+    top = report.largest_effects(5)
+    assert len(top) == 5 and top["delta_logprob_ref"].abs().is_monotonic_decreasing
+    assert not report.has_ci and top[["ci_low", "ci_high"]].isna().all().all()  # 4 < MIN_CI_SAMPLES
+    paths = report.write(tmp_path / "g.parquet")
+    assert sorted(p.name for p in paths.values()) == ["g.faithfulness.csv", "g.html", "g.parquet"]
+    pd.testing.assert_frame_equal(pd.read_parquet(paths["effects"]), report.effects)
+
+
+def test_study_conditions_default_knockout_sweeps_every_vision_layer(cli_model):
+    model, _ = cli_model
+    conditions = A.study_conditions(model)
+    assert conditions[0] is None
+    assert [a.vision_layers for a in conditions[1:]] == [[k] for k in model.config.vision_layers]
+    assert all(a.kind == "knockout" and a.llm_layers is None for a in conditions[1:])
+    assert [a.label for a in A.study_conditions(model, "injection_off", [2])[1:]] == ["injection_off L2"]
+
+
+def test_cli_default_kind_and_out_need_no_options(random_model_dir, tmp_path):
+    """`cliviz ablate IMG "Q"` runs as is: a knockout per vision layer, written to a default path that
+    is printed and never overwritten; one sample prints no confidence interval."""
+    args = ("ablate", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir))
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first = tmp_path / "color.ablation.parquet"
+    assert "color.ablation.parquet" in proc.stdout and "default --out" in proc.stdout
+    assert "95% CI" not in proc.stdout and "no confidence intervals: 1 sample" in proc.stdout
+    frame = pd.read_parquet(first)
+    n_vision = len(build_tiny("cli")[0].config.vision_layers)
+    assert frame["condition"].nunique() == n_vision + 1 and frame["vision_layer"].dropna().nunique() == n_vision
+    before = first.read_bytes()
+    again = run_cli(*args, "--kind", "injection_off", "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["out"] == "color.ablation-2.parquet"
+    assert first.read_bytes() == before and (tmp_path / "color.ablation-2.parquet").is_file()
+
+
+def test_cli_prints_confidence_intervals_when_the_samples_allow(random_model_dir, tmp_path):
+    from cliviz.data import write_dataset
+
+    write_dataset(tmp_path / "d", A.MIN_CI_SAMPLES, seed=4)
+    proc = run_cli("ablate", "--data", str(tmp_path / "d"), "--kind", "injection_off", "--model",
+                   str(random_model_dir), "--out", str(tmp_path / "off.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    assert "95% CI" in proc.stdout and "no confidence intervals" not in proc.stdout
+
+
+def test_padding_id_changes_nothing(cli_model, data, monkeypatch):
+    """The engine pads with `processing.pad_id` (pad, else eos); padding is masked, so any id gives
+    the same scores — rows of different lengths share every chunk here."""
+    from cliviz.model import processing
+
+    model, tok = cli_model
+    images, questions, refs, qtypes = data
+    conditions = [None, A.Ablation("knockout", [2], [3]), A.Ablation("patch", [1]), A.Ablation("mean", [3])]
+    padded = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
+    monkeypatch.setattr(processing, "pad_id", lambda tokenizer: tok.convert_tokens_to_ids("red"))
+    other = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
+    assert (padded[NUM] - other[NUM]).abs().max().max() < 1e-6 and (padded["answer"] == other["answer"]).all()

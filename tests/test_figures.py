@@ -169,3 +169,43 @@ def test_cli_broken_browser_is_one_line_exit_2(inputs, tmp_path, monkeypatch) ->
     monkeypatch.setenv("BROWSER_PATH", "/bin/true")
     proc = run_cli("figures", str(inputs["traces"]), "--out", str(tmp_path / "o"), "--format", "svg")
     assert_clean_error(proc, "failed during figure export")
+
+
+def _svg_box(svg: str, group: str) -> tuple[float, float]:
+    """(top, bottom) in px of a plotly SVG legend: its translate plus the height of its background."""
+    start = svg.index(f'<g class="{group}"')
+    ty = float(re.search(r'translate\(([-\d.]+),\s*([-\d.]+)\)', svg[start:start + 300]).group(2))
+    height = float(re.search(r'<rect class="bg"[^>]*height="([\d.]+)"', svg[start:]).group(1))
+    return ty, ty + height
+
+
+def _text_box(svg: str, cls: str, font_px: float) -> tuple[float, float]:
+    """(top, bottom) in px of a one-line SVG text of class `cls`, from its baseline."""
+    baseline = float(re.search(rf'<text class="{cls}"[^>]*\by="([-\d.]+)"', svg).group(1))
+    return baseline - font_px, baseline + 0.25 * font_px
+
+
+def test_comparison_legend_clears_the_axis_title_and_grid_colour_bar_is_readable(inputs) -> None:
+    """Slanted question types once pushed the x-axis title under the legend; the grid's colour bar
+    said `delta_logprob_own`."""
+    from cliviz.analyses.figures import kaleido_session
+
+    qtypes = ["color", "count", "glyph", "position", "relation", "shape", "size"]
+    compare = pd.DataFrame([{"model": m, "qtype": q, "accuracy": 0.5 + 0.05 * i}
+                            for m in ("cli-tiny", "projector-tiny", "deepstack-tiny") for i, q in enumerate(qtypes)])
+    cells = pd.DataFrame([{"llm_layer": li, "vision_layer": v, "metric": m, "value": -0.1 * (li + v)}
+                          for li in (2, 4) for v in (1, 4) for m in ("delta_logprob_own", "flip_rate")])
+    cells_path = inputs["dir"] / "own.csv"
+    cells.to_csv(cells_path, index=False)
+    ts = TraceSet.read(inputs["traces"])
+    with kaleido_session() as session:
+        for titles in (False, True):
+            items, _ = build_figure_set(ts, compare=compare, ablations=read_ablations(cells_path), titles=titles)
+            bars = next(it for it in items if it.name == "comparison")
+            svg = session.render(bars.fig, "svg", bars.width, bars.height).decode()
+            legend = _svg_box(svg, "legend")
+            for other in [_text_box(svg, "xtitle", 10)] + ([_text_box(svg, "gtitle", 11)] if titles else []):
+                assert legend[1] <= other[0] or other[1] <= legend[0], (titles, legend, other)
+    grid = next(it for it in items if it.name == "ablation_grid")
+    assert grid.fig.data[0].colorbar.title.text == "Δ log-prob (own answer)"
+    assert "delta_logprob" not in grid.title

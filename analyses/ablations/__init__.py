@@ -36,6 +36,10 @@ Token sets (`Ablation.tokens`): ``all`` (every real token), ``prompt`` (`<bos>` 
 words), ``image`` (image placeholders), ``answer`` (the position(s) whose output predicts the
 answer: the last prompt token, then each fed answer token but the last).
 
+One call for a whole study: `run_study` (conditions over samples) and `run_grid` (every
+knockout cell, with faithfulness) return an `AblationReport` (scores, effects, largest effects,
+atomic writes) — what `cliviz ablate` runs (`report`).
+
 What comes back: `score_conditions` gives teacher-forced scores per (sample, condition) (see
 `measures`); `effects_frame` / `knockout_grid` reduce them to tidy effects with bootstrap CIs
 (`effects`); `faithfulness` asks whether the cells the gates weigh most are the ones whose removal
@@ -44,7 +48,8 @@ unablated prefix (`engine`), equal to the one-forward-per-condition loop (`naive
 
 Modules: `spec` (Ablation, kinds, plans) → `layout` (teacher-forced samples, padded batches) →
 `interventions` (the per-row gate rewrite) → `engine` (batched, prefix-sharing forwards) →
-`measures` (numbers per row) → `scoring` / `effects` / `faithfulness` (what users call).
+`measures` (numbers per row) → `scoring` / `effects` / `faithfulness` (what users call) →
+`report` (one study, one call).
 
 Example::
 
@@ -56,14 +61,25 @@ Example::
 
 from cliviz.analyses.ablations.effects import (
     GRID_METRICS,
+    METRIC_LABELS,
     effects_frame,
     grid_matrix,
     knockout_grid,
+    metric_label,
     naive_knockout_grid,
 )
 from cliviz.analyses.ablations.engine import CACHE_BUDGET_BYTES
 from cliviz.analyses.ablations.faithfulness import faithfulness
 from cliviz.analyses.ablations.interventions import apply_ablation, apply_gate_ablation
+from cliviz.analyses.ablations.report import (
+    MIN_CI_SAMPLES,
+    AblationReport,
+    grid_figure,
+    report_paths,
+    run_grid,
+    run_study,
+    study_conditions,
+)
 from cliviz.analyses.ablations.scoring import mean_gates, score_conditions, score_with_gate_mass, single_cell
 from cliviz.analyses.ablations.spec import (
     ALL,
@@ -80,4 +96,6 @@ __all__ = [
     "score_conditions", "score_with_gate_mass", "effects_frame", "grid_conditions", "knockout_grid",
     "naive_knockout_grid", "grid_matrix", "single_cell", "faithfulness", "mean_gates",
     "ALL", "CACHE_BUDGET_BYTES", "apply_ablation",
+    "AblationReport", "MIN_CI_SAMPLES", "run_study", "run_grid", "study_conditions", "report_paths", "grid_figure",
+    "METRIC_LABELS", "metric_label",
 ]

@@ -30,6 +30,15 @@ from cliviz.tracing.record import envoy
 
 # Per-sample quantities the effects frame averages, and what each row of a grid reports.
 GRID_METRICS = ("delta_logprob_ref", "delta_logprob_own", "flip_rate", "accuracy", "delta_accuracy", "gate_mass")
+# metric -> its human label (figures, tables)
+METRIC_LABELS = {"delta_logprob_ref": "Δ log-prob (reference answer)", "delta_logprob_own": "Δ log-prob (own answer)",
+                 "flip_rate": "flip rate", "accuracy": "accuracy", "delta_accuracy": "Δ accuracy",
+                 "gate_mass": "gate mass (unablated)"}
+
+
+def metric_label(metric: str) -> str:
+    """A human label for a metric or effect column: `METRIC_LABELS`, else underscores as spaces."""
+    return METRIC_LABELS.get(metric, str(metric).replace("_", " "))
 
 
 def _layer_of(values: list[int] | None) -> Any:

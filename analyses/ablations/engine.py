@@ -39,10 +39,11 @@ import torch
 from PIL import Image
 
 from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, padding_id, suppressed
+from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, suppressed
 from cliviz.analyses.ablations.measures import score_row, scores_frame
 from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.errors import CLIVizError
+from cliviz.model import processing
 from cliviz.model.processing import ImageInputs, image_inputs, n_image_tokens
 from cliviz.tracing.record import envoy
 
@@ -349,7 +350,7 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
     pixels = image_inputs(list(images), model.config)
     samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
-    pad_id = padding_id(tokenizer)
+    pad_id = processing.pad_id(tokenizer)
     token_sets = {p.ablation.tokens for p in computed_means}
     keep_gates = any(p.ablation.kind == "patch" for p in plans.values())
     ref = _new_reference(model, n, token_sets, keep_gates)

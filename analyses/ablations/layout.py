@@ -83,11 +83,6 @@ def layout_samples(model, tokenizer, questions: Sequence[str], references: Seque
     return samples
 
 
-def padding_id(tokenizer) -> int:
-    """The id left padding is filled with (masked out: any id gives the same result)."""
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
-
-
 def suppressed(tokenizer) -> list[int]:
     """Tokens generation never emits: not answers."""
     from cliviz.inference import suppressed_tokens
@@ -108,7 +103,8 @@ class Batch:
 
 
 def make_batch(samples: list[Sample], which: Sequence[int], pad_id: int, device) -> Batch:
-    """Rows `which` of `samples`, left-padded with `pad_id`, on `device`."""
+    """Rows `which` of `samples`, left-padded with `pad_id` (`cliviz.model.processing.pad_id`: the
+    attention mask hides padding, so any id gives the same result), on `device`."""
     fed = [samples[s].fed for s in which]
     width = max(len(f) for f in fed)
     ids = torch.full((len(fed), width), pad_id, dtype=torch.long)

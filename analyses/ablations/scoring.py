@@ -16,9 +16,10 @@ import pandas as pd
 from PIL import Image
 
 from cliviz.analyses.ablations.engine import reference_run, run_conditions
-from cliviz.analyses.ablations.layout import layout_samples, padding_id, suppressed
+from cliviz.analyses.ablations.layout import layout_samples, suppressed
 from cliviz.analyses.ablations.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.errors import CLIVizError
+from cliviz.model import processing
 from cliviz.model.processing import image_inputs
 
 
@@ -30,8 +31,8 @@ def mean_gates(model, tokenizer, images: Sequence[Image.Image], questions: Seque
         raise CLIVizError(f"unknown token set {tokens!r}; use one of {', '.join(TOKEN_SETS)}")
     pixels = image_inputs(list(images), model.config)
     samples = layout_samples(model, tokenizer, questions, None, qtypes, pixels.token_counts)
-    ref = reference_run(model, samples, pixels, suppressed(tokenizer), padding_id(tokenizer), max_batch=max_batch,
-                        token_sets={tokens}, keep_gates=False, progress=None)
+    ref = reference_run(model, samples, pixels, suppressed(tokenizer), processing.pad_id(tokenizer),
+                        max_batch=max_batch, token_sets={tokens}, keep_gates=False, progress=None)
     if not ref.token_sums:
         raise CLIVizError(f"this model has no gates (fusion={model.config.fusion})")
     sums, counts = ref.token_sums[tokens]

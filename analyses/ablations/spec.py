@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from cliviz.errors import CLIVizError
+from cliviz.tracing.trace import TOKEN_SETS
 
 KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
-TOKEN_SETS = ("all", "prompt", "image", "answer")
 REFERENCE = "reference"  # the condition label of the unablated run
 ALL = "all"  # the question-type label of rows pooled over every sample
+
 
 @dataclass
 class Ablation:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cliviz.atomic import atomic_write_bytes
 from cliviz.data.questions import QA, QUESTION_TYPES
 from cliviz.data.scenes import Scene, make_scene
 
@@ -63,9 +63,5 @@ def write_dataset(out: Path, n: int, seed: int) -> Path:
         sample.image.save(out / name)
         rows.append({"image": name, "question": sample.question, "answer": sample.answer, "qtype": sample.qtype})
     target = out / "samples.jsonl"
-    tmp = target.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, target)
+    atomic_write_bytes(target, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"), "samples file")
     return target

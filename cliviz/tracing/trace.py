@@ -21,6 +21,9 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 ROLES = ("image", "prompt", "answer")
+# The token selections every analysis takes (heatmaps, ablations): the positions of one role — for
+# "answer", those whose output is an answer token — or all of them.
+TOKEN_SETS = ("answer", "image", "prompt", "all")
 
 
 @dataclass

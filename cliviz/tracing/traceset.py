@@ -53,7 +53,7 @@ from cliviz.errors import CLIVizError
 from cliviz.tracing.trace import SCHEMA_VERSION, Trace, TraceMeta
 
 __all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_traces",
-           "SCHEMA_VERSION_KEY", "VERSION_KEY", "ARROW_SCHEMA"]
+           "SCHEMA_VERSION_KEY", "VERSION_KEY", "ARROW_SCHEMA", "NUMERIC_ARRAYS"]
 
 SCHEMA_VERSION_KEY = "cliviz.schema_version"
 VERSION_KEY = "cliviz.version"
@@ -78,8 +78,9 @@ META_FIELDS = tuple(f.name for f in fields(TraceMeta))
 if set(META_FIELDS) != set(META_TYPES):  # pragma: no cover - guards against TraceMeta drifting
     raise RuntimeError(f"traceset.META_TYPES is out of date with TraceMeta: {sorted(set(META_FIELDS) ^ set(META_TYPES))}")
 
-# name -> (numpy dtype, arrow list type, ndim or None for 1-D without a shape column)
-_NUMERIC: dict[str, tuple[type, pa.DataType, int | None]] = {
+# name -> (numpy dtype, arrow list type, ndim or None for 1-D without a shape column): the one table of
+# a trace's numeric arrays, for the Parquet columns here and for traces sent as JSON (the app's store)
+NUMERIC_ARRAYS: dict[str, tuple[type, pa.DataType, int | None]] = {
     "token_ids": (np.int64, _INT_LIST, None),
     "gates": (np.float32, _FLOAT_LIST, 3),
     "injection_norm": (np.float32, _FLOAT_LIST, 2),
@@ -97,9 +98,9 @@ def _schema_fields() -> list[pa.Field]:
     for name in ("token_ids", "token_texts", "token_roles", "gates", "injection_norm", "answer_ids",
                  "answer_texts", "answer_positions", "answer_logprobs", "topk_ids", "topk_texts",
                  "topk_logprobs"):
-        if name in _NUMERIC:
-            out.append(pa.field(name, _NUMERIC[name][1]))
-            if _NUMERIC[name][2] is not None:
+        if name in NUMERIC_ARRAYS:
+            out.append(pa.field(name, NUMERIC_ARRAYS[name][1]))
+            if NUMERIC_ARRAYS[name][2] is not None:
                 out.append(pa.field(f"{name}_shape", _SHAPE))
         elif name == "topk_texts":
             out.append(pa.field(name, pa.list_(_STR_LIST)))
@@ -175,7 +176,7 @@ def _traces_to_table(traces: list[Trace]) -> pa.Table:
         if META_TYPES[name] == _INT_LIST:
             vals = [[int(v) for v in x] for x in vals]
         cols[name] = pa.array(vals, type=META_TYPES[name])
-    for name, (dtype, pa_type, ndim) in _NUMERIC.items():
+    for name, (dtype, pa_type, ndim) in NUMERIC_ARRAYS.items():
         arrays = [np.asarray(getattr(t, name)) for t in traces]
         if ndim is not None:
             # shape per trace; a [n_answer, k] table with no answer rows keeps its 2-D shape
@@ -215,7 +216,7 @@ def _shapes(table: pa.Table, name: str, ndim: int, path: str) -> np.ndarray:
 
 def _check_table(table: pa.Table, path: str) -> None:
     """Cheap, vectorised consistency checks so a hand-edited file fails with one clear line."""
-    for name, (_, _, ndim) in _NUMERIC.items():
+    for name, (_, _, ndim) in NUMERIC_ARRAYS.items():
         if ndim is None:
             continue
         shapes = _shapes(table, name, ndim, path)
@@ -227,9 +228,9 @@ def _check_table(table: pa.Table, path: str) -> None:
 def _table_to_traces(table: pa.Table) -> list[Trace]:
     n = table.num_rows
     meta = {name: table.column(name).to_pylist() for name in META_FIELDS}
-    num = {name: _flat(table.column(name), dtype) for name, (dtype, _, _) in _NUMERIC.items()}
+    num = {name: _flat(table.column(name), dtype) for name, (dtype, _, _) in NUMERIC_ARRAYS.items()}
     shapes = {name: _flat(table.column(f"{name}_shape"), np.int64)[0].reshape(-1, ndim)
-              for name, (_, _, ndim) in _NUMERIC.items() if ndim is not None}
+              for name, (_, _, ndim) in NUMERIC_ARRAYS.items() if ndim is not None}
     strs = {name: _flat(table.column(name)) for name in _STRINGS}
     topk_texts = table.column("topk_texts").to_pylist()
 
