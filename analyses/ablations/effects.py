@@ -29,9 +29,11 @@ from cliviz.model.processing import image_inputs
 from cliviz.tracing.record import envoy
 
 # Per-sample quantities the effects frame averages, and what each row of a grid reports.
-GRID_METRICS = ("delta_logprob_ref", "delta_logprob_own", "flip_rate", "accuracy", "delta_accuracy", "gate_mass")
+GRID_METRICS = ("delta_logprob_ref", "delta_logprob_ref_seq", "delta_logprob_own", "flip_rate", "accuracy",
+                "delta_accuracy", "gate_mass")
 # metric -> its human label (figures, tables)
-METRIC_LABELS = {"delta_logprob_ref": "Δ log-prob (reference answer)", "delta_logprob_own": "Δ log-prob (own answer)",
+METRIC_LABELS = {"delta_logprob_ref": "Δ log-prob (reference answer)",
+                 "delta_logprob_ref_seq": "Δ log-prob (whole reference answer)", "delta_logprob_own": "Δ log-prob (own answer)",
                  "flip_rate": "flip rate", "accuracy": "accuracy", "delta_accuracy": "Δ accuracy",
                  "gate_mass": "gate mass (unablated)"}
 
@@ -68,8 +70,9 @@ def effects_frame(scores: pd.DataFrame, conditions: Sequence[Ablation | None], *
 
     per_metric: dict[str, np.ndarray] = {}  # metric -> [N, C] per-sample values (nan = not defined)
     n_c = len(labels)
-    for m in ("delta_logprob_ref", "delta_logprob_own"):
-        per_metric[m] = np.stack([by.xs(lab, level="condition")[m].to_numpy(float) for lab in labels], axis=1)
+    for m in ("delta_logprob_ref", "delta_logprob_ref_seq", "delta_logprob_own"):
+        if m in scores.columns:  # the whole-answer change: what free-text answers of real checkpoints are judged by
+            per_metric[m] = np.stack([by.xs(lab, level="condition")[m].to_numpy(float) for lab in labels], axis=1)
     per_metric["flip_rate"] = np.stack([by.xs(lab, level="condition")["flipped"].to_numpy(float) for lab in labels], 1)
     acc = np.stack([by.xs(lab, level="condition")["correct"].to_numpy(float) for lab in labels], 1)
     per_metric["accuracy"] = acc
@@ -184,6 +187,7 @@ def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questio
                 "sample": s, "condition": REFERENCE if a is None else a.label,
                 "qtype": qtypes[s] if qtypes is not None else None,
                 "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
+                "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
                 "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
                 "flipped": res["flipped"], "correct": res["correct"],
             })

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, make_batch, pad_into, suppressed
+from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, own_answers, make_batch, pad_into, suppressed
 from cliviz.analyses.ablations.measures import score_row, scores_frame
 from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.errors import CLIVizError
@@ -348,6 +348,7 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
     if qtypes is None and any(p.ablation.per_qtype for p in computed_means):
         raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
     pixels = image_inputs(list(images), model.config)
+    references = own_answers(model, tokenizer, images, questions, references)
     samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
     pad_id = processing.pad_id(tokenizer)

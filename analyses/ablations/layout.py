@@ -61,10 +61,11 @@ class Sample:
         return mask
 
 
-def layout_samples(model, tokenizer, questions: Sequence[str], references: Sequence[str | None] | None,
+def layout_samples(model, tokenizer, questions: Sequence[str], references: Sequence[str | list[int] | None] | None,
                    qtypes: Sequence[str | None] | None, n_images: Sequence[int] | None = None) -> list[Sample]:
     """Tokenise each (question, reference); a missing or empty reference means the model's own answer.
 
+    A reference is text, or already token ids (a generated answer, scored exactly as generated).
     `n_images`: each image's placeholder count (`ImageInputs.token_counts`; needed for LLaVA-OneVision,
     whose count depends on the image)."""
     samples = []
@@ -72,7 +73,9 @@ def layout_samples(model, tokenizer, questions: Sequence[str], references: Seque
     for i, q in enumerate(questions):
         ref = references[i] if references is not None else None
         ids = None
-        if ref is not None and str(ref).strip():
+        if isinstance(ref, (list, tuple)):
+            ids = [int(t) for t in ref] or None
+        elif ref is not None and str(ref).strip():
             ids = tokenizer(str(ref), add_special_tokens=False).input_ids
             if not ids:
                 ids = None
@@ -81,6 +84,25 @@ def layout_samples(model, tokenizer, questions: Sequence[str], references: Seque
         n_img = n_images[i] if n_images is not None else None
         samples.append(Sample(prompt_ids(tokenizer, q, model.config, n_img), ids, qtypes[i] if qtypes is not None else None))
     return samples
+
+
+def own_answers(model, tokenizer, images: Sequence, questions: Sequence[str],
+                references: Sequence[str | list[int] | None] | None) -> list[str | list[int] | None] | None:
+    """Missing references of a real checkpoint become the model's own greedy answer, as token ids
+    (eos dropped), so that a free-text answer is scored whole rather than by its first token.
+    The bundled word-level models answer one word, which the first answer position already is."""
+    from cliviz.inference import answer
+    from cliviz.inputs import is_word_level
+
+    refs = list(references) if references is not None else [None] * len(questions)
+    missing = [i for i, r in enumerate(refs) if r is None or (isinstance(r, str) and not r.strip())]
+    if not missing or is_word_level(tokenizer):
+        return references
+    answers = answer(model, tokenizer, [images[i] for i in missing], [questions[i] for i in missing])
+    for i, ans in zip(missing, answers):
+        ids = [t for t in ans.token_ids if t != tokenizer.eos_token_id]
+        refs[i] = ids or None
+    return refs
 
 
 def suppressed(tokenizer) -> list[int]:

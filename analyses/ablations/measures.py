@@ -59,12 +59,14 @@ def scores_frame(tokenizer, samples: list[Sample], conditions: Sequence[Ablation
                 "kind": "none" if a is None else a.kind,
                 "qtype": qtypes[s] if qtypes is not None else None,
                 "question": questions[s],
-                "reference": " ".join(tokenizer.convert_ids_to_tokens(samples[s].answer or [int(own[s])])),
-                "own_answer": tokenizer.convert_ids_to_tokens(int(own[s])),
-                "answer": tokenizer.convert_ids_to_tokens(res["answer_token"]),
+                "reference": _text(tokenizer, samples[s].answer or [int(own[s])]),
+                "own_answer": _text(tokenizer, [int(own[s])]),
+                "answer": _text(tokenizer, [res["answer_token"]]),
                 "prob": math.exp(res["answer_logprob"]),
                 "logprob_ref": res["logprob_ref"],
                 "logprob_ref_seq": res["logprob_ref_seq"],
+                "logprob_ref_mean": res["logprob_ref_seq"] / samples[s].n_answer,  # per token: free-text answers
+                "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
                 "logprob_own": res["logprob_own"],
                 "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
                 "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
@@ -72,3 +74,15 @@ def scores_frame(tokenizer, samples: list[Sample], conditions: Sequence[Ablation
                 "correct": res["correct"],
             })
     return pd.DataFrame.from_records(records)
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    """Token ids as the reader sees them: words for the bundled word-level models, decoded text for
+    subword ones (ids past the tokenizer's own vocabulary — padded embedding rows — as `<id>`)."""
+    from cliviz.inputs import is_word_level
+
+    if is_word_level(tokenizer):
+        return " ".join(tokenizer.convert_ids_to_tokens([int(t) for t in ids]))
+    known = [int(t) for t in ids if int(t) < len(tokenizer)]
+    text = tokenizer.decode(known, skip_special_tokens=False)
+    return text if len(known) == len(ids) else text + "".join(f"<{int(t)}>" for t in ids if int(t) >= len(tokenizer))
