@@ -27,7 +27,8 @@ def train(
     init_from: Annotated[Optional[Path], Opt("--init-from", help="Start from this model folder: a CLI model (e.g. from `cliviz attach`), a plain LLaVA / LLaVA-OneVision folder or a projector model (CLI is attached first). Default: a tiny model from scratch.")] = None,
     data: Annotated[Optional[Path], Opt("--data", help="LLaVA-format JSON/JSONL (`{id, image, conversations}`), Parquet/Arrow files, or a ShapesVQA folder. Default: generated ShapesVQA scenes.")] = None,
     image_folder: Annotated[Optional[Path], Opt("--image-folder", help="Where the images named in --data live.")] = None,
-    train_what: Annotated[Optional[str], Opt("--train", help="cli | cli+projector | all. Default: all from scratch, cli with --init-from (the base stays bit-identical).")] = None,
+    train_what: Annotated[Optional[str], Opt("--train", help="all, or parts among cli,projector,llm,vision (e.g. cli or projector,llm). Default: all from scratch, cli with --init-from (everything else stays bit-identical), vision for --objective tower.")] = None,
+    objective: Annotated[str, Opt("--objective", help="answers (loss on answer tokens) | tower (stage 1 of the staged recipe: the vision tower alone on image-level scene targets).")] = "answers",
     fusion: Annotated[str, Opt("--fusion", help="cli | projector | shallow | deepstack (from scratch, or attached to a LLaVA/projector --init-from).")] = "cli",
     steps: Annotated[Optional[int], Opt("--steps", help="Optimiser steps (reproducible budget).")] = None,
     minutes: Annotated[Optional[float], Opt("--minutes", help="Wall-clock budget instead of --steps.")] = None,
@@ -50,6 +51,9 @@ def train(
     position_aux: Annotated[bool, Opt("--position-aux/--no-position-aux", help="Patch row/column and object-centre targets in the auxiliary loss.")] = True,
     extra_questions: Annotated[str, Opt("--extra-questions", help='More generated questions per image, "type:count,..." ("" for none).')] = "relation:2,position:1",
     aux_layer: Annotated[int, Opt("--aux-layer", help="Vision hidden_states index of the auxiliary loss (-1: the last layer).")] = -1,
+    smooth_from: Annotated[int, Opt("--smooth-from", help="--objective tower: pull the patch tokens of this vision layer and above toward their mean (the detail bottleneck of CLIP-like last layers).")] = 4,
+    smooth_weight: Annotated[float, Opt("--smooth-weight", min=0.0, help="--objective tower: weight of that pull (0: the image-level objective alone).")] = 1.0,
+    scene_pool: Annotated[Optional[int], Opt("--scene-pool", min=1, help="Generated data: cycle over this many scenes (epochs over a fixed set).")] = None,
     save_dtype: Annotated[Optional[str], Opt("--save-dtype", help="float32 | bfloat16 | float16 for the saved model (default: the dtype the --init-from checkpoint is stored in; float32 from scratch).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -72,7 +76,8 @@ def train(
         raise CLIVizError("give --out FOLDER for the trained model")
     _check_paths(init_from, data, image_folder)
     settings = TrainSettings(
-        fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what,
+        fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what, objective=objective,
+        smooth_from=smooth_from, smooth_weight=smooth_weight, scene_pool=scene_pool,
         data=str(data) if data else None, image_folder=str(image_folder) if image_folder else None,
         max_length=max_length, num_workers=num_workers, data_offset=data_offset, extra_questions=extra_questions,
         seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, alpha_lr=alpha_lr, warmup=warmup,

@@ -158,3 +158,14 @@ def _patch_mode(ids: np.ndarray, patch: int) -> np.ndarray:
     counts[..., 0] = 0
     mode = counts.argmax(-1)
     return np.where(counts.max(-1) > 0, mode, 0).astype(np.int64)
+
+
+def scene_labels(scene: Scene) -> dict[str, np.ndarray]:
+    """Image-level semantic targets, what a CLIP-like tower learns about a whole picture: which shape
+    has each colour (`scene_shape_of_color [len(COLORS)]`, 0 = colour absent, else shape id + 1) and
+    how many objects there are (`scene_count [1]`). Nothing about where things are, how big, or
+    the digit: detail the tower need not keep."""
+    shape_of_color = np.zeros(len(COLORS), dtype=np.int64)
+    for obj in scene.objects:
+        shape_of_color[list(COLORS).index(obj.color)] = SHAPES.index(obj.shape) + 1
+    return {"scene_shape_of_color": shape_of_color, "scene_count": np.array([len(scene.objects)], dtype=np.int64)}

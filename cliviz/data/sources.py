@@ -308,16 +308,22 @@ class ShapesSceneSource(ConversationSource):
     """Generated ShapesVQA scenes `offset, offset + 1, ...` of stream `seed`: the tiny trainer's data.
 
     Row i is scene `offset + i` with every question about it as turns (plus `extra_questions`
-    per type, as `make_batch` adds them) and its per-patch labels in `extra`.
+    per type, as `make_batch` adds them) and its per-patch labels in `extra`. `pool` cycles over
+    that many scenes (epochs over a fixed set, whose frozen vision states a trainer can cache);
+    `scene_labels` adds the image-level targets of a vision tower's semantic pretraining
+    (`cliviz.data.scenes.scene_labels`).
     """
 
     infinite = True
 
     def __init__(self, seed: int, offset: int = 0, extra_questions: dict[str, int] | None = None,
-                 patch: int = 8) -> None:
+                 patch: int = 8, pool: int | None = None, scene_labels: bool = False) -> None:
         self.seed, self.offset, self.extra_questions, self.patch = seed, offset, extra_questions, patch
+        self.pool, self.scene_labels = pool, scene_labels
 
     def raw_rows(self, start: int = 0) -> Iterator[int]:
+        if self.pool:
+            return (self.offset + i % self.pool for i in itertools.count(start))
         return itertools.count(self.offset + start)
 
     def parse(self, raw: int, index: int) -> Conversation:
@@ -333,6 +339,10 @@ class ShapesSceneSource(ConversationSource):
             qas = training_questions(scene, qas, self.extra_questions, np.random.default_rng([self.seed, raw, 1]))
         turns = [turn for qa in qas for turn in (("user", qa.question), ("assistant", qa.answer))]
         extra = {name: grid.reshape(-1) for name, grid in patch_labels(scene, self.patch).items()}
+        if self.scene_labels:
+            from cliviz.data.scenes import scene_labels
+
+            extra |= scene_labels(scene)
         return Conversation(f"{self.seed}-{raw:06d}", scene.image, tuple(turns), extra)
 
 

@@ -11,12 +11,12 @@
 
 from cliviz.train.loop import StepReport, Trainer, settings_from_state, train
 from cliviz.train.records import SUMMARY_FILE, earlier_log_rows, recorded_seed
-from cliviz.train.settings import TRAINABLE, TrainSettings
+from cliviz.train.settings import PARTS, TrainSettings
 from cliviz.train.setup import lr_factor
 from cliviz.train.state import STATE_FILE, SavedState, read_train_state
 from cliviz.train.tiny import VISION_LAYERS, tiny_config
 
 __all__ = [
-    "STATE_FILE", "SUMMARY_FILE", "TRAINABLE", "VISION_LAYERS", "SavedState", "StepReport", "TrainSettings", "Trainer",
+    "PARTS", "STATE_FILE", "SUMMARY_FILE", "VISION_LAYERS", "SavedState", "StepReport", "TrainSettings", "Trainer",
     "earlier_log_rows", "lr_factor", "read_train_state", "recorded_seed", "settings_from_state", "tiny_config", "train",
 ]

@@ -31,7 +31,7 @@ from cliviz.train.records import TrainingLog, earlier_log_rows, write_model_card
 from cliviz.train.settings import TrainSettings
 from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
 from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
-from cliviz.train.tiny import AuxHeads, aux_loss, scene_seed
+from cliviz.train.tiny import AuxHeads, TowerHeads, aux_loss, scene_seed, tower_loss
 
 WINDOW = 50  # steps in the running loss/accuracy the progress bar and log show
 
@@ -48,19 +48,30 @@ class StepReport:
 
 
 class Trainee(nn.Module):
-    """The model plus its training-only auxiliary heads, one module for DDP/FSDP and the optimiser."""
+    """The model plus its training-only heads, one module for DDP/FSDP and the optimiser.
 
-    def __init__(self, model: nn.Module, heads: AuxHeads | None, aux_layer: int) -> None:
+    objective `answers`: the model's logits (and the auxiliary patch loss when `heads` are given);
+    objective `tower`: the vision tower alone with its image-level heads (stage 1 of the staged recipe).
+    """
+
+    def __init__(self, model: nn.Module, heads: AuxHeads | None, aux_layer: int,
+                 tower: TowerHeads | None = None, smooth: tuple[int, float] = (4, 1.0)) -> None:
         super().__init__()
         self.model, self.heads, self.aux_layer = model, heads, aux_layer
+        self.tower, self.smooth = tower, smooth
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.tower is not None:
+            pixels = inputs["pixel_values"].to(self.model.dtype)
+            states = self.model.base.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            loss, accuracy = tower_loss(self.tower, states, inputs, *self.smooth)
+            return {"loss": loss, "accuracy": accuracy}
         images = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
         out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **images)
-        aux = None
+        result = {"logits": out.logits}  # [B, T, V]
         if self.heads is not None and "aux_color" in inputs:
-            aux = aux_loss(self.heads, out.vision_hidden_states[self.aux_layer][:, 1:], inputs)  # CLS dropped
-        return out.logits, aux  # [B, T, V]
+            result["aux"] = aux_loss(self.heads, out.vision_hidden_states[self.aux_layer][:, 1:], inputs)  # CLS dropped
+        return result
 
 
 class Trainer:
@@ -81,10 +92,14 @@ class Trainer:
         self.trained = select_trainable(model, settings.trainable)
         if settings.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        heads = None
-        if settings.data is None and settings.aux_weight > 0 and settings.trainable == "all":
-            heads = AuxHeads(model.config.base_config.vision_config.hidden_size, settings.position_aux)
-        trainee = Trainee(model.train(), heads, settings.aux_layer).to(self.device)
+        vision_hidden = model.config.base_config.vision_config.hidden_size
+        heads = tower = None
+        if settings.objective == "tower":
+            tower = TowerHeads(vision_hidden)
+        elif settings.data is None and settings.aux_weight > 0 and settings.trainable == "all":
+            heads = AuxHeads(vision_hidden, settings.position_aux)
+        trainee = Trainee(model.train(), heads, settings.aux_layer, tower, (settings.smooth_from, settings.smooth_weight))
+        trainee = trainee.to(self.device)
         self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
         self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
         self.step, self.seconds_before, self.resumed_at = settings.start_step, 0.0, []
@@ -117,7 +132,8 @@ class Trainer:
         s = self.settings
         if s.data is None:
             source = ShapesSceneSource(scene_seed(s.seed), offset=s.data_offset,
-                                       extra_questions=parse_extra_questions(s.extra_questions))
+                                       extra_questions=parse_extra_questions(s.extra_questions),
+                                       pool=s.scene_pool, scene_labels=s.objective == "tower")
         else:
             source = open_source(s.data, s.image_folder)
         collator = collator_for_model(self.model.config, self.tokenizer, s.max_length)
@@ -164,16 +180,23 @@ class Trainer:
         """One optimiser step on `batch` (this process's slice of the global batch); its token count."""
         s = self.settings
         set_learning_rates(self.opt, s, progress, self.step - s.start_step)
-        divisor, global_tokens = dist_.token_scale(batch.label_tokens, self.where, self.device)
+        counted = batch.size if s.objective == "tower" else batch.label_tokens  # images for the tower objective
+        divisor, global_tokens = dist_.token_scale(counted, self.where, self.device)
         self.opt.zero_grad(set_to_none=True)
-        if batch.size:
+        if batch.size and s.objective == "tower":  # stage 1: image-level losses (a mean per process)
+            with self._autocast():
+                out = self.trainee(batch.to(self.device).inputs)
+            loss = out["loss"]
+            ce_value, hits, total = float(loss.detach()) * batch.size, float(out["accuracy"]) * batch.size, float(batch.size)
+            loss = loss * batch.size / divisor
+        elif batch.size:
             inputs = batch.to(self.device).inputs
             with self._autocast():
-                logits, aux = self.trainee(inputs)
-            logits, labels = logits[:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
+                out = self.trainee(inputs)
+            logits, labels = out["logits"][:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                  reduction="sum")
-            loss = ce / divisor + (s.aux_weight * aux if aux is not None else 0.0)
+            loss = ce / divisor + (s.aux_weight * out["aux"] if "aux" in out else 0.0)
             with torch.no_grad():
                 answer = (labels != IGNORE) & (labels != self.tokenizer.eos_token_id)
                 hits, total = float((logits.argmax(-1)[answer] == labels[answer]).sum()), float(answer.sum())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-TRAINABLE = ("cli", "cli+projector", "all")
+PARTS = ("cli", "projector", "llm", "vision")  # `train` is "all" or a comma list of these ("cli+projector" also reads)
+OBJECTIVES = ("answers", "tower")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 
 
@@ -19,7 +20,8 @@ class TrainSettings:
     # what is trained
     fusion: str = "cli"  # the architecture from scratch; with a projector/LLaVA `init_from`, the fusion attached to it
     init_from: str | None = None  # a model folder to start from (None: a tiny model from scratch)
-    train: str | None = None  # cli | cli+projector | all; None: `all` from scratch (and for --start-step), else `cli`
+    train: str | None = None  # all, or parts "cli,projector,llm,vision"; None: all from scratch (and --start-step), else cli
+    objective: str = "answers"  # answers: loss on the answer tokens; tower: stage-1 semantic pretraining of the vision tower
     # data
     data: str | None = None  # None: generated ShapesVQA scenes; else a LLaVA JSON/JSONL, Parquet/Arrow, or ShapesVQA folder
     image_folder: str | None = None  # where the images a LLaVA-format file names live
@@ -28,6 +30,7 @@ class TrainSettings:
     shuffle_window: int = 1024  # rows shuffled together (streamed data)
     data_offset: int = 0  # first scene index of generated data, so that a continuation sees new scenes
     extra_questions: str = "relation:2,position:1"  # more generated questions per image, "type:count,..."
+    scene_pool: int | None = None  # generated data: cycle over this many scenes (epochs; frozen vision states cached)
     # schedule
     seed: int = 0
     steps: int | None = None
@@ -43,6 +46,8 @@ class TrainSettings:
     aux_weight: float = 0.5
     position_aux: bool = True  # row/column/object-centre targets in the auxiliary loss
     aux_layer: int = -1  # vision hidden_states index the auxiliary loss supervises (-1: the last layer)
+    smooth_from: int = 4  # tower objective: patch tokens of this vision layer and above pulled toward their mean
+    smooth_weight: float = 1.0
     # execution
     dtype: str = "auto"  # weights of the frozen base (auto: bf16 on a GPU, fp32 on CPU); trained ones stay fp32
     gradient_checkpointing: bool = False
@@ -54,6 +59,8 @@ class TrainSettings:
     def trainable(self) -> str:
         if self.train is not None:
             return self.train
+        if self.objective == "tower":
+            return "vision"
         return "all" if self.init_from is None or self.start_step else "cli"
 
     def to_dict(self) -> dict:
@@ -71,8 +78,12 @@ class TrainSettings:
             raise ValueError("give exactly one of steps or minutes")
         if (self.steps is not None and self.steps <= 0) or (self.minutes is not None and self.minutes <= 0):
             raise ValueError("steps/minutes must be positive")
-        if self.train is not None and self.train not in TRAINABLE:
-            raise ValueError(f"unknown train choice {self.train!r}; choose one of {', '.join(TRAINABLE)}")
+        if self.train is not None:
+            parts_of(self.train)  # raises on an unknown part
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.scene_pool is not None and self.scene_pool < 1:
+            raise ValueError("scene_pool must be at least 1")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"unknown distributed mode {self.distributed!r}; choose one of {', '.join(DISTRIBUTED)}")
         if self.start_step and (self.steps is None or self.start_step >= self.steps or self.init_from is None):
@@ -86,3 +97,14 @@ class TrainSettings:
             raise ValueError("lr must be positive, alpha_lr and num_workers not negative")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError("max_length must be at least 8 tokens")
+
+
+def parts_of(train: str) -> set[str]:
+    """`"all"` or a comma/plus list of PARTS -> the set of parts; ValueError naming an unknown one."""
+    if train == "all":
+        return set(PARTS)
+    parts = {p.strip() for p in train.replace("+", ",").split(",") if p.strip()}
+    unknown = sorted(parts - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"unknown train choice {train!r}; give all, or parts among {', '.join(PARTS)} (e.g. cli,projector)")
+    return parts

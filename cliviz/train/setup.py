@@ -7,9 +7,10 @@ Starting points (`TrainSettings.init_from`):
   attached first — identical to its base at init — and then trained, as the paper trains CLI's
   modules on top of a pretrained LLaVA.
 
-Trainable parts (`TrainSettings.trainable`): `cli` = AMP's LoRAs, the read's keys/values and the
-AGF layers (gates, reads, injections); `cli+projector` adds the LLaVA projector; `all` is every
-weight. Everything else is frozen (`requires_grad=False`), so its weights stay bit-identical.
+Trainable parts (`TrainSettings.trainable`, `all` or a comma list): `cli` = AMP's LoRAs, the read's
+keys/values and the AGF layers (gates, reads, injections); `projector` = the LLaVA projector (and
+OneVision's newline embedding); `llm` = the language model and its head; `vision` = the vision
+tower. Everything else is frozen (`requires_grad=False`), so its weights stay bit-identical.
 
 `alpha` (the `tanh(alpha)` that opens each injection) gets its own parameter group: at init it is
 0, so the injection adds nothing and no other CLI weight has a gradient — only alpha does (about
@@ -32,8 +33,12 @@ from cliviz.errors import CLIVizError
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.train.settings import TrainSettings
 
-CLI_PREFIXES = ("amp.", "read_kv.", "agf.")
-PROJECTOR_PREFIX = "base.model.multi_modal_projector."
+PART_PREFIXES = {
+    "cli": ("amp.", "read_kv.", "agf."),
+    "projector": ("base.model.multi_modal_projector.", "base.model.image_newline"),
+    "llm": ("base.model.language_model.", "base.lm_head."),
+    "vision": ("base.model.vision_tower.",),
+}
 
 
 def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForConditionalGeneration, object]:
@@ -104,12 +109,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def select_trainable(model: nn.Module, policy: str) -> list[str]:
     """Freeze everything outside `policy` and cast what trains to float32 (master weights); the names
     of the trained parameters. Raises CLIVizError when the policy finds nothing to train."""
+    from cliviz.train.settings import parts_of
+
+    prefixes = tuple(p for part in parts_of(policy) for p in PART_PREFIXES[part])
     names = []
     for name, param in model.named_parameters():
-        if policy == "all":
-            train = True
-        else:
-            train = name.startswith(CLI_PREFIXES) or (policy == "cli+projector" and name.startswith(PROJECTOR_PREFIX))
+        train = policy == "all" or name.startswith(prefixes)
         param.requires_grad_(train)
         if train:
             names.append(name)

@@ -80,3 +80,40 @@ def aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor
         logits = getattr(heads, name)(hidden)  # [B, N, bins + 1]
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
     return loss
+
+
+class TowerHeads(nn.Module):
+    """Stage 1 of the staged recipe: image-level heads on the mean-pooled last vision layer (which
+    shape each colour has, the object count), as a CLIP-like tower learns whole-picture semantics."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.shape_of_color = nn.Linear(hidden, len(COLORS) * (len(SHAPES) + 1))
+        self.count = nn.Linear(hidden, 5)  # 0..4 objects
+
+
+def tower_loss(heads: TowerHeads, states: tuple[torch.Tensor, ...], batch: dict, smooth_from: int,
+               smooth_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-level cross-entropies on the last layer's mean patch token, plus `smooth_weight` times
+    the spread of patch tokens around their mean in every layer from `smooth_from` on.
+
+    The spread term is the tiny tower's stand-in for what contrastive pretraining does to a real
+    CLIP's last layers: their patch tokens collapse toward a global summary and lose local detail
+    (where things are, small print) — the bottleneck that CLI's access to shallow layers removes.
+    It is measured relative to the tokens' own size, so the tower cannot shrink it by scaling.
+    Returns the loss and the accuracy of the shape named for each colour present (what stage 1
+    must learn before the tower is frozen).
+    """
+    pooled = states[-1][:, 1:].mean(1)  # [B, Dv], CLS dropped
+    n_colors, n_classes = len(COLORS), len(SHAPES) + 1
+    logits = heads.shape_of_color(pooled).view(-1, n_colors, n_classes)  # [B, colours, classes]
+    target = batch["aux_scene_shape_of_color"]  # [B, colours]
+    loss = F.cross_entropy(logits.reshape(-1, n_classes), target.reshape(-1))
+    present = target > 0
+    accuracy = (logits.argmax(-1)[present] == target[present]).float().mean()
+    loss = loss + F.cross_entropy(heads.count(pooled), batch["aux_scene_count"].reshape(-1))
+    for layer in range(smooth_from, len(states)):
+        tokens = states[layer][:, 1:]  # [B, N, Dv]
+        spread = (tokens - tokens.mean(1, keepdim=True)).pow(2).sum(-1).mean()
+        loss = loss + smooth_weight * spread / tokens.pow(2).sum(-1).mean().clamp_min(1e-6)
+    return loss, accuracy
