@@ -54,6 +54,7 @@ def train(
     smooth_from: Annotated[int, Opt("--smooth-from", help="--objective tower: pull the patch tokens of this vision layer and above toward their mean (the detail bottleneck of CLIP-like last layers).")] = 4,
     smooth_weight: Annotated[float, Opt("--smooth-weight", min=0.0, help="--objective tower: weight of that pull (0: the image-level objective alone).")] = 1.0,
     scene_pool: Annotated[Optional[int], Opt("--scene-pool", min=1, help="Generated data: cycle over this many scenes (epochs over a fixed set).")] = None,
+    cache_vision: Annotated[bool, Opt("--cache-vision", help="Keep the frozen vision tower's states per sample (computed once; LLaVA, vision not trained).")] = False,
     save_dtype: Annotated[Optional[str], Opt("--save-dtype", help="float32 | bfloat16 | float16 for the saved model (default: the dtype the --init-from checkpoint is stored in; float32 from scratch).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -77,7 +78,7 @@ def train(
     _check_paths(init_from, data, image_folder)
     settings = TrainSettings(
         fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what, objective=objective,
-        smooth_from=smooth_from, smooth_weight=smooth_weight, scene_pool=scene_pool,
+        smooth_from=smooth_from, smooth_weight=smooth_weight, scene_pool=scene_pool, cache_vision=cache_vision,
         data=str(data) if data else None, image_folder=str(image_folder) if image_folder else None,
         max_length=max_length, num_workers=num_workers, data_offset=data_offset, extra_questions=extra_questions,
         seed=seed, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, alpha_lr=alpha_lr, warmup=warmup,

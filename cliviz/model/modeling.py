@@ -219,6 +219,20 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    def image_outputs_from_states(self, states: tuple[torch.Tensor, ...]):
+        """What `encode_images` returns, from the tower's hidden states of the images (LLaVA only):
+        the same projector on the same layer, without running the tower again."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if self.is_onevision:
+            raise ValueError("cached vision states are supported for LLaVA (one crop per image) only")
+        base_cfg = self.config.base_config
+        selected = states[base_cfg.vision_feature_layer]  # [B, N(+1), Dv]
+        if base_cfg.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        features = self.base.model.multi_modal_projector(selected)  # [B, N, D]
+        return BaseModelOutputWithPooling(last_hidden_state=states[-1], pooler_output=list(features), hidden_states=states)
+
     def vision_memory(self, image_outputs: Any, image_sizes: torch.Tensor | None = None,
                       batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """AMP over the selected vision layers: memory `[B, K, N, D]` and its mask `[B, N]` (None: no padding).
@@ -296,17 +310,20 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         vision_memory: torch.Tensor | None = None,
         vision_memory_mask: torch.Tensor | None = None,
         vision_kv: VisionKeysValues | None = None,
+        vision_states: tuple[torch.Tensor, ...] | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CLIOutput:
         """LLaVA's forward with the injections. The visual memory comes, in order of precedence,
-        from `pixel_values` (prefill), from a given `vision_memory` (attributions substitute it),
-        or from `vision_kv`, the keys and values an earlier step computed (decode)."""
-        mm_outputs = vision_states = None
+        from `pixel_values` or from the vision tower's `vision_states` of those pixels (a trainer
+        with a frozen tower caches them), from a given `vision_memory` (attributions substitute
+        it), or from `vision_kv`, the keys and values an earlier step computed (decode)."""
+        mm_outputs = None
         image_embeds = image_mask = None
-        if pixel_values is not None:
-            image_outputs = self.encode_images(pixel_values, image_sizes)
+        if pixel_values is not None or vision_states is not None:
+            image_outputs = (self.encode_images(pixel_values, image_sizes) if pixel_values is not None
+                             else self.image_outputs_from_states(vision_states))
             mm_outputs = {"image": image_outputs}
             vision_states = image_outputs.hidden_states
             if self.amp is not None:

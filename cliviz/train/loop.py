@@ -32,6 +32,7 @@ from cliviz.train.settings import TrainSettings
 from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
 from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
 from cliviz.train.tiny import AuxHeads, TowerHeads, aux_loss, scene_seed, tower_loss
+from cliviz.train.vision_cache import VisionCache
 
 WINDOW = 50  # steps in the running loss/accuracy the progress bar and log show
 
@@ -66,7 +67,7 @@ class Trainee(nn.Module):
             states = self.model.base.model.vision_tower(pixels, output_hidden_states=True).hidden_states
             loss, accuracy = tower_loss(self.tower, states, inputs, *self.smooth)
             return {"loss": loss, "accuracy": accuracy}
-        images = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+        images = {k: inputs[k] for k in ("pixel_values", "image_sizes", "vision_states") if k in inputs}
         out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **images)
         result = {"logits": out.logits}  # [B, T, V]
         if self.heads is not None and "aux_color" in inputs:
@@ -102,6 +103,7 @@ class Trainer:
         trainee = trainee.to(self.device)
         self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
         self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
+        self.vision_cache = VisionCache(model) if settings.cache_vision else None
         self.step, self.seconds_before, self.resumed_at = settings.start_step, 0.0, []
         self.recent_loss: deque[float] = deque(maxlen=WINDOW)
         self.recent_acc: deque[float] = deque(maxlen=WINDOW)
@@ -190,7 +192,9 @@ class Trainer:
             ce_value, hits, total = float(loss.detach()) * batch.size, float(out["accuracy"]) * batch.size, float(batch.size)
             loss = loss * batch.size / divisor
         elif batch.size:
-            inputs = batch.to(self.device).inputs
+            inputs = dict(batch.to(self.device).inputs)
+            if self.vision_cache is not None:  # a frozen tower: its states, computed once per sample
+                inputs["vision_states"] = self.vision_cache.states(batch.ids, inputs.pop("pixel_values"))
             with self._autocast():
                 out = self.trainee(inputs)
             logits, labels = out["logits"][:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]

@@ -30,7 +30,8 @@ class TrainSettings:
     shuffle_window: int = 1024  # rows shuffled together (streamed data)
     data_offset: int = 0  # first scene index of generated data, so that a continuation sees new scenes
     extra_questions: str = "relation:2,position:1"  # more generated questions per image, "type:count,..."
-    scene_pool: int | None = None  # generated data: cycle over this many scenes (epochs; frozen vision states cached)
+    scene_pool: int | None = None  # generated data: cycle over this many scenes (epochs over a fixed set)
+    cache_vision: bool = False  # keep the frozen tower's states per sample (vision not trained; LLaVA only)
     # schedule
     seed: int = 0
     steps: int | None = None
@@ -82,6 +83,8 @@ class TrainSettings:
             parts_of(self.train)  # raises on an unknown part
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.cache_vision and ("vision" in parts_of(self.trainable) or self.objective != "answers"):
+            raise ValueError("cache_vision needs a frozen vision tower (train without the vision part)")
         if self.scene_pool is not None and self.scene_pool < 1:
             raise ValueError("scene_pool must be at least 1")
         if self.distributed not in DISTRIBUTED:
