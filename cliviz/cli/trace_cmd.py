@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,7 +42,10 @@ def trace_cmd(
         write_trace_html(result, html)
     if as_json:
         payload = result.to_dict()
-        typer.echo(json.dumps({"answer": result.meta.answer, **payload}))
+        check = result.causal
+        causal = None if check is None else {**dataclasses.asdict(check), "matters": check.matters}
+        typer.echo(json.dumps({"answer": result.meta.answer, "causal_check": causal, "map_notes": result.map_notes(),
+                               **payload}))
         return
     console = Console()
     print_trace(result, gate_matrix(result, "answer"), console)

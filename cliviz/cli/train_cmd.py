@@ -10,7 +10,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cliviz.cli.options import DeviceOpt, SeedOpt
 from cliviz.errors import CLIVizError
-from cliviz.model.configuration import FUSIONS
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +47,7 @@ def train(
     """Train a tiny CLI model (or a baseline) from scratch; progress bar shows loss and running accuracy."""
     import torch
 
+    from cliviz.model.configuration import FUSIONS
     from cliviz.runtime import resolve_device
     from cliviz.training import VISION_LAYERS, TrainSettings, parse_extra_questions
 
