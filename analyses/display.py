@@ -75,7 +75,11 @@ def trace_html(trace) -> str:
     if not trace.has_gates:
         body.append(notes_html([map_kind_note(trace.meta.fusion) or "this trace has no gates"]))
         return "<div>" + "".join(body) + "</div>"
-    body.append(figure_html(trace.heatmap()))
+    check = trace.causal
+    body.append(notes_html(trace.map_notes(), warn=check is not None and not check.matters))
+    fig = trace.heatmap()
+    fig.update_layout(title={"subtitle": {"text": ""}}, margin={"t": 50})  # the notes are just above, as text
+    body.append(figure_html(fig))
     return "<div>" + "".join(body) + "</div>"
 
 
