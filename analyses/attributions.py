@@ -556,7 +556,7 @@ class AttributionResult:
         """A title suffix when the shown token(s) are saturated under a log-prob target."""
         saturated = self.saturated_steps()
         if step is None and saturated or step is not None and self._step(step) in saturated:
-            return f" — saturated (p > {SATURATION_P}): noise, use target margin/logit"
+            return " — saturated: noise"
         return ""
 
     def cell_heatmap_figure(self, step: int | None = 0) -> go.Figure:
@@ -567,9 +567,9 @@ class AttributionResult:
             m, what = self.gate_cells.sum(axis=0), "all answer tokens"
         else:
             s = self._step(step)
-            m, what = self.gate_cells[s], f"answer token {s} ({self.answer_tokens[s]!r})"
+            m, what = self.gate_cells[s], f"answer token {s} {self.answer_tokens[s]!r}"
         zmax = _abs_max(m)
-        title = f"gate cells ({self.method}, {self.target}), {what}" + self._noise_tag(step)
+        title = f"gate cells, {what} ({self.method}, {self.target})" + self._noise_tag(step)
         fig = heatmap_figure(m, self.vision_layers, self.injection_layers, title=title, colorscale=DIVERGING,
                              zmid=0.0, zmin=-zmax, zmax=zmax, colorbar_title=scale_title(self.method, zmax))
         fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>attribution %{z:.3g}<extra></extra>")
@@ -597,13 +597,13 @@ class AttributionResult:
         fig.add_trace(go.Heatmap(
             z=grid, x=(np.arange(cols) + 0.5) * cw, y=(np.arange(rows) + 0.5) * ch,
             colorscale=overlay_colorscale(max_alpha), zmid=0, zmin=-zmax, zmax=zmax,
-            colorbar={"title": {"text": scale_title("gxi", zmax), "side": "right"}, "thickness": 14},
+            colorbar={"title": {"text": scale_title(f"gxi, {self.target}", zmax), "side": "right"}, "thickness": 14},
             customdata=np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1),
             hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3g}<extra></extra>"))
         fig.update_xaxes(visible=False, range=[0, display_size])
         fig.update_yaxes(visible=False, range=[display_size, 0], scaleanchor="x")
         fig.update_layout(template="simple_white", width=display_size + 180, height=display_size + 80,
-                          title=f"patches -> {self.answer_tokens[s]!r} ({what}, {self.target})" + self._noise_tag(s),
+                          title=f"patches -> {self.answer_tokens[s]!r}, {what}" + self._noise_tag(s),
                           margin={"l": 10, "r": 40, "t": 40, "b": 10})
         return fig
 

@@ -158,7 +158,8 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
                          title=f"{trace.meta.question}  ->  {trace.meta.answer}")
     with_notes(fig, trace.map_notes())
     fig.update_layout(
-        updatemenus=[{
+        title={"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 12}},  # title and notes on top,
+        updatemenus=[{  # then the dropdown right above the plot
             "buttons": [{"label": label, "method": "restyle", "args": [{"z": [m.tolist()]}]} for (label, _), m in zip(options, mats)],
             "direction": "down", "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom", "pad": {"b": 6},
         }],

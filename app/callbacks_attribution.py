@@ -57,8 +57,8 @@ def attribution_figures(backend: Backend, store: dict | None, target: str | None
         compact_images(fig)
     for fig in [*cells, cells_all]:
         fig.update_layout(height=320, margin={"l": 60, "r": 20, "t": 40, "b": 50}, title={"font": {"size": 13}})
-    for fig in overlays:
-        fig.update_layout(title={"font": {"size": 13}})
+    for fig in overlays:  # fill the panel instead of a fixed width the panel would clip (the colour bar's title)
+        fig.update_layout(title={"font": {"size": 13}}, width=None, autosize=True, margin={"r": 60})
     words = [str(w) for w in result.answer_tokens]
     return {"overlay": overlays, "cells": cells, "cells_all": cells_all, "tokens": tokens, "words": words,
             "method": f"{METHOD_NAMES[METHOD]} ({METHOD}), target {target}", "question": trace.meta.question,

@@ -152,8 +152,8 @@ def map_notes(trace) -> html.Div:
     for note in trace.map_notes():
         is_check = note.startswith("injection off")
         quiet = is_check and check is not None and not check.matters
-        items.append(html.Div(note, className="map-note" + (" quiet" if quiet else ""),
-                              id="causal-check" if is_check else None))
+        extra = {"id": "causal-check"} if is_check else {}
+        items.append(html.Div(note, className="map-note" + (" quiet" if quiet else ""), **extra))
     return html.Div(items, id="map-notes", className="map-notes",
                     **{"data-matters": "unknown" if check is None else ("yes" if check.matters else "no")})
 
