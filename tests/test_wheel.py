@@ -19,7 +19,8 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     wheel = next(tmp_path.glob("cliviz-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("cliviz/analyses/heatmaps.py", "cliviz/app/__init__.py", "cliviz/assets/models/cli-tiny/model.safetensors",
-                     "cliviz/assets/examples/color.png", "cliviz/tracing/record.py"):
+                     "cliviz/assets/examples/color.png", "cliviz/tracing/record.py", "cliviz/py.typed",
+                     "cliviz/assets/models/llava-tiny-base/preprocessor_config.json"):
         assert expected in names, expected
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -32,7 +33,8 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     with open(os.path.join(target, "_deps.pth"), "w") as f:
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    where = subprocess.run([str(py), "-c", "import cliviz, cliviz.analyses, cliviz.app; print(cliviz.__file__)"],
+    where = subprocess.run([str(py), "-c", "import cliviz, cliviz.analyses, cliviz.app; cliviz.load_model; cliviz.ablate; "
+                                           "print(cliviz.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip().startswith(str(venv)), where.stdout
