@@ -122,6 +122,8 @@ def test_command_line_shows_the_check_everywhere(random_model_dir, tmp_path):
     assert set(check) == {"answer_off", "changed", "delta_logprob", "matters"}
     assert out["meta"]["injection_off_delta_logprob"] == check["delta_logprob"]
     assert out["map_notes"][-1].startswith("injection off (all layers)")
+    skipped = json.loads(run_cli(*args, "--json", "--no-causal-check").stdout)
+    assert skipped["causal_check"] is None and "not recorded" in skipped["map_notes"][-1]
     page = tmp_path / "t.html"
     proc = run_cli(*args, "--html", str(page), "--out", str(tmp_path / "t.parquet"))
     assert proc.returncode == 0, proc.stderr

@@ -24,6 +24,9 @@ def trace_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=64)] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
+    causal_check: Annotated[bool, typer.Option(
+        "--causal-check/--no-causal-check",
+        help="Also measure the effect of switching the injection off for this question (one batched engine call).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
@@ -33,7 +36,7 @@ def trace_cmd(
     from cliviz.tracing.traceset import TraceSet
 
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
-    result = trace(net, tok, img, q, max_new_tokens=max_new_tokens)
+    result = trace(net, tok, img, q, max_new_tokens=max_new_tokens, causal_check=causal_check)
     if out is not None:
         TraceSet.append(out, [result])
     if html is not None:
