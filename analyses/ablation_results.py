@@ -137,8 +137,9 @@ class KnockoutGrid:
         return head + figure_html(self.heatmap()) + "<div style='font-size:12px'>numbers: <code>.frame</code></div>"
 
 
-def knockout(model, tokenizer, images: Sequence, questions: Sequence[str], references: Sequence[str | None] | None = None,
-             *, qtypes: Sequence[str | None] | None = None, **options: Any) -> KnockoutGrid:
+def knockout(model, tokenizer, images: Sequence, questions: Sequence[str],
+             references: Sequence[str | None] | None = None, *, qtypes: Sequence[str | None] | None = None,
+             **options: Any) -> KnockoutGrid:
     """`knockout_grid` (every cell, batched) wrapped as a displayable `KnockoutGrid`. Example::
 
         from cliviz import knockout, load_image, load_model

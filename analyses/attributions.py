@@ -55,8 +55,8 @@ Patches and prompt tokens use gradient x input for both methods; `method` picks 
 method. Names, the same in the command line, the README, the dashboard and `description()`:
 `ig` = "integrated gradients", `gxi` = "gradient × input". Colour scales are symmetric around 0
 with their absolute range written in the colour-bar title (`±2.3e-07`), so a map of noise never
-looks like a strong signal without saying how small it is. A `projector` model has no gates and no injection: `attribute` refuses it with a
-`CLIVizError`.
+looks like a strong signal without saying how small it is. A `projector` model has no gates and no
+injection: `attribute` refuses it with a `CLIVizError`.
 
 **Stored in the trace file** (`AttributionResult.to_trace()` -> `Trace.attributions`, float32):
 `gate_cells [n_answer, L, K]`, `patches [n_answer, K, N]`, `prompt_scores [n_answer, P]`,
@@ -421,7 +421,8 @@ class AttributionResult:
             "gate_cells": self.gate_cells, "patches": self.patches, "prompt_scores": self.prompt_scores,
             "completeness_error": self.completeness_error, "image_token_scores": self.image_token_scores,
             "gate_token_scores": self.gate_token_scores, "target_value": self.target_value,
-            "baseline_value": self.baseline_value, "runner_up_ids": runner, "attribution_settings": np.asarray(settings),
+            "baseline_value": self.baseline_value, "runner_up_ids": runner,
+            "attribution_settings": np.asarray(settings),
         }
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
@@ -527,7 +528,8 @@ class AttributionResult:
         totals = self.totals()
         labels = [f"{s}: {t}" for s, t in enumerate(self.answer_tokens)]
         fig = make_subplots(rows=2, cols=1, row_heights=[0.25, 0.75], vertical_spacing=0.18,
-                            subplot_titles=(f"answer tokens: total gate-cell attribution ({self.method}, {self.target})",
+                            subplot_titles=(f"answer tokens: total gate-cell attribution "
+                                            f"({self.method}, {self.target})",
                                             f"prompt tokens: gradient × input (gxi) of the {self.target}"))
         tmax = _abs_max(totals)
         fig.add_trace(go.Heatmap(

@@ -443,7 +443,8 @@ def traceset_heatmap_figure(traces: TracesLike, select: str = "answer", by: str 
                              title=f"mean gates at {select} positions, {len(np.unique(rows.trace))} traces")
     else:
         fig = grouped_heatmap_figure(grouped_gate_matrices(rows, select, by), rows.vision_layers, rows.injection_layers,
-                                     counts=group_counts(rows, select, by), title=f"mean gates at {select} positions, by {by}")
+                                     counts=group_counts(rows, select, by),
+                                     title=f"mean gates at {select} positions, by {by}")
     return with_notes(fig, traceset_notes(ts))
 
 

@@ -42,7 +42,8 @@ def ask(backend: Backend, question: str | None, image: dict | None) -> tuple[Any
         result = backend.ask(picture, question or "")
     except CLIVizError as err:
         return no_update, no_update, no_update, error_line(str(err))
-    return {"trace": result.to_dict(), "image": image, "world_warning": backend.world_warning(picture)}, ALL_TOKENS, None, ""
+    store = {"trace": result.to_dict(), "image": image, "world_warning": backend.world_warning(picture)}
+    return store, ALL_TOKENS, None, ""
 
 
 # ---------------------------------------------------------------------------------- answer strip

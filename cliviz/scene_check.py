@@ -38,7 +38,8 @@ def scene_mismatch(image: Image.Image) -> str | None:
         return f"it is {image.width}x{image.height} px, not {IMAGE_SIZE}x{IMAGE_SIZE}"
     share = background_share(image)
     if share < MIN_BACKGROUND_SHARE:
-        return f"only {share:.0%} of it is the scenes' dark background (a scene has at least {MIN_BACKGROUND_SHARE:.0%})"
+        return (f"only {share:.0%} of it is the scenes' dark background "
+                f"(a scene has at least {MIN_BACKGROUND_SHARE:.0%})")
     return None
 
 

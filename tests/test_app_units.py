@@ -134,7 +134,8 @@ def test_static_maps_say_what_they_are_next_to_the_heatmap():
     fig, caption, _ = callbacks_explore.render_heatmap(json.loads(json.dumps(store)), ALL_TOKENS, None)
     text = json.dumps([c.to_plotly_json() for c in caption], default=str, ensure_ascii=False)
     assert fig.data[0].z.shape == (len(model.config.injection_layers), 1)  # the 3 x 1 map of ones ...
-    assert map_kind_note("deepstack", model.config.injection_layers, model.config.vision_layers) in text  # ... explained
+    note = map_kind_note("deepstack", model.config.injection_layers, model.config.vision_layers)
+    assert note in text  # ... explained
     assert "injection off (all layers)" in text and "causal-check" in text
 
 

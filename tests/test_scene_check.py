@@ -21,7 +21,8 @@ def photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([120 + 100 * np.sin(xx / 13.0), 140 + 80 * np.cos(yy / 17.0), 90 + 60 * np.sin((xx + yy) / 23.0)], -1)
+    base = np.stack([120 + 100 * np.sin(xx / 13.0), 140 + 80 * np.cos(yy / 17.0),
+                     90 + 60 * np.sin((xx + yy) / 23.0)], -1)
     return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
 
 

@@ -334,7 +334,8 @@ def _as_schema_1(src: Path, dst: Path) -> None:
     pq.write_table(table.replace_schema_metadata(md), dst)
 
 
-def test_schema_1_files_read_without_causal_check_and_upgrade_on_append(tmp_path: Path, rng: np.random.Generator) -> None:
+def test_schema_1_files_read_without_causal_check_and_upgrade_on_append(tmp_path: Path,
+                                                                        rng: np.random.Generator) -> None:
     old_trace = make_trace(rng)
     _as_schema_1(write_traces(tmp_path / "new.parquet", [old_trace]), tmp_path / "old.parquet")
     back = TraceSet.read(tmp_path / "old.parquet")[0]

@@ -33,8 +33,8 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     with open(os.path.join(target, "_deps.pth"), "w") as f:
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    where = subprocess.run([str(py), "-c", "import cliviz, cliviz.analyses, cliviz.app; cliviz.load_model; cliviz.ablate; "
-                                           "print(cliviz.__file__)"],
+    where = subprocess.run([str(py), "-c", "import cliviz, cliviz.analyses, cliviz.app; cliviz.load_model; "
+                                           "cliviz.ablate; print(cliviz.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip().startswith(str(venv)), where.stdout

@@ -78,7 +78,8 @@ def print_attribution(result, console: Console) -> None:
         for line in rest:
             console.print(Text(f"  {line}"))
     else:
-        console.print("[dim]gradient × input (gxi) has no completeness property; use --method ig for an exact accounting[/]")
+        console.print("[dim]gradient × input (gxi) has no completeness property; "
+                      "use --method ig for an exact accounting[/]")
 
 
 def attribute_cmd(

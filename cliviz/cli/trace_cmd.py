@@ -26,7 +26,8 @@ def trace_cmd(
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
     causal_check: Annotated[bool, typer.Option(
         "--causal-check/--no-causal-check",
-        help="Also measure the effect of switching the injection off for this question (one batched engine call).")] = True,
+        help="Also measure the effect of switching the injection off for this question "
+             "(one batched engine call).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""

@@ -35,7 +35,8 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' -%}{{- ' ' + message['content'] + ' ' + eos_token + ' ' -}}"
     "{%- elif message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image> ' -}}{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image> ' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endfor -%}"
 )

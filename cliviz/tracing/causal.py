@@ -20,7 +20,6 @@ is (`shallow`: fixed one-to-one wiring; `deepstack`: ungated, all ones by constr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,5 +77,5 @@ def causal_checks(model, tokenizer, images: Sequence, questions: Sequence[str]) 
     off = frame[frame["condition"] == "injection off"].sort_values("sample")
     eos = tokenizer.eos_token
     return [CausalCheck(answer_off="" if row.answer == eos else str(row.answer), changed=bool(row.flipped),
-                        delta_logprob=float(row.delta_logprob_own) if math.isfinite(row.delta_logprob_own) else float("nan"))
+                        delta_logprob=float(row.delta_logprob_own))
             for row in off.itertuples()]

@@ -89,7 +89,8 @@ class Trace:
         m = self.meta
         if m.injection_off_changed is None or m.injection_off_delta_logprob is None:
             return None
-        return CausalCheck(m.injection_off_answer or "", bool(m.injection_off_changed), float(m.injection_off_delta_logprob))
+        return CausalCheck(m.injection_off_answer or "", bool(m.injection_off_changed),
+                           float(m.injection_off_delta_logprob))
 
     def map_notes(self) -> list[str]:
         """What to print beside this trace's gate map: the fusion's kind of map and the causal check."""
