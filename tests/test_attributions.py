@@ -162,7 +162,7 @@ def test_colour_scales_state_their_range(cli_ig):
     top = float(np.abs(cli_ig.gate_cells[0]).max())
     assert cells.zmax == pytest.approx(top) and f"±{top:.2g}" in cells.colorbar.title.text
     overlay = cli_ig.patch_overlay_figure(image, 0).data[1]
-    assert overlay.colorbar.title.text.startswith("gxi<br>±") and overlay.colorbar.title.side == "right"
+    assert overlay.colorbar.title.text.startswith("gxi, logprob<br>±") and overlay.colorbar.title.side == "right"
     strip = cli_ig.token_strip_figure()
     assert all("±" in trace.colorbar.title.text for trace in strip.data)
 
