@@ -1,8 +1,17 @@
 """Token-level attributions: which gate cells, image patches and prompt tokens made each answer token.
 
-**The question.** For every answer token s the target is its log-probability given its prefix,
-`f_s = log p(answer_s | image, prompt, answer_<s)`, teacher-forced on the model's own greedy answer
-(or on an answer you give). Attributions split `f_s` over three kinds of input:
+**The question.** For every answer token s a target `f_s` is computed teacher-forced on the model's
+own greedy answer (or on an answer you give); attributions split `f_s` over three kinds of input.
+Three targets (`target=`):
+
+- `logprob` (default): `f_s = log p(answer_s | image, prompt, answer_<s)`. When the model is sure
+  (p close to 1) the log-prob is flat — `log p ≈ -(1 - p)` — so every gradient, and every map, is
+  tiny (1e-7 and below on the bundled model): numerical noise, not signal. `warnings()` says so for
+  any answer token with p > `SATURATION_P` (0.99) and suggests the other two targets;
+- `logit`: the answer token's pre-softmax logit (does not saturate);
+- `margin`: the answer token's logit minus the logit of its runner-up, the best other token at the
+  real input (never a suppressed token such as padding); the runner-up is kept fixed along the
+  integration path so that `f_s` is smooth. "How much more does the model prefer its answer".
 
 1. **Gate cells** (LLM layer i, vision layer k). The gate outputs of all injection layers,
    `G [L, T, K]` (every token position), are treated as *the input*: forward hooks on the gate
@@ -20,9 +29,11 @@
 
    **Completeness** (the property that makes IG an accounting, not a picture): the IG attributions
    of one answer token sum to `f_s(G_actual) - f_s(G')`, up to the error of the integration rule.
-   `completeness_error[s] = |sum IG_s - (f_s(G) - f_s(G'))| / max(|f_s(G) - f_s(G')|, 1e-3)` — a
-   relative error, floored at 1e-3 nats so that a negligible total does not inflate it. It is
-   reported for `ig` (NaN for `gxi`, which has no such property). Note that with the `uniform`
+   `completeness_error[s] = |sum IG_s - (f_s(G) - f_s(G'))| / max(|f_s(G) - f_s(G')|, REL_FLOOR)`,
+   `REL_FLOOR = 1e-3` (in the target's units). When `|f(G) - f(G')|` is below the floor the ratio is
+   divided by the floor and only bounds the absolute error: the total being split is itself
+   negligible, and `completeness_lines()` says so instead of printing a reassuring percentage. It
+   is reported for `ig` (NaN for `gxi`, which has no such property). Note that with the `uniform`
    baseline a vision layer whose gate is zero still gets credit (moving its gate from 1/K to 0
    changed the output); with `injection_off` and with `gxi` it gets exactly zero.
 
@@ -41,29 +52,31 @@
    `prompt_positions`. A position after the target (a later answer token) scores exactly 0.
 
 Patches and prompt tokens use gradient x input for both methods; `method` picks the gate-cell
-method. Scale: when the model is sure of a token (p close to 1) its log-prob is flat, so gradients —
-and every gradient x input map — are tiny (1e-7 and below on the bundled model); the *pattern*
-(which cells, which patches, their share of the absolute mass) is what to read, not the size.
-IG sums to the finite difference f(G) - f(G') whatever the gradient at G. A `projector` model has no gates and no injection: `attribute` refuses it with a
-`CLIVizError`.
+method. Names, the same in the command line, the README, the dashboard and `description()`:
+`ig` = "integrated gradients", `gxi` = "gradient × input". Colour scales are symmetric around 0
+with their absolute range written in the colour-bar title (`±2.3e-07`), so a map of noise never
+looks like a strong signal without saying how small it is. A `projector` model has no gates and no
+injection: `attribute` refuses it with a `CLIVizError`.
 
 **Stored in the trace file** (`AttributionResult.to_trace()` -> `Trace.attributions`, float32):
 `gate_cells [n_answer, L, K]`, `patches [n_answer, K, N]`, `prompt_scores [n_answer, P]`,
 `completeness_error [n_answer]`, `image_token_scores [n_answer, n_image_tokens]`,
-`gate_token_scores [n_answer, n_tokens]`, `target_logprob [n_answer]` (f at the real gates),
-`baseline_logprob [n_answer]` (f at the baseline gates), and
-`attribution_settings = [method (0 gxi, 1 ig), steps, baseline (0 uniform, 1 injection_off),
-grid rows, grid cols]`. `AttributionResult.from_trace(trace)` rebuilds the result from them.
+`gate_token_scores [n_answer, n_tokens]`, `target_value [n_answer]` (f at the real gates),
+`baseline_value [n_answer]` (f at the baseline gates), `runner_up_ids [n_answer]` (-1 unless
+`target="margin"`), and `attribution_settings = [method (0 gxi, 1 ig), steps, baseline (0 uniform,
+1 injection_off), grid rows, grid cols, target (0 logprob, 1 logit, 2 margin)]`.
+`AttributionResult.from_trace(trace)` rebuilds the result from them (older files, written before the
+targets, hold `target_logprob` / `baseline_logprob` and five settings: read as `target="logprob"`).
 
 Example::
 
-    from cliviz import load_model
-    from cliviz.analyses.attributions import attribute
+    from cliviz import attribute, load_image, load_model
     model, tok = load_model()
-    r = attribute(model, tok, image, "what digit is in the corner ?", method="ig", steps=64)
+    image = load_image("assets/examples/glyph.png")
+    r = attribute(model, tok, image, "what digit is in the corner ?", method="ig", steps=32, target="margin")
     r.gate_cells[0]            # [L, K]: credit of each (LLM layer, vision layer) for answer token 0
-    r.completeness_error       # e.g. [0.002, 0.004]
-    r.combined_grid(0)         # [8, 8] patch map
+    r.completeness_lines()     # sum of attributions vs f(x) - f(baseline), per answer token
+    assert r.combined_grid(0).shape == (8, 8)   # patch map of answer token 0
 """
 
 from __future__ import annotations
@@ -87,11 +100,17 @@ from cliviz.errors import CLIVizError
 from cliviz.tracing.trace import Trace
 
 METHODS = ("ig", "gxi")
+METHOD_NAMES = {"ig": "integrated gradients", "gxi": "gradient × input"}  # the one name of each, everywhere
 _METHOD_CODES = {"gxi": 0, "ig": 1}  # as stored in `attribution_settings`
 BASELINES = ("uniform", "injection_off")
+TARGETS = ("logprob", "logit", "margin")  # stored by their index in `attribution_settings`
+TARGET_NAMES = {"logprob": "log-prob of the answer token", "logit": "logit of the answer token",
+                "margin": "margin: answer-token logit minus runner-up logit"}
 ARRAY_NAMES = ("gate_cells", "patches", "prompt_scores", "completeness_error", "image_token_scores",
-               "gate_token_scores", "target_logprob", "baseline_logprob", "attribution_settings")
-REL_FLOOR = 1e-3  # nats: denominator floor of the relative completeness error
+               "gate_token_scores", "target_value", "baseline_value", "runner_up_ids", "attribution_settings")
+_OLD_NAMES = {"target_value": "target_logprob", "baseline_value": "baseline_logprob"}  # files before targets
+REL_FLOOR = 1e-3  # denominator floor of the relative completeness error, in the target's units
+SATURATION_P = 0.99  # above this probability a log-prob target is flat: its attributions are noise
 MAX_STEPS = 4096
 
 # ===================================================================================== hooks
@@ -166,11 +185,13 @@ class _Runner:
     pixel path for its image-token injection and gets the embeddings swapped in by a hook).
     """
 
-    def __init__(self, model, state: _HookState, images: dict[str, torch.Tensor], answer_positions, answer_ids):
-        self.model, self.state, self.images = model, state, images  # pixel_values (+ OneVision's image_sizes)
+    def __init__(self, model, state: _HookState, images: dict[str, torch.Tensor], answer_positions, answer_ids,
+                 target: str = "logprob"):
+        self.model, self.state, self.images, self.target = model, state, images, target  # pixel_values (+ image_sizes)
         dev = model.device
         self.positions = torch.as_tensor(np.asarray(answer_positions), dtype=torch.long, device=dev)  # [n]
         self.targets = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long, device=dev)  # [n]
+        self.runner_up: torch.Tensor | None = None  # [n] for target="margin", set from the real logits
         self.ids = self.embeds = self.memory = self.memory_mask = None
 
     def record(self, ids: torch.Tensor):
@@ -186,8 +207,9 @@ class _Runner:
         norms = torch.stack([n[0] for n in st.rec_norms]) if st.rec_norms else None  # [L, T]
         return gates, norms, out.logits[0, self.positions].float()  # [n, V]
 
-    def logprobs(self, embeds: torch.Tensor, memory: torch.Tensor | None, gates: torch.Tensor | None) -> torch.Tensor:
-        """Answer-token log-probs `[B, n_answer]`; `gates [B, L, T, K]` replaces the gate outputs (None: live)."""
+    def values(self, embeds: torch.Tensor, memory: torch.Tensor | None, gates: torch.Tensor | None) -> torch.Tensor:
+        """The target `f` of every answer token, `[B, n_answer]`; `gates [B, L, T, K]` replaces the gate
+        outputs (None: live)."""
         b = embeds.shape[0]
         self.state.gates = gates
         mask = torch.ones(b, embeds.shape[1], dtype=torch.long, device=embeds.device)
@@ -204,8 +226,7 @@ class _Runner:
                                  logits_to_keep=self.positions)
         finally:
             self.state.gates = self.state.embeds = None
-        lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, n, V]
-        return lp.gather(-1, self.targets.view(1, -1, 1).expand(b, -1, 1)).squeeze(-1)  # [B, n]
+        return target_values(out.logits.float(), self.targets, self.target, self.runner_up)  # [B, n]
 
     def const(self, b: int):
         """Embeddings and memory repeated `b` times (no grad)."""
@@ -217,9 +238,33 @@ class _Runner:
 
         def f(gates: torch.Tensor) -> torch.Tensor:
             e, m = self.const(gates.shape[0])
-            return self.logprobs(e, m, gates)[:, s]
+            return self.values(e, m, gates)[:, s]
 
         return f
+
+
+def target_values(logits: torch.Tensor, answer_ids: torch.Tensor, target: str,
+                  runner_up: torch.Tensor | None = None) -> torch.Tensor:
+    """`f` for every answer token from `logits [B, n, V]` and `answer_ids [n]`: `[B, n]`."""
+    b = logits.shape[0]
+    index = answer_ids.view(1, -1, 1).expand(b, -1, 1)
+    if target == "logprob":
+        return torch.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
+    chosen = logits.gather(-1, index).squeeze(-1)  # [B, n]
+    if target == "logit":
+        return chosen
+    if runner_up is None:
+        raise ValueError("the margin target needs the runner-up tokens")
+    return chosen - logits.gather(-1, runner_up.view(1, -1, 1).expand(b, -1, 1)).squeeze(-1)
+
+
+def runner_up_ids(logits: torch.Tensor, answer_ids: torch.Tensor, never: list[int]) -> torch.Tensor:
+    """The best other token at each answer position, `[n]`, from the real logits `[n, V]`; tokens
+    generation never emits (`never`: padding, `<bos>`, image placeholders) are not candidates."""
+    masked = logits.clone()
+    masked[:, never] = -torch.inf
+    masked[torch.arange(len(answer_ids)), answer_ids] = -torch.inf
+    return masked.argmax(-1)
 
 
 # ===================================================================================== result
@@ -232,8 +277,9 @@ class AttributionResult:
     Shapes: `gate_cells [n_answer, L, K]`, `patches [n_answer, K, N]` (N = patch_grid[0] *
     patch_grid[1]), `prompt_scores [n_answer, P]` with `prompt_tokens` / `prompt_positions [P]`,
     `completeness_error [n_answer]` (NaN unless `method == "ig"`), `image_token_scores
-    [n_answer, n_image_tokens]`, `gate_token_scores [n_answer, n_tokens]`, `target_logprob` /
-    `baseline_logprob [n_answer]`.
+    [n_answer, n_image_tokens]`, `gate_token_scores [n_answer, n_tokens]`, `target_value` /
+    `baseline_value [n_answer]` (f at the real and at the baseline gates, in the target's units),
+    `runner_up_ids [n_answer]` (margin only). In Jupyter the result shows itself (`_repr_html_`).
     """
 
     trace: Trace
@@ -247,10 +293,12 @@ class AttributionResult:
     completeness_error: np.ndarray
     image_token_scores: np.ndarray
     gate_token_scores: np.ndarray
-    target_logprob: np.ndarray
-    baseline_logprob: np.ndarray
+    target_value: np.ndarray
+    baseline_value: np.ndarray
     baseline: str = "uniform"
     steps: int = 64
+    target: str = "logprob"
+    runner_up_ids: np.ndarray | None = None
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -294,15 +342,91 @@ class AttributionResult:
             raise ValueError(f"answer step {step} outside 0..{self.n_answer - 1}")
         return step % self.n_answer
 
+    # -- what was computed, in words (one wording for the CLI, pages, dashboard and notebooks) ---
+    @property
+    def runner_up_tokens(self) -> list[str]:
+        """Runner-up token text per answer step (margin target), looked up in the trace's top-k."""
+        if self.runner_up_ids is None or self.target != "margin":
+            return []
+        out = []
+        for s, rid in enumerate(np.asarray(self.runner_up_ids, dtype=np.int64)):
+            hits = [t for t, i in zip(self.trace.topk_texts[s], self.trace.topk_ids[s]) if int(i) == rid]
+            out.append(hits[0] if hits else f"id {int(rid)}")
+        return out
+
+    @property
+    def answer_probs(self) -> np.ndarray:
+        """Probability of each attributed answer token under the real model: `[n_answer]`."""
+        return np.exp(np.asarray(self.trace.answer_logprobs, dtype=np.float64))
+
+    def saturated_steps(self) -> list[int]:
+        """Answer steps whose log-prob target is flat (p > SATURATION_P): their attributions are noise."""
+        if self.target != "logprob":
+            return []
+        return [s for s, p in enumerate(self.answer_probs) if p > SATURATION_P]
+
+    def description(self) -> str:
+        """What was attributed, how: method, baseline, steps, target — the same words everywhere."""
+        if self.method == "ig":
+            base = "every gate 1/K" if self.baseline == "uniform" else "every gate 0: injection off"
+            gates = f"integrated gradients (ig), {self.steps} steps from the {self.baseline} baseline ({base})"
+        else:
+            gates = "gradient × input (gxi)"
+        target = TARGET_NAMES[self.target]
+        if self.target == "margin" and self.runner_up_tokens:
+            pairs = ", ".join(f"{a!r} over {b!r}" for a, b in zip(self.answer_tokens, self.runner_up_tokens))
+            target += f" ({pairs}; runner-up fixed at the real input)"
+        return f"target f: {target}. Gate cells: {gates}; image patches and prompt tokens: gradient × input (gxi)."
+
+    def warnings(self) -> list[str]:
+        """One line per problem that makes the maps misleading (today: a saturated log-prob target)."""
+        steps = self.saturated_steps()
+        if not steps:
+            return []
+        tokens = ", ".join(f"{self.answer_tokens[s]!r} p = {self.answer_probs[s]:.4f}" for s in steps)
+        biggest = max(float(np.nanmax(np.abs(self.gate_cells[s]))) if self.gate_cells[s].size else 0.0 for s in steps)
+        return [f"saturated answer ({tokens} > {SATURATION_P}): the log-prob is flat there, so these attributions "
+                f"are numerical noise (largest gate-cell value {biggest:.1e}), not signal; "
+                "use --target margin or --target logit (target='margin' / 'logit')."]
+
+    def completeness_lines(self) -> list[str]:
+        """IG completeness per answer token, its definition and the floor spelled out (empty for gxi)."""
+        if self.method != "ig":
+            return []
+        lines = [f"completeness error = |sum of attributions - (f(x) - f(baseline))| / "
+                 f"max(|f(x) - f(baseline)|, floor), floor = {REL_FLOOR:g}"]
+        for w, total, fx, fb, err in zip(self.answer_tokens, self.totals(), self.target_value, self.baseline_value,
+                                         self.completeness_error):
+            delta = float(fx) - float(fb)
+            line = (f"{w!r}: sum {total:+.3g} vs f(x) - f(baseline) = {fx:+.4g} - ({fb:+.4g}) = {delta:+.3g}; "
+                    f"|difference| {abs(total - delta):.2g}, error {err:.2%}")
+            if abs(delta) < REL_FLOOR:
+                line += (f" — |f(x) - f(baseline)| is below the floor {REL_FLOOR:g}, so this only bounds the "
+                         "absolute error: there is almost nothing to attribute")
+            lines.append(line)
+        return lines
+
+    def heatmap(self, step: int | None = 0):
+        """Gate-cell attributions of answer token `step` (None: summed over tokens) as a plotly `Figure`."""
+        return self.cell_heatmap_figure(step)
+
+    def _repr_html_(self) -> str:
+        from cliviz.analyses.display import attribution_html
+
+        return attribution_html(self)
+
     # -- storage ------------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         """The named float32 arrays stored in `Trace.attributions` (names in `ARRAY_NAMES`)."""
-        settings = [_METHOD_CODES[self.method], self.steps, BASELINES.index(self.baseline), *self.patch_grid]
+        settings = [_METHOD_CODES[self.method], self.steps, BASELINES.index(self.baseline), *self.patch_grid,
+                    TARGETS.index(self.target)]
+        runner = self.runner_up_ids if self.runner_up_ids is not None else np.full(self.n_answer, -1)
         out = {
             "gate_cells": self.gate_cells, "patches": self.patches, "prompt_scores": self.prompt_scores,
             "completeness_error": self.completeness_error, "image_token_scores": self.image_token_scores,
-            "gate_token_scores": self.gate_token_scores, "target_logprob": self.target_logprob,
-            "baseline_logprob": self.baseline_logprob, "attribution_settings": np.asarray(settings),
+            "gate_token_scores": self.gate_token_scores, "target_value": self.target_value,
+            "baseline_value": self.baseline_value, "runner_up_ids": runner,
+            "attribution_settings": np.asarray(settings),
         }
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
@@ -313,11 +437,19 @@ class AttributionResult:
     @classmethod
     def from_trace(cls, trace: Trace) -> AttributionResult:
         """Rebuild a result from a trace that went through `to_trace` (e.g. read back from a trace file)."""
-        a = trace.attributions
+        a = dict(trace.attributions)
+        for new, old in _OLD_NAMES.items():  # written before targets existed: a log-prob target
+            if new not in a and old in a:
+                a[new] = a[old]
+        a.setdefault("runner_up_ids", np.full(len(trace.answer_ids), -1, dtype=np.float32))
         missing = [n for n in ARRAY_NAMES if n not in a]
         if missing:
             raise CLIVizError(f"trace holds no attributions (missing {', '.join(missing)}); run `cliviz attribute`")
-        method_code, steps, base_code, rows, cols = (int(round(float(x))) for x in a["attribution_settings"])
+        codes = [int(round(float(x))) for x in a["attribution_settings"]]
+        if len(codes) not in (5, 6):
+            raise CLIVizError(f"trace holds unreadable attribution settings ({len(codes)} values)")
+        method_code, steps, base_code, rows, cols = codes[:5]
+        target = TARGETS[codes[5]] if len(codes) == 6 else "logprob"
         prompt_positions = _prompt_positions(trace)
         return cls(
             trace=trace, method={v: k for k, v in _METHOD_CODES.items()}[method_code],
@@ -325,21 +457,26 @@ class AttributionResult:
             patch_grid=(rows, cols), prompt_scores=a["prompt_scores"],
             prompt_tokens=[trace.token_texts[p] for p in prompt_positions], prompt_positions=prompt_positions,
             completeness_error=a["completeness_error"], image_token_scores=a["image_token_scores"],
-            gate_token_scores=a["gate_token_scores"], target_logprob=a["target_logprob"],
-            baseline_logprob=a["baseline_logprob"], baseline=BASELINES[base_code], steps=steps,
+            gate_token_scores=a["gate_token_scores"], target_value=a["target_value"],
+            baseline_value=a["baseline_value"], baseline=BASELINES[base_code], steps=steps, target=target,
+            runner_up_ids=np.asarray(a["runner_up_ids"]).astype(np.int64) if target == "margin" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (lists; NaN becomes None) — what `cliviz attribute --json` prints."""
         out: dict[str, Any] = {
             "question": self.trace.meta.question, "answer": self.trace.meta.answer,
-            "answer_tokens": self.answer_tokens, "method": self.method, "baseline": self.baseline,
+            "answer_tokens": self.answer_tokens, "method": self.method, "method_name": METHOD_NAMES[self.method],
+            "target": self.target, "runner_up_tokens": self.runner_up_tokens, "description": self.description(),
+            "warnings": self.warnings(), "completeness": self.completeness_lines(), "rel_floor": REL_FLOOR,
+            "answer_probs": self.answer_probs.tolist(), "baseline": self.baseline,
             "steps": self.steps, "vision_layers": self.vision_layers, "injection_layers": self.injection_layers,
             "patch_grid": list(self.patch_grid), "prompt_tokens": self.prompt_tokens,
             "prompt_positions": self.prompt_positions.tolist(),
         }
         for name in ARRAY_NAMES[:-1]:
-            out[name] = _jsonable(getattr(self, name))
+            value = getattr(self, name)
+            out[name] = None if value is None else _jsonable(value)
         trace = self.trace.to_dict()
         trace.pop("attributions", None)
         out["trace"] = trace
@@ -395,28 +532,38 @@ class AttributionResult:
         totals = self.totals()
         labels = [f"{s}: {t}" for s, t in enumerate(self.answer_tokens)]
         fig = make_subplots(rows=2, cols=1, row_heights=[0.25, 0.75], vertical_spacing=0.18,
-                            subplot_titles=(f"answer tokens: total gate-cell attribution ({self.method})",
-                                            "prompt tokens: gradient x input, per answer token"))
-        tmax = float(np.nanmax(np.abs(totals))) if totals.size else 0.0
+                            subplot_titles=(f"answer tokens: total gate-cell attribution "
+                                            f"({self.method}, {self.target})",
+                                            f"prompt tokens: gradient × input (gxi) of the {self.target}"))
+        tmax = _abs_max(totals)
         fig.add_trace(go.Heatmap(
             z=[totals.tolist()], x=labels, y=["answer"], text=[self.answer_tokens], texttemplate="%{text}",
-            colorscale=DIVERGING, zmid=0, zmin=-tmax or -1, zmax=tmax or 1, coloraxis=None,
-            colorbar={"title": {"text": "gates", "side": "right"}, "y": 1.0, "yanchor": "top", "len": 0.3},
-            hovertemplate="answer token %{x}<br>total %{z:.4f}<extra></extra>"), row=1, col=1)
+            colorscale=DIVERGING, zmid=0, zmin=-tmax, zmax=tmax, coloraxis=None,
+            colorbar={"title": {"text": scale_title("gates", tmax), "side": "right"}, "y": 1.0, "yanchor": "top",
+                      "len": 0.3},
+            hovertemplate="answer token %{x}<br>total %{z:.3g}<extra></extra>"), row=1, col=1)
         cols = [f"{p}: {t}" for p, t in zip(self.prompt_positions, self.prompt_tokens)]
-        pmax = float(np.nanmax(np.abs(self.prompt_scores))) if self.prompt_scores.size else 0.0
+        pmax = _abs_max(self.prompt_scores)
         fig.add_trace(go.Heatmap(
             z=self.prompt_scores, x=cols, y=[f"-> {t}" for t in self.answer_tokens],
             text=[self.prompt_tokens] * self.n_answer, texttemplate="%{text}", colorscale=DIVERGING, zmid=0,
-            zmin=-pmax or -1, zmax=pmax or 1,
-            colorbar={"title": {"text": "prompt", "side": "right"}, "y": 0.0, "yanchor": "bottom", "len": 0.6},
-            hovertemplate="prompt token %{x}<br>%{y}<br>grad x input %{z:.4f}<extra></extra>"), row=2, col=1)
+            zmin=-pmax, zmax=pmax,
+            colorbar={"title": {"text": scale_title("prompt", pmax), "side": "right"}, "y": 0.0, "yanchor": "bottom",
+                      "len": 0.6},
+            hovertemplate="prompt token %{x}<br>%{y}<br>grad × input %{z:.3g}<extra></extra>"), row=2, col=1)
         fig.update_yaxes(autorange="reversed", row=2, col=1)
         fig.update_xaxes(showticklabels=False)
-        fig.update_layout(template="simple_white", height=300 + 50 * self.n_answer,
-                          title=f"{self.trace.meta.question}  ->  {self.trace.meta.answer}",
-                          margin={"l": 80, "r": 20, "t": 80, "b": 20})
+        title = f"{self.trace.meta.question}  ->  {self.trace.meta.answer}" + self._noise_tag(None)
+        fig.update_layout(template="simple_white", height=300 + 50 * self.n_answer, title=title,
+                          margin={"l": 80, "r": 30, "t": 80, "b": 20})
         return fig
+
+    def _noise_tag(self, step: int | None) -> str:
+        """A title suffix when the shown token(s) are saturated under a log-prob target."""
+        saturated = self.saturated_steps()
+        if step is None and saturated or step is not None and self._step(step) in saturated:
+            return " — saturated: noise"
+        return ""
 
     def cell_heatmap_figure(self, step: int | None = 0) -> go.Figure:
         """(LLM layer x vision layer) gate-cell attributions of one answer token (None: summed over tokens)."""
@@ -426,13 +573,12 @@ class AttributionResult:
             m, what = self.gate_cells.sum(axis=0), "all answer tokens"
         else:
             s = self._step(step)
-            m, what = self.gate_cells[s], f"answer token {s} ({self.answer_tokens[s]!r})"
-        zmax = float(np.abs(m).max()) if m.size else 0.0
-        zmax = zmax or 1.0
-        label = "IG" if self.method == "ig" else "grad x gate"
-        fig = heatmap_figure(m, self.vision_layers, self.injection_layers, title=f"gate-cell attribution ({label}), {what}",
-                             colorscale=DIVERGING, zmid=0.0, zmin=-zmax, zmax=zmax, colorbar_title=label)
-        fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>attribution %{z:.4f}<extra></extra>")
+            m, what = self.gate_cells[s], f"answer token {s} {self.answer_tokens[s]!r}"
+        zmax = _abs_max(m)
+        title = f"gate cells, {what} ({self.method}, {self.target})" + self._noise_tag(step)
+        fig = heatmap_figure(m, self.vision_layers, self.injection_layers, title=title, colorscale=DIVERGING,
+                             zmid=0.0, zmin=-zmax, zmax=zmax, colorbar_title=scale_title(self.method, zmax))
+        fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>attribution %{z:.3g}<extra></extra>")
         return fig
 
     def patch_overlay_figure(self, image: Image.Image, step: int = 0, layer: int | None = None,
@@ -453,21 +599,35 @@ class AttributionResult:
         shown = image.convert("RGB").resize((display_size, display_size), Image.Resampling.NEAREST)
         cw, ch = display_size / cols, display_size / rows
         fig = go.Figure(go.Image(z=np.asarray(shown), hoverinfo="skip"))
-        finite = grid[np.isfinite(grid)]
-        zmax = float(np.abs(finite).max()) if finite.size else 0.0
-        zmax = zmax or 1.0
+        zmax = _abs_max(grid)
         fig.add_trace(go.Heatmap(
             z=grid, x=(np.arange(cols) + 0.5) * cw, y=(np.arange(rows) + 0.5) * ch,
             colorscale=overlay_colorscale(max_alpha), zmid=0, zmin=-zmax, zmax=zmax,
-            colorbar={"title": {"text": "grad x input"}},
+            colorbar={"title": {"text": scale_title(f"gxi, {self.target}", zmax), "side": "right"}, "thickness": 14},
             customdata=np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1),
-            hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.4f}<extra></extra>"))
+            hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3g}<extra></extra>"))
         fig.update_xaxes(visible=False, range=[0, display_size])
         fig.update_yaxes(visible=False, range=[display_size, 0], scaleanchor="x")
-        fig.update_layout(template="simple_white", width=display_size + 160, height=display_size + 80,
-                          title=f"patches -> {self.answer_tokens[s]!r} ({what})",
-                          margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        fig.update_layout(template="simple_white", width=display_size + 180, height=display_size + 80,
+                          title=f"patches -> {self.answer_tokens[s]!r}, {what}" + self._noise_tag(s),
+                          margin={"l": 10, "r": 40, "t": 40, "b": 10})
         return fig
+
+
+def _abs_max(values: np.ndarray) -> float:
+    """Largest finite |value|: the half-width of a symmetric colour scale (a tiny one when all are 0)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    return top if top > 0 else _ZERO_SCALE
+
+
+_ZERO_SCALE = 1e-30
+
+
+def scale_title(label: str, zmax: float) -> str:
+    """Colour-bar title that states the absolute range, so a rescaled map of noise says how small it is."""
+    return f"{label}<br>±{zmax:.2g}" if zmax > _ZERO_SCALE else f"{label}<br>all 0"
 
 
 def overlay_colorscale(max_alpha: float = 0.85) -> list[list]:
@@ -554,8 +714,10 @@ def _answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def check_options(method: str, baseline: str, steps: int, internal_batch_size: int) -> None:
+def check_options(method: str, baseline: str, steps: int, internal_batch_size: int, target: str = "logprob") -> None:
     """Refuse bad settings with one-line `CLIVizError`s (shared by the API and the command line)."""
+    if target not in TARGETS:
+        raise CLIVizError(f"unknown attribution target {target!r}; use one of {', '.join(TARGETS)}")
     if method not in METHODS:
         raise CLIVizError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     if baseline not in BASELINES:
@@ -608,26 +770,32 @@ def attribute(
     internal_batch_size: int = 16,
     answer: str | None = None,
     max_new_tokens: int = 4,
+    target: str = "logprob",
 ) -> AttributionResult:
     """Attribute every answer token to gate cells, image patches and prompt tokens.
 
     `method`: `ig` (integrated gradients on the gates, `steps` Gauss-Legendre points from
-    `baseline`, at most `internal_batch_size` points per forward) or `gxi` (gradient x input).
-    `answer`: attribute this answer (words in the vocabulary; `<eos>` is appended) instead of the
-    model's greedy one. Raises `CLIVizError` for bad options, words or a gate-less model. Example::
+    `baseline`, at most `internal_batch_size` points per forward) or `gxi` (gradient × input).
+    `target`: `logprob` (saturates when p is close to 1: see `warnings()`), `logit` or `margin`
+    (logit minus the runner-up's). `answer`: attribute this answer (words in the vocabulary; `<eos>`
+    is appended) instead of the model's greedy one. Raises `CLIVizError` for bad options, words or a
+    gate-less model. Example::
 
-        r = attribute(model, tok, image, "what color is the circle ?", method="gxi")
+        from cliviz import attribute, load_image, load_model
+        model, tok = load_model()
+        image = load_image("assets/examples/color.png")
+        r = attribute(model, tok, image, "what color is the triangle ?", method="gxi", target="logit")
         r.top_cells(0)              # [(llm_layer, vision_layer, value), ...]
     """
-    from cliviz.inference import prepare_inputs
+    from cliviz.inference import prepare_inputs, suppressed_tokens
     from cliviz.tracing.record import trace as record_trace
 
-    check_options(method, baseline, steps, internal_batch_size)
+    check_options(method, baseline, steps, internal_batch_size, target)
     if model.config.fusion == "projector" or len(model.agf) == 0:
         raise CLIVizError(f"this model has no gates (fusion={model.config.fusion}): nothing is injected, "
                           "so there are no gate cells or patch maps to attribute")
     forced = _answer_ids(tokenizer, answer) if answer is not None else None
-    tr = record_trace(model, tokenizer, image, question, max_new_tokens=max_new_tokens)
+    tr = record_trace(model, tokenizer, image, question, max_new_tokens=max_new_tokens, causal_check=False)
     n_prompt = int(tr.answer_positions[0]) + 1
     answer_ids = forced if forced is not None else tr.answer_ids.tolist()
     fed = tr.token_ids[:n_prompt].tolist() + list(answer_ids[:-1])
@@ -637,8 +805,10 @@ def attribute(
     ids = torch.tensor([fed], dtype=torch.long, device=model.device)
 
     with _eval_mode(model), _hooks(model) as state, torch.enable_grad():
-        run = _Runner(model, state, images, positions, answer_ids)
+        run = _Runner(model, state, images, positions, answer_ids, target)
         gates, norms, logits = run.record(ids)
+        if target == "margin":
+            run.runner_up = runner_up_ids(logits, run.targets, suppressed_tokens(tokenizer))  # [n]
         if forced is not None:
             tr = _forced_trace(tr, tokenizer, list(answer_ids), gates, norms, logits)
         n = len(answer_ids)
@@ -652,7 +822,7 @@ def attribute(
         if m is not None:
             m = m.detach().clone().requires_grad_(True)
             leaves.append(m)
-        lp = run.logprobs(e, m, None)  # [n, n]
+        lp = run.values(e, m, None)  # [n, n]
         grads = torch.autograd.grad((lp * eye).sum(), leaves)
         embed_scores = (grads[0] * e).sum(-1).float().detach().cpu().numpy()  # [n, T]
         if m is not None:
@@ -666,12 +836,12 @@ def attribute(
         g_base = baseline_gates(g_actual, baseline)
         e1, m1 = run.const(2)
         with torch.no_grad():
-            f_pair = run.logprobs(e1, m1, torch.stack([g_actual, g_base]))  # [2, n]
+            f_pair = run.values(e1, m1, torch.stack([g_actual, g_base]))  # [2, n]
         f_x, f_b = f_pair[0].cpu().numpy(), f_pair[1].cpu().numpy()
         if method == "gxi":
             g = g_actual.expand(n, *g_actual.shape).clone().requires_grad_(True)  # [n, L, T, K]
             en, mn = run.const(n)
-            lp = run.logprobs(en, mn, g)
+            lp = run.values(en, mn, g)
             (grad,) = torch.autograd.grad((lp * eye).sum(), [g])
             per_pos = (grad * g).detach()  # [n, L, T, K]
             completeness = np.full(n, np.nan, dtype=np.float32)
@@ -696,8 +866,10 @@ def attribute(
         completeness_error=completeness,
         image_token_scores=embed_scores[:, image_pos].astype(np.float32),
         gate_token_scores=per_pos.sum(axis=(1, 3)).astype(np.float32),
-        target_logprob=f_x.astype(np.float32),
-        baseline_logprob=f_b.astype(np.float32),
+        target_value=f_x.astype(np.float32),
+        baseline_value=f_b.astype(np.float32),
+        target=target,
+        runner_up_ids=run.runner_up.cpu().numpy() if run.runner_up is not None else None,
     )
 
 
@@ -713,15 +885,13 @@ def write_attribution_html(result: AttributionResult, image: Image.Image, path: 
         figs.append(result.patch_overlay_figure(image, s))
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
     meta = result.trace.meta
-    if result.method == "ig":
-        comp = ", ".join(f"{t!r}: {e:.2%}" for t, e in zip(result.answer_tokens, result.completeness_error))
-        note = (f"Integrated gradients from the {result.baseline} baseline, {result.steps} steps. "
-                f"Completeness (relative error of sum of attributions vs f(x) - f(baseline)): {comp}.")
-    else:
-        note = "Gradient x input on the gates (no completeness property)."
+    lines = [result.description(), *result.completeness_lines()]
+    if result.method == "gxi":
+        lines.append("gradient × input has no completeness property; use method ig for an exact accounting.")
+    notes = "".join(f"<p style='margin:2px 0'>{html_lib.escape(line)}</p>" for line in lines)
+    warns = "".join(f"<p style='margin:2px 0;color:#D55E00'><b>{html_lib.escape(w)}</b></p>" for w in result.warnings())
     head = (f"<h2>{html_lib.escape(meta.question)} &rarr; {html_lib.escape(meta.answer)}</h2>"
-            f"<p>model {html_lib.escape(meta.model)} ({html_lib.escape(meta.fusion)}). {html_lib.escape(note)} "
-            "Patches and prompt tokens: gradient x input.</p>")
+            f"<p>model {html_lib.escape(meta.model)} ({html_lib.escape(meta.fusion)}).</p>{warns}{notes}")
     body = [head, parts[0]]
     for s in range(result.n_answer):
         body.append(f"<h3>answer token {s}: {html_lib.escape(result.answer_tokens[s])}</h3>"

@@ -106,22 +106,64 @@ def heatmap_figure(
     return fig
 
 
+def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
+    """Put the map's notes (its kind, its causal check) under the title, wrapped, and make room."""
+    import textwrap
+
+    if not notes:
+        return fig
+    lines = [part for note in notes for part in textwrap.wrap(note, width)]
+    title = fig.layout.title.text or ""
+    fig.update_layout(title={"text": title, "subtitle": {"text": "<br>".join(lines), "font": {"size": 11}}},
+                      margin={"t": 50 + 15 * len(lines) + (20 if title else 0)})
+    return fig
+
+
+def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | None = None) -> go.Figure:
+    """The gate map of one trace with its notes: answer step `token`, a token `role` (answer,
+    image, prompt, all), or by default the mean over answer steps. What `Trace.heatmap` returns."""
+    if token is not None and role is not None:
+        raise CLIVizError("give an answer step (token=) or a role (role=), not both")
+    if not trace.has_gates:
+        raise CLIVizError(f"this trace has no gates (fusion={trace.meta.fusion}): there is no gate map to draw")
+    n = len(trace.answer_texts)
+    if token is not None:
+        if not isinstance(token, (int, np.integer)) or not -n <= token < n:
+            raise CLIVizError(f"answer step {token!r} outside 0..{n - 1}")
+        step = int(token) % n
+        select: str | int = int(trace.answer_positions[step])
+        what = f"answer token {step} ({trace.answer_texts[step]!r})"
+    else:
+        select = role or "answer"
+        if select not in SET_SELECTIONS:
+            raise CLIVizError(f"unknown role {select!r}; use one of {', '.join(SET_SELECTIONS)}")
+        what = f"mean over {n} answer steps" if select == "answer" else f"mean over {select} tokens"
+    fig = heatmap_figure(gate_matrix(trace, select), trace.meta.vision_layers, trace.meta.injection_layers,
+                         title=f"{trace.meta.question} → {trace.meta.answer}: gates, {what}", zmax=1.0)
+    return with_notes(fig, trace.map_notes())
+
+
 def token_heatmap_figure(trace: Trace) -> go.Figure:
-    """One heatmap with a dropdown over selections: all answer steps, each step, image, prompt."""
+    """One heatmap with a dropdown over selections: all answer steps, each step, image, prompt.
+
+    The dropdown sits at the top left, above the plot, so that it never covers plotly's toolbar
+    (top right); the map's notes (kind, causal check) are the subtitle."""
     options: list[tuple[str, str | int]] = [("answer (mean)", "answer")]
     for s, pos in enumerate(trace.answer_positions):
         word = trace.answer_texts[s]
         options.append((f"step {s}: -> {word!r}", int(pos)))
     options += [("image tokens", "image"), ("prompt tokens", "prompt"), ("all tokens", "all")]
     mats = [gate_matrix(trace, sel) for _, sel in options]
-    fig = heatmap_figure(mats[0], trace.meta.vision_layers, trace.meta.injection_layers, zmax=1.0)
+    fig = heatmap_figure(mats[0], trace.meta.vision_layers, trace.meta.injection_layers, zmax=1.0,
+                         title=f"{trace.meta.question}  ->  {trace.meta.answer}")
+    with_notes(fig, trace.map_notes())
     fig.update_layout(
-        title=f"{trace.meta.question}  ->  {trace.meta.answer}",
-        updatemenus=[{
+        title={"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 12}},  # title and notes on top,
+        updatemenus=[{  # then the dropdown right above the plot
             "buttons": [{"label": label, "method": "restyle", "args": [{"z": [m.tolist()]}]} for (label, _), m in zip(options, mats)],
-            "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.15, "yanchor": "top",
+            "direction": "down", "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom", "pad": {"b": 6},
         }],
-        margin={"t": 80},
+        margin={"t": (fig.layout.margin.t or 40) + 40},
     )
     return fig
 
@@ -368,6 +410,44 @@ def gate_difference(a: TracesLike | GateRows, b: TracesLike | GateRows | None = 
     return _reduce(ra, None, weight) - _reduce(rb, None, weight)
 
 
+def traceset_notes(ts: TraceSet) -> list[str]:
+    """The notes of a trace set's mean map: the fusion's kind of map and the causal checks it holds."""
+    from cliviz.tracing.causal import NEGLIGIBLE_NATS, map_kind_note
+
+    meta = ts.meta_frame()
+    notes = []
+    fusions = sorted(set(meta["fusion"]))
+    if len(fusions) == 1 and map_kind_note(fusions[0]):
+        notes.append(map_kind_note(fusions[0]))
+    measured = meta.dropna(subset=["injection_off_changed", "injection_off_delta_logprob"])
+    if len(measured):
+        flips = measured["injection_off_changed"].astype(bool)
+        delta = measured["injection_off_delta_logprob"].astype(float)
+        line = (f"injection off (all layers) changes the answer in {int(flips.sum())} of {len(measured)} traces; "
+                f"median Δ log-prob {delta.median():+.3f}")
+        if not flips.any() and (delta.abs() < NEGLIGIBLE_NATS).all():
+            line += " — the injection does not matter for these answers: this map shows routing, not importance."
+        notes.append(line + ".")
+    else:
+        notes.append("causal check not recorded in these traces (`cliviz trace` records it; sweeps do not).")
+    return notes
+
+
+def traceset_heatmap_figure(traces: TracesLike, select: str = "answer", by: str | None = None) -> go.Figure:
+    """Mean gate map of a trace set (or one panel per `by` group, e.g. `qtype`) with its notes.
+    What `TraceSet.heatmap` returns."""
+    ts = as_traceset(traces)
+    rows = gate_rows(ts, select)
+    if by is None:
+        fig = heatmap_figure(mean_gate_matrix(rows, select), rows.vision_layers, rows.injection_layers, zmax=1.0,
+                             title=f"mean gates at {select} positions, {len(np.unique(rows.trace))} traces")
+    else:
+        fig = grouped_heatmap_figure(grouped_gate_matrices(rows, select, by), rows.vision_layers, rows.injection_layers,
+                                     counts=group_counts(rows, select, by),
+                                     title=f"mean gates at {select} positions, by {by}")
+    return with_notes(fig, traceset_notes(ts))
+
+
 def gate_matrix_frame(matrix: np.ndarray, vision_layers: list[int], injection_layers: list[int],
                       value: str = "gate", **columns: object) -> pd.DataFrame:
     """Tidy `[L, K]` matrix: one row per (llm_layer, vision_layer), real layer indices."""
@@ -413,8 +493,14 @@ def grouped_heatmap_figure(matrices: Mapping[str, np.ndarray], vision_layers: li
                                  "colorbar": {"title": {"text": colorbar_title}}},
                       template="simple_white", title=title)
     fig.update_yaxes(autorange="reversed")
-    for c in range(1, cols + 1):
-        fig.update_xaxes(title_text="vision layer" if c == (cols + 1) // 2 else None, row=rows, col=c)
+    # Every column's lowest panel carries the x tick labels (the shared axes hide them above it): with
+    # a short last row, the columns it leaves empty end a row higher. A full last row gets one centred
+    # "vision layer" title; a short one gets it under every column, so no column is left unlabelled.
+    lowest = {c: max(r for r in range(1, rows + 1) if (r - 1) * cols + c <= len(names)) for c in range(1, cols + 1)}
+    full = all(r == rows for r in lowest.values())
+    for c, r in lowest.items():
+        title = "vision layer" if (not full or c == (cols + 1) // 2) else None
+        fig.update_xaxes(showticklabels=True, title_text=title, row=r, col=c)
     fig.update_yaxes(title_text="LLM layer", col=1)
     fig.update_annotations(font={"size": 10})
     return fig

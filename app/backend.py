@@ -84,6 +84,12 @@ class Backend:
         with self.lock:
             return trace(self.model, self.tokenizer, image, q)  # default answer length for this kind of model
 
+    def world_warning(self, image: Image.Image) -> str | None:
+        """The note for a bundled model shown an image unlike its ShapesVQA scenes (`cliviz.scene_check`)."""
+        from cliviz.scene_check import world_warning
+
+        return world_warning(image, self.tokenizer)
+
     def ablate(self, image: Image.Image, question: str, llm_layer: int, vision_layer: int, kind: str = "knockout") -> dict:
         """One gate-cell intervention and the re-run answer (`cliviz.analyses.ablations.single_cell`)."""
         from cliviz.analyses.ablations import single_cell
@@ -92,13 +98,13 @@ class Backend:
         with self.lock:
             return single_cell(self.model, self.tokenizer, image, q, llm_layer, vision_layer, kind=kind)
 
-    def attribute(self, image: Image.Image, question: str, method: str = "gxi"):
+    def attribute(self, image: Image.Image, question: str, method: str = "gxi", target: str = "logprob"):
         """Attribution of each answer token (`cliviz.analyses.attributions.attribute`)."""
         from cliviz.analyses.attributions import attribute
 
         q = self.check_question(question)
         with self.lock:
-            return attribute(self.model, self.tokenizer, image, q, method=method)
+            return attribute(self.model, self.tokenizer, image, q, method=method, target=target)
 
     # ------------------------------------------------------------------------ trace set
     def _dataset_view(self, select: str):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import Dash, Input, Output
+from dash import Dash, Input, Output, html
 
 from cliviz.app.backend import Backend
 from cliviz.app.state import image_from_payload, trace_from_dict
 from cliviz.errors import CLIVizError
 
-METHOD = "gxi"
+METHOD = "gxi"  # gradient × input: one backward pass per answer, fast enough for a click
 
 
 def compact_images(fig) -> None:
@@ -34,14 +34,18 @@ def compact_images(fig) -> None:
             trace.z = None
 
 
-def attribution_figures(backend: Backend, store: dict | None) -> dict[str, Any] | None:
-    """attr-store payload: per-step patch overlays and gate-cell maps plus the prompt-token strip."""
+def attribution_figures(backend: Backend, store: dict | None, target: str | None = "logprob") -> dict[str, Any] | None:
+    """attr-store payload: per-step patch overlays and gate-cell maps plus the prompt-token strip, and
+    the words that go with them (method, target, saturation warnings)."""
+    from cliviz.analyses.attributions import METHOD_NAMES, TARGETS
+
     if not store:
         return None
+    target = target if target in TARGETS else "logprob"
     try:
         trace = trace_from_dict(store["trace"])
         image = image_from_payload(store["image"])
-        result = backend.attribute(image, trace.meta.question, method=METHOD)
+        result = backend.attribute(image, trace.meta.question, method=METHOD, target=target)
         n_steps = result.n_answer
         overlays = [result.patch_overlay_figure(image, s) for s in range(n_steps)]
         cells = [result.cell_heatmap_figure(s) for s in range(n_steps)]
@@ -53,11 +57,21 @@ def attribution_figures(backend: Backend, store: dict | None) -> dict[str, Any] 
         compact_images(fig)
     for fig in [*cells, cells_all]:
         fig.update_layout(height=320, margin={"l": 60, "r": 20, "t": 40, "b": 50}, title={"font": {"size": 13}})
-    for fig in overlays:
-        fig.update_layout(title={"font": {"size": 13}})
+    for fig in overlays:  # fill the panel instead of a fixed width the panel would clip (the colour bar's title)
+        fig.update_layout(title={"font": {"size": 13}}, width=None, autosize=True, margin={"r": 60})
     words = [str(w) for w in result.answer_tokens]
-    return {"overlay": overlays, "cells": cells, "cells_all": cells_all, "tokens": tokens, "words": words, "method": METHOD,
-            "question": trace.meta.question}
+    return {"overlay": overlays, "cells": cells, "cells_all": cells_all, "tokens": tokens, "words": words,
+            "method": f"{METHOD_NAMES[METHOD]} ({METHOD}), target {target}", "question": trace.meta.question,
+            "description": result.description(), "warnings": result.warnings()}
+
+
+def attribution_notes(payload: dict | None) -> Any:
+    """The attribution's description and warnings (e.g. a saturated log-prob), above its maps."""
+    if not payload or "description" not in payload:
+        return ""
+    items = [html.Div(payload["description"], className="map-note", id="attr-description")]
+    items += [html.Div(w, className="map-note quiet attr-warning") for w in payload.get("warnings") or []]
+    return items
 
 
 # Picks the stored figures of the selected step; with "all answer tokens" selected: the gate-cell
@@ -82,9 +96,12 @@ function(store, selection) {
 
 
 def register(app: Dash, backend: Backend) -> None:
-    @app.callback(Output("attr-store", "data"), Input("trace-store", "data"), prevent_initial_call=True)
-    def on_answer(store):
-        return attribution_figures(backend, store)
+    @app.callback(Output("attr-store", "data"), Input("trace-store", "data"), Input("attr-target", "value"),
+                  prevent_initial_call=True)
+    def on_answer(store, target):
+        return attribution_figures(backend, store, target)
+
+    app.callback(Output("attr-notes", "children"), Input("attr-store", "data"))(attribution_notes)
 
     app.clientside_callback(
         PICK_JS,

@@ -42,7 +42,8 @@ def ask(backend: Backend, question: str | None, image: dict | None) -> tuple[Any
         result = backend.ask(picture, question or "")
     except CLIVizError as err:
         return no_update, no_update, no_update, error_line(str(err))
-    return {"trace": result.to_dict(), "image": image}, ALL_TOKENS, None, ""
+    store = {"trace": result.to_dict(), "image": image, "world_warning": backend.world_warning(picture)}
+    return store, ALL_TOKENS, None, ""
 
 
 # ---------------------------------------------------------------------------------- answer strip
@@ -78,7 +79,9 @@ def render_answer(store: dict | None) -> Any:
         ))
     tokens.append(html.Button("all answer tokens", id={"type": "token", "step": -1}, className="tok tok-all selected",
                               n_clicks=0, title="mean over every answer step"))
+    warning = store.get("world_warning")
     return html.Div([
+        *([html.Div(f"Note: {warning}.", id="world-warning", className="warning")] if warning else []),
         html.Div([html.Span("Q ", className="label"), html.Span(trace.meta.question, id="answer-question")], className="qa"),
         html.Div([html.Span("A ", className="label"), html.Strong(trace.meta.answer or "(empty)", id="answer-text"),
                   html.Span(f"p = {answer_probability(trace):.3f}", id="answer-prob", className="prob",
@@ -125,7 +128,7 @@ def render_heatmap(store: dict | None, selection: Any, cell: dict | None) -> tup
     except (CLIVizError, KeyError, TypeError) as err:
         return message_figure(str(err)), "", "none"
     if not trace.has_gates:
-        return message_figure(f"This model has no gates (fusion = {trace.meta.fusion})."), "", "none"
+        return message_figure(f"This model has no gates (fusion = {trace.meta.fusion})."), map_notes(trace), "none"
     sel = parse_selection(selection, len(trace.answer_texts))
     where = ALL_TOKENS if sel == ALL_TOKENS else int(trace.answer_positions[sel])
     label = selection_label(trace, sel)
@@ -139,8 +142,21 @@ def render_heatmap(store: dict | None, selection: Any, cell: dict | None) -> tup
         fig.add_shape(type="rect", x0=x - 0.5, x1=x + 0.5, y0=y - 0.5, y1=y + 0.5, line={"color": "#D55E00", "width": 3})
     tag = "all" if sel == ALL_TOKENS else f"step-{sel}"
     caption = [html.Span(f"Selected: {label}", id="heatmap-selection"),
-               html.Span(f"  ·  {trace.meta.question} → {trace.meta.answer}", className="hint")]
+               html.Span(f"  ·  {trace.meta.question} → {trace.meta.answer}", className="hint"), map_notes(trace)]
     return fig, caption, tag
+
+
+def map_notes(trace) -> html.Div:
+    """What the map is (static / ungated / no gates) and its causal check, right next to it."""
+    check = trace.causal
+    items = []
+    for note in trace.map_notes():
+        is_check = note.startswith("injection off")
+        quiet = is_check and check is not None and not check.matters
+        extra = {"id": "causal-check"} if is_check else {}
+        items.append(html.Div(note, className="map-note" + (" quiet" if quiet else ""), **extra))
+    return html.Div(items, id="map-notes", className="map-notes",
+                    **{"data-matters": "unknown" if check is None else ("yes" if check.matters else "no")})
 
 
 def register(app: Dash, backend: Backend) -> None:

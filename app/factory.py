@@ -3,8 +3,9 @@
 Example::
 
     from cliviz.app import create_app
-    app = create_app()                       # bundled cli-tiny, no trace set
-    app.run(host="127.0.0.1", port=8050)     # what `cliviz dash` does
+    app = create_app(device="cpu")           # bundled cli-tiny, no trace set
+    assert app.server.test_client().get("/").status_code == 200
+    # app.run(host="127.0.0.1", port=8050)   # serves it, as `cliviz dash` does
 
 The model and trace set are captured by the callbacks through one `Backend` object made here:
 nothing lives in module globals, and every user's state stays in their browser (`app.state`).

@@ -70,9 +70,22 @@ def heatmap_panel() -> html.Div:
     ])
 
 
+ATTRIBUTION_TARGETS = [  # (value, label): `analyses.attributions.TARGETS`
+    ("logprob", "log-prob (saturates when p ≈ 1)"),
+    ("logit", "logit"),
+    ("margin", "margin over the runner-up"),
+]
+
+
 def attribution_panel() -> html.Div:
     return html.Div(className="card", children=[
-        html.H3("Attributions (gradient x input)"),
+        html.H3("Attributions: gradient × input (gxi)"),
+        html.Div(className="controls", children=[
+            html.Span("Target:", className="hint"),
+            dcc.RadioItems(id="attr-target", options=[{"value": v, "label": label} for v, label in ATTRIBUTION_TARGETS],
+                           value=ATTRIBUTION_TARGETS[0][0], inline=True, className="radio"),
+        ]),
+        html.Div(id="attr-notes", className="map-notes"),
         html.Div(id="attr-caption", className="caption"),
         dcc.Loading(type="circle", children=html.Div(className="attr-graphs", children=[
             dcc.Graph(id="attr-overlay", config=GRAPH_CONFIG, className="graph"),

@@ -51,7 +51,7 @@ def main() -> None:
 
     model, tok, label = bundled_model()
     sample = next(iter_samples(1, seed=7))
-    tr = trace(model, tok, sample.image, sample.question)
+    tr = trace(model, tok, sample.image, sample.question, causal_check=False)
     pix = prepare_inputs(model, tok, [sample.image], [sample.question])["pixel_values"]
     L, T, K = tr.gates.shape
     print(f"{label}: {len(model.agf)} gated layers x {K} vision layers, {T} tokens; "

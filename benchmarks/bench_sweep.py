@@ -63,7 +63,7 @@ def main() -> None:
         return done
 
     def loop() -> int:
-        return len([trace(model, tok, im, q, max_new_tokens=args.max_new_tokens, qtype=t)
+        return len([trace(model, tok, im, q, max_new_tokens=args.max_new_tokens, qtype=t, causal_check=False)
                     for im, q, t in zip(images, questions, qtypes)])
 
     gen = generation_kwargs(tok, args.max_new_tokens)

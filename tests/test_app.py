@@ -280,3 +280,87 @@ def test_two_users_see_only_their_own_state(browser, served, tmp_path):
     finally:
         a.context.close()
         b.context.close()
+
+
+# ------------------------------------------------------------------- causal check, world note, nits
+
+def _boxes_overlap(a: dict, b: dict) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+def test_map_carries_its_causal_check_and_photos_get_a_note(page, served, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "holiday.jpg"
+    Image.fromarray(rng.integers(0, 255, (180, 240, 3), dtype=np.uint8)).save(photo)
+    upload(page, photo)
+    question = "what shape is the orange object ?"
+    ask(page, question)
+    want = expected_trace(served[1], photo, question)
+    answer_and_heatmap(page, question, want.meta.answer or "(empty)", len(want.answer_texts))
+    expect(page.locator("#world-warning")).to_contain_text("know only synthetic shape scenes")
+    expect(page.locator("#world-warning")).to_contain_text("cliviz attach")
+    expect(page.locator("#causal-check")).to_have_text(want.map_notes()[-1])
+    expect(page.locator("#map-notes")).to_have_attribute("data-matters", "yes" if want.causal.matters else "no")
+    shot(page, tmp_path, "explore-photo")
+    page.locator("button.example").filter(has_text="color").click()  # a scene: no note
+    page.locator("#ask").click()
+    expect(page.locator("#answer-question")).to_have_text("what color is the triangle ?")
+    expect(page.locator("#world-warning")).to_have_count(0)
+    expect(page.locator("#causal-check")).to_contain_text("injection off (all layers)")
+
+
+def test_attribution_target_and_readable_colour_bars(page, served, tmp_path):
+    page.locator("button.example").filter(has_text="glyph").click()
+    page.locator("#ask").click()
+    expect(page.locator("#attr-description")).to_contain_text("log-prob of the answer token")
+    expect(page.locator("#attr-caption")).to_contain_text("gradient × input (gxi)")
+    page.get_by_text("margin over the runner-up").click()
+    expect(page.locator("#attr-description")).to_contain_text("margin: answer-token logit minus runner-up logit")
+    expect(page.locator("#attr-caption")).to_contain_text("target margin")
+    title = page.locator("#attr-overlay .cbtitle text").first
+    expect(title).to_contain_text("gxi, margin")  # the whole title, not "gra"
+    graph = page.locator("#attr-overlay").bounding_box()
+    box = title.bounding_box()
+    assert graph["x"] <= box["x"] and box["x"] + box["width"] <= graph["x"] + graph["width"] + 1, (box, graph)
+    assert "±" in page.locator("#attr-overlay .cbtitle").first.text_content()
+    shot(page, tmp_path, "explore-attr-margin")
+
+
+def test_dataset_small_multiples_label_every_column(page, served, tmp_path):
+    page.get_by_text("Dataset", exact=True).click()
+    expect(page.locator("#dataset-heatmaps .gtitle")).to_contain_text("answer positions")
+    n_groups, cols, k = len(samples()), 3, len(expected_trace(served[1], EXAMPLES / "color.png",
+                                                              "what color is the triangle ?").meta.vision_layers)
+    assert n_groups % cols  # a short last row: the case that lost its labels
+    ticks = page.locator("#dataset-heatmaps g[class^='x'][class$='tick'] text")  # xtick, x2tick, ...: x axes only
+    expect(ticks).to_have_count(cols * k)  # each column's lowest panel labels its vision layers
+    titles = page.locator("#dataset-heatmaps g[class^='g-x'][class$='title'] text", has_text="vision layer")
+    expect(titles).to_have_count(cols)
+    shot(page, tmp_path, "dataset-labels")
+
+
+def test_trace_page_dropdown_clears_toolbar_and_notes(browser, served, tmp_path):
+    from cliviz.analyses.heatmaps import write_trace_html
+
+    want = expected_trace(served[1], EXAMPLES / "color.png", "what color is the triangle ?")
+    path = tmp_path / "trace.html"
+    write_trace_html(want, path)
+    page = browser.new_context(viewport={"width": 900, "height": 700}).new_page()
+    try:
+        page.goto(path.as_uri())
+        page.locator(".nsewdrag").first.hover()  # the toolbar shows on hover
+        expect(page.locator(".modebar")).to_be_visible()
+        menu = page.locator(".updatemenu-header").first.bounding_box()
+        assert not _boxes_overlap(menu, page.locator(".modebar").bounding_box())
+        subtitle = page.locator(".gtitle-subtitle, .gtitle").last
+        for text in page.locator(".gtitle, .gtitle-subtitle").all():
+            assert not _boxes_overlap(menu, text.bounding_box()), text.text_content()
+        expect(subtitle).to_be_visible()
+        assert "injection off (all layers)" in page.content()
+        page.screenshot(path=str(tmp_path / "trace-page.png"))
+    finally:
+        page.context.close()

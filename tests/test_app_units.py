@@ -122,6 +122,41 @@ def test_cell_click_runs_single_cell_ablation(backend, asked):
     assert cell is no_update and "not a gate cell" in bad.children
 
 
+def test_static_maps_say_what_they_are_next_to_the_heatmap():
+    from conftest import build_tiny
+
+    from cliviz.tracing.causal import map_kind_note
+
+    model, tok = build_tiny("deepstack")
+    deep = Backend(model=model, tokenizer=tok, examples=load_examples(), model_label="deepstack")
+    image, *_, question = callbacks_image.from_example(deep, "color")
+    store, *_ = callbacks_explore.ask(deep, question, image)
+    fig, caption, _ = callbacks_explore.render_heatmap(json.loads(json.dumps(store)), ALL_TOKENS, None)
+    text = json.dumps([c.to_plotly_json() for c in caption], default=str, ensure_ascii=False)
+    assert fig.data[0].z.shape == (len(model.config.injection_layers), 1)  # the 3 x 1 map of ones ...
+    note = map_kind_note("deepstack", model.config.injection_layers, model.config.vision_layers)
+    assert note in text  # ... explained
+    assert "injection off (all layers)" in text and "causal-check" in text
+
+
+def test_attribution_panel_names_method_target_and_saturation():
+    from cliviz.app import callbacks_attribution
+    from cliviz.model.loading import load_model
+
+    model, tok = load_model("cli-tiny", device="cpu", dtype="float32")
+    bundled = Backend(model=model, tokenizer=tok, examples=load_examples(), model_label="cli-tiny")
+    image, *_, question = callbacks_image.from_example(bundled, "glyph")
+    store, *_ = callbacks_explore.ask(bundled, question, image)
+    saturated = callbacks_attribution.attribution_figures(bundled, store, "logprob")
+    assert saturated["method"] == "gradient × input (gxi), target logprob"
+    notes = json.dumps([n.to_plotly_json() for n in callbacks_attribution.attribution_notes(saturated)], default=str,
+                       ensure_ascii=False)
+    assert "saturated answer" in notes and "margin" in notes
+    margin = callbacks_attribution.attribution_figures(bundled, store, "margin")
+    assert margin["warnings"] == [] and "runner-up" in margin["description"]
+    assert callbacks_attribution.attribution_figures(bundled, store, "bogus")["method"].endswith("target logprob")
+
+
 def test_bad_model_or_trace_file_is_one_clear_error(tmp_path, random_model_dir):
     from cliviz.app.factory import create_app
 

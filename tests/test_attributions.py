@@ -78,8 +78,8 @@ def test_ig_completeness_and_shapes(tiny_cli, cli_ig):
     assert r.gate_cells.shape == (n, L, K) and r.patches.shape == (n, K, 64) and r.patch_grid == (8, 8)
     assert r.prompt_scores.shape == (n, len(r.prompt_tokens)) and r.prompt_tokens[0] == "<bos>"
     assert r.gate_token_scores.shape == (n, r.trace.n_tokens) and r.image_token_scores.shape == (n, 64)
-    np.testing.assert_allclose(r.target_logprob, r.trace.answer_logprobs, atol=1e-4)  # real gates = real model
-    delta = r.target_logprob - r.baseline_logprob
+    np.testing.assert_allclose(r.target_value, r.trace.answer_logprobs, atol=1e-4)  # real gates = real model
+    delta = r.target_value - r.baseline_value
     assert np.abs(delta).max() > 1e-3  # the injection matters, so the check is not vacuous
     np.testing.assert_allclose(r.gate_cells.sum(axis=(1, 2)), delta, rtol=0.05, atol=1e-5)
     assert np.all(r.completeness_error < 0.05), r.completeness_error
@@ -94,6 +94,89 @@ def test_ig_completeness_uniform_baseline(tiny_cli):
     r = attribute(model, tok, image, question, method="ig", steps=64, baseline="uniform", internal_batch_size=64)
     assert np.all(r.completeness_error < 0.05), r.completeness_error
     assert np.isnan(attribute(model, tok, image, question, method="gxi").completeness_error).all()
+
+
+# ------------------------------------------------------------------------ targets
+
+@torch.no_grad()
+def _teacher_forced_logits(model, tok, r, image, question):
+    ids = torch.tensor([r.trace.token_ids.tolist()])
+    pix = prepare_inputs(model, tok, [image], [question])["pixel_values"]
+    return model(input_ids=ids, pixel_values=pix, use_cache=False).logits[0, r.trace.answer_positions].float()
+
+
+@pytest.mark.parametrize("target", ["logit", "margin"])
+def test_logit_and_margin_targets_are_what_they_say_and_complete(tiny_cli, target):
+    from cliviz.inference import suppressed_tokens
+
+    model, tok = tiny_cli
+    image, question = _sample(6)
+    r = attribute(model, tok, image, question, method="ig", steps=64, baseline="injection_off", target=target)
+    logits = _teacher_forced_logits(model, tok, r, image, question)  # [n, V]
+    own = logits[torch.arange(r.n_answer), torch.as_tensor(r.trace.answer_ids)]
+    if target == "logit":
+        np.testing.assert_allclose(r.target_value, own.numpy(), atol=1e-4)
+        assert r.runner_up_ids is None and r.runner_up_tokens == []
+    else:
+        masked = logits.clone()
+        masked[:, suppressed_tokens(tok)] = -torch.inf
+        masked[torch.arange(r.n_answer), torch.as_tensor(r.trace.answer_ids)] = -torch.inf
+        runner = masked.argmax(-1)
+        np.testing.assert_array_equal(r.runner_up_ids, runner.numpy())
+        np.testing.assert_allclose(r.target_value, (own - logits[torch.arange(r.n_answer), runner]).numpy(), atol=1e-4)
+        assert "runner-up" in r.description() and all(t and not t.startswith("id ") for t in r.runner_up_tokens)
+    delta = r.target_value - r.baseline_value
+    assert np.abs(delta).max() > 1e-2
+    np.testing.assert_allclose(r.totals(), delta, rtol=0.05, atol=1e-4)
+    assert np.all(r.completeness_error < 0.05) and r.warnings() == []
+    again = AttributionResult.from_trace(r.to_trace())  # the target and runner-up survive the trace file
+    assert again.target == target and again.description() == r.description()
+
+
+def test_saturated_logprob_is_flagged_and_margin_is_not():
+    """The issue's example: cli-tiny is sure of '7' (p = 1.00), so its log-prob attributions are ~1e-7."""
+    from cliviz.model.loading import load_model
+    from cliviz.inputs import load_image
+
+    model, tok = load_model("cli-tiny", device="cpu", dtype="float32")
+    image, question = load_image(EXAMPLES / "glyph.png"), "what digit is in the corner ?"
+    lp = attribute(model, tok, image, question, method="ig", steps=16)
+    assert lp.answer_probs[0] > 0.99 and lp.saturated_steps() and len(lp.warnings()) == 1
+    warning = lp.warnings()[0]
+    assert "saturated" in warning and "--target margin" in warning and "noise" in warning
+    assert any("below the floor 0.001" in line for line in lp.completeness_lines())  # no reassuring percentage
+    zmax = float(np.abs(lp.gate_cells[0]).max())
+    assert zmax < 1e-5  # noise-sized ...
+    fig = lp.cell_heatmap_figure(0)
+    assert f"±{zmax:.2g}" in fig.data[0].colorbar.title.text  # ... and the colour bar says so
+    assert "saturated" in fig.layout.title.text
+    margin = attribute(model, tok, image, question, method="ig", steps=16, target="margin")
+    assert margin.warnings() == [] and np.abs(margin.gate_cells[0]).max() > 1e-3
+    assert not any("below the floor" in line for line in margin.completeness_lines())
+    assert "saturated" not in margin.cell_heatmap_figure(0).layout.title.text
+
+
+def test_colour_scales_state_their_range(cli_ig):
+    image, _ = _sample()
+    cells = cli_ig.cell_heatmap_figure(0).data[0]
+    top = float(np.abs(cli_ig.gate_cells[0]).max())
+    assert cells.zmax == pytest.approx(top) and f"±{top:.2g}" in cells.colorbar.title.text
+    overlay = cli_ig.patch_overlay_figure(image, 0).data[1]
+    assert overlay.colorbar.title.text.startswith("gxi, logprob<br>±") and overlay.colorbar.title.side == "right"
+    strip = cli_ig.token_strip_figure()
+    assert all("±" in trace.colorbar.title.text for trace in strip.data)
+
+
+def test_old_trace_files_read_as_a_logprob_target(cli_ig):
+    arrays = cli_ig.arrays()
+    old = {("target_logprob" if k == "target_value" else "baseline_logprob" if k == "baseline_value" else k): v
+           for k, v in arrays.items() if k != "runner_up_ids"}
+    old["attribution_settings"] = arrays["attribution_settings"][:5]  # before targets: five settings
+    import dataclasses
+
+    back = AttributionResult.from_trace(dataclasses.replace(cli_ig.trace, attributions=old))
+    assert back.target == "logprob"
+    np.testing.assert_array_equal(back.target_value, cli_ig.target_value.astype(np.float32))
 
 
 # ------------------------------------------------------------------------ gxi by hand
@@ -184,7 +267,7 @@ def test_forced_answer_and_refusals(tiny_cli):
     image, question = _sample(5)
     r = attribute(model, tok, image, question, method="gxi", answer="red")
     assert r.trace.answer_texts == ["red", "<eos>"] and r.trace.meta.answer == "red"
-    np.testing.assert_allclose(r.target_logprob, r.trace.answer_logprobs, atol=1e-4)
+    np.testing.assert_allclose(r.target_value, r.trace.answer_logprobs, atol=1e-4)
     assert r.trace.gates.shape[1] == r.trace.n_tokens
     with pytest.raises(CLIVizError, match="vocabulary"):
         attribute(model, tok, image, question, answer="zebra")
@@ -214,6 +297,7 @@ def test_cli_json_out_html(random_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["method"] == "ig" and len(out["gate_cells"]) == len(out["answer_tokens"]) == len(out["completeness_error"])
+    assert out["target"] == "logprob" and out["rel_floor"] == 1e-3 and out["completeness"][0].startswith("completeness")
     assert np.array(out["patches"]).shape[1:] == (6, 64)
     ts = TraceSet.read(parquet)
     assert len(ts) == 1 and set(ARRAY_NAMES) <= set(ts[0].attributions)
@@ -222,7 +306,11 @@ def test_cli_json_out_html(random_model_dir, tmp_path):
     proc = run_cli(*args, "--method", "gxi", "--out", str(parquet))  # rich view, appends
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "gate cells" in proc.stdout and "completeness" in proc.stdout
+    assert "gradient × input (gxi)" in " ".join(proc.stdout.split())
     assert len(pd.read_parquet(parquet)) == 2
+    proc = run_cli(*args, "--steps", "8", "--target", "margin")
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "target f: margin" in text and "floor = 0.001" in text, proc.stdout
 
 
 def test_cli_missing_image_end_to_end(random_model_dir):
@@ -241,6 +329,7 @@ def projector_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("extra, needle", [
     (("--method", "saliency"), "unknown attribution method"),
+    (("--target", "prob"), "unknown attribution target"),
     (("--baseline", "black"), "unknown baseline"),
     (("--steps", "0"), "--steps"),
     (("--out", "{tmp}/missing/a.parquet"), "does not exist"),

@@ -219,7 +219,7 @@ def test_append_to_other_schema_version_refused_and_untouched(tmp_path: Path, rn
     old = tmp_path / "old.parquet"
     _rewrite_with_version(good, old, "0")
     before = old.read_bytes()
-    with pytest.raises(CLIVizError, match=r"old\.parquet has schema version 0, this cliviz writes 1"):
+    with pytest.raises(CLIVizError, match=rf"old\.parquet has schema version 0, this cliviz writes {SCHEMA_VERSION}"):
         TraceSet.append(old, [make_trace(rng)])
     assert old.read_bytes() == before
     with pytest.raises(CLIVizError, match="schema version 0"):
@@ -323,3 +323,30 @@ def test_property_round_trip(batches: list[list[Trace]]) -> None:
             tokens = np.concatenate([np.broadcast_to(np.array(t.token_texts, dtype=object)[None, :, None], t.gates.shape).ravel()
                                      for t in want if t.gates.size])
             assert list(df.token.astype(object)) == list(tokens)
+
+
+def _as_schema_1(src: Path, dst: Path) -> None:
+    """What a cliviz before the causal check wrote: no injection_off_* columns, schema version 1."""
+    table = pq.read_table(src)
+    table = table.drop_columns(["injection_off_answer", "injection_off_changed", "injection_off_delta_logprob"])
+    md = dict(table.schema.metadata)
+    md[b"cliviz.schema_version"] = b"1"
+    pq.write_table(table.replace_schema_metadata(md), dst)
+
+
+def test_schema_1_files_read_without_causal_check_and_upgrade_on_append(tmp_path: Path,
+                                                                        rng: np.random.Generator) -> None:
+    old_trace = make_trace(rng)
+    _as_schema_1(write_traces(tmp_path / "new.parquet", [old_trace]), tmp_path / "old.parquet")
+    back = TraceSet.read(tmp_path / "old.parquet")[0]
+    assert back.causal is None and back.meta.injection_off_changed is None
+    assert_trace_equal(back, old_trace)  # everything else intact
+    checked = make_trace(rng, sample_id="s1")
+    checked.meta.injection_off_answer, checked.meta.injection_off_changed = "blue", True
+    checked.meta.injection_off_delta_logprob = -2.5
+    TraceSet.append(tmp_path / "old.parquet", [checked])
+    assert pq.read_metadata(tmp_path / "old.parquet").metadata[b"cliviz.schema_version"] == str(SCHEMA_VERSION).encode()
+    both = TraceSet.read(tmp_path / "old.parquet")
+    assert both[0].causal is None and both[1].causal.changed and both[1].causal.delta_logprob == -2.5
+    frame = pd.read_parquet(tmp_path / "old.parquet")  # plain pandas sees the new columns
+    assert frame["injection_off_changed"].isna().tolist() == [True, False]

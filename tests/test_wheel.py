@@ -38,7 +38,8 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     assert not stray, stray
     for expected in ("cliviz/analyses/heatmaps.py", "cliviz/analyses/ablations/engine.py", "cliviz/app/__init__.py",
                      "cliviz/assets/models/cli-tiny/model.safetensors", "cliviz/assets/examples/color.png",
-                     "cliviz/tracing/record.py"):
+                     "cliviz/tracing/record.py", "cliviz/py.typed", "cliviz/train/loop.py",
+                     "cliviz/assets/models/llava-tiny-base/preprocessor_config.json"):
         assert expected in names, expected
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -52,7 +53,8 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     with open(os.path.join(target, "_deps.pth"), "w") as f:
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    code = "import cliviz, cliviz.analyses.ablations, cliviz.app; print(cliviz.__file__, cliviz.__version__)"
+    code = ("import cliviz, cliviz.analyses.ablations, cliviz.app; cliviz.load_model; cliviz.ablate; "
+            "print(cliviz.__file__, cliviz.__version__)")
     where = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     location, version = where.stdout.split()

@@ -28,22 +28,24 @@ def _signed_style(value: float, scale: float) -> str:
 
 
 def print_attribution(result, console: Console) -> None:
-    """Answer tokens coloured by total gate-cell attribution, top cells per token, completeness."""
+    """What was attributed (method, target), saturation warnings, answer tokens coloured by their total
+    gate-cell attribution, the top cells / patch / prompt token per token, and IG completeness."""
     import numpy as np
 
     meta = result.trace.meta
     console.print(f"[dim]question:[/] {meta.question}")
+    console.print(Text(result.description(), style="dim"))
+    for warning in result.warnings():
+        console.print(Text(f"warning: {warning}", style="bold yellow"))
     totals = result.totals()
     scale = float(np.nanmax(np.abs(totals))) if totals.size else 0.0
     line = Text("answer: ", style="bold")
     for word, total, lp in zip(result.answer_tokens, totals, result.trace.answer_logprobs):
         line.append(f" {word} ", style=_signed_style(float(total), scale))
-        line.append(f" p={math.exp(lp):.2f} sum={total:+.3g}  ", style="dim")
+        line.append(f" p={math.exp(lp):.4f} sum={total:+.3g}  ", style="dim")
     console.print(line)
-    label = f"integrated gradients ({result.baseline} baseline, {result.steps} steps)" if result.method == "ig" \
-        else "gradient x input"
-    table = Table(title=f"gate-cell attribution, {label}; patches and prompt tokens: gradient x input",
-                  pad_edge=False)
+    table = Table(title=f"attribution of the {result.target} per answer token (red > 0 > blue; the values "
+                        "are printed, colours only rank them)", pad_edge=False)
     table.add_column("step", justify="right")
     table.add_column("token")
     table.add_column("top gate cells (LLM layer x vision layer)")
@@ -71,20 +73,23 @@ def print_attribution(result, console: Console) -> None:
         table.add_row(str(s), word, cells, patch, top_prompt)
     console.print(table)
     if result.method == "ig":
-        parts = [f"{w!r} {t:+.3g} vs {fx - fb:+.3g} ({e:.2%})" for w, t, fx, fb, e in zip(
-            result.answer_tokens, totals, result.target_logprob, result.baseline_logprob, result.completeness_error)]
-        worst = float(np.nanmax(result.completeness_error)) if result.n_answer else 0.0
-        console.print(f"IG completeness (sum of attributions vs f(x) - f(baseline), relative error): "
-                      f"{'; '.join(parts)} — max {worst:.2%}")
+        first, *rest = result.completeness_lines()
+        console.print(Text(f"IG {first}", style="bold"))
+        for line in rest:
+            console.print(Text(f"  {line}"))
     else:
-        console.print("[dim]gradient x input has no completeness property; use --method ig for an exact accounting[/]")
+        console.print("[dim]gradient × input (gxi) has no completeness property; "
+                      "use --method ig for an exact accounting[/]")
 
 
 def attribute_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.")],
     question: Annotated[str, typer.Argument(help="Question in the model's vocabulary.")],
     method: Annotated[str, typer.Option(
-        "--method", help="ig (integrated gradients) | gxi (gradient x input).")] = "ig",
+        "--method", help="ig (integrated gradients) | gxi (gradient × input), for the gate cells.")] = "ig",
+    target: Annotated[str, typer.Option(
+        "--target", help="What to attribute: logprob (saturates when p ≈ 1) | logit | margin (logit minus "
+                         "the runner-up's logit).")] = "logprob",
     steps: Annotated[int, typer.Option("--steps", help="Integration steps for ig (1..4096).")] = 64,
     baseline: Annotated[str, typer.Option(
         "--baseline", help="ig baseline gates: uniform (1/K) | injection_off (0).")] = "uniform",
@@ -104,18 +109,20 @@ def attribute_cmd(
     from cliviz.analyses.attributions import attribute, check_options, write_attribution_html
     from cliviz.tracing.traceset import TraceSet
 
-    check_options(method, baseline, steps, batch_size)
+    check_options(method, baseline, steps, batch_size, target)
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     if net.config.fusion == "projector":
         raise CLIVizError("this model has no gates (fusion=projector): nothing is injected, "
                           "so there is nothing to attribute")
     result = attribute(net, tok, img, q, method=method, steps=steps, baseline=baseline, answer=answer,
-                       internal_batch_size=batch_size)
+                       internal_batch_size=batch_size, target=target)
     if out is not None:
         TraceSet.append(out, [result.to_trace()])
     if html is not None:
         write_attribution_html(result, img, html)
     if as_json:
+        for warning in result.warnings():
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(json.dumps(result.to_dict()))
         return
     console = Console()

@@ -42,6 +42,9 @@ def prepare_question(image: Path, question: str, model: Path | None, device: str
                      trace_out: Path | None = None, html: Path | None = None):
     """The shared start of `ask`, `trace` and `attribute`: `(image, model, tokenizer, question)`.
 
+    A bundled model shown an image unlike its ShapesVQA scenes gets one warning line on stderr
+    (`cliviz.scene_check`); the command still runs.
+
     `trace_out`, when it exists already, must be a readable cliviz trace file: appending to a foreign
     or corrupt file is refused before the model runs.
     """
@@ -55,4 +58,17 @@ def prepare_question(image: Path, question: str, model: Path | None, device: str
     img = load_image(image)
     check_question(question)
     net, tok = load_checked(model, device, dtype)
-    return img, net, tok, checked_question(question, tok)
+    checked = checked_question(question, tok)
+    warn_outside_world(img, tok)
+    return img, net, tok, checked
+
+
+def warn_outside_world(image, tokenizer) -> None:
+    """One `warning:` line on stderr when a bundled model is shown an image unlike its ShapesVQA scenes."""
+    import typer
+
+    from cliviz.scene_check import world_warning
+
+    warning = world_warning(image, tokenizer)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)

@@ -50,9 +50,12 @@ def gate_table(trace: Trace, matrix: np.ndarray, title: str) -> Table:
 
 
 def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
+    """Answer, gate table, and beside it what the map is and whether its injection matters here."""
     console.print(f"[dim]question:[/] {trace.meta.question}")
     console.print(answer_line(trace))
-    if not trace.has_gates:
-        console.print("[yellow]this model has no gates (fusion=projector): nothing is injected, so there is no gate map[/]")
-        return
-    console.print(gate_table(trace, matrix, "gates over vision layers, mean over answer steps"))
+    if trace.has_gates:
+        console.print(gate_table(trace, matrix, "gates over vision layers, mean over answer steps"))
+    check = trace.causal
+    for note in trace.map_notes():
+        quiet = check is not None and not check.matters and note.startswith("injection off")
+        console.print(Text(note, style="yellow" if (quiet or not trace.has_gates) else ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +24,10 @@ def trace_cmd(
     max_new_tokens: MaxNewTokensOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
+    causal_check: Annotated[bool, typer.Option(
+        "--causal-check/--no-causal-check",
+        help="Also measure the effect of switching the injection off for this question "
+             "(one batched engine call).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
@@ -32,7 +37,7 @@ def trace_cmd(
     from cliviz.tracing.traceset import TraceSet
 
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
-    result = trace(net, tok, img, q, max_new_tokens=max_new_tokens)
+    result = trace(net, tok, img, q, max_new_tokens=max_new_tokens, causal_check=causal_check)
     if out is not None:
         TraceSet.append(out, [result])
     if html is not None:
@@ -41,7 +46,10 @@ def trace_cmd(
         write_trace_html(result, html)
     if as_json:
         payload = result.to_dict()
-        typer.echo(json.dumps({"answer": result.meta.answer, **payload}))
+        check = result.causal
+        causal = None if check is None else {**dataclasses.asdict(check), "matters": check.matters}
+        typer.echo(json.dumps({"answer": result.meta.answer, "causal_check": causal, "map_notes": result.map_notes(),
+                               **payload}))
         return
     console = Console()
     print_trace(result, gate_matrix(result, "answer"), console)

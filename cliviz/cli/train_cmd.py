@@ -61,6 +61,7 @@ def train(
     """Train a tiny model from scratch, or CLI's modules on a frozen checkpoint (torchrun: DDP/FSDP)."""
     import torch
 
+    from cliviz.model.configuration import FUSIONS
     from cliviz.runtime import resolve_device
     from cliviz.train import TrainSettings
 

@@ -81,11 +81,14 @@ def trace_batch(
     qtypes: list[str | None] | None = None,
     references: list[str | None] | None = None,
     sample_ids: list[str | None] | None = None,
+    causal_check: bool = False,
 ) -> list[Trace]:
     """Generate answers for a batch and return one `Trace` per (image, question).
 
     `max_new_tokens` defaults to `default_max_new_tokens` (4 for the bundled models, 256 for real
-    checkpoints); generation stops earlier when every row has emitted eos.
+    checkpoints); generation stops earlier when every row has emitted eos. `causal_check=True` also
+    measures, for every row, the effect of switching the injection off (`cliviz.tracing.causal`):
+    one more batched call of the ablation engine, no generation.
     """
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     batch = len(questions)
@@ -104,6 +107,11 @@ def trace_batch(
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     chash = config_hash(model)  # once per batch: serialising the config is not free
     device, dtype = str(model.device), str(model.dtype).replace("torch.", "")
+    checks = None
+    if causal_check:
+        from cliviz.tracing.causal import causal_checks
+
+        checks = causal_checks(model, tokenizer, images, questions)
     traces = []
     for b in range(batch):
         row = generated[b, :n_steps].tolist()
@@ -140,6 +148,9 @@ def trace_batch(
             qtype=qtypes[b] if qtypes else None,
             reference_answer=references[b] if references else None,
             sample_id=sample_ids[b] if sample_ids else None,
+            injection_off_answer=checks[b].answer_off if checks else None,
+            injection_off_changed=checks[b].changed if checks else None,
+            injection_off_delta_logprob=checks[b].delta_logprob if checks else None,
         )
         trace = Trace(
             meta=meta,
@@ -163,14 +174,19 @@ def trace_batch(
 
 def trace(
     model: CLIForConditionalGeneration, tokenizer, image: Image.Image, question: str, *, max_new_tokens: int | None = None,
-    top_k: int = 5, qtype: str | None = None, reference: str | None = None,
+    top_k: int = 5, qtype: str | None = None, reference: str | None = None, causal_check: bool = True,
 ) -> Trace:
-    """Answer one question and record every gate. Example::
+    """Answer one question and record every gate, with the map's causal check (`trace.causal`:
+    the effect of switching the injection off for this question; `causal_check=False` skips it).
+    Example::
 
-        from cliviz import load_model, trace
+        from cliviz import load_image, load_model, trace
         model, tok = load_model()
-        t = trace(model, tok, Image.open("assets/examples/shapes-1.png"), "what color is the circle ?")
-        t.meta.answer, t.gates.shape          # 'red', (3, n_tokens, 6)
+        t = trace(model, tok, load_image("assets/examples/color.png"), "what color is the triangle ?")
+        t.meta.answer                         # 'blue'
+        assert t.gates.shape == (len(t.meta.injection_layers), t.n_tokens, len(t.meta.vision_layers))
+        t.causal                              # CausalCheck(answer_off='blue', changed=False, delta_logprob=...)
+        fig = t.heatmap(token=0)              # plotly Figure: the gates that produced answer token 0
     """
     return trace_batch(model, tokenizer, [image], [question], max_new_tokens=max_new_tokens, top_k=top_k,
-                       qtypes=[qtype], references=[reference])[0]
+                       qtypes=[qtype], references=[reference], causal_check=causal_check)[0]

@@ -10,6 +10,10 @@ Shapes (float32): `gates [n_injection_layers, n_tokens, K]` (rows sum to 1; zero
 for the `projector` fusion, which has no gates), `injection_norm [n_injection_layers, n_tokens]`
 (L2 norm of the residual update), `answer_logprobs [n_answer]`, `topk_ids/topk_logprobs
 [n_answer, k]`. `attributions` holds optional named arrays added by `cliviz attribute`.
+
+Schema 2 adds the causal check of the map to the meta (`injection_off_answer`,
+`injection_off_changed`, `injection_off_delta_logprob`; see `cliviz.tracing.causal`): None when not
+measured (schema-1 files, `trace_batch` without `causal_check=True`, models without injection).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 lacks the causal-check columns: read as None
 ROLES = ("image", "prompt", "answer")
 # The token selections every analysis takes (heatmaps, ablations): the positions of one role — for
 # "answer", those whose output is an answer token — or all of them.
@@ -46,6 +51,9 @@ class TraceMeta:
     qtype: str | None = None
     reference_answer: str | None = None
     sample_id: str | None = None
+    injection_off_answer: str | None = None  # first answer token with the injection off everywhere
+    injection_off_changed: bool | None = None  # did it differ from the model's own first answer token?
+    injection_off_delta_logprob: float | None = None  # log p_off(own token) - log p(own token), nats
 
 
 @dataclass
@@ -75,6 +83,42 @@ class Trace:
 
     def role_mask(self, role: str) -> np.ndarray:
         return np.array([r == role for r in self.token_roles], dtype=bool)
+
+    @property
+    def causal(self):
+        """The map's causal check (`cliviz.tracing.causal.CausalCheck`), or None when not measured."""
+        from cliviz.tracing.causal import CausalCheck
+
+        m = self.meta
+        if m.injection_off_changed is None or m.injection_off_delta_logprob is None:
+            return None
+        return CausalCheck(m.injection_off_answer or "", bool(m.injection_off_changed),
+                           float(m.injection_off_delta_logprob))
+
+    def map_notes(self) -> list[str]:
+        """What to print beside this trace's gate map: the fusion's kind of map and the causal check."""
+        from cliviz.tracing.causal import map_kind_note
+
+        notes = [n for n in [map_kind_note(self.meta.fusion, self.meta.injection_layers, self.meta.vision_layers)] if n]
+        check = self.causal
+        if check is not None:
+            notes.append(check.summary(self.answer_texts[0] if len(self.answer_texts) else ""))
+        elif self.meta.fusion != "projector":
+            notes.append("causal check not recorded for this trace (trace it with causal_check=True).")
+        return notes
+
+    def heatmap(self, token: int | None = None, role: str | None = None):
+        """The gate map as a plotly `Figure`: answer step `token` (0, 1, ...), or a token `role`
+        (answer | image | prompt | all); default: the mean over answer steps. See `analyses.heatmaps`."""
+        from cliviz.analyses.heatmaps import trace_heatmap_figure
+
+        return trace_heatmap_figure(self, token=token, role=role)
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: question, answer, token strip, the causal check and the heatmap."""
+        from cliviz.analyses.display import trace_html
+
+        return trace_html(self)
 
     def answer_gates(self) -> np.ndarray:
         """Gates that produced each answer token: `[n_injection_layers, n_answer, K]`."""

@@ -8,6 +8,8 @@ Meta (one value per trace, as in `TraceMeta`):
     cliviz_version: string; qtype, reference_answer, sample_id: string or null;
     image_width, image_height, schema_version: int64;
     vision_layers, injection_layers: list<int64> (real layer indices; K = len(vision_layers)).
+    injection_off_answer: string, injection_off_changed: bool, injection_off_delta_logprob: float64
+    (schema 2: the map's causal check, see `cliviz.tracing.causal`; null when not measured).
 
 Tensors are stored flat (C order) with their shape in a companion ``<name>_shape`` list<int32>
 column; reshape with ``np.asarray(row.gates, np.float32).reshape(row.gates_shape)``:
@@ -25,7 +27,9 @@ column; reshape with ``np.asarray(row.gates, np.float32).reshape(row.gates_shape
         any number of named arrays (stored as float32), in insertion order.
 
 File key-value metadata: ``cliviz.schema_version`` (an integer, see `trace.SCHEMA_VERSION`) and
-``cliviz.version`` (the cliviz that wrote the file). Reading checks the schema version.
+``cliviz.version`` (the cliviz that wrote the file). Reading checks the schema version; a schema-1
+file (before the causal-check columns) reads with those columns null, and appending to it rewrites
+the whole file as schema 2.
 
 Every write (`write_traces`, `TraceSet.append`, `merge_traces`) goes to a temporary file in the
 same folder and is moved into place with `os.replace`, so a reader never sees a half-written
@@ -50,7 +54,7 @@ import pyarrow.parquet as pq
 from cliviz import __version__
 from cliviz.atomic import atomic_file
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import SCHEMA_VERSION, Trace, TraceMeta
+from cliviz.tracing.trace import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 
 __all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_traces",
            "SCHEMA_VERSION_KEY", "VERSION_KEY", "ARROW_SCHEMA", "NUMERIC_ARRAYS"]
@@ -72,8 +76,10 @@ META_TYPES: dict[str, pa.DataType] = {
     "image_sha256": pa.string(), "image_width": pa.int64(), "image_height": pa.int64(),
     "device": pa.string(), "dtype": pa.string(), "created_at": pa.string(), "cliviz_version": pa.string(),
     "schema_version": pa.int64(), "qtype": pa.string(), "reference_answer": pa.string(),
-    "sample_id": pa.string(),
+    "sample_id": pa.string(), "injection_off_answer": pa.string(), "injection_off_changed": pa.bool_(),
+    "injection_off_delta_logprob": pa.float64(),
 }
+_ADDED_IN_2 = ("injection_off_answer", "injection_off_changed", "injection_off_delta_logprob")
 META_FIELDS = tuple(f.name for f in fields(TraceMeta))
 if set(META_FIELDS) != set(META_TYPES):  # pragma: no cover - guards against TraceMeta drifting
     raise RuntimeError(f"traceset.META_TYPES is out of date with TraceMeta: {sorted(set(META_FIELDS) ^ set(META_TYPES))}")
@@ -295,12 +301,14 @@ def _read_checked(pf: pq.ParquetFile, p: Path, metadata: dict, verb: str) -> pa.
         version = int(raw.decode())
     except (UnicodeDecodeError, ValueError):
         raise CLIVizError(f"trace file {p} has an unreadable schema version {raw!r}") from None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise CLIVizError(f"trace file {p} has schema version {version}, this cliviz {verb} {SCHEMA_VERSION}")
     try:
         table = pf.read()
     except (pa.ArrowException, OSError, ValueError):
         raise CLIVizError(f"trace file {p} is not a readable Parquet file") from None
+    if version == 1:
+        table = _upgrade_from_1(table)
     missing = [f.name for f in ARROW_SCHEMA if f.name not in table.column_names]
     if missing:
         raise CLIVizError(f"trace file {p} is corrupt: missing column(s) {', '.join(missing)}")
@@ -309,6 +317,14 @@ def _read_checked(pf: pq.ParquetFile, p: Path, metadata: dict, verb: str) -> pa.
     except (pa.ArrowException, ValueError) as e:
         raise CLIVizError(f"trace file {p} is corrupt: a column has the wrong type ({str(e).splitlines()[0]})") from None
     _check_table(table, str(p))
+    return table
+
+
+def _upgrade_from_1(table: pa.Table) -> pa.Table:
+    """A schema-1 table with the schema-2 causal-check columns added as nulls (never measured)."""
+    for name in _ADDED_IN_2:
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, META_TYPES[name]), pa.nulls(table.num_rows, META_TYPES[name]))
     return table
 
 
@@ -416,6 +432,19 @@ class TraceSet:
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
         return f"TraceSet({len(self)} traces{where})"
+
+    def heatmap(self, select: str = "answer", by: str | None = None):
+        """Mean gate map (plotly `Figure`) over `select` positions (answer, image, prompt, all), one panel
+        per `by` group (e.g. `qtype`) when given; with the causal checks the traces carry, as a note."""
+        from cliviz.analyses.heatmaps import traceset_heatmap_figure
+
+        return traceset_heatmap_figure(self, select, by)
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: counts, accuracy and causal checks per question type, and the mean map."""
+        from cliviz.analyses.display import traceset_html
+
+        return traceset_html(self)
 
     def sample_ids(self) -> set[str]:
         """The non-null `meta.sample_id` values (used to resume sweeps)."""
