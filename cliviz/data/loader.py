@@ -101,19 +101,23 @@ class ConversationStream(IterableDataset):
     `rank`/`world_size` default to `torch.distributed`'s when it is initialised — read here, in the
     main process, so forked workers need no process group.
 
-    Example::
+    Example (the bundled model on generated ShapesVQA scenes; `open_source("llava.json",
+    image_folder="images/")` reads LLaVA instruction data the same way)::
 
-        source = open_source("llava_instruct.json", image_folder="images/")
+        from cliviz.data.collate import collator_for_model
+        from cliviz.data.sources import ShapesSceneSource
+
+        source = ShapesSceneSource(seed=5)
         collator = collator_for_model(model.config, tokenizer, max_length=2048)
-        summary = DataSummary.from_dict(saved) if saved else DataSummary()
-        stream = ConversationStream(source, collator, batch_size=8, seed=0, start_batch=summary.next_batch)
-        for batch in make_loader(stream, num_workers=4):
+        summary = DataSummary()  # DataSummary.from_dict(saved) to resume
+        stream = ConversationStream(source, collator, batch_size=4, seed=0, start_batch=summary.next_batch)
+        for batch in itertools.islice(make_loader(stream, num_workers=0), 2):
             summary.add(batch)  # counts bad rows, checks the order, raises if nothing is usable
             if batch.size:  # a batch whose rows were all bad is empty
-                inputs = batch.to(device).inputs  # input_ids, attention_mask, labels [B, T], pixel_values, ...
+                inputs = batch.inputs  # input_ids, attention_mask, labels [B, T], pixel_values, ...
                 logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                pixel_values=inputs["pixel_values"]).logits
-                ...  # cross-entropy of logits[:, :-1] against inputs["labels"][:, 1:], ignore_index=-100
+                # cross-entropy of logits[:, :-1] against inputs["labels"][:, 1:], ignore_index=-100
         print(summary.reduced().describe())
     """
 

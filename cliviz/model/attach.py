@@ -36,8 +36,8 @@ def attach(
 ) -> CLIForConditionalGeneration:
     """Wrap `base` (its modules are re-used, not copied) in a CLI model with the light read. Example::
 
-        base = LlavaForConditionalGeneration.from_pretrained("path/to/llava", use_safetensors=True)
-        model = attach(base, vision_layers=[4, 8, 12, 16, 20, 24])
+        base = LlavaForConditionalGeneration.from_pretrained("assets/models/llava-tiny-base", use_safetensors=True)
+        model = attach(base, vision_layers=[2, 4, 6])
     """
     if base.config.model_type not in BASE_CLASSES:
         raise CLIVizError(f"cannot attach to model_type {base.config.model_type!r}; expected llava or llava_onevision")
