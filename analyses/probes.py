@@ -111,7 +111,8 @@ def vision_states(model, scenes: Sequence[Scene], layout: TowerLayout, layers: S
         inputs = image_inputs(images, model.config)
         states = model.encode_images(**inputs.to_model(model.device, model.dtype)).hidden_states
         if len(states) != layout.n_states:
-            raise CLIVizError(f"the vision tower returned {len(states)} hidden states, its config says {layout.n_states}")
+            raise CLIVizError(f"the vision tower returned {len(states)} hidden states, its config says "
+                              f"{layout.n_states}")
         rows = _base_crop_rows(model, inputs.image_sizes) if layout.onevision else np.arange(len(images))
         for k in layers:
             hs = states[k][torch.as_tensor(rows)].float().cpu().numpy()  # [b, N, D]
@@ -255,10 +256,12 @@ def probe_layers(model, scenes: Sequence[Scene], *, properties: str | Sequence[s
                     progress("probes", len(rows), total)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        raise CLIVizError("no property could be probed on these images: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise CLIVizError(f"no property could be probed on these images: {why}")
     meta = {"n_images": len(scenes), "grid": layout.grid, "has_cls": states.cls is not None, "folds": folds,
             "seed": seed, "max_patches": max_patches, "C": C, "control": control, "n_states": layout.n_states,
-            "projector_layer": layout.projector_layer, "layers": list(chosen), "crop": "base" if layout.onevision else "",
+            "projector_layer": layout.projector_layer, "layers": list(chosen),
+            "crop": "base" if layout.onevision else "",
             "seconds": {"tower": t1 - t0, "probes": time.perf_counter() - t1}}
     return ProbeReport(frame, meta, skipped)
 
@@ -332,7 +335,8 @@ class ProbeReport:
             return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
 
         return {**self.meta, "properties": self.columns, "skipped": self.skipped,
-                "results": clean(self.frame.to_dict("records")), "bottleneck": clean(self.bottleneck().to_dict("records"))}
+                "results": clean(self.frame.to_dict("records")),
+                "bottleneck": clean(self.bottleneck().to_dict("records"))}
 
     def figure(self, title: str | None = None):
         """Plotly heatmap, layers x `feature:property`, accuracy (0..1), the projector's layer outlined and

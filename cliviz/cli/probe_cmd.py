@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,23 +17,26 @@ if TYPE_CHECKING:
 
 def probe_cmd(
     model: ModelOpt = None,
-    data: Annotated[Optional[Path], typer.Option(
+    data: Annotated[Path | None, typer.Option(
         "--data", help="A `cliviz data` folder (ShapesVQA images + samples.jsonl). Default: --n fresh scenes.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, max=100_000, help="Scenes to generate when no --data is given.")] = 600,
+    n: Annotated[int, typer.Option("--n", min=1, max=100_000,
+                                   help="Scenes to generate when no --data is given.")] = 600,
     seed: Annotated[int, typer.Option("--seed", help="Scene stream (without --data), folds and patch sampling.")] = 5,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Use at most this many images.")] = None,
-    properties: Annotated[Optional[str], typer.Option(
+    max_images: Annotated[int | None, typer.Option("--max-images", min=1, help="Use at most this many images.")] = None,
+    properties: Annotated[str | None, typer.Option(
         "--properties", help="Comma-separated properties (e.g. digit,position or patch:digit). Default: all.")] = None,
-    layers: Annotated[Optional[str], typer.Option(
+    layers: Annotated[str | None, typer.Option(
         "--layers", help="Comma-separated hidden-state indices (0 = patch embedding). Default: all.")] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (images held out whole).")] = 5,
     max_patches: Annotated[int, typer.Option("--max-patches", help="Patch tokens kept per patch sample.")] = 3000,
     control: Annotated[bool, typer.Option(
-        "--control", help="Permute the labels: a sanity check, every probe should fall to its majority baseline.")] = False,
-    out: Annotated[Optional[Path], typer.Option(
+        "--control", help="Permute the labels: a sanity check, every probe should fall to its majority baseline.",
+    )] = False,
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for probes.csv, probes.json, probes.html and the heatmap images.")] = None,
     formats: Annotated[str, typer.Option(
-        "--format", "-f", help="Heatmap image formats with --out: pdf, svg, png (comma-separated), or none.")] = "png,svg",
+        "--format", "-f", help="Heatmap image formats with --out: pdf, svg, png (comma-separated), or none.",
+    )] = "png,svg",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per vision-tower batch.")] = 64,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -64,7 +67,8 @@ def probe_cmd(
         from cliviz.analyses.probes import write_report
 
         _quiet_browser()
-        written = write_report(report, out, fmts, title=f"{Path(str(net.name_or_path)).name}: linear probes per vision layer")
+        title = f"{Path(str(net.name_or_path)).name}: linear probes per vision layer"
+        written = write_report(report, out, fmts, title=title)
     if as_json:
         typer.echo(json.dumps(report.to_json()))
         return
@@ -138,8 +142,9 @@ def _print(report, written: list[Path]) -> None:
     acc, maj, p, m = report.table(), report.majority(), report.projector_layer, report.meta
     drop = report.bottleneck().set_index("column")["drop"]
     crop = "; OneVision: the base crop's patch grid" if m["crop"] else ""
-    table = Table(title=f"{Path(m['model']).name}: probe accuracy per vision layer ({m['n_images']} images, {m['folds']} folds"
-                        f"{', labels permuted' if m['control'] else ''}{crop})", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+    title = (f"{Path(m['model']).name}: probe accuracy per vision layer ({m['n_images']} images, {m['folds']} folds"
+             f"{', labels permuted' if m['control'] else ''}{crop})")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
     table.add_column("feature:property", no_wrap=True)
     for k in acc.index:
         table.add_column(f"V{k}*" if k == p else f"V{k}", justify="center")
@@ -151,7 +156,8 @@ def _print(report, written: list[Path]) -> None:
                       "-" if d != d else f"{d:+.2f}")
     console.print(table)
     console.print(f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token. V{p}* is the "
-                  f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} minus V{p}.[/]")
+                  f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} "
+                  f"minus V{p}.[/]")
     for name, why in report.skipped.items():
         console.print(f"[yellow]skipped {name}[/]: {why}")
     for why, count in m.get("images_skipped", {}).items():
