@@ -229,8 +229,7 @@ def probe_layers(model, scenes: Sequence[Scene], *, properties: str | Sequence[s
     glyph patches). `control`: permute the labels (the probes should fall to the majority baseline).
     """
     props = select_properties(properties)
-    layout = TowerLayout.of(model)
-    chosen = _check_args(layout, layers, folds, len(scenes), max_patches)
+    layout, chosen = check_probe_args(model, len(scenes), layers, folds, max_patches)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     sample, tasks = patch_tasks(scenes, layout.grid, props, max_patches, rng)
@@ -266,8 +265,10 @@ def probe_layers(model, scenes: Sequence[Scene], *, properties: str | Sequence[s
     return ProbeReport(frame, meta, skipped)
 
 
-def _check_args(layout: TowerLayout, layers: Sequence[int] | None, folds: int, n_images: int,
-                max_patches: int) -> list[int]:
+def check_probe_args(model, n_images: int, layers: Sequence[int] | None = None, folds: int = 5,
+                     max_patches: int = 3000) -> tuple[TowerLayout, list[int]]:
+    """The tower's layout and the layers to probe, or a one-line `CLIVizError` (before any work)."""
+    layout = TowerLayout.of(model)
     if folds < 2:
         raise CLIVizError(f"--folds must be at least 2, got {folds}")
     if max_patches < 1:
@@ -281,7 +282,7 @@ def _check_args(layout: TowerLayout, layers: Sequence[int] | None, folds: int, n
     if bad or not chosen:
         raise CLIVizError(f"layer {bad[0] if bad else '(none)'} is not a vision layer of this model "
                           f"(hidden states 0..{layout.n_states - 1})")
-    return chosen
+    return layout, chosen
 
 
 # ------------------------------------------------------------------------------------ the report

@@ -147,6 +147,32 @@ def test_kept_tokens_are_the_towers_states_of_the_base_crop(kind, scenes):
     assert layout.projector_layer == (2 if kind == "llava" else 3)  # vision_feature_layer -2 / -1 of 4 states
 
 
+@pytest.mark.parametrize("kind", ["llava", "onevision"])
+def test_real_checkpoints_are_probed_on_their_own_grid(kind, scenes):
+    """LLaVA-1.5 (32 px / patch 8: a 4 x 4 grid with a CLS token) and OneVision (its base crop, no CLS)."""
+    from cliviz.analyses.probes import probe_layers
+
+    model = _real(kind)
+    report = probe_layers(model, scenes[:20], properties="patch:digit,image:count", folds=2)
+    features = ["patch:digit", "mean:count"] + (["cls:count"] if kind == "llava" else [])
+    assert report.columns == features and list(report.table().index) == [0, 1, 2, 3]
+    assert report.meta["grid"] == 4 and report.meta["crop"] == ("base" if kind == "onevision" else "")
+    assert (report.frame.query("property == 'digit'").n_samples == 20).all()  # one 16-px patch holds the glyph
+
+
+def test_a_projector_layer_outside_the_tower_is_refused(tiny, scenes):
+    from cliviz.analyses.probes import probe_layers
+    from cliviz.errors import CLIVizError
+
+    base = tiny.config.base_config
+    base.vision_feature_layer = 7  # the tower has hidden states 0..6
+    try:
+        with pytest.raises(CLIVizError, match="vision_feature_layer 7 is not a layer"):
+            probe_layers(tiny, scenes, **SMALL)
+    finally:
+        base.vision_feature_layer = -2
+
+
 # ------------------------------------------------------------------------------------------ probes
 
 def test_report_shape_baselines_and_projector_layer(tiny, scenes):
@@ -261,7 +287,9 @@ def test_command_writes_tables_and_figure(tmp_path, random_model_dir):
 
 
 def test_command_reads_a_data_folder(tmp_path, random_model_dir):
-    assert run_cli("data", "--out", str(tmp_path / "d"), "--n", "21", "--seed", "2").returncode == 0
+    from cliviz.data import write_dataset
+
+    write_dataset(tmp_path / "d", 21, seed=2)
     proc = run_cli("probe-layers", "--model", str(random_model_dir), "--data", str(tmp_path / "d"), "--folds", "2",
                    "--properties", "image:count")
     assert proc.returncode == 0, proc.stderr

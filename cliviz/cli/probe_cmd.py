@@ -46,6 +46,7 @@ def probe_cmd(
     under each patch; count, digit, and the named object's colour / shape / side / size per image)
     can be read from each layer, next to the majority baseline and the layer the projector reads."""
     from cliviz.analyses.probe_labels import folder_scenes, generated_scenes, select_properties
+    from cliviz.analyses.probes import check_probe_args
     from cliviz.cli.preflight import load_checked
 
     chosen_layers = _int_list(layers, "--layers")
@@ -59,6 +60,7 @@ def probe_cmd(
         named, skipped, source = generated_scenes(count, seed), {}, f"{count} generated scenes, seed {seed}"
     named = named[:max_images] if max_images is not None else named
     net, _ = load_checked(model, device, dtype)
+    check_probe_args(net, len(named), chosen_layers, folds, max_patches)  # one error line, before the progress bar
     report = _run(net, [scene for _, scene in named], properties, chosen_layers, folds, seed, max_patches, control,
                   batch_size, quiet=as_json)
     report.meta.update({"model": str(net.name_or_path), "data": source, "images_skipped": skipped})
