@@ -18,6 +18,7 @@ from cliviz.cli.ablate_cmd import ablate_cmd
 from cliviz.cli.figures_cmd import figures_cmd
 from cliviz.cli.compare_cmd import compare_cmd
 from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
+from cliviz.cli.probe_cmd import probe_cmd
 from cliviz.cli.sweep_cmd import sweep_cmd
 from cliviz.cli.trace_cmd import trace_cmd
 from cliviz.cli.train_cmd import train
@@ -50,6 +51,7 @@ app.command("sweep")(sweep_cmd)
 app.command("ablate")(ablate_cmd)
 app.command("attribute")(attribute_cmd)
 app.command("dash")(dash_cmd)
+app.command("probe-layers")(probe_cmd)
 
 
 def main() -> None:

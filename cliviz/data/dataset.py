@@ -12,7 +12,7 @@ from PIL import Image
 
 from cliviz.atomic import atomic_write_bytes
 from cliviz.data.questions import QA, QUESTION_TYPES
-from cliviz.data.scenes import Scene, make_scene
+from cliviz.data.scenes import Scene, make_scene, scene_from_record, scene_record
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Sample:
     answer: str
     qtype: str
     image_id: str
+    scene: Scene | None = None  # what is drawn: written beside the row so that probes can label the image
 
 
 def scene_with_questions(seed: int, index: int, qtypes: tuple[str, ...] | None = None) -> tuple[Scene, list[QA]]:
@@ -49,19 +50,82 @@ def iter_samples(n: int, seed: int = 0) -> Iterator[Sample]:
         index += 1
         if qas:
             qa = qas[0]
-            yield Sample(scene.image, qa.question, qa.answer, qa.qtype, f"{seed}-{index - 1:06d}")
+            yield Sample(scene.image, qa.question, qa.answer, qa.qtype, f"{seed}-{index - 1:06d}", scene)
             produced += 1
 
 
 def write_dataset(out: Path, n: int, seed: int) -> Path:
-    """Write `out/images/*.png` and `out/samples.jsonl`; the JSONL is replaced atomically."""
+    """Write `out/images/*.png` and `out/samples.jsonl`; the JSONL is replaced atomically.
+
+    Each row also holds the `scene` drawn in its image (`scenes.scene_record`), which readers of
+    question/answer rows ignore and `read_scenes` (the layer probes) uses.
+    """
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
     for sample in iter_samples(n, seed):
         name = f"images/{sample.image_id}.png"
         sample.image.save(out / name)
-        rows.append({"image": name, "question": sample.question, "answer": sample.answer, "qtype": sample.qtype})
+        rows.append({"image": name, "question": sample.question, "answer": sample.answer, "qtype": sample.qtype,
+                     "scene": scene_record(sample.scene)})
     target = out / "samples.jsonl"
     atomic_write_bytes(target, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"), "samples file")
     return target
+
+
+def read_scenes(folder: Path) -> tuple[list[tuple[str, Scene]], dict[str, int]]:
+    """The scenes of a `cliviz data` folder, one per image in file order: `([(image path, scene)], skipped)`.
+
+    A row's `scene` record is redrawn; folders written before rows carried one are read by redrawing
+    scene `index` of stream `seed` from the image name `<seed>-<index>.png`. Either way the redrawn
+    picture must equal the stored PNG pixel for pixel, so the labels can never disagree with the
+    image; images that fail are skipped and counted by reason.
+    """
+    listing = Path(folder) / "samples.jsonl"
+    scenes: list[tuple[str, Scene]] = []
+    skipped: dict[str, int] = {}
+    seen: set[str] = set()
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["image"]
+            if not isinstance(name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            skipped["malformed line"] = skipped.get("malformed line", 0) + 1
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        scene, reason = _scene_of_row(Path(folder), name, row.get("scene"))
+        if scene is None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            scenes.append((name, scene))
+    return scenes, skipped
+
+
+def _scene_of_row(folder: Path, name: str, record: object) -> tuple[Scene | None, str]:
+    path = folder / name
+    if not path.is_file():
+        return None, "missing image"
+    if record is not None:
+        try:
+            scene = scene_from_record(record)
+        except ValueError:
+            return None, "bad scene record"
+    else:
+        seed, _, index = Path(name).stem.partition("-")
+        if not (seed.isdigit() and index.isdigit()):
+            return None, "no scene record"
+        scene = make_scene(np.random.default_rng([int(seed), int(index)]))
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except OSError:
+        return None, "unreadable image"
+    if not np.array_equal(pixels, np.asarray(scene.image)):
+        return None, "scene does not match the image"
+    return scene, ""

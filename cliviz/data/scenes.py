@@ -109,12 +109,41 @@ def make_scene(rng: np.random.Generator) -> Scene:
         if objects is not None:
             break
     digit = str(rng.integers(0, 10))
+    return Scene(objects=objects, digit=digit, image=render_scene(objects, digit))
+
+
+def render_scene(objects: list[SceneObject], digit: str) -> Image.Image:
+    """The picture of a scene: its objects in order, then the digit glyph."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         _draw_object(draw, obj)
     _draw_glyph(draw, digit)
-    return Scene(objects=objects, digit=digit, image=image)
+    return image
+
+
+def scene_record(scene: Scene) -> dict:
+    """A scene as plain JSON (what `cliviz data` stores beside each image): digit and objects, in drawing order."""
+    return {"digit": scene.digit, "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y}
+                                              for o in scene.objects]}
+
+
+def scene_from_record(record: object) -> Scene:
+    """The scene a `scene_record` describes, redrawn; ValueError when the record is not one."""
+    if not isinstance(record, dict) or not isinstance(record.get("objects"), list):
+        raise ValueError("want an object with 'digit' and a list of 'objects'")
+    digit = record.get("digit")
+    if not (isinstance(digit, str) and len(digit) == 1 and digit.isdigit()):
+        raise ValueError(f"bad digit {digit!r}")
+    objects = []
+    for o in record["objects"]:
+        if not isinstance(o, dict) or o.get("shape") not in SHAPES or o.get("color") not in COLORS \
+                or o.get("size") not in SIZES or not all(type(o.get(k)) is int for k in ("x", "y")):
+            raise ValueError(f"bad object {o!r}")
+        objects.append(SceneObject(o["shape"], o["color"], o["size"], o["x"], o["y"]))
+    if not objects:
+        raise ValueError("a scene holds at least one object")
+    return Scene(objects=objects, digit=digit, image=render_scene(objects, digit))
 
 
 CENTER_BIN = 2  # pixels per bin of the object-centre targets: finer than the 6 px relation gap
@@ -147,6 +176,21 @@ def patch_labels(scene: Scene, patch: int) -> dict[str, np.ndarray]:
     digit[y0 // patch : y1 // patch + 1, x0 // patch : x1 // patch + 1] = int(scene.digit) + 1
     out["digit"] = digit
     return out
+
+
+def grid_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
+    """`patch_labels` on any `grid` x `grid` patch grid over the whole image `[grid, grid]`.
+
+    Real checkpoints resize the 64 px scene to their tower's size, so their patch grid (24 x 24 for
+    LLaVA-1.5, 27 x 27 for OneVision's base crop) need not divide 64: then the pixel-level labels are
+    resized (nearest) to a multiple of the grid and each cell takes its most frequent non-zero label.
+    """
+    if IMAGE_SIZE % grid == 0:
+        return patch_labels(scene, IMAGE_SIZE // grid)
+    cell = -(-IMAGE_SIZE // grid)  # ceil: output pixels per grid cell
+    src = (np.arange(grid * cell) + 0.5) * IMAGE_SIZE / (grid * cell)  # output pixel centre -> source pixel
+    index = np.minimum(src.astype(np.int64), IMAGE_SIZE - 1)
+    return {name: _patch_mode(ids[np.ix_(index, index)], cell) for name, ids in patch_labels(scene, 1).items()}
 
 
 def _patch_mode(ids: np.ndarray, patch: int) -> np.ndarray:
