@@ -91,6 +91,8 @@ class Trainer:
         self.model = model
         self.save_dtype = save_dtype or _stored_dtype(settings)
         self.trained = select_trainable(model, settings.trainable)
+        if settings.objective == "tower":
+            keep_position_code(model)
         if settings.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         vision_hidden = model.config.base_config.vision_config.hidden_size
@@ -292,6 +294,16 @@ class Trainer:
         if self.resumed_at:
             out |= {"resumed_at": self.resumed_at, "total_seconds": self.elapsed()}
         return out
+
+
+def keep_position_code(model: nn.Module) -> None:
+    """Stage 1 leaves the tower's position embeddings at their init, like the fixed sin-cos codes of
+    MAE-style ViTs. An image-level objective has no use for where a patch is, and training would let
+    weight decay and the top-layer pull erase position from every layer, leaving CLI nothing to read
+    it from; frozen, the shallow layers keep it and the top layers still lose it."""
+    for name, param in model.named_parameters():
+        if "vision_tower" in name and "position_embedding" in name:
+            param.requires_grad_(False)
 
 
 def train(settings: TrainSettings, out: Path, device: torch.device, on_step: Callable[[StepReport], None] | None = None,
