@@ -143,16 +143,20 @@ def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | Non
     return with_notes(fig, trace.map_notes())
 
 
+DROPDOWN_STEPS = 24  # answers up to this many steps list each step in the dropdown; longer ones get a slider
+
+
 def token_heatmap_figure(trace: Trace) -> go.Figure:
     """One heatmap with a dropdown over selections: all answer steps, each step, image, prompt.
 
     The dropdown sits at the top left, above the plot, so that it never covers plotly's toolbar
-    (top right); the map's notes (kind, causal check) are the subtitle."""
-    options: list[tuple[str, str | int]] = [("answer (mean)", "answer")]
-    for s, pos in enumerate(trace.answer_positions):
-        word = trace.answer_texts[s]
-        options.append((f"step {s}: -> {word!r}", int(pos)))
-    options += [("image tokens", "image"), ("prompt tokens", "prompt"), ("all tokens", "all")]
+    (top right); the map's notes (kind, causal check) are the subtitle. A long answer (a real
+    checkpoint's sentences, up to 1,024 tokens) keeps the dropdown for the aggregates and moves its
+    steps to a slider under the plot, which stays usable at any length."""
+    steps = [(f"step {s}: -> {trace.answer_texts[s]!r}", int(pos)) for s, pos in enumerate(trace.answer_positions)]
+    aggregates: list[tuple[str, str | int]] = [("image tokens", "image"), ("prompt tokens", "prompt"), ("all tokens", "all")]
+    long_answer = len(steps) > DROPDOWN_STEPS
+    options = [("answer (mean)", "answer")] + ([] if long_answer else steps) + aggregates
     mats = [gate_matrix(trace, sel) for _, sel in options]
     fig = heatmap_figure(mats[0], trace.meta.vision_layers, trace.meta.injection_layers, zmax=1.0,
                          title=f"{trace.meta.question}  ->  {trace.meta.answer}")
@@ -165,6 +169,13 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
         }],
         margin={"t": (fig.layout.margin.t or 40) + 40},
     )
+    if long_answer:
+        fig.update_layout(sliders=[{  # tick labels hidden (hundreds would overlap); the current value names the step
+            "active": 0, "currentvalue": {"prefix": "answer ", "font": {"size": 12, "color": "#333"}}, "pad": {"t": 40},
+            "font": {"color": "rgba(0,0,0,0)"}, "ticklen": 0,
+            "steps": [{"label": label, "method": "restyle", "args": [{"z": [gate_matrix(trace, pos).tolist()]}]}
+                      for label, pos in steps],
+        }])
     return fig
 
 

@@ -16,6 +16,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from werkzeug.serving import make_server
@@ -364,3 +365,74 @@ def test_trace_page_dropdown_clears_toolbar_and_notes(browser, served, tmp_path)
         page.screenshot(path=str(tmp_path / "trace-page.png"))
     finally:
         page.context.close()
+
+
+def long_answer_trace(base, steps: int = 512):
+    """A real trace's prompt followed by `steps` answer tokens with their own gates: the shape of a
+    real checkpoint's 512-token answer (rows of every gate a distribution, as recorded)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    n_prompt = int(base.answer_positions[0]) + 1
+    vocab = ["red", "green", "the", "triangle", "is", "left", "of", "a", "circle", "."]
+    ids = np.concatenate([base.token_ids[:n_prompt], rng.integers(5, 20, steps - 1)]).astype(np.int64)
+    layers, k = base.gates.shape[0], base.gates.shape[2]
+    extra = rng.dirichlet(np.ones(k), size=(layers, steps - 1)).astype(np.float32)  # [L, steps-1, K]
+    answer_ids = rng.integers(5, 20, steps).astype(np.int64)
+    texts = [vocab[i % len(vocab)] for i in range(steps)]
+    lp = np.log(rng.uniform(0.2, 1.0, steps)).astype(np.float32)
+    long = replace(
+        base, meta=replace(base.meta, answer=" ".join(texts)), token_ids=ids,
+        token_texts=list(base.token_texts[:n_prompt]) + texts[:-1],
+        token_roles=list(base.token_roles[:n_prompt]) + ["answer"] * (steps - 1),
+        gates=np.concatenate([base.gates[:, :n_prompt], extra], axis=1),
+        injection_norm=np.concatenate([base.injection_norm[:, :n_prompt], np.ones((layers, steps - 1), np.float32)], 1),
+        answer_ids=answer_ids, answer_texts=texts, answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + steps),
+        answer_logprobs=lp, topk_ids=np.stack([answer_ids] * 2, 1), topk_texts=[[t, t] for t in texts],
+        topk_logprobs=np.stack([lp, lp - 1], 1),
+    )
+    long.validate()
+    return long
+
+
+def test_a_512_token_trace_opens_in_the_trace_page(browser, served, tmp_path):
+    """Long answers: the page's steps move to a slider (a 512-entry dropdown is unusable); moving it
+    redraws the map, and the page stays small."""
+    from cliviz.analyses.heatmaps import write_trace_html
+
+    long = long_answer_trace(expected_trace(served[1], EXAMPLES / "color.png", "what color is the triangle ?"))
+    path = tmp_path / "long.html"
+    write_trace_html(long, path)
+    assert path.stat().st_size < 8 * 2**20
+    page = browser.new_context(viewport={"width": 1000, "height": 800}).new_page()
+    try:
+        page.goto(path.as_uri())
+        expect(page.locator(".slider-container")).to_be_visible()
+        current = page.locator(".slider-container .slider-label").first  # plotly's "current value" line
+        expect(current).to_contain_text("answer step 0:")
+        plot = page.locator(".heatmaplayer").first
+        before = plot.screenshot()
+        rail = page.locator(".slider-rail-rect").first.bounding_box()
+        page.mouse.click(rail["x"] + rail["width"] * 0.6, rail["y"] + rail["height"] / 2)
+        expect(current).not_to_contain_text("answer step 0:")
+        assert plot.screenshot() != before  # another step's gates are drawn
+        page.screenshot(path=str(tmp_path / "long-trace-page.png"))
+    finally:
+        page.context.close()
+
+
+def test_a_512_token_trace_in_the_dashboard_callbacks(served):
+    """The dashboard's answer card and heatmap on a 512-token trace: every step is a token button, and
+    a late step's map is the recorded one."""
+    from cliviz.analyses.heatmaps import gate_matrix
+    from cliviz.app.callbacks_explore import render_answer, render_heatmap
+
+    long = long_answer_trace(expected_trace(served[1], EXAMPLES / "color.png", "what color is the triangle ?"))
+    store = {"trace": long.to_dict(), "image": None}
+    card = render_answer(store)
+    strip = [c for c in card.children if getattr(c, "id", None) == "token-strip"][0]
+    steps = [b for b in strip.children if isinstance(getattr(b, "id", None), dict) and b.id.get("step", -1) >= 0]
+    assert len(steps) == 512
+    figure, _, _ = render_heatmap(store, 400, None)
+    z = np.asarray(figure.data[0].z, dtype=np.float32)
+    np.testing.assert_allclose(z, gate_matrix(long, int(long.answer_positions[400])), atol=1e-6)
