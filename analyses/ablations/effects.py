@@ -162,7 +162,7 @@ def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questio
                 if a is None:
                     gates = nnsight.save([wrapped.agf[j].gate.output.float() for j in range(len(model.agf))])
                 else:
-                    j = cfg.injection_layers.index(a.llm_layers[0])
+                    j = model.injection_position(a.llm_layers[0])
                     k = cfg.vision_layers.index(a.vision_layers[0])
                     g = wrapped.agf[j].gate.output
                     g2 = g.clone().float()

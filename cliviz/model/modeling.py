@@ -153,12 +153,17 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
     def decoder_layers(self) -> nn.ModuleList:
         return self.base.model.language_model.layers
 
-    def agf_for(self, llm_layer: int) -> nn.Module:
-        """The AGF module of a real LLM layer index (`agf[j]` is `injection_layers[j]`, not layer j)."""
+    def injection_position(self, llm_layer: int) -> int:
+        """j such that `agf[j]` serves the real LLM layer `llm_layer` (`agf[j]` is `injection_layers[j]`,
+        not layer j: `agf.0` is LLM layer 1 with the default wiring)."""
         try:
-            return self.agf[self.config.injection_layers.index(int(llm_layer))]
+            return self.config.injection_layers.index(int(llm_layer))
         except ValueError:
             raise KeyError(f"LLM layer {llm_layer} takes no injection (injection layers: {self.config.injection_layers})") from None
+
+    def agf_for(self, llm_layer: int) -> nn.Module:
+        """The AGF module of a real LLM layer index (see `injection_position`)."""
+        return self.agf[self.injection_position(llm_layer)]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()

@@ -297,13 +297,23 @@ class Trainer:
 
 
 def keep_position_code(model: nn.Module) -> None:
-    """Stage 1 leaves the tower's position embeddings at their init, like the fixed sin-cos codes of
-    MAE-style ViTs. An image-level objective has no use for where a patch is, and training would let
-    weight decay and the top-layer pull erase position from every layer, leaving CLI nothing to read
-    it from; frozen, the shallow layers keep it and the top layers still lose it."""
-    for name, param in model.named_parameters():
-        if "vision_tower" in name and "position_embedding" in name:
-            param.requires_grad_(False)
+    """Stage 1 gives the tower a fixed 2-D sin-cos position code (as MAE-style ViTs have) and never
+    trains it. An image-level objective has no use for where a patch is: trained, the position
+    embeddings fade until not even the shallow layers know where a patch is, and CLI finds no
+    position anywhere to read. Fixed and as large as the patch embeddings, the code keeps position
+    in the shallow layers; the top layers still lose it to the pull toward their mean."""
+    from cliviz.train.tiny import sincos_position_code
+
+    tower = model.base.model.vision_tower
+    table = tower.embeddings.position_embedding.weight  # [1 + grid*grid, Dv]: CLS first
+    grid = int(round((table.shape[0] - 1) ** 0.5))
+    with torch.no_grad():
+        pixels = torch.rand(8, 3, tower.config.image_size, tower.config.image_size) * 2 - 1
+        patch_norm = tower.embeddings.patch_embedding(pixels).flatten(2).norm(dim=1).mean()  # typical token size
+        code = sincos_position_code(grid, table.shape[1])  # [grid*grid, Dv], unit rows
+        table[0].zero_()
+        table[1:] = code * patch_norm
+    table.requires_grad_(False)
 
 
 def train(settings: TrainSettings, out: Path, device: torch.device, on_step: Callable[[StepReport], None] | None = None,

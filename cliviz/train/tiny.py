@@ -117,3 +117,21 @@ def tower_loss(heads: TowerHeads, states: tuple[torch.Tensor, ...], batch: dict,
         spread = (tokens - tokens.mean(1, keepdim=True)).pow(2).sum(-1).mean()
         loss = loss + smooth_weight * spread / tokens.pow(2).sum(-1).mean().clamp_min(1e-6)
     return loss, accuracy
+
+
+def sincos_position_code(grid: int, dim: int) -> torch.Tensor:
+    """2-D sin-cos position code of a `grid x grid` patch raster, `[grid*grid, dim]`, rows of norm 1
+    (half the channels encode the row, half the column, at `dim/4` frequencies each: MAE's code)."""
+    quarter = dim // 4
+    freqs = 1.0 / (10_000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # [dim/4]
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        angles = x.reshape(-1, 1) * freqs  # [grid*grid, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid*grid, dim/2]
+
+    code = torch.cat([encode(rows), encode(cols)], dim=1)  # [grid*grid, dim]
+    if code.shape[1] < dim:
+        code = torch.nn.functional.pad(code, (0, dim - code.shape[1]))
+    return code / code.norm(dim=1, keepdim=True)
