@@ -25,6 +25,7 @@ def train(
     ctx: typer.Context,
     out: Annotated[Optional[Path], Opt("--out", help="Folder for the trained model (with --resume: the run's folder unless given).")] = None,
     init_from: Annotated[Optional[Path], Opt("--init-from", help="Start from this model folder: a CLI model (e.g. from `cliviz attach`), a plain LLaVA / LLaVA-OneVision folder or a projector model (CLI is attached first). Default: a tiny model from scratch.")] = None,
+    vision_from: Annotated[Optional[Path], Opt("--vision-from", help="From scratch, but with the vision tower of this model folder (a stage-1 tower; freeze it with --train projector,llm).")] = None,
     data: Annotated[Optional[Path], Opt("--data", help="LLaVA-format JSON/JSONL (`{id, image, conversations}`), Parquet/Arrow files, or a ShapesVQA folder. Default: generated ShapesVQA scenes.")] = None,
     image_folder: Annotated[Optional[Path], Opt("--image-folder", help="Where the images named in --data live.")] = None,
     train_what: Annotated[Optional[str], Opt("--train", help="all, or parts among cli,projector,llm,vision (e.g. cli or projector,llm). Default: all from scratch, cli with --init-from (everything else stays bit-identical), vision for --objective tower.")] = None,
@@ -76,9 +77,10 @@ def train(
         return
     if out is None:
         raise CLIVizError("give --out FOLDER for the trained model")
-    _check_paths(init_from, data, image_folder)
+    _check_paths(init_from, data, image_folder, vision_from)
     settings = TrainSettings(
         fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what, objective=objective,
+        vision_from=str(vision_from) if vision_from else None,
         smooth_from=smooth_from, smooth_weight=smooth_weight, scene_pool=scene_pool, cache_vision=cache_vision,
         data=str(data) if data else None, image_folder=str(image_folder) if image_folder else None,
         max_length=max_length, num_workers=num_workers, data_offset=data_offset, extra_questions=extra_questions,
@@ -90,9 +92,11 @@ def train(
     _run(settings, out, dev, stored)
 
 
-def _check_paths(init_from: Path | None, data: Path | None, image_folder: Path | None) -> None:
-    if init_from is not None and not (init_from / "config.json").is_file():
-        raise CLIVizError(f"--init-from {init_from} is not a model folder (no config.json)")
+def _check_paths(init_from: Path | None, data: Path | None, image_folder: Path | None,
+                 vision_from: Path | None = None) -> None:
+    for option, folder in (("--init-from", init_from), ("--vision-from", vision_from)):
+        if folder is not None and not (folder / "config.json").is_file():
+            raise CLIVizError(f"{option} {folder} is not a model folder (no config.json)")
     if data is not None and not data.exists():
         raise CLIVizError(f"--data {data} not found")
     if image_folder is not None and not image_folder.is_dir():

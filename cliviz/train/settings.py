@@ -20,6 +20,7 @@ class TrainSettings:
     # what is trained
     fusion: str = "cli"  # the architecture from scratch; with a projector/LLaVA `init_from`, the fusion attached to it
     init_from: str | None = None  # a model folder to start from (None: a tiny model from scratch)
+    vision_from: str | None = None  # from scratch: copy the vision tower of this model folder (a stage-1 tower)
     train: str | None = None  # all, or parts "cli,projector,llm,vision"; None: all from scratch (and --start-step), else cli
     objective: str = "answers"  # answers: loss on the answer tokens; tower: stage-1 semantic pretraining of the vision tower
     # data
@@ -85,6 +86,8 @@ class TrainSettings:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.cache_vision and ("vision" in parts_of(self.trainable) or self.objective != "answers"):
             raise ValueError("cache_vision needs a frozen vision tower (train without the vision part)")
+        if self.vision_from is not None and self.init_from is not None:
+            raise ValueError("vision_from starts a tiny model from scratch: it does not go with init_from")
         if self.scene_pool is not None and self.scene_pool < 1:
             raise ValueError("scene_pool must be at least 1")
         if self.distributed not in DISTRIBUTED:

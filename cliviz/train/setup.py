@@ -50,7 +50,10 @@ def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForCond
         tokenizer = build_tokenizer()
         config = tiny_config(settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"),
                              tokenizer.pad_token_id)
-        return CLIForConditionalGeneration(config), tokenizer
+        model = CLIForConditionalGeneration(config)
+        if settings.vision_from is not None:
+            copy_vision_tower(Path(settings.vision_from), model)
+        return model, tokenizer
     folder = Path(settings.init_from)
     model_type = _model_type(folder)
     if model_type in ("llava", "llava_onevision"):
@@ -67,6 +70,20 @@ def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForCond
         cli.name_or_path = model.name_or_path
         return cli, tokenizer
     return model, tokenizer
+
+
+def copy_vision_tower(folder: Path, model: CLIForConditionalGeneration) -> None:
+    """Load the vision tower of a saved model (e.g. a stage-1 tower) into a fresh model: the rest of it
+    (projector, LLM, CLI) keeps this run's own seeded init."""
+    try:
+        source = CLIForConditionalGeneration.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CLIVizError(f"cannot load the model in {folder}: {str(err).splitlines()[0]}") from None
+    tower = source.base.model.vision_tower.state_dict()
+    own = model.base.model.vision_tower.state_dict()
+    if set(tower) != set(own) or any(tower[k].shape != own[k].shape for k in own):
+        raise CLIVizError(f"the vision tower in {folder} does not match this architecture")
+    model.base.model.vision_tower.load_state_dict(tower)
 
 
 def _attach_to_base(folder: Path, settings: TrainSettings, dtype: torch.dtype):
