@@ -811,48 +811,9 @@ def attribute(
             run.runner_up = runner_up_ids(logits, run.targets, suppressed_tokens(tokenizer))  # [n]
         if forced is not None:
             tr = _forced_trace(tr, tokenizer, list(answer_ids), gates, norms, logits)
-        n = len(answer_ids)
-        eye = torch.eye(n, device=model.device)
-
-        # (1) live model: gradient x input on the embeddings and the AMP memory, all answer tokens at
-        # once (row s of a batch of n carries target s, so sum_s f_s[row s] separates the gradients).
-        e, m = run.const(n)
-        e = e.detach().clone().requires_grad_(True)
-        leaves = [e]
-        if m is not None:
-            m = m.detach().clone().requires_grad_(True)
-            leaves.append(m)
-        lp = run.values(e, m, None)  # [n, n]
-        grads = torch.autograd.grad((lp * eye).sum(), leaves)
-        embed_scores = (grads[0] * e).sum(-1).float().detach().cpu().numpy()  # [n, T]
-        if m is not None:
-            patches = (grads[1] * m).sum(-1).float().detach().cpu().numpy()  # [n, K, N]
-        else:
-            n_img = int(tr.role_mask("image").sum())
-            patches = np.full((n, len(model.config.vision_layers), n_img), np.nan, dtype=np.float32)
-
-        # (2) gates as the input: real gates G and baseline G'.
-        g_actual = gates  # [L, T, K]
-        g_base = baseline_gates(g_actual, baseline)
-        e1, m1 = run.const(2)
-        with torch.no_grad():
-            f_pair = run.values(e1, m1, torch.stack([g_actual, g_base]))  # [2, n]
-        f_x, f_b = f_pair[0].cpu().numpy(), f_pair[1].cpu().numpy()
-        if method == "gxi":
-            g = g_actual.expand(n, *g_actual.shape).clone().requires_grad_(True)  # [n, L, T, K]
-            en, mn = run.const(n)
-            lp = run.values(en, mn, g)
-            (grad,) = torch.autograd.grad((lp * eye).sum(), [g])
-            per_pos = (grad * g).detach()  # [n, L, T, K]
-            completeness = np.full(n, np.nan, dtype=np.float32)
-        else:
-            per_pos = torch.stack([integrated_gradients(run.gate_fn(s), g_actual, g_base, steps, internal_batch_size)
-                                   for s in range(n)]).detach()  # [n, L, T, K]
-            total = per_pos.sum(dim=(1, 2, 3)).cpu().numpy()
-            delta = f_x - f_b
-            completeness = (np.abs(total - delta) / np.maximum(np.abs(delta), REL_FLOOR)).astype(np.float32)
-
-    per_pos = per_pos.float().cpu().numpy()
+        embed_scores, patches = _live_gradients(run, tr, model, len(answer_ids))
+        per_pos, completeness, f_x, f_b = _gate_attributions(run, gates, len(answer_ids), method, baseline, steps,
+                                                             internal_batch_size)
     prompt_pos = _prompt_positions(tr)
     image_pos = np.flatnonzero(tr.role_mask("image"))
     return AttributionResult(
@@ -871,6 +832,51 @@ def attribute(
         target=target,
         runner_up_ids=run.runner_up.cpu().numpy() if run.runner_up is not None else None,
     )
+
+
+def _live_gradients(run: _Runner, tr: Trace, model, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient x input on the embeddings and the AMP memory of the live model, every answer token at
+    once (row s of a batch of n carries target s, so sum_s f_s[row s] separates the gradients):
+    `(embedding scores [n, T], patch scores [n, K, N])` — patches NaN without an AMP memory."""
+    eye = torch.eye(n, device=model.device)
+    e, m = run.const(n)
+    e = e.detach().clone().requires_grad_(True)
+    leaves = [e]
+    if m is not None:
+        m = m.detach().clone().requires_grad_(True)
+        leaves.append(m)
+    values = run.values(e, m, None)  # [n, n]
+    grads = torch.autograd.grad((values * eye).sum(), leaves)
+    embed_scores = (grads[0] * e).sum(-1).float().detach().cpu().numpy()  # [n, T]
+    if m is not None:
+        return embed_scores, (grads[1] * m).sum(-1).float().detach().cpu().numpy()  # [n, K, N]
+    n_img = int(tr.role_mask("image").sum())
+    return embed_scores, np.full((n, len(model.config.vision_layers), n_img), np.nan, dtype=np.float32)
+
+
+def _gate_attributions(run: _Runner, gates: torch.Tensor, n: int, method: str, baseline: str, steps: int,
+                       internal_batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The gates as the input, real `gates [L, T, K]` against the baseline gates: per-position
+    attributions `[n, L, T, K]`, the completeness error `[n]` (NaN for gxi), f(x) and f(baseline) `[n]`."""
+    g_base = baseline_gates(gates, baseline)
+    e1, m1 = run.const(2)
+    with torch.no_grad():
+        f_pair = run.values(e1, m1, torch.stack([gates, g_base]))  # [2, n]
+    f_x, f_b = f_pair[0].cpu().numpy(), f_pair[1].cpu().numpy()
+    if method == "gxi":
+        g = gates.expand(n, *gates.shape).clone().requires_grad_(True)  # [n, L, T, K]
+        en, mn = run.const(n)
+        values = run.values(en, mn, g)
+        (grad,) = torch.autograd.grad((values * torch.eye(n, device=g.device)).sum(), [g])
+        per_pos = (grad * g).detach()  # [n, L, T, K]
+        completeness = np.full(n, np.nan, dtype=np.float32)
+    else:
+        per_pos = torch.stack([integrated_gradients(run.gate_fn(s), gates, g_base, steps, internal_batch_size)
+                               for s in range(n)]).detach()  # [n, L, T, K]
+        total = per_pos.sum(dim=(1, 2, 3)).cpu().numpy()
+        delta = f_x - f_b
+        completeness = (np.abs(total - delta) / np.maximum(np.abs(delta), REL_FLOOR)).astype(np.float32)
+    return per_pos.float().cpu().numpy(), completeness, f_x, f_b
 
 
 # ===================================================================================== page
