@@ -288,8 +288,31 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
         return traces
     if select not in TOKEN_SETS:
         raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(TOKEN_SETS)}")
-    ts = as_traceset(traces)
-    t = ts.table
+    t = as_traceset(traces).table
+    shapes, gated, vision, injection = _shared_layers(t)
+    T = shapes[:, 1]
+    Lc, Kc = len(injection), len(vision)
+    trace_of, position, step = _selected_positions(t, select, gated, T)
+    Tr = T[trace_of]
+    if np.any(position < 0) or np.any(position >= Tr):
+        raise CLIVizError("trace set is corrupt: a selected position lies outside its trace's tokens")
+    g_v, g_o = _list_values(t.column("gates"), np.float32)
+    n_v, n_o = _list_values(t.column("injection_norm"), np.float32)
+    lay = np.arange(Lc, dtype=np.int64)
+    base = g_o[trace_of] + position * Kc  # [R]
+    idx = base[:, None, None] + (lay[None, :] * (Tr * Kc)[:, None])[:, :, None] + np.arange(Kc)[None, None, :]
+    gates = g_v[idx] if len(base) else np.empty((0, Lc, Kc), np.float32)  # [R, L, K]
+    nidx = n_o[trace_of][:, None] + lay[None, :] * Tr[:, None] + position[:, None]
+    norms = n_v[nidx] if len(base) else np.empty((0, Lc), np.float32)  # [R, L]
+    qtype = np.array(t.column("qtype").to_pylist(), dtype=object)
+    sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)
+    return GateRows(gates=gates, norms=norms, trace=trace_of, position=position, step=step, vision_layers=vision,
+                    injection_layers=injection, qtype=qtype, sample_id=sample_id, gated=gated, select=select)
+
+
+def _shared_layers(t: pa.Table) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """`(gates shapes [n, 3], gated [n], vision layers, injection layers)`, refusing an empty set, one
+    without gates, or traces whose layer lists differ."""
     n = t.num_rows
     shape_v, shape_o = _list_values(t.column("gates_shape"), np.int64)
     if n == 0:
@@ -297,7 +320,7 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
     if np.any(np.diff(shape_o) != 3):
         raise CLIVizError("trace set is corrupt: gates_shape must have 3 entries per trace")
     shapes = shape_v.reshape(n, 3)
-    L, T, K = shapes[:, 0], shapes[:, 1], shapes[:, 2]
+    L, K = shapes[:, 0], shapes[:, 2]
     gated = shapes.prod(axis=1) > 0
     if not gated.any():
         raise CLIVizError("no trace in the set has gates (projector fusion records none): nothing to analyse")
@@ -318,21 +341,23 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
         raise CLIVizError(
             f"traces mix layer lists: trace {first} has vision layers {vision} / LLM layers {injection}, trace {b} "
             f"has {_layer_list(vis_v, vis_o, b)} / {_layer_list(inj_v, inj_o, b)}; analyse them separately")
-    Lc, Kc = len(injection), len(vision)
+    return shapes, gated, vision, injection
 
-    # positions: (trace, position, step) for every selected row, traces with gates only
+
+def _selected_positions(t: pa.Table, select: str, gated: np.ndarray, T: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(trace, position, step)` of every selected row, traces with gates only, in trace order."""
+    n = t.num_rows
     if select == "answer":
         pos_v, pos_o = _list_values(t.column("answer_positions"), np.int64)
         counts = np.diff(pos_o) * gated
         keep = np.repeat(gated, np.diff(pos_o))
         trace_of = np.repeat(np.arange(n, dtype=np.int64), counts)
         position = pos_v[keep]
-        step = np.arange(len(position), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     elif select == "all":
         counts = T * gated
         trace_of = np.repeat(np.arange(n, dtype=np.int64), counts)
-        step = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        position = step.copy()
+        position = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     else:
         roles = pc.list_flatten(t.column("token_roles"))
         role_o = np.zeros(n + 1, dtype=np.int64)
@@ -343,23 +368,8 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
         hit, trace_of = hit[ok], trace_all[ok]
         position = hit - role_o[trace_of]
         counts = np.bincount(trace_of, minlength=n)
-        step = np.arange(len(hit), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    Tr = T[trace_of]
-    if np.any(position < 0) or np.any(position >= Tr):
-        raise CLIVizError("trace set is corrupt: a selected position lies outside its trace's tokens")
-
-    g_v, g_o = _list_values(t.column("gates"), np.float32)
-    n_v, n_o = _list_values(t.column("injection_norm"), np.float32)
-    lay = np.arange(Lc, dtype=np.int64)
-    base = g_o[trace_of] + position * Kc  # [R]
-    idx = base[:, None, None] + (lay[None, :] * (Tr * Kc)[:, None])[:, :, None] + np.arange(Kc)[None, None, :]
-    gates = g_v[idx] if len(base) else np.empty((0, Lc, Kc), np.float32)
-    nidx = n_o[trace_of][:, None] + lay[None, :] * Tr[:, None] + position[:, None]
-    norms = n_v[nidx] if len(base) else np.empty((0, Lc), np.float32)
-    qtype = np.array(t.column("qtype").to_pylist(), dtype=object)
-    sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)
-    return GateRows(gates=gates, norms=norms, trace=trace_of, position=position, step=step, vision_layers=vision,
-                    injection_layers=injection, qtype=qtype, sample_id=sample_id, gated=gated, select=select)
+    step = np.arange(len(trace_of), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return trace_of, position, step
 
 
 def _reduce(rows: GateRows, mask: np.ndarray | None, weight: str) -> np.ndarray:
