@@ -155,3 +155,17 @@ def test_onevision_folder_without_processor_files_is_one_error_line(ov, tmp_path
     (broken / "processor_config.json").unlink()
     proc = run_cli("ask", str(ov["images"]["wide"]), "what is this?", "--model", str(broken), "--device", "cpu")
     assert_clean_error(proc, "image processor")
+
+
+def test_the_dashboard_serves_a_onevision_model(ov):
+    """`cliviz dash --model <OneVision>`: the app builds, and its backend answers an uploaded image
+    with a trace whose gates cover that image's own token count."""
+    from cliviz.app import create_app
+    from cliviz.app.factory import load_backend
+
+    assert create_app(ov["cli"], device="cpu", dtype="float32") is not None
+    backend = load_backend(ov["cli"], None, device="cpu", dtype="float32")
+    image = Image.open(ov["images"]["wide"]).convert("RGB")
+    t = backend.ask(image, "what is this?")
+    assert t.has_gates and t.gates.shape[1] == t.n_tokens
+    assert int(t.role_mask("image").sum()) == 34  # the wide image's anyres count (see the token-count test)
