@@ -97,6 +97,10 @@ def test_cli_only_training_of_an_attached_checkpoint(setup, family, tmp_path):
                     ["trace", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"]):
         proc = run_cli(*command, "--model", str(out), "--device", "cpu")
         assert proc.returncode == 0, proc.stderr
+    from cliviz.app.factory import load_backend  # and the dashboard's backend serves it
+
+    backend = load_backend(out, None, device="cpu", dtype="float32")
+    assert backend.ask(Image.open(image).convert("RGB"), "What color is the picture?").has_gates
 
 
 def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
