@@ -14,7 +14,7 @@ from cliviz.model.configuration import CLIConfig
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.safety import no_stdin, refuse_remote_code
 from cliviz.model.validation import read_config
-from cliviz.model.weights import check_weights
+from cliviz.model.weights import check_finite_parameters, check_weights
 from cliviz.runtime import resolve_device
 
 DEFAULT_MODEL = "cli-tiny"
@@ -95,7 +95,9 @@ def load_model(
     if processor is not None:
         model.config.image_processor = processor  # runtime-only: see `processing.image_processor`
     model.name_or_path = str(folder)
-    return model.to(dev).eval(), tokenizer
+    model = model.to(dev).eval()
+    check_finite_parameters(model, folder / "model.safetensors")
+    return model, tokenizer
 
 
 def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:

@@ -136,3 +136,14 @@ def _report(path: Path, missing: list[str], unexpected: list[str], wrong: list[s
             parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{more})")
     if parts:
         raise CLIVizError(f"weights file {path} does not fit its config.json: {'; '.join(parts)}")
+
+
+def check_finite_parameters(model: torch.nn.Module, path: Path) -> None:
+    """CLIVizError naming the first parameter holding NaN or Inf (checked in slices: no full-size copy)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        for part in flat.split(1 << 24):
+            if not bool(torch.isfinite(part).all()):
+                raise CLIVizError(f"weights file {path} holds NaN or infinite values (in {name}); the model is broken")
