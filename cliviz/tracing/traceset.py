@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from cliviz import __version__
 from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
+from cliviz.tracing.table_checks import check_table
 from cliviz.tracing.trace import SCHEMA_VERSION, Trace, TraceMeta
 
 __all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_traces",
@@ -216,14 +217,9 @@ def _shapes(table: pa.Table, name: str, ndim: int, path: str) -> np.ndarray:
 
 
 def _check_table(table: pa.Table, path: str) -> None:
-    """Cheap, vectorised consistency checks so a hand-edited file fails with one clear line."""
-    for name, (_, _, ndim) in _NUMERIC.items():
-        if ndim is None:
-            continue
-        shapes = _shapes(table, name, ndim, path)
-        lengths = pc.fill_null(pc.list_value_length(table.column(name)), 0).to_numpy()
-        if np.any(shapes < 0) or np.any(shapes.prod(axis=1) != lengths):
-            raise CLIVizError(f"trace file {path} is corrupt: {name} does not match {name}_shape")
+    """Shapes that fit together and values a real run can produce, so a broken file fails with one line
+    naming the trace and field (`cliviz.tracing.table_checks`)."""
+    check_table(table, path)
 
 
 def _table_to_traces(table: pa.Table) -> list[Trace]:
