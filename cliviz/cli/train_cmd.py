@@ -61,6 +61,9 @@ def train(
         return
     if out is None:
         raise CLIVizError("give --out FOLDER for the trained model")
+    from cliviz.cli.preflight import check_output_folder
+
+    check_output_folder(out, "--out folder")  # before any training: a typo must not cost a run
     if fusion not in FUSIONS:
         raise CLIVizError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
     if (steps is None) == (minutes is None):
