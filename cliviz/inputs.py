@@ -52,7 +52,10 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_side: in
             return to_rgb(image)
     except CLIVizError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise CLIVizError(f"image too large: {label} claims more pixels than any image may have "
+                          f"(limit {MAX_PIXELS:,}; a decompression bomb)") from None
+    except UnidentifiedImageError as err:
         raise CLIVizError(f"not a readable image: {label} ({type(err).__name__})") from None
     except PermissionError:
         raise CLIVizError(f"cannot read image (permission denied): {label}") from None
@@ -61,17 +64,40 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_side: in
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:
-    """`image` with its longest side at most `max_side`, in its own mode (so before any full-size copy).
+    """`image` with its longest side at most `max_side`, in its own mode, with no full-size copy.
 
-    Box filter (each output pixel the mean of its block, as a downscale should be); palette and
-    1-bit images take the nearest pixel, as Pillow does for them. EXIF orientation is kept in `info`.
+    First an integer box reduction (each output pixel the mean of its block) done in horizontal
+    strips: `Image.reduce` and `resize` premultiply an RGBA image's alpha into a full-size copy
+    first, which would double the memory of a large upload; a strip's copy is small. Then a box
+    resize of what is left. Palette, 1-bit and 16-bit images, which `reduce` does not take, go
+    straight to `resize` (nearest pixel for palette and 1-bit, as Pillow does; no premultiplied
+    copy for them). EXIF orientation stays in `info` for `to_rgb`.
     """
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    factor = max(width, height) // max_side
+    if factor >= 2 and image.mode not in ("1", "P", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = _reduce_in_strips(image, factor)
     width, height = image.size
     if max(width, height) <= max_side:
         return image
     scale = max_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(size, Image.Resampling.BOX)
+
+
+def _reduce_in_strips(image: Image.Image, factor: int, blocks_per_strip: int = 64) -> Image.Image:
+    """`image.reduce(factor)`, computed strip by strip so that no step copies the whole image."""
+    width, height = image.size
+    info = dict(image.info)
+    out = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * blocks_per_strip  # a multiple of factor: strips reduce to whole output rows
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        out.paste(strip.reduce(factor), (0, top // factor))
+    out.info.update(info)  # EXIF orientation, transparency, ...
+    return out
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
