@@ -215,7 +215,7 @@ def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, targ
     mine = usable[ctx.rank :: ctx.world]
     label = f"sweeping (rank 0 of {ctx.world})" if ctx.active else "sweeping"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, disable=not ctx.main) as progress:
+                  TimeRemainingColumn(), console=err, disable=not ctx.main, transient=True) as progress:
         task = progress.add_task(label, total=len(mine))
         stats = run_sweep(net, tok, mine, target, batch_size=batch_size, chunk_size=chunk_size,
                           max_new_tokens=max_new_tokens, on_advance=lambda n: progress.advance(task, n))

@@ -131,7 +131,8 @@ def _check_vision(cfg: dict, where: str) -> None:
 
 def _check_base(base: dict, text: dict, vision: dict, where: str) -> None:
     vocab = text.get("vocab_size")
-    for name in ("image_token_index", "image_token_id", "video_token_index", "video_token_id"):
+    # video tokens are never fed (cliviz asks about images) and tiny OneVision configs keep the 151k default
+    for name in ("image_token_index", "image_token_id"):
         _int(base, name, where, 0, (vocab - 1) if isinstance(vocab, int) else 2_000_000)
     n_vision = vision.get("num_hidden_layers")
     if "vision_feature_layer" in base:
@@ -226,8 +227,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _int(cfg: dict, name: str, where: str, lo: int, hi: int) -> None:
-    if name not in cfg or (cfg[name] is None and name in ("head_dim", "num_key_value_heads", "image_token_id",
-                                                          "video_token_id", "video_token_index")):
+    if name not in cfg or (cfg[name] is None and name in ("head_dim", "num_key_value_heads", "image_token_id")):
         return
     value = cfg[name]
     if not _is_int(value):
