@@ -605,7 +605,9 @@ def trace_file_cases() -> list[Case]:
         Case("trace:norm-negative", _table_edit(_set_cell("injection_norm", _first(-1.0))), "negative norms"),
         Case("trace:logprob-positive", _table_edit(_set_cell("answer_logprobs", _first(5.0))), "above 0"),
         Case("trace:shape-overflow", _table_edit(_set_cell("gates_shape", [2**31 - 1, 2**31 - 1, 4])), "gates_shape"),
-        Case("trace:shape-wraps-int64", _table_edit(_set_cell("gates_shape", [2**21, 2**21, 2**22])), "gates_shape"),
+        # 2**21 * 2**21 * 2**22 = 2**64 wraps to 0 in int64: an empty gates list used to pass for it
+        Case("trace:shape-wraps-int64", _table_edit(lambda t, r: _set_cell("gates", [])(
+            _set_cell("gates_shape", [2**21, 2**21, 2**22])(t, r), r)), "gates does not match gates_shape"),
         Case("trace:shape-negative", _table_edit(_set_cell("gates_shape", [-2, -6, 3])), "impossible size"),
         Case("trace:shape-two-entries", _table_edit(_set_cell("gates_shape", [2, 18])), "does not have 3 entries"),
         Case("trace:shape-product-mismatch", _table_edit(_set_cell("gates_shape", [2, 7, 3])), "gates does not match gates_shape"),
