@@ -79,7 +79,8 @@ def validate_config(raw: Any) -> None:
         raise ConfigProblem(f"the config must be a JSON object, not {_kind(raw)}")
     _check_tree(raw, "", 0)
     if raw.get("model_type") != "cliviz_cli":
-        raise ConfigProblem(f"model_type is {raw.get('model_type')!r}, not 'cliviz_cli'")
+        raise ConfigProblem(f"model_type is {raw.get('model_type')!r}, not 'cliviz_cli': not a cliviz CLI model "
+                            "(turn a LLaVA checkpoint into one with `cliviz attach`)")
     base = _object(raw, "base_config", "")
     base_type = base.get("model_type", "llava")
     if base_type not in BASE_TYPES:
