@@ -545,8 +545,8 @@ class kaleido_session:  # noqa: N801 - used as a context manager
             e = box["error"]
             text = str(e)
             first = text.splitlines()[0] if text else type(e).__name__
-            raise CLIVizError(f"figure export failed: {first}" + (f" ({NOT_ON_KALEIDO_PAGE})" if NOT_ON_KALEIDO_PAGE in text
-                                                                 and NOT_ON_KALEIDO_PAGE not in first else ""))
+            lost = NOT_ON_KALEIDO_PAGE in text and NOT_ON_KALEIDO_PAGE not in first
+            raise CLIVizError(f"figure export failed: {first}" + (f" ({NOT_ON_KALEIDO_PAGE})" if lost else ""))
         data = box.get("data")
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise CLIVizError("figure export returned no data")

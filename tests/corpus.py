@@ -27,7 +27,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "models" / "cli-tiny"
-EVIL_MARKER = "CLIVIZ_TEST_EVIL_MARKER"  # an env var naming the file the folder's code would create
+EVIL_MARKER = "CLIVIZ_TEST_EVIL_MARKER"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # an env var naming the file the folder's code would create
 
 
 @dataclass(frozen=True)
@@ -285,18 +286,21 @@ def _deep(levels: int) -> str:
 def remote_code_cases() -> list[Case]:
     """Folders that ask transformers to import their own Python (item 1): all refused, none run."""
     return [
-        Case("code:tokenizer-auto-map", _with_code("tokenizer_config.json", lambda d: {
-            **_auto_map("AutoTokenizer", "EvilTokenizer")(d), "tokenizer_class": "EvilTokenizer"}), "auto_map in tokenizer_config.json"),
-        Case("code:tokenizer-auto-map-known-class", _with_code("tokenizer_config.json", _auto_map("AutoTokenizer", "EvilTokenizer")),
+        Case("code:tokenizer-auto-map", _with_code(TOKENIZER_CONFIG, lambda d: {
+            **_auto_map("AutoTokenizer", "EvilTokenizer")(d), "tokenizer_class": "EvilTokenizer"}),
              "auto_map in tokenizer_config.json"),
-        Case("code:tokenizer-class-unknown", _with_code("tokenizer_config.json", _set("tokenizer_class", "EvilTokenizer")),
+        Case("code:tokenizer-auto-map-known-class",
+             _with_code(TOKENIZER_CONFIG, _auto_map("AutoTokenizer", "EvilTokenizer")),
+             "auto_map in tokenizer_config.json"),
+        Case("code:tokenizer-class-unknown", _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "EvilTokenizer")),
              "not a transformers class"),
-        Case("code:tokenizer-class-dotted", _with_code("tokenizer_config.json", _set("tokenizer_class", "evil.EvilTokenizer")),
+        Case("code:tokenizer-class-dotted", _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "evil.EvilTokenizer")),
              "not a transformers class"),
-        Case("code:config-auto-map", _with_code("config.json", _auto_map("AutoConfig", "EvilConfig")), "auto_map in config.json"),
+        Case("code:config-auto-map", _with_code("config.json", _auto_map("AutoConfig", "EvilConfig")),
+             "auto_map in config.json"),
         Case("code:preprocessor-auto-map", _with_code("preprocessor_config.json", lambda d: {
-            "image_processor_type": "EvilImageProcessor", "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}),
-             "auto_map in preprocessor_config.json"),
+            "image_processor_type": "EvilImageProcessor",
+            "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}), "auto_map in preprocessor_config.json"),
         Case("code:preprocessor-class-unknown", _with_code("preprocessor_config.json", lambda d: {
             "image_processor_type": "EvilImageProcessor"}), "not a transformers class"),
         Case("code:processor-auto-map", _with_code("processor_config.json", lambda d: {
@@ -306,7 +310,7 @@ def remote_code_cases() -> list[Case]:
             "image_processor": {"image_processor_type": "CLIPImageProcessor",
                                 "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}}),
              "auto_map in processor_config.json"),
-        Case("code:custom-pipelines", _with_code("config.json", _set("custom_pipelines", {"vqa": {"impl": "evil.Pipe"}})),
+        Case("code:custom-pipelines", _with_code("config.json", _set("custom_pipelines", {"vqa": {"impl": "x.Pipe"}})),
              "custom_pipelines in config.json"),
     ]
 
@@ -356,10 +360,12 @@ def config_cases() -> list[Case]:
         ("patch-zero", _set(f"{vision}.patch_size", 0), "patch_size is 0"),
         ("patch-larger-than-image", _set(f"{vision}.patch_size", 128), "larger than image_size"),
         ("image-size-huge", _set(f"{vision}.image_size", 100_000), "image_size is 100,000"),
-        ("patches-too-many", lambda d: _set(f"{vision}.patch_size", 1)(_set(f"{vision}.image_size", 8192)(d)), "patches"),
+        ("patches-too-many", lambda d: _set(f"{vision}.patch_size", 1)(_set(f"{vision}.image_size", 8192)(d)),
+         "patches"),
         ("channels-one", _set(f"{vision}.num_channels", 1), "num_channels is 1"),
         ("feature-layer-out-of-range", _set(f"{base}.vision_feature_layer", 99), "vision_feature_layer 99"),
-        ("feature-layer-list", _set(f"{base}.vision_feature_layer", [-2, -1]), "vision_feature_layer must be one integer"),
+        ("feature-layer-list", _set(f"{base}.vision_feature_layer", [-2, -1]),
+         "vision_feature_layer must be one integer"),
         ("select-strategy", _set(f"{base}.vision_feature_select_strategy", "weird"), "vision_feature_select_strategy"),
         ("projector-act", _set(f"{base}.projector_hidden_act", "evil_act"), "projector_hidden_act"),
         ("text-act", _set(f"{text}.hidden_act", 7), "hidden_act"),
@@ -397,10 +403,11 @@ def side_file_cases() -> list[Case]:
         Case("side:tokenizer-json-list", _raw_file("tokenizer.json", b"[1,2]"), "cannot load the tokenizer"),
         Case("side:tokenizer-config-list", _raw_file("tokenizer_config.json", b"[1, 2]"), "must hold a JSON object"),
         Case("side:tokenizer-config-garbage", _raw_file("tokenizer_config.json", b"{{{"), "not valid JSON"),
-        Case("side:tokenizer-config-deep", _raw_file("tokenizer_config.json", _deep(100_000).encode()), "nested too deeply"),
+        Case("side:tokenizer-config-deep", _raw_file(TOKENIZER_CONFIG, _deep(100_000).encode()), "nested too deeply"),
         Case("side:processor-config-garbage", _raw_file("processor_config.json", b"\xff\xfe"), "not UTF-8"),
-        Case("side:missing-tokenizer", lambda folder: _delete_file(_copy_bundled(folder), "tokenizer.json"), "missing tokenizer.json"),
-        Case("side:missing-config", lambda folder: _delete_file(_copy_bundled(folder), "config.json"), "missing config.json"),
+        Case("side:missing-tokenizer", lambda f: _delete_file(_copy_bundled(f), "tokenizer.json"),
+             "missing tokenizer.json"),
+        Case("side:missing-config", lambda f: _delete_file(_copy_bundled(f), "config.json"), "missing config.json"),
         Case("side:pytorch-bin-only", _bin_only, "weights must be safetensors"),
         Case("side:generation-config-garbage", _raw_file("generation_config.json", b"{not json at all"), None),
         Case("side:generation-config-hostile", _raw_file("generation_config.json", json.dumps({
@@ -584,47 +591,56 @@ def trace_file_cases() -> list[Case]:
         "random": os.urandom(2048),
         "parquet-magic-only": b"PAR1" + b"\0" * 32 + b"PAR1",
     }
-    cases = [Case(f"trace:{name}", _write(f"{name}.parquet", data), "not a readable Parquet file") for name, data in raw.items()]
+    unreadable = "not a readable Parquet file"
+    cases = [Case(f"trace:{name}", _write(f"{name}.parquet", data), unreadable) for name, data in raw.items()]
     cases += [
-        Case("trace:truncated", lambda f: _truncate(_good_trace_file(f)), "not a readable Parquet file"),
+        Case("trace:truncated", lambda f: _truncate(_good_trace_file(f)), unreadable),
         Case("trace:missing", lambda f: f / "nope.parquet", "does not exist"),
         Case("trace:folder", _folder("dir.parquet"), "is not a file"),
         Case("trace:plain-parquet", _plain_parquet, "not a cliviz trace file"),
         Case("trace:schema-99", _schema_version(b"99"), "schema version 99"),
         Case("trace:schema-garbage", _schema_version(b"\xff"), "unreadable schema version"),
-        Case("trace:missing-column", _table_edit(lambda t, r: t.drop(["gates"])), "missing column"),
-        Case("trace:wrong-type", _table_edit(lambda t, r: t.set_column(t.schema.get_field_index("image_width"), "image_width",
-                                                                      _strings(t.num_rows))), "wrong type"),
-        Case("trace:gates-nan", _table_edit(_set_cell("gates", _first(math.nan))), "gates holds NaN"),
-        Case("trace:gates-inf", _table_edit(_set_cell("gates", _first(math.inf))), "gates holds NaN or infinite"),
-        Case("trace:norm-nan", _table_edit(_set_cell("injection_norm", _first(math.nan))), "injection_norm holds NaN"),
-        Case("trace:logprob-inf", _table_edit(_set_cell("answer_logprobs", _first(-math.inf))), "answer_logprobs holds NaN"),
-        Case("trace:topk-nan", _table_edit(_set_cell("topk_logprobs", _first(math.nan))), "topk_logprobs holds NaN"),
-        Case("trace:gates-not-summing", _table_edit(_set_cell("gates", _scale_gates(0.5))), "do not sum to 1"),
-        Case("trace:gates-above-one", _table_edit(_set_cell("gates", _first(3.0))), "outside [0, 1]"),
-        Case("trace:norm-negative", _table_edit(_set_cell("injection_norm", _first(-1.0))), "negative norms"),
-        Case("trace:logprob-positive", _table_edit(_set_cell("answer_logprobs", _first(5.0))), "above 0"),
-        Case("trace:shape-overflow", _table_edit(_set_cell("gates_shape", [2**31 - 1, 2**31 - 1, 4])), "gates_shape"),
+    ]
+    cell = _set_cell
+    edits: list[tuple[str, Callable[[Any, int], Any], str | None]] = [
+        ("missing-column", lambda t, r: t.drop(["gates"]), "missing column"),
+        ("wrong-type", lambda t, r: t.set_column(t.schema.get_field_index("image_width"), "image_width",
+                                                 _strings(t.num_rows)), "wrong type"),
+        ("gates-nan", cell("gates", _first(math.nan)), "gates holds NaN"),
+        ("gates-inf", cell("gates", _first(math.inf)), "gates holds NaN or infinite"),
+        ("norm-nan", cell("injection_norm", _first(math.nan)), "injection_norm holds NaN"),
+        ("logprob-inf", cell("answer_logprobs", _first(-math.inf)), "answer_logprobs holds NaN"),
+        ("topk-nan", cell("topk_logprobs", _first(math.nan)), "topk_logprobs holds NaN"),
+        ("gates-not-summing", cell("gates", _scale_gates(0.5)), "do not sum to 1"),
+        ("gates-above-one", cell("gates", _first(3.0)), "outside [0, 1]"),
+        ("norm-negative", cell("injection_norm", _first(-1.0)), "negative norms"),
+        ("logprob-positive", cell("answer_logprobs", _first(5.0)), "above 0"),
+        ("shape-overflow", cell("gates_shape", [2**31 - 1, 2**31 - 1, 4]), "gates_shape"),
         # 2**21 * 2**21 * 2**22 = 2**64 wraps to 0 in int64: an empty gates list used to pass for it
-        Case("trace:shape-wraps-int64", _table_edit(lambda t, r: _set_cell("gates", [])(
-            _set_cell("gates_shape", [2**21, 2**21, 2**22])(t, r), r)), "gates does not match gates_shape"),
-        Case("trace:shape-negative", _table_edit(_set_cell("gates_shape", [-2, -6, 3])), "impossible size"),
-        Case("trace:shape-two-entries", _table_edit(_set_cell("gates_shape", [2, 18])), "does not have 3 entries"),
-        Case("trace:shape-product-mismatch", _table_edit(_set_cell("gates_shape", [2, 7, 3])), "gates does not match gates_shape"),
-        Case("trace:gates-vs-injection-layers", _table_edit(_set_cell("injection_layers", [1])), "len(injection_layers)"),
-        Case("trace:gates-vs-vision-layers", _table_edit(_set_cell("vision_layers", [1, 2])), "len(vision_layers)"),
-        Case("trace:tokens-short", _table_edit(_set_cell("token_texts", lambda v: v[:-1])), "token_texts and token_ids"),
-        Case("trace:roles-bad", _table_edit(_set_cell("token_roles", lambda v: ["villain", *v[1:]])), "role outside"),
-        Case("trace:answer-position-out", _table_edit(_set_cell("answer_positions", lambda v: [99, *v[1:]])), "outside the tokens"),
-        Case("trace:answer-lengths", _table_edit(_set_cell("answer_texts", lambda v: v[:-1])), "answer_texts and answer_ids"),
-        Case("trace:norm-shape", _table_edit(lambda t, r: _set_cell("injection_norm", lambda v: v[:6])(
-            _set_cell("injection_norm_shape", [1, 6])(t, r), r)), "injection_norm_shape"),
-        Case("trace:topk-shape", _table_edit(lambda t, r: _set_cell("topk_logprobs", lambda v: v[:2])(
-            _set_cell("topk_logprobs_shape", [2, 1])(t, r), r)), "topk_logprobs and topk_ids"),
+        ("shape-wraps-int64", lambda t, r: cell("gates", [])(cell("gates_shape", [2**21, 2**21, 2**22])(t, r), r),
+         "gates does not match gates_shape"),
+        ("shape-negative", cell("gates_shape", [-2, -6, 3]), "impossible size"),
+        ("shape-two-entries", cell("gates_shape", [2, 18]), "does not have 3 entries"),
+        ("shape-product-mismatch", cell("gates_shape", [2, 7, 3]), "gates does not match gates_shape"),
+        ("gates-vs-injection-layers", cell("injection_layers", [1]), "len(injection_layers)"),
+        ("gates-vs-vision-layers", cell("vision_layers", [1, 2]), "len(vision_layers)"),
+        ("tokens-short", cell("token_texts", lambda v: v[:-1]), "token_texts and token_ids"),
+        ("roles-bad", cell("token_roles", lambda v: ["villain", *v[1:]]), "role outside"),
+        ("answer-position-out", cell("answer_positions", lambda v: [99, *v[1:]]), "outside the tokens"),
+        ("answer-lengths", cell("answer_texts", lambda v: v[:-1]), "answer_texts and answer_ids"),
+        ("norm-shape",
+         lambda t, r: cell("injection_norm", lambda v: v[:6])(cell("injection_norm_shape", [1, 6])(t, r), r),
+         "injection_norm_shape"),
+        ("topk-shape",
+         lambda t, r: cell("topk_logprobs", lambda v: v[:2])(cell("topk_logprobs_shape", [2, 1])(t, r), r),
+         "topk_logprobs and topk_ids"),
+        ("good-extra-column", lambda t, r: t.append_column("my_notes", _strings(t.num_rows)), None),
+    ]
+    cases += [Case(f"trace:{name}", _table_edit(change), expect) for name, change, expect in edits]
+    cases += [
         Case("trace:good", lambda f: _good_trace_file(f), None),
         Case("trace:good-projector", _projector_file, None),
         Case("trace:good-empty", lambda f: _good_trace_file(f, n=0), None),
-        Case("trace:good-extra-column", _table_edit(lambda t, r: t.append_column("my_notes", _strings(t.num_rows))), None),
     ]
     return cases
 

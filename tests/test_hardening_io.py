@@ -4,7 +4,6 @@ every output path is checked before any model work, and figure export survives a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

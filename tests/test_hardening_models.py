@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,8 +68,9 @@ def test_known_transformers_classes_pass_the_code_check(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor",
                                                                    "processor_class": "LlavaProcessor"}))
+    onevision = {"image_processor_type": "LlavaOnevisionImageProcessor"}
     (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "LlavaOnevisionProcessor",
-                                                                "image_processor": {"image_processor_type": "LlavaOnevisionImageProcessor"}}))
+                                                                "image_processor": onevision}))
     refuse_remote_code(tmp_path)
     for folder in (REPO / "assets" / "models").iterdir():
         refuse_remote_code(folder)
@@ -125,13 +125,16 @@ def real_checkpoint_configs() -> dict[str, dict]:
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, max_position_embeddings=32768), 32064)),
         "onevision-qwen2-0.5b": _cli_config(_onevision(dict(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+            hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2,
             max_position_embeddings=32768, tie_word_embeddings=True), 152000)),
         "onevision-qwen2-7b": _cli_config(_onevision(dict(
-            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4,
             max_position_embeddings=32768), 152128)),
         "onevision-qwen2-72b": _cli_config(_onevision(dict(
-            hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+            hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+            num_attention_heads=64, num_key_value_heads=8,
             max_position_embeddings=32768), 152064)),
     }
 
@@ -159,14 +162,16 @@ def test_validation_refuses_before_building(tmp_path):
     raw["injection_layers"] = [1, 2, 3]
     (folder / "config.json").write_text(json.dumps(raw))
     t0 = time.perf_counter()
-    with pytest.raises(CLIVizError, match=r"base_config\.text_config\.num_hidden_layers is 1,000,000, outside 1\.\.256"):
+    wanted = r"base_config\.text_config\.num_hidden_layers is 1,000,000, outside 1\.\.256"
+    with pytest.raises(CLIVizError, match=wanted):
         check_model_dir(folder)
     assert time.perf_counter() - t0 < 60  # a guard against the old minutes-long build, not a timing claim
 
 
 def test_onevision_cli_folder_loads(tmp_path):
     """A LLaVA-OneVision CLI folder (SigLIP + Qwen2, anyres pinpoints) passes every check and loads."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
 
     from cliviz.data.tokenizer import build_tokenizer
     from cliviz.model.attach import attach
@@ -180,7 +185,8 @@ def test_onevision_cli_folder_loads(tmp_path):
                        num_key_value_heads=2, vocab_size=len(tok))
     base = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[32, 32], [32, 64]], vision_feature_layer=-1, vision_feature_select_strategy="full")).eval()
+        image_grid_pinpoints=[[32, 32], [32, 64]], vision_feature_layer=-1,
+        vision_feature_select_strategy="full")).eval()
     model = attach(base, vision_layers=[1, 2, 3], injection_layers=[1, 2])
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import string
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +31,7 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 # ----------------------------------------------------------------------------------------- image loader
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "I", "F", "I;16", "CMYK"]
-FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I", "I;16"}, "TIFF": set(MODES) - {"I;16"},
+FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16"}, "TIFF": set(MODES) - {"I;16"},
            "BMP": {"1", "L", "P", "RGB"}, "GIF": {"L", "P"}, "JPEG": {"L", "RGB", "CMYK"}, "WEBP": {"RGB", "RGBA"}}
 
 
@@ -50,7 +48,10 @@ def encoded_images(draw) -> tuple[bytes, tuple[int, int]]:
         image = Image.fromarray(data[..., 0] if bands == 1 else data, mode="L" if bands == 1 else None)
         image = image.convert(mode)
     buf = io.BytesIO()
-    image.save(buf, format=fmt)
+    try:
+        image.save(buf, format=fmt)
+    except (OSError, KeyError):  # a mode this Pillow cannot write in this format: not an input to test
+        assume(False)
     return buf.getvalue(), size
 
 
@@ -70,8 +71,11 @@ def test_any_legal_image_becomes_rgb_of_its_size(encoded, max_side):
         assert all(abs(got - want) <= 1 for got, want in zip(image.size, expected)), (image.size, expected)
 
 
+MAGIC = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\0"]  # real formats' first bytes
+
+
 @FAST
-@given(st.binary(max_size=4096), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\0"]))
+@given(st.binary(max_size=4096), st.sampled_from(MAGIC))
 def test_any_bytes_are_an_image_or_one_error_line(data, magic):
     from cliviz.inputs import load_image
 
@@ -184,7 +188,8 @@ SMALL_INTS = st.integers(-3, 300) | st.sampled_from([0, 1, 2, 3, 4, 8, 16, 57, 6
 @given(changes=st.lists(st.tuples(st.sampled_from([
     "base_config.text_config.hidden_size", "base_config.text_config.num_attention_heads",
     "base_config.text_config.num_key_value_heads", "base_config.text_config.num_hidden_layers",
-    "base_config.text_config.vocab_size", "base_config.text_config.intermediate_size", "base_config.text_config.head_dim",
+    "base_config.text_config.vocab_size", "base_config.text_config.intermediate_size",
+    "base_config.text_config.head_dim",
     "base_config.vision_config.hidden_size", "base_config.vision_config.num_attention_heads",
     "base_config.vision_config.num_hidden_layers", "base_config.vision_config.image_size",
     "base_config.vision_config.patch_size", "base_config.image_token_index", "base_config.vision_feature_layer",

@@ -75,8 +75,9 @@ def _probe_folder(folder: Path, target: str) -> None:
 
 def _reason(err: OSError) -> str:
     """Words for the errno of a failed write: a read-only file system is not a permission problem."""
-    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded"}
     return reasons.get(err.errno, err.strerror or str(err))
 
 

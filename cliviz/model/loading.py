@@ -85,6 +85,8 @@ def load_model(
             )
     except Exception as err:  # noqa: BLE001 - the checks above cover the known cases; anything left is the folder's
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "above report" in first:  # transformers points at a report it logged, which cliviz keeps quiet
+            first = "transformers refused them (weights and config.json do not match)"
         raise CLIVizError(f"cannot load weights from {folder / 'model.safetensors'}: {first}") from None
     problems = [f"{k}: {', '.join(sorted(v)[:3])}" for k, v in info.items()
                 if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
@@ -108,7 +110,8 @@ def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
     """
     try:
         with no_stdin():
-            tokenizer = AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=False, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=False,
+                                                      local_files_only=True)
     except Exception as err:  # tokenizers raises a zoo of types on a broken file
         raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
     if len(tokenizer) > config.base_config.text_config.vocab_size:

@@ -52,7 +52,8 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise CLIVizError(f"{path} is {size:,} bytes, far larger than any model config (limit {MAX_CONFIG_BYTES:,})")
+            raise CLIVizError(f"{path} is {size:,} bytes, far larger than any model config "
+                              f"(limit {MAX_CONFIG_BYTES:,})")
         text = path.read_text(encoding="utf-8")
     except PermissionError:
         raise CLIVizError(f"cannot read {path} (permission denied)") from None
@@ -179,7 +180,8 @@ def _check_size(text: dict, vision: dict) -> None:
 
     h, i, n, v = (get(text, "hidden_size", 4096), get(text, "intermediate_size", 11008),
                   get(text, "num_hidden_layers", 32), get(text, "vocab_size", 32000))
-    hv, iv, nv = get(vision, "hidden_size", 1024), get(vision, "intermediate_size", 4096), get(vision, "num_hidden_layers", 24)
+    hv, iv = get(vision, "hidden_size", 1024), get(vision, "intermediate_size", 4096)
+    nv = get(vision, "num_hidden_layers", 24)
     total = n * (4 * h * h + 3 * h * i) + 2 * v * h + nv * (4 * hv * hv + 2 * hv * iv)
     if total > MAX_PARAMETERS:
         raise ConfigProblem(f"the config describes a model of about {total:.2g} parameters, beyond any real "

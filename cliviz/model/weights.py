@@ -77,9 +77,11 @@ def read_header(path: Path) -> dict[str, Stored]:
             return {k: Stored(str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except SafetensorError as err:
         why = str(err).removeprefix("Error while deserializing header: ")
-        raise CLIVizError(f"weights file {path} is not a valid safetensors file ({why}; truncated or corrupt?)") from None
+        raise CLIVizError(f"weights file {path} is not a valid safetensors file "
+                          f"({why}; truncated or corrupt?)") from None
     except (OSError, ValueError, RuntimeError) as err:
-        raise CLIVizError(f"weights file {path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIVizError(f"weights file {path} cannot be read ({first})") from None
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -122,8 +124,11 @@ def _compare_shapes(path: Path, stored: dict[str, Stored], expected: dict, tied:
     have = Counter(info.shape for info in stored.values())
     if want != have:
         lost, extra = want - have, have - want
-        parts = [f"{sum(lost.values())} expected tensor shape(s) missing (e.g. {list(next(iter(lost)))})"] if lost else []
-        parts += [f"{sum(extra.values())} unexpected tensor shape(s) (e.g. {list(next(iter(extra)))})"] if extra else []
+        parts = []
+        if lost:
+            parts.append(f"{sum(lost.values())} expected tensor shape(s) missing (e.g. {list(next(iter(lost)))})")
+        if extra:
+            parts.append(f"{sum(extra.values())} unexpected tensor shape(s) (e.g. {list(next(iter(extra)))})")
         raise CLIVizError(f"weights file {path} does not fit its config.json: {'; '.join(parts)}")
 
 

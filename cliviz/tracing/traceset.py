@@ -60,8 +60,8 @@ __all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_tr
 SCHEMA_VERSION_KEY = "cliviz.schema_version"
 VERSION_KEY = "cliviz.version"
 _ROW_GROUP_SIZE = 512
-_MAX_LIST_CHUNK = 2**31 - 1
-APPEND_LOCK_WAIT_S = 120.0  # another process's append takes seconds; a running sweep holds its file far longer  # list<...> uses int32 offsets: keep each chunk below this
+_MAX_LIST_CHUNK = 2**31 - 1  # list<...> uses int32 offsets: keep each chunk below this
+APPEND_LOCK_WAIT_S = 120.0  # another process's append takes seconds; a running sweep holds its file far longer
 
 _INT_LIST = pa.list_(pa.int64())
 _SHAPE = pa.list_(pa.int32())
