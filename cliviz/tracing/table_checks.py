@@ -26,6 +26,7 @@ from cliviz.tracing.trace import ROLES
 GATE_SUM_ATOL = 1e-2
 MAX_DIM = 2**31 - 1  # a list column cannot hold more values than this in one row
 SHAPED = {"gates": 3, "injection_norm": 2, "topk_ids": 2, "topk_logprobs": 2}
+NULLABLE = ("qtype", "reference_answer", "sample_id", "attributions")
 
 
 def check_table(table: pa.Table, path: str) -> None:
@@ -41,6 +42,7 @@ def check_table(table: pa.Table, path: str) -> None:
             more = f" (and {bad.size - 1} more trace(s))" if bad.size > 1 else ""
             raise CLIVizError(f"trace file {path} is corrupt: trace {i} ({labels[i]}): {what}{more}")
 
+    _check_nulls(table, fail)
     shapes = {name: _shapes(table, name, ndim, fail) for name, ndim in SHAPED.items()}
     for name, shape in shapes.items():
         fail(np.any(shape < 0, axis=1) | np.any(shape > MAX_DIM, axis=1), f"{name}_shape holds an impossible size")
@@ -48,6 +50,22 @@ def check_table(table: pa.Table, path: str) -> None:
         fail(product != _lengths(table, name), f"{name} does not match {name}_shape")
     _check_fit(table, shapes, fail)
     _check_values(table, shapes, fail)
+
+
+def _check_nulls(table: pa.Table, fail) -> None:
+    """Nulls only where the schema allows them (qtype, reference_answer, sample_id, attributions)."""
+    for name in table.column_names:
+        if name in NULLABLE:
+            continue
+        column = table.column(name)
+        fail(np.asarray(pc.is_null(column).to_numpy(zero_copy_only=False), dtype=bool), f"{name} is null")
+        rows = np.arange(table.num_rows)
+        while pa.types.is_list(column.type):  # a null anywhere inside, down to the last nesting level
+            lengths = np.asarray(pc.fill_null(pc.list_value_length(column), 0).to_numpy(), dtype=np.int64)
+            rows = np.repeat(rows, lengths)
+            column = pc.list_flatten(column)
+            inner = np.asarray(pc.is_null(column).to_numpy(zero_copy_only=False), dtype=bool)
+            fail(np.bincount(rows[inner], minlength=table.num_rows) > 0, f"{name} holds a null")
 
 
 def _check_fit(table: pa.Table, shapes: dict[str, np.ndarray], fail) -> None:
