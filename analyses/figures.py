@@ -92,6 +92,7 @@ __all__ = ["FORMATS", "WIDTHS", "FigureItem", "FigureReport", "parse_formats", "
 FORMATS = ("pdf", "svg", "png")
 WIDTHS = {"single": 336, "double": 672}  # px at 96 dpi: 3.5 in and 7 in
 FONT = {"family": "Liberation Sans, Arial, Helvetica, sans-serif", "size": 10, "color": "black"}
+NOT_ON_KALEIDO_PAGE = "kaleido_scopes is not defined"  # the ReferenceError of a render in a page without kaleido
 RENDER_TIMEOUT_S = 180.0  # one figure, first one includes the browser start; generous for a loaded machine
 
 
@@ -587,6 +588,28 @@ class kaleido_session:  # noqa: N801 - used as a context manager
                            "the chromium package)")
 
     def render(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float = 1.0) -> bytes:
+        """Figure -> bytes through the running session; a fresh browser once when its tab lost kaleido's page.
+
+        "kaleido_scopes is not defined" means the render ran in a page without kaleido's script. kaleido
+        opens a tab with `url=""` and then navigates it to its page; it takes the tab's JavaScript context
+        from the first `Runtime.executionContextCreated` after `Runtime.enable` (which replays contexts
+        that already exist) and waits for the first `Page.loadEventFired` after `Page.enable`. On a
+        loaded machine the tab's own `about:blank` load can satisfy both before kaleido's navigation
+        commits, or cancel it, and the tab stays on `about:blank`. Reloading a tab after a render, as
+        kaleido does, reloads `about:blank`, so every later render in that session fails the same way:
+        only a new browser session recovers. This one is ours, so it is restarted once and the figure
+        rendered again.
+        """
+        try:
+            return self._render_once(fig, fmt, width, height, scale)
+        except CLIVizError as err:
+            if NOT_ON_KALEIDO_PAGE not in str(err) or not self._owned:
+                raise
+        self._kaleido.stop_sync_server(silence_warnings=True)
+        self._kaleido.start_sync_server(mathjax=False, silence_warnings=True)
+        return self._render_once(fig, fmt, width, height, scale)
+
+    def _render_once(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float) -> bytes:
         """Figure -> bytes through the running session, with a watchdog against a dead browser."""
         box: dict[str, object] = {}
         spec = fig.to_dict()
@@ -610,7 +633,10 @@ class kaleido_session:  # noqa: N801 - used as a context manager
                                   "during figure export")
         if "error" in box:
             e = box["error"]
-            raise CLIVizError(f"figure export failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            text = str(e)
+            first = text.splitlines()[0] if text else type(e).__name__
+            lost = NOT_ON_KALEIDO_PAGE in text and NOT_ON_KALEIDO_PAGE not in first
+            raise CLIVizError(f"figure export failed: {first}" + (f" ({NOT_ON_KALEIDO_PAGE})" if lost else ""))
         data = box.get("data")
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise CLIVizError("figure export returned no data")

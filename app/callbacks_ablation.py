@@ -7,8 +7,12 @@ from typing import Any
 from dash import Dash, Input, Output, State, html, no_update
 
 from cliviz.app.backend import Backend
+from cliviz.app.layout_explore import ABLATION_KINDS
 from cliviz.app.state import image_from_payload, parse_cell, trace_from_dict
 from cliviz.errors import CLIVizError
+
+
+KINDS = tuple(value for value, _ in ABLATION_KINDS)
 
 
 def condition_label(kind: str, llm_layer: int, vision_layer: int) -> str:
@@ -62,6 +66,8 @@ def ablate(backend: Backend, click: dict | None, store: dict | None, kind: str |
         return no_update, no_update
     llm_layer, vision_layer = cell
     kind = kind or "knockout"
+    if kind not in KINDS:  # the value comes from the client: only the offered kinds run
+        return html.Span("Cannot run this intervention: unknown kind of intervention.", className="error"), no_update
     try:
         trace = trace_from_dict(store["trace"])
         if llm_layer not in trace.meta.injection_layers or vision_layer not in trace.meta.vision_layers:

@@ -100,8 +100,8 @@ def select_token(triggered_id: Any, triggered_values: list[Any]) -> Any:
 
 def token_classes(selection: Any, ids: list[dict]) -> list[str]:
     out = []
-    for i in ids:
-        step = i.get("step")
+    for i in ids if isinstance(ids, list) else []:
+        step = i.get("step") if isinstance(i, dict) else None
         base = "tok tok-all" if step == -1 else "tok tok-answer"
         on = (selection == ALL_TOKENS and step == -1) or (isinstance(selection, int) and selection == step)
         out.append(base + (" selected" if on else ""))
@@ -187,10 +187,10 @@ def register(app: Dash, backend: Backend) -> None:
     @app.callback(
         Output({"type": "token", "step": ALL}, "className"),
         Input("selection-store", "data"),
-        State({"type": "token", "step": ALL}, "id"),
     )
-    def on_selection(selection, ids):
-        return token_classes(selection, ids)
+    def on_selection(selection):
+        # one class per output the request names (a forged request cannot make the lengths disagree)
+        return token_classes(selection, [o.get("id") for o in ctx.outputs_list if isinstance(o, dict)])
 
     app.callback(
         Output("heatmap", "figure"),

@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,13 @@ from cliviz.tracing.trace import Trace, TraceMeta
 from cliviz.tracing.traceset import NUMERIC_ARRAYS
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # 5 MB per image
+# Decoded pixels per upload. A few KB of PNG can hold a 40-megapixel image (160 MB decoded); no model
+# here reads more than a few hundred pixels a side, so uploads are shrunk to this on arrival.
+MAX_SIDE = 1024
+# Uploads decoded at once, by every user together: the full-size decode is the one step whose memory
+# grows with the image, so it is what the server bounds (20 users uploading together queue here).
+DECODE_SLOTS = 2
+_DECODING = threading.BoundedSemaphore(DECODE_SLOTS)  # a resource bound, not per-user state
 PREVIEW_PIXELS = 256  # longest side of the on-page preview
 ALL_TOKENS = "answer"  # selection value for "every answer token"
 
@@ -40,14 +48,20 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?:;[^,]*)?;base64,(?P<data>.*)$"
 
 def safe_name(filename: str | None) -> str:
     """A display label from a client-sent file name: base name only, printable, short."""
-    name = re.split(r"[\\/]", filename or "upload")[-1]
+    name = re.split(r"[\\/]", filename if isinstance(filename, str) and filename else "upload")[-1]
     name = "".join(ch for ch in name if ch.isprintable())[:80]
     return name or "upload"
 
 
 def decode_upload(contents: str, filename: str | None = None) -> tuple[bytes, Image.Image]:
-    """`dcc.Upload` contents (a base64 data URL) -> (raw bytes, RGB image); CLIVizError on bad input."""
+    """`dcc.Upload` contents (a base64 data URL) -> (bytes to keep, RGB image); CLIVizError on bad input.
+
+    The image is at most `MAX_SIDE` pixels a side; when the upload was larger, the bytes to keep are
+    that shrunken image as PNG (so every later request decodes the small picture, not the upload).
+    """
     name = safe_name(filename)
+    if contents is not None and not isinstance(contents, str):
+        raise CLIVizError(f"{name}: the upload did not arrive as a file (expected a base64 data URL)")
     match = _DATA_URL.match(contents or "")
     if match is None:
         raise CLIVizError(f"{name}: the upload did not arrive as a file (expected a base64 data URL)")
@@ -63,7 +77,29 @@ def decode_upload(contents: str, filename: str | None = None) -> tuple[bytes, Im
         raise CLIVizError(f"{name} is too large ({len(raw) / 1e6:.1f} MB, limit {MAX_UPLOAD_BYTES / 1e6:.0f} MB)")
     if not raw:
         raise CLIVizError(f"{name} is empty")
-    return raw, load_image(raw, name=name)
+    image, shrunk = decode_bounded(raw, name)
+    if shrunk:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        raw = buf.getvalue()
+    return raw, image
+
+
+def decode_bounded(raw: bytes, name: str) -> tuple[Image.Image, bool]:
+    """(RGB image of at most `MAX_SIDE` pixels a side, whether it was shrunk), decoded in one of
+    `DECODE_SLOTS`: never more than that many full-size decodes in memory at once."""
+    with _DECODING:
+        image = load_image(raw, name=name, max_side=MAX_SIDE)
+    return image, max(image.size) == MAX_SIDE and _larger_than(raw, MAX_SIDE)
+
+
+def _larger_than(raw: bytes, side: int) -> bool:
+    """Whether the encoded image is more than `side` pixels on its longest side (header only)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as header:
+            return max(header.size) > side
+    except Exception:  # noqa: BLE001 - load_image has accepted these bytes already
+        return False
 
 
 def preview_url(image: Image.Image) -> str:
@@ -85,11 +121,11 @@ def image_from_payload(payload: dict[str, Any]) -> Image.Image:
     """The RGB image back from an image-store payload (validated again: the store is client data)."""
     try:
         raw = base64.b64decode(payload["data"], validate=True)
-    except (KeyError, TypeError, binascii.Error, ValueError):
+    except (KeyError, TypeError, AttributeError, binascii.Error, ValueError):
         raise CLIVizError("the stored image is unreadable; choose the image again") from None
     if len(raw) > MAX_UPLOAD_BYTES:
         raise CLIVizError("the stored image is too large; choose the image again")
-    return load_image(raw, name=safe_name(payload.get("name")))
+    return decode_bounded(raw, safe_name(payload.get("name")))[0]
 
 
 # ------------------------------------------------------------------------------- traces as JSON
@@ -105,8 +141,9 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
             if arr.ndim != ndim:  # empty lists lose their trailing dimensions
                 if arr.size:
                     raise ValueError(f"{name} has {arr.ndim} dimensions, expected {ndim}")
-                n_layers = len(meta.injection_layers)
-                shape = {"gates": (n_layers, 0, len(meta.vision_layers)), "injection_norm": (n_layers, 0)}
+                # a model without gates (fusion=projector) has [0, n_tokens, K] gates: JSON keeps only []
+                n_layers, n_tokens = len(meta.injection_layers), len(d["token_ids"])
+                shape = {"gates": (n_layers, n_tokens, len(meta.vision_layers)), "injection_norm": (n_layers, n_tokens)}
                 arr = arr.reshape(shape.get(name, (0,) * ndim))
             arrays[name] = arr
         trace = Trace(
@@ -116,7 +153,7 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
             **arrays,
         )
         trace.validate()
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise CLIVizError(f"the stored answer is malformed ({err}); ask again") from None
     return trace
 

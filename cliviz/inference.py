@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from cliviz.finite import require_finite
 from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import batch_prompts, image_inputs, pad_id
@@ -83,6 +84,7 @@ def answer(
     out = model.generate(**inputs, **generation_kwargs(tokenizer, max_new_tokens), output_logits=True, return_dict_in_generate=True)
     new = out.sequences[:, inputs["input_ids"].shape[1] :]  # [B, new]
     # raw logits (not the processed scores) so that probabilities match what `trace` records
+    require_finite(torch.stack(list(out.logits), dim=1), "answer scores", model)  # [B, new, V]
     logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], dim=1)  # [B, new, V]
     chosen = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, new]
     answers = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,18 @@ from cliviz.errors import CLIVizError
 MAX_PIXELS = 40_000_000  # far above any real photo we need; stops decompression bombs before decoding
 MAX_QUESTION_CHARS = 400
 MAX_QUESTION_WORDS = 48
+QUESTION_MARK = "?"
+_SURROGATES = ("\ud800", "\udfff")
 BACKGROUND = (24, 24, 28)  # transparent pixels become the ShapesVQA background
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Open, verify and convert any PIL-readable image to RGB; raise `CLIVizError` on bad input."""
+def load_image(source: str | Path | bytes, name: str | None = None, max_side: int | None = None) -> Image.Image:
+    """Open, verify and convert any PIL-readable image to RGB; raise `CLIVizError` on bad input.
+
+    `max_side` (the dashboard's uploads) bounds the result to that many pixels on its longest side, and
+    shrinks as early as the format allows: JPEGs decode straight at a reduced scale (`draft`), other
+    formats are reduced right after decoding, before the conversions that would copy them at full size.
+    """
     label = name or (str(source) if not isinstance(source, bytes) else "upload")
     if isinstance(source, bytes):
         stream: io.BytesIO | Path = io.BytesIO(source)
@@ -36,11 +44,18 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise CLIVizError(f"image too large: {label} is {width}x{height} (limit {MAX_PIXELS:,} pixels)")
+            if max_side is not None and max(width, height) > max_side:
+                image.draft("RGB" if image.mode not in ("L", "1") else "L", (max_side, max_side))  # JPEG only
             image.load()
+            if max_side is not None:
+                image = shrink(image, max_side)
             return to_rgb(image)
     except CLIVizError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise CLIVizError(f"image too large: {label} claims more pixels than any image may have "
+                          f"(limit {MAX_PIXELS:,}; a decompression bomb)") from None
+    except UnidentifiedImageError as err:
         raise CLIVizError(f"not a readable image: {label} ({type(err).__name__})") from None
     except PermissionError:
         raise CLIVizError(f"cannot read image (permission denied): {label}") from None
@@ -48,14 +63,54 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise CLIVizError(f"corrupt or truncated image: {label} ({err})") from None
 
 
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` with its longest side at most `max_side`, in its own mode, with no full-size copy.
+
+    First an integer box reduction (each output pixel the mean of its block) done in horizontal
+    strips: `Image.reduce` and `resize` premultiply an RGBA image's alpha into a full-size copy
+    first, which would double the memory of a large upload; a strip's copy is small. Then a box
+    resize of what is left. Palette, 1-bit and 16-bit images, which `reduce` does not take, go
+    straight to `resize` (nearest pixel for palette and 1-bit, as Pillow does; no premultiplied
+    copy for them). EXIF orientation stays in `info` for `to_rgb`.
+    """
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    factor = max(width, height) // max_side
+    if factor >= 2 and image.mode not in ("1", "P", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = _reduce_in_strips(image, factor)
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BOX)
+
+
+def _reduce_in_strips(image: Image.Image, factor: int, blocks_per_strip: int = 64) -> Image.Image:
+    """`image.reduce(factor)`, computed strip by strip so that no step copies the whole image."""
+    width, height = image.size
+    info = dict(image.info)
+    out = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * blocks_per_strip  # a multiple of factor: strips reduce to whole output rows
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        out.paste(strip.reduce(factor), (0, top // factor))
+    out.info.update(info)  # EXIF orientation, transparency, ...
+    return out
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode (RGBA, palette, grayscale, 16-bit, float, CMYK) -> 8-bit RGB."""
     image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        data = np.asarray(image, dtype=np.float64)
-        lo, hi = float(data.min()), float(data.max())
-        scaled = np.zeros_like(data) if hi <= lo else (data - lo) / (hi - lo) * 255.0
-        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        data = np.asarray(image, dtype=np.float32)  # [H, W]; float32: half the memory of float64, enough for 8 bits
+        if not np.isfinite(data).all():
+            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+        data = data - lo  # a writable copy (np.asarray of an image may be read-only)
+        data *= 255.0 / (hi - lo) if hi > lo else 0.0
+        image = Image.fromarray(data.astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -66,8 +121,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def check_question(question: str, vocab: dict[str, int] | None = None, tokenize=None) -> str:
-    """Normalise whitespace and refuse empty, over-long or out-of-vocabulary questions."""
+    """Normalise whitespace and refuse empty, over-long, undecodable or out-of-vocabulary questions."""
+    if question is not None and not isinstance(question, str):
+        raise CLIVizError(f"the question must be text, not {type(question).__name__}")
     text = re.sub(r"\s+", " ", question or "").strip()
+    bad = next((c for c in text if _SURROGATES[0] <= c <= _SURROGATES[1]), None)
+    if bad is not None:
+        # Python keeps undecodable command-line bytes as lone surrogates (\udc80-\udcff = byte 0x80-0xff)
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"code point U+{ord(bad):04X}"
+        raise CLIVizError(f"the question is not valid UTF-8 text ({byte} at character {text.index(bad) + 1})")
+    control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise CLIVizError(f"the question holds a control character (U+{ord(control):04X} at character "
+                          f"{text.index(control) + 1})")
     if not text:
         raise CLIVizError("the question is empty")
     if len(text) > MAX_QUESTION_CHARS:
@@ -129,4 +195,23 @@ def check_model_question(question: str, tokenizer) -> str:
         return text
     unk = getattr(tokenizer, "unk_token", None)
     vocab = {w: i for w, i in tokenizer.get_vocab().items() if w != unk}
-    return check_question(question, vocab, lambda text: question_words(tokenizer, text))
+    text = check_question(question, vocab, lambda text: question_words(tokenizer, text))
+    return with_question_mark(text, tokenizer, vocab)
+
+
+def with_question_mark(text: str, tokenizer, vocab: dict[str, int]) -> str:
+    """`what color is the triangle` -> `what color is the triangle ?` for word-level models.
+
+    Every ShapesVQA question ends with a separate "?" and the bundled models were trained on nothing
+    else: without it they answer with an empty string (end of answer at once). A user who leaves the
+    mark out means the same question, so it is added, as the tokenizer would split `triangle?`.
+    """
+    if QUESTION_MARK not in vocab:
+        return text
+    words = question_words(tokenizer, text)
+    if words and words[-1] == QUESTION_MARK:
+        return text
+    fitted = f"{text} {QUESTION_MARK}"
+    if len(words) + 1 > MAX_QUESTION_WORDS or len(fitted) > MAX_QUESTION_CHARS:
+        return text
+    return fitted

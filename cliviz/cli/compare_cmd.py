@@ -83,6 +83,9 @@ def compare_cmd(
         raise CLIVizError("give at least one --models folder")
     if out is not None and out.exists() and not out.is_dir():
         raise CLIVizError(f"--out {out} exists and is not a folder")
+    from cliviz.cli.preflight import check_output_folder
+
+    check_output_folder(out, "--out folder")  # before any model is loaded
     dataset = read_jsonl(data)
     loaded = {}
     for path in models:

@@ -1,8 +1,14 @@
-"""The `cliviz` command line: one typer app, one module per subcommand."""
+"""The `cliviz` command line: one typer app, one module per subcommand.
+
+Only the standard library is imported at module level: every command module (and with it torch and
+transformers, seconds of start-up) is imported inside `main()`, so that a Ctrl-C or a bad input at
+any moment of a run, start-up included, ends as one line on stderr and a known exit code.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # Before transformers is imported anywhere: quiet loading, never reach for the hub.
@@ -10,64 +16,108 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import typer  # noqa: E402
-
-from cliviz.cli.dash_cmd import dash_cmd
-from cliviz.cli.attribute_cmd import attribute_cmd
-from cliviz.cli.ablate_cmd import ablate_cmd
-from cliviz.cli.figures_cmd import figures_cmd
-from cliviz.cli.compare_cmd import compare_cmd
-from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
-from cliviz.cli.probe_cmd import probe_cmd
-from cliviz.cli.sweep_cmd import sweep_cmd
-from cliviz.cli.trace_cmd import trace_cmd
-from cliviz.cli.train_cmd import train
-from cliviz.errors import CLIVizError
-
-app = typer.Typer(
-    name="cliviz",
-    help="See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+INTERRUPTED_NOTE = "interrupted; files written before the interrupt are kept"
 
 
-@app.callback()
-def _root() -> None:
-    """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
+def build_app():
+    """The typer app with every subcommand registered (imports every command module)."""
+    import typer
+
+    from cliviz.cli.ablate_cmd import ablate_cmd
+    from cliviz.cli.attribute_cmd import attribute_cmd
+    from cliviz.cli.compare_cmd import compare_cmd
+    from cliviz.cli.dash_cmd import dash_cmd
+    from cliviz.cli.figures_cmd import figures_cmd
+    from cliviz.cli.model_cmds import ask, attach_cmd, data, eval_cmd, vocab
+    from cliviz.cli.probe_cmd import probe_cmd
+    from cliviz.cli.sweep_cmd import sweep_cmd
+    from cliviz.cli.trace_cmd import trace_cmd
+    from cliviz.cli.train_cmd import train
+
+    app = typer.Typer(
+        name="cliviz",
+        help="See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def _root() -> None:
+        """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
+
+    for name, command in (("trace", trace_cmd), ("ask", ask), ("compare", compare_cmd), ("data", data),
+                          ("train", train), ("eval", eval_cmd), ("attach", attach_cmd), ("vocab", vocab),
+                          ("figures", figures_cmd), ("sweep", sweep_cmd), ("ablate", ablate_cmd),
+                          ("attribute", attribute_cmd), ("dash", dash_cmd), ("probe-layers", probe_cmd)):
+        app.command(name)(command)
+    return app
 
 
-app.command("trace")(trace_cmd)
-app.command("ask")(ask)
-app.command("compare")(compare_cmd)
-app.command("data")(data)
-app.command("train")(train)
-app.command("eval")(eval_cmd)
-app.command("attach")(attach_cmd)
-app.command("vocab")(vocab)
-app.command("figures")(figures_cmd)
-app.command("sweep")(sweep_cmd)
-app.command("ablate")(ablate_cmd)
-app.command("attribute")(attribute_cmd)
-app.command("dash")(dash_cmd)
-app.command("probe-layers")(probe_cmd)
+def __getattr__(name: str):
+    """`from cliviz.cli.main import app` still works; the app is built on first use."""
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)
+
+
+def say(line: str) -> None:
+    """One line on stderr, whatever the text holds (a question with undecodable bytes included)."""
+    stream = sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    stream.write(line.encode(encoding, "backslashreplace").decode(encoding, "replace") + "\n")
+    stream.flush()
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit code 2, Ctrl-C one line and 130,
+    never a traceback."""
     try:
-        app(standalone_mode=False)
-    except CLIVizError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        code = _run()
+    except KeyboardInterrupt:  # between typer's own handling and ours
+        code = _interrupted(INTERRUPTED_NOTE)
+    sys.exit(code)
+
+
+def _run() -> int:
+    try:
+        import typer
+
+        from cliviz.errors import CLIVizError, Interrupted
+
+        try:
+            result = build_app()(standalone_mode=False)
+        except Interrupted as err:
+            return _interrupted(f"interrupted; {err}")
+        except CLIVizError as err:
+            say(f"error: {err}")
+            return EXIT_USAGE
+        except typer.Exit as e:
+            return int(e.exit_code or 0)
+        except typer.Abort:
+            return 1
+        except typer.TyperException as err:  # usage errors: typer prints them itself
+            err.show()
+            return EXIT_USAGE
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except typer.TyperException as err:  # usage errors: typer prints them itself
-        err.show()
-        sys.exit(2)
+        return _interrupted(INTERRUPTED_NOTE)
+    # In non-standalone mode typer turns Ctrl-C (and `raise typer.Exit(n)`) into a returned exit code.
+    if result == EXIT_INTERRUPTED:
+        return _interrupted(INTERRUPTED_NOTE)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _interrupted(line: str) -> int:
+    """Print the interrupt line with a second Ctrl-C ignored, so it is never cut into a traceback."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (an embedding caller): nothing to guard
+        previous = None
+    try:
+        say(line)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return EXIT_INTERRUPTED

@@ -12,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, SeedOpt
-from cliviz.cli.preflight import load_checked, prepare_question
+from cliviz.cli.preflight import check_output_folder, load_checked, prepare_question
 from cliviz.errors import CLIVizError
 
 console = Console()
@@ -90,6 +90,7 @@ def data(
 
     if out.exists() and not out.is_dir():
         raise CLIVizError(f"--out exists and is not a folder: {out}")
+    check_output_folder(out, "--out folder")
     try:
         target = write_dataset(out, n, seed)
     except PermissionError:
@@ -108,6 +109,11 @@ def attach_cmd(
 ) -> None:
     """Turn a LLaVA checkpoint into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
+    from cliviz.model.safety import refuse_remote_code
+
+    if base.is_dir():
+        refuse_remote_code(base)  # attach loads the base's tokenizer through AutoTokenizer
+    check_output_folder(out, "--out folder")
 
     def parse(text: str | None) -> list[int] | None:
         if text is None:

@@ -6,23 +6,79 @@ image and question text, then the model, then the question against the model's v
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 from pathlib import Path
 
 from cliviz.errors import CLIVizError
 
 
 def check_writable(path: Path | None, what: str) -> None:
-    """Fail before any model work when an output cannot be written."""
+    """Fail before any model work when the file `path` cannot be written.
+
+    Its folder must exist (a file where a folder should be is named), and a real write is tried in it
+    (a probe file, removed at once): `os.access` says yes to root everywhere and cannot tell a
+    read-only file system from a permission problem.
+    """
     if path is None:
         return
-    parent = path.resolve().parent
+    path = Path(path)
     if path.is_dir():
         raise CLIVizError(f"{what} {path} is a folder, expected a file path")
+    parent = path.absolute().parent
+    blocker = _file_in_the_way(parent)
+    if blocker is not None:
+        raise CLIVizError(f"cannot write {what} {path}: {blocker} is a file, not a folder")
     if not parent.exists():
         raise CLIVizError(f"cannot write {what} {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    _probe_folder(parent, f"{what} {path}")
+    if path.exists() and not os.access(path, os.W_OK):
         raise CLIVizError(f"cannot write {what} {path}: permission denied")
+
+
+def check_output_folder(path: Path | None, what: str) -> None:
+    """Fail before any model work when files cannot be written into the folder `path` (created later if missing)."""
+    if path is None:
+        return
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise CLIVizError(f"{what} {path} exists and is not a folder")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise CLIVizError(f"cannot write {what} {path}: {blocker} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    _probe_folder(existing, f"{what} {path}")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of `folder` (itself included) when it is not a folder, else None."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _probe_folder(folder: Path, target: str) -> None:
+    """Create and remove a hidden probe file in `folder`; the OS's own reason when that fails."""
+    probe = folder / f".cliviz-probe-{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        raise CLIVizError(f"cannot write {target}: {_reason(err)}") from None
+    os.close(fd)
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+
+
+def _reason(err: OSError) -> str:
+    """Words for the errno of a failed write: a read-only file system is not a permission problem."""
+    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded"}
+    return reasons.get(err.errno, err.strerror or str(err))
 
 
 def load_checked(model: Path | None, device: str, dtype: str):

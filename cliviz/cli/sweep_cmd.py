@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.markup import escape
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt
 from cliviz.cli.preflight import check_writable
-from cliviz.errors import CLIVizError
+from cliviz.errors import CLIVizError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,46 @@ def sweep_cmd(
     Many processes or GPUs: torchrun --nproc-per-node N -m cliviz sweep ... (gloo on CPU, nccl on CUDA).
 
     Rank r writes every N-th sample to FILE.rank<r>.parquet; rank 0 merges the shards in data order.
+
+    One sweep writes an --out at a time (a file lock; a second sweep into it is refused). Ctrl-C exits 130
+    and keeps every chunk already written.
     """
     from cliviz.evaluation import read_jsonl
-    from cliviz.tracing.sweep import check_resumable, existing_shards, finalize, plan_sweep, read_done, shard_path
+    from cliviz.tracing.sweep import plan_sweep
 
     ctx = _dist_from_env()
-    err = Console(stderr=True)
     check_writable(out, "trace file")  # before any reading of data or model
     if out.suffix.lower() in (".jsonl", ".json"):
         raise CLIVizError(f"--out {out} looks like a data file; give a .parquet path for the trace file")
     dataset = read_jsonl(data)
     items = plan_sweep(dataset, data)
+    with _output_locks(ctx, out):  # a second sweep into the same --out is refused, not interleaved
+        _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, chunk_size, max_new_tokens, resume)
+
+
+@contextlib.contextmanager
+def _output_locks(ctx: _Dist, out: Path):
+    """Rank 0 holds the lock of --out for the whole run, every rank the lock of the file it appends to;
+    with the locks held, temporaries that a kill mid-write left behind are removed."""
+    from cliviz.atomic import exclusive_writer, remove_stale_temporaries
+    from cliviz.tracing.sweep import shard_path
+
+    target = shard_path(out, ctx.rank) if ctx.active else out
+    with contextlib.ExitStack() as stack:
+        if ctx.main:
+            stack.enter_context(exclusive_writer(out, "trace file"))
+            remove_stale_temporaries(out)
+        stack.enter_context(exclusive_writer(target, "trace file"))
+        remove_stale_temporaries(target)
+        yield
+
+
+def _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, chunk_size, max_new_tokens,
+                  resume) -> None:
+    """The sweep proper, run while this process holds its output locks (see `_output_locks`)."""
+    from cliviz.tracing.sweep import check_resumable, existing_shards, finalize, read_done, shard_path
+
+    err = Console(stderr=True)
     shards = existing_shards(out)
     if not resume:
         if out.exists():
@@ -142,14 +172,25 @@ def sweep_cmd(
                    + (f", {already} already there" if resume else "")
                    + (f", {ctx.world} processes" if ctx.active else "") + ")")
     except KeyboardInterrupt:
-        if ctx.main:
-            where = escape(str(out)) if not ctx.active else "the shard files"
-            err.print(f"[yellow]stopped; the chunks already written stay in {where}: finish with --resume[/]",
-                      highlight=False)
-        raise
+        kept = _rows_on_disk([out, *existing_shards(out)])
+        where = str(out) if not ctx.active else f"{out} and its shard files"
+        raise Interrupted(f"the {kept} trace(s) already written stay in {where}; finish with --resume") from None
     finally:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rows_on_disk(paths: list[Path]) -> int:
+    """Rows in the trace files that exist (Parquet footers only: cheap, nothing decoded)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in paths:
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+        except Exception:  # noqa: BLE001 - a count for a message; a file that cannot be read counts 0
+            continue
+    return total
 
 
 def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, target, batch_size, chunk_size,
@@ -174,7 +215,7 @@ def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, targ
     mine = usable[ctx.rank :: ctx.world]
     label = f"sweeping (rank 0 of {ctx.world})" if ctx.active else "sweeping"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, disable=not ctx.main) as progress:
+                  TimeRemainingColumn(), console=err, disable=not ctx.main, transient=True) as progress:
         task = progress.add_task(label, total=len(mine))
         stats = run_sweep(net, tok, mine, target, batch_size=batch_size, chunk_size=chunk_size,
                           max_new_tokens=max_new_tokens, on_advance=lambda n: progress.advance(task, n))

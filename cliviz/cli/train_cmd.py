@@ -62,7 +62,6 @@ def train(
     """Train a tiny model from scratch, or CLI's modules on a frozen checkpoint (torchrun: DDP/FSDP)."""
     import torch
 
-    from cliviz.model.configuration import FUSIONS
     from cliviz.runtime import resolve_device
     from cliviz.train import TrainSettings
 
@@ -77,6 +76,9 @@ def train(
         return
     if out is None:
         raise CLIVizError("give --out FOLDER for the trained model")
+    from cliviz.cli.preflight import check_output_folder
+
+    check_output_folder(out, "--out folder")  # before any training: a typo must not cost a run
     _check_paths(init_from, data, image_folder, vision_from)
     settings = TrainSettings(
         fusion=fusion, init_from=str(init_from) if init_from else None, train=train_what, objective=objective,
@@ -106,7 +108,6 @@ def _check_paths(init_from: Path | None, data: Path | None, image_folder: Path |
 def _check_settings(settings: TrainSettings) -> None:
     """One error line for inconsistent options, before any model is built."""
     from cliviz.data.questions import parse_extra_questions
-    from cliviz.model.configuration import FUSIONS
     from cliviz.runtime import DTYPES
     from cliviz.train import VISION_LAYERS
 

@@ -12,6 +12,9 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import CLIConfig
 from cliviz.model.modeling import CLIForConditionalGeneration
+from cliviz.model.safety import no_stdin, refuse_remote_code
+from cliviz.model.validation import read_config
+from cliviz.model.weights import check_finite_parameters, check_weights
 from cliviz.runtime import resolve_device
 
 DEFAULT_MODEL = "cli-tiny"
@@ -34,7 +37,7 @@ def resolve_model_dir(path: str | Path | None) -> Path:
 
 
 def check_model_dir(path: Path) -> CLIConfig:
-    """Refuse missing, incomplete or foreign folders before transformers sees them."""
+    """Refuse missing, incomplete, foreign, code-bearing or implausible folders before transformers sees them."""
     if not path.exists():
         raise CLIVizError(f"model folder not found: {path}")
     if not path.is_dir():
@@ -43,19 +46,14 @@ def check_model_dir(path: Path) -> CLIConfig:
     if missing:
         hint = " (weights must be safetensors)" if "model.safetensors" in missing and (path / "pytorch_model.bin").exists() else ""
         raise CLIVizError(f"model folder {path} is incomplete: missing {', '.join(missing)}{hint}")
+    refuse_remote_code(path)
+    read_config(path / "config.json")  # type and range of every field cliviz uses, before anything is built
     try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIVizError(f"model folder {path} has an unreadable config.json ({err})") from None
-    if raw.get("model_type") != CLIConfig.model_type:
-        raise CLIVizError(
-            f"{path} is not a cliviz CLI model (model_type={raw.get('model_type')!r}); "
-            "turn a LLaVA checkpoint into one with `cliviz attach`"
-        )
-    try:
-        return CLIConfig.from_pretrained(path)
-    except (ValueError, TypeError, KeyError) as err:
-        raise CLIVizError(f"model folder {path} has an invalid config: {err}") from None
+        with no_stdin():
+            return CLIConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - past validation, any failure is still this file's content
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIVizError(f"model folder {path} has an invalid config: {first}") from None
 
 
 def load_model(
@@ -65,11 +63,13 @@ def load_model(
 
     A real LLaVA folder also brings its chat template (used by `processing.prompt_ids`) and its
     image processor, stored as `model.config.image_processor` (runtime-only, never saved) where
-    `processing.pixel_values(images, model.config)` finds it. Example::
+    `processing.pixel_values(images, model.config)` finds it. The folder's `generation_config.json`
+    is never read: cliviz decides its own decoding (greedy, `inference.generation_kwargs`). Example::
 
         model, tokenizer = load_model()              # bundled cli-tiny on the best device
         model, tokenizer = load_model("assets/models/projector-tiny", device="cpu")
     """
+    from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -77,14 +77,20 @@ def load_model(
     config = check_model_dir(folder)
     dev, dt = resolve_device(device, dtype)
     set_dtype(config, dt)
+    check_weights(folder / "model.safetensors", config)
     try:
-        model, info = CLIForConditionalGeneration.from_pretrained(
-            folder, config=config, use_safetensors=True, dtype=dt, output_loading_info=True
-        )
-    except (OSError, RuntimeError, ValueError) as err:
+        with no_stdin():
+            model, info = CLIForConditionalGeneration.from_pretrained(
+                folder, config=config, use_safetensors=True, dtype=dt, output_loading_info=True,
+                trust_remote_code=False, generation_config=GenerationConfig(do_sample=False, num_beams=1),
+            )
+    except Exception as err:  # noqa: BLE001 - the checks above cover the known cases; anything left is the folder's
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIVizError(f"cannot load weights from {folder}: {first}") from None
-    problems = [f"{k}: {', '.join(v[:3])}" for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
+        if "above report" in first:  # transformers points at a report it logged, which cliviz keeps quiet
+            first = "transformers refused them (weights and config.json do not match)"
+        raise CLIVizError(f"cannot load weights from {folder / 'model.safetensors'}: {first}") from None
+    problems = [f"{k}: {', '.join(sorted(v)[:3])}" for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
     if problems:
         raise CLIVizError(f"weights in {folder} do not match its config ({'; '.join(problems)})")
     tokenizer = load_tokenizer(folder, config)
@@ -92,7 +98,9 @@ def load_model(
     if processor is not None:
         model.config.image_processor = processor  # runtime-only: see `processing.image_processor`
     model.name_or_path = str(folder)
-    return model.to(dev).eval(), tokenizer
+    model = model.to(dev).eval()
+    check_finite_parameters(model, folder / "model.safetensors")
+    return model, tokenizer
 
 
 def set_dtype(config: CLIConfig, dtype: torch.dtype) -> None:
@@ -116,7 +124,9 @@ def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
     falls back to a generic config and warns that the model type does not match.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+        with no_stdin():
+            tokenizer = AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=False,
+                                                      local_files_only=True)
     except Exception as err:  # tokenizers raises a zoo of types on a broken file
         raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
     if len(tokenizer) > config.base_config.text_config.vocab_size:
@@ -173,7 +183,9 @@ def load_image_processor(folder: Path, config: CLIConfig):
     from transformers import AutoImageProcessor
 
     try:
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil", trust_remote_code=False)
+        with no_stdin():
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil",
+                                                           trust_remote_code=False)
     except Exception as err:  # unknown class, remote code, broken JSON: all one message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIVizError(f"cannot load the image processor in {folder}: {first}") from None

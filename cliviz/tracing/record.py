@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import cliviz
+from cliviz.finite import require_finite
 from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
@@ -97,6 +98,7 @@ def trace_batch(
     gates, norms, logits, sequences = _record(model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens)
     generated = sequences[:, prompt_width:].cpu()  # [B, n_steps]
     n_steps = len(logits)
+    require_finite(torch.stack(logits, dim=1), "answer scores", model)  # [B, n_steps, V]
     step_logprobs = torch.log_softmax(torch.stack(logits, dim=1), dim=-1).cpu()  # [B, n_steps, V]
     n_layers, k = len(model.agf), len(model.config.vision_layers)
     prefill_gates = torch.stack(gates[0], dim=0).cpu() if n_layers else None  # [L, B, T, K]
@@ -122,6 +124,7 @@ def trace_batch(
         if n_layers:
             g = torch.cat([prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in later_gates[: n_answer - 1]]], dim=1)
             nrm = torch.cat([prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in later_norms[: n_answer - 1]]], dim=1)
+            require_finite(g, "gate values", model)  # [L, n_tokens, K], padding left out
         else:
             g = torch.zeros(0, len(fed), k)
             nrm = torch.zeros(0, len(fed))

@@ -142,6 +142,31 @@ class Trace:
                 raise ValueError(f"{name} must have one entry per answer token ({n_ans})")
         if n_ans and (self.answer_positions.min() < 0 or self.answer_positions.max() >= n):
             raise ValueError("answer_positions outside the token range")
+        for name in ("gates", "injection_norm", "answer_logprobs", "topk_logprobs"):
+            values = np.asarray(getattr(self, name))
+            if values.dtype.kind not in "fiu" or not np.all(np.isfinite(values)):
+                raise ValueError(f"{name} must hold finite numbers")
+        self._validate_meta()
+
+    def _validate_meta(self) -> None:
+        """Field types of `meta` (a trace can come back from a browser store or a hand-written dict)."""
+        m = self.meta
+        for name in ("question", "answer", "model", "config_hash", "fusion", "image_sha256", "device", "dtype",
+                     "created_at", "cliviz_version"):
+            if not isinstance(getattr(m, name), str):
+                raise ValueError(f"meta.{name} must be a string")
+        for name in ("qtype", "reference_answer", "sample_id"):
+            if not isinstance(getattr(m, name), (str, type(None))):
+                raise ValueError(f"meta.{name} must be a string or null")
+        for name in ("vision_layers", "injection_layers"):
+            layers = getattr(m, name)
+            if not isinstance(layers, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+                raise ValueError(f"meta.{name} must be a list of integers")
+        for name in ("image_width", "image_height", "schema_version"):
+            if not isinstance(getattr(m, name), int) or isinstance(getattr(m, name), bool):
+                raise ValueError(f"meta.{name} must be an integer")
+        if not all(isinstance(t, str) for t in [*self.token_texts, *self.answer_texts]):
+            raise ValueError("token_texts and answer_texts must hold strings")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (lists, not arrays) — what `--json` prints."""

@@ -34,7 +34,8 @@ the whole file as schema 2.
 Every write (`write_traces`, `TraceSet.append`, `merge_traces`) goes to a temporary file in the
 same folder and is moved into place with `os.replace`, so a reader never sees a half-written
 file and a failed write leaves the old file untouched. Appending reads the existing table, adds
-the new rows and rewrites the whole file. Nothing is ever unpickled: reading is Parquet only.
+the new rows and rewrites the whole file, holding the file's lock (`cliviz.atomic.exclusive_writer`)
+so that concurrent appends from several processes all survive. Nothing is ever unpickled: reading is Parquet only.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cliviz import __version__
-from cliviz.atomic import atomic_file
+from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
+from cliviz.tracing.table_checks import check_table
 from cliviz.tracing.trace import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 
 __all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_traces",
@@ -63,6 +65,7 @@ SCHEMA_VERSION_KEY = "cliviz.schema_version"
 VERSION_KEY = "cliviz.version"
 _ROW_GROUP_SIZE = 512
 _MAX_LIST_CHUNK = 2**31 - 1  # list<...> uses int32 offsets: keep each chunk below this
+APPEND_LOCK_WAIT_S = 120.0  # another process's append takes seconds; a running sweep holds its file far longer
 
 _INT_LIST = pa.list_(pa.int64())
 _SHAPE = pa.list_(pa.int32())
@@ -221,14 +224,9 @@ def _shapes(table: pa.Table, name: str, ndim: int, path: str) -> np.ndarray:
 
 
 def _check_table(table: pa.Table, path: str) -> None:
-    """Cheap, vectorised consistency checks so a hand-edited file fails with one clear line."""
-    for name, (_, _, ndim) in NUMERIC_ARRAYS.items():
-        if ndim is None:
-            continue
-        shapes = _shapes(table, name, ndim, path)
-        lengths = pc.fill_null(pc.list_value_length(table.column(name)), 0).to_numpy()
-        if np.any(shapes < 0) or np.any(shapes.prod(axis=1) != lengths):
-            raise CLIVizError(f"trace file {path} is corrupt: {name} does not match {name}_shape")
+    """Shapes that fit together and values a real run can produce, so a broken file fails with one line
+    naming the trace and field (`cliviz.tracing.table_checks`)."""
+    check_table(table, path)
 
 
 def _table_to_traces(table: pa.Table) -> list[Trace]:
@@ -347,9 +345,11 @@ def write_traces(path: str | os.PathLike, traces: Trace | TraceSet | Iterable[Tr
     """Write `traces` to the Parquet trace file `path` (atomically). With `append=True` an existing
     file keeps its rows and the new ones follow; a missing file is simply created."""
     new = _as_table(traces)  # validate before touching anything on disk
-    if append and Path(path).exists():
-        new = pa.concat_tables([_read_table(path, verb="writes"), new])
-    return _atomic_write_table(new, path)
+    # read + extend + replace under the file's lock: two appending processes never drop each other's rows
+    with exclusive_writer(path, "trace file", wait=APPEND_LOCK_WAIT_S):
+        if append and Path(path).exists():
+            new = pa.concat_tables([_read_table(path, verb="writes"), new])
+        return _atomic_write_table(new, path)
 
 
 def append_traces(path: str | os.PathLike, traces: Trace | TraceSet | Iterable[Trace]) -> Path:
