@@ -36,7 +36,8 @@ def attach(
 ) -> CLIForConditionalGeneration:
     """Wrap `base` (its modules are re-used, not copied) in a CLI model with the light read. Example::
 
-        base = LlavaForConditionalGeneration.from_pretrained("assets/models/llava-tiny-base", use_safetensors=True)
+        base = LlavaForConditionalGeneration.from_pretrained("assets/models/llava-tiny-base", use_safetensors=True,
+                                                             trust_remote_code=False)
         model = attach(base, vision_layers=[2, 4, 6])
     """
     if base.config.model_type not in BASE_CLASSES:
@@ -50,7 +51,11 @@ def attach(
 
 
 def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGeneration:
-    """`cliviz attach`: load a local LLaVA folder (safetensors only), attach CLI, save to `out`."""
+    """`cliviz attach`: load a local LLaVA folder (safetensors only), attach CLI, save to `out`.
+    A folder that asks for its own code to run is refused first (`safety.refuse_remote_code`)."""
+    from cliviz.model.safety import no_stdin, refuse_remote_code
+
+    refuse_remote_code(base_dir)
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise CLIVizError(f"base model folder {base_dir} has no config.json")
@@ -65,7 +70,9 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
     if not any(base_dir.glob("*.safetensors")):
         raise CLIVizError(f"{base_dir} has no .safetensors weights (pickled weights are never loaded)")
     try:
-        base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True)
+        with no_stdin():
+            base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True,
+                                                                             trust_remote_code=False)
         model = attach(base, **options)
     except (ValueError, OSError, RuntimeError) as err:
         raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
@@ -91,8 +98,11 @@ def _ensure_fast_tokenizer(base_dir: Path, out: Path) -> None:
         return
     from transformers import AutoTokenizer
 
+    from cliviz.model.safety import no_stdin
+
     try:
-        AutoTokenizer.from_pretrained(base_dir, local_files_only=True).save_pretrained(out)
+        with no_stdin():
+            AutoTokenizer.from_pretrained(base_dir, local_files_only=True, trust_remote_code=False).save_pretrained(out)
     except Exception as err:  # tokenizers/sentencepiece raise many types
         raise CLIVizError(f"cannot convert the tokenizer in {base_dir} ({', '.join(slow)}) to tokenizer.json: {err}") from None
 

@@ -75,8 +75,12 @@ def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForCond
 def copy_vision_tower(folder: Path, model: CLIForConditionalGeneration) -> None:
     """Load the vision tower of a saved model (e.g. a stage-1 tower) into a fresh model: the rest of it
     (projector, LLM, CLI) keeps this run's own seeded init."""
+    from cliviz.model.safety import no_stdin, refuse_remote_code
+
+    refuse_remote_code(folder)
     try:
-        source = CLIForConditionalGeneration.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        with no_stdin():
+            source = CLIForConditionalGeneration.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise CLIVizError(f"cannot load the model in {folder}: {str(err).splitlines()[0]}") from None
     tower = source.base.model.vision_tower.state_dict()
@@ -92,9 +96,13 @@ def _attach_to_base(folder: Path, settings: TrainSettings, dtype: torch.dtype):
     from cliviz.model.loading import load_image_processor, load_tokenizer
     from cliviz.model.modeling import BASE_CLASSES
 
+    from cliviz.model.safety import no_stdin, refuse_remote_code
+
+    refuse_remote_code(folder)
     cls = BASE_CLASSES[_model_type(folder)]
     try:
-        base = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
+        with no_stdin():
+            base = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise CLIVizError(f"cannot load the base model in {folder}: {str(err).splitlines()[0]}") from None
     model = attach(base, fusion=settings.fusion)
