@@ -8,17 +8,23 @@ Jupyter, so a notebook user needs neither the command line nor the frame layout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cliviz.errors import CLIVizError
 
-GRID_UNITS = {"delta_logprob_ref": "Δ log-prob (reference answer), nats",
-              "delta_logprob_own": "Δ log-prob (own answer), nats", "flip_rate": "share of answers flipped",
-              "accuracy": "accuracy under the knockout", "delta_accuracy": "Δ accuracy", "gate_mass": "mean gate"}
+GRID_UNITS = {
+    "delta_logprob_ref": "Δ log-prob (reference answer), nats",
+    "delta_logprob_own": "Δ log-prob (own answer), nats",
+    "flip_rate": "share of answers flipped",
+    "accuracy": "accuracy under the knockout",
+    "delta_accuracy": "Δ accuracy",
+    "gate_mass": "mean gate",
+}
 
 
 @dataclass
@@ -52,8 +58,11 @@ class CellAblation:
         vis, inj = self.trace.meta.vision_layers, self.trace.meta.injection_layers
         if self.llm_layer in inj:
             y = inj.index(self.llm_layer)
-            x0, x1 = (vis.index(self.vision_layer) - 0.5, vis.index(self.vision_layer) + 0.5) \
-                if self.vision_layer in vis else (-0.5, len(vis) - 0.5)
+            x0, x1 = (
+                (vis.index(self.vision_layer) - 0.5, vis.index(self.vision_layer) + 0.5)
+                if self.vision_layer in vis
+                else (-0.5, len(vis) - 0.5)
+            )
             fig.add_shape(type="rect", x0=x0, x1=x1, y0=y - 0.5, y1=y + 0.5, line={"color": "#D55E00", "width": 3})
         return fig
 
@@ -62,19 +71,29 @@ class CellAblation:
 
         cell = "style='padding:2px 10px;text-align:left'"
         change = "the answer changed" if self.flipped else "the answer stayed the same"
-        table = (f"<div style='font-family:sans-serif'><b>{esc(self.condition)}</b> on "
-                 f"<i>{esc(self.question)}</i></div><table style='border-collapse:collapse;font-size:13px'>"
-                 f"<tr><th {cell}></th><th {cell}>original</th><th {cell}>{esc(self.condition)}</th></tr>"
-                 f"<tr><th {cell}>answer token</th><td {cell}>{esc(self.base_answer)}</td><td {cell}>"
-                 f"{esc(self.answer)}</td></tr><tr><th {cell}>its probability</th><td {cell}>{self.base_prob:.3f}</td>"
-                 f"<td {cell}>{self.prob:.3f}</td></tr></table>"
-                 f"<div style='font-size:12.5px'>Δ log-prob of the original answer token: {self.delta_logprob:+.4f} "
-                 f"(its probability now {self.base_answer_prob:.3f}) — {change}.</div>")
+        table = (
+            f"<div style='font-family:sans-serif'><b>{esc(self.condition)}</b> on "
+            f"<i>{esc(self.question)}</i></div><table style='border-collapse:collapse;font-size:13px'>"
+            f"<tr><th {cell}></th><th {cell}>original</th><th {cell}>{esc(self.condition)}</th></tr>"
+            f"<tr><th {cell}>answer token</th><td {cell}>{esc(self.base_answer)}</td><td {cell}>"
+            f"{esc(self.answer)}</td></tr><tr><th {cell}>its probability</th><td {cell}>{self.base_prob:.3f}</td>"
+            f"<td {cell}>{self.prob:.3f}</td></tr></table>"
+            f"<div style='font-size:12.5px'>Δ log-prob of the original answer token: {self.delta_logprob:+.4f} "
+            f"(its probability now {self.base_answer_prob:.3f}) — {change}.</div>"
+        )
         return table + (figure_html(self.heatmap()) if self.trace is not None and self.trace.has_gates else "")
 
 
-def ablate(model, tokenizer, image, question: str, llm_layer: int, vision_layer: int | None = None,
-           kind: str = "knockout", trace=None) -> CellAblation:
+def ablate(
+    model,
+    tokenizer,
+    image,
+    question: str,
+    llm_layer: int,
+    vision_layer: int | None = None,
+    kind: str = "knockout",
+    trace=None,
+) -> CellAblation:
     """Intervene on one gate cell (real layer indices) and re-score the answer (`single_cell`).
 
     `kind`: knockout | zero | onehot | uniform | injection_off (the last two act on the whole
@@ -89,8 +108,14 @@ def ablate(model, tokenizer, image, question: str, llm_layer: int, vision_layer:
     from cliviz.analyses.ablations import single_cell
 
     out = single_cell(model, tokenizer, image, question, llm_layer, vision_layer, kind=kind)
-    return CellAblation(question=question, kind=kind, llm_layer=int(llm_layer),
-                        vision_layer=None if vision_layer is None else int(vision_layer), trace=trace, **out)
+    return CellAblation(
+        question=question,
+        kind=kind,
+        llm_layer=int(llm_layer),
+        vision_layer=None if vision_layer is None else int(vision_layer),
+        trace=trace,
+        **out,
+    )
 
 
 @dataclass
@@ -120,9 +145,14 @@ class KnockoutGrid:
         m = self.matrix(metric, qtype)
         top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
         unit = GRID_UNITS.get(metric, metric)
-        return difference_figure(m, self.vision_layers, self.injection_layers, label=f"{metric}<br>±{top:.2g}",
-                                 title=f"knockout of each gate cell: {unit} ({qtype}, n={self.n_samples})",
-                                 zmax=top if top > 0 else None)
+        return difference_figure(
+            m,
+            self.vision_layers,
+            self.injection_layers,
+            label=f"{metric}<br>±{top:.2g}",
+            title=f"knockout of each gate cell: {unit} ({qtype}, n={self.n_samples})",
+            zmax=top if top > 0 else None,
+        )
 
     def _repr_html_(self) -> str:
         from cliviz.analyses.display import figure_html
@@ -130,23 +160,32 @@ class KnockoutGrid:
         m = self.matrix("delta_logprob_own")
         i, k = np.unravel_index(int(np.nanargmin(m)), m.shape)
         flips = self.matrix("flip_rate")
-        head = (f"<div style='font-family:sans-serif'><b>Knockout grid</b>: {len(self.injection_layers)} LLM x "
-                f"{len(self.vision_layers)} vision layers, {self.n_samples} samples. Most harmful cell: "
-                f"L{self.injection_layers[i]} × V{self.vision_layers[k]} (Δ log-prob {m[i, k]:+.4f}); largest flip "
-                f"rate {np.nanmax(flips):.0%}.</div>")
+        head = (
+            f"<div style='font-family:sans-serif'><b>Knockout grid</b>: {len(self.injection_layers)} LLM x "
+            f"{len(self.vision_layers)} vision layers, {self.n_samples} samples. Most harmful cell: "
+            f"L{self.injection_layers[i]} × V{self.vision_layers[k]} (Δ log-prob {m[i, k]:+.4f}); largest flip "
+            f"rate {np.nanmax(flips):.0%}.</div>"
+        )
         return head + figure_html(self.heatmap()) + "<div style='font-size:12px'>numbers: <code>.frame</code></div>"
 
 
-def knockout(model, tokenizer, images: Sequence, questions: Sequence[str],
-             references: Sequence[str | None] | None = None, *, qtypes: Sequence[str | None] | None = None,
-             **options: Any) -> KnockoutGrid:
+def knockout(
+    model,
+    tokenizer,
+    images: Sequence,
+    questions: Sequence[str],
+    references: Sequence[str | None] | None = None,
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    **options: Any,
+) -> KnockoutGrid:
     """`knockout_grid` (every cell, batched) wrapped as a displayable `KnockoutGrid`. Example::
 
-        from cliviz import knockout, load_image, load_model
-        model, tok = load_model()
-        images = [load_image("assets/examples/color.png"), load_image("assets/examples/glyph.png")]
-        grid = knockout(model, tok, images, ["what color is the triangle ?", "what digit is in the corner ?"], n_boot=0)
-        grid.matrix("delta_logprob_own").shape    # (n injection layers, n vision layers)
+    from cliviz import knockout, load_image, load_model
+    model, tok = load_model()
+    images = [load_image("assets/examples/color.png"), load_image("assets/examples/glyph.png")]
+    grid = knockout(model, tok, images, ["what color is the triangle ?", "what digit is in the corner ?"], n_boot=0)
+    grid.matrix("delta_logprob_own").shape    # (n injection layers, n vision layers)
     """
     from cliviz.analyses.ablations import knockout_grid
 

@@ -104,10 +104,23 @@ METHOD_NAMES = {"ig": "integrated gradients", "gxi": "gradient × input"}  # the
 _METHOD_CODES = {"gxi": 0, "ig": 1}  # as stored in `attribution_settings`
 BASELINES = ("uniform", "injection_off")
 TARGETS = ("logprob", "logit", "margin")  # stored by their index in `attribution_settings`
-TARGET_NAMES = {"logprob": "log-prob of the answer token", "logit": "logit of the answer token",
-                "margin": "margin: answer-token logit minus runner-up logit"}
-ARRAY_NAMES = ("gate_cells", "patches", "prompt_scores", "completeness_error", "image_token_scores",
-               "gate_token_scores", "target_value", "baseline_value", "runner_up_ids", "attribution_settings")
+TARGET_NAMES = {
+    "logprob": "log-prob of the answer token",
+    "logit": "logit of the answer token",
+    "margin": "margin: answer-token logit minus runner-up logit",
+}
+ARRAY_NAMES = (
+    "gate_cells",
+    "patches",
+    "prompt_scores",
+    "completeness_error",
+    "image_token_scores",
+    "gate_token_scores",
+    "target_value",
+    "baseline_value",
+    "runner_up_ids",
+    "attribution_settings",
+)
 _OLD_NAMES = {"target_value": "target_logprob", "baseline_value": "baseline_logprob"}  # files before targets
 REL_FLOOR = 1e-3  # denominator floor of the relative completeness error, in the target's units
 SATURATION_P = 0.99  # above this probability a log-prob target is flat: its attributions are noise
@@ -185,8 +198,15 @@ class _Runner:
     pixel path for its image-token injection and gets the embeddings swapped in by a hook).
     """
 
-    def __init__(self, model, state: _HookState, images: dict[str, torch.Tensor], answer_positions, answer_ids,
-                 target: str = "logprob"):
+    def __init__(
+        self,
+        model,
+        state: _HookState,
+        images: dict[str, torch.Tensor],
+        answer_positions,
+        answer_ids,
+        target: str = "logprob",
+    ):
         self.model, self.state, self.images, self.target = model, state, images, target  # pixel_values (+ image_sizes)
         dev = model.device
         self.positions = torch.as_tensor(np.asarray(answer_positions), dtype=torch.long, device=dev)  # [n]
@@ -217,13 +237,23 @@ class _Runner:
             if self.model.config.fusion == "deepstack":
                 self.state.embeds = embeds
                 images = {k: v.expand(b, *v.shape[1:]) for k, v in self.images.items()}
-                out = self.model(input_ids=self.ids.expand(b, -1), **images,
-                                 attention_mask=mask, use_cache=False, logits_to_keep=self.positions)
+                out = self.model(
+                    input_ids=self.ids.expand(b, -1),
+                    **images,
+                    attention_mask=mask,
+                    use_cache=False,
+                    logits_to_keep=self.positions,
+                )
             else:
                 memory_mask = None if self.memory_mask is None else self.memory_mask.expand(b, -1)
-                out = self.model(inputs_embeds=embeds, vision_memory=memory, vision_memory_mask=memory_mask,
-                                 attention_mask=mask, use_cache=False,
-                                 logits_to_keep=self.positions)
+                out = self.model(
+                    inputs_embeds=embeds,
+                    vision_memory=memory,
+                    vision_memory_mask=memory_mask,
+                    attention_mask=mask,
+                    use_cache=False,
+                    logits_to_keep=self.positions,
+                )
         finally:
             self.state.gates = self.state.embeds = None
         return target_values(out.logits.float(), self.targets, self.target, self.runner_up)  # [B, n]
@@ -243,8 +273,9 @@ class _Runner:
         return f
 
 
-def target_values(logits: torch.Tensor, answer_ids: torch.Tensor, target: str,
-                  runner_up: torch.Tensor | None = None) -> torch.Tensor:
+def target_values(
+    logits: torch.Tensor, answer_ids: torch.Tensor, target: str, runner_up: torch.Tensor | None = None
+) -> torch.Tensor:
     """`f` for every answer token from `logits [B, n, V]` and `answer_ids [n]`: `[B, n]`."""
     b = logits.shape[0]
     index = answer_ids.view(1, -1, 1).expand(b, -1, 1)
@@ -334,8 +365,10 @@ class AttributionResult:
         """The `n` gate cells with the largest |attribution|: (LLM layer, vision layer, value), real indices."""
         m = self.gate_cells[self._step(step)]
         order = np.argsort(-np.abs(m), axis=None)[:n]
-        return [(self.injection_layers[i], self.vision_layers[k], float(m[i, k]))
-                for i, k in zip(*np.unravel_index(order, m.shape))]
+        return [
+            (self.injection_layers[i], self.vision_layers[k], float(m[i, k]))
+            for i, k in zip(*np.unravel_index(order, m.shape))
+        ]
 
     def _step(self, step: int) -> int:
         if not -self.n_answer <= step < self.n_answer:
@@ -385,24 +418,33 @@ class AttributionResult:
             return []
         tokens = ", ".join(f"{self.answer_tokens[s]!r} p = {self.answer_probs[s]:.4f}" for s in steps)
         biggest = max(float(np.nanmax(np.abs(self.gate_cells[s]))) if self.gate_cells[s].size else 0.0 for s in steps)
-        return [f"saturated answer ({tokens} > {SATURATION_P}): the log-prob is flat there, so these attributions "
-                f"are numerical noise (largest gate-cell value {biggest:.1e}), not signal; "
-                "use --target margin or --target logit (target='margin' / 'logit')."]
+        return [
+            f"saturated answer ({tokens} > {SATURATION_P}): the log-prob is flat there, so these attributions "
+            f"are numerical noise (largest gate-cell value {biggest:.1e}), not signal; "
+            "use --target margin or --target logit (target='margin' / 'logit')."
+        ]
 
     def completeness_lines(self) -> list[str]:
         """IG completeness per answer token, its definition and the floor spelled out (empty for gxi)."""
         if self.method != "ig":
             return []
-        lines = [f"completeness error = |sum of attributions - (f(x) - f(baseline))| / "
-                 f"max(|f(x) - f(baseline)|, floor), floor = {REL_FLOOR:g}"]
-        for w, total, fx, fb, err in zip(self.answer_tokens, self.totals(), self.target_value, self.baseline_value,
-                                         self.completeness_error):
+        lines = [
+            f"completeness error = |sum of attributions - (f(x) - f(baseline))| / "
+            f"max(|f(x) - f(baseline)|, floor), floor = {REL_FLOOR:g}"
+        ]
+        for w, total, fx, fb, err in zip(
+            self.answer_tokens, self.totals(), self.target_value, self.baseline_value, self.completeness_error
+        ):
             delta = float(fx) - float(fb)
-            line = (f"{w!r}: sum {total:+.3g} vs f(x) - f(baseline) = {fx:+.4g} - ({fb:+.4g}) = {delta:+.3g}; "
-                    f"|difference| {abs(total - delta):.2g}, error {err:.2%}")
+            line = (
+                f"{w!r}: sum {total:+.3g} vs f(x) - f(baseline) = {fx:+.4g} - ({fb:+.4g}) = {delta:+.3g}; "
+                f"|difference| {abs(total - delta):.2g}, error {err:.2%}"
+            )
             if abs(delta) < REL_FLOOR:
-                line += (f" — |f(x) - f(baseline)| is below the floor {REL_FLOOR:g}, so this only bounds the "
-                         "absolute error: there is almost nothing to attribute")
+                line += (
+                    f" — |f(x) - f(baseline)| is below the floor {REL_FLOOR:g}, so this only bounds the "
+                    "absolute error: there is almost nothing to attribute"
+                )
             lines.append(line)
         return lines
 
@@ -418,14 +460,24 @@ class AttributionResult:
     # -- storage ------------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         """The named float32 arrays stored in `Trace.attributions` (names in `ARRAY_NAMES`)."""
-        settings = [_METHOD_CODES[self.method], self.steps, BASELINES.index(self.baseline), *self.patch_grid,
-                    TARGETS.index(self.target)]
+        settings = [
+            _METHOD_CODES[self.method],
+            self.steps,
+            BASELINES.index(self.baseline),
+            *self.patch_grid,
+            TARGETS.index(self.target),
+        ]
         runner = self.runner_up_ids if self.runner_up_ids is not None else np.full(self.n_answer, -1)
         out = {
-            "gate_cells": self.gate_cells, "patches": self.patches, "prompt_scores": self.prompt_scores,
-            "completeness_error": self.completeness_error, "image_token_scores": self.image_token_scores,
-            "gate_token_scores": self.gate_token_scores, "target_value": self.target_value,
-            "baseline_value": self.baseline_value, "runner_up_ids": runner,
+            "gate_cells": self.gate_cells,
+            "patches": self.patches,
+            "prompt_scores": self.prompt_scores,
+            "completeness_error": self.completeness_error,
+            "image_token_scores": self.image_token_scores,
+            "gate_token_scores": self.gate_token_scores,
+            "target_value": self.target_value,
+            "baseline_value": self.baseline_value,
+            "runner_up_ids": runner,
             "attribution_settings": np.asarray(settings),
         }
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
@@ -452,26 +504,46 @@ class AttributionResult:
         target = TARGETS[codes[5]] if len(codes) == 6 else "logprob"
         prompt_positions = _prompt_positions(trace)
         return cls(
-            trace=trace, method={v: k for k, v in _METHOD_CODES.items()}[method_code],
-            gate_cells=a["gate_cells"], patches=a["patches"],
-            patch_grid=(rows, cols), prompt_scores=a["prompt_scores"],
-            prompt_tokens=[trace.token_texts[p] for p in prompt_positions], prompt_positions=prompt_positions,
-            completeness_error=a["completeness_error"], image_token_scores=a["image_token_scores"],
-            gate_token_scores=a["gate_token_scores"], target_value=a["target_value"],
-            baseline_value=a["baseline_value"], baseline=BASELINES[base_code], steps=steps, target=target,
+            trace=trace,
+            method={v: k for k, v in _METHOD_CODES.items()}[method_code],
+            gate_cells=a["gate_cells"],
+            patches=a["patches"],
+            patch_grid=(rows, cols),
+            prompt_scores=a["prompt_scores"],
+            prompt_tokens=[trace.token_texts[p] for p in prompt_positions],
+            prompt_positions=prompt_positions,
+            completeness_error=a["completeness_error"],
+            image_token_scores=a["image_token_scores"],
+            gate_token_scores=a["gate_token_scores"],
+            target_value=a["target_value"],
+            baseline_value=a["baseline_value"],
+            baseline=BASELINES[base_code],
+            steps=steps,
+            target=target,
             runner_up_ids=np.asarray(a["runner_up_ids"]).astype(np.int64) if target == "margin" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (lists; NaN becomes None) — what `cliviz attribute --json` prints."""
         out: dict[str, Any] = {
-            "question": self.trace.meta.question, "answer": self.trace.meta.answer,
-            "answer_tokens": self.answer_tokens, "method": self.method, "method_name": METHOD_NAMES[self.method],
-            "target": self.target, "runner_up_tokens": self.runner_up_tokens, "description": self.description(),
-            "warnings": self.warnings(), "completeness": self.completeness_lines(), "rel_floor": REL_FLOOR,
-            "answer_probs": self.answer_probs.tolist(), "baseline": self.baseline,
-            "steps": self.steps, "vision_layers": self.vision_layers, "injection_layers": self.injection_layers,
-            "patch_grid": list(self.patch_grid), "prompt_tokens": self.prompt_tokens,
+            "question": self.trace.meta.question,
+            "answer": self.trace.meta.answer,
+            "answer_tokens": self.answer_tokens,
+            "method": self.method,
+            "method_name": METHOD_NAMES[self.method],
+            "target": self.target,
+            "runner_up_tokens": self.runner_up_tokens,
+            "description": self.description(),
+            "warnings": self.warnings(),
+            "completeness": self.completeness_lines(),
+            "rel_floor": REL_FLOOR,
+            "answer_probs": self.answer_probs.tolist(),
+            "baseline": self.baseline,
+            "steps": self.steps,
+            "vision_layers": self.vision_layers,
+            "injection_layers": self.injection_layers,
+            "patch_grid": list(self.patch_grid),
+            "prompt_tokens": self.prompt_tokens,
             "prompt_positions": self.prompt_positions.tolist(),
         }
         for name in ARRAY_NAMES[:-1]:
@@ -493,20 +565,54 @@ class AttributionResult:
         for s in range(self.n_answer):
             base = {"step": s, "answer_token": self.answer_tokens[s]}
             ii, kk = np.meshgrid(np.arange(L), np.arange(K), indexing="ij")
-            frames.append(pd.DataFrame({**base, "kind": "gate_cell",
-                                        "llm_layer": np.asarray(self.injection_layers)[ii.ravel()] if L else [],
-                                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()] if L else [],
-                                        "value": self.gate_cells[s].ravel()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **base,
+                        "kind": "gate_cell",
+                        "llm_layer": np.asarray(self.injection_layers)[ii.ravel()] if L else [],
+                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()] if L else [],
+                        "value": self.gate_cells[s].ravel(),
+                    }
+                )
+            )
             n = self.patches.shape[2]
             kk, pp = np.meshgrid(np.arange(K), np.arange(n), indexing="ij")
-            frames.append(pd.DataFrame({**base, "kind": "patch", "vision_layer": np.asarray(self.vision_layers)[kk.ravel()],
-                                        "patch": pp.ravel(), "value": self.patches[s].ravel()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **base,
+                        "kind": "patch",
+                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()],
+                        "patch": pp.ravel(),
+                        "value": self.patches[s].ravel(),
+                    }
+                )
+            )
             frames.append(pd.DataFrame({**base, "kind": "patch", "patch": np.arange(n), "value": self.combined[s]}))
-            frames.append(pd.DataFrame({**base, "kind": "prompt_token", "position": self.prompt_positions,
-                                        "token": self.prompt_tokens, "value": self.prompt_scores[s]}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **base,
+                        "kind": "prompt_token",
+                        "position": self.prompt_positions,
+                        "token": self.prompt_tokens,
+                        "value": self.prompt_scores[s],
+                    }
+                )
+            )
             img_pos = np.flatnonzero(self.trace.role_mask("image"))
-            frames.append(pd.DataFrame({**base, "kind": "image_token", "position": img_pos,
-                                        "patch": np.arange(len(img_pos)), "value": self.image_token_scores[s]}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **base,
+                        "kind": "image_token",
+                        "position": img_pos,
+                        "patch": np.arange(len(img_pos)),
+                        "value": self.image_token_scores[s],
+                    }
+                )
+            )
         df = pd.concat(frames, ignore_index=True)
         for col in ("llm_layer", "vision_layer", "patch", "position"):
             if col not in df:
@@ -518,8 +624,21 @@ class AttributionResult:
             df["token"] = None
         df["value"] = df["value"].astype(np.float32)
         df["kind"] = pd.Categorical(df["kind"], categories=["gate_cell", "patch", "prompt_token", "image_token"])
-        return df[["step", "answer_token", "kind", "llm_layer", "vision_layer", "patch", "patch_row", "patch_col",
-                   "position", "token", "value"]]
+        return df[
+            [
+                "step",
+                "answer_token",
+                "kind",
+                "llm_layer",
+                "vision_layer",
+                "patch",
+                "patch_row",
+                "patch_col",
+                "position",
+                "token",
+                "value",
+            ]
+        ]
 
     # -- plotting -----------------------------------------------------------------------------
     def token_strip_figure(self) -> go.Figure:
@@ -531,31 +650,73 @@ class AttributionResult:
 
         totals = self.totals()
         labels = [f"{s}: {t}" for s, t in enumerate(self.answer_tokens)]
-        fig = make_subplots(rows=2, cols=1, row_heights=[0.25, 0.75], vertical_spacing=0.18,
-                            subplot_titles=(f"answer tokens: total gate-cell attribution "
-                                            f"({self.method}, {self.target})",
-                                            f"prompt tokens: gradient × input (gxi) of the {self.target}"))
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            row_heights=[0.25, 0.75],
+            vertical_spacing=0.18,
+            subplot_titles=(
+                f"answer tokens: total gate-cell attribution ({self.method}, {self.target})",
+                f"prompt tokens: gradient × input (gxi) of the {self.target}",
+            ),
+        )
         tmax = _abs_max(totals)
-        fig.add_trace(go.Heatmap(
-            z=[totals.tolist()], x=labels, y=["answer"], text=[self.answer_tokens], texttemplate="%{text}",
-            colorscale=DIVERGING, zmid=0, zmin=-tmax, zmax=tmax, coloraxis=None,
-            colorbar={"title": {"text": scale_title("gates", tmax), "side": "right"}, "y": 1.0, "yanchor": "top",
-                      "len": 0.3},
-            hovertemplate="answer token %{x}<br>total %{z:.3g}<extra></extra>"), row=1, col=1)
+        fig.add_trace(
+            go.Heatmap(
+                z=[totals.tolist()],
+                x=labels,
+                y=["answer"],
+                text=[self.answer_tokens],
+                texttemplate="%{text}",
+                colorscale=DIVERGING,
+                zmid=0,
+                zmin=-tmax,
+                zmax=tmax,
+                coloraxis=None,
+                colorbar={
+                    "title": {"text": scale_title("gates", tmax), "side": "right"},
+                    "y": 1.0,
+                    "yanchor": "top",
+                    "len": 0.3,
+                },
+                hovertemplate="answer token %{x}<br>total %{z:.3g}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
         cols = [f"{p}: {t}" for p, t in zip(self.prompt_positions, self.prompt_tokens)]
         pmax = _abs_max(self.prompt_scores)
-        fig.add_trace(go.Heatmap(
-            z=self.prompt_scores, x=cols, y=[f"-> {t}" for t in self.answer_tokens],
-            text=[self.prompt_tokens] * self.n_answer, texttemplate="%{text}", colorscale=DIVERGING, zmid=0,
-            zmin=-pmax, zmax=pmax,
-            colorbar={"title": {"text": scale_title("prompt", pmax), "side": "right"}, "y": 0.0, "yanchor": "bottom",
-                      "len": 0.6},
-            hovertemplate="prompt token %{x}<br>%{y}<br>grad × input %{z:.3g}<extra></extra>"), row=2, col=1)
+        fig.add_trace(
+            go.Heatmap(
+                z=self.prompt_scores,
+                x=cols,
+                y=[f"-> {t}" for t in self.answer_tokens],
+                text=[self.prompt_tokens] * self.n_answer,
+                texttemplate="%{text}",
+                colorscale=DIVERGING,
+                zmid=0,
+                zmin=-pmax,
+                zmax=pmax,
+                colorbar={
+                    "title": {"text": scale_title("prompt", pmax), "side": "right"},
+                    "y": 0.0,
+                    "yanchor": "bottom",
+                    "len": 0.6,
+                },
+                hovertemplate="prompt token %{x}<br>%{y}<br>grad × input %{z:.3g}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
         fig.update_yaxes(autorange="reversed", row=2, col=1)
         fig.update_xaxes(showticklabels=False)
         title = f"{self.trace.meta.question}  ->  {self.trace.meta.answer}" + self._noise_tag(None)
-        fig.update_layout(template="simple_white", height=300 + 50 * self.n_answer, title=title,
-                          margin={"l": 80, "r": 30, "t": 80, "b": 20})
+        fig.update_layout(
+            template="simple_white",
+            height=300 + 50 * self.n_answer,
+            title=title,
+            margin={"l": 80, "r": 30, "t": 80, "b": 20},
+        )
         return fig
 
     def _noise_tag(self, step: int | None) -> str:
@@ -576,13 +737,28 @@ class AttributionResult:
             m, what = self.gate_cells[s], f"answer token {s} {self.answer_tokens[s]!r}"
         zmax = _abs_max(m)
         title = f"gate cells, {what} ({self.method}, {self.target})" + self._noise_tag(step)
-        fig = heatmap_figure(m, self.vision_layers, self.injection_layers, title=title, colorscale=DIVERGING,
-                             zmid=0.0, zmin=-zmax, zmax=zmax, colorbar_title=scale_title(self.method, zmax))
+        fig = heatmap_figure(
+            m,
+            self.vision_layers,
+            self.injection_layers,
+            title=title,
+            colorscale=DIVERGING,
+            zmid=0.0,
+            zmin=-zmax,
+            zmax=zmax,
+            colorbar_title=scale_title(self.method, zmax),
+        )
         fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>attribution %{z:.3g}<extra></extra>")
         return fig
 
-    def patch_overlay_figure(self, image: Image.Image, step: int = 0, layer: int | None = None,
-                             display_size: int = 256, max_alpha: float = 0.85) -> go.Figure:
+    def patch_overlay_figure(
+        self,
+        image: Image.Image,
+        step: int = 0,
+        layer: int | None = None,
+        display_size: int = 256,
+        max_alpha: float = 0.85,
+    ) -> go.Figure:
         """The image with a semi-transparent diverging heatmap of the patch attributions on top
         (RdBu_r, red > 0 > blue, opacity growing with |value| up to `max_alpha`, so the image shows
         through where a patch did not matter). `layer`: a real vision-layer index (one of
@@ -600,17 +776,32 @@ class AttributionResult:
         cw, ch = display_size / cols, display_size / rows
         fig = go.Figure(go.Image(z=np.asarray(shown), hoverinfo="skip"))
         zmax = _abs_max(grid)
-        fig.add_trace(go.Heatmap(
-            z=grid, x=(np.arange(cols) + 0.5) * cw, y=(np.arange(rows) + 0.5) * ch,
-            colorscale=overlay_colorscale(max_alpha), zmid=0, zmin=-zmax, zmax=zmax,
-            colorbar={"title": {"text": scale_title(f"gxi, {self.target}", zmax), "side": "right"}, "thickness": 14},
-            customdata=np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1),
-            hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3g}<extra></extra>"))
+        fig.add_trace(
+            go.Heatmap(
+                z=grid,
+                x=(np.arange(cols) + 0.5) * cw,
+                y=(np.arange(rows) + 0.5) * ch,
+                colorscale=overlay_colorscale(max_alpha),
+                zmid=0,
+                zmin=-zmax,
+                zmax=zmax,
+                colorbar={
+                    "title": {"text": scale_title(f"gxi, {self.target}", zmax), "side": "right"},
+                    "thickness": 14,
+                },
+                customdata=np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1),
+                hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3g}<extra></extra>",
+            )
+        )
         fig.update_xaxes(visible=False, range=[0, display_size])
         fig.update_yaxes(visible=False, range=[display_size, 0], scaleanchor="x")
-        fig.update_layout(template="simple_white", width=display_size + 180, height=display_size + 80,
-                          title=f"patches -> {self.answer_tokens[s]!r}, {what}" + self._noise_tag(s),
-                          margin={"l": 10, "r": 40, "t": 40, "b": 10})
+        fig.update_layout(
+            template="simple_white",
+            width=display_size + 180,
+            height=display_size + 80,
+            title=f"patches -> {self.answer_tokens[s]!r}, {what}" + self._noise_tag(s),
+            margin={"l": 10, "r": 40, "t": 40, "b": 10},
+        )
         return fig
 
 
@@ -685,7 +876,9 @@ def _forced_trace(trace: Trace, tokenizer, answer_ids: list[int], gates, norms, 
         token_texts=tokenizer.convert_ids_to_tokens(fed),
         token_roles=trace.token_roles[:n_prompt] + ["answer"] * (len(answer_ids) - 1),
         gates=gates.cpu().numpy().astype(np.float32) if gates is not None else np.zeros((L, len(fed), K), np.float32),
-        injection_norm=norms.cpu().numpy().astype(np.float32) if norms is not None else np.zeros((L, len(fed)), np.float32),
+        injection_norm=norms.cpu().numpy().astype(np.float32)
+        if norms is not None
+        else np.zeros((L, len(fed)), np.float32),
         answer_ids=np.asarray(answer_ids, dtype=np.int64),
         answer_texts=tokenizer.convert_ids_to_tokens(answer_ids),
         answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids), dtype=np.int64),
@@ -737,12 +930,19 @@ def baseline_gates(gates: torch.Tensor, baseline: str) -> torch.Tensor:
     raise CLIVizError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
 
 
-def integrated_gradients(fn, gates: torch.Tensor, base: torch.Tensor, steps: int, internal_batch_size: int) -> torch.Tensor:
+def integrated_gradients(
+    fn, gates: torch.Tensor, base: torch.Tensor, steps: int, internal_batch_size: int
+) -> torch.Tensor:
     """Captum IG of `fn: [B, L, T, K] -> [B]` from `base` to `gates` (`[L, T, K]` each): `[L, T, K]`."""
     from captum.attr import IntegratedGradients
 
-    attr = IntegratedGradients(fn).attribute(gates[None], baselines=base[None], n_steps=int(steps),
-                                             method="gausslegendre", internal_batch_size=int(internal_batch_size))
+    attr = IntegratedGradients(fn).attribute(
+        gates[None],
+        baselines=base[None],
+        n_steps=int(steps),
+        method="gausslegendre",
+        internal_batch_size=int(internal_batch_size),
+    )
     return attr[0]
 
 
@@ -792,16 +992,21 @@ def attribute(
 
     check_options(method, baseline, steps, internal_batch_size, target)
     if model.config.fusion == "projector" or len(model.agf) == 0:
-        raise CLIVizError(f"this model has no gates (fusion={model.config.fusion}): nothing is injected, "
-                          "so there are no gate cells or patch maps to attribute")
+        raise CLIVizError(
+            f"this model has no gates (fusion={model.config.fusion}): nothing is injected, "
+            "so there are no gate cells or patch maps to attribute"
+        )
     forced = _answer_ids(tokenizer, answer) if answer is not None else None
     tr = record_trace(model, tokenizer, image, question, max_new_tokens=max_new_tokens, causal_check=False)
     n_prompt = int(tr.answer_positions[0]) + 1
     answer_ids = forced if forced is not None else tr.answer_ids.tolist()
     fed = tr.token_ids[:n_prompt].tolist() + list(answer_ids[:-1])
     positions = np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids))
-    images = {k: v for k, v in prepare_inputs(model, tokenizer, [image], [question]).items()
-              if k in ("pixel_values", "image_sizes")}
+    images = {
+        k: v
+        for k, v in prepare_inputs(model, tokenizer, [image], [question]).items()
+        if k in ("pixel_values", "image_sizes")
+    }
     ids = torch.tensor([fed], dtype=torch.long, device=model.device)
 
     with _eval_mode(model), _hooks(model) as state, torch.enable_grad():
@@ -812,12 +1017,16 @@ def attribute(
         if forced is not None:
             tr = _forced_trace(tr, tokenizer, list(answer_ids), gates, norms, logits)
         embed_scores, patches = _live_gradients(run, tr, model, len(answer_ids))
-        per_pos, completeness, f_x, f_b = _gate_attributions(run, gates, len(answer_ids), method, baseline, steps,
-                                                             internal_batch_size)
+        per_pos, completeness, f_x, f_b = _gate_attributions(
+            run, gates, len(answer_ids), method, baseline, steps, internal_batch_size
+        )
     prompt_pos = _prompt_positions(tr)
     image_pos = np.flatnonzero(tr.role_mask("image"))
     return AttributionResult(
-        trace=tr, method=method, baseline=baseline, steps=int(steps),
+        trace=tr,
+        method=method,
+        baseline=baseline,
+        steps=int(steps),
         gate_cells=per_pos.sum(axis=2).astype(np.float32),
         patches=patches.astype(np.float32),
         patch_grid=_patch_grid(model, patches.shape[2]),
@@ -854,8 +1063,9 @@ def _live_gradients(run: _Runner, tr: Trace, model, n: int) -> tuple[np.ndarray,
     return embed_scores, np.full((n, len(model.config.vision_layers), n_img), np.nan, dtype=np.float32)
 
 
-def _gate_attributions(run: _Runner, gates: torch.Tensor, n: int, method: str, baseline: str, steps: int,
-                       internal_batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _gate_attributions(
+    run: _Runner, gates: torch.Tensor, n: int, method: str, baseline: str, steps: int, internal_batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The gates as the input, real `gates [L, T, K]` against the baseline gates: per-position
     attributions `[n, L, T, K]`, the completeness error `[n]` (NaN for gxi), f(x) and f(baseline) `[n]`."""
     g_base = baseline_gates(gates, baseline)
@@ -871,8 +1081,9 @@ def _gate_attributions(run: _Runner, gates: torch.Tensor, n: int, method: str, b
         per_pos = (grad * g).detach()  # [n, L, T, K]
         completeness = np.full(n, np.nan, dtype=np.float32)
     else:
-        per_pos = torch.stack([integrated_gradients(run.gate_fn(s), gates, g_base, steps, internal_batch_size)
-                               for s in range(n)]).detach()  # [n, L, T, K]
+        per_pos = torch.stack(
+            [integrated_gradients(run.gate_fn(s), gates, g_base, steps, internal_batch_size) for s in range(n)]
+        ).detach()  # [n, L, T, K]
         total = per_pos.sum(dim=(1, 2, 3)).cpu().numpy()
         delta = f_x - f_b
         completeness = (np.abs(total - delta) / np.maximum(np.abs(delta), REL_FLOOR)).astype(np.float32)
@@ -896,15 +1107,21 @@ def write_attribution_html(result: AttributionResult, image: Image.Image, path: 
         lines.append("gradient × input has no completeness property; use method ig for an exact accounting.")
     notes = "".join(f"<p style='margin:2px 0'>{html_lib.escape(line)}</p>" for line in lines)
     warns = "".join(f"<p style='margin:2px 0;color:#D55E00'><b>{html_lib.escape(w)}</b></p>" for w in result.warnings())
-    head = (f"<h2>{html_lib.escape(meta.question)} &rarr; {html_lib.escape(meta.answer)}</h2>"
-            f"<p>model {html_lib.escape(meta.model)} ({html_lib.escape(meta.fusion)}).</p>{warns}{notes}")
+    head = (
+        f"<h2>{html_lib.escape(meta.question)} &rarr; {html_lib.escape(meta.answer)}</h2>"
+        f"<p>model {html_lib.escape(meta.model)} ({html_lib.escape(meta.fusion)}).</p>{warns}{notes}"
+    )
     body = [head, parts[0]]
     for s in range(result.n_answer):
-        body.append(f"<h3>answer token {s}: {html_lib.escape(result.answer_tokens[s])}</h3>"
-                    f"<div style='display:flex;flex-wrap:wrap;gap:16px'><div>{parts[1 + 2 * s]}</div>"
-                    f"<div>{parts[2 + 2 * s]}</div></div>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>cliviz attribution</title></head>"
-            "<body style='font-family:sans-serif'>" + "".join(body) + "</body></html>")
+        body.append(
+            f"<h3>answer token {s}: {html_lib.escape(result.answer_tokens[s])}</h3>"
+            f"<div style='display:flex;flex-wrap:wrap;gap:16px'><div>{parts[1 + 2 * s]}</div>"
+            f"<div>{parts[2 + 2 * s]}</div></div>"
+        )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cliviz attribution</title></head>"
+        "<body style='font-family:sans-serif'>" + "".join(body) + "</body></html>"
+    )
     p = Path(path)
     p.write_text(page, encoding="utf-8")
     return p

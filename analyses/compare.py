@@ -27,18 +27,33 @@ from cliviz.inputs import load_image
 ALL_TYPES = "all types"  # the row of `stability_summary(..., with_mean=True)` that averages the question types
 
 
-def accuracy_table(models: dict[str, tuple], data: DataSet, batch_size: int = 64,
-                   progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+def accuracy_table(
+    models: dict[str, tuple], data: DataSet, batch_size: int = 64, progress: Callable[[int], None] | None = None
+) -> pd.DataFrame:
     """`models`: label -> (model, tokenizer). Returns rows model, fusion, qtype, accuracy, n.
     `progress(n)` hears of every n samples answered."""
     rows = []
     for label, (model, tok) in models.items():
         result = evaluate(model, tok, data, batch_size, on_batch=progress)
         for qtype, acc in result["per_type"].items():
-            rows.append({"model": label, "fusion": model.config.fusion, "qtype": qtype, "accuracy": acc,
-                         "n": result["n_per_type"][qtype]})
-        rows.append({"model": label, "fusion": model.config.fusion, "qtype": "overall", "accuracy": result["overall"],
-                     "n": result["n"]})
+            rows.append(
+                {
+                    "model": label,
+                    "fusion": model.config.fusion,
+                    "qtype": qtype,
+                    "accuracy": acc,
+                    "n": result["n_per_type"][qtype],
+                }
+            )
+        rows.append(
+            {
+                "model": label,
+                "fusion": model.config.fusion,
+                "qtype": "overall",
+                "accuracy": result["overall"],
+                "n": result["n"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -47,8 +62,14 @@ def _profiled(data: DataSet, limit: int | None) -> list:
     return [r for r in data.records if r.qtype][:limit]
 
 
-def gate_profiles(model, tok, data: DataSet, batch_size: int = 32, limit: int | None = 140,
-                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def gate_profiles(
+    model,
+    tok,
+    data: DataSet,
+    batch_size: int = 32,
+    limit: int | None = 140,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Per question type, the mean answer-step gate matrix `[L, K]` of one model.
     `progress(n)` hears of every n samples traced."""
     from cliviz.tracing import trace_batch
@@ -57,8 +78,9 @@ def gate_profiles(model, tok, data: DataSet, batch_size: int = 32, limit: int | 
     sums: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        traces = trace_batch(model, tok, [load_image(r.image_path) for r in chunk], [r.question for r in chunk],
-                             max_new_tokens=2)
+        traces = trace_batch(
+            model, tok, [load_image(r.image_path) for r in chunk], [r.question for r in chunk], max_new_tokens=2
+        )
         for record, t in zip(chunk, traces, strict=True):
             sums.setdefault(record.qtype, []).append(t.answer_gates().mean(axis=1))  # [L, K]
         if progress:
@@ -74,7 +96,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def seed_stability(
-    profiles: dict[str, dict[str, np.ndarray]], fusions: dict[str, str], seeds: dict[str, int | None] | None = None,
+    profiles: dict[str, dict[str, np.ndarray]],
+    fusions: dict[str, str],
+    seeds: dict[str, int | None] | None = None,
 ) -> pd.DataFrame:
     """Pairwise agreement of gate maps between models of the same fusion variant with gates.
 
@@ -89,12 +113,17 @@ def seed_stability(
         known = seeds.get(a) is not None and seeds.get(b) is not None
         for qtype in sorted(set(profiles[a]) & set(profiles[b])):
             pa_, pb_ = profiles[a][qtype], profiles[b][qtype]
-            rows.append({
-                "fusion": fusions[a], "model_a": a, "model_b": b, "qtype": qtype,
-                "profile_spearman": _spearman(pa_.mean(0), pb_.mean(0)),
-                "top_layer_agreement": float(np.mean(pa_.argmax(1) == pb_.argmax(1))),
-                "same_seed": (seeds[a] == seeds[b]) if known else None,
-            })
+            rows.append(
+                {
+                    "fusion": fusions[a],
+                    "model_a": a,
+                    "model_b": b,
+                    "qtype": qtype,
+                    "profile_spearman": _spearman(pa_.mean(0), pb_.mean(0)),
+                    "top_layer_agreement": float(np.mean(pa_.argmax(1) == pb_.argmax(1))),
+                    "same_seed": (seeds[a] == seeds[b]) if known else None,
+                }
+            )
     columns = ["fusion", "model_a", "model_b", "qtype", "profile_spearman", "top_layer_agreement", "same_seed"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -151,16 +180,24 @@ def comparison_work(models: dict[str, tuple], data: DataSet, stability_samples: 
     return answered + profiled
 
 
-def run_comparison(models: dict[str, tuple], data: DataSet, *, stability_samples: int | None = 140,
-                   progress: Callable[[int], None] | None = None) -> Comparison:
+def run_comparison(
+    models: dict[str, tuple],
+    data: DataSet,
+    *,
+    stability_samples: int | None = 140,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
     """Accuracy of every model (label -> (model, tokenizer)) on `data`, and the gate-map stability of
     the cli models between training seeds (read from each model's training summary). `progress(n)`
     hears of every n samples done, `comparison_work(...)` in all."""
     from cliviz.train import recorded_seed
 
     table = accuracy_table(models, data, progress=progress)
-    profiles = {label: gate_profiles(m, t, data, limit=stability_samples, progress=progress)
-                for label, (m, t) in models.items() if m.config.fusion == "cli"}
+    profiles = {
+        label: gate_profiles(m, t, data, limit=stability_samples, progress=progress)
+        for label, (m, t) in models.items()
+        if m.config.fusion == "cli"
+    }
     seeds = {label: recorded_seed(m.name_or_path) for label, (m, _) in models.items()}
     fusions = {label: m.config.fusion for label, (m, _) in models.items()}
     return Comparison(table, seed_stability(profiles, fusions, seeds))
@@ -173,8 +210,12 @@ def comparison_figure(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for i, (label, part) in enumerate(table.groupby("model", sort=False)):
         fig.add_bar(x=part.qtype, y=part.accuracy, name=label, marker_color=QUALITATIVE[i % len(QUALITATIVE)])
-    fig.update_layout(barmode="group", yaxis={"title": "accuracy", "range": [0, 1]}, template="simple_white",
-                      legend={"orientation": "h", "y": 1.1})
+    fig.update_layout(
+        barmode="group",
+        yaxis={"title": "accuracy", "range": [0, 1]},
+        template="simple_white",
+        legend={"orientation": "h", "y": 1.1},
+    )
     return fig
 
 

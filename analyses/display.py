@@ -30,8 +30,7 @@ def figure_html(fig: Any) -> str:
     """A plotly figure as an HTML fragment (plotly.js inlined the first time only)."""
     first = not _state["plotlyjs_sent"]
     _state["plotlyjs_sent"] = True
-    return fig.to_html(full_html=False, include_plotlyjs=True if first else False,
-                       config={"displaylogo": False})
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False, config={"displaylogo": False})
 
 
 def esc(text: Any) -> str:
@@ -54,17 +53,21 @@ def token_strip_html(trace) -> str:
     parts.append("<span style='margin:0 4px;color:#667085'>→</span>")
     for s, (word, lp) in enumerate(zip(trace.answer_texts, trace.answer_logprobs)):
         alts = ", ".join(f"{t} {math.exp(v):.2f}" for t, v in zip(trace.topk_texts[s], trace.topk_logprobs[s]))
-        parts.append(f"<span title='step {s}; top-k: {esc(alts)}' style='{chip}background:{ROLE_COLOURS['answer']}'>"
-                     f"{esc(word)} <small style='opacity:.7'>{math.exp(float(lp)):.2f}</small></span>")
+        parts.append(
+            f"<span title='step {s}; top-k: {esc(alts)}' style='{chip}background:{ROLE_COLOURS['answer']}'>"
+            f"{esc(word)} <small style='opacity:.7'>{math.exp(float(lp)):.2f}</small></span>"
+        )
     return "<div style='margin:4px 0'>" + "".join(parts) + "</div>"
 
 
 def header_html(trace) -> str:
     m = trace.meta
     model = m.model.rstrip("/").split("/")[-1] or "model"
-    return (f"<div style='font-family:sans-serif'><b>Q</b> {esc(m.question)} &nbsp; <b>A</b> "
-            f"<b style='color:#0072B2'>{esc(m.answer or '(empty)')}</b> "
-            f"<span style='color:#667085;font-size:12px'>({esc(model)}, fusion {esc(m.fusion)})</span></div>")
+    return (
+        f"<div style='font-family:sans-serif'><b>Q</b> {esc(m.question)} &nbsp; <b>A</b> "
+        f"<b style='color:#0072B2'>{esc(m.answer or '(empty)')}</b> "
+        f"<span style='color:#667085;font-size:12px'>({esc(model)}, fusion {esc(m.fusion)})</span></div>"
+    )
 
 
 def trace_html(trace) -> str:
@@ -88,14 +91,16 @@ def traceset_html(ts) -> str:
     often switching the injection off changes the answer (where measured), and the mean map."""
     meta = ts.meta_frame()
     where = f" from {esc(ts.path)}" if ts.path else ""
-    head = [f"<div style='font-family:sans-serif'><b>TraceSet</b>: {len(ts)} traces{where}; models: "
-            f"{esc(', '.join(sorted(set(meta['model'].str.rstrip('/').str.split('/').str[-1]))))}; fusion: "
-            f"{esc(', '.join(sorted(set(meta['fusion']))))}</div>"]
+    head = [
+        f"<div style='font-family:sans-serif'><b>TraceSet</b>: {len(ts)} traces{where}; models: "
+        f"{esc(', '.join(sorted(set(meta['model'].str.rstrip('/').str.split('/').str[-1]))))}; fusion: "
+        f"{esc(', '.join(sorted(set(meta['fusion']))))}</div>"
+    ]
     if len(meta):
         head.append(summary_table_html(meta))
     try:
         fig = ts.heatmap()
-    except Exception as err:  # e.g. no gates at all (projector traces): say so instead of a figure
+    except Exception as err:  # noqa: BLE001 - e.g. no gates at all (projector traces): say so instead of a figure
         return "".join(head) + notes_html([str(err)])
     return "".join(head) + figure_html(fig)
 
@@ -113,9 +118,11 @@ def summary_table_html(meta) -> str:
         flips = f"{measured.astype(bool).mean():.0%} of {len(measured)}" if len(measured) else "not measured"
         rows.append(f"<tr><td>{esc(qtype)}</td><td>{len(group)}</td><td>{acc}</td><td>{flips}</td></tr>")
     cell = "style='padding:2px 10px;text-align:left'"
-    return (f"<table style='border-collapse:collapse;font-size:12.5px'><thead><tr><th {cell}>question type</th>"
-            f"<th {cell}>traces</th><th {cell}>accuracy</th><th {cell}>answer changes with injection off</th>"
-            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return (
+        f"<table style='border-collapse:collapse;font-size:12.5px'><thead><tr><th {cell}>question type</th>"
+        f"<th {cell}>traces</th><th {cell}>accuracy</th><th {cell}>answer changes with injection off</th>"
+        "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def attribution_html(result) -> str:

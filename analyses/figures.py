@@ -83,11 +83,32 @@ from cliviz.atomic import atomic_write_bytes
 from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet
 
-__all__ = ["FORMATS", "WIDTHS", "FigureItem", "FigureReport", "parse_formats", "build_figure_set", "export_figures",
-           "make_figures", "read_compare", "read_ablations", "find_chromium", "style_figure", "kaleido_session",
-           "FigureContext", "FigureSkipped", "gate_mean_figure", "gate_by_qtype_figure", "gate_entropy_figure",
-           "gate_variance_figure", "gate_trajectory_figure", "probe_confusion_figure", "gate_pca_figure",
-           "comparison_figure", "ablation_grid_figure"]
+__all__ = [
+    "FORMATS",
+    "WIDTHS",
+    "FigureItem",
+    "FigureReport",
+    "parse_formats",
+    "build_figure_set",
+    "export_figures",
+    "make_figures",
+    "read_compare",
+    "read_ablations",
+    "find_chromium",
+    "style_figure",
+    "kaleido_session",
+    "FigureContext",
+    "FigureSkipped",
+    "gate_mean_figure",
+    "gate_by_qtype_figure",
+    "gate_entropy_figure",
+    "gate_variance_figure",
+    "gate_trajectory_figure",
+    "probe_confusion_figure",
+    "gate_pca_figure",
+    "comparison_figure",
+    "ablation_grid_figure",
+]
 
 FORMATS = ("pdf", "svg", "png")
 WIDTHS = {"single": 336, "double": 672}  # px at 96 dpi: 3.5 in and 7 in
@@ -120,6 +141,7 @@ class FigureReport:
 
 
 # ----------------------------------------------------------------------------------------- inputs
+
 
 def parse_formats(spec: str | Sequence[str]) -> list[str]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -194,15 +216,18 @@ def _read_frame(path: str | os.PathLike, what: str) -> pd.DataFrame:
     return df
 
 
-def _pick(df: pd.DataFrame, names: Sequence[str], what: str, path: str | os.PathLike,
-          required: bool = True) -> str | None:
+def _pick(
+    df: pd.DataFrame, names: Sequence[str], what: str, path: str | os.PathLike, required: bool = True
+) -> str | None:
     lower = {str(c).strip().lower(): c for c in df.columns}
     for n in names:
         if n in lower:
             return lower[n]
     if required:
-        raise CLIVizError(f"{what} file {path} needs a column {names[0]!r} (or one of {', '.join(names[1:])}); "
-                          f"it has {', '.join(map(str, df.columns))}")
+        raise CLIVizError(
+            f"{what} file {path} needs a column {names[0]!r} (or one of {', '.join(names[1:])}); "
+            f"it has {', '.join(map(str, df.columns))}"
+        )
     return None
 
 
@@ -215,8 +240,9 @@ def read_compare(path: str | os.PathLike) -> pd.DataFrame:
     acc = pd.to_numeric(df[a], errors="coerce")
     if acc.isna().all():
         raise CLIVizError(f"comparison file {path}: column {a!r} holds no numbers")
-    out = pd.DataFrame({"model": df[m].astype(str), "qtype": df[q].astype(str) if q is not None else "all",
-                        "accuracy": acc}).dropna(subset=["accuracy"])
+    out = pd.DataFrame(
+        {"model": df[m].astype(str), "qtype": df[q].astype(str) if q is not None else "all", "accuracy": acc}
+    ).dropna(subset=["accuracy"])
     if out.accuracy.max() > 1.0:
         out["accuracy"] = out.accuracy / 100.0
     models = list(dict.fromkeys(out.model))
@@ -247,21 +273,28 @@ def read_ablations(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     for col in ("llm_layer", "vision_layer"):
         num = pd.to_numeric(frame[col], errors="coerce")
         frame[col] = num.astype(np.int64) if num.notna().all() and (num % 1 == 0).all() else frame[col].astype(str)
-    cells = frame.groupby(["llm_layer", "vision_layer"], as_index=False).agg(effect=("effect", "mean"),
-                                                                            n=("effect", "size"))
+    cells = frame.groupby(["llm_layer", "vision_layer"], as_index=False).agg(
+        effect=("effect", "mean"), n=("effect", "size")
+    )
     return cells, label
 
 
 # ---------------------------------------------------------------------------------------- styling
 
-def style_figure(fig: go.Figure, width: int, height: int, *, title: str | None = None, titles: bool = False,
-                 legend: bool = True) -> go.Figure:
+
+def style_figure(
+    fig: go.Figure, width: int, height: int, *, title: str | None = None, titles: bool = False, legend: bool = True
+) -> go.Figure:
     """Publication layout: white template, one font, compact margins, fixed size, optional title."""
     top = 34 if titles and title else 14
     fig.update_layout(
-        template="simple_white", font=FONT, width=width, height=height,
+        template="simple_white",
+        font=FONT,
+        width=width,
+        height=height,
         title={"text": title, "x": 0.5, "xanchor": "center", "font": {"size": 11}} if titles and title else None,
-        margin={"l": 52, "r": 10, "t": top, "b": 44}, showlegend=legend,
+        margin={"l": 52, "r": 10, "t": top, "b": 44},
+        showlegend=legend,
     )
     fig.update_xaxes(ticks="outside", ticklen=3, title_font={"size": 10}, tickfont={"size": 9})
     fig.update_yaxes(ticks="outside", ticklen=3, title_font={"size": 10}, tickfont={"size": 9})
@@ -276,6 +309,7 @@ def _heat_height(n_rows: int, base: int) -> int:
 
 
 # --------------------------------------------------------------------------------------- builders
+
 
 class FigureSkipped(Exception):
     """A figure the inputs cannot support (no question types, a probe with one class...): its reason."""
@@ -299,8 +333,18 @@ class FigureContext:
     def layer_labels(self) -> list[str]:
         return [f"L{i}" for i in self.rows.injection_layers]
 
-    def item(self, name: str, fig: go.Figure, data: pd.DataFrame, height: int, title: str, desc: str, *,
-             legend: bool = True, extra: dict[str, pd.DataFrame] | None = None) -> FigureItem:
+    def item(
+        self,
+        name: str,
+        fig: go.Figure,
+        data: pd.DataFrame,
+        height: int,
+        title: str,
+        desc: str,
+        *,
+        legend: bool = True,
+        extra: dict[str, pd.DataFrame] | None = None,
+    ) -> FigureItem:
         """Style `fig` for print at this width and wrap it with the numbers behind it."""
         style_figure(fig, self.width, height, title=title, titles=self.titles, legend=legend)
         return FigureItem(name, fig, data, self.width, height, title, desc, extra or {})
@@ -322,9 +366,15 @@ def gate_mean_figure(ctx: FigureContext) -> FigureItem:
     mean = mean_gate_matrix(ctx.rows)
     fig = heatmap_figure(mean, vis, inj, zmax=float(max(mean.max(), 1e-6)), colorscale=SEQUENTIAL)
     fig.update_layout(xaxis_title="vision layer", yaxis_title="LLM layer")
-    return ctx.item("gate_mean", fig, gate_matrix_frame(mean, vis, inj, n_traces=ctx.n_traces),
-                    _heat_height(len(inj), 90), f"Mean answer-step gates ({ctx.n_traces} traces)",
-                    "mean answer-step gate per (LLM layer, vision layer)", legend=False)
+    return ctx.item(
+        "gate_mean",
+        fig,
+        gate_matrix_frame(mean, vis, inj, n_traces=ctx.n_traces),
+        _heat_height(len(inj), 90),
+        f"Mean answer-step gates ({ctx.n_traces} traces)",
+        "mean answer-step gate per (LLM layer, vision layer)",
+        legend=False,
+    )
 
 
 def gate_by_qtype_figure(ctx: FigureContext) -> FigureItem:
@@ -337,11 +387,19 @@ def gate_by_qtype_figure(ctx: FigureContext) -> FigureItem:
     cols = min(len(groups), 4 if ctx.double else 3)
     n_r = -(-len(groups) // cols)
     fig = grouped_heatmap_figure(groups, vis, inj, cols=cols, counts=counts)
-    data = pd.concat([gate_matrix_frame(m, vis, inj, qtype=g, n_traces=counts.get(g, 0)) for g, m in groups.items()],
-                     ignore_index=True)[["qtype", "n_traces", "llm_layer", "vision_layer", "gate"]]
-    return ctx.item("gate_by_qtype", fig, data, int(60 + n_r * max(95, 16 * len(inj) + 40)),
-                    "Answer-step gates by question type",
-                    "mean answer-step gates per question type (shared colour scale)", legend=False)
+    data = pd.concat(
+        [gate_matrix_frame(m, vis, inj, qtype=g, n_traces=counts.get(g, 0)) for g, m in groups.items()],
+        ignore_index=True,
+    )[["qtype", "n_traces", "llm_layer", "vision_layer", "gate"]]
+    return ctx.item(
+        "gate_by_qtype",
+        fig,
+        data,
+        int(60 + n_r * max(95, 16 * len(inj) + 40)),
+        "Answer-step gates by question type",
+        "mean answer-step gates per question type (shared colour scale)",
+        legend=False,
+    )
 
 
 def gate_entropy_figure(ctx: FigureContext) -> FigureItem:
@@ -349,31 +407,66 @@ def gate_entropy_figure(ctx: FigureContext) -> FigureItem:
     k = len(ctx.rows.vision_layers)
     ent = entropy_per_layer(ctx.rows)
     x = ctx.layer_labels
-    fig = go.Figure(go.Scatter(x=x, y=ent.entropy, mode="lines+markers", name="mean entropy",
-                               error_y={"type": "data", "array": ent.entropy_sd, "thickness": 1, "width": 3},
-                               line={"color": QUALITATIVE[0]}, marker={"symbol": MARKERS[0], "size": 6}))
-    fig.add_trace(go.Scatter(x=x, y=ent.pooled_entropy, mode="lines+markers", name="entropy of mean gate",
-                             line={"color": QUALITATIVE[1], "dash": "dot"}, marker={"symbol": MARKERS[1], "size": 6}))
-    fig.add_hline(y=float(np.log(k)), line={"dash": "dash", "color": "grey", "width": 1},
-                  annotation_text=f"log K (K={k})", annotation_position="bottom right", annotation_font_size=9)
-    fig.update_layout(xaxis_title="LLM layer", yaxis_title="gate entropy (nats)",
-                      yaxis_range=[0, float(np.log(k)) * 1.12 + 1e-6], legend=BELOW_LEGEND)
-    return ctx.item("gate_entropy", fig, ent, 240, "Gate entropy per LLM layer",
-                    "per-layer gate entropy and effective layers")
+    fig = go.Figure(
+        go.Scatter(
+            x=x,
+            y=ent.entropy,
+            mode="lines+markers",
+            name="mean entropy",
+            error_y={"type": "data", "array": ent.entropy_sd, "thickness": 1, "width": 3},
+            line={"color": QUALITATIVE[0]},
+            marker={"symbol": MARKERS[0], "size": 6},
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=ent.pooled_entropy,
+            mode="lines+markers",
+            name="entropy of mean gate",
+            line={"color": QUALITATIVE[1], "dash": "dot"},
+            marker={"symbol": MARKERS[1], "size": 6},
+        )
+    )
+    fig.add_hline(
+        y=float(np.log(k)),
+        line={"dash": "dash", "color": "grey", "width": 1},
+        annotation_text=f"log K (K={k})",
+        annotation_position="bottom right",
+        annotation_font_size=9,
+    )
+    fig.update_layout(
+        xaxis_title="LLM layer",
+        yaxis_title="gate entropy (nats)",
+        yaxis_range=[0, float(np.log(k)) * 1.12 + 1e-6],
+        legend=BELOW_LEGEND,
+    )
+    return ctx.item(
+        "gate_entropy", fig, ent, 240, "Gate entropy per LLM layer", "per-layer gate entropy and effective layers"
+    )
 
 
 def gate_variance_figure(ctx: FigureContext) -> FigureItem:
     """Are the gates dynamic? Within-sample (across tokens) vs across-sample variance, all positions."""
     var = gate_variance_decomposition(ctx.ts, select="all")
     x = ctx.layer_labels
-    fig = go.Figure([
-        go.Bar(x=x, y=var.within_sample, name="within sample (across tokens)", marker_color=QUALITATIVE[0]),
-        go.Bar(x=x, y=var.across_sample, name="across samples", marker_color=QUALITATIVE[1],
-               marker_pattern_shape="/"),
-    ])
+    fig = go.Figure(
+        [
+            go.Bar(x=x, y=var.within_sample, name="within sample (across tokens)", marker_color=QUALITATIVE[0]),
+            go.Bar(
+                x=x, y=var.across_sample, name="across samples", marker_color=QUALITATIVE[1], marker_pattern_shape="/"
+            ),
+        ]
+    )
     fig.update_layout(barmode="stack", xaxis_title="LLM layer", yaxis_title="gate variance", legend=BELOW_LEGEND)
-    return ctx.item("gate_variance", fig, var, 240, "Gate variance: within vs across samples",
-                    "variance decomposition of gate vectors (all positions)")
+    return ctx.item(
+        "gate_variance",
+        fig,
+        var,
+        240,
+        "Gate variance: within vs across samples",
+        "variance decomposition of gate vectors (all positions)",
+    )
 
 
 def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> FigureItem:
@@ -391,9 +484,14 @@ def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> Fi
     fig = trajectory_figure(tr)
     data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
     fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(n_layers, 1), "x": 0.0, "font": {"size": 9}})
-    return ctx.item("gate_trajectory", fig, data, int(70 + n_layers * 85),
-                    f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
-                    f"answer-step gate trajectories of trace {ex}")
+    return ctx.item(
+        "gate_trajectory",
+        fig,
+        data,
+        int(70 + n_layers * 85),
+        f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
+        f"answer-step gate trajectories of trace {ex}",
+    )
 
 
 def probe_confusion_figure(ctx: FigureContext) -> FigureItem:
@@ -404,21 +502,41 @@ def probe_confusion_figure(ctx: FigureContext) -> FigureItem:
         raise FigureSkipped(str(e)) from None
     conf = probe.confusion
     share = conf.div(conf.sum(axis=1).where(conf.sum(axis=1) > 0, 1), axis=0)
-    fig = go.Figure(go.Heatmap(
-        z=share.to_numpy(float), x=list(conf.columns), y=list(conf.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
-        colorbar={"title": {"text": "share"}},
-        hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.2f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=share.to_numpy(float),
+            x=list(conf.columns),
+            y=list(conf.index),
+            colorscale=SEQUENTIAL,
+            zmin=0,
+            zmax=1,
+            colorbar={"title": {"text": "share"}},
+            hovertemplate="true %{y}<br>predicted %{x}<br>share %{z:.2f}<extra></extra>",
+        )
+    )
     for i, true in enumerate(conf.index):  # counts as text, dark on light cells and light on dark
         for j, pred in enumerate(conf.columns):
-            fig.add_annotation(x=pred, y=true, text=str(int(conf.iat[i, j])), showarrow=False,
-                               font={"size": 9, "color": "black" if share.iat[i, j] > 0.5 else "white"})
-    fig.update_layout(xaxis_title="predicted question type", yaxis_title="true question type",
-                      yaxis={"autorange": "reversed"})
+            fig.add_annotation(
+                x=pred,
+                y=true,
+                text=str(int(conf.iat[i, j])),
+                showarrow=False,
+                font={"size": 9, "color": "black" if share.iat[i, j] > 0.5 else "white"},
+            )
+    fig.update_layout(
+        xaxis_title="predicted question type", yaxis_title="true question type", yaxis={"autorange": "reversed"}
+    )
     fig.update_xaxes(tickangle=-35 if len(conf) > 3 else 0)
-    return ctx.item("probe_confusion", fig, probe.confusion_long(), int(max(220, 110 + 24 * len(conf))),
-                    f"Question-type probe: accuracy {probe.accuracy:.2f} (baseline {probe.baseline:.2f})",
-                    "cross-validated logistic-regression probe: question type from answer-step gates", legend=False,
-                    extra={"summary": probe.summary()})
+    return ctx.item(
+        "probe_confusion",
+        fig,
+        probe.confusion_long(),
+        int(max(220, 110 + 24 * len(conf))),
+        f"Question-type probe: accuracy {probe.accuracy:.2f} (baseline {probe.baseline:.2f})",
+        "cross-validated logistic-regression probe: question type from answer-step gates",
+        legend=False,
+        extra={"summary": probe.summary()},
+    )
 
 
 def gate_pca_figure(ctx: FigureContext) -> FigureItem:
@@ -433,12 +551,25 @@ def gate_pca_figure(ctx: FigureContext) -> FigureItem:
     y_col = "PC2" if "PC2" in pcs else "PC1"
     for j, g in enumerate(sorted(qt.unique())):
         sub = pcs[qt == g]
-        fig.add_trace(go.Scatter(x=sub.PC1, y=sub[y_col], mode="markers", name=g,
-                                 marker={"color": QUALITATIVE[j % len(QUALITATIVE)], "size": 4, "opacity": 0.75,
-                                         "symbol": MARKERS[j % len(MARKERS)]}))
-    fig.update_layout(xaxis_title=f"PC1 ({100 * ratio[0]:.0f}%)",
-                      yaxis_title=f"{y_col} ({100 * ratio[-1]:.0f}%)",
-                      legend={"title": {"text": "question type"}, "font": {"size": 9}, "itemsizing": "constant"})
+        fig.add_trace(
+            go.Scatter(
+                x=sub.PC1,
+                y=sub[y_col],
+                mode="markers",
+                name=g,
+                marker={
+                    "color": QUALITATIVE[j % len(QUALITATIVE)],
+                    "size": 4,
+                    "opacity": 0.75,
+                    "symbol": MARKERS[j % len(MARKERS)],
+                },
+            )
+        )
+    fig.update_layout(
+        xaxis_title=f"PC1 ({100 * ratio[0]:.0f}%)",
+        yaxis_title=f"{y_col} ({100 * ratio[-1]:.0f}%)",
+        legend={"title": {"text": "question type"}, "font": {"size": 9}, "itemsizing": "constant"},
+    )
     data = pcs.copy()
     data.attrs = {}
     return ctx.item("gate_pca", fig, data, 260, "PCA of answer-step gate vectors", "PCA of per-trace gate vectors")
@@ -452,14 +583,34 @@ def comparison_figure(ctx: FigureContext, compare: pd.DataFrame) -> FigureItem:
     fig = go.Figure()
     for j, m in enumerate(models):
         sub = compare[compare.model == m]
-        fig.add_trace(go.Bar(x=sub.qtype, y=sub.accuracy, name=m, marker_color=QUALITATIVE[j % len(QUALITATIVE)],
-                             marker_pattern_shape=["", "/", ".", "x", "\\", "+", "-", "|"][j % 8]))
-    fig.update_layout(barmode="group", xaxis_title="question type", yaxis_title="accuracy", yaxis_range=[0, 1],
-                      legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "top",
-                              "yref": "container", "font": {"size": 9}})
+        fig.add_trace(
+            go.Bar(
+                x=sub.qtype,
+                y=sub.accuracy,
+                name=m,
+                marker_color=QUALITATIVE[j % len(QUALITATIVE)],
+                marker_pattern_shape=["", "/", ".", "x", "\\", "+", "-", "|"][j % 8],
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        xaxis_title="question type",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1],
+        legend={
+            "orientation": "h",
+            "x": 0.0,
+            "xanchor": "left",
+            "y": 1.0,
+            "yanchor": "top",
+            "yref": "container",
+            "font": {"size": 9},
+        },
+    )
     fig.update_xaxes(tickangle=-35 if compare.qtype.nunique() > 4 else 0)
-    item = ctx.item("comparison", fig, compare, 250, "Accuracy per question type",
-                    "accuracy per question type and model")
+    item = ctx.item(
+        "comparison", fig, compare, 250, "Accuracy per question type", "accuracy per question type and model"
+    )
     if ctx.titles:  # just above the plot, pushing the margin, so it never meets the legend
         fig.update_layout(title={"automargin": True, "yref": "paper", "y": 1.0, "yanchor": "bottom"})
     return item
@@ -474,19 +625,40 @@ def ablation_grid_figure(ctx: FigureContext, ablations: tuple[pd.DataFrame, str]
     grid = cells.pivot(index="llm_layer", columns="vision_layer", values="effect").reindex(index=lv, columns=vv)
     m = float(np.nanmax(np.abs(grid.to_numpy(float)))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
     m = m if m > 0 else 1e-6
-    fig = go.Figure(go.Heatmap(
-        z=grid.to_numpy(float), x=[f"V{v}" for v in vv], y=[f"L{v}" for v in lv], colorscale=DIVERGING,
-        zmin=-m, zmax=m, zmid=0, colorbar={"title": {"text": label, "side": "right"}},
-        hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>effect %{z:.3f}<extra></extra>"))
-    fig.update_layout(xaxis_title="vision layer knocked out", yaxis_title="LLM layer",
-                      yaxis={"autorange": "reversed"})
-    return ctx.item("ablation_grid", fig, cells, _heat_height(len(lv), 90), f"Knock-out effect: {label}",
-                    "knock-out effect per (LLM layer, vision layer)", legend=False)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(float),
+            x=[f"V{v}" for v in vv],
+            y=[f"L{v}" for v in lv],
+            colorscale=DIVERGING,
+            zmin=-m,
+            zmax=m,
+            zmid=0,
+            colorbar={"title": {"text": label, "side": "right"}},
+            hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>effect %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(xaxis_title="vision layer knocked out", yaxis_title="LLM layer", yaxis={"autorange": "reversed"})
+    return ctx.item(
+        "ablation_grid",
+        fig,
+        cells,
+        _heat_height(len(lv), 90),
+        f"Knock-out effect: {label}",
+        "knock-out effect per (LLM layer, vision layer)",
+        legend=False,
+    )
 
 
-def build_figure_set(ts: TraceSet, *, ablations: tuple[pd.DataFrame, str] | None = None,
-                     compare: pd.DataFrame | None = None, example: int | None = None, width: str = "single",
-                     titles: bool = False) -> tuple[list[FigureItem], dict[str, str]]:
+def build_figure_set(
+    ts: TraceSet,
+    *,
+    ablations: tuple[pd.DataFrame, str] | None = None,
+    compare: pd.DataFrame | None = None,
+    example: int | None = None,
+    width: str = "single",
+    titles: bool = False,
+) -> tuple[list[FigureItem], dict[str, str]]:
     """Compute every figure (no export): (items, skipped figure -> reason)."""
     w = _check_width(width)
     rows = gate_rows(ts, "answer")
@@ -518,11 +690,14 @@ def build_figure_set(ts: TraceSet, *, ablations: tuple[pd.DataFrame, str] | None
 
 # ----------------------------------------------------------------------------------------- export
 
+
 def find_chromium() -> str:
     """Path of the Chromium that kaleido will use; CLIVizError when there is none."""
     env = os.environ.get("BROWSER_PATH")
-    hint = ("install Debian's chromium (apt-get install -y --no-install-recommends chromium fonts-liberation) "
-            "or point BROWSER_PATH at a Chromium/Chrome executable")
+    hint = (
+        "install Debian's chromium (apt-get install -y --no-install-recommends chromium fonts-liberation) "
+        "or point BROWSER_PATH at a Chromium/Chrome executable"
+    )
     if env:
         if not (os.path.isfile(env) and os.access(env, os.X_OK)):
             raise CLIVizError(f"BROWSER_PATH={env} is not an executable Chromium; {hint}")
@@ -534,8 +709,10 @@ def find_chromium() -> str:
     except Exception:  # noqa: BLE001 - fall back to a PATH search
         import shutil
 
-        path = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome",
-                                                            "chrome")) if p), None)
+        path = next(
+            (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")) if p),
+            None,
+        )
     if not path:
         raise CLIVizError(f"figure export needs Chromium and none was found; {hint}")
     return str(path)
@@ -583,9 +760,11 @@ class kaleido_session:  # noqa: N801 - used as a context manager
         if err is not None:
             first = err.args[0] if err.args else type(err).__name__
             why = f": {str(first).splitlines()[0]}"
-        return CLIVizError(f"Chromium at {self._browser} failed during figure export{why} (check that "
-                           f"`{self._browser} --headless --no-sandbox --dump-dom about:blank` works; on Debian install "
-                           "the chromium package)")
+        return CLIVizError(
+            f"Chromium at {self._browser} failed during figure export{why} (check that "
+            f"`{self._browser} --headless --no-sandbox --dump-dom about:blank` works; on Debian install "
+            "the chromium package)"
+        )
 
     def render(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float = 1.0) -> bytes:
         """Figure -> bytes through the running session; a fresh browser once when its tab lost kaleido's page.
@@ -629,8 +808,9 @@ class kaleido_session:  # noqa: N801 - used as a context manager
             if th.is_alive() and not self._server_alive():
                 raise self._dead_browser_error()
             if th.is_alive() and time.monotonic() > deadline:
-                raise CLIVizError(f"Chromium at {self._browser} did not answer within {RENDER_TIMEOUT_S:.0f} s "
-                                  "during figure export")
+                raise CLIVizError(
+                    f"Chromium at {self._browser} did not answer within {RENDER_TIMEOUT_S:.0f} s during figure export"
+                )
         if "error" in box:
             e = box["error"]
             text = str(e)
@@ -647,8 +827,9 @@ def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False, float_format="%.6g").encode("utf-8")
 
 
-def export_figures(items: Sequence[FigureItem], out: str | os.PathLike, formats: Sequence[str],
-                   *, png_scale: float = 3.0) -> list[Path]:
+def export_figures(
+    items: Sequence[FigureItem], out: str | os.PathLike, formats: Sequence[str], *, png_scale: float = 3.0
+) -> list[Path]:
     """Write each figure in every format plus its CSV(s), in one kaleido browser session."""
     out_dir = prepare_out_dir(out)
     formats = parse_formats(list(formats))
@@ -671,10 +852,18 @@ def export_figures(items: Sequence[FigureItem], out: str | os.PathLike, formats:
     return written
 
 
-def make_figures(traces: str | os.PathLike, out: str | os.PathLike, *, formats: str | Sequence[str] = FORMATS,
-                 ablations: str | os.PathLike | None = None, compare: str | os.PathLike | None = None,
-                 example: int | None = None, width: str = "single", titles: bool = False,
-                 png_scale: float = 3.0) -> FigureReport:
+def make_figures(
+    traces: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    formats: str | Sequence[str] = FORMATS,
+    ablations: str | os.PathLike | None = None,
+    compare: str | os.PathLike | None = None,
+    example: int | None = None,
+    width: str = "single",
+    titles: bool = False,
+    png_scale: float = 3.0,
+) -> FigureReport:
     """The whole `cliviz figures` pipeline: check inputs, compute, export, write a manifest."""
     fmts = parse_formats(formats)
     _check_width(width)
@@ -692,15 +881,33 @@ def make_figures(traces: str | os.PathLike, out: str | os.PathLike, *, formats: 
     files = export_figures(items, out_dir, fmts, png_scale=png_scale)
     t3 = time.perf_counter()
     manifest = {
-        "traces": str(traces), "n_traces": len(ts), "formats": fmts, "width": width, "png_scale": png_scale,
-        "figures": [{"name": it.name, "description": it.description, "title": it.title, "width_px": it.width,
-                     "height_px": it.height,
-                     "files": [f"{it.name}.{f}" for f in fmts] + [f"{it.name}.csv"]
-                     + [f"{it.name}_{s}.csv" for s in it.extra]} for it in items],
+        "traces": str(traces),
+        "n_traces": len(ts),
+        "formats": fmts,
+        "width": width,
+        "png_scale": png_scale,
+        "figures": [
+            {
+                "name": it.name,
+                "description": it.description,
+                "title": it.title,
+                "width_px": it.width,
+                "height_px": it.height,
+                "files": [f"{it.name}.{f}" for f in fmts]
+                + [f"{it.name}.csv"]
+                + [f"{it.name}_{s}.csv" for s in it.extra],
+            }
+            for it in items
+        ],
         "skipped": skipped,
     }
     mp = out_dir / "manifest.json"
     atomic_write_bytes(mp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     files.append(mp)
-    return FigureReport(out=out_dir, files=files, figures=[it.name for it in items], skipped=skipped,
-                        timings={"read": t1 - t0, "compute": t2 - t1, "export": t3 - t2})
+    return FigureReport(
+        out=out_dir,
+        files=files,
+        figures=[it.name for it in items],
+        skipped=skipped,
+        timings={"read": t1 - t0, "compute": t2 - t1, "export": t3 - t2},
+    )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -114,8 +113,10 @@ def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
         return fig
     lines = [part for note in notes for part in textwrap.wrap(note, width)]
     title = fig.layout.title.text or ""
-    fig.update_layout(title={"text": title, "subtitle": {"text": "<br>".join(lines), "font": {"size": 11}}},
-                      margin={"t": 50 + 15 * len(lines) + (20 if title else 0)})
+    fig.update_layout(
+        title={"text": title, "subtitle": {"text": "<br>".join(lines), "font": {"size": 11}}},
+        margin={"t": 50 + 15 * len(lines) + (20 if title else 0)},
+    )
     return fig
 
 
@@ -138,8 +139,13 @@ def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | Non
         if select not in SET_SELECTIONS:
             raise CLIVizError(f"unknown role {select!r}; use one of {', '.join(SET_SELECTIONS)}")
         what = f"mean over {n} answer steps" if select == "answer" else f"mean over {select} tokens"
-    fig = heatmap_figure(gate_matrix(trace, select), trace.meta.vision_layers, trace.meta.injection_layers,
-                         title=f"{trace.meta.question} → {trace.meta.answer}: gates, {what}", zmax=1.0)
+    fig = heatmap_figure(
+        gate_matrix(trace, select),
+        trace.meta.vision_layers,
+        trace.meta.injection_layers,
+        title=f"{trace.meta.question} → {trace.meta.answer}: gates, {what}",
+        zmax=1.0,
+    )
     return with_notes(fig, trace.map_notes())
 
 
@@ -154,28 +160,56 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
     checkpoint's sentences, up to 1,024 tokens) keeps the dropdown for the aggregates and moves its
     steps to a slider under the plot, which stays usable at any length."""
     steps = [(f"step {s}: -> {trace.answer_texts[s]!r}", int(pos)) for s, pos in enumerate(trace.answer_positions)]
-    aggregates: list[tuple[str, str | int]] = [("image tokens", "image"), ("prompt tokens", "prompt"), ("all tokens", "all")]
+    aggregates: list[tuple[str, str | int]] = [
+        ("image tokens", "image"),
+        ("prompt tokens", "prompt"),
+        ("all tokens", "all"),
+    ]
     long_answer = len(steps) > DROPDOWN_STEPS
     options = [("answer (mean)", "answer")] + ([] if long_answer else steps) + aggregates
     mats = [gate_matrix(trace, sel) for _, sel in options]
-    fig = heatmap_figure(mats[0], trace.meta.vision_layers, trace.meta.injection_layers, zmax=1.0,
-                         title=f"{trace.meta.question}  ->  {trace.meta.answer}")
+    fig = heatmap_figure(
+        mats[0],
+        trace.meta.vision_layers,
+        trace.meta.injection_layers,
+        zmax=1.0,
+        title=f"{trace.meta.question}  ->  {trace.meta.answer}",
+    )
     with_notes(fig, trace.map_notes())
     fig.update_layout(
         title={"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 12}},  # title and notes on top,
-        updatemenus=[{  # then the dropdown right above the plot
-            "buttons": [{"label": label, "method": "restyle", "args": [{"z": [m.tolist()]}]} for (label, _), m in zip(options, mats)],
-            "direction": "down", "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom", "pad": {"b": 6},
-        }],
+        updatemenus=[
+            {  # then the dropdown right above the plot
+                "buttons": [
+                    {"label": label, "method": "restyle", "args": [{"z": [m.tolist()]}]}
+                    for (label, _), m in zip(options, mats)
+                ],
+                "direction": "down",
+                "x": 0.0,
+                "xanchor": "left",
+                "y": 1.0,
+                "yanchor": "bottom",
+                "pad": {"b": 6},
+            }
+        ],
         margin={"t": (fig.layout.margin.t or 40) + 40},
     )
     if long_answer:
-        fig.update_layout(sliders=[{  # tick labels hidden (hundreds would overlap); the current value names the step
-            "active": 0, "currentvalue": {"prefix": "answer ", "font": {"size": 12, "color": "#333"}}, "pad": {"t": 40},
-            "font": {"color": "rgba(0,0,0,0)"}, "ticklen": 0,
-            "steps": [{"label": label, "method": "restyle", "args": [{"z": [gate_matrix(trace, pos).tolist()]}]}
-                      for label, pos in steps],
-        }])
+        fig.update_layout(
+            sliders=[
+                {  # tick labels hidden (hundreds would overlap); the current value names the step
+                    "active": 0,
+                    "currentvalue": {"prefix": "answer ", "font": {"size": 12, "color": "#333"}},
+                    "pad": {"t": 40},
+                    "font": {"color": "rgba(0,0,0,0)"},
+                    "ticklen": 0,
+                    "steps": [
+                        {"label": label, "method": "restyle", "args": [{"z": [gate_matrix(trace, pos).tolist()]}]}
+                        for label, pos in steps
+                    ],
+                }
+            ]
+        )
     return fig
 
 
@@ -188,7 +222,7 @@ def write_trace_html(trace: Trace, path) -> None:
 
 # ================================================================================ trace-set level
 
-TracesLike = Union[TraceSet, Trace, Iterable[Trace]]
+TracesLike = TraceSet | Trace | Iterable[Trace]
 
 
 def as_traceset(traces: TracesLike) -> TraceSet:
@@ -211,7 +245,7 @@ def _list_values(col: pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, np.ndar
 
 
 def _layer_list(values: np.ndarray, offsets: np.ndarray, i: int) -> list[int]:
-    return [int(v) for v in values[offsets[i]:offsets[i + 1]]]
+    return [int(v) for v in values[offsets[i] : offsets[i + 1]]]
 
 
 @dataclass(frozen=True)
@@ -273,7 +307,8 @@ def check_same_layers(a: GateRows, b: GateRows, what: str = "the two trace sets"
     if a.vision_layers != b.vision_layers or a.injection_layers != b.injection_layers:
         raise CLIVizError(
             f"{what} use different layers (vision {a.vision_layers} vs {b.vision_layers}, LLM "
-            f"{a.injection_layers} vs {b.injection_layers}): gate maps cannot be compared cell by cell")
+            f"{a.injection_layers} vs {b.injection_layers}): gate maps cannot be compared cell by cell"
+        )
 
 
 def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows:
@@ -306,8 +341,19 @@ def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows
     norms = n_v[nidx] if len(base) else np.empty((0, Lc), np.float32)  # [R, L]
     qtype = np.array(t.column("qtype").to_pylist(), dtype=object)
     sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)
-    return GateRows(gates=gates, norms=norms, trace=trace_of, position=position, step=step, vision_layers=vision,
-                    injection_layers=injection, qtype=qtype, sample_id=sample_id, gated=gated, select=select)
+    return GateRows(
+        gates=gates,
+        norms=norms,
+        trace=trace_of,
+        position=position,
+        step=step,
+        vision_layers=vision,
+        injection_layers=injection,
+        qtype=qtype,
+        sample_id=sample_id,
+        gated=gated,
+        select=select,
+    )
 
 
 def _shared_layers(t: pa.Table) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
@@ -340,12 +386,14 @@ def _shared_layers(t: pa.Table) -> tuple[np.ndarray, np.ndarray, list[int], list
         b = int(bad[0])
         raise CLIVizError(
             f"traces mix layer lists: trace {first} has vision layers {vision} / LLM layers {injection}, trace {b} "
-            f"has {_layer_list(vis_v, vis_o, b)} / {_layer_list(inj_v, inj_o, b)}; analyse them separately")
+            f"has {_layer_list(vis_v, vis_o, b)} / {_layer_list(inj_v, inj_o, b)}; analyse them separately"
+        )
     return shapes, gated, vision, injection
 
 
-def _selected_positions(t: pa.Table, select: str, gated: np.ndarray, T: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _selected_positions(
+    t: pa.Table, select: str, gated: np.ndarray, T: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(trace, position, step)` of every selected row, traces with gates only, in trace order."""
     n = t.num_rows
     if select == "answer":
@@ -362,7 +410,11 @@ def _selected_positions(t: pa.Table, select: str, gated: np.ndarray, T: np.ndarr
         roles = pc.list_flatten(t.column("token_roles"))
         role_o = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(pc.fill_null(pc.list_value_length(t.column("token_roles")), 0).to_numpy(), out=role_o[1:])
-        hit = np.flatnonzero(pc.equal(roles, select).to_numpy(zero_copy_only=False)) if len(roles) else np.empty(0, np.int64)
+        hit = (
+            np.flatnonzero(pc.equal(roles, select).to_numpy(zero_copy_only=False))
+            if len(roles)
+            else np.empty(0, np.int64)
+        )
         trace_all = np.searchsorted(role_o, hit, side="right") - 1
         ok = gated[trace_all]
         hit, trace_of = hit[ok], trace_all[ok]
@@ -393,8 +445,9 @@ def mean_gate_matrix(traces: TracesLike | GateRows, select: str = "answer", weig
     return _reduce(gate_rows(traces, select), None, weight)
 
 
-def grouped_gate_matrices(traces: TracesLike | GateRows, select: str = "answer", by: str = "qtype",
-                          weight: str = "trace") -> dict[str, np.ndarray]:
+def grouped_gate_matrices(
+    traces: TracesLike | GateRows, select: str = "answer", by: str = "qtype", weight: str = "trace"
+) -> dict[str, np.ndarray]:
     """`{group: mean gate matrix}` for each group (question type by default; "unknown" for traces
     without one), in sorted group order."""
     rows = gate_rows(traces, select)
@@ -409,9 +462,15 @@ def group_counts(traces: TracesLike | GateRows, select: str = "answer", by: str 
     return {str(g): int(c) for g, c in zip(groups, counts)}
 
 
-def gate_difference(a: TracesLike | GateRows, b: TracesLike | GateRows | None = None, *,
-                    groups: tuple[str, str] | None = None, by: str = "qtype", select: str = "answer",
-                    weight: str = "trace") -> np.ndarray:
+def gate_difference(
+    a: TracesLike | GateRows,
+    b: TracesLike | GateRows | None = None,
+    *,
+    groups: tuple[str, str] | None = None,
+    by: str = "qtype",
+    select: str = "answer",
+    weight: str = "trace",
+) -> np.ndarray:
     """Difference of mean gate matrices, `[L, K]`: `mean(a) - mean(b)` for two trace sets, or
     `mean(group A) - mean(group B)` within `a` when `groups=(A, B)` (e.g. two question types)."""
     ra = gate_rows(a, select)
@@ -444,8 +503,10 @@ def traceset_notes(ts: TraceSet) -> list[str]:
     if len(measured):
         flips = measured["injection_off_changed"].astype(bool)
         delta = measured["injection_off_delta_logprob"].astype(float)
-        line = (f"injection off (all layers) changes the answer in {int(flips.sum())} of {len(measured)} traces; "
-                f"median Δ log-prob {delta.median():+.3f}")
+        line = (
+            f"injection off (all layers) changes the answer in {int(flips.sum())} of {len(measured)} traces; "
+            f"median Δ log-prob {delta.median():+.3f}"
+        )
         if not flips.any() and (delta.abs() < NEGLIGIBLE_NATS).all():
             line += " — the injection does not matter for these answers: this map shows routing, not importance."
         notes.append(line + ".")
@@ -460,27 +521,40 @@ def traceset_heatmap_figure(traces: TracesLike, select: str = "answer", by: str 
     ts = as_traceset(traces)
     rows = gate_rows(ts, select)
     if by is None:
-        fig = heatmap_figure(mean_gate_matrix(rows, select), rows.vision_layers, rows.injection_layers, zmax=1.0,
-                             title=f"mean gates at {select} positions, {len(np.unique(rows.trace))} traces")
+        fig = heatmap_figure(
+            mean_gate_matrix(rows, select),
+            rows.vision_layers,
+            rows.injection_layers,
+            zmax=1.0,
+            title=f"mean gates at {select} positions, {len(np.unique(rows.trace))} traces",
+        )
     else:
-        fig = grouped_heatmap_figure(grouped_gate_matrices(rows, select, by), rows.vision_layers, rows.injection_layers,
-                                     counts=group_counts(rows, select, by),
-                                     title=f"mean gates at {select} positions, by {by}")
+        fig = grouped_heatmap_figure(
+            grouped_gate_matrices(rows, select, by),
+            rows.vision_layers,
+            rows.injection_layers,
+            counts=group_counts(rows, select, by),
+            title=f"mean gates at {select} positions, by {by}",
+        )
     return with_notes(fig, traceset_notes(ts))
 
 
-def gate_matrix_frame(matrix: np.ndarray, vision_layers: list[int], injection_layers: list[int],
-                      value: str = "gate", **columns: object) -> pd.DataFrame:
+def gate_matrix_frame(
+    matrix: np.ndarray, vision_layers: list[int], injection_layers: list[int], value: str = "gate", **columns: object
+) -> pd.DataFrame:
     """Tidy `[L, K]` matrix: one row per (llm_layer, vision_layer), real layer indices."""
     m = np.asarray(matrix, dtype=float)
     if m.shape != (len(injection_layers), len(vision_layers)):
-        raise CLIVizError(f"matrix shape {m.shape} does not match the layer lists "
-                          f"({len(injection_layers)} x {len(vision_layers)})")
-    df = pd.DataFrame({
-        "llm_layer": np.repeat(np.asarray(injection_layers, dtype=np.int64), len(vision_layers)),
-        "vision_layer": np.tile(np.asarray(vision_layers, dtype=np.int64), len(injection_layers)),
-        value: m.ravel(),
-    })
+        raise CLIVizError(
+            f"matrix shape {m.shape} does not match the layer lists ({len(injection_layers)} x {len(vision_layers)})"
+        )
+    df = pd.DataFrame(
+        {
+            "llm_layer": np.repeat(np.asarray(injection_layers, dtype=np.int64), len(vision_layers)),
+            "vision_layer": np.tile(np.asarray(vision_layers, dtype=np.int64), len(injection_layers)),
+            value: m.ravel(),
+        }
+    )
     for name, v in columns.items():
         df.insert(0, name, v)
     return df
@@ -488,10 +562,19 @@ def gate_matrix_frame(matrix: np.ndarray, vision_layers: list[int], injection_la
 
 # ---------------------------------------------------------------------------- trace-set figures
 
-def grouped_heatmap_figure(matrices: Mapping[str, np.ndarray], vision_layers: list[int], injection_layers: list[int],
-                           *, cols: int | None = None, zmax: float | None = None, colorscale: str = SEQUENTIAL,
-                           counts: Mapping[str, int] | None = None, title: str | None = None,
-                           colorbar_title: str = "gate") -> go.Figure:
+
+def grouped_heatmap_figure(
+    matrices: Mapping[str, np.ndarray],
+    vision_layers: list[int],
+    injection_layers: list[int],
+    *,
+    cols: int | None = None,
+    zmax: float | None = None,
+    colorscale: str = SEQUENTIAL,
+    counts: Mapping[str, int] | None = None,
+    title: str | None = None,
+    colorbar_title: str = "gate",
+) -> go.Figure:
     """Small multiples, one heatmap per group, one shared colour scale (0..max over all panels)."""
     from plotly.subplots import make_subplots
 
@@ -501,18 +584,35 @@ def grouped_heatmap_figure(matrices: Mapping[str, np.ndarray], vision_layers: li
     cols = cols or min(len(names), 3)
     rows = -(-len(names) // cols)
     labels = [f"{g} (n={counts[g]})" if counts and g in counts else g for g in names]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=labels, shared_xaxes=True, shared_yaxes=True,
-                        horizontal_spacing=0.04 if cols > 1 else 0.0, vertical_spacing=0.12 if rows > 1 else 0.0)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=labels,
+        shared_xaxes=True,
+        shared_yaxes=True,
+        horizontal_spacing=0.04 if cols > 1 else 0.0,
+        vertical_spacing=0.12 if rows > 1 else 0.0,
+    )
     hi = zmax if zmax is not None else max(float(np.max(m)) for m in matrices.values())
     x = [f"V{k}" for k in vision_layers]
     y = [f"L{i}" for i in injection_layers]
     for j, g in enumerate(names):
-        fig.add_trace(go.Heatmap(z=np.asarray(matrices[g], dtype=float), x=x, y=y, coloraxis="coloraxis",
-                                 hovertemplate=f"{g}<br>LLM layer %{{y}}<br>vision layer %{{x}}<br>gate %{{z:.3f}}<extra></extra>"),
-                      row=j // cols + 1, col=j % cols + 1)
-    fig.update_layout(coloraxis={"colorscale": colorscale, "cmin": 0.0, "cmax": hi,
-                                 "colorbar": {"title": {"text": colorbar_title}}},
-                      template="simple_white", title=title)
+        fig.add_trace(
+            go.Heatmap(
+                z=np.asarray(matrices[g], dtype=float),
+                x=x,
+                y=y,
+                coloraxis="coloraxis",
+                hovertemplate=f"{g}<br>LLM layer %{{y}}<br>vision layer %{{x}}<br>gate %{{z:.3f}}<extra></extra>",
+            ),
+            row=j // cols + 1,
+            col=j % cols + 1,
+        )
+    fig.update_layout(
+        coloraxis={"colorscale": colorscale, "cmin": 0.0, "cmax": hi, "colorbar": {"title": {"text": colorbar_title}}},
+        template="simple_white",
+        title=title,
+    )
     fig.update_yaxes(autorange="reversed")
     # Every column's lowest panel carries the x tick labels (the shared axes hide them above it): with
     # a short last row, the columns it leaves empty end a row higher. A full last row gets one centred
@@ -527,13 +627,29 @@ def grouped_heatmap_figure(matrices: Mapping[str, np.ndarray], vision_layers: li
     return fig
 
 
-def difference_figure(diff: np.ndarray, vision_layers: list[int], injection_layers: list[int], *,
-                      label: str = "Δ gate", title: str | None = None, zmax: float | None = None) -> go.Figure:
+def difference_figure(
+    diff: np.ndarray,
+    vision_layers: list[int],
+    injection_layers: list[int],
+    *,
+    label: str = "Δ gate",
+    title: str | None = None,
+    zmax: float | None = None,
+) -> go.Figure:
     """Diverging heatmap of a gate difference, centred at 0 with a symmetric range."""
     m = float(zmax if zmax is not None else np.max(np.abs(diff)))
     m = m if m > 0 else 1e-6
-    return heatmap_figure(diff, vision_layers, injection_layers, title=title, zmax=m, zmin=-m,
-                          colorscale=DIVERGING, zmid=0.0, colorbar_title=label)
+    return heatmap_figure(
+        diff,
+        vision_layers,
+        injection_layers,
+        title=title,
+        zmax=m,
+        zmin=-m,
+        colorscale=DIVERGING,
+        zmid=0.0,
+        colorbar_title=label,
+    )
 
 
 def trajectory_frame(trace: Trace, llm_layer: int | None = None) -> pd.DataFrame:
@@ -552,14 +668,18 @@ def trajectory_frame(trace: Trace, llm_layer: int | None = None) -> pd.DataFrame
     S, K = ag.shape[1], ag.shape[2]
     frames = []
     for li in which:
-        frames.append(pd.DataFrame({
-            "llm_layer": layers[li],
-            "step": np.repeat(np.arange(S), K),
-            "position": np.repeat(np.asarray(trace.answer_positions, dtype=np.int64), K),
-            "token": np.repeat(np.array(trace.answer_texts, dtype=object), K),
-            "vision_layer": np.tile(np.asarray(trace.meta.vision_layers, dtype=np.int64), S),
-            "gate": ag[li].astype(float).ravel(),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "llm_layer": layers[li],
+                    "step": np.repeat(np.arange(S), K),
+                    "position": np.repeat(np.asarray(trace.answer_positions, dtype=np.int64), K),
+                    "token": np.repeat(np.array(trace.answer_texts, dtype=object), K),
+                    "vision_layer": np.tile(np.asarray(trace.meta.vision_layers, dtype=np.int64), S),
+                    "gate": ag[li].astype(float).ravel(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -576,12 +696,23 @@ def trajectory_figure(trace: Trace, llm_layer: int | None = None, *, title: str 
         sub = df[df.llm_layer == li]
         for j, k in enumerate(trace.meta.vision_layers):
             pts = sub[sub.vision_layer == k]
-            fig.add_trace(go.Scatter(
-                x=pts.step, y=pts.gate, mode="lines+markers", name=f"V{k}", legendgroup=f"V{k}", showlegend=r == 0,
-                line={"color": QUALITATIVE[j % len(QUALITATIVE)], "width": 1.5},
-                marker={"symbol": MARKERS[j % len(MARKERS)], "size": 5},
-                hovertemplate=f"LLM layer {li}<br>vision layer {k}<br>step %{{x}}<br>gate %{{y:.3f}}<extra></extra>"),
-                row=r + 1, col=1)
+            fig.add_trace(
+                go.Scatter(
+                    x=pts.step,
+                    y=pts.gate,
+                    mode="lines+markers",
+                    name=f"V{k}",
+                    legendgroup=f"V{k}",
+                    showlegend=r == 0,
+                    line={"color": QUALITATIVE[j % len(QUALITATIVE)], "width": 1.5},
+                    marker={"symbol": MARKERS[j % len(MARKERS)], "size": 5},
+                    hovertemplate=(
+                        f"LLM layer {li}<br>vision layer {k}<br>step %{{x}}<br>gate %{{y:.3f}}<extra></extra>"
+                    ),
+                ),
+                row=r + 1,
+                col=1,
+            )
         fig.update_yaxes(range=[-0.02, 1.02], title_text=f"gate at L{li}", row=r + 1, col=1)
     ticks = [f"{s}:{w}" for s, w in enumerate(trace.answer_texts)]
     fig.update_xaxes(tickvals=list(range(S)), ticktext=ticks, range=[-0.3, max(S - 1, 0) + 0.3])

@@ -42,13 +42,18 @@ PROPERTIES: tuple[Property, ...] = (
     Property("patch", "color", ("color",), "colour of the object under the patch (patches on an object)"),
     Property("patch", "shape", ("shape",), "shape of the object under the patch (patches on an object)"),
     Property("patch", "size", ("size",), "size class of the object under the patch (patches on an object)"),
-    Property("patch", "position", ("position", "relation"),
-             "quadrant of the centre of the object under the patch (patches on an object)"),
+    Property(
+        "patch",
+        "position",
+        ("position", "relation"),
+        "quadrant of the centre of the object under the patch (patches on an object)",
+    ),
     Property("patch", "digit", ("glyph",), "digit under the patch (patches on the glyph)"),
     Property("image", "count", ("count",), "number of objects"),
     Property("image", "digit", ("glyph",), "digit in the corner"),
-    Property("image", "color", ("color",),
-             "colour of the object named by its shape (one probe per shape that occurs once)"),
+    Property(
+        "image", "color", ("color",), "colour of the object named by its shape (one probe per shape that occurs once)"
+    ),
     Property("image", "shape", ("shape",), "shape of the object of a colour (one probe per colour)"),
     Property("image", "x", ("position",), "left or right: the object of a colour (one probe per colour)"),
     Property("image", "y", ("position", "relation"), "top or bottom: the object of a colour (one probe per colour)"),
@@ -121,8 +126,9 @@ def _quadrant(x: int, y: int) -> str:
     return ("top" if y < HALF else "bottom") + "-" + ("left" if x < HALF else "right")
 
 
-def patch_tasks(scenes: Sequence[Scene], grid: int, props: Sequence[Property], max_patches: int,
-                rng: np.random.Generator) -> tuple[PatchSample, list[ProbeTask]]:
+def patch_tasks(
+    scenes: Sequence[Scene], grid: int, props: Sequence[Property], max_patches: int, rng: np.random.Generator
+) -> tuple[PatchSample, list[ProbeTask]]:
     """Per-patch tasks on a seeded subsample of the object patches and of the glyph patches.
 
     Colour, shape, size and position share one sample of object patches (the same tokens, four
@@ -182,8 +188,13 @@ def image_tasks(scenes: Sequence[Scene], props: Sequence[Property]) -> list[Prob
                 if len(named) != 1:
                     continue
                 o = named[0]
-                value = {"color": o.color, "shape": o.shape, "size": o.size,
-                         "x": "left" if o.x < HALF else "right", "y": "top" if o.y < HALF else "bottom"}[p.name]
+                value = {
+                    "color": o.color,
+                    "shape": o.shape,
+                    "size": o.size,
+                    "x": "left" if o.x < HALF else "right",
+                    "y": "top" if o.y < HALF else "bottom",
+                }[p.name]
                 rows.append(i)
                 y.append(value)
             idx = np.array(rows, dtype=np.int64)

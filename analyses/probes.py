@@ -53,6 +53,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # ------------------------------------------------------------------------------------ the tower
 
+
 @dataclass
 class TowerLayout:
     """How the vision tower's tokens map onto the image: grid, CLS, hidden states, the projector's layer."""
@@ -69,10 +70,16 @@ class TowerLayout:
         n_states = int(vc.num_hidden_layers) + 1
         feature_layer = base.vision_feature_layer
         if not isinstance(feature_layer, int) or not -n_states <= feature_layer < n_states:
-            raise CLIVizError(f"the model's vision_feature_layer {feature_layer!r} is not a layer of its "
-                              f"{n_states}-state vision tower")
-        return cls(n_states, int(vc.image_size) // int(vc.patch_size), feature_layer % n_states,
-                   model.config.base_model_type == "llava_onevision")
+            raise CLIVizError(
+                f"the model's vision_feature_layer {feature_layer!r} is not a layer of its "
+                f"{n_states}-state vision tower"
+            )
+        return cls(
+            n_states,
+            int(vc.image_size) // int(vc.patch_size),
+            feature_layer % n_states,
+            model.config.base_model_type == "llava_onevision",
+        )
 
 
 @dataclass
@@ -90,14 +97,23 @@ def _base_crop_rows(model, image_sizes: torch.Tensor) -> np.ndarray:
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
     cfg = model.config.base_config
-    crops = [image_size_to_num_patches(list(map(int, size)), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-             for size in image_sizes.tolist()]
+    crops = [
+        image_size_to_num_patches(list(map(int, size)), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for size in image_sizes.tolist()
+    ]
     return np.concatenate([[0], np.cumsum(crops)[:-1]]).astype(np.int64)
 
 
 @torch.inference_mode()
-def vision_states(model, scenes: Sequence[Scene], layout: TowerLayout, layers: Sequence[int], sample: PatchSample,
-                  batch_size: int = 64, progress: Progress | None = None) -> VisionStates:
+def vision_states(
+    model,
+    scenes: Sequence[Scene],
+    layout: TowerLayout,
+    layers: Sequence[int],
+    sample: PatchSample,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> VisionStates:
     """Run the vision tower once per image (batched) and keep, for each layer in `layers`, the tokens
     the probes need. Tokens are float32 on the CPU whatever the model's dtype."""
     from cliviz.model.processing import image_inputs
@@ -111,8 +127,9 @@ def vision_states(model, scenes: Sequence[Scene], layout: TowerLayout, layers: S
         inputs = image_inputs(images, model.config)
         states = model.encode_images(**inputs.to_model(model.device, model.dtype)).hidden_states
         if len(states) != layout.n_states:
-            raise CLIVizError(f"the vision tower returned {len(states)} hidden states, its config says "
-                              f"{layout.n_states}")
+            raise CLIVizError(
+                f"the vision tower returned {len(states)} hidden states, its config says {layout.n_states}"
+            )
         rows = _base_crop_rows(model, inputs.image_sizes) if layout.onevision else np.arange(len(images))
         for k in layers:
             hs = states[k][torch.as_tensor(rows)].float().cpu().numpy()  # [b, N, D]
@@ -138,12 +155,14 @@ def vision_states(model, scenes: Sequence[Scene], layout: TowerLayout, layers: S
 def _check_tokens(n_tokens: int, patches: int) -> bool:
     """True when the first token is a CLS token (CLIP), False when every token is a patch (SigLIP)."""
     if n_tokens not in (patches, patches + 1):
-        raise CLIVizError(f"the vision tower gives {n_tokens} tokens per image, which do not map onto its "
-                          f"{patches}-patch grid")
+        raise CLIVizError(
+            f"the vision tower gives {n_tokens} tokens per image, which do not map onto its {patches}-patch grid"
+        )
     return n_tokens == patches + 1
 
 
 # ------------------------------------------------------------------------------------ the probes
+
 
 @dataclass
 class _Folds:
@@ -202,25 +221,45 @@ def _features(states: VisionStates, level: str) -> list[tuple[str, dict[int, np.
     return [("mean", states.mean)] + ([("cls", states.cls)] if states.cls is not None else [])
 
 
-def _row(layer: int, feature: str, prop: Property, folds: list[_Folds], counts: np.ndarray,
-         layout: TowerLayout) -> dict:
+def _row(
+    layer: int, feature: str, prop: Property, folds: list[_Folds], counts: np.ndarray, layout: TowerLayout
+) -> dict:
     """One (layer, feature, property) row from the per-fold counts summed over the property's tasks."""
     fold_acc = counts[:, 0] / np.maximum(counts[:, 2], 1)
     classes = set().union(*(set(f.task.labels) for f in folds))
     total = int(counts[:, 2].sum())
     return {
-        "layer": layer, "feature": feature, "property": prop.name, "level": prop.level,
-        "accuracy": counts[:, 0].sum() / total, "accuracy_sd": float(np.std(fold_acc)),
-        "majority": counts[:, 1].sum() / total, "chance": 1.0 / len(classes), "n_classes": len(classes),
-        "n_samples": total, "n_images": len(set().union(*(set(f.task.images.tolist()) for f in folds))),
-        "n_probes": len(folds), "projector": layer == layout.projector_layer, "qtypes": ",".join(prop.qtypes),
+        "layer": layer,
+        "feature": feature,
+        "property": prop.name,
+        "level": prop.level,
+        "accuracy": counts[:, 0].sum() / total,
+        "accuracy_sd": float(np.std(fold_acc)),
+        "majority": counts[:, 1].sum() / total,
+        "chance": 1.0 / len(classes),
+        "n_classes": len(classes),
+        "n_samples": total,
+        "n_images": len(set().union(*(set(f.task.images.tolist()) for f in folds))),
+        "n_probes": len(folds),
+        "projector": layer == layout.projector_layer,
+        "qtypes": ",".join(prop.qtypes),
     }
 
 
-def probe_layers(model, scenes: Sequence[Scene], *, properties: str | Sequence[str] | None = None,
-                 layers: Sequence[int] | None = None, folds: int = 5, seed: int = 0, max_patches: int = 3000,
-                 C: float = 1.0, control: bool = False, batch_size: int = 64,
-                 progress: Progress | None = None) -> ProbeReport:
+def probe_layers(
+    model,
+    scenes: Sequence[Scene],
+    *,
+    properties: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    max_patches: int = 3000,
+    C: float = 1.0,
+    control: bool = False,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> ProbeReport:
     """Linear probes of scene properties from every vision layer of `model` (a loaded cliviz model).
 
     `scenes`: ShapesVQA scenes (`probe_labels.generated_scenes` / `folder_scenes`). `properties`:
@@ -257,16 +296,27 @@ def probe_layers(model, scenes: Sequence[Scene], *, properties: str | Sequence[s
     if frame.empty:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise CLIVizError(f"no property could be probed on these images: {why}")
-    meta = {"n_images": len(scenes), "grid": layout.grid, "has_cls": states.cls is not None, "folds": folds,
-            "seed": seed, "max_patches": max_patches, "C": C, "control": control, "n_states": layout.n_states,
-            "projector_layer": layout.projector_layer, "layers": list(chosen),
-            "crop": "base" if layout.onevision else "",
-            "seconds": {"tower": t1 - t0, "probes": time.perf_counter() - t1}}
+    meta = {
+        "n_images": len(scenes),
+        "grid": layout.grid,
+        "has_cls": states.cls is not None,
+        "folds": folds,
+        "seed": seed,
+        "max_patches": max_patches,
+        "C": C,
+        "control": control,
+        "n_states": layout.n_states,
+        "projector_layer": layout.projector_layer,
+        "layers": list(chosen),
+        "crop": "base" if layout.onevision else "",
+        "seconds": {"tower": t1 - t0, "probes": time.perf_counter() - t1},
+    }
     return ProbeReport(frame, meta, skipped)
 
 
-def check_probe_args(model, n_images: int, layers: Sequence[int] | None = None, folds: int = 5,
-                     max_patches: int = 3000) -> tuple[TowerLayout, list[int]]:
+def check_probe_args(
+    model, n_images: int, layers: Sequence[int] | None = None, folds: int = 5, max_patches: int = 3000
+) -> tuple[TowerLayout, list[int]]:
     """The tower's layout and the layers to probe, or a one-line `CLIVizError` (before any work)."""
     layout = TowerLayout.of(model)
     if folds < 2:
@@ -280,12 +330,15 @@ def check_probe_args(model, n_images: int, layers: Sequence[int] | None = None, 
     chosen = list(range(layout.n_states)) if layers is None else sorted(set(int(k) for k in layers))
     bad = [k for k in chosen if not 0 <= k < layout.n_states]
     if bad or not chosen:
-        raise CLIVizError(f"layer {bad[0] if bad else '(none)'} is not a vision layer of this model "
-                          f"(hidden states 0..{layout.n_states - 1})")
+        raise CLIVizError(
+            f"layer {bad[0] if bad else '(none)'} is not a vision layer of this model "
+            f"(hidden states 0..{layout.n_states - 1})"
+        )
     return layout, chosen
 
 
 # ------------------------------------------------------------------------------------ the report
+
 
 @dataclass
 class ProbeReport:
@@ -325,19 +378,32 @@ class ProbeReport:
             at = acc[col].get(self.projector_layer, math.nan)
             best = below[col].idxmax() if len(below) and below[col].notna().any() else None
             best_acc = float(below[col].max()) if best is not None else math.nan
-            rows.append({"column": col, "best_shallow_layer": best, "best_shallow_accuracy": best_acc,
-                         "projector_layer": self.projector_layer, "projector_accuracy": float(at),
-                         "drop": best_acc - float(at), "majority": float(self.majority()[col])})
+            rows.append(
+                {
+                    "column": col,
+                    "best_shallow_layer": best,
+                    "best_shallow_accuracy": best_acc,
+                    "projector_layer": self.projector_layer,
+                    "projector_accuracy": float(at),
+                    "drop": best_acc - float(at),
+                    "majority": float(self.majority()[col]),
+                }
+            )
         return pd.DataFrame(rows)
 
     def to_json(self) -> dict:
         """Everything as plain JSON (NaN -> null)."""
+
         def clean(records: list[dict]) -> list[dict]:
             return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
 
-        return {**self.meta, "properties": self.columns, "skipped": self.skipped,
-                "results": clean(self.frame.to_dict("records")),
-                "bottleneck": clean(self.bottleneck().to_dict("records"))}
+        return {
+            **self.meta,
+            "properties": self.columns,
+            "skipped": self.skipped,
+            "results": clean(self.frame.to_dict("records")),
+            "bottleneck": clean(self.bottleneck().to_dict("records")),
+        }
 
     def figure(self, title: str | None = None):
         """Plotly heatmap, layers x `feature:property`, accuracy (0..1), the projector's layer outlined and
@@ -350,24 +416,56 @@ class ProbeReport:
         z = np.vstack([acc.to_numpy(), maj.to_numpy()[None]])  # [layers + 1, columns]: the baseline last
         labels = [f"V{k}" + (" (projector)" if k == self.projector_layer else "") for k in acc.index] + ["majority"]
         text = [[f"{v:.2f}" for v in row] for row in z]
-        hover = [[f"{c}<br>{name}: {v:.3f}<br>majority {maj[c]:.3f}" for c, v in zip(acc.columns, row)]
-                 for name, row in zip(labels, z)]
-        fig = go.Figure(go.Heatmap(z=z, x=acc.columns, y=labels, zmin=0, zmax=1, colorscale=SEQUENTIAL,
-                                   text=text, texttemplate="%{text}", textfont={"size": 8}, hovertext=hover,
-                                   hoverinfo="text", colorbar={"title": {"text": "accuracy"}}))
+        hover = [
+            [f"{c}<br>{name}: {v:.3f}<br>majority {maj[c]:.3f}" for c, v in zip(acc.columns, row)]
+            for name, row in zip(labels, z)
+        ]
+        fig = go.Figure(
+            go.Heatmap(
+                z=z,
+                x=acc.columns,
+                y=labels,
+                zmin=0,
+                zmax=1,
+                colorscale=SEQUENTIAL,
+                text=text,
+                texttemplate="%{text}",
+                textfont={"size": 8},
+                hovertext=hover,
+                hoverinfo="text",
+                colorbar={"title": {"text": "accuracy"}},
+            )
+        )
         if self.projector_layer in acc.index:
             row = list(acc.index).index(self.projector_layer)
-            fig.add_shape(type="rect", xref="paper", yref="y", x0=0, x1=1, y0=row - 0.5, y1=row + 0.5,
-                          line={"color": "#D55E00", "width": 2}, fillcolor="rgba(0,0,0,0)")
+            fig.add_shape(
+                type="rect",
+                xref="paper",
+                yref="y",
+                x0=0,
+                x1=1,
+                y0=row - 0.5,
+                y1=row + 0.5,
+                line={"color": "#D55E00", "width": 2},
+                fillcolor="rgba(0,0,0,0)",
+            )
         fig.add_hline(y=len(acc) - 0.5, line={"color": "white", "width": 3})  # the baseline row apart
-        fig.update_layout(xaxis={"title": "feature:property", "tickangle": -45, "side": "bottom"},
-                          yaxis={"title": "vision layer (hidden state)", "autorange": "reversed"},
-                          title=title)
+        fig.update_layout(
+            xaxis={"title": "feature:property", "tickangle": -45, "side": "bottom"},
+            yaxis={"title": "vision layer (hidden state)", "autorange": "reversed"},
+            title=title,
+        )
         return fig
 
 
-def write_report(report: ProbeReport, out, formats: Sequence[str] = ("png", "svg"), *, title: str | None = None,
-                 png_scale: float = 3.0) -> list:
+def write_report(
+    report: ProbeReport,
+    out,
+    formats: Sequence[str] = ("png", "svg"),
+    *,
+    title: str | None = None,
+    png_scale: float = 3.0,
+) -> list:
     """`out/probes.csv` (the tidy frame), `probes.json` (`to_json`), `probes.html` (the interactive
     heatmap) and the heatmap in `formats` (pdf / svg / png) through the figure set's kaleido session.
     The numbers are written first, so a failing browser costs only the images."""

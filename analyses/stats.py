@@ -40,8 +40,16 @@ import pandas as pd
 from cliviz.analyses.heatmaps import GateRows, TracesLike, gate_rows
 from cliviz.errors import CLIVizError
 
-__all__ = ["row_entropy", "entropy_per_layer", "gate_variance_decomposition", "injection_norm_profile",
-           "trace_gate_vectors", "ProbeResult", "probe_qtype", "gate_pca"]
+__all__ = [
+    "row_entropy",
+    "entropy_per_layer",
+    "gate_variance_decomposition",
+    "injection_norm_profile",
+    "trace_gate_vectors",
+    "ProbeResult",
+    "probe_qtype",
+    "gate_pca",
+]
 
 
 def row_entropy(gates: np.ndarray) -> np.ndarray:
@@ -63,18 +71,20 @@ def entropy_per_layer(traces: TracesLike | GateRows, select: str = "answer") -> 
     pooled = row_entropy(rows.gates.astype(np.float64).mean(axis=0))  # [L]
     log_k = float(np.log(rows.K))
     mean_h = h.mean(axis=0)
-    return pd.DataFrame({
-        "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
-        "entropy": mean_h,
-        "entropy_sd": h.std(axis=0),
-        "effective_layers": np.exp(mean_h),
-        "pooled_entropy": pooled,
-        "pooled_effective_layers": np.exp(pooled),
-        "max_entropy": log_k,
-        "normalized_entropy": mean_h / log_k if log_k > 0 else np.zeros_like(mean_h),
-        "n_tokens": len(rows),
-        "n_traces": len(np.unique(rows.trace)),
-    })
+    return pd.DataFrame(
+        {
+            "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
+            "entropy": mean_h,
+            "entropy_sd": h.std(axis=0),
+            "effective_layers": np.exp(mean_h),
+            "pooled_entropy": pooled,
+            "pooled_effective_layers": np.exp(pooled),
+            "max_entropy": log_k,
+            "normalized_entropy": mean_h / log_k if log_k > 0 else np.zeros_like(mean_h),
+            "n_tokens": len(rows),
+            "n_traces": len(np.unique(rows.trace)),
+        }
+    )
 
 
 def gate_variance_decomposition(traces: TracesLike | GateRows, select: str = "all") -> pd.DataFrame:
@@ -97,19 +107,22 @@ def gate_variance_decomposition(traces: TracesLike | GateRows, select: str = "al
     total = ((g - grand) ** 2).sum(-1).mean(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(total > 0, within / np.where(total > 0, total, 1.0), np.nan)
-    return pd.DataFrame({
-        "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
-        "within_sample": within,
-        "across_sample": across,
-        "total": total,
-        "within_share": share,
-        "n_samples": len(ids),
-        "n_tokens": len(g),
-    })
+    return pd.DataFrame(
+        {
+            "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
+            "within_sample": within,
+            "across_sample": across,
+            "total": total,
+            "within_share": share,
+            "n_samples": len(ids),
+            "n_tokens": len(g),
+        }
+    )
 
 
-def injection_norm_profile(traces: TracesLike | GateRows, roles: tuple[str, ...] = ("image", "prompt", "answer_step")
-                           ) -> pd.DataFrame:
+def injection_norm_profile(
+    traces: TracesLike | GateRows, roles: tuple[str, ...] = ("image", "prompt", "answer_step")
+) -> pd.DataFrame:
     """Injection norm (L2 norm of the residual update) per LLM layer and role: mean, sd, median,
     number of tokens. Roles: `image`, `prompt` (token roles), `all`, and `answer_step` (the
     positions whose output is an answer token). Roles with no token are left out."""
@@ -125,14 +138,18 @@ def injection_norm_profile(traces: TracesLike | GateRows, roles: tuple[str, ...]
         if len(rows) == 0:
             continue
         n = rows.norms.astype(np.float64)  # [R, L]
-        frames.append(pd.DataFrame({
-            "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
-            "role": role,
-            "mean": n.mean(0),
-            "sd": n.std(0),
-            "median": np.median(n, axis=0),
-            "n_tokens": len(n),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "llm_layer": np.asarray(rows.injection_layers, dtype=np.int64),
+                    "role": role,
+                    "mean": n.mean(0),
+                    "sd": n.std(0),
+                    "median": np.median(n, axis=0),
+                    "n_tokens": len(n),
+                }
+            )
+        )
     if not frames:
         raise CLIVizError("no tokens with the requested roles: no injection-norm profile")
     return pd.concat(frames, ignore_index=True)
@@ -145,11 +162,13 @@ def trace_gate_vectors(traces: TracesLike | GateRows, select: str = "answer") ->
     rows = gate_rows(traces, select)
     ids, mats = rows.per_trace()
     X = mats.reshape(len(ids), -1)
-    meta = pd.DataFrame({
-        "trace": ids.astype(np.int64),
-        "sample_id": rows.sample_id[ids] if len(ids) else np.empty(0, object),
-        "qtype": rows.qtype[ids] if len(ids) else np.empty(0, object),
-    })
+    meta = pd.DataFrame(
+        {
+            "trace": ids.astype(np.int64),
+            "sample_id": rows.sample_id[ids] if len(ids) else np.empty(0, object),
+            "qtype": rows.qtype[ids] if len(ids) else np.empty(0, object),
+        }
+    )
     meta.attrs["X_columns"] = [f"L{i}_V{k}" for i in rows.injection_layers for k in rows.vision_layers]
     meta.attrs["vision_layers"] = rows.vision_layers
     meta.attrs["injection_layers"] = rows.injection_layers
@@ -177,11 +196,20 @@ class ProbeResult:
 
     def summary(self) -> pd.DataFrame:
         """One-row tidy summary."""
-        return pd.DataFrame([{
-            "accuracy": self.accuracy, "accuracy_sd": self.accuracy_sd, "baseline": self.baseline,
-            "majority_class": self.majority_class, "n_samples": self.n_samples, "n_classes": len(self.classes),
-            "n_splits": self.n_splits, "n_features": self.n_features,
-        }])
+        return pd.DataFrame(
+            [
+                {
+                    "accuracy": self.accuracy,
+                    "accuracy_sd": self.accuracy_sd,
+                    "baseline": self.baseline,
+                    "majority_class": self.majority_class,
+                    "n_samples": self.n_samples,
+                    "n_classes": len(self.classes),
+                    "n_splits": self.n_splits,
+                    "n_features": self.n_features,
+                }
+            ]
+        )
 
     def confusion_long(self) -> pd.DataFrame:
         """Tidy confusion: true_qtype, predicted_qtype, count, row_share (share of the true class)."""
@@ -193,8 +221,9 @@ class ProbeResult:
         return long
 
 
-def probe_qtype(traces: TracesLike | GateRows, select: str = "answer", n_splits: int = 5, seed: int = 0,
-                C: float = 1.0) -> ProbeResult:
+def probe_qtype(
+    traces: TracesLike | GateRows, select: str = "answer", n_splits: int = 5, seed: int = 0, C: float = 1.0
+) -> ProbeResult:
     """Predict the question type from per-trace gate vectors with a cross-validated (stratified
     K-fold, shuffled with `seed`) logistic regression. Traces without a question type are left
     out; `n_splits` is lowered to the size of the smallest class (at least 2 per class needed)."""
@@ -210,8 +239,10 @@ def probe_qtype(traces: TracesLike | GateRows, select: str = "answer", n_splits:
         raise CLIVizError(f"the probe needs traces of at least 2 question types, found {len(classes)}")
     k = int(min(n_splits, counts.min()))
     if k < 2:
-        raise CLIVizError(f"question type {classes[counts.argmin()]!r} has only {counts.min()} trace(s); "
-                          "the probe needs at least 2 per type")
+        raise CLIVizError(
+            f"question type {classes[counts.argmin()]!r} has only {counts.min()} trace(s); "
+            "the probe needs at least 2 per type"
+        )
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     pred = np.empty(len(y), dtype=object)
     fold = np.empty(len(y), dtype=np.int64)
@@ -223,15 +254,25 @@ def probe_qtype(traces: TracesLike | GateRows, select: str = "answer", n_splits:
         fold[te] = f
         accs.append(float(np.mean(pred[te] == y[te])))
     labels = [str(c) for c in classes]
-    conf = pd.crosstab(pd.Categorical(y, categories=labels), pd.Categorical(pred.astype(str), categories=labels),
-                       dropna=False)
+    conf = pd.crosstab(
+        pd.Categorical(y, categories=labels), pd.Categorical(pred.astype(str), categories=labels), dropna=False
+    )
     conf.index.name, conf.columns.name = "true_qtype", "predicted_qtype"
     conf.index, conf.columns = pd.Index(labels, name="true_qtype"), pd.Index(labels, name="predicted_qtype")
     majority = int(counts.argmax())
     preds = meta.assign(predicted=pred.astype(str), fold=fold)
-    return ProbeResult(accuracy=float(np.mean(pred == y)), fold_accuracies=accs, baseline=float(counts.max() / len(y)),
-                       majority_class=labels[majority], confusion=conf.astype(np.int64), classes=labels,
-                       n_samples=len(y), n_splits=k, n_features=X.shape[1], predictions=preds)
+    return ProbeResult(
+        accuracy=float(np.mean(pred == y)),
+        fold_accuracies=accs,
+        baseline=float(counts.max() / len(y)),
+        majority_class=labels[majority],
+        confusion=conf.astype(np.int64),
+        classes=labels,
+        n_samples=len(y),
+        n_splits=k,
+        n_features=X.shape[1],
+        predictions=preds,
+    )
 
 
 def gate_pca(traces: TracesLike | GateRows, select: str = "answer", n_components: int = 2) -> pd.DataFrame:

@@ -21,7 +21,6 @@ from PIL import Image
 from cliviz.errors import CLIVizError
 
 
-
 @dataclass(frozen=True)
 class Example:
     """A bundled example image with its question (from `assets/examples/samples.jsonl`)."""
@@ -90,7 +89,9 @@ class Backend:
 
         return world_warning(image, self.tokenizer)
 
-    def ablate(self, image: Image.Image, question: str, llm_layer: int, vision_layer: int, kind: str = "knockout") -> dict:
+    def ablate(
+        self, image: Image.Image, question: str, llm_layer: int, vision_layer: int, kind: str = "knockout"
+    ) -> dict:
         """One gate-cell intervention and the re-run answer (`cliviz.analyses.ablations.single_cell`)."""
         from cliviz.analyses.ablations import single_cell
 
@@ -115,8 +116,12 @@ class Backend:
         return gate_rows(self.traces, select)
 
 
-def load_backend(model_dir: str | Path | None = None, traces_path: str | Path | None = None,
-                 device: str = "auto", dtype: str = "auto") -> Backend:
+def load_backend(
+    model_dir: str | Path | None = None,
+    traces_path: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Backend:
     """Read the trace set (cheap, checked first) and load the model: CLIVizError on bad input."""
     from cliviz.model.loading import load_model
     from cliviz.tracing.traceset import TraceSet
@@ -124,6 +129,11 @@ def load_backend(model_dir: str | Path | None = None, traces_path: str | Path | 
     traces = TraceSet.read(traces_path) if traces_path is not None else None
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     label = Path(str(getattr(model, "name_or_path", "") or "model")).name
-    return Backend(model=model, tokenizer=tokenizer, traces=traces, examples=load_examples(),
-                   model_label=f"{label} ({model.config.fusion}, {model.device})",
-                   traces_label=f"{Path(traces_path).name} ({len(traces)} traces)" if traces is not None else "")
+    return Backend(
+        model=model,
+        tokenizer=tokenizer,
+        traces=traces,
+        examples=load_examples(),
+        model_label=f"{label} ({model.config.fusion}, {model.device})",
+        traces_label=f"{Path(traces_path).name} ({len(traces)} traces)" if traces is not None else "",
+    )

@@ -11,7 +11,6 @@ from cliviz.app.layout_explore import ABLATION_KINDS
 from cliviz.app.state import image_from_payload, parse_cell, trace_from_dict
 from cliviz.errors import CLIVizError
 
-
 KINDS = tuple(value for value, _ in ABLATION_KINDS)
 
 
@@ -42,21 +41,51 @@ def result_table(result: dict, llm_layer: int, vision_layer: int, kind: str) -> 
         delta_text = "n/a"
     changed = str(result.get("answer")) != str(result.get("base_answer"))
     what = condition_label(kind, llm_layer, vision_layer)
-    return html.Div(className="ablation", **{"data-cell": f"L{llm_layer}-V{vision_layer}"}, children=[
-        html.Table(className="compare", children=[
-            html.Thead(html.Tr([html.Th(""), html.Th("original"), html.Th(what)])),
-            html.Tbody([
-                html.Tr([html.Th("answer token"), html.Td(str(result.get("base_answer")), id="ablation-base-answer"),
-                         html.Td(str(result.get("answer")), id="ablation-answer",
-                                 className="changed" if changed else "")]),
-                html.Tr([html.Th("its probability"), html.Td(_fmt_prob(result.get("base_prob")), id="ablation-base-prob"),
-                         html.Td(_fmt_prob(result.get("prob")), id="ablation-prob")]),
-            ]),
-        ]),
-        html.P(["Δ log-prob of the original answer token: ", html.Strong(delta_text, id="ablation-delta"),
-                " (its probability now " + _fmt_prob(result.get("base_answer_prob")) + ") — "
-                + ("the answer changed." if changed else "the answer stayed the same.")], className="hint"),
-    ])
+    return html.Div(
+        className="ablation",
+        **{"data-cell": f"L{llm_layer}-V{vision_layer}"},
+        children=[
+            html.Table(
+                className="compare",
+                children=[
+                    html.Thead(html.Tr([html.Th(""), html.Th("original"), html.Th(what)])),
+                    html.Tbody(
+                        [
+                            html.Tr(
+                                [
+                                    html.Th("answer token"),
+                                    html.Td(str(result.get("base_answer")), id="ablation-base-answer"),
+                                    html.Td(
+                                        str(result.get("answer")),
+                                        id="ablation-answer",
+                                        className="changed" if changed else "",
+                                    ),
+                                ]
+                            ),
+                            html.Tr(
+                                [
+                                    html.Th("its probability"),
+                                    html.Td(_fmt_prob(result.get("base_prob")), id="ablation-base-prob"),
+                                    html.Td(_fmt_prob(result.get("prob")), id="ablation-prob"),
+                                ]
+                            ),
+                        ]
+                    ),
+                ],
+            ),
+            html.P(
+                [
+                    "Δ log-prob of the original answer token: ",
+                    html.Strong(delta_text, id="ablation-delta"),
+                    " (its probability now "
+                    + _fmt_prob(result.get("base_answer_prob"))
+                    + ") — "
+                    + ("the answer changed." if changed else "the answer stayed the same."),
+                ],
+                className="hint",
+            ),
+        ],
+    )
 
 
 def ablate(backend: Backend, click: dict | None, store: dict | None, kind: str | None) -> tuple[Any, Any]:
@@ -91,7 +120,10 @@ def register(app: Dash, backend: Backend) -> None:
     def on_cell_click(click, store, kind):
         return ablate(backend, click, store, kind)
 
-    @app.callback(Output("ablation-result", "children", allow_duplicate=True),
-                  Input("trace-store", "data"), prevent_initial_call=True)
+    @app.callback(
+        Output("ablation-result", "children", allow_duplicate=True),
+        Input("trace-store", "data"),
+        prevent_initial_call=True,
+    )
     def on_new_answer(_store):
         return html.P("Click a heatmap cell to intervene on it and re-run.", className="hint")

@@ -60,9 +60,17 @@ def attribution_figures(backend: Backend, store: dict | None, target: str | None
     for fig in overlays:  # fill the panel instead of a fixed width the panel would clip (the colour bar's title)
         fig.update_layout(title={"font": {"size": 13}}, width=None, autosize=True, margin={"r": 60})
     words = [str(w) for w in result.answer_tokens]
-    return {"overlay": overlays, "cells": cells, "cells_all": cells_all, "tokens": tokens, "words": words,
-            "method": f"{METHOD_NAMES[METHOD]} ({METHOD}), target {target}", "question": trace.meta.question,
-            "description": result.description(), "warnings": result.warnings()}
+    return {
+        "overlay": overlays,
+        "cells": cells,
+        "cells_all": cells_all,
+        "tokens": tokens,
+        "words": words,
+        "method": f"{METHOD_NAMES[METHOD]} ({METHOD}), target {target}",
+        "question": trace.meta.question,
+        "description": result.description(),
+        "warnings": result.warnings(),
+    }
 
 
 def attribution_notes(payload: dict | None) -> Any:
@@ -96,8 +104,12 @@ function(store, selection) {
 
 
 def register(app: Dash, backend: Backend) -> None:
-    @app.callback(Output("attr-store", "data"), Input("trace-store", "data"), Input("attr-target", "value"),
-                  prevent_initial_call=True)
+    @app.callback(
+        Output("attr-store", "data"),
+        Input("trace-store", "data"),
+        Input("attr-target", "value"),
+        prevent_initial_call=True,
+    )
     def on_answer(store, target):
         return attribution_figures(backend, store, target)
 
@@ -112,4 +124,3 @@ def register(app: Dash, backend: Backend) -> None:
         Input("attr-store", "data"),
         Input("selection-store", "data"),
     )
-

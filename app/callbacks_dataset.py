@@ -25,10 +25,14 @@ def summary_table(backend: Backend) -> html.Table:
         refs = int(has_ref[group.index].sum())
         acc = f"{group['correct'].sum() / refs:.0%}" if refs else "—"
         rows.append(html.Tr([html.Td(str(qtype)), html.Td(str(len(group))), html.Td(acc)]))
-    return html.Table(className="compare", id="dataset-table", children=[
-        html.Thead(html.Tr([html.Th("question type"), html.Th("traces"), html.Th("accuracy")])),
-        html.Tbody(rows),
-    ])
+    return html.Table(
+        className="compare",
+        id="dataset-table",
+        children=[
+            html.Thead(html.Tr([html.Th("question type"), html.Th("traces"), html.Th("accuracy")])),
+            html.Tbody(rows),
+        ],
+    )
 
 
 def entropy_figure(rows) -> go.Figure:
@@ -42,22 +46,47 @@ def entropy_figure(rows) -> go.Figure:
     for j, (name, mask) in enumerate(groups):
         if not mask.any():
             continue
-        sub = replace(rows, gates=rows.gates[mask], norms=rows.norms[mask], trace=rows.trace[mask],
-                      position=rows.position[mask], step=rows.step[mask])
+        sub = replace(
+            rows,
+            gates=rows.gates[mask],
+            norms=rows.norms[mask],
+            trace=rows.trace[mask],
+            position=rows.position[mask],
+            step=rows.step[mask],
+        )
         df = entropy_per_layer(sub, rows.select)
-        fig.add_trace(go.Scatter(
-            x=[f"L{i}" for i in df.llm_layer], y=df.entropy, name=f"{name} (n={int(df.n_traces.iloc[0])})",
-            mode="lines+markers", line={"color": "#555" if j == 0 else QUALITATIVE[(j - 1) % len(QUALITATIVE)],
-                                        "width": 3 if j == 0 else 1.5, "dash": "solid"},
-            marker={"symbol": MARKERS[j % len(MARKERS)], "size": 7},
-            hovertemplate=f"{name}<br>LLM layer %{{x}}<br>entropy %{{y:.3f}} nats<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[f"L{i}" for i in df.llm_layer],
+                y=df.entropy,
+                name=f"{name} (n={int(df.n_traces.iloc[0])})",
+                mode="lines+markers",
+                line={
+                    "color": "#555" if j == 0 else QUALITATIVE[(j - 1) % len(QUALITATIVE)],
+                    "width": 3 if j == 0 else 1.5,
+                    "dash": "solid",
+                },
+                marker={"symbol": MARKERS[j % len(MARKERS)], "size": 7},
+                hovertemplate=f"{name}<br>LLM layer %{{x}}<br>entropy %{{y:.3f}} nats<extra></extra>",
+            )
+        )
     log_k = float(np.log(rows.K))
-    fig.add_hline(y=log_k, line_dash="dash", line_color="#999", annotation_text=f"log K = {log_k:.2f}",
-                  annotation_position="top left")
-    fig.update_layout(template="simple_white", xaxis_title="LLM layer", yaxis_title="gate entropy (nats)",
-                      yaxis={"range": [0, log_k * 1.1]}, height=340, legend={"title": {"text": "question type"}},
-                      margin={"l": 60, "r": 20, "t": 20, "b": 50})
+    fig.add_hline(
+        y=log_k,
+        line_dash="dash",
+        line_color="#999",
+        annotation_text=f"log K = {log_k:.2f}",
+        annotation_position="top left",
+    )
+    fig.update_layout(
+        template="simple_white",
+        xaxis_title="LLM layer",
+        yaxis_title="gate entropy (nats)",
+        yaxis={"range": [0, log_k * 1.1]},
+        height=340,
+        legend={"title": {"text": "question type"}},
+        margin={"l": 60, "r": 20, "t": 20, "b": 50},
+    )
     return fig
 
 
@@ -70,8 +99,13 @@ def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any,
         rows = backend.dataset_view(select)
         mats = grouped_gate_matrices(rows, select)
         counts = group_counts(rows, select)
-        heat = grouped_heatmap_figure(mats, rows.vision_layers, rows.injection_layers, counts=counts,
-                                      title=f"mean gates at {select} positions, by question type")
+        heat = grouped_heatmap_figure(
+            mats,
+            rows.vision_layers,
+            rows.injection_layers,
+            counts=counts,
+            title=f"mean gates at {select} positions, by question type",
+        )
         heat.update_layout(height=230 * (-(-len(mats) // 3)) + 90, margin={"t": 80, "l": 70, "r": 20, "b": 50})
         entropy = entropy_figure(rows)
     except CLIVizError as err:

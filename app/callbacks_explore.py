@@ -20,10 +20,24 @@ from cliviz.errors import CLIVizError
 def message_figure(text: str) -> go.Figure:
     """An empty plot carrying one line of text (no data yet, or nothing to draw)."""
     fig = go.Figure()
-    fig.update_layout(template="simple_white", xaxis={"visible": False}, yaxis={"visible": False},
-                      margin={"l": 10, "r": 10, "t": 10, "b": 10}, height=260,
-                      annotations=[{"text": text, "showarrow": False, "font": {"size": 13, "color": "#666"},
-                                    "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}])
+    fig.update_layout(
+        template="simple_white",
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        margin={"l": 10, "r": 10, "t": 10, "b": 10},
+        height=260,
+        annotations=[
+            {
+                "text": text,
+                "showarrow": False,
+                "font": {"size": 13, "color": "#666"},
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.5,
+                "y": 0.5,
+            }
+        ],
+    )
     return fig
 
 
@@ -32,6 +46,7 @@ def error_line(text: str) -> html.Span:
 
 
 # ---------------------------------------------------------------------------------------- ask
+
 
 def ask(backend: Backend, question: str | None, image: dict | None) -> tuple[Any, ...]:
     """(trace-store, selection-store, ablation-store, ask-message) for one Ask."""
@@ -47,6 +62,7 @@ def ask(backend: Backend, question: str | None, image: dict | None) -> tuple[Any
 
 
 # ---------------------------------------------------------------------------------- answer strip
+
 
 def _prob(logprob: float) -> float:
     return math.exp(float(logprob))
@@ -72,22 +88,51 @@ def render_answer(store: dict | None) -> Any:
     tokens.append(html.Span("→", className="tok-arrow"))
     for s, word in enumerate(trace.answer_texts):
         alts = ", ".join(f"{t} {_prob(lp):.2f}" for t, lp in zip(trace.topk_texts[s], trace.topk_logprobs[s]))
-        tokens.append(html.Button(
-            [html.Span(word, className="tok-word"), html.Span(f"{_prob(trace.answer_logprobs[s]):.2f}", className="tok-p")],
-            id={"type": "token", "step": s}, className="tok tok-answer", n_clicks=0,
-            title=f"step {s}: top-k {alts}",
-        ))
-    tokens.append(html.Button("all answer tokens", id={"type": "token", "step": -1}, className="tok tok-all selected",
-                              n_clicks=0, title="mean over every answer step"))
+        tokens.append(
+            html.Button(
+                [
+                    html.Span(word, className="tok-word"),
+                    html.Span(f"{_prob(trace.answer_logprobs[s]):.2f}", className="tok-p"),
+                ],
+                id={"type": "token", "step": s},
+                className="tok tok-answer",
+                n_clicks=0,
+                title=f"step {s}: top-k {alts}",
+            )
+        )
+    tokens.append(
+        html.Button(
+            "all answer tokens",
+            id={"type": "token", "step": -1},
+            className="tok tok-all selected",
+            n_clicks=0,
+            title="mean over every answer step",
+        )
+    )
     warning = store.get("world_warning")
-    return html.Div([
-        *([html.Div(f"Note: {warning}.", id="world-warning", className="warning")] if warning else []),
-        html.Div([html.Span("Q ", className="label"), html.Span(trace.meta.question, id="answer-question")], className="qa"),
-        html.Div([html.Span("A ", className="label"), html.Strong(trace.meta.answer or "(empty)", id="answer-text"),
-                  html.Span(f"p = {answer_probability(trace):.3f}", id="answer-prob", className="prob",
-                            title="probability of the first answer token")], className="qa"),
-        html.Div(tokens, className="token-strip", id="token-strip"),
-    ])
+    return html.Div(
+        [
+            *([html.Div(f"Note: {warning}.", id="world-warning", className="warning")] if warning else []),
+            html.Div(
+                [html.Span("Q ", className="label"), html.Span(trace.meta.question, id="answer-question")],
+                className="qa",
+            ),
+            html.Div(
+                [
+                    html.Span("A ", className="label"),
+                    html.Strong(trace.meta.answer or "(empty)", id="answer-text"),
+                    html.Span(
+                        f"p = {answer_probability(trace):.3f}",
+                        id="answer-prob",
+                        className="prob",
+                        title="probability of the first answer token",
+                    ),
+                ],
+                className="qa",
+            ),
+            html.Div(tokens, className="token-strip", id="token-strip"),
+        ]
+    )
 
 
 def select_token(triggered_id: Any, triggered_values: list[Any]) -> Any:
@@ -109,6 +154,7 @@ def token_classes(selection: Any, ids: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- heatmap
+
 
 def selection_label(trace, sel: str | int) -> str:
     if sel == ALL_TOKENS:
@@ -132,17 +178,31 @@ def render_heatmap(store: dict | None, selection: Any, cell: dict | None) -> tup
     sel = parse_selection(selection, len(trace.answer_texts))
     where = ALL_TOKENS if sel == ALL_TOKENS else int(trace.answer_positions[sel])
     label = selection_label(trace, sel)
-    fig = heatmap_figure(gate_matrix(trace, where), trace.meta.vision_layers, trace.meta.injection_layers,
-                         title=f"gates for {label}" + (" (mean)" if sel == ALL_TOKENS else ""), zmax=1.0)
+    fig = heatmap_figure(
+        gate_matrix(trace, where),
+        trace.meta.vision_layers,
+        trace.meta.injection_layers,
+        title=f"gates for {label}" + (" (mean)" if sel == ALL_TOKENS else ""),
+        zmax=1.0,
+    )
     fig.update_traces(texttemplate="%{z:.2f}", textfont={"size": 10})
     fig.update_layout(height=340, clickmode="event", title={"font": {"size": 14}, "x": 0.02, "xanchor": "left"})
-    if isinstance(cell, dict) and cell.get("llm_layer") in trace.meta.injection_layers and cell.get("vision_layer") in trace.meta.vision_layers:
+    if (
+        isinstance(cell, dict)
+        and cell.get("llm_layer") in trace.meta.injection_layers
+        and cell.get("vision_layer") in trace.meta.vision_layers
+    ):
         x = trace.meta.vision_layers.index(cell["vision_layer"])
         y = trace.meta.injection_layers.index(cell["llm_layer"])
-        fig.add_shape(type="rect", x0=x - 0.5, x1=x + 0.5, y0=y - 0.5, y1=y + 0.5, line={"color": "#D55E00", "width": 3})
+        fig.add_shape(
+            type="rect", x0=x - 0.5, x1=x + 0.5, y0=y - 0.5, y1=y + 0.5, line={"color": "#D55E00", "width": 3}
+        )
     tag = "all" if sel == ALL_TOKENS else f"step-{sel}"
-    caption = [html.Span(f"Selected: {label}", id="heatmap-selection"),
-               html.Span(f"  ·  {trace.meta.question} → {trace.meta.answer}", className="hint"), map_notes(trace)]
+    caption = [
+        html.Span(f"Selected: {label}", id="heatmap-selection"),
+        html.Span(f"  ·  {trace.meta.question} → {trace.meta.answer}", className="hint"),
+        map_notes(trace),
+    ]
     return fig, caption, tag
 
 
@@ -155,8 +215,12 @@ def map_notes(trace) -> html.Div:
         quiet = is_check and check is not None and not check.matters
         extra = {"id": "causal-check"} if is_check else {}
         items.append(html.Div(note, className="map-note" + (" quiet" if quiet else ""), **extra))
-    return html.Div(items, id="map-notes", className="map-notes",
-                    **{"data-matters": "unknown" if check is None else ("yes" if check.matters else "no")})
+    return html.Div(
+        items,
+        id="map-notes",
+        className="map-notes",
+        **{"data-matters": "unknown" if check is None else ("yes" if check.matters else "no")},
+    )
 
 
 def register(app: Dash, backend: Backend) -> None:

@@ -49,8 +49,13 @@ def build_app(backend: Backend) -> dash.Dash:
     return app
 
 
-def create_app(model_dir: str | Path | None = None, traces_path: str | Path | None = None, *,
-               device: str = "auto", dtype: str = "auto") -> dash.Dash:
+def create_app(
+    model_dir: str | Path | None = None,
+    traces_path: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dash.Dash:
     """Load `model_dir` (None: bundled cli-tiny) and `traces_path` (optional Parquet trace set);
     raises `CLIVizError` with one line when either is missing or malformed."""
     return build_app(load_backend(model_dir, traces_path, device=device, dtype=dtype))

@@ -22,16 +22,29 @@ def root_layout(backend: Backend) -> html.Div:
     subtitle = f"model: {backend.model_label}"
     if backend.traces_label:
         subtitle += f"  ·  traces: {backend.traces_label}"
-    return html.Div(className="page", children=[
-        html.Header(className="header", children=[
-            html.H1("cliviz"),
-            html.Span("which vision layers a Cross-Layer-Injection model reads, and whether it matters",
-                      className="tagline"),
-            html.Span(subtitle, id="model-label", className="hint"),
-        ]),
-        dcc.Tabs(id="tabs", value="explore", className="tabs", children=[
-            dcc.Tab(label="Explore", value="explore", id="tab-explore", children=explore_layout(backend)),
-            dcc.Tab(label="Dataset", value="dataset", id="tab-dataset", children=dataset_layout(backend)),
-        ]),
-        *stores(),
-    ])
+    return html.Div(
+        className="page",
+        children=[
+            html.Header(
+                className="header",
+                children=[
+                    html.H1("cliviz"),
+                    html.Span(
+                        "which vision layers a Cross-Layer-Injection model reads, and whether it matters",
+                        className="tagline",
+                    ),
+                    html.Span(subtitle, id="model-label", className="hint"),
+                ],
+            ),
+            dcc.Tabs(
+                id="tabs",
+                value="explore",
+                className="tabs",
+                children=[
+                    dcc.Tab(label="Explore", value="explore", id="tab-explore", children=explore_layout(backend)),
+                    dcc.Tab(label="Dataset", value="dataset", id="tab-dataset", children=dataset_layout(backend)),
+                ],
+            ),
+            *stores(),
+        ],
+    )

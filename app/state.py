@@ -130,6 +130,7 @@ def image_from_payload(payload: dict[str, Any]) -> Image.Image:
 
 # ------------------------------------------------------------------------------- traces as JSON
 
+
 def trace_from_dict(d: dict[str, Any]) -> Trace:
     """Inverse of `Trace.to_dict()`; CLIVizError when the stored trace is malformed."""
     try:
@@ -147,8 +148,11 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
                 arr = arr.reshape(shape.get(name, (0,) * ndim))
             arrays[name] = arr
         trace = Trace(
-            meta=meta, token_texts=list(d["token_texts"]), token_roles=list(d["token_roles"]),
-            answer_texts=list(d["answer_texts"]), topk_texts=[list(r) for r in d["topk_texts"]],
+            meta=meta,
+            token_texts=list(d["token_texts"]),
+            token_roles=list(d["token_roles"]),
+            answer_texts=list(d["answer_texts"]),
+            topk_texts=[list(r) for r in d["topk_texts"]],
             attributions={k: np.asarray(v, dtype=np.float32) for k, v in (d.get("attributions") or {}).items()},
             **arrays,
         )

@@ -70,15 +70,21 @@ def main() -> None:
     data = ([s.image for s in samples], [s.question for s in samples], [s.answer for s in samples])
     qtypes = [s.qtype for s in samples]
     n_cells = len(model.config.injection_layers) * len(model.config.vision_layers)
-    print(f"{label}: {len(model.config.injection_layers)} injection layers x {len(model.config.vision_layers)} vision "
-          f"layers = {n_cells} cells + reference, {args.samples} samples -> {(n_cells + 1) * args.samples} "
-          f"(sample, condition) rows; max_batch {args.max_batch}, tokens={args.tokens}, "
-          f"{torch.get_num_threads()} threads, device {args.device}", flush=True)
+    print(
+        f"{label}: {len(model.config.injection_layers)} injection layers x {len(model.config.vision_layers)} vision "
+        f"layers = {n_cells} cells + reference, {args.samples} samples -> {(n_cells + 1) * args.samples} "
+        f"(sample, condition) rows; max_batch {args.max_batch}, tokens={args.tokens}, "
+        f"{torch.get_num_threads()} threads, device {args.device}",
+        flush=True,
+    )
 
     variants = {
-        "batched": lambda: knockout_grid(model, tok, *data, qtypes=qtypes, max_batch=args.max_batch, tokens=args.tokens),
-        "stacked": lambda: knockout_grid(model, tok, *data, qtypes=qtypes, max_batch=args.max_batch, tokens=args.tokens,
-                                         share_prefix=False),
+        "batched": lambda: knockout_grid(
+            model, tok, *data, qtypes=qtypes, max_batch=args.max_batch, tokens=args.tokens
+        ),
+        "stacked": lambda: knockout_grid(
+            model, tok, *data, qtypes=qtypes, max_batch=args.max_batch, tokens=args.tokens, share_prefix=False
+        ),
         "naive": lambda: naive_knockout_grid(model, tok, *data, qtypes=qtypes, tokens=args.tokens),
     }
     if args.no_stacked:
@@ -98,12 +104,16 @@ def main() -> None:
     print(f"\nmedians over {args.repeats} interleaved rounds: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
     print(f"naive / batched = {ratio:.2f}x (target >= {TARGET:.0f}x: {'ok' if ratio >= TARGET else 'below'})")
     if "stacked" in med:
-        print(f"naive / stacked = {med['naive'] / med['stacked']:.2f}x; stacked / batched (prefix sharing) = "
-              f"{med['stacked'] / med['batched']:.2f}x")
+        print(
+            f"naive / stacked = {med['naive'] / med['stacked']:.2f}x; stacked / batched (prefix sharing) = "
+            f"{med['stacked'] / med['batched']:.2f}x"
+        )
     for name in frames:
         if name != "naive":
-            print(f"max |difference| {name} vs naive (value, ci_low, ci_high): "
-                  f"{max_abs_diff(frames[name], frames['naive']):.2e}")
+            print(
+                f"max |difference| {name} vs naive (value, ci_low, ci_high): "
+                f"{max_abs_diff(frames[name], frames['naive']):.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -77,9 +77,11 @@ def main() -> None:
     n_answer = len(store["trace"]["answer_texts"])
     selections = [*range(n_answer), -1]
     trace = store["trace"]
-    print(f"model: {label}; answer {trace['meta']['answer']!r} ({n_answer} tokens, {len(trace['token_ids'])} positions, "
-          f"gates {len(trace['gates'])}x{len(trace['gates'][0])}x{len(trace['gates'][0][0])}); "
-          f"trace store {len(json.dumps(store)) / 1024:.0f} KiB")
+    print(
+        f"model: {label}; answer {trace['meta']['answer']!r} ({n_answer} tokens, {len(trace['token_ids'])} positions, "
+        f"gates {len(trace['gates'])}x{len(trace['gates'][0])}x{len(trace['gates'][0][0])}); "
+        f"trace store {len(json.dumps(store)) / 1024:.0f} KiB"
+    )
 
     def token_callback(step: int) -> None:
         selection = callbacks_explore.select_token({"type": "token", "step": step}, [1])
@@ -96,9 +98,14 @@ def main() -> None:
 
     def token_http(step: int) -> None:
         selection = callbacks_explore.select_token({"type": "token", "step": step}, [1])
-        body = dict(body_base, inputs=[{"id": "trace-store", "property": "data", "value": store},
-                                       {"id": "selection-store", "property": "data", "value": selection},
-                                       {"id": "ablation-store", "property": "data", "value": None}])
+        body = dict(
+            body_base,
+            inputs=[
+                {"id": "trace-store", "property": "data", "value": store},
+                {"id": "selection-store", "property": "data", "value": selection},
+                {"id": "ablation-store", "property": "data", "value": None},
+            ],
+        )
         resp = client.post("/_dash-update-component", json=body)
         if resp.status_code != 200:
             raise SystemExit(f"callback request failed: HTTP {resp.status_code} {resp.data[:200]!r}")
@@ -110,8 +117,8 @@ def main() -> None:
     direct, http = [], []
     for _ in range(args.rounds):  # interleaved A B A B
         step = next(cycle)
-        direct.append(timed(lambda: token_callback(step)))
-        http.append(timed(lambda: token_http(step)))
+        direct.append(timed(lambda step=step: token_callback(step)))
+        http.append(timed(lambda step=step: token_http(step)))
 
     llm, vision = model.config.injection_layers, model.config.vision_layers
     cells = itertools.cycle([{"points": [{"y": f"L{i}", "x": f"V{k}"}]} for i in llm for k in vision])
@@ -119,24 +126,34 @@ def main() -> None:
     ablation = []
     for _ in range(args.ablation_rounds):
         click = next(cells)
-        ablation.append(timed(lambda: callbacks_ablation.ablate(backend, click, store, "knockout")))
+        ablation.append(timed(lambda click=click: callbacks_ablation.ablate(backend, click, store, "knockout")))
 
     load_avg = os.getloadavg()[0]
     results = {
-        "model": label, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": load_avg,
+        "model": label,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1min": load_avg,
         "token_select_callback_s": statistics.median(direct),
         "token_select_http_s": statistics.median(http),
         "ablation_s": statistics.median(ablation),
-        "rounds": args.rounds, "ablation_rounds": args.ablation_rounds,
+        "rounds": args.rounds,
+        "ablation_rounds": args.ablation_rounds,
     }
     busy = load_avg > 0.8 * (os.cpu_count() or 1)
     note = f"  [UNDER LOAD: 1-min load average {load_avg:.1f} on {os.cpu_count()} CPUs]" if busy else ""
-    print(f"token select, callback   median {results['token_select_callback_s'] * 1e3:7.1f} ms  "
-          f"(target < {TARGETS['token_select_s'] * 1e3:.0f} ms){note}")
-    print(f"token select, HTTP       median {results['token_select_http_s'] * 1e3:7.1f} ms  "
-          f"(target < {TARGETS['token_select_s'] * 1e3:.0f} ms){note}")
-    print(f"single-cell ablation     median {results['ablation_s'] * 1e3:7.1f} ms  "
-          f"(target < {TARGETS['ablation_s'] * 1e3:.0f} ms){note}")
+    print(
+        f"token select, callback   median {results['token_select_callback_s'] * 1e3:7.1f} ms  "
+        f"(target < {TARGETS['token_select_s'] * 1e3:.0f} ms){note}"
+    )
+    print(
+        f"token select, HTTP       median {results['token_select_http_s'] * 1e3:7.1f} ms  "
+        f"(target < {TARGETS['token_select_s'] * 1e3:.0f} ms){note}"
+    )
+    print(
+        f"single-cell ablation     median {results['ablation_s'] * 1e3:7.1f} ms  "
+        f"(target < {TARGETS['ablation_s'] * 1e3:.0f} ms){note}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

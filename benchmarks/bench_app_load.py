@@ -52,6 +52,7 @@ def worst_case_png(kind: str, side: int) -> bytes:
 
 # ----------------------------------------------------------------------------------------- server
 
+
 def serve(port_file: str) -> None:
     """Child process: load the app, serve it threaded on a free port, write the port, serve forever."""
     from werkzeug.serving import make_server
@@ -76,6 +77,7 @@ def rss_bytes(pid: int, field: str) -> int:
 
 # ----------------------------------------------------------------------------------------- clients
 
+
 class Client:
     """Posts callback requests as the browser does (ids from `/_dash-dependencies`)."""
 
@@ -89,10 +91,18 @@ class Client:
 
     def post(self, dep: dict, inputs: list, state: list, changed: str) -> dict:
         outputs = [self._spec(part) for part in self._parts(dep["output"])]
-        body = {"output": dep["output"], "outputs": outputs if dep["output"].startswith("..") else outputs[0],
-                "inputs": inputs, "state": state, "changedPropIds": [changed]}
-        req = urllib.request.Request(self.base + "/_dash-update-component", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        body = {
+            "output": dep["output"],
+            "outputs": outputs if dep["output"].startswith("..") else outputs[0],
+            "inputs": inputs,
+            "state": state,
+            "changedPropIds": [changed],
+        }
+        req = urllib.request.Request(
+            self.base + "/_dash-update-component",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())
 
@@ -107,21 +117,34 @@ class Client:
 
     def run(self, data_url: str, name: str, flow: list[str]) -> dict[str, bool]:
         done = {step: False for step in flow}
-        got = self.post(self.upload, [{"id": "upload", "property": "contents", "value": data_url}, []],
-                        [{"id": "upload", "property": "filename", "value": name}], "upload.contents")
+        got = self.post(
+            self.upload,
+            [{"id": "upload", "property": "contents", "value": data_url}, []],
+            [{"id": "upload", "property": "filename", "value": name}],
+            "upload.contents",
+        )
         image = got["response"].get("image-store", {}).get("data")
         done["upload"] = isinstance(image, dict)
         if "ask" not in flow or not done["upload"]:
             return done
-        got = self.post(self.ask, [{"id": "ask", "property": "n_clicks", "value": 1},
-                                   {"id": "question", "property": "n_submit", "value": None}],
-                        [{"id": "question", "property": "value", "value": "what color is the circle ?"},
-                         {"id": "image-store", "property": "data", "value": image}], "ask.n_clicks")
+        got = self.post(
+            self.ask,
+            [
+                {"id": "ask", "property": "n_clicks", "value": 1},
+                {"id": "question", "property": "n_submit", "value": None},
+            ],
+            [
+                {"id": "question", "property": "value", "value": "what color is the circle ?"},
+                {"id": "image-store", "property": "data", "value": image},
+            ],
+            "ask.n_clicks",
+        )
         store = got["response"].get("trace-store", {}).get("data")
         done["ask"] = isinstance(store, dict)
         if "attribute" in flow and done["ask"]:
-            got = self.post(self.attribute, [{"id": "trace-store", "property": "data", "value": store}], [],
-                            "trace-store.data")
+            got = self.post(
+                self.attribute, [{"id": "trace-store", "property": "data", "value": store}], [], "trace-store.data"
+            )
             payload = got["response"].get("attr-store", {}).get("data")
             done["attribute"] = isinstance(payload, dict) and "error" not in payload
         return done
@@ -155,8 +178,13 @@ def measure(kind: str, args) -> dict:
     png = worst_case_png(kind, args.side)
     port_file = f"/tmp/cliviz-bench-load-{os.getpid()}-{kind}"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", port_file], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", port_file],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not (os.path.exists(port_file) and os.path.getsize(port_file)):
@@ -175,9 +203,18 @@ def measure(kind: str, args) -> dict:
             proc.wait(timeout=30)
         if os.path.exists(port_file):
             os.unlink(port_file)
-    return {"kind": kind, "png_bytes": len(png), "side": args.side, "clients": args.clients, "served": served,
-            "idle_rss_mb": idle / 1e6, "peak_rss_mb": None if peak is None else peak / 1e6,
-            "server_alive": alive, "under_target": peak is not None and peak < TARGET_PEAK_BYTES, **result}
+    return {
+        "kind": kind,
+        "png_bytes": len(png),
+        "side": args.side,
+        "clients": args.clients,
+        "served": served,
+        "idle_rss_mb": idle / 1e6,
+        "peak_rss_mb": None if peak is None else peak / 1e6,
+        "server_alive": alive,
+        "under_target": peak is not None and peak < TARGET_PEAK_BYTES,
+        **result,
+    }
 
 
 def main() -> None:
@@ -198,8 +235,10 @@ def main() -> None:
     print(f"{'kind':6} {'png KB':>7} {'idle MB':>8} {'peak MB':>8} {'<1.5GB':>7} {'wall s':>7}  ok per step")
     for r in rows:
         peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "died"
-        print(f"{r['kind']:6} {r['png_bytes'] / 1e3:7.1f} {r['idle_rss_mb']:8.0f} {peak:>8} "
-              f"{str(r['under_target']):>7} {r['wall_s']:7.1f}  {r['ok']} errors={r['n_errors']} {r['errors'][:1]}")
+        print(
+            f"{r['kind']:6} {r['png_bytes'] / 1e3:7.1f} {r['idle_rss_mb']:8.0f} {peak:>8} "
+            f"{str(r['under_target']):>7} {r['wall_s']:7.1f}  {r['ok']} errors={r['n_errors']} {r['errors'][:1]}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

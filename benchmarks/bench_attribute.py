@@ -54,8 +54,11 @@ def main() -> None:
     tr = trace(model, tok, sample.image, sample.question, causal_check=False)
     pix = prepare_inputs(model, tok, [sample.image], [sample.question])["pixel_values"]
     L, T, K = tr.gates.shape
-    print(f"{label}: {len(model.agf)} gated layers x {K} vision layers, {T} tokens; "
-          f"question {sample.question!r} -> {tr.meta.answer!r}", flush=True)
+    print(
+        f"{label}: {len(model.agf)} gated layers x {K} vision layers, {T} tokens; "
+        f"question {sample.question!r} -> {tr.meta.answer!r}",
+        flush=True,
+    )
 
     with _hooks(model) as state, torch.enable_grad():
         run = _Runner(model, state, pix, tr.answer_positions, tr.answer_ids)
@@ -84,8 +87,10 @@ def main() -> None:
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     spread = {name: (np.percentile(ts, 25), np.percentile(ts, 75)) for name, ts in times.items()}
-    print(f"\none answer token, IG {args.steps} steps (batch {args.batch} vs 1), {args.repeats} interleaved rounds, "
-          f"{torch.get_num_threads()} threads; medians [IQR]")
+    print(
+        f"\none answer token, IG {args.steps} steps (batch {args.batch} vs 1), {args.repeats} interleaved rounds, "
+        f"{torch.get_num_threads()} threads; medians [IQR]"
+    )
     for name in variants:
         lo, hi = spread[name]
         print(f"  {name:<11} {med[name] * 1e3:9.1f} ms  [{lo * 1e3:.1f}, {hi * 1e3:.1f}]")

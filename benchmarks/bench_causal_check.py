@@ -28,10 +28,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from common import bundled_model
-
     from cliviz.inputs import load_image
     from cliviz.tracing import trace
+
+    from common import bundled_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,32 +35,78 @@ PARAM_TARGET, FLOP_TARGET, TIME_TARGET, TRACE_TARGET = 0.01, 0.10, 1.3, 1.05
 
 # ================================================================================ real shapes
 
+
 def llava15_7b():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def onevision(size: str):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                                image_size=384, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    )
     if size == "0.5b":
-        text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                           num_key_value_heads=2, vocab_size=151647, tie_word_embeddings=True)
+        text = Qwen2Config(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151647,
+            tie_word_embeddings=True,
+        )
     else:
-        text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                           num_key_value_heads=4, vocab_size=152128, tie_word_embeddings=False)
+        text = Qwen2Config(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152128,
+            tie_word_embeddings=False,
+        )
     pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
-    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
-                                image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
-                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=151646,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
 
 
 def image_tokens(base, size: tuple[int, int] | None) -> int:
@@ -122,15 +168,19 @@ def kv_cache_bytes(config, n_memory: int) -> int:
 
 
 def report_real_shapes() -> None:
-    cases = [("LLaVA-1.5-7B", llava15_7b(), None, "576 patches"),
-             ("LLaVA-OV-0.5B", onevision("0.5b"), (384, 384), "384x384 (base + 1 crop)"),
-             ("LLaVA-OV-0.5B", onevision("0.5b"), (1080, 1920), "1920x1080 (anyres max)"),
-             ("LLaVA-OV-7B", onevision("7b"), (384, 384), "384x384 (base + 1 crop)"),
-             ("LLaVA-OV-7B", onevision("7b"), (480, 640), "640x480 photo"),
-             ("LLaVA-OV-7B", onevision("7b"), (1080, 1920), "1920x1080 (anyres max)")]
+    cases = [
+        ("LLaVA-1.5-7B", llava15_7b(), None, "576 patches"),
+        ("LLaVA-OV-0.5B", onevision("0.5b"), (384, 384), "384x384 (base + 1 crop)"),
+        ("LLaVA-OV-0.5B", onevision("0.5b"), (1080, 1920), "1920x1080 (anyres max)"),
+        ("LLaVA-OV-7B", onevision("7b"), (384, 384), "384x384 (base + 1 crop)"),
+        ("LLaVA-OV-7B", onevision("7b"), (480, 640), "640x480 photo"),
+        ("LLaVA-OV-7B", onevision("7b"), (1080, 1920), "1920x1080 (anyres max)"),
+    ]
     print("1-3. parameters, FLOPs per decoded token and read cache, attach defaults (meta device)")
-    header = (f"{'model':<14} {'image':<24} {'read':<5} {'base params':>12} {'+params':>10} {'+%':>7} "
-              f"{'N img':>6} {'base GF/tok':>11} {'+GF/tok':>8} {'+%':>7} {'kv MB':>8}")
+    header = (
+        f"{'model':<14} {'image':<24} {'read':<5} {'base params':>12} {'+params':>10} {'+%':>7} "
+        f"{'N img':>6} {'base GF/tok':>11} {'+GF/tok':>8} {'+%':>7} {'kv MB':>8}"
+    )
     print(header)
     print("-" * len(header))
     counted: dict[tuple[str, str], tuple] = {}
@@ -144,13 +194,16 @@ def report_real_shapes() -> None:
             flops, extra = decode_flops(config, n_mem, context=n_mem + 64)
             p_ok = "" if read == "full" else (" ok" if added / base_params <= PARAM_TARGET else " OVER")
             f_ok = "" if read == "full" else (" ok" if extra / flops <= FLOP_TARGET else " OVER")
-            print(f"{name:<14} {label:<24} {read:<5} {base_params / 1e9:>11.3f}B {added / 1e6:>9.1f}M "
-                  f"{100 * added / base_params:>6.2f}%{p_ok:<3} {n_mem:>6} {flops / 1e9:>11.2f} {extra / 1e9:>8.3f} "
-                  f"{100 * extra / flops:>6.1f}%{f_ok:<3} {kv_cache_bytes(config, n_mem) / 2**20:>8.1f}")
+            print(
+                f"{name:<14} {label:<24} {read:<5} {base_params / 1e9:>11.3f}B {added / 1e6:>9.1f}M "
+                f"{100 * added / base_params:>6.2f}%{p_ok:<3} {n_mem:>6} {flops / 1e9:>11.2f} {extra / 1e9:>8.3f} "
+                f"{100 * extra / flops:>6.1f}%{f_ok:<3} {kv_cache_bytes(config, n_mem) / 2**20:>8.1f}"
+            )
     print(f"targets (light read): +params <= {PARAM_TARGET:.0%}, +FLOPs per decoded token <= {FLOP_TARGET:.0%}\n")
 
 
 # ================================================================================ measured
+
 
 def midsize(seed: int = 0):
     """(base LLaVA, CLI attached with alpha opened, tokenizer): CLIP 24 layers at 192 px / patch 16
@@ -162,13 +215,33 @@ def midsize(seed: int = 0):
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
-                              image_size=192, patch_size=16)
-    text = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        image_size=192,
+        patch_size=16,
+    )
+    text = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     base = LlavaForConditionalGeneration(cfg).eval()
     cli = attach(base).eval()
     with torch.no_grad():
@@ -204,8 +277,11 @@ def counted_decode_ratio(base, cli, inputs) -> tuple[float, float]:
     for name, model in (("base", base), ("cli", cli)):
         with torch.no_grad():
             first = model(**inputs, use_cache=True)
-            step = {"input_ids": inputs["input_ids"][:, -1:], "cache": first.cache,
-                    "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1)}
+            step = {
+                "input_ids": inputs["input_ids"][:, -1:],
+                "cache": first.cache,
+                "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1),
+            }
             if name == "cli":
                 step["vision_kv"] = first.vision_kv
             with FlopCounterMode(display=False) as counter:
@@ -223,27 +299,41 @@ def report_measured(repeats: int, warmup: int) -> None:
     n_mem = int((inputs["input_ids"] == cli.image_token_id).sum())
     flops, extra = decode_flops(cli.config, n_mem, context=inputs["input_ids"].shape[1])
     counted_base, counted_extra = counted_decode_ratio(base, cli, inputs)
-    print("4. mid-size random LLaVA (CLIP 24 x 256, 144 patches; Llama 8 x 512, vocab 32k), light read "
-          f"r={cli.config.read_width}, {len(cli.config.vision_layers)} vision x {len(cli.agf)} injection layers")
-    print(f"   FLOPs per decoded token: analytic +{100 * extra / flops:.1f}%, FlopCounterMode "
-          f"+{100 * counted_extra / counted_base:.1f}% (matmul/SDPA only)")
+    print(
+        "4. mid-size random LLaVA (CLIP 24 x 256, 144 patches; Llama 8 x 512, vocab 32k), light read "
+        f"r={cli.config.read_width}, {len(cli.config.vision_layers)} vision x {len(cli.agf)} injection layers"
+    )
+    print(
+        f"   FLOPs per decoded token: analytic +{100 * extra / flops:.1f}%, FlopCounterMode "
+        f"+{100 * counted_extra / counted_base:.1f}% (matmul/SDPA only)"
+    )
     new = 64
     kw = {**generation_kwargs(tok, new), "min_new_tokens": new}
     with torch.no_grad():
-        med = interleaved({"base": lambda: base.generate(**inputs, **kw), "cli": lambda: cli.generate(**inputs, **kw)},
-                          repeats, warmup)
+        med = interleaved(
+            {"base": lambda: base.generate(**inputs, **kw), "cli": lambda: cli.generate(**inputs, **kw)},
+            repeats,
+            warmup,
+        )
     ratio = med["cli"] / med["base"]
-    print(f"   generate {new} tokens: base {med['base'] * 1e3:.0f} ms, CLI {med['cli'] * 1e3:.0f} ms, "
-          f"CLI/base {ratio:.2f}x (target <= {TIME_TARGET}x: {'ok' if ratio <= TIME_TARGET else 'OVER'})")
+    print(
+        f"   generate {new} tokens: base {med['base'] * 1e3:.0f} ms, CLI {med['cli'] * 1e3:.0f} ms, "
+        f"CLI/base {ratio:.2f}x (target <= {TIME_TARGET}x: {'ok' if ratio <= TIME_TARGET else 'OVER'})"
+    )
     new = 128
     kw = {**generation_kwargs(tok, new), "min_new_tokens": new}
     with torch.no_grad():
-        med = interleaved({"plain": lambda: cli.generate(**inputs, **kw), "trace": lambda: _record(cli, inputs, kw, new)},
-                          repeats, warmup)
+        med = interleaved(
+            {"plain": lambda: cli.generate(**inputs, **kw), "trace": lambda: _record(cli, inputs, kw, new)},
+            repeats,
+            warmup,
+        )
     ratio = med["trace"] / med["plain"]
-    print(f"5. trace (every gate + injection norm, every step, through nnsight) / plain generate, {new} tokens: "
-          f"{med['plain'] * 1e3:.0f} ms vs {med['trace'] * 1e3:.0f} ms, {ratio:.3f}x "
-          f"(target <= {TRACE_TARGET}x: {'ok' if ratio <= TRACE_TARGET else 'OVER'})")
+    print(
+        f"5. trace (every gate + injection norm, every step, through nnsight) / plain generate, {new} tokens: "
+        f"{med['plain'] * 1e3:.0f} ms vs {med['trace'] * 1e3:.0f} ms, {ratio:.3f}x "
+        f"(target <= {TRACE_TARGET}x: {'ok' if ratio <= TRACE_TARGET else 'OVER'})"
+    )
 
 
 def main() -> None:

@@ -93,7 +93,9 @@ def main() -> None:
         print(f"  {name:14s} {statistics.median(values):8.2f}")
 
     def make(start: int, source=None) -> ConversationStream:
-        return ConversationStream(source or LlavaJsonSource(root / "big.jsonl", images), collator, 16, start_batch=start)
+        return ConversationStream(
+            source or LlavaJsonSource(root / "big.jsonl", images), collator, 16, start_batch=start
+        )
 
     last = args.rows // 16 - 2
     skip = {"from batch 0": [], f"resume at {last}": []}
@@ -124,8 +126,10 @@ def main() -> None:
         loader["in process"].append(args.batches / timed(lambda: run(0)))
         loader[f"{args.workers} workers"].append(args.batches / timed(lambda: run(args.workers)))
     a, b = (statistics.median(v) for v in loader.values())
-    print(f"loader: batches/s (median, batch 16, 3-turn rows, {args.image_size} px PNGs); "
-          f"workers / in process = {b / a:.2f}x")
+    print(
+        f"loader: batches/s (median, batch 16, 3-turn rows, {args.image_size} px PNGs); "
+        f"workers / in process = {b / a:.2f}x"
+    )
     for name, values in loader.items():
         print(f"  {name:16s} {statistics.median(values):8.2f}")
 

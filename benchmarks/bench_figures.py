@@ -51,16 +51,42 @@ def synthetic_set(n: int, *, L: int = 4, K: int = 6, T: int = 40, n_answer: int 
     roles = ["prompt"] + ["image"] * (T // 2) + ["prompt"] * (T - T // 2 - n_answer) + ["answer"] * (n_answer - 1)
     out = []
     for i in range(n):
-        meta = TraceMeta(question=f"question {i}", answer="red", model="synthetic", config_hash="0", fusion="cli",
-                         vision_layers=vision, injection_layers=llm, image_sha256="0" * 64, image_width=64,
-                         image_height=64, device="cpu", dtype="float32", created_at="2025-01-01T00:00:00+00:00",
-                         cliviz_version="0.1.0", qtype=QTYPES[q[i]], reference_answer="red", sample_id=f"s{i}")
-        out.append(Trace(meta=meta, token_ids=np.arange(T, dtype=np.int64), token_texts=[f"t{j}" for j in range(T)],
-                         token_roles=roles, gates=gates[i], injection_norm=norms[i],
-                         answer_ids=np.arange(n_answer, dtype=np.int64), answer_texts=["red"] + ["<eos>"] * (n_answer - 1),
-                         answer_positions=np.arange(T - n_answer, T, dtype=np.int64),
-                         answer_logprobs=np.zeros(n_answer, np.float32), topk_ids=np.zeros((n_answer, 1), np.int64),
-                         topk_texts=[["x"]] * n_answer, topk_logprobs=np.zeros((n_answer, 1), np.float32)))
+        meta = TraceMeta(
+            question=f"question {i}",
+            answer="red",
+            model="synthetic",
+            config_hash="0",
+            fusion="cli",
+            vision_layers=vision,
+            injection_layers=llm,
+            image_sha256="0" * 64,
+            image_width=64,
+            image_height=64,
+            device="cpu",
+            dtype="float32",
+            created_at="2025-01-01T00:00:00+00:00",
+            cliviz_version="0.1.0",
+            qtype=QTYPES[q[i]],
+            reference_answer="red",
+            sample_id=f"s{i}",
+        )
+        out.append(
+            Trace(
+                meta=meta,
+                token_ids=np.arange(T, dtype=np.int64),
+                token_texts=[f"t{j}" for j in range(T)],
+                token_roles=roles,
+                gates=gates[i],
+                injection_norm=norms[i],
+                answer_ids=np.arange(n_answer, dtype=np.int64),
+                answer_texts=["red"] + ["<eos>"] * (n_answer - 1),
+                answer_positions=np.arange(T - n_answer, T, dtype=np.int64),
+                answer_logprobs=np.zeros(n_answer, np.float32),
+                topk_ids=np.zeros((n_answer, 1), np.int64),
+                topk_texts=[["x"]] * n_answer,
+                topk_logprobs=np.zeros((n_answer, 1), np.float32),
+            )
+        )
     return out
 
 
@@ -115,7 +141,9 @@ def bench_export(items, fmt: str, rounds: int, out: Path) -> dict:
         s_med, o_med = statistics.median(session[it.name]), statistics.median(oneshot[it.name])
         per_figure.append({"figure": it.name, "session_s": s_med, "oneshot_s": o_med, "ratio": o_med / s_med})
     return {
-        "format": fmt, "rounds": rounds, "per_figure": per_figure,
+        "format": fmt,
+        "rounds": rounds,
+        "per_figure": per_figure,
         "session_start_s": statistics.median(starts),
         "session_total_s": statistics.median(session_totals),
         "oneshot_total_s": statistics.median(oneshot_totals),
@@ -137,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         d = Path(d)
         t0 = time.perf_counter()
         path = write_traces(d / "traces.parquet", synthetic_set(args.n_traces))
-        print(f"synthetic set: {args.n_traces} traces, {path.stat().st_size / 1e6:.1f} MB "
-              f"(made in {time.perf_counter() - t0:.1f} s)")
+        print(
+            f"synthetic set: {args.n_traces} traces, {path.stat().st_size / 1e6:.1f} MB "
+            f"(made in {time.perf_counter() - t0:.1f} s)"
+        )
         results["compute"] = bench_compute(path, args.rounds)
         c = results["compute"]
-        print(f"computation (no export), median of {args.rounds}: read {c['read_s']:.2f} s, "
-              f"build figure set {c['compute_s']:.2f} s")
+        print(
+            f"computation (no export), median of {args.rounds}: read {c['read_s']:.2f} s, "
+            f"build figure set {c['compute_s']:.2f} s"
+        )
         if not args.skip_export:
             print(f"browser: {find_chromium()}")
             items, _ = build_figure_set(TraceSet.read(path))
@@ -151,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'figure':<18}{'session s':>11}{'one-shot s':>12}{'ratio':>8}")
             for row in e["per_figure"]:
                 print(f"{row['figure']:<18}{row['session_s']:>11.3f}{row['oneshot_s']:>12.3f}{row['ratio']:>8.1f}")
-            print(f"whole set: session {e['session_total_s']:.2f} s (browser start {e['session_start_s']:.2f} s) vs "
-                  f"one-shot {e['oneshot_total_s']:.2f} s -> {e['total_ratio']:.1f}x")
+            print(
+                f"whole set: session {e['session_total_s']:.2f} s (browser start {e['session_start_s']:.2f} s) vs "
+                f"one-shot {e['oneshot_total_s']:.2f} s -> {e['total_ratio']:.1f}x"
+            )
     results["load_avg_end"] = os.getloadavg()
-    print(f"load average at start {results['load_avg'][0]:.2f}, at end {results['load_avg_end'][0]:.2f} "
-          "(2-core machine: absolute times are inflated under load, ratios are the result)")
+    print(
+        f"load average at start {results['load_avg'][0]:.2f}, at end {results['load_avg_end'][0]:.2f} "
+        "(2-core machine: absolute times are inflated under load, ratios are the result)"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -39,8 +39,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=96, help="samples per round (64-128 is the reference setting)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
-    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time untraced generate, batched and one by one (the batching ceiling)")
+    parser.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time untraced generate, batched and one by one (the batching ceiling)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -58,13 +62,25 @@ def main() -> None:
     def batched() -> int:
         done = 0
         for i in range(0, args.n, args.batch):
-            done += len(trace_batch(model, tok, images[i : i + args.batch], questions[i : i + args.batch],
-                                    max_new_tokens=args.max_new_tokens, qtypes=qtypes[i : i + args.batch]))
+            done += len(
+                trace_batch(
+                    model,
+                    tok,
+                    images[i : i + args.batch],
+                    questions[i : i + args.batch],
+                    max_new_tokens=args.max_new_tokens,
+                    qtypes=qtypes[i : i + args.batch],
+                )
+            )
         return done
 
     def loop() -> int:
-        return len([trace(model, tok, im, q, max_new_tokens=args.max_new_tokens, qtype=t, causal_check=False)
-                    for im, q, t in zip(images, questions, qtypes)])
+        return len(
+            [
+                trace(model, tok, im, q, max_new_tokens=args.max_new_tokens, qtype=t, causal_check=False)
+                for im, q, t in zip(images, questions, qtypes)
+            ]
+        )
 
     gen = generation_kwargs(tok, args.max_new_tokens)
 
@@ -88,17 +104,24 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rate = {name: args.n / t for name, t in med.items()}
     ratio = rate["batched"] / rate["loop"]
-    print(f"{label}; {args.n} samples, batch {args.batch}, {args.max_new_tokens} new tokens, "
-          f"{args.repeats} interleaved rounds, {torch.get_num_threads()} threads; medians")
+    print(
+        f"{label}; {args.n} samples, batch {args.batch}, {args.max_new_tokens} new tokens, "
+        f"{args.repeats} interleaved rounds, {torch.get_num_threads()} threads; medians"
+    )
     header = f"{'variant':<14} {'median s':>9} {'samples/s':>10}"
     print(header)
     print("-" * len(header))
     for name in variants:
         print(f"{name:<14} {med[name]:>9.2f} {rate[name]:>10.1f}")
-    print(f"traced  batched / loop throughput: {ratio:.2f}x (target >= {TARGET:.0f}x: {'ok' if ratio >= TARGET else 'under'})")
+    print(
+        f"traced  batched / loop throughput: {ratio:.2f}x "
+        f"(target >= {TARGET:.0f}x: {'ok' if ratio >= TARGET else 'under'})"
+    )
     if args.plain:
-        print(f"untraced batched / loop throughput: {rate['plain-batched'] / rate['plain-loop']:.2f}x "
-              "(the batching ceiling of this model here)")
+        print(
+            f"untraced batched / loop throughput: {rate['plain-batched'] / rate['plain-loop']:.2f}x "
+            "(the batching ceiling of this model here)"
+        )
 
 
 if __name__ == "__main__":

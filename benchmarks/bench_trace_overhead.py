@@ -51,13 +51,28 @@ def medium_model():
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
-                              image_size=64, patch_size=8)
-    text = LlamaConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=12,
-                       num_key_value_heads=12, vocab_size=len(tok), max_position_embeddings=256,
-                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
-    base = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                       vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    vision = CLIPVisionConfig(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, image_size=64, patch_size=8
+    )
+    text = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    base = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     cfg = CLIConfig(base_config=base, fusion="cli", lora_rank=8, gate_temperature=1.0)
     return open_alpha(CLIForConditionalGeneration(cfg).eval()), tok, "medium random CLI"
 
@@ -115,26 +130,36 @@ def main() -> None:
     for key in [m.strip() for m in args.models.split(",") if m.strip()]:
         model, tok, label = builders[key]()
         params = n_params(model)
-        print(f"{key}: {label}, {params / 1e6:.1f} M parameters, {len(model.agf)} gated layers x "
-              f"{len(model.config.vision_layers)} vision layers", flush=True)
-        med = measure(model, tok, batch=args.batch, new_tokens=args.max_new_tokens, repeats=args.repeats,
-                      warmup=args.warmup)
+        print(
+            f"{key}: {label}, {params / 1e6:.1f} M parameters, {len(model.agf)} gated layers x "
+            f"{len(model.config.vision_layers)} vision layers",
+            flush=True,
+        )
+        med = measure(
+            model, tok, batch=args.batch, new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup
+        )
         rows.append((key, params, med))
         del model
 
-    print(f"\nbatch {args.batch}, {args.max_new_tokens} new tokens, {args.repeats} interleaved rounds, "
-          f"{torch.get_num_threads()} threads; medians")
-    header = f"{'model':<8} {'params':>8} {'plain ms':>9} {'record ms':>10} {'trace ms':>9} " \
-             f"{'record/plain':>13} {'trace/plain':>12} {'target':>7}"
+    print(
+        f"\nbatch {args.batch}, {args.max_new_tokens} new tokens, {args.repeats} interleaved rounds, "
+        f"{torch.get_num_threads()} threads; medians"
+    )
+    header = (
+        f"{'model':<8} {'params':>8} {'plain ms':>9} {'record ms':>10} {'trace ms':>9} "
+        f"{'record/plain':>13} {'trace/plain':>12} {'target':>7}"
+    )
     print(header)
     print("-" * len(header))
     for key, params, med in rows:
         ratio = med["trace"] / med["plain"]
         target = TARGETS[key]
         verdict = "ok" if ratio <= target else "over"
-        print(f"{key:<8} {params / 1e6:>7.1f}M {med['plain'] * 1e3:>9.1f} {med['record'] * 1e3:>10.1f} "
-              f"{med['trace'] * 1e3:>9.1f} {med['record'] / med['plain']:>12.3f}x {ratio:>11.3f}x "
-              f"{'<=' + format(target, '.2f'):>7} {verdict}")
+        print(
+            f"{key:<8} {params / 1e6:>7.1f}M {med['plain'] * 1e3:>9.1f} {med['record'] * 1e3:>10.1f} "
+            f"{med['trace'] * 1e3:>9.1f} {med['record'] / med['plain']:>12.3f}x {ratio:>11.3f}x "
+            f"{'<=' + format(target, '.2f'):>7} {verdict}"
+        )
 
 
 if __name__ == "__main__":

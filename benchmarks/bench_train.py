@@ -46,10 +46,18 @@ def write_data(root: Path, n: int = 64, size: int = 64) -> tuple[Path, Path]:
     rows = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"},
-            {"from": "gpt", "value": "A picture of some coloured noise, with no object in it."},
-            {"from": "human", "value": "Which colour dominates?"}, {"from": "gpt", "value": "None of them."}]})
+        rows.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": "A picture of some coloured noise, with no object in it."},
+                    {"from": "human", "value": "Which colour dominates?"},
+                    {"from": "gpt", "value": "None of them."},
+                ],
+            }
+        )
     (root / "train.json").write_text(json.dumps(rows))
     return root / "train.json", images
 
@@ -65,17 +73,42 @@ def attached_folder(root: Path, which: str) -> Path:
     if which == "tiny":
         llava15_folder(base, dtype=torch.float32)
     else:
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+        )
 
         llava15_folder(base, dtype=torch.float32)  # tokenizer, template and processor files
         tok = llava15_tokenizer()
-        vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
-                                  image_size=192, patch_size=16)
-        text = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=32000, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+        vision = CLIPVisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            image_size=192,
+            patch_size=16,
+        )
+        text = LlamaConfig(
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        cfg = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
         torch.manual_seed(0)
         LlavaForConditionalGeneration(cfg).save_pretrained(base)
         CLIPImageProcessor(size={"shortest_edge": 192}, crop_size={"height": 192, "width": 192}).save_pretrained(base)
@@ -89,9 +122,19 @@ def step_seconds(folder: Path, data: Path, images: Path, *, cache: bool, steps: 
     the second pass over the data (every state already kept)."""
     from cliviz.train import Trainer, TrainSettings
 
-    settings = TrainSettings(init_from=str(folder), data=str(data), image_folder=str(images), steps=10_000, batch_size=batch,
-                             lr=1e-3, warmup=5, cache_vision=cache, shuffle_window=1, log_every=10_000,
-                             checkpoint_minutes=1e9)
+    settings = TrainSettings(
+        init_from=str(folder),
+        data=str(data),
+        image_folder=str(images),
+        steps=10_000,
+        batch_size=batch,
+        lr=1e-3,
+        warmup=5,
+        cache_vision=cache,
+        shuffle_window=1,
+        log_every=10_000,
+        checkpoint_minutes=1e9,
+    )
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(settings, Path(out), torch.device("cpu"))
         per_pass = 64 // batch
@@ -107,7 +150,9 @@ def step_seconds(folder: Path, data: Path, images: Path, *, cache: bool, steps: 
 
 
 def report_throughput(steps: int, batch: int) -> None:
-    print(f"1. CLI-only training steps on the CPU ({torch.get_num_threads()} threads), batch {batch}, medians of {steps}")
+    print(
+        f"1. CLI-only training steps on the CPU ({torch.get_num_threads()} threads), batch {batch}, medians of {steps}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for which, size in (("tiny", 32), ("mid-size", 192)):
@@ -116,12 +161,16 @@ def report_throughput(steps: int, batch: int) -> None:
             rows = {}
             for _ in range(2):  # interleave: cache off, on, off, on
                 for cache in (False, True):
-                    rows.setdefault(cache, []).append(step_seconds(folder, data, images, cache=cache, steps=steps, batch=batch))
+                    rows.setdefault(cache, []).append(
+                        step_seconds(folder, data, images, cache=cache, steps=steps, batch=batch)
+                    )
             plain = statistics.median(r[0] for r in rows[False])
             cached = statistics.median(r[0] for r in rows[True])
             tokens = rows[False][0][1]
-            print(f"   {which:<9} {batch / plain:7.1f} samples/s {tokens / plain:9.0f} tokens/s   cached states: "
-                  f"{batch / cached:7.1f} samples/s ({plain / cached:.2f}x)")
+            print(
+                f"   {which:<9} {batch / plain:7.1f} samples/s {tokens / plain:9.0f} tokens/s   cached states: "
+                f"{batch / cached:7.1f} samples/s ({plain / cached:.2f}x)"
+            )
 
 
 def report_optimiser_state() -> None:
@@ -134,8 +183,10 @@ def report_optimiser_state() -> None:
         trainable = cli_params - base_params
         state = trainable * 4 * 2 + trainable * 4  # AdamW moments + fp32 master weights
         verdict = "ok" if state < OPT_TARGET_BYTES else "OVER"
-        print(f"   {name:<13} trainable {trainable / 1e6:6.1f} M of {cli_params / 1e9:.2f} B; AdamW moments + fp32 "
-              f"weights {state / 2**20:7.1f} MB (target < 2 GB: {verdict})")
+        print(
+            f"   {name:<13} trainable {trainable / 1e6:6.1f} M of {cli_params / 1e9:.2f} B; AdamW moments + fp32 "
+            f"weights {state / 2**20:7.1f} MB (target < 2 GB: {verdict})"
+        )
 
 
 def report_ddp(steps: int, batch: int) -> None:
@@ -144,20 +195,42 @@ def report_ddp(steps: int, batch: int) -> None:
         root = Path(tmp)
         data, images = write_data(root / "data", size=32)
         folder = attached_folder(root, "tiny")
-        common = ["train", "--init-from", str(folder), "--data", str(data), "--image-folder", str(images),
-                  "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu", "--log-every", str(steps)]
+        common = [
+            "train",
+            "--init-from",
+            str(folder),
+            "--data",
+            str(data),
+            "--image-folder",
+            str(images),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch),
+            "--device",
+            "cpu",
+            "--log-every",
+            str(steps),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         times = {}
-        for name, prefix in (("1 process", [sys.executable, "-m", "cliviz"]),
-                             ("2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                              "-m", "cliviz"])):
+        for name, prefix in (
+            ("1 process", [sys.executable, "-m", "cliviz"]),
+            ("2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cliviz"]),
+        ):
             t0 = time.perf_counter()
-            subprocess.run(prefix + common + ["--out", str(root / name.replace(" ", "-"))], check=True, env=env,
-                           capture_output=True)
+            subprocess.run(
+                prefix + common + ["--out", str(root / name.replace(" ", "-"))],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
             times[name] = time.perf_counter() - t0
         one, two = batch * steps / times["1 process"], 2 * batch * steps / times["2 processes"]
-        print(f"3. DDP (gloo, 1 thread each), {steps} steps of batch {batch} per process, start-up included: "
-              f"1 process {one:.1f} samples/s, 2 processes {two:.1f} samples/s ({two / one:.2f}x)")
+        print(
+            f"3. DDP (gloo, 1 thread each), {steps} steps of batch {batch} per process, start-up included: "
+            f"1 process {one:.1f} samples/s, 2 processes {two:.1f} samples/s ({two / one:.2f}x)"
+        )
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from typing import BinaryIO
 
 from cliviz.errors import CLIVizError
 
-
 TMP_HEX_BYTES = 6  # temporaries are named .NAME.<12 hex digits>.tmp
 
 
@@ -113,8 +112,10 @@ def exclusive_writer(path: str | os.PathLike, what: str = "file", wait: float = 
         outermost = not lock.is_locked
         lock.acquire(timeout=wait)
     except Timeout:
-        raise CLIVizError(f"{target} is being written by another cliviz process (lock {lock_file.name}); "
-                          f"wait for it to finish, or write the {what} elsewhere") from None
+        raise CLIVizError(
+            f"{target} is being written by another cliviz process (lock {lock_file.name}); "
+            f"wait for it to finish, or write the {what} elsewhere"
+        ) from None
     except OSError as e:
         raise CLIVizError(f"cannot write {what} {target}: {e.strerror or e}") from None
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cliviz.errors import CLIVizError
 from cliviz.inference import answer
@@ -70,7 +70,9 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.lower().strip().strip(".!?,;:\"'").split())
 
 
-def evaluate(model, tokenizer, data: DataSet, batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> dict:
+def evaluate(
+    model, tokenizer, data: DataSet, batch_size: int = 64, on_batch: Callable[[int], None] | None = None
+) -> dict:
     """Greedy answers vs references: `{"overall", "per_type", "n", "skipped"}`.
 
     Bundled word-level models answer one word: exact match. Real checkpoints answer in free text:
@@ -91,7 +93,9 @@ def evaluate(model, tokenizer, data: DataSet, batch_size: int = 64, on_batch: Ca
         images = [load_image(r.image_path) for r in chunk]
         questions = [r.question for r in chunk]
         answers = answer(model, tokenizer, images, questions, max_new_tokens=2 if word_level else None)
-        scores = None if word_level else score_references(model, tokenizer, images, questions, [r.answer for r in chunk])
+        scores = (
+            None if word_level else score_references(model, tokenizer, images, questions, [r.answer for r in chunk])
+        )
         for i, (record, ans) in enumerate(zip(chunk, answers)):
             qtype = record.qtype or "unknown"
             if word_level:

@@ -16,5 +16,7 @@ def require_finite(values: torch.Tensor, what: str, model=None) -> None:
     """CLIVizError when `values` holds NaN or Inf; `what` says which numbers (e.g. "answer scores")."""
     if values.numel() and not bool(torch.isfinite(values).all()):
         name = str(getattr(model, "name_or_path", "") or "this model")
-        raise CLIVizError(f"{name} produced NaN or infinite {what} for this input; its weights or config are "
-                          "broken (no answer is given)")
+        raise CLIVizError(
+            f"{name} produced NaN or infinite {what} for this input; its weights or config are "
+            "broken (no answer is given)"
+        )

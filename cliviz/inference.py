@@ -26,7 +26,12 @@ PLACEHOLDERS = ("<image>", "<video>")  # LLaVA's image token, LLaVA-OneVision's 
 def suppressed_tokens(tokenizer) -> list[int]:
     """Tokens that are never an answer: padding, unknown, `<bos>`, image and video placeholders."""
     vocab = tokenizer.get_vocab()
-    ids = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, *(vocab.get(t) for t in PLACEHOLDERS)]
+    ids = [
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.bos_token_id,
+        *(vocab.get(t) for t in PLACEHOLDERS),
+    ]
     return sorted({int(t) for t in ids if t is not None and t >= 0})
 
 
@@ -50,12 +55,17 @@ def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
     }
 
 
-def prepare_inputs(model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str]) -> dict:
+def prepare_inputs(
+    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str]
+) -> dict:
     """Left-padded prompts and the image inputs (`pixel_values`, and `image_sizes` for OneVision)."""
     pixels = image_inputs(images, model.config)
     ids, mask = batch_prompts(tokenizer, questions, model.config, pixels.token_counts)
-    return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device),
-            **pixels.to_model(model.device, model.dtype)}
+    return {
+        "input_ids": ids.to(model.device),
+        "attention_mask": mask.to(model.device),
+        **pixels.to_model(model.device, model.dtype),
+    }
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:
@@ -75,13 +85,18 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
 
 @torch.no_grad()
 def answer(
-    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str],
+    model: CLIForConditionalGeneration,
+    tokenizer,
+    images: list[Image.Image],
+    questions: list[str],
     max_new_tokens: int | None = None,
 ) -> list[Answer]:
     """Answer a batch of questions (one image each) greedily, with per-token log-probs."""
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     inputs = prepare_inputs(model, tokenizer, images, questions)
-    out = model.generate(**inputs, **generation_kwargs(tokenizer, max_new_tokens), output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        **inputs, **generation_kwargs(tokenizer, max_new_tokens), output_logits=True, return_dict_in_generate=True
+    )
     new = out.sequences[:, inputs["input_ids"].shape[1] :]  # [B, new]
     # raw logits (not the processed scores) so that probabilities match what `trace` records
     require_finite(torch.stack(list(out.logits), dim=1), "answer scores", model)  # [B, new, V]
@@ -117,7 +132,11 @@ def reference_ids(tokenizer, reference: str) -> list[int]:
 
 @torch.no_grad()
 def score_references(
-    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str], references: list[str],
+    model: CLIForConditionalGeneration,
+    tokenizer,
+    images: list[Image.Image],
+    questions: list[str],
+    references: list[str],
 ) -> list[ReferenceScore]:
     """Log-prob of each reference answer given (image, question), teacher-forced in one batched forward.
 
@@ -134,11 +153,15 @@ def score_references(
     ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)  # [B, T], left-padded
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                position_ids=position_ids.to(model.device), **pixels.to_model(model.device, model.dtype))
+    out = model(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        position_ids=position_ids.to(model.device),
+        **pixels.to_model(model.device, model.dtype),
+    )
     logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [B, T, V]
     scores = []
     for i, answer_ids in enumerate(answers):

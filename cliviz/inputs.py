@@ -53,8 +53,10 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_side: in
     except CLIVizError:
         raise
     except Image.DecompressionBombError:
-        raise CLIVizError(f"image too large: {label} claims more pixels than any image may have "
-                          f"(limit {MAX_PIXELS:,}; a decompression bomb)") from None
+        raise CLIVizError(
+            f"image too large: {label} claims more pixels than any image may have "
+            f"(limit {MAX_PIXELS:,}; a decompression bomb)"
+        ) from None
     except UnidentifiedImageError as err:
         raise CLIVizError(f"not a readable image: {label} ({type(err).__name__})") from None
     except PermissionError:
@@ -132,8 +134,9 @@ def check_question(question: str, vocab: dict[str, int] | None = None, tokenize=
         raise CLIVizError(f"the question is not valid UTF-8 text ({byte} at character {text.index(bad) + 1})")
     control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
     if control is not None:
-        raise CLIVizError(f"the question holds a control character (U+{ord(control):04X} at character "
-                          f"{text.index(control) + 1})")
+        raise CLIVizError(
+            f"the question holds a control character (U+{ord(control):04X} at character {text.index(control) + 1})"
+        )
     if not text:
         raise CLIVizError("the question is empty")
     if len(text) > MAX_QUESTION_CHARS:
@@ -176,7 +179,11 @@ def is_word_level(tokenizer) -> bool:
 def special_token_texts(tokenizer) -> list[str]:
     """Every special token's text: the named ones (bos, eos, ...) and added special tokens (`<image>`)."""
     named = list(getattr(tokenizer, "all_special_tokens", []) or [])
-    added = [t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if getattr(t, "special", False)]
+    added = [
+        t.content
+        for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+        if getattr(t, "special", False)
+    ]
     return list(dict.fromkeys(named + added))
 
 

@@ -38,8 +38,9 @@ def scene_mismatch(image: Image.Image) -> str | None:
         return f"it is {image.width}x{image.height} px, not {IMAGE_SIZE}x{IMAGE_SIZE}"
     share = background_share(image)
     if share < MIN_BACKGROUND_SHARE:
-        return (f"only {share:.0%} of it is the scenes' dark background "
-                f"(a scene has at least {MIN_BACKGROUND_SHARE:.0%})")
+        return (
+            f"only {share:.0%} of it is the scenes' dark background (a scene has at least {MIN_BACKGROUND_SHARE:.0%})"
+        )
     return None
 
 
@@ -52,6 +53,8 @@ def world_warning(image: Image.Image, tokenizer) -> str | None:
     why = scene_mismatch(image)
     if why is None:
         return None
-    return (f"this image does not look like a ShapesVQA scene ({why}): the bundled models know only synthetic "
-            "shape scenes, so expect a confident but meaningless answer; real images need a real checkpoint "
-            "(`cliviz attach`)")
+    return (
+        f"this image does not look like a ShapesVQA scene ({why}): the bundled models know only synthetic "
+        "shape scenes, so expect a confident but meaningless answer; real images need a real checkpoint "
+        "(`cliviz attach`)"
+    )

@@ -54,7 +54,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run `python -m cliviz ...` as a user would; returns the finished process."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.run(
-        [sys.executable, "-m", "cliviz", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout
+        [sys.executable, "-m", "cliviz", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
     )
 
 

@@ -26,12 +26,19 @@ def chatml_tokenizer(template: str = CHATML_TEMPLATE):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(["what color is the circle ?", "system user assistant You are a helpful assistant."],
-                             trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<image>"}, chat_template=template)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(
+        ["what color is the circle ?", "system user assistant You are a helpful assistant."], trainer
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=template,
+    )
 
 
 def word_level():
@@ -52,8 +59,11 @@ def write_png(path: Path, seed: int, size: int = 8) -> Path:
 
 def llava_row(i: int, image: str | None = None, turns: int = 1) -> dict:
     """A good LLaVA instruction row about `images/{i}.png` (ShapesVQA words, so word-level models can read it)."""
-    questions = [("what color is the circle ?", "red"), ("how many objects are there ?", "two"),
-                 ("what shape is the red object ?", "circle")]
+    questions = [
+        ("what color is the circle ?", "red"),
+        ("how many objects are there ?", "two"),
+        ("what shape is the red object ?", "circle"),
+    ]
     conversation = []
     for t in range(turns):
         q, a = questions[(i + t) % len(questions)]

@@ -40,6 +40,7 @@ class Case:
 
 # ----------------------------------------------------------------------------------------- images
 
+
 def _png(image: Image.Image, **kw: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", **kw)
@@ -68,6 +69,7 @@ def _write(name: str, data: bytes) -> Callable[[Path], Path]:
         path = folder / name
         path.write_bytes(data)
         return path
+
     return build
 
 
@@ -101,8 +103,10 @@ def image_cases() -> list[Case]:
         "png-then-garbage-ihdr.png": ("not a readable image", b"\x89PNG\r\n\x1a\n" + os.urandom(64)),
     }
     cases = [Case(f"bad:{name}", _write(name, data), expect) for name, (expect, data) in bad.items()]
-    cases += [Case("bad:missing.png", lambda folder: folder / "missing.png", "image not found"),
-              Case("bad:folder.png", _folder("folder.png"), "not a file")]
+    cases += [
+        Case("bad:missing.png", lambda folder: folder / "missing.png", "image not found"),
+        Case("bad:folder.png", _folder("folder.png"), "not a file"),
+    ]
     good = {
         "rgb.png": good_png,
         "rgba.png": _png(Image.new("RGBA", (40, 30), (255, 0, 0, 0))),
@@ -127,6 +131,7 @@ def _folder(name: str) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
         (folder / name).mkdir()
         return folder / name
+
     return build
 
 
@@ -163,6 +168,7 @@ def _animated_gif() -> bytes:
 
 
 # ----------------------------------------------------------------------------------------- questions
+
 
 def question_cases() -> list[tuple[str, Any, str | None]]:
     """(name, question, expect) for the bundled word-level model: expect a substring of the error, or
@@ -203,6 +209,7 @@ def question_cases() -> list[tuple[str, Any, str | None]]:
 
 # ----------------------------------------------------------------------------------------- model folders
 
+
 def _copy_bundled(folder: Path) -> Path:
     target = folder / "model"
     shutil.copytree(BUNDLED, target, ignore=shutil.ignore_patterns("training_log*.jsonl", "README.md"))
@@ -211,12 +218,14 @@ def _copy_bundled(folder: Path) -> Path:
 
 def _edit_json(name: str, change: Callable[[Any], Any]) -> Callable[[Path], Path]:
     """A copy of the bundled model whose JSON file `name` went through `change` (NaN written as NaN)."""
+
     def build(folder: Path) -> Path:
         target = _copy_bundled(folder)
         path = target / name
         data = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps(change(data)))
         return target
+
     return build
 
 
@@ -225,11 +234,13 @@ def _raw_file(name: str, content: bytes) -> Callable[[Path], Path]:
         target = _copy_bundled(folder)
         (target / name).write_bytes(content)
         return target
+
     return build
 
 
 def _set(path: str, value: Any) -> Callable[[dict], dict]:
     """A change that sets the dotted `path` of a config dict to `value`."""
+
     def change(data: dict) -> dict:
         node = data
         keys = path.split(".")
@@ -237,6 +248,7 @@ def _set(path: str, value: Any) -> Callable[[dict], dict]:
             node = node[key]
         node[keys[-1]] = value
         return data
+
     return change
 
 
@@ -248,6 +260,7 @@ def _delete(path: str) -> Callable[[dict], dict]:
             node = node[key]
         del node[keys[-1]]
         return data
+
     return change
 
 
@@ -265,10 +278,12 @@ class EvilConfig(PretrainedConfig):
 
 def _with_code(name: str, change: Callable[[dict], dict]) -> Callable[[Path], Path]:
     """A folder holding `evil.py` (it writes a marker file when imported) and a JSON file pointing at it."""
+
     def build(folder: Path) -> Path:
         target = _edit_json(name, change)(folder)
         (target / "evil.py").write_text(EVIL_CODE)
         return target
+
     return build
 
 
@@ -276,6 +291,7 @@ def _auto_map(kind: str, cls: str) -> Callable[[dict], dict]:
     def change(data: dict) -> dict:
         data["auto_map"] = {kind: [f"evil.{cls}", None] if kind == "AutoTokenizer" else f"evil.{cls}"}
         return data
+
     return change
 
 
@@ -286,32 +302,76 @@ def _deep(levels: int) -> str:
 def remote_code_cases() -> list[Case]:
     """Folders that ask transformers to import their own Python (item 1): all refused, none run."""
     return [
-        Case("code:tokenizer-auto-map", _with_code(TOKENIZER_CONFIG, lambda d: {
-            **_auto_map("AutoTokenizer", "EvilTokenizer")(d), "tokenizer_class": "EvilTokenizer"}),
-             "auto_map in tokenizer_config.json"),
-        Case("code:tokenizer-auto-map-known-class",
-             _with_code(TOKENIZER_CONFIG, _auto_map("AutoTokenizer", "EvilTokenizer")),
-             "auto_map in tokenizer_config.json"),
-        Case("code:tokenizer-class-unknown", _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "EvilTokenizer")),
-             "not a transformers class"),
-        Case("code:tokenizer-class-dotted", _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "evil.EvilTokenizer")),
-             "not a transformers class"),
-        Case("code:config-auto-map", _with_code("config.json", _auto_map("AutoConfig", "EvilConfig")),
-             "auto_map in config.json"),
-        Case("code:preprocessor-auto-map", _with_code("preprocessor_config.json", lambda d: {
-            "image_processor_type": "EvilImageProcessor",
-            "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}), "auto_map in preprocessor_config.json"),
-        Case("code:preprocessor-class-unknown", _with_code("preprocessor_config.json", lambda d: {
-            "image_processor_type": "EvilImageProcessor"}), "not a transformers class"),
-        Case("code:processor-auto-map", _with_code("processor_config.json", lambda d: {
-            "processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "evil.EvilProcessor"}}),
-             "auto_map in processor_config.json"),
-        Case("code:processor-nested-auto-map", _with_code("processor_config.json", lambda d: {
-            "image_processor": {"image_processor_type": "CLIPImageProcessor",
-                                "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"}}}),
-             "auto_map in processor_config.json"),
-        Case("code:custom-pipelines", _with_code("config.json", _set("custom_pipelines", {"vqa": {"impl": "x.Pipe"}})),
-             "custom_pipelines in config.json"),
+        Case(
+            "code:tokenizer-auto-map",
+            _with_code(
+                TOKENIZER_CONFIG,
+                lambda d: {**_auto_map("AutoTokenizer", "EvilTokenizer")(d), "tokenizer_class": "EvilTokenizer"},
+            ),
+            "auto_map in tokenizer_config.json",
+        ),
+        Case(
+            "code:tokenizer-auto-map-known-class",
+            _with_code(TOKENIZER_CONFIG, _auto_map("AutoTokenizer", "EvilTokenizer")),
+            "auto_map in tokenizer_config.json",
+        ),
+        Case(
+            "code:tokenizer-class-unknown",
+            _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "EvilTokenizer")),
+            "not a transformers class",
+        ),
+        Case(
+            "code:tokenizer-class-dotted",
+            _with_code(TOKENIZER_CONFIG, _set("tokenizer_class", "evil.EvilTokenizer")),
+            "not a transformers class",
+        ),
+        Case(
+            "code:config-auto-map",
+            _with_code("config.json", _auto_map("AutoConfig", "EvilConfig")),
+            "auto_map in config.json",
+        ),
+        Case(
+            "code:preprocessor-auto-map",
+            _with_code(
+                "preprocessor_config.json",
+                lambda d: {
+                    "image_processor_type": "EvilImageProcessor",
+                    "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"},
+                },
+            ),
+            "auto_map in preprocessor_config.json",
+        ),
+        Case(
+            "code:preprocessor-class-unknown",
+            _with_code("preprocessor_config.json", lambda d: {"image_processor_type": "EvilImageProcessor"}),
+            "not a transformers class",
+        ),
+        Case(
+            "code:processor-auto-map",
+            _with_code(
+                "processor_config.json",
+                lambda d: {"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "evil.EvilProcessor"}},
+            ),
+            "auto_map in processor_config.json",
+        ),
+        Case(
+            "code:processor-nested-auto-map",
+            _with_code(
+                "processor_config.json",
+                lambda d: {
+                    "image_processor": {
+                        "image_processor_type": "CLIPImageProcessor",
+                        "auto_map": {"AutoImageProcessor": "evil.EvilImageProcessor"},
+                    }
+                },
+            ),
+            "auto_map in processor_config.json",
+        ),
+        Case(
+            "code:custom-pipelines",
+            _with_code("config.json", _set("custom_pipelines", {"vqa": {"impl": "x.Pipe"}})),
+            "custom_pipelines in config.json",
+        ),
     ]
 
 
@@ -360,12 +420,18 @@ def config_cases() -> list[Case]:
         ("patch-zero", _set(f"{vision}.patch_size", 0), "patch_size is 0"),
         ("patch-larger-than-image", _set(f"{vision}.patch_size", 128), "larger than image_size"),
         ("image-size-huge", _set(f"{vision}.image_size", 100_000), "image_size is 100,000"),
-        ("patches-too-many", lambda d: _set(f"{vision}.patch_size", 1)(_set(f"{vision}.image_size", 8192)(d)),
-         "patches"),
+        (
+            "patches-too-many",
+            lambda d: _set(f"{vision}.patch_size", 1)(_set(f"{vision}.image_size", 8192)(d)),
+            "patches",
+        ),
         ("channels-one", _set(f"{vision}.num_channels", 1), "num_channels is 1"),
         ("feature-layer-out-of-range", _set(f"{base}.vision_feature_layer", 99), "vision_feature_layer 99"),
-        ("feature-layer-list", _set(f"{base}.vision_feature_layer", [-2, -1]),
-         "vision_feature_layer must be one integer"),
+        (
+            "feature-layer-list",
+            _set(f"{base}.vision_feature_layer", [-2, -1]),
+            "vision_feature_layer must be one integer",
+        ),
         ("select-strategy", _set(f"{base}.vision_feature_select_strategy", "weird"), "vision_feature_select_strategy"),
         ("projector-act", _set(f"{base}.projector_hidden_act", "evil_act"), "projector_hidden_act"),
         ("text-act", _set(f"{text}.hidden_act", 7), "hidden_act"),
@@ -386,9 +452,19 @@ def config_cases() -> list[Case]:
         ("temperature-tiny", _set("gate_temperature", 1e-30), "gate_temperature"),
         ("read-heads-zero", _set("read_heads", 0), "read_heads is 0"),
         ("read-heads-not-dividing", _set("read_heads", 3), "read heads"),
-        ("absurd-size", lambda d: _set(f"{text}.intermediate_size", 1 << 20)(_set(f"{text}.hidden_size", 65536)(
-            _set(f"{text}.num_attention_heads", 256)(_set(f"{text}.num_key_value_heads", 256)(
-                _set(f"{text}.head_dim", 256)(_set(f"{text}.num_hidden_layers", 256)(d)))))), "parameters"),
+        (
+            "absurd-size",
+            lambda d: _set(f"{text}.intermediate_size", 1 << 20)(
+                _set(f"{text}.hidden_size", 65536)(
+                    _set(f"{text}.num_attention_heads", 256)(
+                        _set(f"{text}.num_key_value_heads", 256)(
+                            _set(f"{text}.head_dim", 256)(_set(f"{text}.num_hidden_layers", 256)(d))
+                        )
+                    )
+                )
+            ),
+            "parameters",
+        ),
         # fields the lead adds to the cliviz config later must pass through untouched
         ("future-fields", lambda d: {**d, "read_width": 64, "agf_read": "lowrank", "amp_norm": None}, None),
     ]
@@ -405,14 +481,31 @@ def side_file_cases() -> list[Case]:
         Case("side:tokenizer-config-garbage", _raw_file("tokenizer_config.json", b"{{{"), "not valid JSON"),
         Case("side:tokenizer-config-deep", _raw_file(TOKENIZER_CONFIG, _deep(100_000).encode()), "nested too deeply"),
         Case("side:processor-config-garbage", _raw_file("processor_config.json", b"\xff\xfe"), "not UTF-8"),
-        Case("side:missing-tokenizer", lambda f: _delete_file(_copy_bundled(f), "tokenizer.json"),
-             "missing tokenizer.json"),
+        Case(
+            "side:missing-tokenizer",
+            lambda f: _delete_file(_copy_bundled(f), "tokenizer.json"),
+            "missing tokenizer.json",
+        ),
         Case("side:missing-config", lambda f: _delete_file(_copy_bundled(f), "config.json"), "missing config.json"),
         Case("side:pytorch-bin-only", _bin_only, "weights must be safetensors"),
         Case("side:generation-config-garbage", _raw_file("generation_config.json", b"{not json at all"), None),
-        Case("side:generation-config-hostile", _raw_file("generation_config.json", json.dumps({
-            "num_beams": 1000, "max_length": 10**9, "do_sample": True, "temperature": 1e-9,
-            "num_return_sequences": 50, "max_new_tokens": 10**9}).encode()), None),
+        Case(
+            "side:generation-config-hostile",
+            _raw_file(
+                "generation_config.json",
+                json.dumps(
+                    {
+                        "num_beams": 1000,
+                        "max_length": 10**9,
+                        "do_sample": True,
+                        "temperature": 1e-9,
+                        "num_return_sequences": 50,
+                        "max_new_tokens": 10**9,
+                    }
+                ).encode(),
+            ),
+            None,
+        ),
     ]
 
 
@@ -436,6 +529,7 @@ def _rewrite_weights(change: Callable[[dict], dict]) -> Callable[[Path], Path]:
         tensors = change(load_file(path))
         save_file(tensors, path, metadata={"format": "pt"})
         return target
+
     return build
 
 
@@ -445,6 +539,7 @@ def _raw_weights(make: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
         path = target / "model.safetensors"
         path.write_bytes(make(path.read_bytes()))
         return target
+
     return build
 
 
@@ -455,6 +550,7 @@ def _torch_saved(zip_format: bool) -> Callable[[Path], Path]:
         target = _copy_bundled(folder)
         torch.save({"w": torch.zeros(2)}, target / "model.safetensors", _use_new_zipfile_serialization=zip_format)
         return target
+
     return build
 
 
@@ -481,6 +577,7 @@ def weight_cases() -> list[Case]:
             key = _first_key(t, part)
             t[key] = torch.full_like(t[key], value)
             return t
+
         return change
 
     def reshape(t: dict) -> dict:
@@ -523,6 +620,7 @@ def model_folder_cases() -> list[Case]:
 
 # ----------------------------------------------------------------------------------------- trace files
 
+
 def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int = 2, seed: int = 0):
     """A small valid `Trace` (softmax gates, negative log-probs)."""
     from cliviz.tracing.trace import ROLES, Trace, TraceMeta
@@ -530,19 +628,40 @@ def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int =
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n_layers, n_tokens, k)).astype(np.float32)
     gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    meta = TraceMeta(question="what color is the circle ?", answer="red", model="m", config_hash="h", fusion="cli",
-                     vision_layers=list(range(1, k + 1)), injection_layers=list(range(1, n_layers + 1)),
-                     image_sha256="0" * 64, image_width=64, image_height=64, device="cpu", dtype="float32",
-                     created_at="2026-01-01T00:00:00+00:00", cliviz_version="0.1.0", qtype="color",
-                     reference_answer="red", sample_id=f"s{seed}")
-    return Trace(meta=meta, token_ids=np.arange(n_tokens, dtype=np.int64),
-                 token_texts=[f"t{i}" for i in range(n_tokens)], token_roles=[ROLES[i % 3] for i in range(n_tokens)],
-                 gates=gates.astype(np.float32), injection_norm=rng.random((n_layers, n_tokens), dtype=np.float32),
-                 answer_ids=np.arange(n_answer, dtype=np.int64), answer_texts=[f"a{i}" for i in range(n_answer)],
-                 answer_positions=np.arange(n_tokens - n_answer, n_tokens, dtype=np.int64),
-                 answer_logprobs=-rng.random(n_answer, dtype=np.float32),
-                 topk_ids=np.zeros((n_answer, 2), np.int64), topk_texts=[["x", "y"]] * n_answer,
-                 topk_logprobs=-rng.random((n_answer, 2), dtype=np.float32))
+    meta = TraceMeta(
+        question="what color is the circle ?",
+        answer="red",
+        model="m",
+        config_hash="h",
+        fusion="cli",
+        vision_layers=list(range(1, k + 1)),
+        injection_layers=list(range(1, n_layers + 1)),
+        image_sha256="0" * 64,
+        image_width=64,
+        image_height=64,
+        device="cpu",
+        dtype="float32",
+        created_at="2026-01-01T00:00:00+00:00",
+        cliviz_version="0.1.0",
+        qtype="color",
+        reference_answer="red",
+        sample_id=f"s{seed}",
+    )
+    return Trace(
+        meta=meta,
+        token_ids=np.arange(n_tokens, dtype=np.int64),
+        token_texts=[f"t{i}" for i in range(n_tokens)],
+        token_roles=[ROLES[i % 3] for i in range(n_tokens)],
+        gates=gates.astype(np.float32),
+        injection_norm=rng.random((n_layers, n_tokens), dtype=np.float32),
+        answer_ids=np.arange(n_answer, dtype=np.int64),
+        answer_texts=[f"a{i}" for i in range(n_answer)],
+        answer_positions=np.arange(n_tokens - n_answer, n_tokens, dtype=np.int64),
+        answer_logprobs=-rng.random(n_answer, dtype=np.float32),
+        topk_ids=np.zeros((n_answer, 2), np.int64),
+        topk_texts=[["x", "y"]] * n_answer,
+        topk_logprobs=-rng.random((n_answer, 2), dtype=np.float32),
+    )
 
 
 def _good_trace_file(folder: Path, name: str = "traces.parquet", n: int = 3) -> Path:
@@ -553,6 +672,7 @@ def _good_trace_file(folder: Path, name: str = "traces.parquet", n: int = 3) -> 
 
 def _table_edit(change: Callable[[Any], Any], row: int = 1) -> Callable[[Path], Path]:
     """A valid trace file whose Arrow table went through `change(table, row)` and was written back as is."""
+
     def build(folder: Path) -> Path:
         import pyarrow.parquet as pq
 
@@ -560,6 +680,7 @@ def _table_edit(change: Callable[[Any], Any], row: int = 1) -> Callable[[Path], 
         table = pq.read_table(path)
         pq.write_table(change(table, row), path)
         return path
+
     return build
 
 
@@ -571,6 +692,7 @@ def _set_cell(column: str, value: Any) -> Callable[[Any, int], Any]:
         values = table.column(column).to_pylist()
         values[row] = value(values[row]) if callable(value) else value
         return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+
     return change
 
 
@@ -604,8 +726,11 @@ def trace_file_cases() -> list[Case]:
     cell = _set_cell
     edits: list[tuple[str, Callable[[Any, int], Any], str | None]] = [
         ("missing-column", lambda t, r: t.drop(["gates"]), "missing column"),
-        ("wrong-type", lambda t, r: t.set_column(t.schema.get_field_index("image_width"), "image_width",
-                                                 _strings(t.num_rows)), "wrong type"),
+        (
+            "wrong-type",
+            lambda t, r: t.set_column(t.schema.get_field_index("image_width"), "image_width", _strings(t.num_rows)),
+            "wrong type",
+        ),
         ("gates-nan", cell("gates", _first(math.nan)), "gates holds NaN"),
         ("gates-inf", cell("gates", _first(math.inf)), "gates holds NaN or infinite"),
         ("norm-nan", cell("injection_norm", _first(math.nan)), "injection_norm holds NaN"),
@@ -617,8 +742,11 @@ def trace_file_cases() -> list[Case]:
         ("logprob-positive", cell("answer_logprobs", _first(5.0)), "above 0"),
         ("shape-overflow", cell("gates_shape", [2**31 - 1, 2**31 - 1, 4]), "gates_shape"),
         # 2**21 * 2**21 * 2**22 = 2**64 wraps to 0 in int64: an empty gates list used to pass for it
-        ("shape-wraps-int64", lambda t, r: cell("gates", [])(cell("gates_shape", [2**21, 2**21, 2**22])(t, r), r),
-         "gates does not match gates_shape"),
+        (
+            "shape-wraps-int64",
+            lambda t, r: cell("gates", [])(cell("gates_shape", [2**21, 2**21, 2**22])(t, r), r),
+            "gates does not match gates_shape",
+        ),
         ("shape-negative", cell("gates_shape", [-2, -6, 3]), "impossible size"),
         ("shape-two-entries", cell("gates_shape", [2, 18]), "does not have 3 entries"),
         ("shape-product-mismatch", cell("gates_shape", [2, 7, 3]), "gates does not match gates_shape"),
@@ -628,12 +756,16 @@ def trace_file_cases() -> list[Case]:
         ("roles-bad", cell("token_roles", lambda v: ["villain", *v[1:]]), "role outside"),
         ("answer-position-out", cell("answer_positions", lambda v: [99, *v[1:]]), "outside the tokens"),
         ("answer-lengths", cell("answer_texts", lambda v: v[:-1]), "answer_texts and answer_ids"),
-        ("norm-shape",
-         lambda t, r: cell("injection_norm", lambda v: v[:6])(cell("injection_norm_shape", [1, 6])(t, r), r),
-         "injection_norm_shape"),
-        ("topk-shape",
-         lambda t, r: cell("topk_logprobs", lambda v: v[:2])(cell("topk_logprobs_shape", [2, 1])(t, r), r),
-         "topk_logprobs and topk_ids"),
+        (
+            "norm-shape",
+            lambda t, r: cell("injection_norm", lambda v: v[:6])(cell("injection_norm_shape", [1, 6])(t, r), r),
+            "injection_norm_shape",
+        ),
+        (
+            "topk-shape",
+            lambda t, r: cell("topk_logprobs", lambda v: v[:2])(cell("topk_logprobs_shape", [2, 1])(t, r), r),
+            "topk_logprobs and topk_ids",
+        ),
         ("good-extra-column", lambda t, r: t.append_column("my_notes", _strings(t.num_rows)), None),
     ]
     cases += [Case(f"trace:{name}", _table_edit(change), expect) for name, change, expect in edits]
@@ -675,6 +807,7 @@ def _schema_version(value: bytes) -> Callable[[Path], Path]:
         meta[b"cliviz.schema_version"] = value
         pq.write_table(table.replace_schema_metadata(meta), path)
         return path
+
     return build
 
 

@@ -50,6 +50,11 @@ def make_batch(
         input_ids[i, : len(row)] = torch.tensor(row)
         labels[i, : len(tgt)] = torch.tensor(tgt)
         mask[i, : len(row)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values(images, config)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": pixel_values(images, config),
+    }
     batch.update({f"aux_{k}": torch.stack(v) for k, v in aux.items()})
     return batch

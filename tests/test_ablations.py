@@ -46,8 +46,12 @@ def test_knockout_of_a_vision_layer_with_zero_gate_changes_nothing(data):
         for layer in model.agf:
             layer.gate.to_logits.bias[dead] = -1e4  # exp(-1e4) underflows: the softmax gives exactly 0
     v = model.config.vision_layers[dead]
-    conditions = [None, A.Ablation("knockout", None, [v]), A.Ablation("knockout", [2], [v], tokens="answer"),
-                  A.Ablation("zero", [1, 3], [v])]
+    conditions = [
+        None,
+        A.Ablation("knockout", None, [v]),
+        A.Ablation("knockout", [2], [v], tokens="answer"),
+        A.Ablation("zero", [1, 3], [v]),
+    ]
     frame = A.score_conditions(model, tok, images, questions, refs, conditions, max_batch=5)
     assert deltas(frame).max() < 1e-5 and not frame["flipped"].any()
     # ... and the same engine does see a live layer
@@ -68,8 +72,9 @@ def test_uniform_ablation_on_uniform_gates_changes_nothing(data):
         for layer in model.agf:
             layer.gate.to_logits.weight.zero_()
             layer.gate.to_logits.bias.zero_()
-    frame = A.score_conditions(model, tok, images, questions, refs, [None, A.Ablation("uniform"),
-                                                                     A.Ablation("uniform", [2], tokens="image")])
+    frame = A.score_conditions(
+        model, tok, images, questions, refs, [None, A.Ablation("uniform"), A.Ablation("uniform", [2], tokens="image")]
+    )
     assert deltas(frame).max() < 1e-6
     forced = A.score_conditions(model, tok, images, questions, refs, [None, A.Ablation("onehot", value=1)])
     assert deltas(forced).max() > 1e-4
@@ -111,7 +116,9 @@ def test_batched_grid_equals_naive_loop(cli_model, data, tokens):
     n_cells = len(model.config.injection_layers) * len(model.config.vision_layers)
     assert cells["condition"].nunique() == n_cells
     assert set(batched["metric"]) == set(A.GRID_METRICS) and set(batched["qtype"]) == {"all", *qtypes}
-    assert (batched["ci_low"] <= batched["value"] + 1e-12).all() and (batched["value"] <= batched["ci_high"] + 1e-12).all()
+    assert (batched["ci_low"] <= batched["value"] + 1e-12).all() and (
+        batched["value"] <= batched["ci_high"] + 1e-12
+    ).all()
     mass = A.grid_matrix(batched, model.config, metric="gate_mass")
     assert mass.shape == (3, 6) and np.allclose(mass.sum(axis=1), 1.0, atol=1e-5)  # gates sum to 1 per layer
 
@@ -119,13 +126,22 @@ def test_batched_grid_equals_naive_loop(cli_model, data, tokens):
 def test_prefix_sharing_matches_plain_batches_for_every_kind(cli_model, data):
     model, tok = cli_model
     images, questions, refs, qtypes = data
-    conditions = [None, A.Ablation("injection_off", [2]), A.Ablation("mean"), A.Ablation("mean", [3], per_qtype=True),
-                  A.Ablation("patch", [2, 3]), A.Ablation("uniform", tokens="answer"), A.Ablation("onehot", [2], value=3),
-                  A.Ablation("zero", [3], [1, 2], tokens="image"), A.Ablation("knockout", [1, 3], [2], tokens="prompt"),
-                  A.Ablation("zero", name="all gates zero")]
+    conditions = [
+        None,
+        A.Ablation("injection_off", [2]),
+        A.Ablation("mean"),
+        A.Ablation("mean", [3], per_qtype=True),
+        A.Ablation("patch", [2, 3]),
+        A.Ablation("uniform", tokens="answer"),
+        A.Ablation("onehot", [2], value=3),
+        A.Ablation("zero", [3], [1, 2], tokens="image"),
+        A.Ablation("knockout", [1, 3], [2], tokens="prompt"),
+        A.Ablation("zero", name="all gates zero"),
+    ]
     shared = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
-    plain = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=5,
-                               share_prefix=False)
+    plain = A.score_conditions(
+        model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=5, share_prefix=False
+    )
     assert (shared[NUM] - plain[NUM]).abs().max().max() < 1e-5
     assert (shared["answer"] == plain["answer"]).all()
     d = deltas(shared)
@@ -142,10 +158,12 @@ def test_patch_from_itself_and_given_means(cli_model, data):
     assert deltas(frame).max() < 1e-5  # the only donor is the sample itself
     means = A.mean_gates(model, tok, images, questions, qtypes=qtypes)
     assert set(means) == set(qtypes) and all(m.shape == (3, 6) for m in means.values())
-    given = A.score_conditions(model, tok, images, questions, refs, [A.Ablation("mean", means=means, per_qtype=True)],
-                               qtypes=qtypes)
-    computed = A.score_conditions(model, tok, images, questions, refs, [A.Ablation("mean", per_qtype=True)],
-                                  qtypes=qtypes)
+    given = A.score_conditions(
+        model, tok, images, questions, refs, [A.Ablation("mean", means=means, per_qtype=True)], qtypes=qtypes
+    )
+    computed = A.score_conditions(
+        model, tok, images, questions, refs, [A.Ablation("mean", per_qtype=True)], qtypes=qtypes
+    )
     assert np.allclose(given["logprob_ref"], computed["logprob_ref"], atol=1e-5)
 
 
@@ -167,10 +185,23 @@ def test_faithfulness_ranks_cells():
     for qtype, sign in (("all", 1.0), ("a", 1.0), ("b", -1.0)):
         for i, li in enumerate(llm):
             for k, vk in enumerate(vision):
-                for metric, value in (("delta_logprob_ref", -sign * mass[i, k]), ("flip_rate", sign * mass[i, k] / 2),
-                                      ("gate_mass", mass[i, k])):
-                    rows.append({"condition": f"knockout L{li} V{vk}", "llm_layer": li, "vision_layer": vk,
-                                 "qtype": qtype, "metric": metric, "value": value, "ci_low": value, "ci_high": value})
+                for metric, value in (
+                    ("delta_logprob_ref", -sign * mass[i, k]),
+                    ("flip_rate", sign * mass[i, k] / 2),
+                    ("gate_mass", mass[i, k]),
+                ):
+                    rows.append(
+                        {
+                            "condition": f"knockout L{li} V{vk}",
+                            "llm_layer": li,
+                            "vision_layer": vk,
+                            "qtype": qtype,
+                            "metric": metric,
+                            "value": value,
+                            "ci_low": value,
+                            "ci_high": value,
+                        }
+                    )
     grid = pd.DataFrame(rows)
     grid["llm_layer"] = grid["llm_layer"].astype("Int64")
     grid["vision_layer"] = grid["vision_layer"].astype("Int64")
@@ -206,16 +237,28 @@ def test_bad_ablations_are_one_line_errors(cli_model):
 
 # ------------------------------------------------------------------------------- command line
 
+
 def test_cli_single_image_grid_and_json(random_model_dir, tmp_path):
     out = tmp_path / "grid.parquet"
-    proc = run_cli("ablate", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--grid", "--model",
-                   str(random_model_dir), "--out", str(out), "--json")
+    proc = run_cli(
+        "ablate",
+        str(EXAMPLES / "color.png"),
+        "what color is the triangle ?",
+        "--grid",
+        "--model",
+        str(random_model_dir),
+        "--out",
+        str(out),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["n_conditions"] == 19 and payload["reference_accuracy"] == 1.0  # own answer = reference
     assert len(payload["largest_effects"]) == 10 and payload["faithfulness"]
     frame = pd.read_parquet(out)  # plain pandas
-    assert {"condition", "llm_layer", "vision_layer", "qtype", "metric", "value", "ci_low", "ci_high"} <= set(frame.columns)
+    assert {"condition", "llm_layer", "vision_layer", "qtype", "metric", "value", "ci_low", "ci_high"} <= set(
+        frame.columns
+    )
     assert frame["condition"].nunique() == 19
     page = (tmp_path / "grid.html").read_text()
     assert "Plotly.newPlot" in page and "flip rate" in page
@@ -229,21 +272,48 @@ def test_cli_data_rich_summary(random_model_dir, tmp_path):
 
     write_dataset(tmp_path / "d", 6, seed=4)
     out = tmp_path / "off.parquet"
-    proc = run_cli("ablate", "--data", str(tmp_path / "d"), "--kind", "injection_off", "--llm-layers", "1,2",
-                   "--limit", "4", "--model", str(random_model_dir), "--out", str(out))
+    proc = run_cli(
+        "ablate",
+        "--data",
+        str(tmp_path / "d"),
+        "--kind",
+        "injection_off",
+        "--llm-layers",
+        "1,2",
+        "--limit",
+        "4",
+        "--model",
+        str(random_model_dir),
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "injection_off L1,2" in proc.stdout and "largest effects" in proc.stdout
     frame = pd.read_parquet(out)
     assert set(frame["condition"]) == {"reference", "injection_off L1,2"} and (frame["n"] <= 4).all()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("--data", "{tmp}/none", "--out", "{tmp}/a.parquet", "--kind", "melt"), "unknown --kind"),
-    (("--out", "{tmp}/a.parquet"), "no data"),
-    (("{img}", "what color is the triangle ?", "--out", "{tmp}/missing/a.parquet"), "does not exist"),
-    (("{img}", "what color is the triangle ?", "--out", "{tmp}/a.parquet", "--model", "{model}",
-      "--vision-layers", "9"), "vision layer 9"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--data", "{tmp}/none", "--out", "{tmp}/a.parquet", "--kind", "melt"), "unknown --kind"),
+        (("--out", "{tmp}/a.parquet"), "no data"),
+        (("{img}", "what color is the triangle ?", "--out", "{tmp}/missing/a.parquet"), "does not exist"),
+        (
+            (
+                "{img}",
+                "what color is the triangle ?",
+                "--out",
+                "{tmp}/a.parquet",
+                "--model",
+                "{model}",
+                "--vision-layers",
+                "9",
+            ),
+            "vision layer 9",
+        ),
+    ],
+)
 def test_cli_bad_inputs(args, needle, tmp_path, random_model_dir):
     filled = [a.format(img=EXAMPLES / "color.png", tmp=tmp_path, model=random_model_dir) for a in args]
     assert_clean_error(run_cli("ablate", *filled), needle)
@@ -251,6 +321,7 @@ def test_cli_bad_inputs(args, needle, tmp_path, random_model_dir):
 
 
 # ------------------------------------------------------------------ one study as one call (run_grid)
+
 
 def test_run_grid_is_the_knockout_grid_with_its_faithfulness(cli_model, data, tmp_path):
     model, tok = cli_model
@@ -300,8 +371,17 @@ def test_cli_prints_confidence_intervals_when_the_samples_allow(random_model_dir
     from cliviz.data import write_dataset
 
     write_dataset(tmp_path / "d", A.MIN_CI_SAMPLES, seed=4)
-    proc = run_cli("ablate", "--data", str(tmp_path / "d"), "--kind", "injection_off", "--model",
-                   str(random_model_dir), "--out", str(tmp_path / "off.parquet"))
+    proc = run_cli(
+        "ablate",
+        "--data",
+        str(tmp_path / "d"),
+        "--kind",
+        "injection_off",
+        "--model",
+        str(random_model_dir),
+        "--out",
+        str(tmp_path / "off.parquet"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "95% CI" in proc.stdout and "no confidence intervals" not in proc.stdout
 

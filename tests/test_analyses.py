@@ -16,27 +16,55 @@ VISION = [2, 5, 8]  # real hidden_states indices, deliberately not 0..K-1
 LLM = [1, 3]
 
 
-def hand_trace(gates: np.ndarray, answer_positions: list[int], *, qtype: str | None = "colour",
-               sample_id: str = "s", roles: list[str] | None = None, norms: np.ndarray | None = None,
-               vision: list[int] = VISION, llm: list[int] = LLM) -> Trace:
+def hand_trace(
+    gates: np.ndarray,
+    answer_positions: list[int],
+    *,
+    qtype: str | None = "colour",
+    sample_id: str = "s",
+    roles: list[str] | None = None,
+    norms: np.ndarray | None = None,
+    vision: list[int] = VISION,
+    llm: list[int] = LLM,
+) -> Trace:
     """A Trace with exactly the given gates `[L, T, K]` (not renormalised)."""
     gates = np.asarray(gates, dtype=np.float32)
     L, T, K = gates.shape
     n_ans = len(answer_positions)
     meta = TraceMeta(
-        question="what colour is the square?", answer="red", model="hand", config_hash="0", fusion="cli",
-        vision_layers=list(vision), injection_layers=list(llm), image_sha256="0" * 64, image_width=8,
-        image_height=8, device="cpu", dtype="float32", created_at="2025-01-01T00:00:00+00:00",
-        cliviz_version="0.1.0", qtype=qtype, reference_answer="red", sample_id=sample_id)
+        question="what colour is the square?",
+        answer="red",
+        model="hand",
+        config_hash="0",
+        fusion="cli",
+        vision_layers=list(vision),
+        injection_layers=list(llm),
+        image_sha256="0" * 64,
+        image_width=8,
+        image_height=8,
+        device="cpu",
+        dtype="float32",
+        created_at="2025-01-01T00:00:00+00:00",
+        cliviz_version="0.1.0",
+        qtype=qtype,
+        reference_answer="red",
+        sample_id=sample_id,
+    )
     return Trace(
-        meta=meta, token_ids=np.arange(T, dtype=np.int64), token_texts=[f"t{i}" for i in range(T)],
+        meta=meta,
+        token_ids=np.arange(T, dtype=np.int64),
+        token_texts=[f"t{i}" for i in range(T)],
         token_roles=roles or [ROLES[min(i, 2)] if i < 2 else "prompt" for i in range(T)],
-        gates=gates, injection_norm=(np.asarray(norms, np.float32) if norms is not None
-                                     else np.ones((L, T), np.float32)),
-        answer_ids=np.arange(n_ans, dtype=np.int64), answer_texts=[f"a{s}" for s in range(n_ans)],
+        gates=gates,
+        injection_norm=(np.asarray(norms, np.float32) if norms is not None else np.ones((L, T), np.float32)),
+        answer_ids=np.arange(n_ans, dtype=np.int64),
+        answer_texts=[f"a{s}" for s in range(n_ans)],
         answer_positions=np.asarray(answer_positions, dtype=np.int64),
-        answer_logprobs=np.zeros(n_ans, np.float32), topk_ids=np.zeros((n_ans, 1), np.int64),
-        topk_texts=[["x"] for _ in range(n_ans)], topk_logprobs=np.zeros((n_ans, 1), np.float32))
+        answer_logprobs=np.zeros(n_ans, np.float32),
+        topk_ids=np.zeros((n_ans, 1), np.int64),
+        topk_texts=[["x"] for _ in range(n_ans)],
+        topk_logprobs=np.zeros((n_ans, 1), np.float32),
+    )
 
 
 def onehot(k: int, K: int = 3) -> list[float]:
@@ -45,9 +73,17 @@ def onehot(k: int, K: int = 3) -> list[float]:
     return v
 
 
-def synthetic_traces(n: int = 120, *, seed: int = 0, noise: float = 0.15, qtypes: tuple[str, ...] = (
-        "colour", "count", "glyph", "position"), n_tokens: int = 12, L: int = 3, K: int = 4,
-        n_answer: int = 2) -> list[Trace]:
+def synthetic_traces(
+    n: int = 120,
+    *,
+    seed: int = 0,
+    noise: float = 0.15,
+    qtypes: tuple[str, ...] = ("colour", "count", "glyph", "position"),
+    n_tokens: int = 12,
+    L: int = 3,
+    K: int = 4,
+    n_answer: int = 2,
+) -> list[Trace]:
     """Traces whose gates depend on the question type (a preferred vision layer per type and LLM
     layer) plus Dirichlet-like noise; used by the probe and the figure tests."""
     rng = np.random.default_rng(seed)
@@ -59,12 +95,23 @@ def synthetic_traces(n: int = 120, *, seed: int = 0, noise: float = 0.15, qtypes
             logits[layer, :, (q + layer) % K] += 2.0
         g = np.exp(logits)
         g /= g.sum(-1, keepdims=True)
-        roles = ["prompt"] + ["image"] * (n_tokens // 2) + ["prompt"] * (n_tokens - n_tokens // 2 - 1 - (n_answer - 1)) \
+        roles = (
+            ["prompt"]
+            + ["image"] * (n_tokens // 2)
+            + ["prompt"] * (n_tokens - n_tokens // 2 - 1 - (n_answer - 1))
             + ["answer"] * (n_answer - 1)
+        )
         pos = list(range(n_tokens - n_answer, n_tokens))
-        t = hand_trace(g, pos, qtype=qtypes[q], sample_id=f"s{i}", roles=roles,
-                       norms=rng.gamma(2.0, 0.5, size=(L, n_tokens)), vision=list(range(1, 3 * K, 3)),
-                       llm=list(range(2, 2 + 2 * L, 2)))
+        t = hand_trace(
+            g,
+            pos,
+            qtype=qtypes[q],
+            sample_id=f"s{i}",
+            roles=roles,
+            norms=rng.gamma(2.0, 0.5, size=(L, n_tokens)),
+            vision=list(range(1, 3 * K, 3)),
+            llm=list(range(2, 2 + 2 * L, 2)),
+        )
         t.answer_texts = ["red" if s == 0 else "<eos>" for s in range(n_answer)]
         t.validate()
         out.append(t)
@@ -73,14 +120,18 @@ def synthetic_traces(n: int = 120, *, seed: int = 0, noise: float = 0.15, qtypes
 
 # --------------------------------------------------------------------------------------- heatmaps
 
-A = np.array([  # trace a: L=2, T=3, K=3
-    [onehot(0), [0.5, 0.5, 0.0], onehot(2)],
-    [onehot(1), onehot(1), [0.2, 0.3, 0.5]],
-])
-B = np.array([  # trace b: L=2, T=2, K=3
-    [[0.2, 0.2, 0.6], onehot(0)],
-    [onehot(2), [0.1, 0.8, 0.1]],
-])
+A = np.array(
+    [  # trace a: L=2, T=3, K=3
+        [onehot(0), [0.5, 0.5, 0.0], onehot(2)],
+        [onehot(1), onehot(1), [0.2, 0.3, 0.5]],
+    ]
+)
+B = np.array(
+    [  # trace b: L=2, T=2, K=3
+        [[0.2, 0.2, 0.6], onehot(0)],
+        [onehot(2), [0.1, 0.8, 0.1]],
+    ]
+)
 
 
 @pytest.fixture
@@ -164,6 +215,7 @@ def test_trace_set_figures_use_real_layers(two: list[Trace]) -> None:
 
 # ------------------------------------------------------------------------------------------ stats
 
+
 def test_entropy_uniform_is_log_k_and_k_effective_layers() -> None:
     K = 4
     uni = np.full((2, 5, K), 1 / K)
@@ -187,8 +239,9 @@ def test_entropy_one_hot_and_pooled_by_hand() -> None:
     assert df.loc[1, "pooled_entropy"] == pytest.approx(np.log(2))
     assert df.loc[3, "entropy"] == pytest.approx(np.log(2))
     assert df.loc[3, "effective_layers"] == pytest.approx(2.0)
-    np.testing.assert_allclose(S.row_entropy([[1.0, 0.0], [0.25, 0.75]]),
-                               [0.0, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))])
+    np.testing.assert_allclose(
+        S.row_entropy([[1.0, 0.0], [0.25, 0.75]]), [0.0, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))]
+    )
 
 
 def test_variance_decomposition_static_within_samples() -> None:

@@ -22,31 +22,54 @@ HEAVY = ("torch", "transformers", "nnsight", "dash", "plotly", "pandas", "pyarro
 
 def _imported_heavy(code: str) -> tuple[list[str], str]:
     """Run `code` in a fresh interpreter; return the heavy top-level packages it imported and its output."""
-    probe = (f"{code}\nimport sys\nprint('HEAVY=' + ','.join(sorted({{m.split('.')[0] for m in sys.modules}} "
-             f"& set({HEAVY!r}))))")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    probe = (
+        f"{code}\nimport sys\nprint('HEAVY=' + ','.join(sorted({{m.split('.')[0] for m in sys.modules}} "
+        f"& set({HEAVY!r}))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")]
     assert line, proc.stdout + proc.stderr
-    return [m for m in line[-1][len("HEAVY="):].split(",") if m], proc.stdout + proc.stderr
+    return [m for m in line[-1][len("HEAVY=") :].split(",") if m], proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------ lazy and light
+
 
 def test_import_cliviz_loads_nothing_heavy():
     heavy, _ = _imported_heavy("import cliviz\nassert 'load_model' in dir(cliviz)")
     assert heavy == []
 
 
-@pytest.mark.parametrize("argv", [
-    ["--help"], ["trace", "--help"], ["attribute", "--help"], ["ablate", "--help"], ["dash", "--help"],
-    ["train", "--help"], ["sweep", "--help"], ["compare", "--help"], ["figures", "--help"], ["attach", "--help"],
-    ["trace", "--bogus-option"], ["no-such-command"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["trace", "--help"],
+        ["attribute", "--help"],
+        ["ablate", "--help"],
+        ["dash", "--help"],
+        ["train", "--help"],
+        ["sweep", "--help"],
+        ["compare", "--help"],
+        ["figures", "--help"],
+        ["attach", "--help"],
+        ["trace", "--bogus-option"],
+        ["no-such-command"],
+    ],
+)
 def test_help_and_bad_options_import_no_heavy_library(argv):
     """`cliviz --help` (and a typo) must not pay for torch & co.: the commands import them inside."""
-    code = (f"import sys\nsys.argv = ['cliviz', *{argv!r}]\nfrom cliviz.cli.main import main\n"
-            "try:\n    main()\n    print('EXIT=0')\nexcept SystemExit as e:\n    print('EXIT=' + str(e.code))")
+    code = (
+        f"import sys\nsys.argv = ['cliviz', *{argv!r}]\nfrom cliviz.cli.main import main\n"
+        "try:\n    main()\n    print('EXIT=0')\nexcept SystemExit as e:\n    print('EXIT=' + str(e.code))"
+    )
     heavy, out = _imported_heavy(code)
     assert heavy == [], (argv, heavy)
     exit_code = re.search(r"EXIT=(\S+)", out)
@@ -54,6 +77,7 @@ def test_help_and_bad_options_import_no_heavy_library(argv):
 
 
 # ------------------------------------------------------------------------ names, types
+
 
 def _type_checking_names() -> set[str]:
     tree = ast.parse((REPO / "cliviz" / "__init__.py").read_text())
@@ -69,8 +93,20 @@ def test_public_names_resolve_to_their_home_objects():
     import cliviz
 
     exports = cliviz._EXPORTS
-    assert {"load_model", "attach", "trace", "Trace", "TraceSet", "Ablation", "score_conditions", "knockout_grid",
-            "attribute", "figures", "ablate", "CausalCheck"} <= set(exports)
+    assert {
+        "load_model",
+        "attach",
+        "trace",
+        "Trace",
+        "TraceSet",
+        "Ablation",
+        "score_conditions",
+        "knockout_grid",
+        "attribute",
+        "figures",
+        "ablate",
+        "CausalCheck",
+    } <= set(exports)
     assert set(cliviz.__all__) == set(exports) | {"__version__"}
     assert set(cliviz.__all__) <= set(dir(cliviz))
     assert _type_checking_names() == set(exports)  # what IDEs see is exactly what runs
@@ -104,8 +140,11 @@ def _examples() -> list[tuple[str, str, str]]:
             rel = path.relative_to(folder).with_suffix("")
             module = ".".join([package, *rel.parts]).removesuffix(".__init__")
             tree = ast.parse(path.read_text(encoding="utf-8"))
-            nodes = [(module, tree)] + [(f"{module}.{n.name}", n) for n in ast.walk(tree)
-                                        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+            nodes = [(module, tree)] + [
+                (f"{module}.{n.name}", n)
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+            ]
             for name, node in nodes:
                 doc = ast.get_docstring(node)
                 if doc and "Example::" in doc:
@@ -117,7 +156,7 @@ def _literal_block(doc: str) -> str:
     """The lines after `Example::` indented at least as much as the first of them (reST literal block)."""
     lines = doc.splitlines()
     start = next(i for i, line in enumerate(lines) if line.rstrip().endswith("Example::"))
-    body = [line for line in lines[start + 1:]]
+    body = [line for line in lines[start + 1 :]]
     first = next(line for line in body if line.strip())
     indent = len(first) - len(first.lstrip())
     block = []
@@ -133,8 +172,13 @@ EXAMPLES_FOUND = _examples()
 
 def test_examples_are_collected():
     names = {n for n, _, _ in EXAMPLES_FOUND}
-    assert {"cliviz.tracing.record.trace", "cliviz.analyses.attributions", "cliviz.model.modeling."
-            "CLIForConditionalGeneration", "cliviz.analyses.ablations", "cliviz"} <= names, names
+    assert {
+        "cliviz.tracing.record.trace",
+        "cliviz.analyses.attributions",
+        "cliviz.model.modeling.CLIForConditionalGeneration",
+        "cliviz.analyses.ablations",
+        "cliviz",
+    } <= names, names
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +191,16 @@ def example_globals():
     model, tok = load_model(device="cpu", dtype="float32")
     rows = [json.loads(line) for line in (EXAMPLES / "samples.jsonl").read_text().splitlines() if line.strip()]
     images = [load_image(EXAMPLES / r["image"]) for r in rows]
-    return {"model": model, "tok": tok, "tokenizer": tok, "image": images[0], "images": images,
-            "questions": [r["question"] for r in rows], "answers": [r["answer"] for r in rows],
-            "qtypes": [r["qtype"] for r in rows]}
+    return {
+        "model": model,
+        "tok": tok,
+        "tokenizer": tok,
+        "image": images[0],
+        "images": images,
+        "questions": [r["question"] for r in rows],
+        "answers": [r["answer"] for r in rows],
+        "qtypes": [r["qtype"] for r in rows],
+    }
 
 
 @pytest.mark.parametrize("name, module, source", EXAMPLES_FOUND, ids=[n for n, _, _ in EXAMPLES_FOUND])
@@ -166,8 +217,8 @@ def test_docstring_example_runs(name, module, source, example_globals, monkeypat
 
 def test_readme_python_api_block_runs(monkeypatch):
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Python API"):]
-    section = section[:section.index("\n## ", 5)]
+    section = text[text.index("## Python API") :]
+    section = section[: section.index("\n## ", 5)]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     assert blocks
     monkeypatch.chdir(REPO)
@@ -178,6 +229,7 @@ def test_readme_python_api_block_runs(monkeypatch):
 
 
 # ------------------------------------------------------------------------ the notebook
+
 
 def test_quickstart_notebook_runs_in_a_kernel(tmp_path, monkeypatch):
     """examples/quickstart.ipynb, executed cell by cell in a real ipykernel: load, trace, show a
@@ -190,8 +242,13 @@ def test_quickstart_notebook_runs_in_a_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKSTART_OUT", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    html_out = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                if "data" in o and "text/html" in o["data"]]
+    html_out = [
+        o["data"]["text/html"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "data" in o and "text/html" in o["data"]
+    ]
     joined = "\n".join(html_out)
     assert "injection off (all layers)" in joined  # the trace displayed itself with its causal check
     with_js = sum("plotly.js v" in h for h in html_out)  # plotly.js inlined: by cliviz once, by plotly's renderer once

@@ -24,9 +24,17 @@ from werkzeug.serving import make_server
 from conftest import EXAMPLES
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 SHOTS = Path("/tmp/cliviz-app-shots")
 TIMEOUT_MS = 60_000  # the box is shared with training jobs: be patient, not flaky
 expect.set_options(timeout=TIMEOUT_MS)
@@ -45,8 +53,10 @@ def traces_file(random_model_dir, tmp_path_factory) -> Path:
     from cliviz.tracing.traceset import write_traces
 
     model, tok = load_model(random_model_dir, device="cpu", dtype="float32")
-    traces = [trace(model, tok, load_image(EXAMPLES / s["image"]), s["question"], qtype=s["qtype"], reference=s["answer"])
-              for s in samples()]
+    traces = [
+        trace(model, tok, load_image(EXAMPLES / s["image"]), s["question"], qtype=s["qtype"], reference=s["answer"])
+        for s in samples()
+    ]
     return write_traces(tmp_path_factory.mktemp("traces") / "examples.parquet", traces)
 
 
@@ -127,7 +137,8 @@ def wait_raster(page: Page, href: str, same: bool) -> None:
     page.wait_for_function(
         """([href, same]) => { const i = document.querySelector('#heatmap .hm image');
                                return !!i && (i.getAttribute('href') === href) === same; }""",
-        arg=[href, same])
+        arg=[href, same],
+    )
 
 
 def answer_and_heatmap(page: Page, question: str, answer: str, n_answer: int) -> None:
@@ -138,6 +149,7 @@ def answer_and_heatmap(page: Page, question: str, answer: str, n_answer: int) ->
 
 
 # ------------------------------------------------------------------------------------------ tests
+
 
 def test_upload_ask_shows_answer_heatmap_and_attributions(page, served, tmp_path):
     image, question = EXAMPLES / "color.png", "what color is the triangle ?"
@@ -285,9 +297,14 @@ def test_two_users_see_only_their_own_state(browser, served, tmp_path):
 
 # ------------------------------------------------------------------- causal check, world note, nits
 
+
 def _boxes_overlap(a: dict, b: dict) -> bool:
-    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
-                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+    return not (
+        a["x"] + a["width"] <= b["x"]
+        or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"]
+        or b["y"] + b["height"] <= a["y"]
+    )
 
 
 def test_map_carries_its_causal_check_and_photos_get_a_note(page, served, tmp_path):
@@ -334,8 +351,11 @@ def test_attribution_target_and_readable_colour_bars(page, served, tmp_path):
 def test_dataset_small_multiples_label_every_column(page, served, tmp_path):
     page.get_by_text("Dataset", exact=True).click()
     expect(page.locator("#dataset-heatmaps .gtitle")).to_contain_text("answer positions")
-    n_groups, cols, k = len(samples()), 3, len(expected_trace(served[1], EXAMPLES / "color.png",
-                                                              "what color is the triangle ?").meta.vision_layers)
+    n_groups, cols, k = (
+        len(samples()),
+        3,
+        len(expected_trace(served[1], EXAMPLES / "color.png", "what color is the triangle ?").meta.vision_layers),
+    )
     assert n_groups % cols  # a short last row: the case that lost its labels
     ticks = page.locator("#dataset-heatmaps g[class^='x'][class$='tick'] text")  # xtick, x2tick, ...: x axes only
     expect(ticks).to_have_count(cols * k)  # each column's lowest panel labels its vision layers
@@ -382,13 +402,19 @@ def long_answer_trace(base, steps: int = 512):
     texts = [vocab[i % len(vocab)] for i in range(steps)]
     lp = np.log(rng.uniform(0.2, 1.0, steps)).astype(np.float32)
     long = replace(
-        base, meta=replace(base.meta, answer=" ".join(texts)), token_ids=ids,
+        base,
+        meta=replace(base.meta, answer=" ".join(texts)),
+        token_ids=ids,
         token_texts=list(base.token_texts[:n_prompt]) + texts[:-1],
         token_roles=list(base.token_roles[:n_prompt]) + ["answer"] * (steps - 1),
         gates=np.concatenate([base.gates[:, :n_prompt], extra], axis=1),
         injection_norm=np.concatenate([base.injection_norm[:, :n_prompt], np.ones((layers, steps - 1), np.float32)], 1),
-        answer_ids=answer_ids, answer_texts=texts, answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + steps),
-        answer_logprobs=lp, topk_ids=np.stack([answer_ids] * 2, 1), topk_texts=[[t, t] for t in texts],
+        answer_ids=answer_ids,
+        answer_texts=texts,
+        answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + steps),
+        answer_logprobs=lp,
+        topk_ids=np.stack([answer_ids] * 2, 1),
+        topk_texts=[[t, t] for t in texts],
         topk_logprobs=np.stack([lp, lp - 1], 1),
     )
     long.validate()

@@ -38,8 +38,14 @@ def test_bad_model_or_traces_is_one_line_exit_2(flag, needle, tmp_path):
 def test_serves_on_localhost_with_debug_off(random_model_dir):
     port = free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-m", "cliviz", "dash", "--model", str(random_model_dir), "--port", str(port)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cliviz", "dash", "--model", str(random_model_dir), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, page = time.monotonic() + 120, None
         while time.monotonic() < deadline and proc.poll() is None:

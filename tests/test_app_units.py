@@ -11,8 +11,16 @@ from dash import no_update
 
 from cliviz.app import callbacks_ablation, callbacks_explore, callbacks_image
 from cliviz.app.backend import Backend, load_examples
-from cliviz.app.state import (ALL_TOKENS, MAX_UPLOAD_BYTES, decode_upload, image_from_payload, parse_cell,
-                              parse_selection, safe_name, trace_from_dict)
+from cliviz.app.state import (
+    ALL_TOKENS,
+    MAX_UPLOAD_BYTES,
+    decode_upload,
+    image_from_payload,
+    parse_cell,
+    parse_selection,
+    safe_name,
+    trace_from_dict,
+)
 from cliviz.errors import CLIVizError
 
 from conftest import EXAMPLES
@@ -51,13 +59,19 @@ def test_upload_is_validated_and_size_limited():
         decode_upload("data:image/png;base64,@@@@", "x.png")
     with pytest.raises(CLIVizError, match="data URL"):
         decode_upload("/etc/passwd", "x.png")  # a path is never opened
-    assert safe_name("../../etc/passwd") == "passwd" and safe_name("C:\\x\\a.png") == "a.png" and safe_name(None) == "upload"
+    assert (
+        safe_name("../../etc/passwd") == "passwd"
+        and safe_name("C:\\x\\a.png") == "a.png"
+        and safe_name(None) == "upload"
+    )
 
 
 def test_upload_callback_reports_errors_on_the_page():
     store, preview, name, message = callbacks_image.from_upload(data_url(b"nope"), "fake.png")
     assert store is no_update and "Cannot use this file" in message.children and "fake.png" in message.children
-    store, preview, name, message = callbacks_image.from_upload(data_url((EXAMPLES / "count.png").read_bytes()), "c.png")
+    store, preview, name, message = callbacks_image.from_upload(
+        data_url((EXAMPLES / "count.png").read_bytes()), "c.png"
+    )
     assert message == "" and preview.startswith("data:image/png;base64,") and name == "c.png (64x64)"
     assert image_from_payload(store).size == (64, 64)
 
@@ -99,14 +113,17 @@ def test_token_selection_redraws_from_the_store(asked):
     assert tag_all == "all" and "all" in fig_all.layout.title.text
     np.testing.assert_allclose(fig_all.data[0].z, gate_matrix(trace, "answer"), rtol=1e-6)
     step = callbacks_explore.select_token({"type": "token", "step": 0}, [1])
-    fig0, _, tag0 = callbacks_explore.render_heatmap(store, step, {"llm_layer": trace.meta.injection_layers[0],
-                                                                   "vision_layer": trace.meta.vision_layers[-1]})
+    fig0, _, tag0 = callbacks_explore.render_heatmap(
+        store, step, {"llm_layer": trace.meta.injection_layers[0], "vision_layer": trace.meta.vision_layers[-1]}
+    )
     assert step == 0 and tag0 == "step-0" and repr(trace.answer_texts[0]) in fig0.layout.title.text
     np.testing.assert_allclose(fig0.data[0].z, gate_matrix(trace, int(trace.answer_positions[0])), rtol=1e-6)
     assert len(fig0.layout.shapes) == 1  # the ablated cell is outlined
     assert callbacks_explore.select_token({"type": "token", "step": -1}, [3]) == ALL_TOKENS
     assert callbacks_explore.select_token({"type": "token", "step": 1}, [None]) is no_update  # re-render, no click
-    assert parse_selection(99, 2) == ALL_TOKENS and parse_selection(True, 2) == ALL_TOKENS and parse_selection(1, 2) == 1
+    assert (
+        parse_selection(99, 2) == ALL_TOKENS and parse_selection(True, 2) == ALL_TOKENS and parse_selection(1, 2) == 1
+    )
 
 
 def test_cell_click_runs_single_cell_ablation(backend, asked):
@@ -114,7 +131,9 @@ def test_cell_click_runs_single_cell_ablation(backend, asked):
     assert parse_cell({"points": [{"x": "V4", "y": "L2"}]}) == (2, 4)
     assert parse_cell({"points": [{"x": 3, "y": 1}]}) is None and parse_cell(None) is None
     llm, vision = trace.meta.injection_layers[1], trace.meta.vision_layers[2]
-    table, cell = callbacks_ablation.ablate(backend, {"points": [{"x": f"V{vision}", "y": f"L{llm}"}]}, store, "knockout")
+    table, cell = callbacks_ablation.ablate(
+        backend, {"points": [{"x": f"V{vision}", "y": f"L{llm}"}]}, store, "knockout"
+    )
     assert cell == {"llm_layer": llm, "vision_layer": vision}
     text = json.dumps(table.to_plotly_json(), default=str)
     assert f"L{llm} \\u00d7 V{vision} knocked out" in text and trace.answer_texts[0] in text
@@ -123,9 +142,9 @@ def test_cell_click_runs_single_cell_ablation(backend, asked):
 
 
 def test_static_maps_say_what_they_are_next_to_the_heatmap():
-    from conftest import build_tiny
-
     from cliviz.tracing.causal import map_kind_note
+
+    from conftest import build_tiny
 
     model, tok = build_tiny("deepstack")
     deep = Backend(model=model, tokenizer=tok, examples=load_examples(), model_label="deepstack")
@@ -149,8 +168,11 @@ def test_attribution_panel_names_method_target_and_saturation():
     store, *_ = callbacks_explore.ask(bundled, question, image)
     saturated = callbacks_attribution.attribution_figures(bundled, store, "logprob")
     assert saturated["method"] == "gradient × input (gxi), target logprob"
-    notes = json.dumps([n.to_plotly_json() for n in callbacks_attribution.attribution_notes(saturated)], default=str,
-                       ensure_ascii=False)
+    notes = json.dumps(
+        [n.to_plotly_json() for n in callbacks_attribution.attribution_notes(saturated)],
+        default=str,
+        ensure_ascii=False,
+    )
     assert "saturated answer" in notes and "margin" in notes
     margin = callbacks_attribution.attribution_figures(bundled, store, "margin")
     assert margin["warnings"] == [] and "runner-up" in margin["description"]

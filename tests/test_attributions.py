@@ -17,7 +17,7 @@ from cliviz.errors import CLIVizError
 from cliviz.inference import prepare_inputs
 from cliviz.tracing.traceset import TraceSet
 
-from conftest import BUNDLED, EXAMPLES, assert_clean_error, build_tiny, run_cli
+from conftest import EXAMPLES, assert_clean_error, build_tiny, run_cli
 
 torch.set_num_threads(1)  # training jobs share this machine
 
@@ -35,6 +35,7 @@ def cli_ig(tiny_cli):
 
 
 # ------------------------------------------------------------------------ zero gate -> zero credit
+
 
 def test_shallow_static_gates_credit_only_their_vision_layer():
     model, tok = build_tiny("shallow")
@@ -71,6 +72,7 @@ def test_cli_gate_pushed_to_zero_gets_zero_credit():
 
 # ------------------------------------------------------------------------ completeness
 
+
 def test_ig_completeness_and_shapes(tiny_cli, cli_ig):
     model, _ = tiny_cli
     r = cli_ig
@@ -85,7 +87,7 @@ def test_ig_completeness_and_shapes(tiny_cli, cli_ig):
     assert np.all(r.completeness_error < 0.05), r.completeness_error
     # a position after the target cannot matter
     for s, pos in enumerate(r.trace.answer_positions):
-        assert np.all(r.gate_token_scores[s, pos + 1:] == 0.0)
+        assert np.all(r.gate_token_scores[s, pos + 1 :] == 0.0)
 
 
 def test_ig_completeness_uniform_baseline(tiny_cli):
@@ -97,6 +99,7 @@ def test_ig_completeness_uniform_baseline(tiny_cli):
 
 
 # ------------------------------------------------------------------------ targets
+
 
 @torch.no_grad()
 def _teacher_forced_logits(model, tok, r, image, question):
@@ -135,8 +138,8 @@ def test_logit_and_margin_targets_are_what_they_say_and_complete(tiny_cli, targe
 
 def test_saturated_logprob_is_flagged_and_margin_is_not():
     """The issue's example: cli-tiny is sure of '7' (p = 1.00), so its log-prob attributions are ~1e-7."""
-    from cliviz.model.loading import load_model
     from cliviz.inputs import load_image
+    from cliviz.model.loading import load_model
 
     model, tok = load_model("cli-tiny", device="cpu", dtype="float32")
     image, question = load_image(EXAMPLES / "glyph.png"), "what digit is in the corner ?"
@@ -169,8 +172,11 @@ def test_colour_scales_state_their_range(cli_ig):
 
 def test_old_trace_files_read_as_a_logprob_target(cli_ig):
     arrays = cli_ig.arrays()
-    old = {("target_logprob" if k == "target_value" else "baseline_logprob" if k == "baseline_value" else k): v
-           for k, v in arrays.items() if k != "runner_up_ids"}
+    old = {
+        ("target_logprob" if k == "target_value" else "baseline_logprob" if k == "baseline_value" else k): v
+        for k, v in arrays.items()
+        if k != "runner_up_ids"
+    }
     old["attribution_settings"] = arrays["attribution_settings"][:5]  # before targets: five settings
     import dataclasses
 
@@ -180,6 +186,7 @@ def test_old_trace_files_read_as_a_logprob_target(cli_ig):
 
 
 # ------------------------------------------------------------------------ gxi by hand
+
 
 def test_gxi_matches_autograd_by_hand(tiny_cli):
     model, tok = tiny_cli
@@ -194,8 +201,10 @@ def test_gxi_matches_autograd_by_hand(tiny_cli):
 
     # gates: every gate output replaced by a leaf holding the real values
     leaves = [torch.tensor(r.trace.gates[j], requires_grad=True) for j in range(len(model.agf))]
-    hooks = [layer.gate.register_forward_hook(lambda m, a, o, j=j: leaves[j][None].to(o.dtype))
-             for j, layer in enumerate(model.agf)]
+    hooks = [
+        layer.gate.register_forward_hook(lambda m, a, o, j=j: leaves[j][None].to(o.dtype))
+        for j, layer in enumerate(model.agf)
+    ]
     try:
         for s in range(r.n_answer):
             out = model(input_ids=ids, pixel_values=pix, use_cache=False)
@@ -210,7 +219,8 @@ def test_gxi_matches_autograd_by_hand(tiny_cli):
     seen = {}
     h1 = model.amp.register_forward_hook(lambda m, a, o: seen.__setitem__("memory", o))
     h2 = model.base.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True)
+        lambda m, a, kw: seen.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True
+    )
     try:
         for s in range(r.n_answer):
             out = model(input_ids=ids, pixel_values=pix, use_cache=False)
@@ -226,6 +236,7 @@ def test_gxi_matches_autograd_by_hand(tiny_cli):
 
 # ------------------------------------------------------------------------ storage, views, options
 
+
 def test_round_trip_through_trace_file(cli_ig, tmp_path):
     path = tmp_path / "attr.parquet"
     TraceSet.append(path, [cli_ig.to_trace()])
@@ -237,8 +248,12 @@ def test_round_trip_through_trace_file(cli_ig, tmp_path):
     assert (again.method, again.baseline, again.steps, again.patch_grid) == ("ig", "injection_off", 64, (8, 8))
     assert again.prompt_tokens == cli_ig.prompt_tokens
     raw = pd.read_parquet(path)  # plain pandas sees the named arrays
-    assert [a["name"] for a in raw.loc[0, "attributions"]][:4] == ["gate_cells", "patches", "prompt_scores",
-                                                                  "completeness_error"]
+    assert [a["name"] for a in raw.loc[0, "attributions"]][:4] == [
+        "gate_cells",
+        "patches",
+        "prompt_scores",
+        "completeness_error",
+    ]
     with pytest.raises(CLIVizError, match="no attributions"):
         AttributionResult.from_trace(cli_ig.trace)
 
@@ -290,13 +305,16 @@ def test_deepstack_has_gates_but_no_patch_memory():
 
 # ------------------------------------------------------------------------ command line
 
+
 def test_cli_json_out_html(random_model_dir, tmp_path):
     parquet, page = tmp_path / "a.parquet", tmp_path / "a.html"
     args = ("attribute", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir))
     proc = run_cli(*args, "--steps", "8", "--json", "--out", str(parquet), "--html", str(page))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["method"] == "ig" and len(out["gate_cells"]) == len(out["answer_tokens"]) == len(out["completeness_error"])
+    assert out["method"] == "ig" and len(out["gate_cells"]) == len(out["answer_tokens"]) == len(
+        out["completeness_error"]
+    )
     assert out["target"] == "logprob" and out["rel_floor"] == 1e-3 and out["completeness"][0].startswith("completeness")
     assert np.array(out["patches"]).shape[1:] == (6, 64)
     ts = TraceSet.read(parquet)
@@ -327,16 +345,19 @@ def projector_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (("--method", "saliency"), "unknown attribution method"),
-    (("--target", "prob"), "unknown attribution target"),
-    (("--baseline", "black"), "unknown baseline"),
-    (("--steps", "0"), "--steps"),
-    (("--out", "{tmp}/missing/a.parquet"), "does not exist"),
-    (("--out", "{corrupt}"), "parquet"),
-    (("--model", "{projector}"), "no gates"),
-    (("--answer", "zebra"), "vocabulary"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--method", "saliency"), "unknown attribution method"),
+        (("--target", "prob"), "unknown attribution target"),
+        (("--baseline", "black"), "unknown baseline"),
+        (("--steps", "0"), "--steps"),
+        (("--out", "{tmp}/missing/a.parquet"), "does not exist"),
+        (("--out", "{corrupt}"), "parquet"),
+        (("--model", "{projector}"), "no gates"),
+        (("--answer", "zebra"), "vocabulary"),
+    ],
+)
 def test_cli_bad_inputs_one_line_exit_2(extra, needle, random_model_dir, projector_dir, tmp_path, monkeypatch, capsys):
     """Run in-process through `cliviz.cli.main.main` (the same error path as the console script)."""
     from cliviz.cli.main import main
@@ -359,6 +380,7 @@ def test_cli_bad_inputs_one_line_exit_2(extra, needle, random_model_dir, project
 
 
 # ------------------------------------------------------------------------ the bundled model
+
 
 def test_bundled_glyph_questions_attribute_to_the_glyph_corner():
     """Patch attributions of the trained model: glyph questions put more of their (absolute,

@@ -38,8 +38,14 @@ def test_cli_v1_tiny_injection_is_used():
 
     model, tok = load_model("cli-v1-tiny", device="cpu")
     samples = list(iter_samples(70, seed=HELD_OUT_SEED + 1))
-    frame = score_conditions(model, tok, [s.image for s in samples], [s.question for s in samples],
-                             [s.answer for s in samples], [None, Ablation("injection_off")])
+    frame = score_conditions(
+        model,
+        tok,
+        [s.image for s in samples],
+        [s.question for s in samples],
+        [s.answer for s in samples],
+        [None, Ablation("injection_off")],
+    )
     by = frame.groupby(frame["condition"].astype(str))
     flips = by["flipped"].mean().max()
     # measured: 0.22 of 140 samples (seed 4243) flip
@@ -56,8 +62,14 @@ def test_probe_reads_the_question_type_off_the_bundled_gates():
     traces = []
     for start in range(0, len(samples), 35):
         chunk = samples[start : start + 35]
-        traces += trace_batch(model, tok, [s.image for s in chunk], [s.question for s in chunk],
-                              max_new_tokens=2, qtypes=[s.qtype for s in chunk])
+        traces += trace_batch(
+            model,
+            tok,
+            [s.image for s in chunk],
+            [s.question for s in chunk],
+            max_new_tokens=2,
+            qtypes=[s.qtype for s in chunk],
+        )
     result = probe_qtype(traces, n_splits=5, seed=0)
     assert result.baseline == pytest.approx(1 / 7)
     assert result.accuracy > result.baseline + 0.4, (result.accuracy, result.baseline)
@@ -66,9 +78,15 @@ def test_probe_reads_the_question_type_off_the_bundled_gates():
 def test_baselines_and_siblings(held_out):
     """Measured on this 350-sample set: projector 0.969, deepstack 0.966, shallow 0.969, attached 0.946, v1 0.974,
     seed 1 1.000, seed 2 0.960 (colour 0.72: one seed of the same recipe misses colour)."""
-    expected = {"projector-tiny": ("projector", 0.95), "deepstack-tiny": ("deepstack", 0.95),
-                "shallow-tiny": ("shallow", 0.95), "cli-attached-tiny": ("cli", 0.94), "cli-v1-tiny": ("cli", 0.95),
-                "cli-tiny-seed1": ("cli", 0.97), "cli-tiny-seed2": ("cli", 0.93)}
+    expected = {
+        "projector-tiny": ("projector", 0.95),
+        "deepstack-tiny": ("deepstack", 0.95),
+        "shallow-tiny": ("shallow", 0.95),
+        "cli-attached-tiny": ("cli", 0.94),
+        "cli-v1-tiny": ("cli", 0.95),
+        "cli-tiny-seed1": ("cli", 0.97),
+        "cli-tiny-seed2": ("cli", 0.93),
+    }
     for name, (fusion, floor) in expected.items():
         model, tok = load_model(name, device="cpu")
         assert model.config.fusion == fusion, name
@@ -101,7 +119,8 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
     assert table.same_seed.sum() == 3 * 7  # only final-vs-own-checkpoint pairs share a seed
 
     within = table[table.same_seed].groupby("model_a").profile_spearman.mean()
-    # measured on this set: within seeds 0.93 / 0.94 / 0.83 (mean 0.90), across seeds 0.55 (4243: 0.95 / 0.89 / 0.85 vs 0.56)
+    # measured on this set: within seeds 0.93 / 0.94 / 0.83 (mean 0.90), across seeds 0.55
+    # (4243: 0.95 / 0.89 / 0.85 vs 0.56)
     assert len(within) == 3 and within.min() >= 0.7, within
     summary = stability_summary(table)
     assert len(summary) == 7 and summary.notna().all().all()

@@ -29,8 +29,11 @@ def _sample(i: int = 0):
 @torch.no_grad()
 def _first_token_logprobs(model, tok, image, question, injection_off: bool) -> torch.Tensor:
     """log p over the vocabulary at the position that predicts the first answer token."""
-    hooks = [layer.injection.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.agf] \
-        if injection_off else []
+    hooks = (
+        [layer.injection.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.agf]
+        if injection_off
+        else []
+    )
     try:
         out = model(**prepare_inputs(model, tok, [image], [question]), use_cache=False)
     finally:
@@ -53,16 +56,18 @@ def test_causal_check_equals_injection_zeroed_by_hand(fusion, seed):
     assert isinstance(check, CausalCheck)
     assert check.delta_logprob == pytest.approx(float(off[own] - on[own]), abs=1e-4)
     assert check.changed == (int(masked.argmax()) != own)
-    assert check.answer_off == ("" if int(masked.argmax()) == tok.eos_token_id
-                                else tok.convert_ids_to_tokens(int(masked.argmax())))
+    assert check.answer_off == (
+        "" if int(masked.argmax()) == tok.eos_token_id else tok.convert_ids_to_tokens(int(masked.argmax()))
+    )
     assert abs(check.delta_logprob) > 1e-3  # alpha is open: the injection does something here
 
 
 def test_batched_checks_equal_single_ones(tiny_cli):
     model, tok = tiny_cli
     samples = [_sample(i) for i in range(4)]
-    batch = trace_batch(model, tok, [s[0] for s in samples], [s[1] for s in samples], max_new_tokens=2,
-                        causal_check=True)
+    batch = trace_batch(
+        model, tok, [s[0] for s in samples], [s[1] for s in samples], max_new_tokens=2, causal_check=True
+    )
     for (image, question), got in zip(samples, batch):
         want = trace(model, tok, image, question, max_new_tokens=2).causal
         assert got.causal.changed == want.changed and got.causal.answer_off == want.answer_off
@@ -114,8 +119,15 @@ def test_trace_file_and_displays_carry_the_check(tiny_cli, tmp_path):
 
 
 def test_command_line_shows_the_check_everywhere(random_model_dir, tmp_path):
-    args = ("trace", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir),
-            "--max-new-tokens", "2")
+    args = (
+        "trace",
+        str(EXAMPLES / "color.png"),
+        "what color is the triangle ?",
+        "--model",
+        str(random_model_dir),
+        "--max-new-tokens",
+        "2",
+    )
     proc = run_cli(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

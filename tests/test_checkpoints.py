@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import run_cli
-from llava_folders import llava15_folder, onevision_folder
 
 torch.set_num_threads(1)
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,8 +32,12 @@ def folders(tmp_path_factory) -> dict:
     (data / "images").mkdir(parents=True)
     rows = []
     for i, (w, h) in enumerate([(50, 30), (24, 70)]):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
-        rows.append({"image": f"images/{i}.png", "question": "What is shown?", "answer": "a red square", "qtype": "caption"})
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            data / "images" / f"{i}.png"
+        )
+        rows.append(
+            {"image": f"images/{i}.png", "question": "What is shown?", "answer": "a red square", "qtype": "caption"}
+        )
     (data / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out["data"], out["image"] = data, data / "images" / "0.png"
     return out
@@ -61,9 +65,25 @@ def test_whole_model_in_the_requested_dtype(folders, family, dtype):
 COMMANDS = {
     "ask": lambda f: ["ask", str(f["image"]), "What is shown?", "--max-new-tokens", "3", "--json"],
     "trace": lambda f: ["trace", str(f["image"]), "What is shown?", "--max-new-tokens", "3", "--json"],
-    "ablate": lambda f: ["ablate", str(f["image"]), "What is shown?", "--kind", "injection_off", "--out", str(f["tmp"] / "a.parquet")],
+    "ablate": lambda f: [
+        "ablate",
+        str(f["image"]),
+        "What is shown?",
+        "--kind",
+        "injection_off",
+        "--out",
+        str(f["tmp"] / "a.parquet"),
+    ],
     "attribute": lambda f: ["attribute", str(f["image"]), "What is shown?", "--method", "gxi"],
-    "sweep": lambda f: ["sweep", "--data", str(f["data"]), "--out", str(f["tmp"] / "s.parquet"), "--max-new-tokens", "3"],
+    "sweep": lambda f: [
+        "sweep",
+        "--data",
+        str(f["data"]),
+        "--out",
+        str(f["tmp"] / "s.parquet"),
+        "--max-new-tokens",
+        "3",
+    ],
     "eval": lambda f: ["eval", "--data", str(f["data"]), "--json"],
 }
 
@@ -75,7 +95,14 @@ def test_every_command_in_every_dtype(folders, tmp_path, family, dtype, command)
     """In-process (typer's runner) to keep CI fast; `auto` is float32 on this CPU (covered above)."""
     from cliviz.cli.main import app
 
-    args = COMMANDS[command]({**folders, "tmp": tmp_path}) + ["--model", str(folders[family]), "--device", "cpu", "--dtype", dtype]
+    args = COMMANDS[command]({**folders, "tmp": tmp_path}) + [
+        "--model",
+        str(folders[family]),
+        "--device",
+        "cpu",
+        "--dtype",
+        dtype,
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     if command == "eval":

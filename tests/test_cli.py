@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-
 from conftest import EXAMPLES, assert_clean_error, run_cli
 
 
@@ -18,7 +17,9 @@ def example_image(tmp_path_factory):
 
 
 def test_ask_json(random_model_dir, example_image):
-    proc = run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(random_model_dir), "--json")
+    proc = run_cli(
+        "ask", str(example_image), "what color is the triangle ?", "--model", str(random_model_dir), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) >= {"answer", "probability", "question"} and 0 <= out["probability"] <= 1
@@ -26,7 +27,15 @@ def test_ask_json(random_model_dir, example_image):
 
 def test_trace_writes_parquet_html_and_json(random_model_dir, example_image, tmp_path):
     parquet, html = tmp_path / "t.parquet", tmp_path / "t.html"
-    args = ("trace", str(example_image), "what color is the triangle ?", "--model", str(random_model_dir), "--max-new-tokens", "2")
+    args = (
+        "trace",
+        str(example_image),
+        "what color is the triangle ?",
+        "--model",
+        str(random_model_dir),
+        "--max-new-tokens",
+        "2",
+    )
     proc = run_cli(*args, "--out", str(parquet), "--html", str(html))
     assert proc.returncode == 0, proc.stderr
     assert "LLM layer" in proc.stdout and "answer:" in proc.stdout and "L1" in proc.stdout
@@ -77,7 +86,9 @@ def test_trace_bad_outputs_touch_nothing(random_model_dir, example_image, tmp_pa
 )
 def test_bad_input_one_line_exit_2(args, needle, tmp_path, example_image, random_model_dir):
     (tmp_path / "notes.txt").write_text("text")
-    filled = [a.format(img=example_image, tmp=tmp_path, txt=tmp_path / "notes.txt", model=random_model_dir) for a in args]
+    filled = [
+        a.format(img=example_image, tmp=tmp_path, txt=tmp_path / "notes.txt", model=random_model_dir) for a in args
+    ]
     assert_clean_error(run_cli(*filled), needle)
 
 
@@ -91,7 +102,9 @@ def test_mismatched_model_folder(random_model_dir, tmp_path, example_image):
     (broken / "config.json").write_text(json.dumps(cfg))
     assert_clean_error(run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "")
     (broken / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert_clean_error(run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "not a cliviz")
+    assert_clean_error(
+        run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "not a cliviz"
+    )
 
 
 def test_broken_tokenizer_is_a_one_line_error_for_every_command(random_model_dir, tmp_path, example_image):
@@ -101,7 +114,9 @@ def test_broken_tokenizer_is_a_one_line_error_for_every_command(random_model_dir
     shutil.copytree(random_model_dir, broken)
     (broken / "tokenizer.json").write_text("{broken")
     assert_clean_error(run_cli("vocab", "--model", str(broken)), "tokenizer")
-    assert_clean_error(run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "tokenizer")
+    assert_clean_error(
+        run_cli("ask", str(example_image), "what color is the triangle ?", "--model", str(broken)), "tokenizer"
+    )
 
 
 def test_loading_from_python_does_not_warn(random_model_dir, caplog):
@@ -165,4 +180,7 @@ def test_attach_command(tmp_path):
     proc = run_cli("attach", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "cli"), "--vision-layers", "1,3")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["vision_layers"] == [1, 3]
-    assert_clean_error(run_cli("attach", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "x"), "--vision-layers", "a,b"), "integers")
+    assert_clean_error(
+        run_cli("attach", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "x"), "--vision-layers", "a,b"),
+        "integers",
+    )

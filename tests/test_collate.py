@@ -7,16 +7,21 @@ from collections import Counter
 
 import pytest
 import torch
-from PIL import Image
-
 from conversation_data import CHATML_TEMPLATE, chatml_tokenizer, word_level
-from test_real_llava import CHAT_TEMPLATE, build_tokenizer as llava_tokenizer
+from PIL import Image
+from test_real_llava import CHAT_TEMPLATE
+from test_real_llava import build_tokenizer as llava_tokenizer
+
 from cliviz.data.collate import IGNORE, ChatEncoder, ConversationCollator, collator_for_model, expand_image
 from cliviz.data.conversations import Conversation
 from cliviz.errors import CLIVizError
 
-TURNS = (("user", "what color is the circle ?"), ("assistant", "red"),
-         ("user", "how many shapes are there ?"), ("assistant", "two shapes"))
+TURNS = (
+    ("user", "what color is the circle ?"),
+    ("assistant", "red"),
+    ("user", "how many shapes are there ?"),
+    ("assistant", "two shapes"),
+)
 EOS = object()  # stands for the inserted eos in a segment list
 
 
@@ -42,10 +47,19 @@ def test_llava15_template_labels_answers_and_an_inserted_eos():
     encoder = ChatEncoder(tok, tok.convert_tokens_to_ids("<image>"))
     assert encoder.structured  # LLaVA-1.5's template takes [{"type": "image"}, {"type": "text"}] content
     got = encoder(conversation())
-    ids, labels = expected_from_segments(tok, [
-        ("USER: <image>\nwhat color is the circle ? ASSISTANT:", False), (" red", True), (EOS, True),
-        (" USER: how many shapes are there ? ASSISTANT:", False), (" two shapes", True), (EOS, True), (" ", False),
-    ], add_bos=True)
+    ids, labels = expected_from_segments(
+        tok,
+        [
+            ("USER: <image>\nwhat color is the circle ? ASSISTANT:", False),
+            (" red", True),
+            (EOS, True),
+            (" USER: how many shapes are there ? ASSISTANT:", False),
+            (" two shapes", True),
+            (EOS, True),
+            (" ", False),
+        ],
+        add_bos=True,
+    )
     assert got.ids == ids and got.labels == labels
     assert tok.decode([t for t, lab in zip(got.ids, got.labels) if lab != IGNORE]) == " red</s> two shapes</s>"
 
@@ -57,13 +71,21 @@ def test_chatml_template_labels_answers_through_im_end_only():
     encoder = ChatEncoder(tok, tok.convert_tokens_to_ids("<image>"))
     assert not encoder.structured  # plain string content
     got = encoder(conversation())
-    ids, labels = expected_from_segments(tok, [
-        ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
-         "what color is the circle ?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("red<|im_end|>", True),
-        ("\n<|im_start|>user\nhow many shapes are there ?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("two shapes<|im_end|>", True), ("\n", False),
-    ], add_bos=False)
+    ids, labels = expected_from_segments(
+        tok,
+        [
+            (
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
+                "what color is the circle ?<|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
+            ("red<|im_end|>", True),
+            ("\n<|im_start|>user\nhow many shapes are there ?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("two shapes<|im_end|>", True),
+            ("\n", False),
+        ],
+        add_bos=False,
+    )
     assert got.ids == ids and got.labels == labels
     assert [got.labels[e - 1] for e in got.answer_ends] == [tok.eos_token_id] * 2
 
@@ -87,9 +109,12 @@ def test_one_turn_training_prompt_is_the_inference_prompt(make_tok):
 
     tok = make_tok()
     image_id = tok.convert_tokens_to_ids("<image>")
-    base = LlavaConfig(vision_config=CLIPVisionConfig(image_size=32, patch_size=8),
-                       text_config=LlamaConfig(vocab_size=len(tok)),
-                       image_token_index=image_id, vision_feature_select_strategy="default")
+    base = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok)),
+        image_token_index=image_id,
+        vision_feature_select_strategy="default",
+    )
     config = CLIConfig(base_config=base)
     collator = collator_for_model(config, tok)
     batch = collator([conversation(TURNS[:2])]).inputs
@@ -103,10 +128,10 @@ def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answe
     """A tiny random llava-hf LLaVA-1.5 with its CLIP image processor: the batch's image placeholders
     match the image features (else transformers raises), and transformers' own loss on `labels` is
     the cross-entropy over exactly the labelled (answer + eos) tokens."""
+    from test_real_llava import build_base, build_image_processor
     from torch.nn import functional as F
 
     from cliviz.model.configuration import CLIConfig
-    from test_real_llava import build_base, build_image_processor
 
     tok = llava_tokenizer()
     base = build_base(tok)
@@ -115,10 +140,15 @@ def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answe
     rows = [conversation(), conversation(TURNS[:2], image=Image.new("RGB", (50, 30), (10, 200, 10)))]
     batch = collator_for_model(config, tok)(rows).inputs
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               pixel_values=batch["pixel_values"], labels=batch["labels"])
+    out = base(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["labels"],
+    )
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
     manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
     def n(text):
         return len(tok(text, add_special_tokens=False).input_ids)
 
@@ -130,9 +160,10 @@ def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answe
 def test_word_level_layout_is_make_batch_bit_for_bit():
     """The ShapesVQA scenes through the collator give exactly `make_batch`'s tensors (ids, labels,
     mask, pixels, auxiliary patch targets), so the tiny trainer can switch over."""
-    from cliviz.data.sources import ShapesSceneSource
-    from cliviz.data.questions import parse_extra_questions
     from reference_batch import make_batch
+
+    from cliviz.data.questions import parse_extra_questions
+    from cliviz.data.sources import ShapesSceneSource
 
     tok, config = word_level()
     collator = collator_for_model(config, tok)
@@ -201,8 +232,10 @@ def test_templates_that_cannot_be_trained_on():
     counting = "{{ messages | length }}" + CHATML_TEMPLATE
     with pytest.raises(CLIVizError, match="cannot be split into turns"):
         ChatEncoder(chatml_tokenizer(counting), 3)
-    picky = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
-             "{% endfor %}" + CHATML_TEMPLATE)
+    picky = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
+        "{% endfor %}" + CHATML_TEMPLATE
+    )
     tok = chatml_tokenizer(picky)
     collator = ConversationCollator(tok, tok.convert_tokens_to_ids("<image>"), VaryingEncoder())
     out = collator([conversation((("user", "a forbidden question"), ("assistant", "red"))), conversation(TURNS[:2])])

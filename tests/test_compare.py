@@ -21,7 +21,9 @@ def test_seed_stability_numbers():
     a = {"color": np.array([[0.1, 0.2, 0.7], [0.2, 0.3, 0.5]])}  # profile 0.15 < 0.25 < 0.6
     same = {"color": a["color"] * 1.0}
     flipped = {"color": a["color"][:, ::-1].copy()}
-    frame = seed_stability({"a": a, "b": same, "c": flipped, "p": a}, {"a": "cli", "b": "cli", "c": "cli", "p": "projector"})
+    frame = seed_stability(
+        {"a": a, "b": same, "c": flipped, "p": a}, {"a": "cli", "b": "cli", "c": "cli", "p": "projector"}
+    )
     pairs = {(r.model_a, r.model_b): r for r in frame.itertuples()}
     assert pairs[("a", "b")].profile_spearman == 1.0 and pairs[("a", "b")].top_layer_agreement == 1.0
     assert pairs[("a", "c")].profile_spearman == -1.0 and pairs[("a", "c")].top_layer_agreement == 0.0
@@ -35,10 +37,16 @@ def test_checkpoints_of_one_seed_are_kept_apart_from_seed_to_seed_variation():
     a = {"color": np.array([[0.1, 0.2, 0.7], [0.2, 0.3, 0.5]])}
     later = {"color": a["color"] * 1.0}  # seed 0 again, later: same map
     other = {"color": a["color"][:, ::-1].copy()}  # seed 1: reversed map
-    frame = seed_stability({"s0": a, "s0-late": later, "s1": other}, dict.fromkeys(["s0", "s0-late", "s1"], "cli"),
-                           {"s0": 0, "s0-late": 0, "s1": 1})
+    frame = seed_stability(
+        {"s0": a, "s0-late": later, "s1": other},
+        dict.fromkeys(["s0", "s0-late", "s1"], "cli"),
+        {"s0": 0, "s0-late": 0, "s1": 1},
+    )
     assert frame.set_index(["model_a", "model_b"]).same_seed.to_dict() == {
-        ("s0", "s0-late"): True, ("s0", "s1"): False, ("s0-late", "s1"): False}
+        ("s0", "s0-late"): True,
+        ("s0", "s1"): False,
+        ("s0-late", "s1"): False,
+    }
     summary = stability_summary(frame).loc["color"]
     assert summary.profile_spearman == -1.0 and summary.same_seed_profile_spearman == 1.0  # not averaged to 0.33
 
@@ -89,8 +97,16 @@ def test_stability_mean_row_and_pair_summary():
     assert summary.loc[ALL_TYPES, "top_layer_agreement"] == 0.5
     assert list(stability_summary(frame).index) == ["color", "shape"]  # the default is unchanged
     pairs = pair_summary(frame)
-    assert pairs.to_dict("records") == [{"model_a": "a", "model_b": "b", "same_seed": False, "profile_spearman": 0.0,
-                                         "top_layer_agreement": 0.5, "n_qtypes": 2}]
+    assert pairs.to_dict("records") == [
+        {
+            "model_a": "a",
+            "model_b": "b",
+            "same_seed": False,
+            "profile_spearman": 0.0,
+            "top_layer_agreement": 0.5,
+            "n_qtypes": 2,
+        }
+    ]
 
 
 def test_compare_progress_counts_all_the_work_and_prints_summary_rows(saved_models):

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conversation_data import llava_dataset, llava_row, word_level, write_jsonl, write_png
 from PIL import Image
 
-from conversation_data import llava_dataset, llava_row, word_level, write_jsonl, write_png
 from cliviz.data.conversations import REASONS, BadRow, Conversation, load_conversation_image
 from cliviz.data.sources import ArrowSource, LlavaJsonSource, ShapesFolderSource, ShapesSceneSource, open_source
 from cliviz.errors import CLIVizError
@@ -39,8 +39,12 @@ def test_llava_jsonl_and_json_list_give_the_same_conversations(tmp_path):
     assert from_lines == from_list and len(from_list) == 4
     first = from_list[0]
     assert first.id == "row-0" and first.image == images / "0.png"
-    assert first.turns == (("user", "what color is the circle ?"), ("assistant", "red"),
-                           ("user", "how many objects are there ?"), ("assistant", "two"))
+    assert first.turns == (
+        ("user", "what color is the circle ?"),
+        ("assistant", "red"),
+        ("user", "how many objects are there ?"),
+        ("assistant", "two"),
+    )
     assert first.pairs() == [("what color is the circle ?", "red"), ("how many objects are there ?", "two")]
     assert np.array_equal(np.asarray(load_conversation_image(first)), np.asarray(Image.open(images / "0.png")))
 
@@ -72,12 +76,17 @@ def test_parquet_and_arrow_written_by_datasets(tmp_path):
 
     rows, images = llava_dataset(tmp_path, 5)
     pil = [Image.open(images / f"{i}.png").convert("RGB") for i in range(5)]
-    features = datasets.Features({
-        "id": datasets.Value("string"), "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
-    })
-    table = datasets.Dataset.from_dict({"id": [r["id"] for r in rows], "image": pil,
-                                        "conversations": [r["conversations"] for r in rows]}, features=features)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"id": [r["id"] for r in rows], "image": pil, "conversations": [r["conversations"] for r in rows]},
+        features=features,
+    )
     table.to_parquet(str(tmp_path / "d.parquet"))
     table.save_to_disk(str(tmp_path / "saved"))
     for path in (tmp_path / "d.parquet", tmp_path / "saved"):
@@ -94,8 +103,9 @@ def test_parquet_with_paths_json_conversations_and_row_groups(tmp_path):
     """Image paths resolved against --image-folder, conversations stored as a JSON string, and a
     start row that skips whole row groups."""
     rows, images = llava_dataset(tmp_path, 7)
-    table = pa.table({"image": [r["image"] for r in rows],
-                      "conversations": [json.dumps(r["conversations"]) for r in rows]})
+    table = pa.table(
+        {"image": [r["image"] for r in rows], "conversations": [json.dumps(r["conversations"]) for r in rows]}
+    )
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
     source = ArrowSource(tmp_path / "d.parquet", images)
     good, bad = parsed(source)
@@ -158,9 +168,18 @@ def bad_rows(tmp_path) -> tuple[list, dict[str, int]]:
         dict(ok, image="broken.png"),  # unreadable_image
         llava_row(1),
     ]
-    expected = {"malformed_json": 1, "malformed_row": 2, "wrong_roles": 2, "no_image": 1, "multiple_images": 1,
-                "no_image_token": 1, "extra_image_tokens": 1, "empty_answer": 1, "missing_image": 1,
-                "unreadable_image": 1}
+    expected = {
+        "malformed_json": 1,
+        "malformed_row": 2,
+        "wrong_roles": 2,
+        "no_image": 1,
+        "multiple_images": 1,
+        "no_image_token": 1,
+        "extra_image_tokens": 1,
+        "empty_answer": 1,
+        "missing_image": 1,
+        "unreadable_image": 1,
+    }
     return rows, expected
 
 
@@ -172,8 +191,9 @@ def test_every_bad_row_is_counted_and_skipped(tmp_path):
     rows, expected = bad_rows(tmp_path)
     write_jsonl(tmp_path / "d.jsonl", rows)
     tok, config = word_level()
-    stream = ConversationStream(open_source(tmp_path / "d.jsonl", tmp_path / "images"), collator_for_model(config, tok),
-                                batch_size=4, epochs=1)
+    stream = ConversationStream(
+        open_source(tmp_path / "d.jsonl", tmp_path / "images"), collator_for_model(config, tok), batch_size=4, epochs=1
+    )
     summary = DataSummary()
     for batch in make_loader(stream):
         summary.add(batch)

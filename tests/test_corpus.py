@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import EXAMPLES, REPO
-from corpus import (EVIL_MARKER, image_cases, model_folder_cases, question_cases, remote_code_cases,
-                    trace_file_cases)
+from corpus import EVIL_MARKER, image_cases, model_folder_cases, question_cases, remote_code_cases, trace_file_cases
 
 from cliviz.errors import CLIVizError
+
+from conftest import EXAMPLES, REPO
 
 IMAGE = EXAMPLES / "color.png"
 
@@ -114,9 +113,13 @@ def test_question_corpus(name, question, expect, bundled_tokenizer):
 
 def test_undecodable_question_is_one_line_from_the_shell(tmp_path):
     """Bytes that are not UTF-8 in argv (Python keeps them as surrogates) used to crash printing."""
-    proc = subprocess.run([sys.executable, "-m", "cliviz", "ask", str(IMAGE), b"what color is the \xff circle ?",
-                           "--device", "cpu"], capture_output=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cliviz", "ask", str(IMAGE), b"what color is the \xff circle ?", "--device", "cpu"],
+        capture_output=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2 and "Traceback" not in err, err
     assert err.strip().splitlines() == ["error: the question is not valid UTF-8 text (byte 0xff at character 19)"]
@@ -126,14 +129,16 @@ def test_question_without_question_mark_is_answered(monkeypatch, capsys):
     """The bundled models were trained on questions ending in " ?": without it they said nothing."""
     import json
 
-    code, out, err = run_main(monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle", "--device", "cpu",
-                              "--json")
+    code, out, err = run_main(
+        monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle", "--device", "cpu", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["question"] == "what color is the triangle ?"
     assert result["answer"] == "blue"  # the reference answer in assets/examples/samples.jsonl
-    code, out2, _ = run_main(monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle ?", "--device", "cpu",
-                             "--json")
+    code, out2, _ = run_main(
+        monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle ?", "--device", "cpu", "--json"
+    )
     assert json.loads(out2)["answer"] == result["answer"]
 
 
@@ -147,8 +152,18 @@ def test_model_folder_corpus(case, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv(EVIL_MARKER, str(marker))
     folder = case.build(tmp_path)
-    code, out, err = run_main(monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle ?", "--model",
-                              str(folder), "--device", "cpu", stdin="y\n" * 8)
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "ask",
+        str(IMAGE),
+        "what color is the triangle ?",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        stdin="y\n" * 8,
+    )
     assert not marker.exists(), "the model folder's own code ran"
     if case.expect is None:
         assert code == 0 and out.strip(), (code, err)
@@ -164,14 +179,21 @@ def test_piped_yes_never_runs_folder_code(command, tmp_path):
     folder = case.build(tmp_path)
     marker = tmp_path / "evil-ran"
     args = ["vocab"] if command == "vocab" else ["ask", str(IMAGE), "what color is the circle ?", "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "cliviz", *args, "--model", str(folder)], input="y\n" * 20,
-                          capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, EVIL_MARKER: str(marker), "OMP_WAIT_POLICY": "PASSIVE"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cliviz", *args, "--model", str(folder)],
+        input="y\n" * 20,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, EVIL_MARKER: str(marker), "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     assert not marker.exists()
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: model folder {folder} asks to run its own code (auto_map in tokenizer_config.json); "
-        "cliviz never runs code from a model folder"]
+        "cliviz never runs code from a model folder"
+    ]
 
 
 def test_attach_refuses_a_base_with_code(tmp_path, monkeypatch, capsys):
@@ -179,8 +201,9 @@ def test_attach_refuses_a_base_with_code(tmp_path, monkeypatch, capsys):
     folder = case.build(tmp_path)
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv(EVIL_MARKER, str(marker))
-    code, _, err = run_main(monkeypatch, capsys, "attach", "--base", str(folder), "--out", str(tmp_path / "out"),
-                            stdin="y\n")
+    code, _, err = run_main(
+        monkeypatch, capsys, "attach", "--base", str(folder), "--out", str(tmp_path / "out"), stdin="y\n"
+    )
     one_error_line(code, err, "auto_map in tokenizer_config.json")
     assert not marker.exists() and not (tmp_path / "out").exists()
 

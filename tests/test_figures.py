@@ -17,11 +17,19 @@ from PIL import Image
 from cliviz.analyses.figures import FORMATS, WIDTHS, build_figure_set, make_figures, read_ablations, read_compare
 from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet, write_traces
+
 from conftest import assert_clean_error, run_cli
 from test_analyses import hand_trace, synthetic_traces
 
-STANDARD = ["gate_mean", "gate_by_qtype", "gate_entropy", "gate_variance", "gate_trajectory", "probe_confusion",
-            "gate_pca"]
+STANDARD = [
+    "gate_mean",
+    "gate_by_qtype",
+    "gate_entropy",
+    "gate_variance",
+    "gate_trajectory",
+    "probe_confusion",
+    "gate_pca",
+]
 PNG_SCALE = 2.0
 
 
@@ -30,13 +38,23 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("fig-inputs")
     traces = write_traces(d / "traces.parquet", synthetic_traces(48, seed=7, n_answer=3))
     cmp = d / "compare.json"
-    cmp.write_text(json.dumps([
-        {"Model": "cli", "question_type": "colour", "acc": 91.0}, {"Model": "cli", "question_type": "count", "acc": 62.0},
-        {"Model": "projector", "question_type": "colour", "acc": 80.0},
-        {"Model": "projector", "question_type": "count", "acc": 35.0}]))
+    cmp.write_text(
+        json.dumps(
+            [
+                {"Model": "cli", "question_type": "colour", "acc": 91.0},
+                {"Model": "cli", "question_type": "count", "acc": 62.0},
+                {"Model": "projector", "question_type": "colour", "acc": 80.0},
+                {"Model": "projector", "question_type": "count", "acc": 35.0},
+            ]
+        )
+    )
     abl = d / "ablations.csv"
-    rows = [{"layer": li, "vision_layer": v, "delta_logprob": -0.1 * (li + v) + 0.01 * s, "sample": s}
-            for li in (2, 4, 6) for v in (1, 4, 7, 10) for s in range(3)]
+    rows = [
+        {"layer": li, "vision_layer": v, "delta_logprob": -0.1 * (li + v) + 0.01 * s, "sample": s}
+        for li in (2, 4, 6)
+        for v in (1, 4, 7, 10)
+        for s in range(3)
+    ]
     pd.DataFrame(rows).to_csv(abl, index=False)
     return {"traces": traces, "compare": cmp, "ablations": abl, "dir": d}
 
@@ -44,8 +62,15 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def figure_set(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("figs") / "out"
-    report = make_figures(inputs["traces"], out, formats="pdf,svg,png", ablations=inputs["ablations"],
-                          compare=inputs["compare"], example=5, png_scale=PNG_SCALE)
+    report = make_figures(
+        inputs["traces"],
+        out,
+        formats="pdf,svg,png",
+        ablations=inputs["ablations"],
+        compare=inputs["compare"],
+        example=5,
+        png_scale=PNG_SCALE,
+    )
     return report
 
 
@@ -105,8 +130,17 @@ def test_pdf_renders_to_a_non_blank_page_with_vector_text(figure_set, tmp_path) 
 
 
 def test_cli_writes_a_set_and_reports_it(inputs, tmp_path) -> None:
-    proc = run_cli("figures", str(inputs["traces"]), "--out", str(tmp_path / "o"), "--format", "svg",
-                   "--width", "double", "--titles")
+    proc = run_cli(
+        "figures",
+        str(inputs["traces"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--format",
+        "svg",
+        "--width",
+        "double",
+        "--titles",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "gate_mean" in proc.stdout and "probe_confusion" in proc.stdout
     files = sorted(p.name for p in (tmp_path / "o").iterdir())
@@ -119,8 +153,9 @@ def test_cli_corrupt_trace_file_is_one_line_exit_2(tmp_path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(np.random.default_rng(0).bytes(2048))
     assert_clean_error(run_cli("figures", str(bad), "--out", str(tmp_path / "o")), "not a readable Parquet file")
-    assert_clean_error(run_cli("figures", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")),
-                       "does not exist")
+    assert_clean_error(
+        run_cli("figures", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")), "does not exist"
+    )
 
 
 def test_bad_inputs_are_clear_errors(inputs, tmp_path, monkeypatch) -> None:
@@ -174,7 +209,7 @@ def test_cli_broken_browser_is_one_line_exit_2(inputs, tmp_path, monkeypatch) ->
 def _svg_box(svg: str, group: str) -> tuple[float, float]:
     """(top, bottom) in px of a plotly SVG legend: its translate plus the height of its background."""
     start = svg.index(f'<g class="{group}"')
-    ty = float(re.search(r'translate\(([-\d.]+),\s*([-\d.]+)\)', svg[start:start + 300]).group(2))
+    ty = float(re.search(r"translate\(([-\d.]+),\s*([-\d.]+)\)", svg[start : start + 300]).group(2))
     height = float(re.search(r'<rect class="bg"[^>]*height="([\d.]+)"', svg[start:]).group(1))
     return ty, ty + height
 
@@ -191,10 +226,21 @@ def test_comparison_legend_clears_the_axis_title_and_grid_colour_bar_is_readable
     from cliviz.analyses.figures import kaleido_session
 
     qtypes = ["color", "count", "glyph", "position", "relation", "shape", "size"]
-    compare = pd.DataFrame([{"model": m, "qtype": q, "accuracy": 0.5 + 0.05 * i}
-                            for m in ("cli-tiny", "projector-tiny", "deepstack-tiny") for i, q in enumerate(qtypes)])
-    cells = pd.DataFrame([{"llm_layer": li, "vision_layer": v, "metric": m, "value": -0.1 * (li + v)}
-                          for li in (2, 4) for v in (1, 4) for m in ("delta_logprob_own", "flip_rate")])
+    compare = pd.DataFrame(
+        [
+            {"model": m, "qtype": q, "accuracy": 0.5 + 0.05 * i}
+            for m in ("cli-tiny", "projector-tiny", "deepstack-tiny")
+            for i, q in enumerate(qtypes)
+        ]
+    )
+    cells = pd.DataFrame(
+        [
+            {"llm_layer": li, "vision_layer": v, "metric": m, "value": -0.1 * (li + v)}
+            for li in (2, 4)
+            for v in (1, 4)
+            for m in ("delta_logprob_own", "flip_rate")
+        ]
+    )
     cells_path = inputs["dir"] / "own.csv"
     cells.to_csv(cells_path, index=False)
     ts = TraceSet.read(inputs["traces"])

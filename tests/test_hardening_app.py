@@ -39,6 +39,7 @@ def app_and_backend():
 
 # ----------------------------------------------------------------------------------------- item 7
 
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_large_upload_is_shrunk_on_arrival(mode):
     from cliviz.app.state import MAX_SIDE, decode_upload, image_from_payload, image_payload
@@ -77,8 +78,14 @@ DECODER = textwrap.dedent("""
 def test_concurrent_uploads_are_decoded_under_a_bound():
     """Eight users uploading a 40 MP picture at once took ~3 GB (each decoded in full, in parallel)."""
     n = 8
-    proc = subprocess.run([sys.executable, "-c", DECODER.format(side=SIDE, n=n)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", DECODER.format(side=SIDE, n=n)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     slots, grown = map(int, proc.stdout.split())
     decoded = SIDE * SIDE * 4  # Pillow keeps RGB at 4 bytes a pixel
@@ -104,10 +111,24 @@ def _input(spec: dict, value):
     return {"id": ident, "property": spec["property"], "value": value}
 
 
-FORGED = [123, -1, 1e308, True, None, "plain", "data:image/png;base64,AAAA", ["x", 1], [[1, 2]], {"a": 1},
-          {"points": [{"x": {}, "y": []}]}, {"points": [{"x": "V1", "y": "L99"}]}, {"trace": {"meta": 5}},
-          {"trace": {"meta": {}}, "image": {"data": 7}}, {"data": ["x"], "name": {"n": 1}},
-          {"trace": {"meta": {"question": 1}, "token_ids": [10**30]}}]
+FORGED = [
+    123,
+    -1,
+    1e308,
+    True,
+    None,
+    "plain",
+    "data:image/png;base64,AAAA",
+    ["x", 1],
+    [[1, 2]],
+    {"a": 1},
+    {"points": [{"x": {}, "y": []}]},
+    {"points": [{"x": "V1", "y": "L99"}]},
+    {"trace": {"meta": 5}},
+    {"trace": {"meta": {}}, "image": {"data": 7}},
+    {"data": ["x"], "name": {"n": 1}},
+    {"trace": {"meta": {"question": 1}, "token_ids": [10**30]}},
+]
 
 
 def test_forged_callback_inputs_get_a_clean_answer(app_and_backend):
@@ -119,9 +140,13 @@ def test_forged_callback_inputs_get_a_clean_answer(app_and_backend):
     failures = []
     for key, cb in callbacks.items():
         for value in FORGED:
-            body = {"output": key, "outputs": _outputs_of(key), "inputs": [_input(s, value) for s in cb["inputs"]],
-                    "state": [_input(s, value) for s in cb.get("state", [])],
-                    "changedPropIds": [f"{cb['inputs'][0]['id']}.{cb['inputs'][0]['property']}"]}
+            body = {
+                "output": key,
+                "outputs": _outputs_of(key),
+                "inputs": [_input(s, value) for s in cb["inputs"]],
+                "state": [_input(s, value) for s in cb.get("state", [])],
+                "changedPropIds": [f"{cb['inputs'][0]['id']}.{cb['inputs'][0]['property']}"],
+            }
             response = client.post("/_dash-update-component", json=body)
             if response.status_code >= 500 or b"Traceback" in response.data:
                 failures.append((key[:60], repr(value)[:40], response.status_code))
@@ -140,6 +165,7 @@ def test_forged_question_is_reported_on_the_page(app_and_backend):
 
 
 # ----------------------------------------------------------------------------------------- item 10
+
 
 def test_model_without_gates_shows_its_answer():
     """`cliviz dash --model projector-tiny` said "the stored answer is malformed" in every panel."""

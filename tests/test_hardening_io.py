@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import BUNDLED, EXAMPLES, REPO
 from test_corpus import one_error_line, run_main
 
 from cliviz.errors import CLIVizError
+
+from conftest import BUNDLED, EXAMPLES, REPO
 
 IMAGE = EXAMPLES / "color.png"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
@@ -55,8 +55,12 @@ def test_concurrent_appends_from_many_processes_lose_nothing(tmp_path):
     script.write_text(APPENDER.format(tests=str(REPO / "tests")))
     path = tmp_path / "shared.parquet"
     workers, rounds = 4, 12
-    procs = [subprocess.Popen([sys.executable, str(script), str(w), str(rounds), str(path)], env=ENV,
-                              stderr=subprocess.PIPE, text=True) for w in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(w), str(rounds), str(path)], env=ENV, stderr=subprocess.PIPE, text=True
+        )
+        for w in range(workers)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     ids = [t.meta.sample_id for t in TraceSet.read(path)]
@@ -76,21 +80,45 @@ HOLDER = textwrap.dedent("""
 def test_second_sweep_into_the_same_output_is_refused(data_dir, tmp_path, monkeypatch, capsys):
     """Two sweeps into one --out both exited 0 and interleaved their chunks: now the second is refused."""
     out = tmp_path / "t.parquet"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=ENV, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # another process writing `out`
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )  # another process writing `out`
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, _, err = run_main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out),
-                                "--device", "cpu", "--model", str(tmp_path / "no-model"))
+        code, _, err = run_main(
+            monkeypatch,
+            capsys,
+            "sweep",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--model",
+            str(tmp_path / "no-model"),
+        )
         one_error_line(code, err, f"{out} is being written by another cliviz process")  # before the model
-        code, _, err = run_main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out),
-                                "--device", "cpu", "--resume")
+        code, _, err = run_main(
+            monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu", "--resume"
+        )
         one_error_line(code, err, "being written by another cliviz process")
     finally:
         holder.communicate("done\n", timeout=60)
     assert holder.returncode == 0 and not out.exists()
-    code, _, err = run_main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu",
-                            "--max-new-tokens", "2")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0, err  # the lock went with the process that held it
 
 
@@ -99,8 +127,23 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
     from cliviz.tracing.traceset import TraceSet
 
     out = tmp_path / "t.parquet"
-    code, _, err = run_main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu",
-                            "--batch-size", "4", "--chunk-size", "4", "--max-new-tokens", "2")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--chunk-size",
+        "4",
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0, err
     full = TraceSet.read(out)
     keep = TraceSet.from_table(full.table.slice(0, 4))
@@ -108,9 +151,24 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
     for hexname in ("0123456789ab", "deadbeef0042"):  # ... and during the write of the next one
         (tmp_path / f".t.parquet.{hexname}.tmp").write_bytes(b"PAR1 half a file")
     assert len(stale_temporaries(out)) == 2
-    code, out_text, err = run_main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out),
-                                   "--device", "cpu", "--batch-size", "4", "--chunk-size", "4", "--max-new-tokens", "2",
-                                   "--resume")
+    code, out_text, err = run_main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--chunk-size",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--resume",
+    )
     assert code == 0, err
     assert stale_temporaries(out) == []
     assert [t.meta.sample_id for t in TraceSet.read(out)] == [t.meta.sample_id for t in full]
@@ -119,11 +177,18 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
 
 # ----------------------------------------------------------------------------------------- item 6
 
+
 def _interrupt(args: list[str], when, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `cliviz ARGS`, send SIGINT once `when()` is true, return the finished process."""
-    proc = subprocess.Popen([sys.executable, "-m", "cliviz", *args], cwd=REPO, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cliviz", *args],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + timeout
     while not when() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -136,8 +201,24 @@ def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
     from cliviz.tracing.traceset import TraceSet
 
     out = tmp_path / "t.parquet"
-    proc = _interrupt(["sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu", "--batch-size", "2",
-                       "--chunk-size", "2", "--max-new-tokens", "4"], when=out.exists)
+    proc = _interrupt(
+        [
+            "sweep",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--chunk-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ],
+        when=out.exists,
+    )
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
@@ -150,8 +231,9 @@ def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
 def test_ctrl_c_during_start_up_is_one_line(delay):
     """Start-up (imports of torch, transformers, the model load) used to print a KeyboardInterrupt traceback."""
     start = time.time()
-    proc = _interrupt(["ask", str(IMAGE), "what color is the circle ?", "--device", "cpu"],
-                      when=lambda: time.time() - start > delay)
+    proc = _interrupt(
+        ["ask", str(IMAGE), "what color is the circle ?", "--device", "cpu"], when=lambda: time.time() - start > delay
+    )
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert proc.stderr.strip().splitlines() == ["interrupted; files written before the interrupt are kept"]
     assert proc.stdout == ""
@@ -172,10 +254,13 @@ def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):
                 raise exc
 
             return app
+
         return build
 
-    for exc, code, line in ((KeyboardInterrupt(), 130, "interrupted; files written before the interrupt are kept"),
-                            (typer.Exit(3), 3, None)):
+    for exc, code, line in (
+        (KeyboardInterrupt(), 130, "interrupted; files written before the interrupt are kept"),
+        (typer.Exit(3), 3, None),
+    ):
         monkeypatch.setattr(cli_main, "build_app", app_raising(exc))
         got, _, err = run_main(monkeypatch, capsys)
         assert got == code
@@ -184,17 +269,22 @@ def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------------------- item 9
 
-@pytest.mark.parametrize("args", [
-    ["trace", str(IMAGE), "what color is the circle ?", "--html", "{blocker}/x.html"],
-    ["trace", str(IMAGE), "what color is the circle ?", "--out", "{blocker}/t.parquet"],
-    ["attribute", str(IMAGE), "what color is the circle ?", "--html", "{blocker}/sub/x.html"],
-    ["sweep", "--data", "{data}", "--out", "{blocker}/t.parquet"],
-    ["ablate", str(IMAGE), "what color is the circle ?", "--out", "{blocker}/a.parquet"],
-    ["compare", "--models", "{nomodel}", "--data", "{data}", "--out", "{blocker}/cmp"],
-    ["data", "--out", "{blocker}/d", "--n", "3"],
-    ["train", "--out", "{blocker}/m", "--steps", "1"],
-    ["attach", "--base", str(BUNDLED), "--out", "{blocker}/m"],
-], ids=["trace-html", "trace-out", "attribute-html", "sweep", "ablate", "compare", "data", "train", "attach"])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trace", str(IMAGE), "what color is the circle ?", "--html", "{blocker}/x.html"],
+        ["trace", str(IMAGE), "what color is the circle ?", "--out", "{blocker}/t.parquet"],
+        ["attribute", str(IMAGE), "what color is the circle ?", "--html", "{blocker}/sub/x.html"],
+        ["sweep", "--data", "{data}", "--out", "{blocker}/t.parquet"],
+        ["ablate", str(IMAGE), "what color is the circle ?", "--out", "{blocker}/a.parquet"],
+        ["compare", "--models", "{nomodel}", "--data", "{data}", "--out", "{blocker}/cmp"],
+        ["data", "--out", "{blocker}/d", "--n", "3"],
+        ["train", "--out", "{blocker}/m", "--steps", "1"],
+        ["attach", "--base", str(BUNDLED), "--out", "{blocker}/m"],
+    ],
+    ids=["trace-html", "trace-out", "attribute-html", "sweep", "ablate", "compare", "data", "train", "attach"],
+)
 def test_output_under_a_file_is_refused_before_any_model_work(args, data_dir, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file.png"
     blocker.write_bytes(b"not a folder")
@@ -213,10 +303,13 @@ def test_read_only_file_system_is_not_called_permission_denied(tmp_path):
         pytest.skip("this system allows no private mount namespace (unshare -rm), so no read-only mount here")
     ro = tmp_path / "ro"
     ro.mkdir()
-    script = (f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m cliviz trace {IMAGE} 'what color ?' "
-              f"--out {ro}/t.parquet --model {tmp_path / 'no-model'}")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO, env=ENV,
-                          timeout=300)
+    script = (
+        f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m cliviz trace {IMAGE} 'what color ?' "
+        f"--out {ro}/t.parquet --model {tmp_path / 'no-model'}"
+    )
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: cannot write trace file {ro}/t.parquet: read-only file system"]
 
@@ -233,6 +326,7 @@ def test_unwritable_folder_is_found_by_a_real_write(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- item 9: figures
+
 
 def test_a_tab_that_lost_kaleidos_page_fails_for_the_whole_session():
     """Why `cliviz figures` restarts its browser once on "kaleido_scopes is not defined".

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BUNDLED, EXAMPLES, REPO
-
 from cliviz.errors import CLIVizError
 
+from conftest import BUNDLED, EXAMPLES, REPO
 
 # ----------------------------------------------------------------------------------------- item 1
+
 
 def test_every_from_pretrained_call_refuses_remote_code_explicitly():
     """`trust_remote_code=False` is written at every transformers `from_pretrained` call cliviz makes."""
@@ -61,11 +61,13 @@ def test_known_transformers_classes_pass_the_code_check(tmp_path):
     from cliviz.model.safety import refuse_remote_code
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor",
-                                                                   "processor_class": "LlavaProcessor"}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor"})
+    )
     onevision = {"image_processor_type": "LlavaOnevisionImageProcessor"}
-    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "LlavaOnevisionProcessor",
-                                                                "image_processor": onevision}))
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"processor_class": "LlavaOnevisionProcessor", "image_processor": onevision})
+    )
     refuse_remote_code(tmp_path)
     for folder in (REPO / "assets" / "models").iterdir():
         refuse_remote_code(folder)
@@ -73,36 +75,60 @@ def test_known_transformers_classes_pass_the_code_check(tmp_path):
 
 # ----------------------------------------------------------------------------------------- item 3
 
+
 def _cli_config(base) -> dict:
     """A cliviz config dict around a transformers LLaVA-family config (what config.json holds)."""
     from cliviz.model.configuration import CLIConfig
 
     n_vision = base.vision_config.num_hidden_layers
-    cfg = CLIConfig(base_config=base, vision_layers=list(range(n_vision // 4, n_vision + 1, n_vision // 4)),
-                    injection_layers=[4, 8, 12])
+    cfg = CLIConfig(
+        base_config=base,
+        vision_layers=list(range(n_vision // 4, n_vision + 1, n_vision // 4)),
+        injection_layers=[4, 8, 12],
+    )
     return json.loads(cfg.to_json_string(use_diff=False))
 
 
 def _llava(text_cls, vision: dict, text: dict, vocab: int):
     from transformers import CLIPVisionConfig, LlavaConfig
 
-    return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=text_cls(vocab_size=vocab, **text),
-                       image_token_index=vocab - 1)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_cls(vocab_size=vocab, **text),
+        image_token_index=vocab - 1,
+    )
 
 
 def _onevision(text: dict, vocab: int):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                                image_size=384, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    )
     pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
-    return LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(vocab_size=vocab, **text),
-                                image_token_index=151646, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
-                                vision_feature_select_strategy="full")
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(vocab_size=vocab, **text),
+        image_token_index=151646,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
 
 
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+)
 
 
 def real_checkpoint_configs() -> dict[str, dict]:
@@ -110,27 +136,91 @@ def real_checkpoint_configs() -> dict[str, dict]:
     from transformers import LlamaConfig, MistralConfig
 
     return {
-        "llava-1.5-7b": _cli_config(_llava(LlamaConfig, CLIP_L_336, dict(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, max_position_embeddings=4096), 32064)),
-        "llava-1.5-13b": _cli_config(_llava(LlamaConfig, CLIP_L_336, dict(
-            hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-            num_key_value_heads=40, max_position_embeddings=4096), 32064)),
-        "llava-mistral-7b": _cli_config(_llava(MistralConfig, CLIP_L_336, dict(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, max_position_embeddings=32768), 32064)),
-        "onevision-qwen2-0.5b": _cli_config(_onevision(dict(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2,
-            max_position_embeddings=32768, tie_word_embeddings=True), 152000)),
-        "onevision-qwen2-7b": _cli_config(_onevision(dict(
-            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4,
-            max_position_embeddings=32768), 152128)),
-        "onevision-qwen2-72b": _cli_config(_onevision(dict(
-            hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-            num_attention_heads=64, num_key_value_heads=8,
-            max_position_embeddings=32768), 152064)),
+        "llava-1.5-7b": _cli_config(
+            _llava(
+                LlamaConfig,
+                CLIP_L_336,
+                dict(
+                    hidden_size=4096,
+                    intermediate_size=11008,
+                    num_hidden_layers=32,
+                    num_attention_heads=32,
+                    num_key_value_heads=32,
+                    max_position_embeddings=4096,
+                ),
+                32064,
+            )
+        ),
+        "llava-1.5-13b": _cli_config(
+            _llava(
+                LlamaConfig,
+                CLIP_L_336,
+                dict(
+                    hidden_size=5120,
+                    intermediate_size=13824,
+                    num_hidden_layers=40,
+                    num_attention_heads=40,
+                    num_key_value_heads=40,
+                    max_position_embeddings=4096,
+                ),
+                32064,
+            )
+        ),
+        "llava-mistral-7b": _cli_config(
+            _llava(
+                MistralConfig,
+                CLIP_L_336,
+                dict(
+                    hidden_size=4096,
+                    intermediate_size=14336,
+                    num_hidden_layers=32,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    max_position_embeddings=32768,
+                ),
+                32064,
+            )
+        ),
+        "onevision-qwen2-0.5b": _cli_config(
+            _onevision(
+                dict(
+                    hidden_size=896,
+                    intermediate_size=4864,
+                    num_hidden_layers=24,
+                    num_attention_heads=14,
+                    num_key_value_heads=2,
+                    max_position_embeddings=32768,
+                    tie_word_embeddings=True,
+                ),
+                152000,
+            )
+        ),
+        "onevision-qwen2-7b": _cli_config(
+            _onevision(
+                dict(
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_hidden_layers=28,
+                    num_attention_heads=28,
+                    num_key_value_heads=4,
+                    max_position_embeddings=32768,
+                ),
+                152128,
+            )
+        ),
+        "onevision-qwen2-72b": _cli_config(
+            _onevision(
+                dict(
+                    hidden_size=8192,
+                    intermediate_size=29568,
+                    num_hidden_layers=80,
+                    num_attention_heads=64,
+                    num_key_value_heads=8,
+                    max_position_embeddings=32768,
+                ),
+                152064,
+            )
+        ),
     }
 
 
@@ -165,8 +255,12 @@ def test_validation_refuses_before_building(tmp_path):
 
 def test_onevision_cli_folder_loads(tmp_path):
     """A LLaVA-OneVision CLI folder (SigLIP + Qwen2, anyres pinpoints) passes every check and loads."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     from cliviz.data.tokenizer import build_tokenizer
     from cliviz.model.attach import attach
@@ -174,14 +268,27 @@ def test_onevision_cli_folder_loads(tmp_path):
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                image_size=32, patch_size=8)
-    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok))
-    base = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[32, 32], [32, 64]], vision_feature_layer=-1,
-        vision_feature_select_strategy="full")).eval()
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+    )
+    base = LlavaOnevisionForConditionalGeneration(
+        LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=[[32, 32], [32, 64]],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+    ).eval()
     model = attach(base, vision_layers=[1, 2, 3], injection_layers=[1, 2])
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -194,6 +301,7 @@ def test_onevision_cli_folder_loads(tmp_path):
 
 # ----------------------------------------------------------------------------------------- item 4
 
+
 def test_hostile_generation_config_decides_nothing(tmp_path):
     """num_beams 1000, do_sample, a billion tokens: cliviz decodes greedily with its own limits."""
     from cliviz.inference import answer
@@ -201,9 +309,20 @@ def test_hostile_generation_config_decides_nothing(tmp_path):
 
     folder = tmp_path / "m"
     shutil.copytree(BUNDLED, folder)
-    (folder / "generation_config.json").write_text(json.dumps({
-        "num_beams": 1000, "do_sample": True, "temperature": 1e-9, "top_k": 1, "max_length": 10**9,
-        "max_new_tokens": 10**9, "num_return_sequences": 50, "eos_token_id": 7}))
+    (folder / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "num_beams": 1000,
+                "do_sample": True,
+                "temperature": 1e-9,
+                "top_k": 1,
+                "max_length": 10**9,
+                "max_new_tokens": 10**9,
+                "num_return_sequences": 50,
+                "eos_token_id": 7,
+            }
+        )
+    )
     model, tok = load_model(folder, device="cpu")
     clean, clean_tok = load_model(BUNDLED, device="cpu")
     assert model.generation_config.num_beams == 1 and model.generation_config.do_sample is False
@@ -217,10 +336,10 @@ def test_hostile_generation_config_decides_nothing(tmp_path):
 
 def test_non_finite_scores_refused_by_answer_and_trace():
     """Finite weights can still overflow (here an lm_head of 3e38): the run is refused, not answered."""
-    from conftest import build_tiny
-
     from cliviz.inference import answer
     from cliviz.tracing import trace
+
+    from conftest import build_tiny
 
     broken, tok = build_tiny("cli")  # a model of its own: deep copies keep the original's injection hooks
     with torch.no_grad():
@@ -234,9 +353,9 @@ def test_non_finite_scores_refused_by_answer_and_trace():
 
 def test_non_finite_gates_refused_by_trace():
     """gate_temperature 0 (or a NaN gate weight) made every gate NaN; trace then crashed downstream."""
-    from conftest import build_tiny
-
     from cliviz.tracing import trace
+
+    from conftest import build_tiny
 
     broken, tok = build_tiny("cli")
     with torch.no_grad():

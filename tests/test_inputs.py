@@ -21,7 +21,7 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
-    data = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    data = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
     image = Image.fromarray(data)
     assert image.mode.startswith("I;16")
     image.save(tmp_path / "deep.png")

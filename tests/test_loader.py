@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conversation_data import llava_dataset, word_level, write_jsonl
+
 from cliviz.data.collate import collator_for_model
 from cliviz.data.loader import ConversationStream, DataSummary, make_loader
 from cliviz.data.sources import ArrowSource, LlavaJsonSource, ShapesSceneSource
@@ -26,8 +26,13 @@ def data(tmp_path_factory):
     rows, images = llava_dataset(root, N)
     write_jsonl(root / "d.jsonl", rows)
     (root / "d.json").write_text(json.dumps(rows))
-    table = pa.table({"id": [r["id"] for r in rows], "image": [r["image"] for r in rows],
-                      "conversations": [json.dumps(r["conversations"]) for r in rows]})
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "image": [r["image"] for r in rows],
+            "conversations": [json.dumps(r["conversations"]) for r in rows],
+        }
+    )
     pq.write_table(table, root / "d.parquet", row_group_size=6)
     return {"root": root, "images": images, "ids": {r["id"] for r in rows}}
 
@@ -80,8 +85,10 @@ def test_ranks_split_each_global_batch(data, collator):
     """Rank r's batch b is the r-th slice of one process's batch b of twice the size: DDP with 2
     ranks sees exactly the samples of a single process with the doubled batch, step by step."""
     single = batches(ConversationStream(source(data), collator, batch_size=6, seed=2, epochs=1))
-    ranks = [batches(ConversationStream(source(data), collator, batch_size=3, seed=2, epochs=1, rank=r, world_size=2))
-             for r in (0, 1)]
+    ranks = [
+        batches(ConversationStream(source(data), collator, batch_size=3, seed=2, epochs=1, rank=r, world_size=2))
+        for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(single) == 4  # rank 1 ends on an empty batch, in step
     for b, whole in enumerate(single):
         assert ranks[0][b].ids + ranks[1][b].ids == whole.ids
@@ -120,8 +127,9 @@ def test_resume_gives_the_same_batches_whatever_the_workers(data, collator, kind
 
 def test_resume_parses_only_what_it_trains_on(data, collator):
     CountingJsonSource.parsed = 0
-    stream = ConversationStream(CountingJsonSource(data["root"] / "d.jsonl", data["images"]), collator,
-                                batch_size=3, seed=5, start_batch=30)
+    stream = ConversationStream(
+        CountingJsonSource(data["root"] / "d.jsonl", data["images"]), collator, batch_size=3, seed=5, start_batch=30
+    )
     got = batches(stream, 2)
     assert [b.index for b in got] == [30, 31] and CountingJsonSource.parsed == 6  # not 96
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from llava_folders import llava15_folder
 from PIL import Image
 
 from conftest import run_cli
-from llava_folders import llava15_folder
 
 torch.set_num_threads(1)
 
@@ -86,7 +86,9 @@ def test_ablate_without_reference_scores_the_whole_own_answer(real):
     model, tok = real["model"], real["tok"]
     own = answer(model, tok, [real["image"]], ["Describe the picture."], max_new_tokens=256)[0]
     ids = [t for t in own.token_ids if t != tok.eos_token_id]
-    frame = score_conditions(model, tok, [real["image"]], ["Describe the picture."], None, [None, Ablation("injection_off")])
+    frame = score_conditions(
+        model, tok, [real["image"]], ["Describe the picture."], None, [None, Ablation("injection_off")]
+    )
     ref = frame[frame["condition"] == "reference"].iloc[0]
     assert len(ids) > 1
     assert ref["logprob_ref_seq"] == pytest.approx(sum(own.logprobs[: len(ids)]), abs=1e-3)
@@ -100,8 +102,15 @@ def test_eval_scores_free_text_by_the_whole_reference(real, tmp_path):
 
     (tmp_path / "images").mkdir()
     real["image"].save(tmp_path / "images" / "a.png")
-    rows = [{"image": "images/a.png", "question": "What is it?", "answer": "a red square", "qtype": "caption"},
-            {"image": "images/a.png", "question": "Describe it.", "answer": "the answer is a long sentence", "qtype": "caption"}]
+    rows = [
+        {"image": "images/a.png", "question": "What is it?", "answer": "a red square", "qtype": "caption"},
+        {
+            "image": "images/a.png",
+            "question": "Describe it.",
+            "answer": "the answer is a long sentence",
+            "qtype": "caption",
+        },
+    ]
     (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     proc = run_cli("eval", "--data", str(tmp_path), "--model", str(real["folder"]), "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr

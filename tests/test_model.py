@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference_batch import make_batch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -27,25 +28,54 @@ from cliviz.model.amp import AMP
 from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
 from cliviz.train import tiny_config
-from reference_batch import make_batch
 
 from conftest import build_tiny
 
 
 def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=3, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vc = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    tc = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_index=3,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
 def tiny_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
     torch.manual_seed(seed)
-    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
-    tc = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
-    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_index=3, image_grid_pinpoints=[[32, 32]],
-                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    vc = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    tc = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_index=3,
+        image_grid_pinpoints=[[32, 32]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
     return LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
@@ -61,8 +91,15 @@ def onevision_inputs(model):
     sizes = torch.tensor([[32, 32], [32, 32]])
     # the number of placeholders OneVision expects for this image (anyres base + crop + newlines)
     with torch.no_grad():
-        n = sum(f.shape[0] for f in model.model.get_image_features(pv, sizes, vision_feature_layer=-1,
-                vision_feature_select_strategy="full", return_dict=True).pooler_output) // 2
+        n = (
+            sum(
+                f.shape[0]
+                for f in model.model.get_image_features(
+                    pv, sizes, vision_feature_layer=-1, vision_feature_select_strategy="full", return_dict=True
+                ).pooler_output
+            )
+            // 2
+        )
     ids = torch.cat([torch.full((2, n), 3), torch.randint(5, 50, (2, 6), generator=g)], 1)
     return {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
 
@@ -171,8 +208,12 @@ def test_every_fusion_trains_with_falling_loss(fusion):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):  # the same batch: loss must fall
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        )
+        loss = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,10 +230,16 @@ def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
     early = train(TrainSettings(steps=4, stop_step=2, batch_size=2, warmup=1), tmp_path / "early", torch.device("cpu"))
     assert early["steps"] == 2 and (tmp_path / "early" / "model.safetensors").is_file()
     seen = []
-    rest = train(TrainSettings(steps=4, start_step=2, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
-                 tmp_path / "rest", torch.device("cpu"), on_step=lambda r: seen.append((r.step, r.fraction)))
+    rest = train(
+        TrainSettings(steps=4, start_step=2, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
+        tmp_path / "rest",
+        torch.device("cpu"),
+        on_step=lambda r: seen.append((r.step, r.fraction)),
+    )
     assert rest["steps"] == 2 and seen == [(3, 0.75), (4, 1.0)]  # steps 3 and 4 of 4, not a fresh schedule
-    assert lr_factor(0.5, 0, 50) < lr_factor(0.5, 49, 50) == lr_factor(0.5, 999, 50)  # a short re-warmup, then the schedule
+    assert (
+        lr_factor(0.5, 0, 50) < lr_factor(0.5, 49, 50) == lr_factor(0.5, 999, 50)
+    )  # a short re-warmup, then the schedule
 
 
 def test_resume_continues_the_same_run_exactly(tmp_path):
@@ -200,8 +247,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     stopped-and-resumed run ends bit for bit where the uninterrupted one does."""
     from safetensors.torch import load_file
 
-    from cliviz.train import STATE_FILE, read_train_state
-    from cliviz.train import TrainSettings, settings_from_state, train
+    from cliviz.train import STATE_FILE, TrainSettings, read_train_state, settings_from_state, train
 
     cpu = torch.device("cpu")
     straight = train(TrainSettings(steps=30, batch_size=2, warmup=5), tmp_path / "straight", cpu)
@@ -225,8 +271,12 @@ def test_a_start_step_continuation_logs_the_whole_run(tmp_path):
 
     cpu = torch.device("cpu")
     train(TrainSettings(steps=50, stop_step=25, batch_size=2, warmup=1), tmp_path / "early", cpu)
-    summary = train(TrainSettings(steps=50, start_step=25, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
-                    tmp_path / "rest", cpu, save_dtype=torch.bfloat16)
+    summary = train(
+        TrainSettings(steps=50, start_step=25, batch_size=2, warmup=1, init_from=str(tmp_path / "early")),
+        tmp_path / "rest",
+        cpu,
+        save_dtype=torch.bfloat16,
+    )
     rows = [json.loads(line) for line in (tmp_path / "rest" / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [25, 50] and "resumed" not in rows[0] and rows[1]["resumed"]
     assert summary["total_seconds"] >= rows[1]["seconds"] > rows[0]["seconds"]  # seconds count from the first start
@@ -278,8 +328,8 @@ def test_extra_training_questions_ask_about_other_pairs():
 
 
 def test_make_batch_with_extra_questions_labels_more_answers():
-    from cliviz.data.tokenizer import build_tokenizer
     from cliviz.data.questions import parse_extra_questions
+    from cliviz.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     cfg = tiny_config("cli", len(tok), 3, 0)

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from llava_folders import PATCH, SIZE, onevision_folder
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli
-from llava_folders import PATCH, SIZE, onevision_folder
 
 torch.set_num_threads(1)
 
@@ -50,7 +50,9 @@ def test_token_counts_equal_the_processor_rule_and_the_model_features(ov):
     processor = model.config.image_processor
     # the processor's own counting rule (its constructor needs torchvision's video processor, so call
     # the rule on a stand-in holding exactly the attributes it reads)
-    rule = SimpleNamespace(image_processor=processor, num_image_tokens=(SIZE // PATCH) ** 2, vision_aspect_ratio="anyres_max_9")
+    rule = SimpleNamespace(
+        image_processor=processor, num_image_tokens=(SIZE // PATCH) ** 2, vision_aspect_ratio="anyres_max_9"
+    )
     rule._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(rule, *a)
     with torch.no_grad():
         feats = model.encode_images(inputs.pixel_values, inputs.image_sizes).pooler_output
@@ -99,7 +101,7 @@ def test_batched_equals_alone_with_different_crop_counts(ov, max_tokens):
         batched = model(**prepare_inputs(model, tok, images, questions)).logits  # [3, T, V], left-padded
         for i in range(3):
             alone = model(**prepare_inputs(model, tok, [images[i]], [questions[i]])).logits[0]  # [T_i, V]
-            assert (batched[i, -alone.shape[0]:] - alone).abs().max().item() <= 1e-5, names[i]
+            assert (batched[i, -alone.shape[0] :] - alone).abs().max().item() <= 1e-5, names[i]
         plain = model(**prepare_inputs(model, tok, images[:1], questions[:1]))
     assert plain.vision_memory_mask is not None and plain.vision_memory.shape[:2] == (1, 3)
 
@@ -142,7 +144,9 @@ def test_onevision_commands_run(ov, tmp_path):
     image, cli = str(ov["images"]["tall"]), str(ov["cli"])
     proc = run_cli("ask", image, "what is this?", "--model", cli, "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("trace", image, "what is this?", "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3")
+    proc = run_cli(
+        "trace", image, "what is this?", "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3"
+    )
     assert proc.returncode == 0, proc.stderr
 
 

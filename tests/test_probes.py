@@ -32,6 +32,7 @@ def tiny():
 
 # ------------------------------------------------------------------------------------------ labels
 
+
 def test_grid_labels_match_patch_labels_and_carry_objects_on_other_grids():
     from cliviz.analyses.probe_labels import generated_scenes
     from cliviz.data.scenes import COLORS, IMAGE_SIZE, grid_labels, patch_labels
@@ -83,8 +84,9 @@ def test_patch_and_image_tasks_hold_whole_scenes(scenes):
     by_key = {t.prop.key: t for t in tasks}
     digit = by_key["patch:digit"]
     assert len(digit.rows) == 4 * len(scenes)  # the glyph box spans 2 x 2 patches of 8 px
-    assert {(i, p) for i, p in zip(sample.image[digit.rows], sample.patch[digit.rows])} == \
-        {(i, p) for i in range(len(scenes)) for p in (0, 1, 8, 9)}
+    assert {(i, p) for i, p in zip(sample.image[digit.rows], sample.patch[digit.rows])} == {
+        (i, p) for i in range(len(scenes)) for p in (0, 1, 8, 9)
+    }
     assert all(lab == scenes[i].digit for lab, i in zip(digit.labels, digit.images))
     x_tasks = [t for t in image_tasks(scenes, props) if t.prop.key == "image:x"]
     assert sorted(t.subset for t in x_tasks) == sorted(["red", "green", "blue", "yellow", "purple", "orange"])
@@ -95,6 +97,7 @@ def test_patch_and_image_tasks_hold_whole_scenes(scenes):
 
 
 # ------------------------------------------------------------------------------------------ tokens
+
 
 def _real(kind: str):
     """A tiny LLaVA-1.5 (CLIP, CLS token) or OneVision (SigLIP, anyres crops) with CLI attached, in memory."""
@@ -174,6 +177,7 @@ def test_a_projector_layer_outside_the_tower_is_refused(tiny, scenes):
 
 
 # ------------------------------------------------------------------------------------------ probes
+
 
 def test_report_shape_baselines_and_projector_layer(tiny, scenes):
     from cliviz.analyses.probes import probe_layers
@@ -270,11 +274,27 @@ def test_permuted_labels_fall_to_the_baseline(tiny, scenes):
 
 # ------------------------------------------------------------------------------------------ command
 
+
 def test_command_writes_tables_and_figure(tmp_path, random_model_dir):
     out = tmp_path / "probes"
-    proc = run_cli("probe-layers", "--model", str(random_model_dir), "--n", "24", "--folds", "2",
-                   "--properties", "digit,patch:position", "--layers", "0,1,5", "--out", str(out), "--format", "svg",
-                   "--json")
+    proc = run_cli(
+        "probe-layers",
+        "--model",
+        str(random_model_dir),
+        "--n",
+        "24",
+        "--folds",
+        "2",
+        "--properties",
+        "digit,patch:position",
+        "--layers",
+        "0,1,5",
+        "--out",
+        str(out),
+        "--format",
+        "svg",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["layers"] == [0, 1, 5] and payload["n_images"] == 24 and payload["projector_layer"] == 5
@@ -290,19 +310,32 @@ def test_command_reads_a_data_folder(tmp_path, random_model_dir):
     from cliviz.data import write_dataset
 
     write_dataset(tmp_path / "d", 21, seed=2)
-    proc = run_cli("probe-layers", "--model", str(random_model_dir), "--data", str(tmp_path / "d"), "--folds", "2",
-                   "--properties", "image:count")
+    proc = run_cli(
+        "probe-layers",
+        "--model",
+        str(random_model_dir),
+        "--data",
+        str(tmp_path / "d"),
+        "--folds",
+        "2",
+        "--properties",
+        "image:count",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mean:count" in proc.stdout and "V5*" in proc.stdout and "21 images" in proc.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--properties", "digit,colour"], "unknown property 'colour'"),
-    (["--layers", "0,7"], "layer 7 is not a vision layer"),
-    (["--folds", "1"], "--folds must be at least 2"),
-    (["--data", "EMPTY"], "no ShapesVQA scene can be labelled"),
-    (["--data", "NOWHERE"], "not a ShapesVQA folder"),
-], ids=["property", "layer", "folds", "empty-data", "no-data"])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--properties", "digit,colour"], "unknown property 'colour'"),
+        (["--layers", "0,7"], "layer 7 is not a vision layer"),
+        (["--folds", "1"], "--folds must be at least 2"),
+        (["--data", "EMPTY"], "no ShapesVQA scene can be labelled"),
+        (["--data", "NOWHERE"], "not a ShapesVQA folder"),
+    ],
+    ids=["property", "layer", "folds", "empty-data", "no-data"],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, random_model_dir, args, needle):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "EMPTY" / "samples.jsonl").write_text("")

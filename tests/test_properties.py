@@ -15,24 +15,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from corpus import good_trace
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import BUNDLED
-from corpus import good_trace
-
 from cliviz.errors import CLIVizError
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+from conftest import BUNDLED
+
+FAST = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 # ----------------------------------------------------------------------------------------- image loader
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "I", "F", "I;16", "CMYK"]
-FORMATS = {"PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16"}, "TIFF": set(MODES) - {"I;16"},
-           "BMP": {"1", "L", "P", "RGB"}, "GIF": {"L", "P"}, "JPEG": {"L", "RGB", "CMYK"}, "WEBP": {"RGB", "RGBA"}}
+FORMATS = {
+    "PNG": {"1", "L", "P", "RGB", "RGBA", "LA", "I;16"},
+    "TIFF": set(MODES) - {"I;16"},
+    "BMP": {"1", "L", "P", "RGB"},
+    "GIF": {"L", "P"},
+    "JPEG": {"L", "RGB", "CMYK"},
+    "WEBP": {"RGB", "RGBA"},
+}
 
 
 @st.composite
@@ -89,6 +96,7 @@ def test_any_bytes_are_an_image_or_one_error_line(data, magic):
 
 # ----------------------------------------------------------------------------------------- question check
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from cliviz.model.loading import check_model_dir, load_tokenizer
@@ -113,8 +121,30 @@ def test_any_text_is_a_clean_question_or_one_error_line(text):
     assert not any(ch in q for ch in "\x00\x1b\n\t")
 
 
-WORDS = ["what", "color", "is", "the", "circle", "square", "triangle", "how", "many", "objects", "are", "there", "?",
-         "red", "left", "or", "right", ",", "flibber", "<image>", "[PAD]", "?"]
+WORDS = [
+    "what",
+    "color",
+    "is",
+    "the",
+    "circle",
+    "square",
+    "triangle",
+    "how",
+    "many",
+    "objects",
+    "are",
+    "there",
+    "?",
+    "red",
+    "left",
+    "or",
+    "right",
+    ",",
+    "flibber",
+    "<image>",
+    "[PAD]",
+    "?",
+]
 
 
 @FAST
@@ -149,9 +179,14 @@ def _paths(node, prefix=""):
 
 PATHS = sorted(set(_paths(BASE_CONFIG)))
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
 
 
 def _set(config: dict, path: str, value) -> dict:
@@ -185,15 +220,35 @@ SMALL_INTS = st.integers(-3, 300) | st.sampled_from([0, 1, 2, 3, 4, 8, 16, 57, 6
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(changes=st.lists(st.tuples(st.sampled_from([
-    "base_config.text_config.hidden_size", "base_config.text_config.num_attention_heads",
-    "base_config.text_config.num_key_value_heads", "base_config.text_config.num_hidden_layers",
-    "base_config.text_config.vocab_size", "base_config.text_config.intermediate_size",
-    "base_config.text_config.head_dim",
-    "base_config.vision_config.hidden_size", "base_config.vision_config.num_attention_heads",
-    "base_config.vision_config.num_hidden_layers", "base_config.vision_config.image_size",
-    "base_config.vision_config.patch_size", "base_config.image_token_index", "base_config.vision_feature_layer",
-    "lora_rank", "read_heads"]), SMALL_INTS), min_size=1, max_size=3))
+@given(
+    changes=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "base_config.text_config.hidden_size",
+                    "base_config.text_config.num_attention_heads",
+                    "base_config.text_config.num_key_value_heads",
+                    "base_config.text_config.num_hidden_layers",
+                    "base_config.text_config.vocab_size",
+                    "base_config.text_config.intermediate_size",
+                    "base_config.text_config.head_dim",
+                    "base_config.vision_config.hidden_size",
+                    "base_config.vision_config.num_attention_heads",
+                    "base_config.vision_config.num_hidden_layers",
+                    "base_config.vision_config.image_size",
+                    "base_config.vision_config.patch_size",
+                    "base_config.image_token_index",
+                    "base_config.vision_feature_layer",
+                    "lora_rank",
+                    "read_heads",
+                ]
+            ),
+            SMALL_INTS,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_a_validated_config_builds_or_fails_with_one_line(changes, tmp_path_factory):
     """What validation lets through never crashes the model builder (meta device: nothing allocated)."""
     from cliviz.model.loading import check_model_dir
@@ -219,9 +274,27 @@ def test_a_validated_config_builds_or_fails_with_one_line(changes, tmp_path_fact
 
 # ----------------------------------------------------------------------------------------- trace reader
 
-COLUMNS = ["gates", "gates_shape", "injection_norm", "injection_norm_shape", "token_ids", "token_texts", "token_roles",
-           "answer_ids", "answer_texts", "answer_positions", "answer_logprobs", "topk_ids", "topk_ids_shape",
-           "topk_texts", "topk_logprobs", "topk_logprobs_shape", "vision_layers", "injection_layers", "image_width"]
+COLUMNS = [
+    "gates",
+    "gates_shape",
+    "injection_norm",
+    "injection_norm_shape",
+    "token_ids",
+    "token_texts",
+    "token_roles",
+    "answer_ids",
+    "answer_texts",
+    "answer_positions",
+    "answer_logprobs",
+    "topk_ids",
+    "topk_ids_shape",
+    "topk_texts",
+    "topk_logprobs",
+    "topk_logprobs_shape",
+    "vision_layers",
+    "injection_layers",
+    "image_width",
+]
 
 
 def _value_for(arrow_type: pa.DataType):

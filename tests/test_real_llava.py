@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llava_folders import LLAVA15_TEMPLATE as CHAT_TEMPLATE  # noqa: F401  (imported by tests/test_collate.py)
+from llava_folders import SIZE
+from llava_folders import llava15_base as build_base
+from llava_folders import llava15_image_processor as build_image_processor
+from llava_folders import llava15_processor as build_processor
+from llava_folders import llava15_tokenizer as build_tokenizer
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli
 
 torch.set_num_threads(1)
-
-from llava_folders import LLAVA15_TEMPLATE as CHAT_TEMPLATE  # noqa: F401  (kept for readers of this file)
-from llava_folders import PATCH, SIZE
-from llava_folders import llava15_base as build_base
-from llava_folders import llava15_image_processor as build_image_processor
-from llava_folders import llava15_processor as build_processor
-from llava_folders import llava15_tokenizer as build_tokenizer
 
 # Words, capitals, digits and punctuation the tokenizer's training text never saw.
 FREE_TEXT = "Qu'est-ce que c'est, l'objet «rouge» — #42?!"
@@ -54,7 +53,13 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 def test_attach_carries_tokenizer_template_and_processor(folders):
     cli = folders["cli"]
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ):
         assert (cli / name).is_file(), name
         assert (cli / name).read_bytes() == (folders["base"] / name).read_bytes()
     assert "preprocessor_config.json" in folders["attach_stdout"]
@@ -71,8 +76,10 @@ def test_inputs_match_llava_processor_and_logits_match_base(folders):
 
     model, tok = load_model(folders["cli"], device="cpu", dtype="float32")
     assert model.config.image_processor is not None
-    processor = build_processor(AutoTokenizer.from_pretrained(folders["base"]),
-                                AutoImageProcessor.from_pretrained(folders["base"], local_files_only=True))
+    processor = build_processor(
+        AutoTokenizer.from_pretrained(folders["base"]),
+        AutoImageProcessor.from_pretrained(folders["base"], local_files_only=True),
+    )
     image = Image.open(folders["image"]).convert("RGB")  # 50 x 30: resize + center crop matter
     text = processor.apply_chat_template(messages(FREE_TEXT), add_generation_prompt=True, tokenize=False)
     ref = processor(images=[image], text=text, return_tensors="pt")
@@ -86,7 +93,9 @@ def test_inputs_match_llava_processor_and_logits_match_base(folders):
 
     base = LlavaForConditionalGeneration.from_pretrained(folders["base"], use_safetensors=True).eval()
     inputs = prepare_inputs(model, tok, [image], [FREE_TEXT])
-    assert torch.equal(inputs["input_ids"], ref["input_ids"]) and torch.equal(inputs["pixel_values"], ref["pixel_values"])
+    assert torch.equal(inputs["input_ids"], ref["input_ids"]) and torch.equal(
+        inputs["pixel_values"], ref["pixel_values"]
+    )
     with torch.no_grad():
         want = base(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits  # [1, T, V]
         got = model(**inputs).logits  # [1, T, V]
@@ -151,4 +160,6 @@ def test_bad_questions_on_a_real_folder(folders):
     cli, image = str(folders["cli"]), str(folders["image"])
     assert_clean_error(run_cli("ask", image, "   ", "--model", cli, "--device", "cpu"), "empty")
     assert_clean_error(run_cli("ask", image, "why " * 150, "--model", cli, "--device", "cpu"), "too long")
-    assert_clean_error(run_cli("trace", image, "what is <image> here?", "--model", cli, "--device", "cpu"), "special token")
+    assert_clean_error(
+        run_cli("trace", image, "what is <image> here?", "--model", cli, "--device", "cpu"), "special token"
+    )

@@ -21,8 +21,9 @@ def photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([120 + 100 * np.sin(xx / 13.0), 140 + 80 * np.cos(yy / 17.0),
-                     90 + 60 * np.sin((xx + yy) / 23.0)], -1)
+    base = np.stack(
+        [120 + 100 * np.sin(xx / 13.0), 140 + 80 * np.cos(yy / 17.0), 90 + 60 * np.sin((xx + yy) / 23.0)], -1
+    )
     return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
 
 
@@ -56,13 +57,27 @@ def photo(tmp_path_factory):
 
 @pytest.mark.parametrize("command", ["ask", "trace"])
 def test_commands_print_one_warning_line(command, photo, random_model_dir):
-    proc = run_cli(command, str(photo), "what shape is the orange object ?", "--model", str(random_model_dir),
-                   "--max-new-tokens", "2")
+    proc = run_cli(
+        command,
+        str(photo),
+        "what shape is the orange object ?",
+        "--model",
+        str(random_model_dir),
+        "--max-new-tokens",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "300x200" in lines[0], proc.stderr
-    clean = run_cli(command, str(EXAMPLES / "shape.png"), "what shape is the purple object ?", "--model",
-                    str(random_model_dir), "--max-new-tokens", "2")
+    clean = run_cli(
+        command,
+        str(EXAMPLES / "shape.png"),
+        "what shape is the purple object ?",
+        "--model",
+        str(random_model_dir),
+        "--max-new-tokens",
+        "2",
+    )
     assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr
 
 
@@ -76,8 +91,9 @@ def test_dashboard_answer_card_carries_the_note(tiny_cli, photo):
     model, tok = tiny_cli
     backend = Backend(model=model, tokenizer=tok, examples=load_examples(), model_label="tiny")
     raw = photo.read_bytes()
-    store, *_ = callbacks_explore.ask(backend, "what shape is the orange object ?",
-                                      image_payload("cat.jpg", raw, load_image(raw)))
+    store, *_ = callbacks_explore.ask(
+        backend, "what shape is the orange object ?", image_payload("cat.jpg", raw, load_image(raw))
+    )
     card = json.dumps(callbacks_explore.render_answer(store).to_plotly_json(), default=str)
     assert "world-warning" in card and "cliviz attach" in card
     example, *_, question = callbacks_image.from_example(backend, "shape")

@@ -22,8 +22,25 @@ LLM = "base.language_model."
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "tower"
-    proc = run_cli("train", "--objective", "tower", "--fusion", "projector", "--steps", "6", "--batch-size", "4",
-                   "--warmup", "2", "--log-every", "1", "--device", "cpu", "--out", str(out))
+    proc = run_cli(
+        "train",
+        "--objective",
+        "tower",
+        "--fusion",
+        "projector",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "2",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -48,7 +65,10 @@ def test_tower_loss_pulls_top_layer_patches_together():
     from cliviz.train.tiny import TowerHeads, tower_loss
 
     heads = TowerHeads(8)
-    batch = {"aux_scene_shape_of_color": torch.zeros(2, 6, dtype=torch.long), "aux_scene_count": torch.ones(2, 1, dtype=torch.long)}
+    batch = {
+        "aux_scene_shape_of_color": torch.zeros(2, 6, dtype=torch.long),
+        "aux_scene_count": torch.ones(2, 1, dtype=torch.long),
+    }
     same = [torch.ones(2, 5, 8)] * 3
     spread = [torch.ones(2, 5, 8), torch.ones(2, 5, 8), torch.randn(2, 5, 8)]
     base, _ = tower_loss(heads, same, batch, smooth_from=1, smooth_weight=0.0)
@@ -59,14 +79,33 @@ def test_tower_loss_pulls_top_layer_patches_together():
 
 def test_stage2_starts_fresh_on_the_stage1_tower_and_keeps_it_frozen(stage1, tmp_path):
     out = tmp_path / "stage2"
-    proc = run_cli("train", "--vision-from", str(stage1), "--fusion", "projector", "--train", "projector,llm",
-                   "--steps", "3", "--batch-size", "4", "--warmup", "1", "--device", "cpu", "--out", str(out))
+    proc = run_cli(
+        "train",
+        "--vision-from",
+        str(stage1),
+        "--fusion",
+        "projector",
+        "--train",
+        "projector,llm",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     tower, after = load_file(stage1 / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(tower[k], after[k]) for k in tower if k.startswith(TOWER))
     assert any(not torch.equal(tower[k], after[k]) for k in tower if k.startswith(LLM))
-    assert_clean_error(run_cli("train", "--vision-from", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "x")),
-                       "not a model folder")
+    assert_clean_error(
+        run_cli("train", "--vision-from", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "x")),
+        "not a model folder",
+    )
 
 
 def test_cached_vision_states_change_no_number(stage1, tmp_path):
@@ -74,10 +113,31 @@ def test_cached_vision_states_change_no_number(stage1, tmp_path):
     runs = {}
     for name, extra in (("plain", []), ("cached", ["--cache-vision"])):
         runs[name] = tmp_path / name
-        proc = run_cli("train", "--vision-from", str(stage1), "--fusion", "cli", "--train", "cli,llm", "--scene-pool", "4",
-                       "--steps", "4", "--batch-size", "4", "--warmup", "1", "--device", "cpu", "--out", str(runs[name]),
-                       *extra)
+        proc = run_cli(
+            "train",
+            "--vision-from",
+            str(stage1),
+            "--fusion",
+            "cli",
+            "--train",
+            "cli,llm",
+            "--scene-pool",
+            "4",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(runs[name]),
+            *extra,
+        )
         assert proc.returncode == 0, proc.stderr
     a, b = load_file(runs["plain"] / "model.safetensors"), load_file(runs["cached"] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert_clean_error(run_cli("train", "--cache-vision", "--steps", "2", "--out", str(tmp_path / "y")), "frozen vision tower")
+    assert_clean_error(
+        run_cli("train", "--cache-vision", "--steps", "2", "--out", str(tmp_path / "y")), "frozen vision tower"
+    )

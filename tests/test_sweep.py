@@ -32,8 +32,12 @@ def data_dir(tmp_path_factory) -> Path:
     write_dataset(out, N_SAMPLES, seed=3)
     lines = (out / "samples.jsonl").read_text().splitlines()
     lines.insert(2, '{"image": "images/broken.png", "question": ')
-    lines.insert(8, json.dumps({"image": "images/missing.png", "question": "what color is the circle ?",
-                                "answer": "red", "qtype": "color"}))
+    lines.insert(
+        8,
+        json.dumps(
+            {"image": "images/missing.png", "question": "what color is the circle ?", "answer": "red", "qtype": "color"}
+        ),
+    )
     (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
     return out
 
@@ -50,17 +54,32 @@ def baseline(tmp_path_factory, data_dir, random_model_dir):
 def _rows(path: Path) -> list[dict]:
     from cliviz.tracing.traceset import TraceSet
 
-    return [{"sample_id": t.meta.sample_id, "qtype": t.meta.qtype, "reference": t.meta.reference_answer,
-             "answer": t.meta.answer, "gates": t.gates, "norm": t.injection_norm, "ids": t.token_ids.tolist(),
-             "answer_ids": t.answer_ids.tolist()} for t in TraceSet.read(path)]
+    return [
+        {
+            "sample_id": t.meta.sample_id,
+            "qtype": t.meta.qtype,
+            "reference": t.meta.reference_answer,
+            "answer": t.meta.answer,
+            "gates": t.gates,
+            "norm": t.injection_norm,
+            "ids": t.token_ids.tolist(),
+            "answer_ids": t.answer_ids.tolist(),
+        }
+        for t in TraceSet.read(path)
+    ]
 
 
 def _assert_same_set(a: Path, b: Path, atol: float = 1e-6) -> None:
     ra, rb = _rows(a), _rows(b)
     assert [r["sample_id"] for r in ra] == [r["sample_id"] for r in rb]
     for x, y in zip(ra, rb):
-        assert (x["qtype"], x["reference"], x["answer"], x["ids"], x["answer_ids"]) == \
-               (y["qtype"], y["reference"], y["answer"], y["ids"], y["answer_ids"]), x["sample_id"]
+        assert (x["qtype"], x["reference"], x["answer"], x["ids"], x["answer_ids"]) == (
+            y["qtype"],
+            y["reference"],
+            y["answer"],
+            y["ids"],
+            y["answer_ids"],
+        ), x["sample_id"]
         assert x["gates"].shape == y["gates"].shape
         np.testing.assert_allclose(x["gates"], y["gates"], rtol=0, atol=atol)
         np.testing.assert_allclose(x["norm"], y["norm"], rtol=0, atol=atol)
@@ -90,11 +109,17 @@ def _one_error_line(code: int, err: str, needle: str) -> None:
 def test_sweep_writes_one_row_per_sample(baseline, data_dir):
     out, proc = baseline
     rows = _rows(out)
-    good = [json.loads(line) for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1)
-            if n not in (3, 9)]
+    good = [
+        json.loads(line)
+        for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1)
+        if n not in (3, 9)
+    ]
     assert len(rows) == N_SAMPLES
-    expected_ids = [f"L{n}:{json.loads(line)['image']}"
-                    for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1) if n not in (3, 9)]
+    expected_ids = [
+        f"L{n}:{json.loads(line)['image']}"
+        for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1)
+        if n not in (3, 9)
+    ]
     assert [r["sample_id"] for r in rows] == expected_ids
     assert [r["qtype"] for r in rows] == [g["qtype"] for g in good]
     assert [r["reference"] for r in rows] == [g["answer"] for g in good]
@@ -124,8 +149,9 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
     assert [r["sample_id"] for r in _rows(out)] == [it.sample_id for it in items[:CHUNK]]
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
-    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN,
-                   "--resume")
+    proc = run_cli(
+        "sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN, "--resume"
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"{N_SAMPLES - CHUNK} traced now, {CHUNK} already there" in proc.stdout
     _assert_same_set(baseline[0], out)
@@ -138,12 +164,14 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
     assert out.read_bytes() == before
 
 
-def test_resume_refuses_corrupt_and_other_schema_files(baseline, data_dir, random_model_dir, tmp_path, monkeypatch,
-                                                       capsys):
+def test_resume_refuses_corrupt_and_other_schema_files(
+    baseline, data_dir, random_model_dir, tmp_path, monkeypatch, capsys
+):
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(baseline[0].read_bytes()[:300])
-    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(corrupt), "--model", str(random_model_dir), *GEN,
-                   "--resume")
+    proc = run_cli(
+        "sweep", "--data", str(data_dir), "--out", str(corrupt), "--model", str(random_model_dir), *GEN, "--resume"
+    )
     assert_clean_error(proc, "not a readable Parquet file")
     assert corrupt.read_bytes() == baseline[0].read_bytes()[:300]
 
@@ -153,15 +181,25 @@ def test_resume_refuses_corrupt_and_other_schema_files(baseline, data_dir, rando
     meta[b"cliviz.schema_version"] = b"99"
     pq.write_table(table.replace_schema_metadata(meta), other)
     before = other.read_bytes()
-    code, _, err = _main(monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(other),
-                         "--model", str(random_model_dir), *GEN, "--resume")
+    code, _, err = _main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(other),
+        "--model",
+        str(random_model_dir),
+        *GEN,
+        "--resume",
+    )
     _one_error_line(code, err, "schema version 99")
     assert other.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.parquet", "v99.parquet"]
 
 
-def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, data_dir, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, data_dir, tmp_path, monkeypatch, capsys):
     existing = tmp_path / "done.parquet"
     existing.write_bytes(baseline[0].read_bytes())
     before = existing.read_bytes()
@@ -181,15 +219,35 @@ def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, d
     code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "fresh.parquet"), *args)
     _one_error_line(code, err, "--resume")
     # --resume of a finished sweep: nothing to do (no model needed); into a file of other samples: refused
-    code, out, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), "--data", str(data_dir),
-                           "--model", str(tmp_path / "no-model"), "--resume")
+    code, out, err = _main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--out",
+        str(existing),
+        "--data",
+        str(data_dir),
+        "--model",
+        str(tmp_path / "no-model"),
+        "--resume",
+    )
     assert code == 0 and "0 traced now" in out, err
     other_data = tmp_path / "other.jsonl"
     lines = (data_dir / "samples.jsonl").read_text().splitlines()
     other_data.write_text("\n".join([lines[0]] * 2) + "\n")
     (tmp_path / "images").symlink_to(data_dir / "images")
-    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), "--data", str(other_data),
-                         "--model", str(tmp_path / "no-model"), "--resume")
+    code, _, err = _main(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--out",
+        str(existing),
+        "--data",
+        str(other_data),
+        "--model",
+        str(tmp_path / "no-model"),
+        "--resume",
+    )
     _one_error_line(code, err, "not samples of this data set")
     assert existing.read_bytes() == before
 
@@ -202,7 +260,7 @@ def test_finalize_merges_shards_in_data_order(baseline, data_dir, tmp_path):
 
     full = TraceSet.read(baseline[0])
     out = tmp_path / "merged.parquet"
-    full[: 5].write(out)
+    full[:5].write(out)
     full[9:3:-2].write(shard_path(out, 0))  # reversed, overlapping with out
     full[4:].write(shard_path(out, 1))
     assert existing_shards(out) == [tmp_path / "merged.rank0.parquet", tmp_path / "merged.rank1.parquet"]
@@ -216,9 +274,29 @@ def test_torchrun_two_processes_match_single_process(baseline, data_dir, random_
     out = tmp_path / "traces.parquet"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "cliviz", "sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cliviz",
+            "sweep",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--model",
+            str(random_model_dir),
+            *GEN,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout

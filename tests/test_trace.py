@@ -40,12 +40,17 @@ def test_recorded_gates_equal_a_plain_teacher_forced_forward(tiny_cli):
     image, question = _sample(1)
     t = trace(model, tok, image, question, max_new_tokens=4)
     captured = {}
-    handles = [layer.gate.register_forward_hook(lambda m, i, o, j=j: captured.__setitem__(j, o)) for j, layer in enumerate(model.agf)]
+    handles = [
+        layer.gate.register_forward_hook(lambda m, i, o, j=j: captured.__setitem__(j, o))
+        for j, layer in enumerate(model.agf)
+    ]
     from cliviz.model.processing import pixel_values
 
     try:
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([t.token_ids.tolist()]), pixel_values=pixel_values([image], model.config))
+            out = model(
+                input_ids=torch.tensor([t.token_ids.tolist()]), pixel_values=pixel_values([image], model.config)
+            )
     finally:
         for h in handles:
             h.remove()
@@ -54,7 +59,11 @@ def test_recorded_gates_equal_a_plain_teacher_forced_forward(tiny_cli):
     logprobs = torch.log_softmax(out.logits[0], -1)
     for s, pos in enumerate(t.answer_positions[:-1]):  # the last answer token is never fed back
         assert abs(logprobs[pos, t.answer_ids[s]].item() - t.answer_logprobs[s]) < 1e-4
-    assert t.topk_ids[0, 0] == t.answer_ids[0] or tok.convert_ids_to_tokens(int(t.topk_ids[0, 0])) in ("[PAD]", "<image>", "<bos>")
+    assert t.topk_ids[0, 0] == t.answer_ids[0] or tok.convert_ids_to_tokens(int(t.topk_ids[0, 0])) in (
+        "[PAD]",
+        "<image>",
+        "<bos>",
+    )
 
 
 def test_answer_matches_plain_generation(tiny_cli):

@@ -20,20 +20,41 @@ from cliviz.tracing.trace import ROLES, SCHEMA_VERSION, Trace, TraceMeta
 from cliviz.tracing.traceset import TraceSet, merge_traces, write_traces
 
 
-def make_trace(rng: np.random.Generator, *, n_layers: int = 2, n_tokens: int = 7, k: int = 3, n_answer: int = 2,
-               top_k: int = 3, question: str = "what colour is the square?", texts: list[str] | None = None,
-               sample_id: str | None = "s0", qtype: str | None = "colour",
-               attributions: dict[str, np.ndarray] | None = None) -> Trace:
+def make_trace(
+    rng: np.random.Generator,
+    *,
+    n_layers: int = 2,
+    n_tokens: int = 7,
+    k: int = 3,
+    n_answer: int = 2,
+    top_k: int = 3,
+    question: str = "what colour is the square?",
+    texts: list[str] | None = None,
+    sample_id: str | None = "s0",
+    qtype: str | None = "colour",
+    attributions: dict[str, np.ndarray] | None = None,
+) -> Trace:
     gates = rng.random((n_layers, n_tokens, k), dtype=np.float32) + np.float32(0.01)
     gates /= gates.sum(axis=-1, keepdims=True)
     texts = texts if texts is not None else [f"tok{i}" for i in range(n_tokens)]
     meta = TraceMeta(
-        question=question, answer="red", model="assets/models/tiny", config_hash="abc123",
-        fusion="projector" if n_layers == 0 else "cli", vision_layers=list(range(2, 2 + 2 * k, 2)),
+        question=question,
+        answer="red",
+        model="assets/models/tiny",
+        config_hash="abc123",
+        fusion="projector" if n_layers == 0 else "cli",
+        vision_layers=list(range(2, 2 + 2 * k, 2)),
         injection_layers=[int(x) for x in rng.choice(40, size=n_layers, replace=False)] if n_layers else [],
-        image_sha256="f" * 64, image_width=64, image_height=48, device="cpu", dtype="float32",
-        created_at="2025-01-01T00:00:00+00:00", cliviz_version="0.1.0", qtype=qtype,
-        reference_answer="red", sample_id=sample_id,
+        image_sha256="f" * 64,
+        image_width=64,
+        image_height=48,
+        device="cpu",
+        dtype="float32",
+        created_at="2025-01-01T00:00:00+00:00",
+        cliviz_version="0.1.0",
+        qtype=qtype,
+        reference_answer="red",
+        sample_id=sample_id,
     )
     return Trace(
         meta=meta,
@@ -53,8 +74,16 @@ def make_trace(rng: np.random.Generator, *, n_layers: int = 2, n_tokens: int = 7
     )
 
 
-ARRAYS = ("token_ids", "gates", "injection_norm", "answer_ids", "answer_positions", "answer_logprobs", "topk_ids",
-          "topk_logprobs")
+ARRAYS = (
+    "token_ids",
+    "gates",
+    "injection_norm",
+    "answer_ids",
+    "answer_positions",
+    "answer_logprobs",
+    "topk_ids",
+    "topk_logprobs",
+)
 LISTS = ("token_texts", "token_roles", "answer_texts", "topk_texts")
 
 
@@ -80,8 +109,11 @@ def rng() -> np.random.Generator:
 
 
 def test_round_trip_every_field(tmp_path: Path, rng: np.random.Generator) -> None:
-    traces = [make_trace(rng, sample_id="a"), make_trace(rng, n_layers=0, k=1, sample_id=None, qtype=None),
-              make_trace(rng, n_layers=3, n_tokens=11, k=5, n_answer=4, top_k=1, sample_id="c")]
+    traces = [
+        make_trace(rng, sample_id="a"),
+        make_trace(rng, n_layers=0, k=1, sample_id=None, qtype=None),
+        make_trace(rng, n_layers=3, n_tokens=11, k=5, n_answer=4, top_k=1, sample_id="c"),
+    ]
     assert traces[1].gates.shape == (0, 7, 1)
     path = write_traces(tmp_path / "t.parquet", traces)
     ts = TraceSet.read(path)
@@ -97,8 +129,10 @@ def test_round_trip_every_field(tmp_path: Path, rng: np.random.Generator) -> Non
 
 
 def test_attributions_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
-    attr = {"gate_ig": rng.standard_normal((2, 2, 3)).astype(np.float32),
-            "patch_gxi": rng.standard_normal((2, 16)).astype(np.float32)}
+    attr = {
+        "gate_ig": rng.standard_normal((2, 2, 3)).astype(np.float32),
+        "patch_gxi": rng.standard_normal((2, 16)).astype(np.float32),
+    }
     traces = [make_trace(rng, attributions=attr), make_trace(rng)]
     write_traces(tmp_path / "a.parquet", traces)
     ts = TraceSet.read(tmp_path / "a.parquet")
@@ -125,7 +159,9 @@ def test_append_two_batches_in_order(tmp_path: Path, rng: np.random.Generator) -
 def test_merge_shards_in_given_order(tmp_path: Path, rng: np.random.Generator) -> None:
     shards = []
     for r in range(3):
-        shards.append(write_traces(tmp_path / f"rank{r}.parquet", [make_trace(rng, sample_id=f"r{r}_{i}") for i in range(2)]))
+        shards.append(
+            write_traces(tmp_path / f"rank{r}.parquet", [make_trace(rng, sample_id=f"r{r}_{i}") for i in range(2)])
+        )
     out = merge_traces(tmp_path / "all.parquet", [shards[2], shards[0], shards[1]])
     assert [t.meta.sample_id for t in TraceSet.read(out)] == ["r2_0", "r2_1", "r0_0", "r0_1", "r1_0", "r1_1"]
     bad = tmp_path / "bad.parquet"
@@ -141,8 +177,20 @@ def test_to_long_matches_arrays(tmp_path: Path, rng: np.random.Generator) -> Non
     p = make_trace(rng, n_layers=0, k=1, sample_id="p")  # projector: no gate rows
     write_traces(tmp_path / "t.parquet", [a, p, b])
     df = TraceSet.read(tmp_path / "t.parquet").to_long()
-    assert list(df.columns) == ["trace", "sample_id", "qtype", "question", "answer", "llm_layer", "vision_layer",
-                                "position", "token", "role", "gate", "injection_norm"]
+    assert list(df.columns) == [
+        "trace",
+        "sample_id",
+        "qtype",
+        "question",
+        "answer",
+        "llm_layer",
+        "vision_layer",
+        "position",
+        "token",
+        "role",
+        "gate",
+        "injection_norm",
+    ]
     assert len(df) == 2 * 5 * 3 + 3 * 4 * 2
     assert df.gate.dtype == np.float32 and df.llm_layer.dtype == np.int64
     assert set(df.trace) == {0, 2}
@@ -154,8 +202,12 @@ def test_to_long_matches_arrays(tmp_path: Path, rng: np.random.Generator) -> Non
         assert set(rows.question.astype(str)) == {t.meta.question}
     # one hand-picked cell per trace, looked up by real layer indices
     for ti, t, (li, pos, ki) in ((0, a, (1, 3, 2)), (2, b, (2, 1, 0))):
-        cell = df[(df.trace == ti) & (df.llm_layer == t.meta.injection_layers[li])
-                  & (df.vision_layer == t.meta.vision_layers[ki]) & (df.position == pos)]
+        cell = df[
+            (df.trace == ti)
+            & (df.llm_layer == t.meta.injection_layers[li])
+            & (df.vision_layer == t.meta.vision_layers[ki])
+            & (df.position == pos)
+        ]
         assert len(cell) == 1
         row = cell.iloc[0]
         assert row.gate == t.gates[li, pos, ki]
@@ -191,8 +243,20 @@ def test_plain_pandas_and_pyarrow_can_read(tmp_path: Path, rng: np.random.Genera
     path = write_traces(tmp_path / "t.parquet", traces)
     df = pd.read_parquet(path)
     assert len(df) == 2
-    for name in ("question", "answer", "model", "fusion", "qtype", "sample_id", "vision_layers", "gates", "gates_shape",
-                 "token_texts", "topk_texts", "attributions"):
+    for name in (
+        "question",
+        "answer",
+        "model",
+        "fusion",
+        "qtype",
+        "sample_id",
+        "vision_layers",
+        "gates",
+        "gates_shape",
+        "token_texts",
+        "topk_texts",
+        "attributions",
+    ):
         assert name in df.columns
     assert list(df.sample_id) == ["a", "b"]
     row = df.iloc[0]
@@ -293,9 +357,18 @@ def traces_strategy(draw: st.DrawFn) -> Trace:
     n_answer = draw(st.integers(1, 4))
     top_k = draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    t = make_trace(rng, n_layers=n_layers, n_tokens=n_tokens, k=k, n_answer=n_answer, top_k=top_k,
-                   question=draw(texts), texts=draw(st.lists(texts, min_size=n_tokens, max_size=n_tokens)),
-                   sample_id=draw(st.none() | texts), qtype=draw(st.none() | texts))
+    t = make_trace(
+        rng,
+        n_layers=n_layers,
+        n_tokens=n_tokens,
+        k=k,
+        n_answer=n_answer,
+        top_k=top_k,
+        question=draw(texts),
+        texts=draw(st.lists(texts, min_size=n_tokens, max_size=n_tokens)),
+        sample_id=draw(st.none() | texts),
+        qtype=draw(st.none() | texts),
+    )
     t.meta.answer = draw(texts)
     t.answer_texts = draw(st.lists(texts, min_size=n_answer, max_size=n_answer))
     t.topk_texts = draw(st.lists(st.lists(texts, min_size=top_k, max_size=top_k), min_size=n_answer, max_size=n_answer))
@@ -320,8 +393,13 @@ def test_property_round_trip(batches: list[list[Trace]]) -> None:
         assert len(df) == sum(t.gates.size for t in want)
         if len(df):
             np.testing.assert_array_equal(df.gate.to_numpy(), np.concatenate([t.gates.ravel() for t in want]))
-            tokens = np.concatenate([np.broadcast_to(np.array(t.token_texts, dtype=object)[None, :, None], t.gates.shape).ravel()
-                                     for t in want if t.gates.size])
+            tokens = np.concatenate(
+                [
+                    np.broadcast_to(np.array(t.token_texts, dtype=object)[None, :, None], t.gates.shape).ravel()
+                    for t in want
+                    if t.gates.size
+                ]
+            )
             assert list(df.token.astype(object)) == list(tokens)
 
 
@@ -334,8 +412,9 @@ def _as_schema_1(src: Path, dst: Path) -> None:
     pq.write_table(table.replace_schema_metadata(md), dst)
 
 
-def test_schema_1_files_read_without_causal_check_and_upgrade_on_append(tmp_path: Path,
-                                                                        rng: np.random.Generator) -> None:
+def test_schema_1_files_read_without_causal_check_and_upgrade_on_append(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
     old_trace = make_trace(rng)
     _as_schema_1(write_traces(tmp_path / "new.parquet", [old_trace]), tmp_path / "old.parquet")
     back = TraceSet.read(tmp_path / "old.parquet")[0]

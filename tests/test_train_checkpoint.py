@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, assert_clean_error, run_cli
-from llava_folders import llava15_folder, onevision_folder
 
 torch.set_num_threads(1)
 CLI_PREFIXES = ("amp.", "read_kv.", "agf.")
@@ -34,13 +34,32 @@ def write_llava_data(root) -> tuple:
         w, h = [(48, 32), (32, 64), (40, 40)][i % 3]
         pixels = np.full((h, w, 3), COLORS[name], dtype=np.uint8) + rng.integers(0, 20, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": f"The picture is {name}."},
-            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]})
-    rows.append({"id": "no-image", "image": "missing.png", "conversations": [
-        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]})
-    rows.append({"id": "no-token", "image": "0.png", "conversations": [
-        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]})
+        rows.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the picture?"},
+                    {"from": "gpt", "value": f"The picture is {name}."},
+                    {"from": "human", "value": "Are you sure?"},
+                    {"from": "gpt", "value": "Yes."},
+                ],
+            }
+        )
+    rows.append(
+        {
+            "id": "no-image",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}],
+        }
+    )
+    rows.append(
+        {
+            "id": "no-token",
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+        }
+    )
     (root / "train.json").write_text(json.dumps(rows))
     return root / "train.json", images
 
@@ -60,8 +79,26 @@ def setup(tmp_path_factory) -> dict:
 
 
 def train_args(setup, family: str, out, *extra: str) -> list[str]:
-    return ["train", "--init-from", str(setup[family]), "--data", str(setup["data"]), "--image-folder", str(setup["images"]),
-            "--out", str(out), "--lr", "3e-3", "--warmup", "2", "--log-every", "1", "--device", "cpu", *extra]
+    return [
+        "train",
+        "--init-from",
+        str(setup[family]),
+        "--data",
+        str(setup["data"]),
+        "--image-folder",
+        str(setup["images"]),
+        "--out",
+        str(out),
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def losses(folder) -> list[float]:
@@ -87,14 +124,19 @@ def test_cli_only_training_of_an_attached_checkpoint(setup, family, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in after if ".gate.to_logits." in k)
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["trained"] == "cli" and 0 < summary["trainable_parameters"] < summary["parameters"] / 5
-    assert summary["data"]["skipped"] == {"missing_image": 1, "no_image_token": 1} or sum(summary["data"]["skipped"].values()) >= 2
+    assert (
+        summary["data"]["skipped"] == {"missing_image": 1, "no_image_token": 1}
+        or sum(summary["data"]["skipped"].values()) >= 2
+    )
     card = (out / "README.md").read_text()
     assert str(setup["data"]) in card and f"{summary['trainable_parameters']:,}" in card
     for name in ("tokenizer.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json"):
         assert (out / name).is_file(), name
     image = setup["images"] / "1.png"
-    for command in (["ask", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"],
-                    ["trace", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"]):
+    for command in (
+        ["ask", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"],
+        ["trace", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"],
+    ):
         proc = run_cli(*command, "--model", str(out), "--device", "cpu")
         assert proc.returncode == 0, proc.stderr
     from cliviz.app.factory import load_backend  # and the dashboard's backend serves it
@@ -107,8 +149,8 @@ def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
     """At init the injection adds nothing, so only alpha gets a gradient; its own learning rate
     (no warmup) moves it off zero in the first step."""
     from cliviz.model.loading import load_model
-    from cliviz.train.setup import param_groups, select_trainable
     from cliviz.train.settings import TrainSettings
+    from cliviz.train.setup import param_groups, select_trainable
 
     model, tok = load_model(setup["llava"], device="cpu", dtype="float32")
     select_trainable(model, "cli")
@@ -119,8 +161,12 @@ def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
     rows = [row for row, _ in zip(source, range(4))]
     inputs = collator_for_model(model.config, tok)(rows).inputs
     model.train()
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), inputs["labels"][:, 1:].reshape(-1))
+    logits = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+    ).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), inputs["labels"][:, 1:].reshape(-1)
+    )
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and all(n.endswith("injection.alpha") for n in with_grad)
@@ -130,8 +176,14 @@ def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cliviz", *args],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cliviz", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -171,9 +223,13 @@ def test_resume_and_gradient_checkpointing_give_the_same_run(setup, tmp_path):
 def test_bad_training_options_are_one_line(setup, tmp_path):
     base = ["train", "--out", str(tmp_path / "x"), "--steps", "2"]
     assert_clean_error(run_cli(*base, "--init-from", str(tmp_path)), "not a model folder")
-    assert_clean_error(run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(tmp_path / "none.json")), "not found")
-    assert_clean_error(run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(setup["data"]), "--train", "lora"),
-                       "unknown train choice")
+    assert_clean_error(
+        run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(tmp_path / "none.json")), "not found"
+    )
+    assert_clean_error(
+        run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(setup["data"]), "--train", "lora"),
+        "unknown train choice",
+    )
     assert_clean_error(run_cli(*base, "--distributed", "mpi"), "unknown distributed mode")
     assert_clean_error(run_cli("train", "--out", str(tmp_path / "y")), "--steps or --minutes")
     assert not (tmp_path / "x").exists()

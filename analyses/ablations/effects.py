@@ -29,13 +29,25 @@ from cliviz.model.processing import image_inputs
 from cliviz.tracing.record import envoy
 
 # Per-sample quantities the effects frame averages, and what each row of a grid reports.
-GRID_METRICS = ("delta_logprob_ref", "delta_logprob_ref_seq", "delta_logprob_own", "flip_rate", "accuracy",
-                "delta_accuracy", "gate_mass")
+GRID_METRICS = (
+    "delta_logprob_ref",
+    "delta_logprob_ref_seq",
+    "delta_logprob_own",
+    "flip_rate",
+    "accuracy",
+    "delta_accuracy",
+    "gate_mass",
+)
 # metric -> its human label (figures, tables)
-METRIC_LABELS = {"delta_logprob_ref": "Δ log-prob (reference answer)",
-                 "delta_logprob_ref_seq": "Δ log-prob (whole reference answer)", "delta_logprob_own": "Δ log-prob (own answer)",
-                 "flip_rate": "flip rate", "accuracy": "accuracy", "delta_accuracy": "Δ accuracy",
-                 "gate_mass": "gate mass (unablated)"}
+METRIC_LABELS = {
+    "delta_logprob_ref": "Δ log-prob (reference answer)",
+    "delta_logprob_ref_seq": "Δ log-prob (whole reference answer)",
+    "delta_logprob_own": "Δ log-prob (own answer)",
+    "flip_rate": "flip rate",
+    "accuracy": "accuracy",
+    "delta_accuracy": "Δ accuracy",
+    "gate_mass": "gate mass (unablated)",
+}
 
 
 def metric_label(metric: str) -> str:
@@ -48,9 +60,16 @@ def _layer_of(values: list[int] | None) -> Any:
     return values[0] if values is not None and len(values) == 1 else pd.NA
 
 
-def effects_frame(scores: pd.DataFrame, conditions: Sequence[Ablation | None], *, gate_mass: np.ndarray | None = None,
-                  injection_layers: Sequence[int] | None = None, vision_layers: Sequence[int] | None = None,
-                  n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def effects_frame(
+    scores: pd.DataFrame,
+    conditions: Sequence[Ablation | None],
+    *,
+    gate_mass: np.ndarray | None = None,
+    injection_layers: Sequence[int] | None = None,
+    vision_layers: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Tidy effects per condition and question type (plus `all`): columns condition, llm_layer,
     vision_layer, qtype, metric, value, ci_low, ci_high, n. Metrics: delta_logprob_ref,
     delta_logprob_own, flip_rate, accuracy (under the condition), delta_accuracy, and — for
@@ -104,23 +123,40 @@ def effects_frame(scores: pd.DataFrame, conditions: Sequence[Ablation | None], *
             for c, a in enumerate(conditions):
                 if np.isnan(mean[c]) and metric == "gate_mass":
                     continue
-                records.append({
-                    "condition": labels[c],
-                    "llm_layer": _layer_of(a.llm_layers) if a is not None else pd.NA,
-                    "vision_layer": _layer_of(a.vision_layers) if a is not None else pd.NA,
-                    "qtype": group, "metric": metric, "value": float(mean[c]),
-                    "ci_low": float(lo[c]), "ci_high": float(hi[c]), "n": int(len(idx)),
-                })
+                records.append(
+                    {
+                        "condition": labels[c],
+                        "llm_layer": _layer_of(a.llm_layers) if a is not None else pd.NA,
+                        "vision_layer": _layer_of(a.vision_layers) if a is not None else pd.NA,
+                        "qtype": group,
+                        "metric": metric,
+                        "value": float(mean[c]),
+                        "ci_low": float(lo[c]),
+                        "ci_high": float(hi[c]),
+                        "n": int(len(idx)),
+                    }
+                )
     frame = pd.DataFrame.from_records(records)
     frame["llm_layer"] = frame["llm_layer"].astype("Int64")
     frame["vision_layer"] = frame["vision_layer"].astype("Int64")
     return frame
 
 
-def knockout_grid(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-                  references: Sequence[str | None] | None, *, qtypes: Sequence[str | None] | None = None,
-                  max_batch: int = 256, tokens: str = "all", n_boot: int = 1000, seed: int = 0,
-                  progress: Callable[[int], None] | None = None, share_prefix: bool = True) -> pd.DataFrame:
+def knockout_grid(
+    model,
+    tokenizer,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    references: Sequence[str | None] | None,
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    max_batch: int = 256,
+    tokens: str = "all",
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
+) -> pd.DataFrame:
     """Every injection layer x every vision layer knockout plus the reference, batched.
 
     Tidy rows (condition, llm_layer, vision_layer, qtype, metric, value, ci_low, ci_high, n); the
@@ -130,16 +166,43 @@ def knockout_grid(model, tokenizer, images: Sequence[Image.Image], questions: Se
         grid_matrix(grid, model.config, "delta_logprob_ref")      # [L, K] for a heatmap
     """
     conditions = grid_conditions(model, "knockout", tokens)
-    scores, ref = run_conditions(model, tokenizer, images, questions, references, conditions, qtypes=qtypes,
-                                  max_batch=max_batch, progress=progress, share_prefix=share_prefix)
-    return effects_frame(scores, conditions, gate_mass=ref.gate_mass, injection_layers=model.config.injection_layers,
-                         vision_layers=model.config.vision_layers, n_boot=n_boot, seed=seed)
+    scores, ref = run_conditions(
+        model,
+        tokenizer,
+        images,
+        questions,
+        references,
+        conditions,
+        qtypes=qtypes,
+        max_batch=max_batch,
+        progress=progress,
+        share_prefix=share_prefix,
+    )
+    return effects_frame(
+        scores,
+        conditions,
+        gate_mass=ref.gate_mass,
+        injection_layers=model.config.injection_layers,
+        vision_layers=model.config.vision_layers,
+        n_boot=n_boot,
+        seed=seed,
+    )
 
 
 @torch.no_grad()
-def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-                        references: Sequence[str | None] | None, *, qtypes: Sequence[str | None] | None = None,
-                        tokens: str = "all", n_boot: int = 1000, seed: int = 0, **_: Any) -> pd.DataFrame:
+def naive_knockout_grid(
+    model,
+    tokenizer,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    references: Sequence[str | None] | None,
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    tokens: str = "all",
+    n_boot: int = 1000,
+    seed: int = 0,
+    **_: Any,
+) -> pd.DataFrame:
     """`knockout_grid` the slow, obvious way: a Python loop of one unpadded forward per (cell,
     sample), the knockout written out by hand inside each trace. For benchmarks and identity tests."""
     conditions = grid_conditions(model, "knockout", tokens)
@@ -183,31 +246,47 @@ def naive_knockout_grid(model, tokenizer, images: Sequence[Image.Image], questio
             res = score_row(lp, sample, own, suppress)
             if a is None:
                 base = res
-            records.append({
-                "sample": s, "condition": REFERENCE if a is None else a.label,
-                "qtype": qtypes[s] if qtypes is not None else None,
-                "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
-                "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
-                "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
-                "flipped": res["flipped"], "correct": res["correct"],
-            })
+            records.append(
+                {
+                    "sample": s,
+                    "condition": REFERENCE if a is None else a.label,
+                    "qtype": qtypes[s] if qtypes is not None else None,
+                    "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
+                    "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
+                    "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
+                    "flipped": res["flipped"],
+                    "correct": res["correct"],
+                }
+            )
     scores = pd.DataFrame.from_records(records)
-    return effects_frame(scores, conditions, gate_mass=mass, injection_layers=cfg.injection_layers,
-                         vision_layers=cfg.vision_layers, n_boot=n_boot, seed=seed)
+    return effects_frame(
+        scores,
+        conditions,
+        gate_mass=mass,
+        injection_layers=cfg.injection_layers,
+        vision_layers=cfg.vision_layers,
+        n_boot=n_boot,
+        seed=seed,
+    )
 
 
-def grid_matrix(grid: pd.DataFrame, vision_layers: Sequence[int] | Any, injection_layers: Sequence[int] | None = None,
-                metric: str = "delta_logprob_ref", qtype: str = ALL) -> np.ndarray:
+def grid_matrix(
+    grid: pd.DataFrame,
+    vision_layers: Sequence[int] | Any,
+    injection_layers: Sequence[int] | None = None,
+    metric: str = "delta_logprob_ref",
+    qtype: str = ALL,
+) -> np.ndarray:
     """`[L, K]` matrix of one metric from a grid frame (rows: injection layers, cols: vision layers).
     Pass a model config instead of the two layer lists: `grid_matrix(grid, model.config, metric=...)`."""
     if injection_layers is None and hasattr(vision_layers, "injection_layers"):
         cfg = vision_layers
         vision_layers, injection_layers = cfg.vision_layers, cfg.injection_layers
-    cells = grid[(grid["metric"] == metric) & (grid["qtype"] == qtype) & grid["llm_layer"].notna()
-                 & grid["vision_layer"].notna()]
+    cells = grid[
+        (grid["metric"] == metric) & (grid["qtype"] == qtype) & grid["llm_layer"].notna() & grid["vision_layer"].notna()
+    ]
     if cells.empty:
         raise CLIVizError(f"no grid cells for metric {metric!r} and question type {qtype!r}")
     table = cells.pivot_table(index="llm_layer", columns="vision_layer", values="value", aggfunc="first")
     table = table.reindex(index=list(injection_layers), columns=list(vision_layers))
     return table.to_numpy(dtype=float)
-

@@ -39,7 +39,15 @@ import torch
 from PIL import Image
 
 from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import Batch, Sample, layout_samples, own_answers, make_batch, pad_into, suppressed
+from cliviz.analyses.ablations.layout import (
+    Batch,
+    Sample,
+    layout_samples,
+    make_batch,
+    own_answers,
+    pad_into,
+    suppressed,
+)
 from cliviz.analyses.ablations.measures import score_row, scores_frame
 from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.errors import CLIVizError
@@ -100,8 +108,14 @@ def _keys_values(wrapped, model, store: dict | None, replacement: Any) -> None:
             store["kv"][j] = (read.key.output, read.value.output)
 
 
-def _forward(model, batch: Batch, pixels: ImageInputs, ops: list[LayerOps | None] | None = None,
-             skip: _Skip | None = None, want: _Want | None = None) -> dict:
+def _forward(
+    model,
+    batch: Batch,
+    pixels: ImageInputs,
+    ops: list[LayerOps | None] | None = None,
+    skip: _Skip | None = None,
+    want: _Want | None = None,
+) -> dict:
     """One traced forward of a chunk: skips, interventions per layer, logits at the scored positions."""
     wrapped = envoy(model)
     want = want or _Want()
@@ -113,8 +127,12 @@ def _forward(model, batch: Batch, pixels: ImageInputs, ops: list[LayerOps | None
     store = None  # only saved values leave an nnsight trace: fill a saved dict inside
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with wrapped.trace(input_ids=batch.ids, attention_mask=batch.mask, position_ids=position_ids,
-                           **pixels.to_model(model.device, model.dtype)):
+        with wrapped.trace(
+            input_ids=batch.ids,
+            attention_mask=batch.mask,
+            position_ids=position_ids,
+            **pixels.to_model(model.device, model.dtype),
+        ):
             store = nnsight.save({"gates": [], "hidden": {}, "reads": {}, "kv": {}})
             tower = wrapped.base.model.vision_tower
             if want.vision:
@@ -134,10 +152,14 @@ def _forward(model, batch: Batch, pixels: ImageInputs, ops: list[LayerOps | None
                     if skip is not None and j < skip.j:
                         wrapped.agf[j].skip(zero)  # its decoder layer is skipped: the update is never used
                     else:
-                        apply_ablation(wrapped, j, ops[j] if ops is not None else None,
-                                       store["gates"] if want.gates else None,
-                                       reads_saved=store["reads"] if j in want.reads else None,
-                                       reads_replacement=skip.reads if skip is not None and j == skip.j else None)
+                        apply_ablation(
+                            wrapped,
+                            j,
+                            ops[j] if ops is not None else None,
+                            store["gates"] if want.gates else None,
+                            reads_saved=store["reads"] if j in want.reads else None,
+                            reads_replacement=skip.reads if skip is not None and j == skip.j else None,
+                        )
                 if skip is not None and layer < skip.n_layers:
                     layers[layer].skip(skip.hidden)  # only the last skipped layer's value is ever read
                 elif layer in want.hidden_after:
@@ -164,10 +186,13 @@ def _new_reference(model, n: int, token_sets: set[str], keep_gates: bool) -> Ref
     k = n_slots(model) if n_layers else 0
     sets = set(token_sets) | {"answer"}
     return Reference(
-        own=np.zeros(n, dtype=np.int64), logprobs=[None] * n,
+        own=np.zeros(n, dtype=np.int64),
+        logprobs=[None] * n,
         gate_mass=np.zeros((n, n_layers, k)) if n_layers else None,
         token_sums={t: (np.zeros((n, n_layers, k)), np.zeros(n)) for t in sets} if n_layers else {},
-        gates=[None] * n if keep_gates else None, filled=np.zeros(n, dtype=bool))
+        gates=[None] * n if keep_gates else None,
+        filled=np.zeros(n, dtype=bool),
+    )
 
 
 @dataclass
@@ -182,19 +207,35 @@ class _Cache:
     n_vision_states: int = 0
 
 
-def _reference_pass(model, samples: list[Sample], which: list[int], pixels: ImageInputs, ref: Reference,
-                    suppress: list[int], pad_id: int, *, max_batch: int, want_cache: _Want | None,
-                    progress: Callable[[int], None] | None) -> _Cache:
+def _reference_pass(
+    model,
+    samples: list[Sample],
+    which: list[int],
+    pixels: ImageInputs,
+    ref: Reference,
+    suppress: list[int],
+    pad_id: int,
+    *,
+    max_batch: int,
+    want_cache: _Want | None,
+    progress: Callable[[int], None] | None,
+) -> _Cache:
     """Unablated forwards of `which` (chunks of max_batch): fill `ref` for samples not filled yet and
     keep what `want_cache` asks for."""
     n_layers = len(model.agf)
     image_id = model.image_token_id
     cache = _Cache(n_vision_states=model.config.base_config.vision_config.num_hidden_layers + 1)
     want = want_cache or _Want()
-    want = _Want(gates=n_layers > 0, vision=want.vision, memory=want.memory, hidden_after=want.hidden_after,
-                 reads=want.reads, kv=want.kv)
+    want = _Want(
+        gates=n_layers > 0,
+        vision=want.vision,
+        memory=want.memory,
+        hidden_after=want.hidden_after,
+        reads=want.reads,
+        kv=want.kv,
+    )
     for start in range(0, len(which), max_batch):
-        chunk = which[start:start + max_batch]
+        chunk = which[start : start + max_batch]
         batch = make_batch(samples, chunk, pad_id, model.device)
         store = _forward(model, batch, pixels.select(chunk), want=want)
         lp = torch.log_softmax(store["logits"], dim=-1).cpu()
@@ -276,25 +317,45 @@ def _row_of(kv: Any, r: int) -> Any:
 def _stack_rows(rows: list) -> Any:
     """Rows of `_row_of` stacked back into a batch, in the layout `_keys_values` puts back."""
     if isinstance(rows[0], list):
-        return [(torch.stack([row[j][0] for row in rows]), torch.stack([row[j][1] for row in rows]))
-                for j in range(len(rows[0]))]
+        return [
+            (torch.stack([row[j][0] for row in rows]), torch.stack([row[j][1] for row in rows]))
+            for j in range(len(rows[0]))
+        ]
     return torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
 
 
-def reference_run(model, samples: list[Sample], pixels: ImageInputs, suppress: list[int], pad_id: int, *,
-                   max_batch: int, token_sets: set[str], keep_gates: bool,
-                   progress: Callable[[int], None] | None) -> Reference:
+def reference_run(
+    model,
+    samples: list[Sample],
+    pixels: ImageInputs,
+    suppress: list[int],
+    pad_id: int,
+    *,
+    max_batch: int,
+    token_sets: set[str],
+    keep_gates: bool,
+    progress: Callable[[int], None] | None,
+) -> Reference:
     """The unablated forward of every sample, nothing cached (`mean_gates`)."""
     ref = _new_reference(model, len(samples), token_sets, keep_gates)
-    _reference_pass(model, samples, list(range(len(samples))), pixels, ref, suppress, pad_id, max_batch=max_batch,
-                    want_cache=None, progress=progress)
+    _reference_pass(
+        model,
+        samples,
+        list(range(len(samples))),
+        pixels,
+        ref,
+        suppress,
+        pad_id,
+        max_batch=max_batch,
+        want_cache=None,
+        progress=progress,
+    )
     return ref
 
 
-
-
-def _cache_plan(model, samples: list[Sample], plans: dict[int, Plan], max_batch: int,
-                share_prefix: bool) -> tuple[_Want | None, int]:
+def _cache_plan(
+    model, samples: list[Sample], plans: dict[int, Plan], max_batch: int, share_prefix: bool
+) -> tuple[_Want | None, int]:
     """What to keep from the reference run for prefix sharing, and how many samples per block."""
     n = len(samples)
     if not share_prefix or not plans:
@@ -328,11 +389,19 @@ def _cache_plan(model, samples: list[Sample], plans: dict[int, Plan], max_batch:
     return _Want(vision=True, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
 
 
-def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-                   references: Sequence[str | None] | None, conditions: Sequence[Ablation | None], *,
-                   qtypes: Sequence[str | None] | None = None, max_batch: int = 256,
-                   progress: Callable[[int], None] | None = None,
-                   share_prefix: bool = True) -> tuple[pd.DataFrame, Reference]:
+def run_conditions(
+    model,
+    tokenizer,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    references: Sequence[str | None] | None,
+    conditions: Sequence[Ablation | None],
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    max_batch: int = 256,
+    progress: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
+) -> tuple[pd.DataFrame, Reference]:
     """The engine's entry point: the scores frame of every (sample, condition) (`measures.scores_frame`)
     and the reference run it was measured against. `progress(n)` is told of every n rows done."""
     n = len(questions)
@@ -356,18 +425,50 @@ def run_conditions(model, tokenizer, images: Sequence[Image.Image], questions: S
     keep_gates = any(p.ablation.kind == "patch" for p in plans.values())
     ref = _new_reference(model, n, token_sets, keep_gates)
     if token_sets or keep_gates:  # means / donors come from every sample: a full reference pass first
-        _reference_pass(model, samples, list(range(n)), pixels, ref, suppress, pad_id, max_batch=max_batch,
-                        want_cache=None, progress=progress)
+        _reference_pass(
+            model,
+            samples,
+            list(range(n)),
+            pixels,
+            ref,
+            suppress,
+            pad_id,
+            max_batch=max_batch,
+            want_cache=None,
+            progress=progress,
+        )
     means = {c: means_for(p, ref, samples) for c, p in plans.items() if p.ablation.kind == "mean"}
-    results = _score_blocks(model, samples, plans, pixels, ref, means, suppress, pad_id, max_batch=max_batch,
-                            progress=progress, share_prefix=share_prefix)
+    results = _score_blocks(
+        model,
+        samples,
+        plans,
+        pixels,
+        ref,
+        means,
+        suppress,
+        pad_id,
+        max_batch=max_batch,
+        progress=progress,
+        share_prefix=share_prefix,
+    )
     frame = scores_frame(tokenizer, samples, conditions, questions, qtypes, ref.own, ref.logprobs, results, suppress)
     return frame, ref
 
 
-def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: ImageInputs, ref: Reference,
-                  means: dict[int, Any], suppress: list[int], pad_id: int, *, max_batch: int,
-                  progress: Callable[[int], None] | None, share_prefix: bool) -> dict[tuple[int, int], dict]:
+def _score_blocks(
+    model,
+    samples: list[Sample],
+    plans: dict[int, Plan],
+    pixels: ImageInputs,
+    ref: Reference,
+    means: dict[int, Any],
+    suppress: list[int],
+    pad_id: int,
+    *,
+    max_batch: int,
+    progress: Callable[[int], None] | None,
+    share_prefix: bool,
+) -> dict[tuple[int, int], dict]:
     """`score_row` of every ablated (sample, condition): block by block of samples, the reference
     pass that fills `ref` and keeps the block's prefixes, then its chunks grouped by first layer."""
     n = len(samples)
@@ -378,8 +479,18 @@ def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: 
     results: dict[tuple[int, int], dict[str, Any]] = {}
     for b0 in range(0, n, block):
         block_samples = list(range(b0, min(n, b0 + block)))
-        cache = _reference_pass(model, samples, block_samples, pixels, ref, suppress, pad_id, max_batch=max_batch,
-                                want_cache=want, progress=progress)
+        cache = _reference_pass(
+            model,
+            samples,
+            block_samples,
+            pixels,
+            ref,
+            suppress,
+            pad_id,
+            max_batch=max_batch,
+            want_cache=want,
+            progress=progress,
+        )
         if want is not None:  # one row group per first-touched layer, each with its own skips
             groups: dict[int, list[tuple[int, int]]] = {}
             for c, p in plans.items():
@@ -390,11 +501,12 @@ def _score_blocks(model, samples: list[Sample], plans: dict[int, Plan], pixels: 
         for g, group_rows in todo:
             group_rows.sort()
             for start in range(0, len(group_rows), max_batch):
-                rows = group_rows[start:start + max_batch]
+                rows = group_rows[start : start + max_batch]
                 which = [s for s, _ in rows]
                 batch = make_batch(samples, which, pad_id, model.device)
-                ops = chunk_ops(rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device,
-                                model.config)
+                ops = chunk_ops(
+                    rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device, model.config
+                )
                 skip = _make_skip(model, cache, rows, g, batch, want) if g is not None else None
                 store = _forward(model, batch, pixels.select(which), ops, skip=skip)
                 lp = torch.log_softmax(store["logits"], dim=-1).cpu().numpy()

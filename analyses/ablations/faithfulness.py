@@ -17,8 +17,12 @@ from cliviz.analyses.ablations.spec import ALL
 from cliviz.errors import CLIVizError
 
 # effect metric -> sign that turns it into "how much removing the cell hurt" (larger = more harm)
-_HARM = {"delta_logprob_ref": ("drop_logprob_ref", -1.0), "delta_logprob_own": ("drop_logprob_own", -1.0),
-         "flip_rate": ("flip_rate", 1.0), "delta_accuracy": ("drop_accuracy", -1.0)}
+_HARM = {
+    "delta_logprob_ref": ("drop_logprob_ref", -1.0),
+    "delta_logprob_own": ("drop_logprob_own", -1.0),
+    "flip_rate": ("flip_rate", 1.0),
+    "delta_accuracy": ("drop_accuracy", -1.0),
+}
 
 
 def _mass_table(gate_mass_frame: pd.DataFrame | None, grid_frame: pd.DataFrame) -> pd.DataFrame:
@@ -65,8 +69,9 @@ def faithfulness(grid_frame: pd.DataFrame, gate_mass_frame: pd.DataFrame | None 
     the gates weigh most are the ones the answer depends on most. Columns: qtype, effect, rho,
     p_value, n_cells.
     """
-    cells = grid_frame[grid_frame["llm_layer"].notna() & grid_frame["vision_layer"].notna()
-                       & grid_frame["metric"].isin(list(_HARM))].copy()
+    cells = grid_frame[
+        grid_frame["llm_layer"].notna() & grid_frame["vision_layer"].notna() & grid_frame["metric"].isin(list(_HARM))
+    ].copy()
     if cells.empty:
         raise CLIVizError("the grid frame has no knockout cells")
     cells["llm_layer"] = cells["llm_layer"].astype("int64")

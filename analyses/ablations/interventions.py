@@ -25,8 +25,10 @@ from cliviz.errors import CLIVizError
 if TYPE_CHECKING:
     from cliviz.analyses.ablations.engine import Reference
 
-def apply_gate_ablation(gates: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, renorm: torch.Tensor,
-                        fill: torch.Tensor) -> torch.Tensor:
+
+def apply_gate_ablation(
+    gates: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, renorm: torch.Tensor, fill: torch.Tensor
+) -> torch.Tensor:
     """Rewrite a chunk's gates `[R, T, K]` row by row in one expression.
 
     At positions where `mask [R, T]` is set: `g' = (g * keep) / (renorm ? sum(g * keep) : 1) + fill`
@@ -51,8 +53,15 @@ class LayerOps:
     inj_off: torch.Tensor | None = None  # [R, T] bool: zero the injection there
 
 
-def apply_ablation(wrapped, j: int, ops: LayerOps | None, saved: list | None = None, *,
-                   reads_saved: dict | None = None, reads_replacement: torch.Tensor | None = None) -> None:
+def apply_ablation(
+    wrapped,
+    j: int,
+    ops: LayerOps | None,
+    saved: list | None = None,
+    *,
+    reads_saved: dict | None = None,
+    reads_replacement: torch.Tensor | None = None,
+) -> None:
     """Inside an nnsight trace: the chunk's interventions at injection layer `j`, in the order the
     AGF layer runs its modules — gate (rewrite, optionally keep), read (keep it, or skip it with the
     reference run's reads when they cannot have changed), injection (zero it where asked)."""
@@ -81,8 +90,10 @@ def means_for(plan: Plan, ref: Reference, samples: list[Sample]) -> Any:
     if not a.per_qtype:
         return (sums.sum(0) / max(counts.sum(), 1)).astype(np.float32)
     labels = np.asarray([str(s.qtype) for s in samples])
-    return {q: (sums[labels == q].sum(0) / max(counts[labels == q].sum(), 1)).astype(np.float32)
-            for q in sorted(set(labels))}
+    return {
+        q: (sums[labels == q].sum(0) / max(counts[labels == q].sum(), 1)).astype(np.float32)
+        for q in sorted(set(labels))
+    }
 
 
 def _mean_vector(means: Any, qtype: str | None, j: int, n_layers: int, k: int) -> np.ndarray:
@@ -98,9 +109,19 @@ def _mean_vector(means: Any, qtype: str | None, j: int, n_layers: int, k: int) -
     return m[j]
 
 
-def chunk_ops(rows: list[tuple[int, int]], plans: Mapping[int, Plan], batch: Batch, samples: list[Sample],
-              ref: Reference, means: dict[int, Any], n_layers: int, k: int, image_id: int, device,
-              plan_cfg) -> list[LayerOps | None]:
+def chunk_ops(
+    rows: list[tuple[int, int]],
+    plans: Mapping[int, Plan],
+    batch: Batch,
+    samples: list[Sample],
+    ref: Reference,
+    means: dict[int, Any],
+    n_layers: int,
+    k: int,
+    image_id: int,
+    device,
+    plan_cfg,
+) -> list[LayerOps | None]:
     """Per-layer masks and fills for one chunk of (sample, condition) rows."""
     n_rows, width = batch.ids.shape
     ops: list[LayerOps | None] = []
@@ -136,14 +157,17 @@ def chunk_ops(rows: list[tuple[int, int]], plans: Mapping[int, Plan], batch: Bat
                         fill[r, off:][has] = ref.gates[d][j][where[has]]
                         tok = tok & has
                 mask[r, off:] = tok
-            layer.gate = (torch.from_numpy(mask).to(device), torch.from_numpy(keep).to(device),
-                          torch.from_numpy(renorm).to(device), torch.from_numpy(fill).to(device))
+            layer.gate = (
+                torch.from_numpy(mask).to(device),
+                torch.from_numpy(keep).to(device),
+                torch.from_numpy(renorm).to(device),
+                torch.from_numpy(fill).to(device),
+            )
         if inj_rows:
             off_mask = np.zeros((n_rows, width), dtype=bool)
             for r in inj_rows:
                 s, c = rows[r]
-                off_mask[r, batch.offsets[r]:] = samples[s].token_mask(plans[c].ablation.tokens, image_id)
+                off_mask[r, batch.offsets[r] :] = samples[s].token_mask(plans[c].ablation.tokens, image_id)
             layer.inj_off = torch.from_numpy(off_mask).to(device)
         ops.append(layer if (layer.gate is not None or layer.inj_off is not None) else None)
     return ops
-

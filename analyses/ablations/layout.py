@@ -22,6 +22,7 @@ from cliviz.model.processing import prompt_ids
 
 _ROLE_PROMPT, _ROLE_ANSWER = 1, 3
 
+
 @dataclass
 class Sample:
     """One (image, question, reference) laid out for teacher forcing (unpadded positions)."""
@@ -43,7 +44,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         roles = np.full(len(self.fed), _ROLE_PROMPT, dtype=np.int8)
-        roles[len(self.prompt):] = _ROLE_ANSWER
+        roles[len(self.prompt) :] = _ROLE_ANSWER
         self.roles = roles
 
     def token_mask(self, tokens: str, image_id: int) -> np.ndarray:
@@ -57,12 +58,18 @@ class Sample:
             return (self.roles == _ROLE_PROMPT) & (np.asarray(self.fed) != image_id)
         mask = np.zeros(n, dtype=bool)  # answer: the positions whose output predicts an answer token
         start = len(self.prompt) - 1
-        mask[start:start + self.n_answer] = True
+        mask[start : start + self.n_answer] = True
         return mask
 
 
-def layout_samples(model, tokenizer, questions: Sequence[str], references: Sequence[str | list[int] | None] | None,
-                   qtypes: Sequence[str | None] | None, n_images: Sequence[int] | None = None) -> list[Sample]:
+def layout_samples(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    references: Sequence[str | list[int] | None] | None,
+    qtypes: Sequence[str | None] | None,
+    n_images: Sequence[int] | None = None,
+) -> list[Sample]:
     """Tokenise each (question, reference); a missing or empty reference means the model's own answer.
 
     A reference is text, or already token ids (a generated answer, scored exactly as generated).
@@ -82,12 +89,15 @@ def layout_samples(model, tokenizer, questions: Sequence[str], references: Seque
             elif unk is not None and unk in ids:
                 raise CLIVizError(f"reference answer {ref!r} has words outside the model's vocabulary")
         n_img = n_images[i] if n_images is not None else None
-        samples.append(Sample(prompt_ids(tokenizer, q, model.config, n_img), ids, qtypes[i] if qtypes is not None else None))
+        samples.append(
+            Sample(prompt_ids(tokenizer, q, model.config, n_img), ids, qtypes[i] if qtypes is not None else None)
+        )
     return samples
 
 
-def own_answers(model, tokenizer, images: Sequence, questions: Sequence[str],
-                references: Sequence[str | list[int] | None] | None) -> list[str | list[int] | None] | None:
+def own_answers(
+    model, tokenizer, images: Sequence, questions: Sequence[str], references: Sequence[str | list[int] | None] | None
+) -> list[str | list[int] | None] | None:
     """Missing references of a real checkpoint become the model's own greedy answer, as token ids
     (eos dropped), so that a free-text answer is scored whole rather than by its first token.
     The bundled word-level models answer one word, which the first answer position already is."""
@@ -143,8 +153,14 @@ def make_batch(samples: list[Sample], which: Sequence[int], pad_id: int, device)
         spans.append((len(rows), len(rows) + n))
         rows += [r] * n
         pos += list(range(start, start + n))
-    return Batch(ids.to(device), mask.to(device), offsets, torch.tensor(rows, device=device),
-                 torch.tensor(pos, device=device), spans)
+    return Batch(
+        ids.to(device),
+        mask.to(device),
+        offsets,
+        torch.tensor(rows, device=device),
+        torch.tensor(pos, device=device),
+        spans,
+    )
 
 
 def pad_into(parts: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -152,7 +168,7 @@ def pad_into(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     first = parts[0]
     out = torch.zeros((len(parts), width, *first.shape[1:]), dtype=first.dtype, device=first.device)
     for r, part in enumerate(parts):
-        out[r, width - part.shape[0]:] = part
+        out[r, width - part.shape[0] :] = part
     return out
 
 
@@ -180,4 +196,3 @@ def donor_map(receiver: Sample, donor: Sample, image_id: int) -> np.ndarray:
             q = q if q < t_d else -1
         out[p] = q
     return out
-

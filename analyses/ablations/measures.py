@@ -41,10 +41,17 @@ def score_row(lp: np.ndarray, sample: Sample, own: int, suppress: list[int]) -> 
     }
 
 
-
-def scores_frame(tokenizer, samples: list[Sample], conditions: Sequence[Ablation | None], questions: Sequence[str],
-                 qtypes: Sequence[str | None] | None, own: np.ndarray, ref_logprobs: list,
-                 results: dict[tuple[int, int], dict[str, Any]], suppress: list[int]) -> pd.DataFrame:
+def scores_frame(
+    tokenizer,
+    samples: list[Sample],
+    conditions: Sequence[Ablation | None],
+    questions: Sequence[str],
+    qtypes: Sequence[str | None] | None,
+    own: np.ndarray,
+    ref_logprobs: list,
+    results: dict[tuple[int, int], dict[str, Any]],
+    suppress: list[int],
+) -> pd.DataFrame:
     """One row per (sample, condition), samples outer (columns: see `score_conditions`). `own [N]`
     and `ref_logprobs` (per sample `[n_answer, V]`) come from the reference run; `results` holds
     the `score_row` of every ablated (sample, condition index)."""
@@ -53,26 +60,28 @@ def scores_frame(tokenizer, samples: list[Sample], conditions: Sequence[Ablation
     for s in range(len(samples)):
         for c, a in enumerate(conditions):
             res, base = (base_rows[s] if a is None else results[(s, c)]), base_rows[s]
-            records.append({
-                "sample": s,
-                "condition": REFERENCE if a is None else a.label,
-                "kind": "none" if a is None else a.kind,
-                "qtype": qtypes[s] if qtypes is not None else None,
-                "question": questions[s],
-                "reference": _text(tokenizer, samples[s].answer or [int(own[s])]),
-                "own_answer": _text(tokenizer, [int(own[s])]),
-                "answer": _text(tokenizer, [res["answer_token"]]),
-                "prob": math.exp(res["answer_logprob"]),
-                "logprob_ref": res["logprob_ref"],
-                "logprob_ref_seq": res["logprob_ref_seq"],
-                "logprob_ref_mean": res["logprob_ref_seq"] / samples[s].n_answer,  # per token: free-text answers
-                "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
-                "logprob_own": res["logprob_own"],
-                "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
-                "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
-                "flipped": res["flipped"],
-                "correct": res["correct"],
-            })
+            records.append(
+                {
+                    "sample": s,
+                    "condition": REFERENCE if a is None else a.label,
+                    "kind": "none" if a is None else a.kind,
+                    "qtype": qtypes[s] if qtypes is not None else None,
+                    "question": questions[s],
+                    "reference": _text(tokenizer, samples[s].answer or [int(own[s])]),
+                    "own_answer": _text(tokenizer, [int(own[s])]),
+                    "answer": _text(tokenizer, [res["answer_token"]]),
+                    "prob": math.exp(res["answer_logprob"]),
+                    "logprob_ref": res["logprob_ref"],
+                    "logprob_ref_seq": res["logprob_ref_seq"],
+                    "logprob_ref_mean": res["logprob_ref_seq"] / samples[s].n_answer,  # per token: free-text answers
+                    "delta_logprob_ref_seq": res["logprob_ref_seq"] - base["logprob_ref_seq"],
+                    "logprob_own": res["logprob_own"],
+                    "delta_logprob_ref": res["logprob_ref"] - base["logprob_ref"],
+                    "delta_logprob_own": res["logprob_own"] - base["logprob_own"],
+                    "flipped": res["flipped"],
+                    "correct": res["correct"],
+                }
+            )
     return pd.DataFrame.from_records(records)
 
 

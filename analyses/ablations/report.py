@@ -89,8 +89,9 @@ class AblationReport:
         if self.is_grid:
             page = grid_figure(self.effects, self.vision_layers, self.injection_layers)
             atomic_write_bytes(paths["html"], page.to_html(include_plotlyjs=True, full_html=True).encode(), "html file")
-            atomic_write_bytes(paths["faithfulness"], self.faithfulness.to_csv(index=False).encode(),
-                               "faithfulness report")
+            atomic_write_bytes(
+                paths["faithfulness"], self.faithfulness.to_csv(index=False).encode(), "faithfulness report"
+            )
         return paths
 
 
@@ -104,10 +105,20 @@ def report_paths(out: str | os.PathLike, *, grid: bool) -> dict[str, Path]:
     return paths
 
 
-def run_study(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-              references: Sequence[str | None] | None, conditions: Sequence[Ablation | None], *,
-              qtypes: Sequence[str | None] | None = None, grid: bool = False, max_batch: int = 256, seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> AblationReport:
+def run_study(
+    model,
+    tokenizer,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    references: Sequence[str | None] | None,
+    conditions: Sequence[Ablation | None],
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    grid: bool = False,
+    max_batch: int = 256,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> AblationReport:
     """Score `conditions` (None = the unablated run, which must be among them) over the samples and
     reduce them to effects; `grid=True` (single-cell knockouts) adds the faithfulness report.
     `progress(n)` hears of every n (sample, condition) rows done, `len(questions) * len(conditions)`
@@ -119,19 +130,49 @@ def run_study(model, tokenizer, images: Sequence[Image.Image], questions: Sequen
     """
     conditions = list(conditions)
     check_conditions(model, conditions)
-    scores, gate_mass = score_with_gate_mass(model, tokenizer, images, questions, references, conditions,
-                                             qtypes=qtypes, max_batch=max_batch, progress=progress)
+    scores, gate_mass = score_with_gate_mass(
+        model,
+        tokenizer,
+        images,
+        questions,
+        references,
+        conditions,
+        qtypes=qtypes,
+        max_batch=max_batch,
+        progress=progress,
+    )
     cfg = model.config
-    effects = effects_frame(scores, conditions, gate_mass=gate_mass, injection_layers=cfg.injection_layers,
-                            vision_layers=cfg.vision_layers, seed=seed)
-    return AblationReport(conditions, scores, effects, faithfulness(effects) if grid else None,
-                          list(cfg.injection_layers), list(cfg.vision_layers))
+    effects = effects_frame(
+        scores,
+        conditions,
+        gate_mass=gate_mass,
+        injection_layers=cfg.injection_layers,
+        vision_layers=cfg.vision_layers,
+        seed=seed,
+    )
+    return AblationReport(
+        conditions,
+        scores,
+        effects,
+        faithfulness(effects) if grid else None,
+        list(cfg.injection_layers),
+        list(cfg.vision_layers),
+    )
 
 
-def run_grid(model, tokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-             references: Sequence[str | None] | None, *, qtypes: Sequence[str | None] | None = None,
-             tokens: str = "all", max_batch: int = 256, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> AblationReport:
+def run_grid(
+    model,
+    tokenizer,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    references: Sequence[str | None] | None,
+    *,
+    qtypes: Sequence[str | None] | None = None,
+    tokens: str = "all",
+    max_batch: int = 256,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> AblationReport:
     """The knockout grid (every injection layer x vision layer, batched) with its faithfulness report.
     Example::
 
@@ -139,13 +180,30 @@ def run_grid(model, tokenizer, images: Sequence[Image.Image], questions: Sequenc
         report.faithfulness            # Spearman(gate mass, harm) per question type
         report.write("grid.parquet")   # + grid.html, grid.faithfulness.csv
     """
-    return run_study(model, tokenizer, images, questions, references, grid_conditions(model, "knockout", tokens),
-                     qtypes=qtypes, grid=True, max_batch=max_batch, seed=seed, progress=progress)
+    return run_study(
+        model,
+        tokenizer,
+        images,
+        questions,
+        references,
+        grid_conditions(model, "knockout", tokens),
+        qtypes=qtypes,
+        grid=True,
+        max_batch=max_batch,
+        seed=seed,
+        progress=progress,
+    )
 
 
-def study_conditions(model, kind: str = "knockout", llm_layers: Sequence[int] | None = None,
-                     vision_layers: Sequence[int] | None = None, *, tokens: str = "all",
-                     value: int | None = None) -> list[Ablation | None]:
+def study_conditions(
+    model,
+    kind: str = "knockout",
+    llm_layers: Sequence[int] | None = None,
+    vision_layers: Sequence[int] | None = None,
+    *,
+    tokens: str = "all",
+    value: int | None = None,
+) -> list[Ablation | None]:
     """The conditions of a study of one kind: the reference plus that ablation — or, for a knockout
     with no vision layers named, one knockout per vision layer of the model (each at `llm_layers`,
     default every injection layer): "which vision layer does the answer need?" needs no options."""
@@ -158,25 +216,47 @@ def grid_figure(effects: pd.DataFrame, vision_layers: Sequence[int], injection_l
     """The grid as one heatmap (Δ log-prob of the reference answer), a dropdown over the other effects."""
     from cliviz.analyses.heatmaps import DIVERGING, heatmap_figure
 
-    mats = {m: grid_matrix(effects, vision_layers, injection_layers, metric=m)
-            for m in METRIC_LABELS if m != "accuracy" and (effects["metric"] == m).any()}
+    mats = {
+        m: grid_matrix(effects, vision_layers, injection_layers, metric=m)
+        for m in METRIC_LABELS
+        if m != "accuracy" and (effects["metric"] == m).any()
+    }
 
     def bound(m):
         b = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
         return b if b > 0 else 1e-6
 
     first = mats["delta_logprob_ref"]
-    fig = heatmap_figure(first, vision_layers, injection_layers, zmid=0.0, zmin=-bound(first),
-                         zmax=bound(first), colorscale=DIVERGING, colorbar_title="effect",
-                         title="knockout of (LLM layer, vision layer): change vs the unablated run")
+    fig = heatmap_figure(
+        first,
+        vision_layers,
+        injection_layers,
+        zmid=0.0,
+        zmin=-bound(first),
+        zmax=bound(first),
+        colorscale=DIVERGING,
+        colorbar_title="effect",
+        title="knockout of (LLM layer, vision layer): change vs the unablated run",
+    )
     fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>value %{z:.4f}<extra></extra>")
     fig.update_layout(
-        updatemenus=[{
-            "buttons": [{"label": METRIC_LABELS[m], "method": "restyle",
-                         "args": [{"z": [mat.tolist()], "zmin": [-bound(mat)], "zmax": [bound(mat)]}]}
-                        for m, mat in mats.items()],
-            "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.15, "yanchor": "top",
-        }],
+        updatemenus=[
+            {
+                "buttons": [
+                    {
+                        "label": METRIC_LABELS[m],
+                        "method": "restyle",
+                        "args": [{"z": [mat.tolist()], "zmin": [-bound(mat)], "zmax": [bound(mat)]}],
+                    }
+                    for m, mat in mats.items()
+                ],
+                "direction": "down",
+                "x": 1.0,
+                "xanchor": "right",
+                "y": 1.15,
+                "yanchor": "top",
+            }
+        ],
         margin={"t": 90},
     )
     return fig

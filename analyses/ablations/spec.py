@@ -150,7 +150,6 @@ def make_plan(ablation: Ablation, model) -> Plan:
     return Plan(ablation, layers, keep, renorm, fill, ablation.kind == "injection_off")
 
 
-
 def check_conditions(model, conditions: Sequence[Ablation | None]) -> None:
     """Refuse (CLIVizError) ablations that do not fit this model (layers it lacks, no gates...)."""
     for a in conditions:
@@ -163,5 +162,8 @@ def grid_conditions(model, kind: str = "knockout", tokens: str = "all") -> list[
     cfg = model.config
     if len(model.agf) == 0:
         raise CLIVizError(f"this model has no gates (fusion={cfg.fusion}): no knockout grid")
-    return [None] + [Ablation(kind, [i], [k], tokens=tokens, name=f"{kind} L{i} V{k}")
-                     for i in cfg.injection_layers for k in cfg.vision_layers]
+    return [None] + [
+        Ablation(kind, [i], [k], tokens=tokens, name=f"{kind} L{i} V{k}")
+        for i in cfg.injection_layers
+        for k in cfg.vision_layers
+    ]

@@ -52,6 +52,7 @@ def _default_out(image: Path | None, data: Path | None, grid: bool) -> Path:
             return out
     raise CLIVizError(f"no free default output name for {name}; give --out")
 
+
 def _inputs(image: Path | None, question: str | None, data: Path | None, limit: int | None, reference: str | None):
     """(images, questions, references, qtypes) from IMAGE QUESTION or --data."""
     from cliviz.inputs import check_question, load_image
@@ -113,8 +114,13 @@ def _faithfulness_table(faith) -> Table:
     for col in ("qtype", "effect", "rho", "p", "cells"):
         table.add_column(col, justify="left" if col in ("qtype", "effect") else "right")
     for r in faith.itertuples():
-        table.add_row(escape(str(r.qtype)), r.effect, "n/a" if r.rho != r.rho else f"{r.rho:+.2f}",
-                      "n/a" if r.p_value != r.p_value else f"{r.p_value:.3f}", str(r.n_cells))
+        table.add_row(
+            escape(str(r.qtype)),
+            r.effect,
+            "n/a" if r.rho != r.rho else f"{r.rho:+.2f}",
+            "n/a" if r.p_value != r.p_value else f"{r.p_value:.3f}",
+            str(r.n_cells),
+        )
     return table
 
 
@@ -122,13 +128,18 @@ def _payload(report, paths: dict, model_name: str, single: bool) -> dict:
     """The `--json` object: outputs, sizes, reference accuracy, the largest effects, faithfulness."""
     wide = report.largest_effects(10)
     return {
-        "out": str(paths["effects"]), "html": str(paths["html"]) if "html" in paths else None,
+        "out": str(paths["effects"]),
+        "html": str(paths["html"]) if "html" in paths else None,
         "faithfulness_report": str(paths["faithfulness"]) if "faithfulness" in paths else None,
-        "model": model_name, "n_samples": report.n_samples, "n_conditions": len(report.conditions),
+        "model": model_name,
+        "n_samples": report.n_samples,
+        "n_conditions": len(report.conditions),
         "reference_accuracy": report.reference_accuracy,
         "answers": report.reference["answer"].tolist() if single else None,
-        "largest_effects": [{"condition": c, **{k: (None if v != v else float(v)) for k, v in row.items()}}
-                            for c, row in wide.iterrows()],
+        "largest_effects": [
+            {"condition": c, **{k: (None if v != v else float(v)) for k, v in row.items()}}
+            for c, row in wide.iterrows()
+        ],
         "faithfulness": report.faithfulness.to_dict(orient="records") if report.is_grid else None,
     }
 
@@ -137,13 +148,17 @@ def _print_report(report, paths: dict, questions: list[str], single: bool, defau
     console = Console()
     base = report.reference
     if single:
-        console.print(f"[dim]question:[/] {escape(questions[0])}   [dim]reference:[/] "
-                      f"{escape(str(base['reference'].iloc[0]))}   [dim]answer:[/] "
-                      f"[bold]{escape(str(base['answer'].iloc[0]))}[/] ({base['prob'].iloc[0]:.3f})")
+        console.print(
+            f"[dim]question:[/] {escape(questions[0])}   [dim]reference:[/] "
+            f"{escape(str(base['reference'].iloc[0]))}   [dim]answer:[/] "
+            f"[bold]{escape(str(base['answer'].iloc[0]))}[/] ({base['prob'].iloc[0]:.3f})"
+        )
         if not report.is_grid and len(report.conditions) == 2:
             row = report.scores.iloc[-1]
-            console.print(f"[dim]under[/] {escape(row['condition'])}: [bold]{escape(str(row['answer']))}[/] "
-                          f"({row['prob']:.3f}){'  [red]flipped[/]' if row['flipped'] else ''}")
+            console.print(
+                f"[dim]under[/] {escape(row['condition'])}: [bold]{escape(str(row['answer']))}[/] "
+                f"({row['prob']:.3f}){'  [red]flipped[/]' if row['flipped'] else ''}"
+            )
     else:
         console.print(f"{report.n_samples} samples, reference accuracy {report.reference_accuracy:.3f}")
     console.print(_effects_table(report, "largest effects (all samples, vs the unablated run)", 10))
@@ -152,38 +167,61 @@ def _print_report(report, paths: dict, questions: list[str], single: bool, defau
     note = " (default --out; give --out to choose)" if defaulted else ""
     console.print(f"[dim]effects written to {escape(str(paths['effects']))}{note}[/]")
     if report.is_grid:
-        console.print(f"[dim]grid heatmap page: {escape(str(paths['html']))}; "
-                      f"faithfulness report: {escape(str(paths['faithfulness']))}[/]")
+        console.print(
+            f"[dim]grid heatmap page: {escape(str(paths['html']))}; "
+            f"faithfulness report: {escape(str(paths['faithfulness']))}[/]"
+        )
 
 
 def ablate_cmd(
     image: Annotated[Path | None, typer.Argument(help="Image file (or use --data).")] = None,
     question: Annotated[str | None, typer.Argument(help="Question in the model's vocabulary.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="Parquet file for the tidy effects frame. Default: <image or data name>.ablation.parquet "
-                      "(grid: .grid.parquet) in the current folder, never overwriting a file.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Parquet file for the tidy effects frame. Default: <image or data name>.ablation.parquet "
+            "(grid: .grid.parquet) in the current folder, never overwriting a file.",
+        ),
+    ] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")] = None,
-    kind: Annotated[str | None, typer.Option(
-        "--kind", help=f"{' | '.join(CLI_KINDS)}. Default: knockout, each vision layer in turn unless "
-                       "--vision-layers names some.")] = None,
-    llm_layers: Annotated[str | None, typer.Option(
-        "--llm-layers", help="Comma-separated injection layers (real indices). Default: all.")] = None,
-    vision_layers: Annotated[str | None, typer.Option(
-        "--vision-layers", help="Comma-separated vision layers (hidden_states indices).")] = None,
-    tokens: Annotated[str, typer.Option(
-        "--tokens", help="all | prompt | image | answer: positions to ablate.")] = "all",
-    value: Annotated[int | None, typer.Option(
-        "--value", help="onehot: vision layer to force; patch: donor sample index.")] = None,
-    reference: Annotated[str | None, typer.Option(
-        "--reference", help="Reference answer for IMAGE QUESTION (default: the model's own).")] = None,
-    grid: Annotated[bool, typer.Option(
-        "--grid", help="Knock out every (LLM layer, vision layer) cell; also writes a heatmap page and a "
-                       "faithfulness report.")] = False,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            "--kind",
+            help=f"{' | '.join(CLI_KINDS)}. Default: knockout, each vision layer in turn unless "
+            "--vision-layers names some.",
+        ),
+    ] = None,
+    llm_layers: Annotated[
+        str | None, typer.Option("--llm-layers", help="Comma-separated injection layers (real indices). Default: all.")
+    ] = None,
+    vision_layers: Annotated[
+        str | None, typer.Option("--vision-layers", help="Comma-separated vision layers (hidden_states indices).")
+    ] = None,
+    tokens: Annotated[
+        str, typer.Option("--tokens", help="all | prompt | image | answer: positions to ablate.")
+    ] = "all",
+    value: Annotated[
+        int | None, typer.Option("--value", help="onehot: vision layer to force; patch: donor sample index.")
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option("--reference", help="Reference answer for IMAGE QUESTION (default: the model's own).")
+    ] = None,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            "--grid",
+            help="Knock out every (LLM layer, vision layer) cell; also writes a heatmap page and a "
+            "faithfulness report.",
+        ),
+    ] = False,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    max_batch: Annotated[int, typer.Option(
-        "--max-batch", min=1, help="Rows (samples x conditions) per forward.")] = 256,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Rows (samples x conditions) per forward.")
+    ] = 256,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use the first N samples of --data.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
     as_json: JsonOpt = False,
@@ -218,18 +256,39 @@ def ablate_cmd(
     net, tok = load_checked(model, device, dtype)
     if data is None:
         questions = [checked_question(questions[0], tok)]
-    conditions = (A.grid_conditions(net, "knockout", tokens) if grid
-                  else A.study_conditions(net, kind or "knockout", llm, vis, tokens=tokens, value=value))
+    conditions = (
+        A.grid_conditions(net, "knockout", tokens)
+        if grid
+        else A.study_conditions(net, kind or "knockout", llm, vis, tokens=tokens, value=value)
+    )
     A.check_conditions(net, conditions)  # layers not in this model -> one-line error before any work
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = len(questions) * len(conditions)
-    with Progress(TextColumn("ablating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True, disable=as_json or total < 512) as progress:
+    with Progress(
+        TextColumn("ablating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json or total < 512,
+    ) as progress:
         task = progress.add_task("ablating", total=total)
-        report = A.run_study(net, tok, images, questions, references, conditions, qtypes=qtypes, grid=grid,
-                             max_batch=max_batch, seed=seed, progress=lambda n: progress.advance(task, n))
+        report = A.run_study(
+            net,
+            tok,
+            images,
+            questions,
+            references,
+            conditions,
+            qtypes=qtypes,
+            grid=grid,
+            max_batch=max_batch,
+            seed=seed,
+            progress=lambda n: progress.advance(task, n),
+        )
     report.write(out)
     if as_json:
         typer.echo(json.dumps(_payload(report, paths, str(net.name_or_path), data is None), default=str))

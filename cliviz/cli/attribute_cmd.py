@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cliviz.cli.preflight import prepare_question
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.preflight import prepare_question
 from cliviz.errors import CLIVizError
 
 
@@ -44,8 +44,11 @@ def print_attribution(result, console: Console) -> None:
         line.append(f" {word} ", style=_signed_style(float(total), scale))
         line.append(f" p={math.exp(lp):.4f} sum={total:+.3g}  ", style="dim")
     console.print(line)
-    table = Table(title=f"attribution of the {result.target} per answer token (red > 0 > blue; the values "
-                        "are printed, colours only rank them)", pad_edge=False)
+    table = Table(
+        title=f"attribution of the {result.target} per answer token (red > 0 > blue; the values "
+        "are printed, colours only rank them)",
+        pad_edge=False,
+    )
     table.add_column("step", justify="right")
     table.add_column("token")
     table.add_column("top gate cells (LLM layer x vision layer)")
@@ -78,31 +81,44 @@ def print_attribution(result, console: Console) -> None:
         for line in rest:
             console.print(Text(f"  {line}"))
     else:
-        console.print("[dim]gradient × input (gxi) has no completeness property; "
-                      "use --method ig for an exact accounting[/]")
+        console.print(
+            "[dim]gradient × input (gxi) has no completeness property; use --method ig for an exact accounting[/]"
+        )
 
 
 def attribute_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.")],
     question: Annotated[str, typer.Argument(help="Question in the model's vocabulary.")],
-    method: Annotated[str, typer.Option(
-        "--method", help="ig (integrated gradients) | gxi (gradient × input), for the gate cells.")] = "ig",
-    target: Annotated[str, typer.Option(
-        "--target", help="What to attribute: logprob (saturates when p ≈ 1) | logit | margin (logit minus "
-                         "the runner-up's logit).")] = "logprob",
+    method: Annotated[
+        str, typer.Option("--method", help="ig (integrated gradients) | gxi (gradient × input), for the gate cells.")
+    ] = "ig",
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="What to attribute: logprob (saturates when p ≈ 1) | logit | margin (logit minus "
+            "the runner-up's logit).",
+        ),
+    ] = "logprob",
     steps: Annotated[int, typer.Option("--steps", help="Integration steps for ig (1..4096).")] = 64,
-    baseline: Annotated[str, typer.Option(
-        "--baseline", help="ig baseline gates: uniform (1/K) | injection_off (0).")] = "uniform",
-    answer: Annotated[Optional[str], typer.Option(
-        "--answer", help="Attribute this answer instead of the model's own.")] = None,
+    baseline: Annotated[
+        str, typer.Option("--baseline", help="ig baseline gates: uniform (1/K) | injection_off (0).")
+    ] = "uniform",
+    answer: Annotated[
+        str | None, typer.Option("--answer", help="Attribute this answer instead of the model's own.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Interpolation steps per forward (ig).")] = 16,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Append the trace with its attribution arrays to this Parquet trace set.")] = None,
-    html: Annotated[Optional[Path], typer.Option(
-        "--html", help="Write a self-contained page: token strip, cell heatmaps, patch overlays.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Append the trace with its attribution arrays to this Parquet trace set."),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write a self-contained page: token strip, cell heatmaps, patch overlays."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Attribute each answer token to (LLM layer, vision layer) gate cells, image patches and prompt tokens."""
@@ -112,10 +128,21 @@ def attribute_cmd(
     check_options(method, baseline, steps, batch_size, target)
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     if net.config.fusion == "projector":
-        raise CLIVizError("this model has no gates (fusion=projector): nothing is injected, "
-                          "so there is nothing to attribute")
-    result = attribute(net, tok, img, q, method=method, steps=steps, baseline=baseline, answer=answer,
-                       internal_batch_size=batch_size, target=target)
+        raise CLIVizError(
+            "this model has no gates (fusion=projector): nothing is injected, so there is nothing to attribute"
+        )
+    result = attribute(
+        net,
+        tok,
+        img,
+        q,
+        method=method,
+        steps=steps,
+        baseline=baseline,
+        answer=answer,
+        internal_batch_size=batch_size,
+        target=target,
+    )
     if out is not None:
         TraceSet.append(out, [result.to_trace()])
     if html is not None:

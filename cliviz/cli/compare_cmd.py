@@ -65,8 +65,9 @@ def _pairs_table(pairs) -> Table:
 def compare_cmd(
     models: Annotated[list[Path], typer.Option("--models", help="Model folders (repeat --models, or bundled names).")],
     data: Annotated[Path, typer.Option("--data", help="Folder with samples.jsonl, or a .jsonl file.")],
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="Folder for compare.csv, stability.csv, compare.html.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for compare.csv, stability.csv, compare.html.")
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     stability_samples: Annotated[int, typer.Option("--stability-samples", min=7)] = 140,
@@ -93,19 +94,32 @@ def compare_cmd(
         if label in loaded:
             label = str(path)
         loaded[label] = load_model(path, device=device, dtype=dtype)
-    with Progress(TextColumn("comparing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True, disable=as_json) as progress:
+    with Progress(
+        TextColumn("comparing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json,
+    ) as progress:
         task = progress.add_task("comparing", total=comparison_work(loaded, dataset, stability_samples))
-        result = run_comparison(loaded, dataset, stability_samples=stability_samples,
-                                progress=lambda n: progress.advance(task, n))
+        result = run_comparison(
+            loaded, dataset, stability_samples=stability_samples, progress=lambda n: progress.advance(task, n)
+        )
     if out is not None:
         write_comparison(out, result.accuracy, result.stability)
     if as_json:
-        typer.echo(json.dumps({
-            "accuracy": result.accuracy.to_dict("records"), "stability": result.stability.to_dict("records"),
-            "stability_summary": result.summary.reset_index().to_dict("records"),
-            "stability_pairs": result.pairs.to_dict("records"),
-        }))
+        typer.echo(
+            json.dumps(
+                {
+                    "accuracy": result.accuracy.to_dict("records"),
+                    "stability": result.stability.to_dict("records"),
+                    "stability_summary": result.summary.reset_index().to_dict("records"),
+                    "stability_pairs": result.pairs.to_dict("records"),
+                }
+            )
+        )
         return
     console = Console()
     console.print(_accuracy_table(result.accuracy, data))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,20 +28,27 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise CLIVizError(f"port {port} on {host} is already in use; stop the other server or pick "
-                                  "another port with --port") from None
+                raise CLIVizError(
+                    f"port {port} on {host} is already in use; stop the other server or pick another port with --port"
+                ) from None
             if err.errno == errno.EACCES:
-                raise CLIVizError(f"no permission to listen on port {port} (ports below 1024 need privileges); "
-                                  "pick another with --port") from None
+                raise CLIVizError(
+                    f"no permission to listen on port {port} (ports below 1024 need privileges); "
+                    "pick another with --port"
+                ) from None
             raise CLIVizError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 def dash_cmd(
     model: ModelOpt = None,
-    traces: Annotated[Optional[Path], typer.Option("--traces", help="Parquet trace set for the Dataset tab.")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on. Default: this machine only.")] = "127.0.0.1",
+    traces: Annotated[Path | None, typer.Option("--traces", help="Parquet trace set for the Dataset tab.")] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on. Default: this machine only.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8050,
-    debug: Annotated[bool, typer.Option("--debug", help="Dash debug mode (dev tools, tracebacks in the page).")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Dash debug mode (dev tools, tracebacks in the page).")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,15 +11,32 @@ import typer
 def figures_cmd(
     traces: Annotated[Path, typer.Argument(help="Trace set (Parquet), e.g. from `cliviz trace --out`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")],
-    formats: Annotated[str, typer.Option("--format", "-f", help="Comma-separated formats: pdf, svg, png.")] = "pdf,svg,png",
-    ablations: Annotated[Optional[Path], typer.Option(
-        "--ablations", help="Tidy ablation table (Parquet/CSV/JSON: llm_layer, vision_layer, effect) -> ablation grid.")] = None,
-    compare: Annotated[Optional[Path], typer.Option(
-        "--compare", help="Comparison table (CSV/JSON: model, qtype, accuracy) -> grouped bars.")] = None,
-    example: Annotated[Optional[int], typer.Option(
-        "--example", help="Trace row for the token-trajectory figure (default: first with the longest answer).")] = None,
-    width: Annotated[str, typer.Option("--width", help="single (3.5 in, 336 px) or double (7 in, 672 px) column.")] = "single",
-    titles: Annotated[bool, typer.Option("--titles/--no-titles", help="Put a title on each figure (off for papers).")] = False,
+    formats: Annotated[
+        str, typer.Option("--format", "-f", help="Comma-separated formats: pdf, svg, png.")
+    ] = "pdf,svg,png",
+    ablations: Annotated[
+        Path | None,
+        typer.Option(
+            "--ablations",
+            help="Tidy ablation table (Parquet/CSV/JSON: llm_layer, vision_layer, effect) -> ablation grid.",
+        ),
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option("--compare", help="Comparison table (CSV/JSON: model, qtype, accuracy) -> grouped bars."),
+    ] = None,
+    example: Annotated[
+        int | None,
+        typer.Option(
+            "--example", help="Trace row for the token-trajectory figure (default: first with the longest answer)."
+        ),
+    ] = None,
+    width: Annotated[
+        str, typer.Option("--width", help="single (3.5 in, 336 px) or double (7 in, 672 px) column.")
+    ] = "single",
+    titles: Annotated[
+        bool, typer.Option("--titles/--no-titles", help="Put a title on each figure (off for papers).")
+    ] = False,
     png_scale: Annotated[float, typer.Option("--png-scale", help="PNG pixels per layout pixel (3 = ~288 dpi).")] = 3.0,
 ) -> None:
     """Write the standard figure set: mean and per-question-type gate heatmaps, entropy, gate
@@ -34,8 +51,17 @@ def figures_cmd(
     for name in ("choreographer", "kaleido", "logistro"):  # browser chatter; failures surface as one CLIVizError
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
-    report = make_figures(traces, out, formats=formats, ablations=ablations, compare=compare, example=example,
-                          width=width, titles=titles, png_scale=png_scale)
+    report = make_figures(
+        traces,
+        out,
+        formats=formats,
+        ablations=ablations,
+        compare=compare,
+        example=example,
+        width=width,
+        titles=titles,
+        png_scale=png_scale,
+    )
     console = Console()
     for name in report.figures:
         files = sorted(p.name for p in report.files if p.name.startswith(name + ".") or p.name.startswith(name + "_"))
@@ -43,5 +69,7 @@ def figures_cmd(
     for name, why in report.skipped.items():
         console.print(f"[yellow]skipped {name}[/]: {why}")
     t = report.timings
-    console.print(f"[dim]{len(report.figures)} figures, {len(report.files)} files in {report.out} "
-                  f"(read {t['read']:.1f}s, compute {t['compute']:.1f}s, export {t['export']:.1f}s)[/]")
+    console.print(
+        f"[dim]{len(report.figures)} figures, {len(report.files)} files in {report.out} "
+        f"(read {t['read']:.1f}s, compute {t['compute']:.1f}s, export {t['export']:.1f}s)[/]"
+    )

@@ -48,10 +48,22 @@ def build_app():
     def _root() -> None:
         """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
 
-    for name, command in (("trace", trace_cmd), ("ask", ask), ("compare", compare_cmd), ("data", data),
-                          ("train", train), ("eval", eval_cmd), ("attach", attach_cmd), ("vocab", vocab),
-                          ("figures", figures_cmd), ("sweep", sweep_cmd), ("ablate", ablate_cmd),
-                          ("attribute", attribute_cmd), ("dash", dash_cmd), ("probe-layers", probe_cmd)):
+    for name, command in (
+        ("trace", trace_cmd),
+        ("ask", ask),
+        ("compare", compare_cmd),
+        ("data", data),
+        ("train", train),
+        ("eval", eval_cmd),
+        ("attach", attach_cmd),
+        ("vocab", vocab),
+        ("figures", figures_cmd),
+        ("sweep", sweep_cmd),
+        ("ablate", ablate_cmd),
+        ("attribute", attribute_cmd),
+        ("dash", dash_cmd),
+        ("probe-layers", probe_cmd),
+    ):
         app.command(name)(command)
     return app
 

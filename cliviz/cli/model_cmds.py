@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -102,8 +102,12 @@ def attach_cmd(
     base: Annotated[Path, typer.Option("--base", help="Local LLaVA / LLaVA-OneVision model folder (safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the CLI model.")],
     fusion: Annotated[str, typer.Option("--fusion")] = "cli",
-    vision_layers: Annotated[Optional[str], typer.Option("--vision-layers", help="Comma-separated hidden_states indices.")] = None,
-    injection_layers: Annotated[Optional[str], typer.Option("--injection-layers", help="Comma-separated LLM layers.")] = None,
+    vision_layers: Annotated[
+        str | None, typer.Option("--vision-layers", help="Comma-separated hidden_states indices.")
+    ] = None,
+    injection_layers: Annotated[
+        str | None, typer.Option("--injection-layers", help="Comma-separated LLM layers.")
+    ] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
     temperature: Annotated[float, typer.Option("--temperature", min=1e-3)] = 1.0,
 ) -> None:
@@ -123,10 +127,21 @@ def attach_cmd(
         except ValueError:
             raise CLIVizError(f"expected comma-separated integers, got {text!r}") from None
 
-    attach_folder(base, out, fusion=fusion, vision_layers=parse(vision_layers), injection_layers=parse(injection_layers),
-                  lora_rank=lora_rank, gate_temperature=temperature)
+    attach_folder(
+        base,
+        out,
+        fusion=fusion,
+        vision_layers=parse(vision_layers),
+        injection_layers=parse(injection_layers),
+        lora_rank=lora_rank,
+        gate_temperature=temperature,
+    )
     carried = carried_files(out)
-    note = f"; carried {', '.join(carried)}" if carried else "; the base folder has no tokenizer: add one before `cliviz ask`"
+    note = (
+        f"; carried {', '.join(carried)}"
+        if carried
+        else "; the base folder has no tokenizer: add one before `cliviz ask`"
+    )
     typer.echo(f"wrote CLI model ({fusion}) to {out}{note}")
 
 

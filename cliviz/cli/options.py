@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ModelOpt = Annotated[
-    Optional[Path], typer.Option("--model", "-m", help="Model folder (config.json + model.safetensors). Default: bundled cli-tiny.")
+    Path | None,
+    typer.Option("--model", "-m", help="Model folder (config.json + model.safetensors). Default: bundled cli-tiny."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]. auto picks a GPU when present.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16. auto: bf16 on GPU, fp32 on CPU.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16. auto: bf16 on GPU, fp32 on CPU.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the rich view.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 MaxNewTokensOpt = Annotated[
-    Optional[int],
-    typer.Option("--max-new-tokens", min=1, max=1024,
-                 help="Answer length limit in tokens (generation stops at eos). Default: 4 for the bundled "
-                      "word-level models, 256 for real checkpoints."),
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        max=1024,
+        help="Answer length limit in tokens (generation stops at eos). Default: 4 for the bundled "
+        "word-level models, 256 for real checkpoints.",
+    ),
 ]

@@ -75,9 +75,13 @@ def _probe_folder(folder: Path, target: str) -> None:
 
 def _reason(err: OSError) -> str:
     """Words for the errno of a failed write: a read-only file system is not a permission problem."""
-    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "disk quota exceeded"}
+    reasons = {
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+    }
     return reasons.get(err.errno, err.strerror or str(err))
 
 
@@ -94,8 +98,16 @@ def checked_question(question: str, tokenizer) -> str:
     return check_model_question(question, tokenizer)
 
 
-def prepare_question(image: Path, question: str, model: Path | None, device: str, dtype: str, *,
-                     trace_out: Path | None = None, html: Path | None = None):
+def prepare_question(
+    image: Path,
+    question: str,
+    model: Path | None,
+    device: str,
+    dtype: str,
+    *,
+    trace_out: Path | None = None,
+    html: Path | None = None,
+):
     """The shared start of `ask`, `trace` and `attribute`: `(image, model, tokenizer, question)`.
 
     A bundled model shown an image unlike its ShapesVQA scenes gets one warning line on stderr

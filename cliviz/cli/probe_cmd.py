@@ -17,26 +17,48 @@ if TYPE_CHECKING:
 
 def probe_cmd(
     model: ModelOpt = None,
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="A `cliviz data` folder (ShapesVQA images + samples.jsonl). Default: --n fresh scenes.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, max=100_000,
-                                   help="Scenes to generate when no --data is given.")] = 600,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="A `cliviz data` folder (ShapesVQA images + samples.jsonl). Default: --n fresh scenes."
+        ),
+    ] = None,
+    n: Annotated[
+        int, typer.Option("--n", min=1, max=100_000, help="Scenes to generate when no --data is given.")
+    ] = 600,
     seed: Annotated[int, typer.Option("--seed", help="Scene stream (without --data), folds and patch sampling.")] = 5,
     max_images: Annotated[int | None, typer.Option("--max-images", min=1, help="Use at most this many images.")] = None,
-    properties: Annotated[str | None, typer.Option(
-        "--properties", help="Comma-separated properties (e.g. digit,position or patch:digit). Default: all.")] = None,
-    layers: Annotated[str | None, typer.Option(
-        "--layers", help="Comma-separated hidden-state indices (0 = patch embedding). Default: all.")] = None,
+    properties: Annotated[
+        str | None,
+        typer.Option(
+            "--properties", help="Comma-separated properties (e.g. digit,position or patch:digit). Default: all."
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Comma-separated hidden-state indices (0 = patch embedding). Default: all."),
+    ] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (images held out whole).")] = 5,
     max_patches: Annotated[int, typer.Option("--max-patches", help="Patch tokens kept per patch sample.")] = 3000,
-    control: Annotated[bool, typer.Option(
-        "--control", help="Permute the labels: a sanity check, every probe should fall to its majority baseline.",
-    )] = False,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Folder for probes.csv, probes.json, probes.html and the heatmap images.")] = None,
-    formats: Annotated[str, typer.Option(
-        "--format", "-f", help="Heatmap image formats with --out: pdf, svg, png (comma-separated), or none.",
-    )] = "png,svg",
+    control: Annotated[
+        bool,
+        typer.Option(
+            "--control",
+            help="Permute the labels: a sanity check, every probe should fall to its majority baseline.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for probes.csv, probes.json, probes.html and the heatmap images."),
+    ] = None,
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Heatmap image formats with --out: pdf, svg, png (comma-separated), or none.",
+        ),
+    ] = "png,svg",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per vision-tower batch.")] = 64,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -61,8 +83,18 @@ def probe_cmd(
     named = named[:max_images] if max_images is not None else named
     net, _ = load_checked(model, device, dtype)
     check_probe_args(net, len(named), chosen_layers, folds, max_patches)  # one error line, before the progress bar
-    report = _run(net, [scene for _, scene in named], properties, chosen_layers, folds, seed, max_patches, control,
-                  batch_size, quiet=as_json)
+    report = _run(
+        net,
+        [scene for _, scene in named],
+        properties,
+        chosen_layers,
+        folds,
+        seed,
+        max_patches,
+        control,
+        batch_size,
+        quiet=as_json,
+    )
     report.meta.update({"model": str(net.name_or_path), "data": source, "images_skipped": skipped})
     written = []
     if out is not None:
@@ -120,8 +152,18 @@ def _run(net, scenes, properties, layers, folds, seed, max_patches, control, bat
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
 
-        return probe_layers(net, scenes, properties=properties, layers=layers, folds=folds, seed=seed,
-                            max_patches=max_patches, control=control, batch_size=batch_size, progress=advance)
+        return probe_layers(
+            net,
+            scenes,
+            properties=properties,
+            layers=layers,
+            folds=folds,
+            seed=seed,
+            max_patches=max_patches,
+            control=control,
+            batch_size=batch_size,
+            progress=advance,
+        )
 
 
 def _cell(value: float, floor: float) -> Text:
@@ -144,8 +186,10 @@ def _print(report, written: list[Path]) -> None:
     acc, maj, p, m = report.table(), report.majority(), report.projector_layer, report.meta
     drop = report.bottleneck().set_index("column")["drop"]
     crop = "; OneVision: the base crop's patch grid" if m["crop"] else ""
-    title = (f"{Path(m['model']).name}: probe accuracy per vision layer ({m['n_images']} images, {m['folds']} folds"
-             f"{', labels permuted' if m['control'] else ''}{crop})")
+    title = (
+        f"{Path(m['model']).name}: probe accuracy per vision layer ({m['n_images']} images, {m['folds']} folds"
+        f"{', labels permuted' if m['control'] else ''}{crop})"
+    )
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
     table.add_column("feature:property", no_wrap=True)
     for k in acc.index:
@@ -154,12 +198,13 @@ def _print(report, written: list[Path]) -> None:
     table.add_column("drop", justify="right")
     for col in acc.columns:
         d = drop[col]
-        table.add_row(col, *[_cell(v, maj[col]) for v in acc[col]], f"{maj[col]:.2f}",
-                      "-" if d != d else f"{d:+.2f}")
+        table.add_row(col, *[_cell(v, maj[col]) for v in acc[col]], f"{maj[col]:.2f}", "-" if d != d else f"{d:+.2f}")
     console.print(table)
-    console.print(f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token. V{p}* is the "
-                  f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} "
-                  f"minus V{p}.[/]")
+    console.print(
+        f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token. V{p}* is the "
+        f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} "
+        f"minus V{p}.[/]"
+    )
     for name, why in report.skipped.items():
         console.print(f"[yellow]skipped {name}[/]: {why}")
     for why, count in m.get("images_skipped", {}).items():

@@ -28,7 +28,9 @@ def answer_line(trace: Trace) -> Text:
     if len(trace.answer_texts) > PER_TOKEN_LIMIT:
         probs = np.exp(trace.answer_logprobs)
         text.append(trace.meta.answer, style="bold green")
-        text.append(f"\n  ({len(probs)} tokens; probability mean {probs.mean():.2f}, lowest {probs.min():.2f})", style="dim")
+        text.append(
+            f"\n  ({len(probs)} tokens; probability mean {probs.mean():.2f}, lowest {probs.min():.2f})", style="dim"
+        )
         return text
     for word, lp in zip(trace.answer_texts, trace.answer_logprobs):
         text.append(f"{word}", style="bold green" if word != "<eos>" else "dim")

@@ -78,11 +78,17 @@ def sweep_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per traced generate.")] = 32,
-    chunk_size: Annotated[int, typer.Option(
-        "--chunk-size", min=1, help="Traces per atomic append to --out: a kill loses at most one chunk.")] = 256,
+    chunk_size: Annotated[
+        int,
+        typer.Option("--chunk-size", min=1, help="Traces per atomic append to --out: a kill loses at most one chunk."),
+    ] = 256,
     max_new_tokens: MaxNewTokensOpt = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Finish an interrupted sweep: skip the samples already in --out (and its shards).")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Finish an interrupted sweep: skip the samples already in --out (and its shards)."
+        ),
+    ] = False,
 ) -> None:
     """Trace every sample of a data set (gates, injection norms, answers) into one trace file.
 
@@ -129,8 +135,9 @@ def _output_locks(ctx: _Dist, out: Path):
         yield
 
 
-def _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, chunk_size, max_new_tokens,
-                  resume) -> None:
+def _locked_sweep(
+    ctx, dataset, items, out, model, device, dtype, batch_size, chunk_size, max_new_tokens, resume
+) -> None:
     """The sweep proper, run while this process holds its output locks (see `_output_locks`)."""
     from cliviz.tracing.sweep import check_resumable, existing_shards, finalize, read_done, shard_path
 
@@ -138,11 +145,15 @@ def _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, ch
     shards = existing_shards(out)
     if not resume:
         if out.exists():
-            raise CLIVizError(f"{out} already exists: pass --resume to finish that sweep, or choose another --out "
-                              "(a sweep never overwrites or appends to a file on its own)")
+            raise CLIVizError(
+                f"{out} already exists: pass --resume to finish that sweep, or choose another --out "
+                "(a sweep never overwrites or appends to a file on its own)"
+            )
         if shards:
-            raise CLIVizError(f"shard file(s) of an interrupted multi-process sweep exist ({shards[0].name}...): "
-                              "pass --resume to finish it, or remove them")
+            raise CLIVizError(
+                f"shard file(s) of an interrupted multi-process sweep exist ({shards[0].name}...): "
+                "pass --resume to finish it, or remove them"
+            )
     done = read_done([out, *shards]) if resume else None  # refuses corrupt / other-schema files, touches nothing
     if done is not None:
         check_resumable(done, items, out)
@@ -157,9 +168,21 @@ def _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, ch
         skipped = dict(dataset.skipped)
         written = 0
         if pending:
-            written, more = _trace_pending(ctx, dist, model, device, dtype, pending, done, out,
-                                           shard_path(out, ctx.rank) if ctx.active else out,
-                                           batch_size, chunk_size, max_new_tokens, err)
+            written, more = _trace_pending(
+                ctx,
+                dist,
+                model,
+                device,
+                dtype,
+                pending,
+                done,
+                out,
+                shard_path(out, ctx.rank) if ctx.active else out,
+                batch_size,
+                chunk_size,
+                max_new_tokens,
+                err,
+            )
             for reason, n in more.items():
                 skipped[reason] = skipped.get(reason, 0) + n
         if not ctx.main:
@@ -168,9 +191,12 @@ def _locked_sweep(ctx, dataset, items, out, model, device, dtype, batch_size, ch
         for reason, n in skipped.items():
             err.print(f"[yellow]skipped {n} sample(s): {escape(reason)}[/]", highlight=False)
         already = len(done_ids & {item.sample_id for item in items})
-        typer.echo(f"{out}: {total} traces of {len(items)} usable samples ({written} traced now"
-                   + (f", {already} already there" if resume else "")
-                   + (f", {ctx.world} processes" if ctx.active else "") + ")")
+        typer.echo(
+            f"{out}: {total} traces of {len(items)} usable samples ({written} traced now"
+            + (f", {already} already there" if resume else "")
+            + (f", {ctx.world} processes" if ctx.active else "")
+            + ")"
+        )
     except KeyboardInterrupt:
         kept = _rows_on_disk([out, *existing_shards(out)])
         where = str(out) if not ctx.active else f"{out} and its shard files"
@@ -193,10 +219,18 @@ def _rows_on_disk(paths: list[Path]) -> int:
     return total
 
 
-def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, target, batch_size, chunk_size,
-                   max_new_tokens, err) -> tuple[int, dict[str, int]]:
+def _trace_pending(
+    ctx, dist, model_dir, device, dtype, pending, done, out, target, batch_size, chunk_size, max_new_tokens, err
+) -> tuple[int, dict[str, int]]:
     """Load the model, drop unusable questions, trace this rank's share; all ranks' totals back."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from cliviz.inputs import check_model_question
     from cliviz.model.loading import config_hash, load_model
@@ -214,18 +248,35 @@ def _trace_pending(ctx, dist, model_dir, device, dtype, pending, done, out, targ
             bad_questions += 1
     mine = usable[ctx.rank :: ctx.world]
     label = f"sweeping (rank 0 of {ctx.world})" if ctx.active else "sweeping"
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, disable=not ctx.main, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not ctx.main,
+        transient=True,
+    ) as progress:
         task = progress.add_task(label, total=len(mine))
-        stats = run_sweep(net, tok, mine, target, batch_size=batch_size, chunk_size=chunk_size,
-                          max_new_tokens=max_new_tokens, on_advance=lambda n: progress.advance(task, n))
+        stats = run_sweep(
+            net,
+            tok,
+            mine,
+            target,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            max_new_tokens=max_new_tokens,
+            on_advance=lambda n: progress.advance(task, n),
+        )
     results = [(stats.written, stats.skipped)]
     if dist is not None:
         results = [None] * ctx.world
         dist.all_gather_object(results, (stats.written, stats.skipped))  # also the barrier before the merge
-    skipped: dict[str, int] = {"question empty, too long or outside the model's vocabulary": bad_questions} if bad_questions else {}
+    skipped: dict[str, int] = (
+        {"question empty, too long or outside the model's vocabulary": bad_questions} if bad_questions else {}
+    )
     for _, rank_skipped in results:
         for reason, n in rank_skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
     return sum(w for w, _ in results), skipped
-

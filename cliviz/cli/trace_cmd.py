@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from cliviz.cli.preflight import prepare_question
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt
+from cliviz.cli.preflight import prepare_question
 from cliviz.errors import CLIVizError
 
 
@@ -22,12 +22,17 @@ def trace_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_new_tokens: MaxNewTokensOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained interactive heatmap page.")] = None,
-    causal_check: Annotated[bool, typer.Option(
-        "--causal-check/--no-causal-check",
-        help="Also measure the effect of switching the injection off for this question "
-             "(one batched engine call).")] = True,
+    out: Annotated[Path | None, typer.Option("--out", help="Append the trace to this Parquet trace set.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained interactive heatmap page.")
+    ] = None,
+    causal_check: Annotated[
+        bool,
+        typer.Option(
+            "--causal-check/--no-causal-check",
+            help="Also measure the effect of switching the injection off for this question (one batched engine call).",
+        ),
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
@@ -48,8 +53,11 @@ def trace_cmd(
         payload = result.to_dict()
         check = result.causal
         causal = None if check is None else {**dataclasses.asdict(check), "matters": check.matters}
-        typer.echo(json.dumps({"answer": result.meta.answer, "causal_check": causal, "map_notes": result.map_notes(),
-                               **payload}))
+        typer.echo(
+            json.dumps(
+                {"answer": result.meta.answer, "causal_check": causal, "map_notes": result.map_notes(), **payload}
+            )
+        )
         return
     console = Console()
     print_trace(result, gate_matrix(result, "answer"), console)

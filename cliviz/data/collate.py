@@ -88,8 +88,12 @@ class WordLevelEncoder:
 class ChatEncoder:
     """The conversation through the tokenizer's chat template, labels on the assistant turns."""
 
-    PROBE = (("user", "what is in the picture ?"), ("assistant", "a red circle"),
-             ("user", "and where ?"), ("assistant", "on the left"))
+    PROBE = (
+        ("user", "what is in the picture ?"),
+        ("assistant", "a red circle"),
+        ("user", "and where ?"),
+        ("assistant", "on the left"),
+    )
 
     def __init__(self, tokenizer, image_token_id: int) -> None:
         if not getattr(tokenizer, "is_fast", False):
@@ -101,8 +105,9 @@ class ChatEncoder:
         if self._render_or_none(self.PROBE[:1], generation=True) != reference:
             self.structured = False
             if self._render_or_none(self.PROBE[:1], generation=True) != reference:
-                raise CLIVizError("the chat template renders a question unlike the inference prompt; "
-                                  "cannot train on it")
+                raise CLIVizError(
+                    "the chat template renders a question unlike the inference prompt; cannot train on it"
+                )
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self.special_ids = set(tokenizer.all_special_ids)
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
@@ -129,7 +134,7 @@ class ChatEncoder:
     def _render(self, messages: list[dict], generation: bool) -> str:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
-        except Exception as err:  # jinja raises many types (template errors, raise_exception(...))
+        except Exception as err:  # noqa: BLE001 - jinja raises many types (template errors, raise_exception(...))
             raise BadRow("template_mismatch", str(err).strip().splitlines()[0] if str(err).strip() else "") from None
         if not isinstance(text, str):
             raise BadRow("template_mismatch", "the template did not render text")
@@ -155,7 +160,7 @@ class ChatEncoder:
             through = self._render(messages[: j + 1], generation=False)
             if not (through.startswith(before) and full.startswith(through)):
                 raise BadRow("template_mismatch", "a prefix of the conversation renders differently")
-            content_end = len(before) + len(through[len(before):].rstrip())
+            content_end = len(before) + len(through[len(before) :].rstrip())
             at = full.find(text, len(before), content_end)
             answer_end = at + len(text) if at >= 0 else content_end  # not found: the template rewrote it
             spans.append((len(before), answer_end, content_end))
@@ -193,8 +198,9 @@ class ChatEncoder:
         return TokenizedConversation(out_ids, labels, ends)
 
 
-def expand_image(tokens: TokenizedConversation, image_token_id: int, n_image: int,
-                 max_length: int | None) -> tuple[list[int], list[int], bool]:
+def expand_image(
+    tokens: TokenizedConversation, image_token_id: int, n_image: int, max_length: int | None
+) -> tuple[list[int], list[int], bool]:
     """Image token -> `n_image` placeholders (labels -100); cut after the last answer that fits.
 
     Returns ids, labels and whether answers were cut off; `BadRow("too_long")` if none fits.
@@ -227,8 +233,9 @@ class ConversationCollator:
     `Collated.skipped`, never raised. Per-sample `extra` arrays become `aux_<name>` tensors.
     """
 
-    def __init__(self, tokenizer, image_token_id: int, encode_images: ImageEncoder,
-                 max_length: int | None = None) -> None:
+    def __init__(
+        self, tokenizer, image_token_id: int, encode_images: ImageEncoder, max_length: int | None = None
+    ) -> None:
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
         self.encode_images, self.max_length = encode_images, max_length
         chat = bool(getattr(tokenizer, "chat_template", None))

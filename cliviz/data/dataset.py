@@ -66,8 +66,15 @@ def write_dataset(out: Path, n: int, seed: int) -> Path:
     for sample in iter_samples(n, seed):
         name = f"images/{sample.image_id}.png"
         sample.image.save(out / name)
-        rows.append({"image": name, "question": sample.question, "answer": sample.answer, "qtype": sample.qtype,
-                     "scene": scene_record(sample.scene)})
+        rows.append(
+            {
+                "image": name,
+                "question": sample.question,
+                "answer": sample.answer,
+                "qtype": sample.qtype,
+                "scene": scene_record(sample.scene),
+            }
+        )
     target = out / "samples.jsonl"
     atomic_write_bytes(target, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"), "samples file")
     return target

@@ -140,8 +140,10 @@ class ConversationStream(IterableDataset):
         self.rank = detected[0] if rank is None else rank
         self.world_size = detected[1] if world_size is None else world_size
         if batch_size < 1 or shuffle_window < 1 or start_batch < 0 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"bad stream layout: batch_size={batch_size}, shuffle_window={shuffle_window}, "
-                             f"start_batch={start_batch}, rank={self.rank}, world_size={self.world_size}")
+            raise ValueError(
+                f"bad stream layout: batch_size={batch_size}, shuffle_window={shuffle_window}, "
+                f"start_batch={start_batch}, rank={self.rank}, world_size={self.world_size}"
+            )
         self.source, self.collator, self.batch_size = source, collator, batch_size
         self.seed, self.shuffle, self.window = seed, shuffle, shuffle_window
         self.epochs, self.start_batch = epochs, start_batch
@@ -220,8 +222,9 @@ class ConversationStream(IterableDataset):
         if end is not None and self.epochs is not None:
             end.update(positions=self.epochs * (n or 0), epochs=self.epochs)
 
-    def _window(self, rows: Iterator, epoch: int, window: int, g0: int, size: int | None,
-                worker: int, n_workers: int) -> tuple[list[tuple[int, int, Any]], int]:
+    def _window(
+        self, rows: Iterator, epoch: int, window: int, g0: int, size: int | None, worker: int, n_workers: int
+    ) -> tuple[list[tuple[int, int, Any]], int]:
         """`(batch index, row offset, raw row)` owned in one window, in stream order, and the rows read.
 
         With the window's size known (table metadata, or after a first pass) only the owned raw rows
@@ -304,7 +307,7 @@ class DataSummary:
         values = torch.tensor(counts, dtype=torch.float64)
         torch.distributed.all_reduce(values)
         totals = [int(v) for v in values.tolist()]
-        skipped = Counter({r: v for r, v in zip(REASONS, totals[len(names):]) if v})
+        skipped = Counter({r: v for r, v in zip(REASONS, totals[len(names) :]) if v})
         return DataSummary(self.next_batch, *totals[: len(names)], skipped=skipped)
 
     def describe(self) -> str:
@@ -318,8 +321,9 @@ class DataSummary:
         return text
 
 
-def make_loader(stream: ConversationStream, num_workers: int = 0, pin_memory: bool = False,
-                prefetch_factor: int = 2) -> DataLoader:
+def make_loader(
+    stream: ConversationStream, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2
+) -> DataLoader:
     """A torch DataLoader over `stream` with `num_workers` worker processes (0: in-process).
 
     The stream yields whole batches (`batch_size=None` here). Workers are forked after the
@@ -328,5 +332,11 @@ def make_loader(stream: ConversationStream, num_workers: int = 0, pin_memory: bo
     """
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        persistent_workers=False,
+    )

@@ -7,8 +7,8 @@ two objects), glyph (fine detail in a corner), size (comparison).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -45,8 +45,14 @@ def _count(scene: Scene, rng: np.random.Generator) -> QA:
 def _position(scene: Scene, rng: np.random.Generator) -> QA:
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
     if rng.random() < 0.5:
-        return QA(f"is the {obj.color} object on the left or right ?", "left" if obj.x < IMAGE_SIZE / 2 else "right", "position")
-    return QA(f"is the {obj.color} object at the top or bottom ?", "top" if obj.y < IMAGE_SIZE / 2 else "bottom", "position")
+        return QA(
+            f"is the {obj.color} object on the left or right ?",
+            "left" if obj.x < IMAGE_SIZE / 2 else "right",
+            "position",
+        )
+    return QA(
+        f"is the {obj.color} object at the top or bottom ?", "top" if obj.y < IMAGE_SIZE / 2 else "bottom", "position"
+    )
 
 
 def _relation(scene: Scene, rng: np.random.Generator) -> QA | None:
@@ -54,7 +60,9 @@ def _relation(scene: Scene, rng: np.random.Generator) -> QA | None:
     if not pairs:
         return None
     a, b = pairs[int(rng.integers(len(pairs)))]
-    return QA(f"is the {a.color} object above or below the {b.color} object ?", "above" if a.y < b.y else "below", "relation")
+    return QA(
+        f"is the {a.color} object above or below the {b.color} object ?", "above" if a.y < b.y else "below", "relation"
+    )
 
 
 def _glyph(scene: Scene, rng: np.random.Generator) -> QA:
@@ -95,7 +103,9 @@ def parse_extra_questions(spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, count = part.partition(":")
         if name not in QUESTION_TYPES or not count.isdigit():
-            raise ValueError(f"bad extra-questions entry {part!r}: want type:count with a type among {', '.join(QUESTION_TYPES)}")
+            raise ValueError(
+                f"bad extra-questions entry {part!r}: want type:count with a type among {', '.join(QUESTION_TYPES)}"
+            )
         extra[name] = int(count)
     return extra
 

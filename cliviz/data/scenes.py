@@ -124,8 +124,10 @@ def render_scene(objects: list[SceneObject], digit: str) -> Image.Image:
 
 def scene_record(scene: Scene) -> dict:
     """A scene as plain JSON (what `cliviz data` stores beside each image): digit and objects, in drawing order."""
-    return {"digit": scene.digit, "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y}
-                                              for o in scene.objects]}
+    return {
+        "digit": scene.digit,
+        "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y} for o in scene.objects],
+    }
 
 
 def scene_from_record(record: object) -> Scene:
@@ -137,8 +139,13 @@ def scene_from_record(record: object) -> Scene:
         raise ValueError(f"bad digit {digit!r}")
     objects = []
     for o in record["objects"]:
-        if not isinstance(o, dict) or o.get("shape") not in SHAPES or o.get("color") not in COLORS \
-                or o.get("size") not in SIZES or not all(type(o.get(k)) is int for k in ("x", "y")):
+        if (
+            not isinstance(o, dict)
+            or o.get("shape") not in SHAPES
+            or o.get("color") not in COLORS
+            or o.get("size") not in SIZES
+            or not all(type(o.get(k)) is int for k in ("x", "y"))
+        ):
             raise ValueError(f"bad object {o!r}")
         objects.append(SceneObject(o["shape"], o["color"], o["size"], o["x"], o["y"]))
     if not objects:

@@ -171,7 +171,8 @@ class ArrowSource(ConversationSource):
         """Rows per file: Parquet metadata, or a pass over the memory-mapped Arrow batches (no copy)."""
         if self._sizes is None:
             self._sizes = [
-                pq.ParquetFile(f).metadata.num_rows if f.suffix == ".parquet"
+                pq.ParquetFile(f).metadata.num_rows
+                if f.suffix == ".parquet"
                 else sum(b.num_rows for b in _ipc_batches(f))
                 for f in self.files
             ]
@@ -199,8 +200,9 @@ class ArrowSource(ConversationSource):
                 start -= pf.metadata.row_group(first).num_rows
                 first += 1
             groups = list(range(first, pf.num_row_groups))
-            batches = pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=self.columns) \
-                if groups else []
+            batches = (
+                pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=self.columns) if groups else []
+            )
         else:
             batches = (b.select(self.columns) for b in _ipc_batches(file))
         for batch in batches:
@@ -316,8 +318,15 @@ class ShapesSceneSource(ConversationSource):
 
     infinite = True
 
-    def __init__(self, seed: int, offset: int = 0, extra_questions: dict[str, int] | None = None,
-                 patch: int = 8, pool: int | None = None, scene_labels: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int,
+        offset: int = 0,
+        extra_questions: dict[str, int] | None = None,
+        patch: int = 8,
+        pool: int | None = None,
+        scene_labels: bool = False,
+    ) -> None:
         self.seed, self.offset, self.extra_questions, self.patch = seed, offset, extra_questions, patch
         self.pool, self.scene_labels = pool, scene_labels
 

@@ -65,8 +65,9 @@ def fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, k, n, heads, r // heads).transpose(2, 3).reshape(b, k * heads, n, r // heads)
 
 
-def pool_memory(memory: torch.Tensor, mask: torch.Tensor | None, max_tokens: int | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pool_memory(
+    memory: torch.Tensor, mask: torch.Tensor | None, max_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Average neighbouring memory positions so that no image has more than `max_tokens`.
 
     `memory [B, K, N, D]`, `mask [B, N]` (True at real positions; None: all real). Each image is
@@ -78,8 +79,12 @@ def pool_memory(memory: torch.Tensor, mask: torch.Tensor | None, max_tokens: int
     if max_tokens is None or max(lengths) <= max_tokens:
         return memory, mask
     b, k, _, d = memory.shape
-    pooled = [F.adaptive_avg_pool1d(memory[i, :, :n].transpose(1, 2).float(), min(int(n), max_tokens))
-              .transpose(1, 2).to(memory.dtype) for i, n in enumerate(lengths)]  # each [K, n_i', D]
+    pooled = [
+        F.adaptive_avg_pool1d(memory[i, :, :n].transpose(1, 2).float(), min(int(n), max_tokens))
+        .transpose(1, 2)
+        .to(memory.dtype)
+        for i, n in enumerate(lengths)
+    ]  # each [K, n_i', D]
     width = max(p.shape[1] for p in pooled)
     out = memory.new_zeros(b, k, width, d)  # [B, K, N', D]
     out_mask = torch.zeros(b, width, dtype=torch.bool, device=memory.device)  # [B, N']
@@ -128,8 +133,9 @@ class VisionRead(nn.Module):
         """The full read's own keys and values of `memory [B, K, N, D]`."""
         return fold_heads(self.key(memory), self.heads), fold_heads(self.value(memory), self.heads)
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, t, _ = hidden.shape
         h = self.heads
         k = keys.shape[1] // h
@@ -159,15 +165,24 @@ class Injection(nn.Module):
 class AGFLayer(nn.Module):
     """Gate + read + injection for one LLM layer; returns the residual update `[B, T, D]`."""
 
-    def __init__(self, hidden: int, n_vision: int, width: int, heads: int, temperature: float,
-                 static_index: int | None, own_keys_values: bool = False) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        n_vision: int,
+        width: int,
+        heads: int,
+        temperature: float,
+        static_index: int | None,
+        own_keys_values: bool = False,
+    ) -> None:
         super().__init__()
         self.gate = Gate(hidden, n_vision, temperature) if static_index is None else StaticGate(n_vision, static_index)
         self.read = VisionRead(hidden, width, heads, own_keys_values)
         self.injection = Injection(width, hidden, scalar_alpha=own_keys_values)  # the full read: first design
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         gates = self.gate(hidden)  # [B, T, K]
         reads = self.read(hidden, keys, values, memory_mask)  # [B, T, K, r]
         mixed = torch.einsum("btk,btkr->btr", gates, reads)  # [B, T, r]

@@ -18,9 +18,18 @@ from cliviz.model.modeling import BASE_CLASSES, CLIForConditionalGeneration
 
 # Files next to the weights that a user's tokenizer/processor needs; copied as they are.
 SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "preprocessor_config.json", "processor_config.json", "chat_template.json",
-    "chat_template.jinja", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
 )
 
 
@@ -36,15 +45,21 @@ def attach(
 ) -> CLIForConditionalGeneration:
     """Wrap `base` (its modules are re-used, not copied) in a CLI model with the light read. Example::
 
-        base = LlavaForConditionalGeneration.from_pretrained("assets/models/llava-tiny-base", use_safetensors=True,
-                                                             trust_remote_code=False)
-        model = attach(base, vision_layers=[2, 4, 6])
+    base = LlavaForConditionalGeneration.from_pretrained("assets/models/llava-tiny-base", use_safetensors=True,
+                                                         trust_remote_code=False)
+    model = attach(base, vision_layers=[2, 4, 6])
     """
     if base.config.model_type not in BASE_CLASSES:
         raise CLIVizError(f"cannot attach to model_type {base.config.model_type!r}; expected llava or llava_onevision")
     config = CLIConfig(
-        base_config=base.config, fusion=fusion, vision_layers=vision_layers, injection_layers=injection_layers,
-        lora_rank=lora_rank, gate_temperature=gate_temperature, read_width=read_width, read_heads=read_heads,
+        base_config=base.config,
+        fusion=fusion,
+        vision_layers=vision_layers,
+        injection_layers=injection_layers,
+        lora_rank=lora_rank,
+        gate_temperature=gate_temperature,
+        read_width=read_width,
+        read_heads=read_heads,
     )
     model = CLIForConditionalGeneration(config, base=base)
     return model.to(dtype=base.dtype, device=base.device).eval()
@@ -71,8 +86,9 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
         raise CLIVizError(f"{base_dir} has no .safetensors weights (pickled weights are never loaded)")
     try:
         with no_stdin():
-            base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True,
-                                                                             trust_remote_code=False)
+            base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(
+                base_dir, use_safetensors=True, trust_remote_code=False
+            )
         model = attach(base, **options)
     except (ValueError, OSError, RuntimeError) as err:
         raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
@@ -103,6 +119,7 @@ def _ensure_fast_tokenizer(base_dir: Path, out: Path) -> None:
     try:
         with no_stdin():
             AutoTokenizer.from_pretrained(base_dir, local_files_only=True, trust_remote_code=False).save_pretrained(out)
-    except Exception as err:  # tokenizers/sentencepiece raise many types
-        raise CLIVizError(f"cannot convert the tokenizer in {base_dir} ({', '.join(slow)}) to tokenizer.json: {err}") from None
-
+    except Exception as err:  # noqa: BLE001 - tokenizers/sentencepiece raise many types
+        raise CLIVizError(
+            f"cannot convert the tokenizer in {base_dir} ({', '.join(slow)}) to tokenizer.json: {err}"
+        ) from None

@@ -109,12 +109,14 @@ class CLIConfig(PretrainedConfig):
         if self.read_max_tokens is not None and self.read_max_tokens < 1:
             raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")
         if self.read_width < 1 or self.read_heads < 1 or self.read_width % self.read_heads:
-            raise ValueError(f"read width {self.read_width} must be a positive multiple of read_heads {self.read_heads}")
+            raise ValueError(
+                f"read width {self.read_width} must be a positive multiple of read_heads {self.read_heads}"
+            )
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "CLIConfig":
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CLIConfig:
         """A config.json written before the light read and the paper's AMP describes the first
         design (full read, LayerNorm in AMP): it says so by lacking `agf_read`."""
         if "agf_read" not in config_dict:

@@ -70,10 +70,16 @@ def image_processor_config(size: int) -> dict:
     """The preprocessor config whose pixels equal `processing.pixel_values` for the bundled models."""
     return {
         "image_processor_type": "CLIPImageProcessorPil",
-        "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,  # PIL bicubic
-        "do_center_crop": False, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": False,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
         "do_convert_rgb": True,
     }
 
@@ -100,8 +106,9 @@ def export_llava_base(model: str | Path = DEFAULT_SOURCE, out: str | Path | None
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(target)
     size = int(net.config.base_config.vision_config.image_size)
-    (target / "preprocessor_config.json").write_text(json.dumps(image_processor_config(size), indent=2) + "\n",
-                                                     encoding="utf-8")
+    (target / "preprocessor_config.json").write_text(
+        json.dumps(image_processor_config(size), indent=2) + "\n", encoding="utf-8"
+    )
     source = Path(str(net.name_or_path))
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", target / "generation_config.json")

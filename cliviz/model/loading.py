@@ -44,7 +44,11 @@ def check_model_dir(path: Path) -> CLIConfig:
         raise CLIVizError(f"model path is not a folder: {path}")
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
-        hint = " (weights must be safetensors)" if "model.safetensors" in missing and (path / "pytorch_model.bin").exists() else ""
+        hint = (
+            " (weights must be safetensors)"
+            if "model.safetensors" in missing and (path / "pytorch_model.bin").exists()
+            else ""
+        )
         raise CLIVizError(f"model folder {path} is incomplete: missing {', '.join(missing)}{hint}")
     refuse_remote_code(path)
     read_config(path / "config.json")  # type and range of every field cliviz uses, before anything is built
@@ -81,16 +85,24 @@ def load_model(
     try:
         with no_stdin():
             model, info = CLIForConditionalGeneration.from_pretrained(
-                folder, config=config, use_safetensors=True, dtype=dt, output_loading_info=True,
-                trust_remote_code=False, generation_config=GenerationConfig(do_sample=False, num_beams=1),
+                folder,
+                config=config,
+                use_safetensors=True,
+                dtype=dt,
+                output_loading_info=True,
+                trust_remote_code=False,
+                generation_config=GenerationConfig(do_sample=False, num_beams=1),
             )
     except Exception as err:  # noqa: BLE001 - the checks above cover the known cases; anything left is the folder's
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "above report" in first:  # transformers points at a report it logged, which cliviz keeps quiet
             first = "transformers refused them (weights and config.json do not match)"
         raise CLIVizError(f"cannot load weights from {folder / 'model.safetensors'}: {first}") from None
-    problems = [f"{k}: {', '.join(sorted(v)[:3])}" for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
+    problems = [
+        f"{k}: {', '.join(sorted(v)[:3])}"
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    ]
     if problems:
         raise CLIVizError(f"weights in {folder} do not match its config ({'; '.join(problems)})")
     tokenizer = load_tokenizer(folder, config)
@@ -125,9 +137,10 @@ def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
     """
     try:
         with no_stdin():
-            tokenizer = AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=False,
-                                                      local_files_only=True)
-    except Exception as err:  # tokenizers raises a zoo of types on a broken file
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, config=config, trust_remote_code=False, local_files_only=True
+            )
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a zoo of types on a broken file
         raise CLIVizError(f"cannot load the tokenizer in {folder}: {err}") from None
     if len(tokenizer) > config.base_config.text_config.vocab_size:
         raise CLIVizError(f"tokenizer in {folder} has {len(tokenizer)} tokens, more than the model's vocabulary")
@@ -176,25 +189,30 @@ def load_image_processor(folder: Path, config: CLIConfig):
     onevision = config.base_model_type == "llava_onevision"
     if not has_image_processor_config(folder):
         if onevision:
-            raise CLIVizError(f"{folder} is a LLaVA-OneVision model without its image processor: copy the base "
-                              "checkpoint's preprocessor_config.json (and processor_config.json) into it")
+            raise CLIVizError(
+                f"{folder} is a LLaVA-OneVision model without its image processor: copy the base "
+                "checkpoint's preprocessor_config.json (and processor_config.json) into it"
+            )
         return None
     from PIL import Image
     from transformers import AutoImageProcessor
 
     try:
         with no_stdin():
-            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil",
-                                                           trust_remote_code=False)
-    except Exception as err:  # unknown class, remote code, broken JSON: all one message
+            processor = AutoImageProcessor.from_pretrained(
+                folder, local_files_only=True, backend="pil", trust_remote_code=False
+            )
+    except Exception as err:  # noqa: BLE001 - unknown class, remote code, broken JSON: all one message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIVizError(f"cannot load the image processor in {folder}: {first}") from None
     size = int(config.base_config.vision_config.image_size)
     if onevision and not getattr(processor, "image_grid_pinpoints", None):
-        raise CLIVizError(f"the image processor in {folder} is {type(processor).__name__}, not LLaVA-OneVision's anyres processor")
+        raise CLIVizError(
+            f"the image processor in {folder} is {type(processor).__name__}, not LLaVA-OneVision's anyres processor"
+        )
     try:
         shape = tuple(processor(Image.new("RGB", (2 * size, size)), return_tensors="pt")["pixel_values"].shape)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - a processor may fail on the test image in any way
         raise CLIVizError(f"the image processor in {folder} fails on a test image: {err}") from None
     crop = shape[-3:] if onevision else shape
     want = (3, size, size) if onevision else (1, 3, size, size)

@@ -133,12 +133,21 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         if reads:
             statics = config.shallow_map() if config.fusion == "shallow" else [None] * len(config.injection_layers)
             self.agf = nn.ModuleList(
-                AGFLayer(text_hidden, k, config.read_width, config.read_heads, config.gate_temperature, s,
-                         own_keys_values=not light)
+                AGFLayer(
+                    text_hidden,
+                    k,
+                    config.read_width,
+                    config.read_heads,
+                    config.gate_temperature,
+                    s,
+                    own_keys_values=not light,
+                )
                 for s in statics
             )
         elif config.fusion == "deepstack":
-            self.agf = nn.ModuleList(DeepStackLayer(text_hidden, scalar_alpha=not light) for _ in config.injection_layers)
+            self.agf = nn.ModuleList(
+                DeepStackLayer(text_hidden, scalar_alpha=not light) for _ in config.injection_layers
+            )
         else:
             self.agf = nn.ModuleList()
         self._training_context: _VisualContext | None = None  # see enable_gradient_checkpointing
@@ -159,7 +168,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         try:
             return self.config.injection_layers.index(int(llm_layer))
         except ValueError:
-            raise KeyError(f"LLM layer {llm_layer} takes no injection (injection layers: {self.config.injection_layers})") from None
+            raise KeyError(
+                f"LLM layer {llm_layer} takes no injection (injection layers: {self.config.injection_layers})"
+            ) from None
 
     def agf_for(self, llm_layer: int) -> nn.Module:
         """The AGF module of a real LLM layer index (see `injection_position`)."""
@@ -236,10 +247,13 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         if base_cfg.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
         features = self.base.model.multi_modal_projector(selected)  # [B, N, D]
-        return BaseModelOutputWithPooling(last_hidden_state=states[-1], pooler_output=list(features), hidden_states=states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=states[-1], pooler_output=list(features), hidden_states=states
+        )
 
-    def vision_memory(self, image_outputs: Any, image_sizes: torch.Tensor | None = None,
-                      batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def vision_memory(
+        self, image_outputs: Any, image_sizes: torch.Tensor | None = None, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """AMP over the selected vision layers: memory `[B, K, N, D]` and its mask `[B, N]` (None: no padding).
 
         LLaVA: one image = one row of the tower's batch. OneVision: the crops of each image are
@@ -264,15 +278,18 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         cfg = self.config.base_config
-        crops = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                 for size in image_sizes]
+        crops = [
+            image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            for size in image_sizes
+        ]
         x, k, n, d = projected.shape
         if sum(crops) != x:
             raise ValueError(f"the vision tower saw {x} crops, but image_sizes call for {sum(crops)}")
         per_image = [p.permute(0, 2, 1, 3).reshape(p.shape[0], n, k * d) for p in torch.split(projected, crops)]
         newline = self.base.model.image_newline.to(projected.dtype).repeat(k)  # [K*D]
-        packed, _ = self.base.model.pack_image_features(per_image, image_sizes, image_newline=newline,
-                                                        vision_aspect_ratio=cfg.vision_aspect_ratio)
+        packed, _ = self.base.model.pack_image_features(
+            per_image, image_sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
+        )
         width = max(f.shape[0] for f in packed)
         memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
         mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
@@ -327,8 +344,11 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         mm_outputs = None
         image_embeds = image_mask = None
         if pixel_values is not None or vision_states is not None:
-            image_outputs = (self.encode_images(pixel_values, image_sizes) if pixel_values is not None
-                             else self.image_outputs_from_states(vision_states))
+            image_outputs = (
+                self.encode_images(pixel_values, image_sizes)
+                if pixel_values is not None
+                else self.image_outputs_from_states(vision_states)
+            )
             mm_outputs = {"image": image_outputs}
             vision_states = image_outputs.hidden_states
             if self.amp is not None:

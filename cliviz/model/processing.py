@@ -92,7 +92,7 @@ class ImageInputs:
             out["image_sizes"] = self.image_sizes.to(device)
         return out
 
-    def select(self, rows) -> "ImageInputs":
+    def select(self, rows) -> ImageInputs:
         """The inputs of some rows, in that order (rows may repeat)."""
         index = torch.as_tensor(list(rows), dtype=torch.long)
         sizes = None if self.image_sizes is None else self.image_sizes[index]
@@ -137,9 +137,13 @@ def onevision_token_count(config: CLIConfig, size: tuple[int, int]) -> int:
     side = vc.image_size // vc.patch_size
     dummy = torch.zeros(crops, side * side, 1)  # [crops, patches, 1]
     holder = SimpleNamespace(config=base)  # pack_image_features reads nothing but the config
-    _, lengths = LlavaOnevisionModel.pack_image_features(holder, [dummy], torch.tensor([list(size)]),
-                                                         image_newline=torch.zeros(1),
-                                                         vision_aspect_ratio=base.vision_aspect_ratio)
+    _, lengths = LlavaOnevisionModel.pack_image_features(
+        holder,
+        [dummy],
+        torch.tensor([list(size)]),
+        image_newline=torch.zeros(1),
+        vision_aspect_ratio=base.vision_aspect_ratio,
+    )
     return int(lengths[0])
 
 
@@ -156,12 +160,12 @@ def chat_text(tokenizer, question: str, image_token: str) -> str:
         text = tokenizer.apply_chat_template(structured, add_generation_prompt=True, tokenize=False)
         if isinstance(text, str) and text.count(image_token) == 1 and question in text:
             return text
-    except Exception:  # a plain-text template may fail on list content (jinja raises many types)
+    except Exception:  # noqa: BLE001 - a plain-text template may fail on list content (jinja)
         pass
     plain = [{"role": "user", "content": f"{image_token}\n{question}"}]
     try:
         return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - jinja raises many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIVizError(f"the tokenizer's chat template cannot render a question: {first}") from None
 
@@ -211,8 +215,9 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def batch_prompts(tokenizer, questions: list[str], config: CLIConfig,
-                  n_images: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_prompts(
+    tokenizer, questions: list[str], config: CLIConfig, n_images: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `input_ids` and `attention_mask` `[B, T]` for batched generation."""
     counts = n_images if n_images is not None else [None] * len(questions)
     rows = [prompt_ids(tokenizer, q, config, n) for q, n in zip(questions, counts)]

@@ -23,12 +23,23 @@ from cliviz.errors import CLIVizError
 
 # The JSON files transformers consults for a class to import; `auto_map` in any of them is remote code.
 CODE_BEARING_FILES = (
-    "config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-    "video_preprocessor_config.json", "feature_extractor_config.json", "image_processor_config.json",
+    "config.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "feature_extractor_config.json",
+    "image_processor_config.json",
 )
 # Keys whose value names a class transformers resolves by name; an unknown name can only mean custom code.
-CLASS_KEYS = ("tokenizer_class", "image_processor_type", "processor_class", "feature_extractor_type",
-              "video_processor_type", "image_processor_class")
+CLASS_KEYS = (
+    "tokenizer_class",
+    "image_processor_type",
+    "processor_class",
+    "feature_extractor_type",
+    "video_processor_type",
+    "image_processor_class",
+)
 CODE_KEYS = ("auto_map", "custom_pipelines")
 MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024  # a tokenizer_config.json with an inline vocabulary stays far below
 
@@ -42,8 +53,9 @@ def refuse_remote_code(folder: Path) -> None:
         data = read_json_object(path)
         found = _code_request(data, name)
         if found:
-            raise CLIVizError(f"model folder {folder} asks to run its own code ({found}); "
-                              "cliviz never runs code from a model folder")
+            raise CLIVizError(
+                f"model folder {folder} asks to run its own code ({found}); cliviz never runs code from a model folder"
+            )
 
 
 def read_json_object(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> dict[str, Any]:

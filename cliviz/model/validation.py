@@ -29,13 +29,22 @@ BASE_TYPES = ("llava", "llava_onevision")
 
 # field -> (lowest, highest) for integer fields; checked wherever the sub-config holds them.
 TEXT_INTS = {
-    "hidden_size": (1, 65_536), "intermediate_size": (1, 1 << 20), "num_hidden_layers": (1, 256),
-    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (1, 4096),
-    "vocab_size": (1, 2_000_000), "max_position_embeddings": (1, 1 << 25),
+    "hidden_size": (1, 65_536),
+    "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 4096),
+    "vocab_size": (1, 2_000_000),
+    "max_position_embeddings": (1, 1 << 25),
 }
 VISION_INTS = {
-    "hidden_size": (1, 32_768), "intermediate_size": (1, 1 << 19), "num_hidden_layers": (1, 256),
-    "num_attention_heads": (1, 1024), "image_size": (1, 8192), "patch_size": (1, 8192),
+    "hidden_size": (1, 32_768),
+    "intermediate_size": (1, 1 << 19),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 1024),
+    "image_size": (1, 8192),
+    "patch_size": (1, 8192),
     "num_channels": (3, 3),
 }
 EPSILONS = ("rms_norm_eps", "layer_norm_eps")
@@ -52,8 +61,9 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise CLIVizError(f"{path} is {size:,} bytes, far larger than any model config "
-                              f"(limit {MAX_CONFIG_BYTES:,})")
+            raise CLIVizError(
+                f"{path} is {size:,} bytes, far larger than any model config (limit {MAX_CONFIG_BYTES:,})"
+            )
         text = path.read_text(encoding="utf-8")
     except PermissionError:
         raise CLIVizError(f"cannot read {path} (permission denied)") from None
@@ -80,8 +90,10 @@ def validate_config(raw: Any) -> None:
         raise ConfigProblem(f"the config must be a JSON object, not {_kind(raw)}")
     _check_tree(raw, "", 0)
     if raw.get("model_type") != "cliviz_cli":
-        raise ConfigProblem(f"model_type is {raw.get('model_type')!r}, not 'cliviz_cli': not a cliviz CLI model "
-                            "(turn a LLaVA checkpoint into one with `cliviz attach`)")
+        raise ConfigProblem(
+            f"model_type is {raw.get('model_type')!r}, not 'cliviz_cli': not a cliviz CLI model "
+            "(turn a LLaVA checkpoint into one with `cliviz attach`)"
+        )
     base = _object(raw, "base_config", "")
     base_type = base.get("model_type", "llava")
     if base_type not in BASE_TYPES:
@@ -96,6 +108,7 @@ def validate_config(raw: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------- parts
+
 
 def _check_text(cfg: dict, where: str) -> None:
     _model_type(cfg, where)
@@ -125,8 +138,9 @@ def _check_vision(cfg: dict, where: str) -> None:
         if patch > size:
             raise ConfigProblem(f"{where}patch_size ({patch}) is larger than image_size ({size})")
         if (size // patch) ** 2 > MAX_PATCHES:
-            raise ConfigProblem(f"{where}image_size / patch_size gives {(size // patch) ** 2:,} patches "
-                                f"(limit {MAX_PATCHES:,})")
+            raise ConfigProblem(
+                f"{where}image_size / patch_size gives {(size // patch) ** 2:,} patches (limit {MAX_PATCHES:,})"
+            )
     _epsilons(cfg, where)
     _activation(cfg, "hidden_act", where)
 
@@ -140,8 +154,9 @@ def _check_base(base: dict, text: dict, vision: dict, where: str) -> None:
     if "vision_feature_layer" in base:
         layer = base["vision_feature_layer"]
         if not _is_int(layer):
-            raise ConfigProblem(f"{where}vision_feature_layer must be one integer (CLI reuses the LLaVA projector), "
-                                f"got {_show(layer)}")
+            raise ConfigProblem(
+                f"{where}vision_feature_layer must be one integer (CLI reuses the LLaVA projector), got {_show(layer)}"
+            )
         if _is_int(n_vision) and not -(n_vision + 1) <= layer <= n_vision:
             raise ConfigProblem(f"{where}vision_feature_layer {layer} is outside -{n_vision + 1}..{n_vision}")
     strategy = base.get("vision_feature_select_strategy", "default")
@@ -168,27 +183,36 @@ def _check_cli(raw: dict, text: dict, vision: dict) -> None:
     if "gate_temperature" in raw:
         tau = raw["gate_temperature"]
         if not _is_number(tau) or not 1e-3 <= tau <= 1e3:
-            raise ConfigProblem(f"gate_temperature must be a number in 0.001..1000 (the gate divides by it), "
-                                f"got {_show(tau)}")
+            raise ConfigProblem(
+                f"gate_temperature must be a number in 0.001..1000 (the gate divides by it), got {_show(tau)}"
+            )
 
 
 def _check_size(text: dict, vision: dict) -> None:
     """Refuse configs that describe an absurd model even when each field is within its own range."""
+
     def get(cfg: dict, name: str, default: int) -> float:
         value = cfg.get(name, default)
         return float(value) if _is_int(value) else float(default)
 
-    h, i, n, v = (get(text, "hidden_size", 4096), get(text, "intermediate_size", 11008),
-                  get(text, "num_hidden_layers", 32), get(text, "vocab_size", 32000))
+    h, i, n, v = (
+        get(text, "hidden_size", 4096),
+        get(text, "intermediate_size", 11008),
+        get(text, "num_hidden_layers", 32),
+        get(text, "vocab_size", 32000),
+    )
     hv, iv = get(vision, "hidden_size", 1024), get(vision, "intermediate_size", 4096)
     nv = get(vision, "num_hidden_layers", 24)
     total = n * (4 * h * h + 3 * h * i) + 2 * v * h + nv * (4 * hv * hv + 2 * hv * iv)
     if total > MAX_PARAMETERS:
-        raise ConfigProblem(f"the config describes a model of about {total:.2g} parameters, beyond any real "
-                            f"checkpoint (limit {MAX_PARAMETERS:.0g})")
+        raise ConfigProblem(
+            f"the config describes a model of about {total:.2g} parameters, beyond any real "
+            f"checkpoint (limit {MAX_PARAMETERS:.0g})"
+        )
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
 
 def _check_tree(value: Any, path: str, depth: int) -> None:
     """Nesting depth and finite numbers everywhere (JSON has no NaN; Python's parser accepts it)."""
@@ -284,7 +308,8 @@ def _pinpoints(value: Any, where: str) -> None:
 
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )
 
 
 def _show(value: Any) -> str:

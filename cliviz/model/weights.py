@@ -48,10 +48,16 @@ def check_weights(path: Path, config) -> None:
         renamed[rename(key)] = (key, info)
     missing = [k for k in expected if k not in renamed and not (k in tied and tied[k] in renamed)]
     unexpected = [key for new, (key, _) in renamed.items() if new not in expected]
-    wrong = [f"{key}: {list(info.shape)} in the file, {list(expected[new][0])} expected"
-             for new, (key, info) in renamed.items() if new in expected and info.shape != expected[new][0]]
-    dtypes = [f"{key} is stored as {info.dtype}" for new, (key, info) in renamed.items()
-              if new in expected and expected[new][1] and info.dtype not in FLOAT_DTYPES]
+    wrong = [
+        f"{key}: {list(info.shape)} in the file, {list(expected[new][0])} expected"
+        for new, (key, info) in renamed.items()
+        if new in expected and info.shape != expected[new][0]
+    ]
+    dtypes = [
+        f"{key} is stored as {info.dtype}"
+        for new, (key, info) in renamed.items()
+        if new in expected and expected[new][1] and info.dtype not in FLOAT_DTYPES
+    ]
     _report(path, missing, unexpected, wrong, dtypes)
 
 
@@ -70,15 +76,18 @@ def read_header(path: Path) -> dict[str, Stored]:
     if size == 0:
         raise CLIVizError(f"weights file {path} is empty")
     if head.startswith(PICKLE_MAGIC) or head.startswith(ZIP_MAGIC):
-        raise CLIVizError(f"weights file {path} is a pickled PyTorch file renamed .safetensors; cliviz loads "
-                          "safetensors only and never unpickles")
+        raise CLIVizError(
+            f"weights file {path} is a pickled PyTorch file renamed .safetensors; cliviz loads "
+            "safetensors only and never unpickles"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: Stored(str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except SafetensorError as err:
         why = str(err).removeprefix("Error while deserializing header: ")
-        raise CLIVizError(f"weights file {path} is not a valid safetensors file "
-                          f"({why}; truncated or corrupt?)") from None
+        raise CLIVizError(
+            f"weights file {path} is not a valid safetensors file ({why}; truncated or corrupt?)"
+        ) from None
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CLIVizError(f"weights file {path} cannot be read ({first})") from None
@@ -134,8 +143,12 @@ def _compare_shapes(path: Path, stored: dict[str, Stored], expected: dict, tied:
 
 def _report(path: Path, missing: list[str], unexpected: list[str], wrong: list[str], dtypes: list[str]) -> None:
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                         ("not floating point", dtypes)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong),
+        ("not floating point", dtypes),
+    ):
         if items:
             more = f" and {len(items) - 2} more" if len(items) > 2 else ""
             parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{more})")

@@ -20,8 +20,8 @@ is (`shallow`: fixed one-to-one wiring; `deepstack`: ungated, all ones by constr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 NEGLIGIBLE_NATS = 0.1  # |Δ log-prob| below this (a < 10% relative change of p) and no flip: "does not matter"
 
@@ -41,13 +41,18 @@ class CausalCheck:
     def summary(self, own_token: str) -> str:
         """One line for terminals, pages and the dashboard; `own_token`: the model's own first answer token."""
         shown = own_token or "(empty)"
-        effect = (f"the answer changes from {shown!r} to {self.answer_off!r}" if self.changed
-                  else f"the answer stays {shown!r}")
+        effect = (
+            f"the answer changes from {shown!r} to {self.answer_off!r}"
+            if self.changed
+            else f"the answer stays {shown!r}"
+        )
         line = f"injection off (all layers): {effect}, Δ log-prob {self.delta_logprob:+.3f}"
         if self.matters:
             return line + " — the injection matters for this answer."
-        return line + (" — the injection does not matter here: this map shows routing, not importance "
-                       f"(|Δ| < {NEGLIGIBLE_NATS} nats, no change).")
+        return line + (
+            " — the injection does not matter here: this map shows routing, not importance "
+            f"(|Δ| < {NEGLIGIBLE_NATS} nats, no change)."
+        )
 
 
 def map_kind_note(fusion: str, injection_layers: Sequence[int] = (), vision_layers: Sequence[int] = ()) -> str | None:
@@ -56,11 +61,15 @@ def map_kind_note(fusion: str, injection_layers: Sequence[int] = (), vision_laye
         return "projector model: no gates and no injection (plain LLaVA path), so there is no gate map."
     if fusion == "deepstack":
         last = vision_layers[-1] if len(vision_layers) else "the final"
-        return (f"deepstack model: ungated — vision layer {last} is added at the image tokens of every injection "
-                "layer; the map is all ones by construction, not a choice.")
+        return (
+            f"deepstack model: ungated — vision layer {last} is added at the image tokens of every injection "
+            "layer; the map is all ones by construction, not a choice."
+        )
     if fusion == "shallow":
-        return ("shallow model: static one-to-one wiring — each LLM layer always reads one fixed vision layer; "
-                "the map shows the wiring, not a per-token choice.")
+        return (
+            "shallow model: static one-to-one wiring — each LLM layer always reads one fixed vision layer; "
+            "the map shows the wiring, not a per-token choice."
+        )
     return None
 
 
@@ -72,10 +81,22 @@ def causal_checks(model, tokenizer, images: Sequence, questions: Sequence[str]) 
     if len(getattr(model, "agf", ())) == 0:
         return None
     n = len(questions)
-    frame = score_conditions(model, tokenizer, list(images), list(questions), None,
-                             [None, Ablation("injection_off", name="injection off")], max_batch=max(2 * n, 1))
+    frame = score_conditions(
+        model,
+        tokenizer,
+        list(images),
+        list(questions),
+        None,
+        [None, Ablation("injection_off", name="injection off")],
+        max_batch=max(2 * n, 1),
+    )
     off = frame[frame["condition"] == "injection off"].sort_values("sample")
     eos = tokenizer.eos_token
-    return [CausalCheck(answer_off="" if row.answer == eos else str(row.answer), changed=bool(row.flipped),
-                        delta_logprob=float(row.delta_logprob_own))
-            for row in off.itertuples()]
+    return [
+        CausalCheck(
+            answer_off="" if row.answer == eos else str(row.answer),
+            changed=bool(row.flipped),
+            delta_logprob=float(row.delta_logprob_own),
+        )
+        for row in off.itertuples()
+    ]

@@ -28,7 +28,7 @@ from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.trace import Trace, TraceMeta
 
-_ENVOYS: "weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight]" = weakref.WeakKeyDictionary()
+_ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
 
 
 def envoy(model: CLIForConditionalGeneration) -> nnsight.NNsight:
@@ -95,7 +95,9 @@ def trace_batch(
     batch = len(questions)
     inputs = prepare_inputs(model, tokenizer, images, questions)
     prompt_width = inputs["input_ids"].shape[1]
-    gates, norms, logits, sequences = _record(model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens)
+    gates, norms, logits, sequences = _record(
+        model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens
+    )
     generated = sequences[:, prompt_width:].cpu()  # [B, n_steps]
     n_steps = len(logits)
     require_finite(torch.stack(logits, dim=1), "answer scores", model)  # [B, n_steps, V]
@@ -123,7 +125,9 @@ def trace_batch(
         fed = prompt + row[: n_answer - 1]
         if n_layers:
             g = torch.cat([prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in later_gates[: n_answer - 1]]], dim=1)
-            nrm = torch.cat([prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in later_norms[: n_answer - 1]]], dim=1)
+            nrm = torch.cat(
+                [prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in later_norms[: n_answer - 1]]], dim=1
+            )
             require_finite(g, "gate values", model)  # [L, n_tokens, K], padding left out
         else:
             g = torch.zeros(0, len(fed), k)
@@ -176,8 +180,16 @@ def trace_batch(
 
 
 def trace(
-    model: CLIForConditionalGeneration, tokenizer, image: Image.Image, question: str, *, max_new_tokens: int | None = None,
-    top_k: int = 5, qtype: str | None = None, reference: str | None = None, causal_check: bool = True,
+    model: CLIForConditionalGeneration,
+    tokenizer,
+    image: Image.Image,
+    question: str,
+    *,
+    max_new_tokens: int | None = None,
+    top_k: int = 5,
+    qtype: str | None = None,
+    reference: str | None = None,
+    causal_check: bool = True,
 ) -> Trace:
     """Answer one question and record every gate, with the map's causal check (`trace.causal`:
     the effect of switching the injection off for this question; `causal_check=False` skips it).
@@ -191,5 +203,14 @@ def trace(
         t.causal                              # CausalCheck(answer_off='blue', changed=False, delta_logprob=...)
         fig = t.heatmap(token=0)              # plotly Figure: the gates that produced answer token 0
     """
-    return trace_batch(model, tokenizer, [image], [question], max_new_tokens=max_new_tokens, top_k=top_k,
-                       qtypes=[qtype], references=[reference], causal_check=causal_check)[0]
+    return trace_batch(
+        model,
+        tokenizer,
+        [image],
+        [question],
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        qtypes=[qtype],
+        references=[reference],
+        causal_check=causal_check,
+    )[0]

@@ -33,8 +33,19 @@ from cliviz.errors import CLIVizError
 from cliviz.evaluation import DataSet, Record
 from cliviz.tracing.traceset import ARROW_SCHEMA, TraceSet, write_traces
 
-__all__ = ["SweepItem", "SweepStats", "plan_sweep", "sample_id", "shard_path", "existing_shards", "read_done",
-           "check_resumable", "check_same_model", "run_sweep", "finalize"]
+__all__ = [
+    "SweepItem",
+    "SweepStats",
+    "plan_sweep",
+    "sample_id",
+    "shard_path",
+    "existing_shards",
+    "read_done",
+    "check_resumable",
+    "check_same_model",
+    "run_sweep",
+    "finalize",
+]
 
 
 @dataclass(frozen=True)
@@ -107,16 +118,20 @@ def check_resumable(done: pa.Table, items: Sequence[SweepItem], out: Path) -> No
     if foreign:
         example = next((s for s in foreign if s is not None), None)
         what = f"e.g. {example!r}" if example else "without a sample id"
-        raise CLIVizError(f"--resume: {out} holds {len(foreign)} trace(s) that are not samples of this data set ({what}); "
-                          "resume with the same --data, or choose another --out")
+        raise CLIVizError(
+            f"--resume: {out} holds {len(foreign)} trace(s) that are not samples of this data set ({what}); "
+            "resume with the same --data, or choose another --out"
+        )
 
 
 def check_same_model(done: pa.Table, out: Path, config_hash: str) -> None:
     """Refuse to resume with a model other than the one that wrote the rows on disk."""
     others = sorted(set(done.column("config_hash").to_pylist()) - {config_hash})
     if others:
-        raise CLIVizError(f"--resume: {out} was swept with another model (config hash {others[0]}, this model "
-                          f"{config_hash}); resume with the same --model, or choose another --out")
+        raise CLIVizError(
+            f"--resume: {out} was swept with another model (config hash {others[0]}, this model "
+            f"{config_hash}); resume with the same --model, or choose another --out"
+        )
 
 
 def run_sweep(
@@ -159,8 +174,12 @@ def run_sweep(
                     skipped["unreadable image"] += 1
             if usable:
                 traces += trace_batch(
-                    model, tokenizer, images, [it.record.question for it in usable],
-                    max_new_tokens=max_new_tokens, top_k=top_k,
+                    model,
+                    tokenizer,
+                    images,
+                    [it.record.question for it in usable],
+                    max_new_tokens=max_new_tokens,
+                    top_k=top_k,
                     qtypes=[it.record.qtype for it in usable],
                     references=[it.record.answer for it in usable],
                     sample_ids=[it.sample_id for it in usable],
@@ -190,8 +209,9 @@ def finalize(out: str | os.PathLike, items: Sequence[SweepItem], shards: Sequenc
     ids = table.column("sample_id").to_pylist()
     missing = [s for s in ids if s not in order]
     if missing:
-        raise CLIVizError(f"{out} holds {len(missing)} trace(s) that are not samples of this data set "
-                          f"(e.g. {missing[0]!r})")
+        raise CLIVizError(
+            f"{out} holds {len(missing)} trace(s) that are not samples of this data set (e.g. {missing[0]!r})"
+        )
     index = np.array([order[s] for s in ids], dtype=np.int64)
     sorted_rows = np.argsort(index, kind="stable")
     keep = sorted_rows[np.r_[True, np.diff(index[sorted_rows]) != 0]] if len(index) else sorted_rows
@@ -202,4 +222,3 @@ def finalize(out: str | os.PathLike, items: Sequence[SweepItem], shards: Sequenc
             if shard.resolve() != out.resolve():
                 shard.unlink(missing_ok=True)
     return len(keep)
-

@@ -73,13 +73,17 @@ def _check_fit(table: pa.Table, shapes: dict[str, np.ndarray], fail) -> None:
     fail(_lengths(table, "token_texts") != n_tokens, "token_texts and token_ids differ in length")
     fail(_lengths(table, "token_roles") != n_tokens, "token_roles and token_ids differ in length")
     gates = shapes["gates"]
-    fail(gates[:, 0] != _lengths(table, "injection_layers"),
-         "gates has a first dimension other than len(injection_layers)")
+    fail(
+        gates[:, 0] != _lengths(table, "injection_layers"),
+        "gates has a first dimension other than len(injection_layers)",
+    )
     fail(gates[:, 1] != n_tokens, "gates has a second dimension other than the number of tokens")
     fail(gates[:, 2] != _lengths(table, "vision_layers"), "gates has a last dimension other than len(vision_layers)")
     fail((gates[:, 2] == 0) & (gates[:, 0] > 0), "gates has injection layers but no vision layers to gate over")
-    fail(np.any(shapes["injection_norm"] != gates[:, :2], axis=1),
-         "injection_norm_shape is not the first two entries of gates_shape")
+    fail(
+        np.any(shapes["injection_norm"] != gates[:, :2], axis=1),
+        "injection_norm_shape is not the first two entries of gates_shape",
+    )
     n_answer = _lengths(table, "answer_ids")
     for name in ("answer_texts", "answer_positions", "answer_logprobs", "topk_texts"):
         fail(_lengths(table, name) != n_answer, f"{name} and answer_ids differ in length")
@@ -87,30 +91,42 @@ def _check_fit(table: pa.Table, shapes: dict[str, np.ndarray], fail) -> None:
     fail(np.any(shapes["topk_logprobs"] != shapes["topk_ids"], axis=1), "topk_logprobs and topk_ids differ in shape")
     positions = _values(table, "answer_positions", np.int64)
     owner = _owner(table, "answer_positions")
-    fail(np.bincount(owner[(positions < 0) | (positions >= n_tokens[owner])], minlength=table.num_rows) > 0,
-         "answer_positions points outside the tokens")
+    fail(
+        np.bincount(owner[(positions < 0) | (positions >= n_tokens[owner])], minlength=table.num_rows) > 0,
+        "answer_positions points outside the tokens",
+    )
     roles = pc.list_flatten(table.column("token_roles"))
     known = pc.fill_null(pc.is_in(roles, value_set=pa.array(ROLES)), False)
     bad_role = ~np.asarray(known.to_numpy(zero_copy_only=False), dtype=bool)
-    fail(np.bincount(_owner(table, "token_roles")[bad_role], minlength=table.num_rows) > 0,
-         f"token_roles holds a role outside {ROLES}")
+    fail(
+        np.bincount(_owner(table, "token_roles")[bad_role], minlength=table.num_rows) > 0,
+        f"token_roles holds a role outside {ROLES}",
+    )
 
 
 def _check_values(table: pa.Table, shapes: dict[str, np.ndarray], fail) -> None:
-    for name, what in (("gates", "gates"), ("injection_norm", "injection norms"),
-                       ("answer_logprobs", "answer log-probabilities"), ("topk_logprobs", "top-k log-probabilities")):
+    for name, what in (
+        ("gates", "gates"),
+        ("injection_norm", "injection norms"),
+        ("answer_logprobs", "answer log-probabilities"),
+        ("topk_logprobs", "top-k log-probabilities"),
+    ):
         values = _values(table, name, np.float32)
         fail(_any_per_row(table, name, ~np.isfinite(values)), f"{name} holds NaN or infinite {what}")
     norms = _values(table, "injection_norm", np.float32)
     fail(_any_per_row(table, "injection_norm", norms < 0), "injection_norm holds negative norms")
     for name in ("answer_logprobs", "topk_logprobs"):
-        fail(_any_per_row(table, name, _values(table, name, np.float32) > 1e-3),
-             f"{name} holds log-probabilities above 0")
+        fail(
+            _any_per_row(table, name, _values(table, name, np.float32) > 1e-3),
+            f"{name} holds log-probabilities above 0",
+        )
     gates = _values(table, "gates", np.float64)
     outside = (gates < -GATE_SUM_ATOL) | (gates > 1 + GATE_SUM_ATOL)
     fail(_any_per_row(table, "gates", outside), "gates holds values outside [0, 1]")
-    fail(_gate_rows_off(table, shapes["gates"], gates),
-         f"gates has rows that do not sum to 1 (tolerance {GATE_SUM_ATOL})")
+    fail(
+        _gate_rows_off(table, shapes["gates"], gates),
+        f"gates has rows that do not sum to 1 (tolerance {GATE_SUM_ATOL})",
+    )
 
 
 def _gate_rows_off(table: pa.Table, shape: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -130,6 +146,7 @@ def _gate_rows_off(table: pa.Table, shape: np.ndarray, values: np.ndarray) -> np
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
 
 def _labels(table: pa.Table) -> list[str]:
     ids = table.column("sample_id").to_pylist()

@@ -92,8 +92,9 @@ class Trace:
         m = self.meta
         if m.injection_off_changed is None or m.injection_off_delta_logprob is None:
             return None
-        return CausalCheck(m.injection_off_answer or "", bool(m.injection_off_changed),
-                           float(m.injection_off_delta_logprob))
+        return CausalCheck(
+            m.injection_off_answer or "", bool(m.injection_off_changed), float(m.injection_off_delta_logprob)
+        )
 
     def map_notes(self) -> list[str]:
         """What to print beside this trace's gate map: the fusion's kind of map and the causal check."""
@@ -133,7 +134,9 @@ class Trace:
             raise ValueError(f"token roles must be one of {ROLES}")
         if self.gates.ndim != 3 or self.gates.shape[1] != n:
             raise ValueError(f"gates must be [layers, {n}, K], got {self.gates.shape}")
-        if self.gates.shape[0] != len(self.meta.injection_layers) or self.gates.shape[2] != len(self.meta.vision_layers):
+        if self.gates.shape[0] != len(self.meta.injection_layers) or self.gates.shape[2] != len(
+            self.meta.vision_layers
+        ):
             raise ValueError("gates must be [len(injection_layers), n_tokens, len(vision_layers)]")
         if self.injection_norm.shape != self.gates.shape[:2]:
             raise ValueError(f"injection_norm must be {self.gates.shape[:2]}, got {self.injection_norm.shape}")
@@ -151,8 +154,18 @@ class Trace:
     def _validate_meta(self) -> None:
         """Field types of `meta` (a trace can come back from a browser store or a hand-written dict)."""
         m = self.meta
-        for name in ("question", "answer", "model", "config_hash", "fusion", "image_sha256", "device", "dtype",
-                     "created_at", "cliviz_version"):
+        for name in (
+            "question",
+            "answer",
+            "model",
+            "config_hash",
+            "fusion",
+            "image_sha256",
+            "device",
+            "dtype",
+            "created_at",
+            "cliviz_version",
+        ):
             if not isinstance(getattr(m, name), str):
                 raise ValueError(f"meta.{name} must be a string")
         for name in ("qtype", "reference_answer", "sample_id"):
@@ -173,8 +186,20 @@ class Trace:
         from dataclasses import asdict
 
         out: dict[str, Any] = {"meta": asdict(self.meta)}
-        for name in ("token_ids", "token_texts", "token_roles", "gates", "injection_norm", "answer_ids", "answer_texts",
-                     "answer_positions", "answer_logprobs", "topk_ids", "topk_texts", "topk_logprobs"):
+        for name in (
+            "token_ids",
+            "token_texts",
+            "token_roles",
+            "gates",
+            "injection_norm",
+            "answer_ids",
+            "answer_texts",
+            "answer_positions",
+            "answer_logprobs",
+            "topk_ids",
+            "topk_texts",
+            "topk_logprobs",
+        ):
             value = getattr(self, name)
             out[name] = value.tolist() if isinstance(value, np.ndarray) else value
         out["attributions"] = {k: v.tolist() for k, v in self.attributions.items()}

@@ -58,8 +58,17 @@ from cliviz.errors import CLIVizError
 from cliviz.tracing.table_checks import check_table
 from cliviz.tracing.trace import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 
-__all__ = ["TraceSet", "write_traces", "append_traces", "read_traces", "merge_traces",
-           "SCHEMA_VERSION_KEY", "VERSION_KEY", "ARROW_SCHEMA", "NUMERIC_ARRAYS"]
+__all__ = [
+    "TraceSet",
+    "write_traces",
+    "append_traces",
+    "read_traces",
+    "merge_traces",
+    "SCHEMA_VERSION_KEY",
+    "VERSION_KEY",
+    "ARROW_SCHEMA",
+    "NUMERIC_ARRAYS",
+]
 
 SCHEMA_VERSION_KEY = "cliviz.schema_version"
 VERSION_KEY = "cliviz.version"
@@ -74,18 +83,34 @@ _STR_LIST = pa.list_(pa.string())
 _ATTRIBUTION = pa.struct([("name", pa.string()), ("shape", _SHAPE), ("values", _FLOAT_LIST)])
 
 META_TYPES: dict[str, pa.DataType] = {
-    "question": pa.string(), "answer": pa.string(), "model": pa.string(), "config_hash": pa.string(),
-    "fusion": pa.string(), "vision_layers": _INT_LIST, "injection_layers": _INT_LIST,
-    "image_sha256": pa.string(), "image_width": pa.int64(), "image_height": pa.int64(),
-    "device": pa.string(), "dtype": pa.string(), "created_at": pa.string(), "cliviz_version": pa.string(),
-    "schema_version": pa.int64(), "qtype": pa.string(), "reference_answer": pa.string(),
-    "sample_id": pa.string(), "injection_off_answer": pa.string(), "injection_off_changed": pa.bool_(),
+    "question": pa.string(),
+    "answer": pa.string(),
+    "model": pa.string(),
+    "config_hash": pa.string(),
+    "fusion": pa.string(),
+    "vision_layers": _INT_LIST,
+    "injection_layers": _INT_LIST,
+    "image_sha256": pa.string(),
+    "image_width": pa.int64(),
+    "image_height": pa.int64(),
+    "device": pa.string(),
+    "dtype": pa.string(),
+    "created_at": pa.string(),
+    "cliviz_version": pa.string(),
+    "schema_version": pa.int64(),
+    "qtype": pa.string(),
+    "reference_answer": pa.string(),
+    "sample_id": pa.string(),
+    "injection_off_answer": pa.string(),
+    "injection_off_changed": pa.bool_(),
     "injection_off_delta_logprob": pa.float64(),
 }
 _ADDED_IN_2 = ("injection_off_answer", "injection_off_changed", "injection_off_delta_logprob")
 META_FIELDS = tuple(f.name for f in fields(TraceMeta))
 if set(META_FIELDS) != set(META_TYPES):  # pragma: no cover - guards against TraceMeta drifting
-    raise RuntimeError(f"traceset.META_TYPES is out of date with TraceMeta: {sorted(set(META_FIELDS) ^ set(META_TYPES))}")
+    raise RuntimeError(
+        f"traceset.META_TYPES is out of date with TraceMeta: {sorted(set(META_FIELDS) ^ set(META_TYPES))}"
+    )
 
 # name -> (numpy dtype, arrow list type, ndim or None for 1-D without a shape column): the one table of
 # a trace's numeric arrays, for the Parquet columns here and for traces sent as JSON (the app's store)
@@ -104,9 +129,20 @@ _STRINGS = ("token_texts", "token_roles", "answer_texts")
 
 def _schema_fields() -> list[pa.Field]:
     out = [pa.field(name, META_TYPES[name]) for name in META_FIELDS]
-    for name in ("token_ids", "token_texts", "token_roles", "gates", "injection_norm", "answer_ids",
-                 "answer_texts", "answer_positions", "answer_logprobs", "topk_ids", "topk_texts",
-                 "topk_logprobs"):
+    for name in (
+        "token_ids",
+        "token_texts",
+        "token_roles",
+        "gates",
+        "injection_norm",
+        "answer_ids",
+        "answer_texts",
+        "answer_positions",
+        "answer_logprobs",
+        "topk_ids",
+        "topk_texts",
+        "topk_logprobs",
+    ):
         if name in NUMERIC_ARRAYS:
             out.append(pa.field(name, NUMERIC_ARRAYS[name][1]))
             if NUMERIC_ARRAYS[name][2] is not None:
@@ -123,6 +159,7 @@ ARROW_SCHEMA = pa.schema(_schema_fields(), metadata={SCHEMA_VERSION_KEY: str(SCH
 
 
 # ----------------------------------------------------------------------------------------- encoding
+
 
 def _chunk_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
     """Split rows into runs whose total length fits int32 list offsets."""
@@ -146,7 +183,9 @@ def _numeric_list(arrays: list[np.ndarray], dtype: type, pa_type: pa.DataType) -
         offsets = np.zeros(hi - lo + 1, dtype=np.int32)
         np.cumsum(lengths[lo:hi], out=offsets[1:])
         values = np.concatenate(flat[lo:hi]) if hi > lo else np.empty(0, dtype=dtype)
-        chunks.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=pa_type.value_type)))
+        chunks.append(
+            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=pa_type.value_type))
+        )
     return pa.chunked_array(chunks, type=pa_type)
 
 
@@ -162,13 +201,17 @@ def _attributions_column(traces: list[Trace]) -> pa.ChunkedArray:
     shape_col = _numeric_list(shapes, np.int32, _SHAPE).combine_chunks()
     value_col = _numeric_list(values, np.float32, _FLOAT_LIST)
     if value_col.num_chunks != 1:
-        raise CLIVizError("attributions too large for one trace file batch (over 2**31 values); write fewer traces at once")
-    structs = pa.StructArray.from_arrays([pa.array(names, pa.string()), shape_col, value_col.chunk(0)],
-                                         fields=list(_ATTRIBUTION))
+        raise CLIVizError(
+            "attributions too large for one trace file batch (over 2**31 values); write fewer traces at once"
+        )
+    structs = pa.StructArray.from_arrays(
+        [pa.array(names, pa.string()), shape_col, value_col.chunk(0)], fields=list(_ATTRIBUTION)
+    )
     offsets = np.zeros(len(traces) + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
-    return pa.chunked_array([pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs)],
-                            type=pa.list_(_ATTRIBUTION))
+    return pa.chunked_array(
+        [pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs)], type=pa.list_(_ATTRIBUTION)
+    )
 
 
 def _traces_to_table(traces: list[Trace]) -> pa.Table:
@@ -189,19 +232,22 @@ def _traces_to_table(traces: list[Trace]) -> pa.Table:
         arrays = [np.asarray(getattr(t, name)) for t in traces]
         if ndim is not None:
             # shape per trace; a [n_answer, k] table with no answer rows keeps its 2-D shape
-            shapes = [np.array(a.shape if a.ndim == ndim else (len(a),) + (0,) * (ndim - 1), dtype=np.int32)
-                      for a in arrays]
+            shapes = [
+                np.array(a.shape if a.ndim == ndim else (len(a),) + (0,) * (ndim - 1), dtype=np.int32) for a in arrays
+            ]
             cols[f"{name}_shape"] = _numeric_list(shapes, np.int32, _SHAPE)
         cols[name] = _numeric_list(arrays, dtype, pa_type)
     for name in _STRINGS:
         cols[name] = pa.array([[str(s) for s in getattr(t, name)] for t in traces], type=_STR_LIST)
-    cols["topk_texts"] = pa.array([[[str(s) for s in row] for row in t.topk_texts] for t in traces],
-                                  type=pa.list_(_STR_LIST))
+    cols["topk_texts"] = pa.array(
+        [[[str(s) for s in row] for row in t.topk_texts] for t in traces], type=pa.list_(_STR_LIST)
+    )
     cols["attributions"] = _attributions_column(traces)
     return pa.table([cols[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------- decoding
+
 
 def _flat(col: pa.ChunkedArray | pa.Array, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets[n+1]) of a list column, values as a writable numpy array."""
@@ -233,8 +279,11 @@ def _table_to_traces(table: pa.Table) -> list[Trace]:
     n = table.num_rows
     meta = {name: table.column(name).to_pylist() for name in META_FIELDS}
     num = {name: _flat(table.column(name), dtype) for name, (dtype, _, _) in NUMERIC_ARRAYS.items()}
-    shapes = {name: _flat(table.column(f"{name}_shape"), np.int64)[0].reshape(-1, ndim)
-              for name, (_, _, ndim) in NUMERIC_ARRAYS.items() if ndim is not None}
+    shapes = {
+        name: _flat(table.column(f"{name}_shape"), np.int64)[0].reshape(-1, ndim)
+        for name, (_, _, ndim) in NUMERIC_ARRAYS.items()
+        if ndim is not None
+    }
     strs = {name: _flat(table.column(name)) for name in _STRINGS}
     topk_texts = table.column("topk_texts").to_pylist()
 
@@ -247,30 +296,40 @@ def _table_to_traces(table: pa.Table) -> list[Trace]:
 
     def tensor(name: str, i: int) -> np.ndarray:
         values, offsets = num[name]
-        arr = values[offsets[i]:offsets[i + 1]]
+        arr = values[offsets[i] : offsets[i + 1]]
         return arr.reshape(tuple(shapes[name][i])) if name in shapes else arr
 
     out, a = [], 0
     for i in range(n):
         attributions = {}
         for j in range(a, a + int(attr_counts[i])):
-            shape = tuple(attr_shapes_v[attr_shapes_o[j]:attr_shapes_o[j + 1]].tolist())
-            attributions[attr_names[j]] = attr_vals_v[attr_vals_o[j]:attr_vals_o[j + 1]].reshape(shape)
+            shape = tuple(attr_shapes_v[attr_shapes_o[j] : attr_shapes_o[j + 1]].tolist())
+            attributions[attr_names[j]] = attr_vals_v[attr_vals_o[j] : attr_vals_o[j + 1]].reshape(shape)
         a += int(attr_counts[i])
-        s = {name: v[o[i]:o[i + 1]].tolist() for name, (v, o) in strs.items()}
-        out.append(Trace(
-            meta=TraceMeta(**{name: meta[name][i] for name in META_FIELDS}),
-            token_ids=tensor("token_ids", i), token_texts=s["token_texts"], token_roles=s["token_roles"],
-            gates=tensor("gates", i), injection_norm=tensor("injection_norm", i),
-            answer_ids=tensor("answer_ids", i), answer_texts=s["answer_texts"],
-            answer_positions=tensor("answer_positions", i), answer_logprobs=tensor("answer_logprobs", i),
-            topk_ids=tensor("topk_ids", i), topk_texts=topk_texts[i], topk_logprobs=tensor("topk_logprobs", i),
-            attributions=attributions,
-        ))
+        s = {name: v[o[i] : o[i + 1]].tolist() for name, (v, o) in strs.items()}
+        out.append(
+            Trace(
+                meta=TraceMeta(**{name: meta[name][i] for name in META_FIELDS}),
+                token_ids=tensor("token_ids", i),
+                token_texts=s["token_texts"],
+                token_roles=s["token_roles"],
+                gates=tensor("gates", i),
+                injection_norm=tensor("injection_norm", i),
+                answer_ids=tensor("answer_ids", i),
+                answer_texts=s["answer_texts"],
+                answer_positions=tensor("answer_positions", i),
+                answer_logprobs=tensor("answer_logprobs", i),
+                topk_ids=tensor("topk_ids", i),
+                topk_texts=topk_texts[i],
+                topk_logprobs=tensor("topk_logprobs", i),
+                attributions=attributions,
+            )
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------- file I/O
+
 
 def _read_table(path: str | os.PathLike, verb: str = "reads") -> pa.Table:
     p = Path(path)
@@ -313,7 +372,9 @@ def _read_checked(pf: pq.ParquetFile, p: Path, metadata: dict, verb: str) -> pa.
     try:
         table = table.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
     except (pa.ArrowException, ValueError) as e:
-        raise CLIVizError(f"trace file {p} is corrupt: a column has the wrong type ({str(e).splitlines()[0]})") from None
+        raise CLIVizError(
+            f"trace file {p} is corrupt: a column has the wrong type ({str(e).splitlines()[0]})"
+        ) from None
     _check_table(table, str(p))
     return table
 
@@ -328,8 +389,9 @@ def _upgrade_from_1(table: pa.Table) -> pa.Table:
 
 def _atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
     with atomic_file(path, "trace file") as fh:
-        pq.write_table(table.replace_schema_metadata(ARROW_SCHEMA.metadata), fh,
-                       compression="zstd", row_group_size=_ROW_GROUP_SIZE)
+        pq.write_table(
+            table.replace_schema_metadata(ARROW_SCHEMA.metadata), fh, compression="zstd", row_group_size=_ROW_GROUP_SIZE
+        )
     return Path(path)
 
 
@@ -370,6 +432,7 @@ def merge_traces(out_path: str | os.PathLike, shard_paths: Iterable[str | os.Pat
 
 
 # ----------------------------------------------------------------------------------------- TraceSet
+
 
 class TraceSet:
     """An ordered collection of `Trace`s backed by an Arrow table in the trace-file schema.
@@ -476,10 +539,16 @@ class TraceSet:
         inj_values, inj_offsets = _flat(t.column("injection_layers"), np.int64)
         vis_values, vis_offsets = _flat(t.column("vision_layers"), np.int64)
         tok_lengths = pc.fill_null(pc.list_value_length(t.column("token_texts")), 0).to_numpy()
-        if (np.any(np.diff(inj_offsets) != L) or np.any(np.diff(vis_offsets) != K) or np.any(tok_lengths != T)
-                or np.any(np.diff(norm_offsets) != L * T)):
-            raise CLIVizError("trace set is inconsistent: gates shape does not match injection_layers, "
-                              "vision_layers, tokens or injection_norm")
+        if (
+            np.any(np.diff(inj_offsets) != L)
+            or np.any(np.diff(vis_offsets) != K)
+            or np.any(tok_lengths != T)
+            or np.any(np.diff(norm_offsets) != L * T)
+        ):
+            raise CLIVizError(
+                "trace set is inconsistent: gates shape does not match injection_layers, "
+                "vision_layers, tokens or injection_norm"
+            )
 
         sizes = L * T * K
         total = int(sizes.sum())
@@ -497,20 +566,23 @@ class TraceSet:
         tok_flat = pc.list_flatten(t.column("token_texts"))
         role_flat = pc.list_flatten(t.column("token_roles"))
         tok_index = np.repeat(np.r_[0, np.cumsum(tok_lengths)][:-1].astype(np.int64), sizes) + pos
-        return pd.DataFrame({
-            "trace": trace,
-            "sample_id": per_trace("sample_id"),
-            "qtype": per_trace("qtype"),
-            "question": per_trace("question"),
-            "answer": per_trace("answer"),
-            "llm_layer": inj_values[inj_offsets[trace] + layer],
-            "vision_layer": vis_values[vis_offsets[trace] + k],
-            "position": pos,
-            "token": _text(np.array(tok_flat.to_pylist(), dtype=object), tok_index, categorical),
-            "role": _text(np.array(role_flat.to_pylist(), dtype=object), tok_index, categorical),
-            "gate": gate_values,
-            "injection_norm": norm_values[norm_offsets[trace] + layer * Tr + pos],
-        }, copy=False)  # the arrays are fresh: skip pandas' block consolidation copy
+        return pd.DataFrame(
+            {
+                "trace": trace,
+                "sample_id": per_trace("sample_id"),
+                "qtype": per_trace("qtype"),
+                "question": per_trace("question"),
+                "answer": per_trace("answer"),
+                "llm_layer": inj_values[inj_offsets[trace] + layer],
+                "vision_layer": vis_values[vis_offsets[trace] + k],
+                "position": pos,
+                "token": _text(np.array(tok_flat.to_pylist(), dtype=object), tok_index, categorical),
+                "role": _text(np.array(role_flat.to_pylist(), dtype=object), tok_index, categorical),
+                "gate": gate_values,
+                "injection_norm": norm_values[norm_offsets[trace] + layer * Tr + pos],
+            },
+            copy=False,
+        )  # the arrays are fresh: skip pandas' block consolidation copy
 
 
 def _text(values: np.ndarray, index: np.ndarray, categorical: bool) -> Any:

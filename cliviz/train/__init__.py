@@ -17,6 +17,19 @@ from cliviz.train.state import STATE_FILE, SavedState, read_train_state
 from cliviz.train.tiny import VISION_LAYERS, tiny_config
 
 __all__ = [
-    "PARTS", "STATE_FILE", "SUMMARY_FILE", "VISION_LAYERS", "SavedState", "StepReport", "TrainSettings", "Trainer",
-    "earlier_log_rows", "lr_factor", "read_train_state", "recorded_seed", "settings_from_state", "tiny_config", "train",
+    "PARTS",
+    "STATE_FILE",
+    "SUMMARY_FILE",
+    "VISION_LAYERS",
+    "SavedState",
+    "StepReport",
+    "TrainSettings",
+    "Trainer",
+    "earlier_log_rows",
+    "lr_factor",
+    "read_train_state",
+    "recorded_seed",
+    "settings_from_state",
+    "tiny_config",
+    "train",
 ]

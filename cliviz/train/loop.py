@@ -55,8 +55,14 @@ class Trainee(nn.Module):
     objective `tower`: the vision tower alone with its image-level heads (stage 1 of the staged recipe).
     """
 
-    def __init__(self, model: nn.Module, heads: AuxHeads | None, aux_layer: int,
-                 tower: TowerHeads | None = None, smooth: tuple[int, float] = (4, 1.0)) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        heads: AuxHeads | None,
+        aux_layer: int,
+        tower: TowerHeads | None = None,
+        smooth: tuple[int, float] = (4, 1.0),
+    ) -> None:
         super().__init__()
         self.model, self.heads, self.aux_layer = model, heads, aux_layer
         self.tower, self.smooth = tower, smooth
@@ -78,8 +84,16 @@ class Trainee(nn.Module):
 class Trainer:
     """One run: `Trainer(...).run()` trains to the budget and returns the summary."""
 
-    def __init__(self, settings: TrainSettings, out: Path, device: torch.device, *, resume: SavedState | None = None,
-                 on_step: Callable[[StepReport], None] | None = None, save_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrainSettings,
+        out: Path,
+        device: torch.device,
+        *,
+        resume: SavedState | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+        save_dtype: torch.dtype | None = None,
+    ) -> None:
         settings.check()
         self.settings, self.out, self.on_step, self.resume = settings, out, on_step, resume
         self.where = dist_.init_distributed(device)
@@ -101,7 +115,9 @@ class Trainer:
             tower = TowerHeads(vision_hidden)
         elif settings.data is None and settings.aux_weight > 0 and settings.trainable == "all":
             heads = AuxHeads(vision_hidden, settings.position_aux)
-        trainee = Trainee(model.train(), heads, settings.aux_layer, tower, (settings.smooth_from, settings.smooth_weight))
+        trainee = Trainee(
+            model.train(), heads, settings.aux_layer, tower, (settings.smooth_from, settings.smooth_weight)
+        )
         trainee = trainee.to(self.device)
         self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
         self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
@@ -135,15 +151,27 @@ class Trainer:
 
         s = self.settings
         if s.data is None:
-            source = ShapesSceneSource(scene_seed(s.seed), offset=s.data_offset,
-                                       extra_questions=parse_extra_questions(s.extra_questions),
-                                       pool=s.scene_pool, scene_labels=s.objective == "tower")
+            source = ShapesSceneSource(
+                scene_seed(s.seed),
+                offset=s.data_offset,
+                extra_questions=parse_extra_questions(s.extra_questions),
+                pool=s.scene_pool,
+                scene_labels=s.objective == "tower",
+            )
         else:
             source = open_source(s.data, s.image_folder)
         collator = collator_for_model(self.model.config, self.tokenizer, s.max_length)
-        stream = ConversationStream(source, collator, s.batch_size, seed=s.seed, shuffle=s.data is not None,
-                                    shuffle_window=s.shuffle_window, start_batch=self.data.next_batch,
-                                    rank=self.where.rank, world_size=self.where.world_size)
+        stream = ConversationStream(
+            source,
+            collator,
+            s.batch_size,
+            seed=s.seed,
+            shuffle=s.data is not None,
+            shuffle_window=s.shuffle_window,
+            start_batch=self.data.next_batch,
+            rank=self.where.rank,
+            world_size=self.where.world_size,
+        )
         return make_loader(stream, num_workers=s.num_workers, pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------------------ the loop
@@ -171,9 +199,17 @@ class Trainer:
             if self.on_step and self.where.main:
                 self.on_step(StepReport(self.step, self.mean_loss, self.mean_acc, min(self.fraction_done(), 1.0), rate))
             if self.step % self.settings.log_every == 0:
-                self.log.write({"step": self.step, "seconds": self.elapsed(), "loss": round(self.mean_loss, 4),
-                                "acc": round(self.mean_acc, 4), "step_loss": self.last_loss, "tokens_per_s": round(rate, 1)}
-                               | ({"resumed": True} if self.resumed_at else {}))
+                self.log.write(
+                    {
+                        "step": self.step,
+                        "seconds": self.elapsed(),
+                        "loss": round(self.mean_loss, 4),
+                        "acc": round(self.mean_acc, 4),
+                        "step_loss": self.last_loss,
+                        "tokens_per_s": round(rate, 1),
+                    }
+                    | ({"resumed": True} if self.resumed_at else {})
+                )
             due = time.monotonic() - last_save > self.settings.checkpoint_minutes * 60
             if dist_.all_sum([1.0 if due and self.where.main else 0.0], self.where, self.device)[0]:
                 self.checkpoint()
@@ -191,7 +227,11 @@ class Trainer:
             with self._autocast():
                 out = self.trainee(batch.to(self.device).inputs)
             loss = out["loss"]
-            ce_value, hits, total = float(loss.detach()) * batch.size, float(out["accuracy"]) * batch.size, float(batch.size)
+            ce_value, hits, total = (
+                float(loss.detach()) * batch.size,
+                float(out["accuracy"]) * batch.size,
+                float(batch.size),
+            )
             loss = loss * batch.size / divisor
         elif batch.size:
             inputs = dict(batch.to(self.device).inputs)
@@ -200,8 +240,9 @@ class Trainer:
             with self._autocast():
                 out = self.trainee(inputs)
             logits, labels = out["logits"][:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                                 reduction="sum")
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
             loss = ce / divisor + (s.aux_weight * out["aux"] if "aux" in out else 0.0)
             with torch.no_grad():
                 answer = (labels != IGNORE) & (labels != self.tokenizer.eos_token_id)
@@ -242,10 +283,19 @@ class Trainer:
 
     def save_state(self) -> None:
         data = self.data.reduced().to_dict()
-        write_train_state(self.out, self.trainee, self.opt, config_json=self.model.config.to_json_string(use_diff=False),
-                          settings=self.settings.to_dict(), step=self.step, seconds=self.elapsed(),
-                          resumed_at=self.resumed_at, recent={"loss": list(self.recent_loss), "acc": list(self.recent_acc)},
-                          data=data, main=self.where.main)
+        write_train_state(
+            self.out,
+            self.trainee,
+            self.opt,
+            config_json=self.model.config.to_json_string(use_diff=False),
+            settings=self.settings.to_dict(),
+            step=self.step,
+            seconds=self.elapsed(),
+            resumed_at=self.resumed_at,
+            recent={"loss": list(self.recent_loss), "acc": list(self.recent_acc)},
+            data=data,
+            main=self.where.main,
+        )
 
     def save_model(self) -> None:
         """The model folder (weights in the run's save dtype), its tokenizer and the processor and
@@ -283,13 +333,18 @@ class Trainer:
         s = self.settings
         module = unwrap(self.trainee).model
         out = {
-            "settings": s.to_dict(), "steps": self.step - s.start_step, "seconds": round(time.monotonic() - self.start, 1),
+            "settings": s.to_dict(),
+            "steps": self.step - s.start_step,
+            "seconds": round(time.monotonic() - self.start, 1),
             "final_train_acc": self.mean_acc if self.recent_acc else None,
             "final_train_loss": round(self.mean_loss, 4) if self.recent_loss else None,
-            "saved_dtype": str(self.save_dtype).removeprefix("torch."), "trained": s.trainable,
+            "saved_dtype": str(self.save_dtype).removeprefix("torch."),
+            "trained": s.trainable,
             "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in module.parameters()), "world_size": self.where.world_size,
-            "device": str(self.device), "data": self.data.reduced().to_dict(),
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "world_size": self.where.world_size,
+            "device": str(self.device),
+            "data": self.data.reduced().to_dict(),
         }
         if self.resumed_at:
             out |= {"resumed_at": self.resumed_at, "total_seconds": self.elapsed()}
@@ -316,8 +371,14 @@ def keep_position_code(model: nn.Module) -> None:
     table.requires_grad_(False)
 
 
-def train(settings: TrainSettings, out: Path, device: torch.device, on_step: Callable[[StepReport], None] | None = None,
-          resume: SavedState | None = None, save_dtype: torch.dtype | None = None) -> dict:
+def train(
+    settings: TrainSettings,
+    out: Path,
+    device: torch.device,
+    on_step: Callable[[StepReport], None] | None = None,
+    resume: SavedState | None = None,
+    save_dtype: torch.dtype | None = None,
+) -> dict:
     """Train and save to `out` (config, safetensors, tokenizer, `training_log.jsonl`); returns a summary."""
     return Trainer(settings, out, device, resume=resume, on_step=on_step, save_dtype=save_dtype).run()
 

@@ -35,7 +35,7 @@ class TrainingLog:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "TrainingLog":
+    def __enter__(self) -> TrainingLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -94,7 +94,8 @@ def write_model_card(out: Path, summary: dict) -> None:
         "|---|---|",
         f"| started from | `{s.get('init_from') or 'scratch (tiny ShapesVQA architecture)'}` |",
         f"| data | `{s.get('data') or 'generated ShapesVQA scenes'}`"
-        + (f" (images: `{s['image_folder']}`)" if s.get("image_folder") else "") + " |",
+        + (f" (images: `{s['image_folder']}`)" if s.get("image_folder") else "")
+        + " |",
         f"| samples seen | {data.get('samples', 'n/a')} in {data.get('batches', 'n/a')} batches, "
         f"{data.get('label_tokens', 'n/a')} answer tokens; skipped rows: {skipped} |",
         f"| steps | {summary['steps']} of batch {s['batch_size']} x {summary.get('world_size', 1)} process(es) |",

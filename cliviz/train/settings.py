@@ -21,10 +21,16 @@ class TrainSettings:
     fusion: str = "cli"  # the architecture from scratch; with a projector/LLaVA `init_from`, the fusion attached to it
     init_from: str | None = None  # a model folder to start from (None: a tiny model from scratch)
     vision_from: str | None = None  # from scratch: copy the vision tower of this model folder (a stage-1 tower)
-    train: str | None = None  # all, or parts "cli,projector,llm,vision"; None: all from scratch (and --start-step), else cli
-    objective: str = "answers"  # answers: loss on the answer tokens; tower: stage-1 semantic pretraining of the vision tower
+    train: str | None = (
+        None  # all, or parts "cli,projector,llm,vision"; None: all from scratch (and --start-step), else cli
+    )
+    objective: str = (
+        "answers"  # answers: loss on the answer tokens; tower: stage-1 semantic pretraining of the vision tower
+    )
     # data
-    data: str | None = None  # None: generated ShapesVQA scenes; else a LLaVA JSON/JSONL, Parquet/Arrow, or ShapesVQA folder
+    data: str | None = (
+        None  # None: generated ShapesVQA scenes; else a LLaVA JSON/JSONL, Parquet/Arrow, or ShapesVQA folder
+    )
     image_folder: str | None = None  # where the images a LLaVA-format file names live
     max_length: int | None = None  # tokens per conversation (longer ones are cut after their last whole answer)
     num_workers: int = 0  # DataLoader worker processes
@@ -69,7 +75,7 @@ class TrainSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "TrainSettings":
+    def from_dict(cls, saved: dict) -> TrainSettings:
         """A saved run's settings; keys of older versions that no longer exist are dropped."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
@@ -112,5 +118,7 @@ def parts_of(train: str) -> set[str]:
     parts = {p.strip() for p in train.replace("+", ",").split(",") if p.strip()}
     unknown = sorted(parts - set(PARTS))
     if unknown or not parts:
-        raise ValueError(f"unknown train choice {train!r}; give all, or parts among {', '.join(PARTS)} (e.g. cli,projector)")
+        raise ValueError(
+            f"unknown train choice {train!r}; give all, or parts among {', '.join(PARTS)} (e.g. cli,projector)"
+        )
     return parts

@@ -48,8 +48,9 @@ def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForCond
         from cliviz.train.tiny import tiny_config
 
         tokenizer = build_tokenizer()
-        config = tiny_config(settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"),
-                             tokenizer.pad_token_id)
+        config = tiny_config(
+            settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
+        )
         model = CLIForConditionalGeneration(config)
         if settings.vision_from is not None:
             copy_vision_tower(Path(settings.vision_from), model)
@@ -95,7 +96,6 @@ def _attach_to_base(folder: Path, settings: TrainSettings, dtype: torch.dtype):
     from cliviz.model.attach import attach
     from cliviz.model.loading import load_image_processor, load_tokenizer
     from cliviz.model.modeling import BASE_CLASSES
-
     from cliviz.model.safety import no_stdin, refuse_remote_code
 
     refuse_remote_code(folder)
@@ -146,8 +146,10 @@ def select_trainable(model: nn.Module, policy: str) -> list[str]:
             if param.dtype != torch.float32:
                 param.data = param.data.float()
     if not names:
-        raise CLIVizError(f"nothing to train: this {model.config.fusion} model has no {policy} parameters "
-                          "(use --train all, or attach CLI first)")
+        raise CLIVizError(
+            f"nothing to train: this {model.config.fusion} model has no {policy} parameters "
+            "(use --train all, or attach CLI first)"
+        )
     return names
 
 

@@ -69,8 +69,18 @@ def trained_weights(trainee: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_train_state(
-    out: Path, trainee: nn.Module, opt: torch.optim.Optimizer, *, config_json: str, settings: dict, step: int,
-    seconds: float, resumed_at: list[int], recent: dict[str, list[float]], data: dict, main: bool = True,
+    out: Path,
+    trainee: nn.Module,
+    opt: torch.optim.Optimizer,
+    *,
+    config_json: str,
+    settings: dict,
+    step: int,
+    seconds: float,
+    resumed_at: list[int],
+    recent: dict[str, list[float]],
+    data: dict,
+    main: bool = True,
 ) -> None:
     """Write the full training state at `step` atomically (a crash keeps the previous state).
 
@@ -86,8 +96,13 @@ def write_train_state(
     for name, values in recent.items():  # the running loss/accuracy window the log and summary report
         tensors[f"recent/{name}"] = torch.tensor(values, dtype=torch.float64)
     metadata = {
-        "format": FORMAT, "step": str(step), "seconds": str(seconds), "resumed_at": json.dumps(resumed_at),
-        "settings": json.dumps(settings), "config": config_json, "data": json.dumps(data),
+        "format": FORMAT,
+        "step": str(step),
+        "seconds": str(seconds),
+        "resumed_at": json.dumps(resumed_at),
+        "settings": json.dumps(settings),
+        "config": config_json,
+        "data": json.dumps(data),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
     atomic_write_bytes(out / STATE_FILE, save(tensors, metadata=metadata), what="training state")
@@ -97,8 +112,10 @@ def read_train_state(run: Path) -> SavedState:
     """Read `run`'s training state; a missing, foreign or damaged file is a one-line CLIVizError."""
     path = run / STATE_FILE
     if not path.is_file():
-        raise CLIVizError(f"{run} holds no {STATE_FILE} (only runs trained by this cliviz can be resumed exactly; "
-                          "use --init-from with --start-step for older checkpoints)")
+        raise CLIVizError(
+            f"{run} holds no {STATE_FILE} (only runs trained by this cliviz can be resumed exactly; "
+            "use --init-from with --start-step for older checkpoints)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -106,10 +123,15 @@ def read_train_state(run: Path) -> SavedState:
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT}")
         return SavedState(
-            run=run, settings=json.loads(metadata["settings"]), config=json.loads(metadata["config"]),
-            step=int(metadata["step"]), seconds=float(metadata["seconds"]),
-            resumed_at=json.loads(metadata.get("resumed_at", "[]")), data=json.loads(metadata["data"]),
-            tensors=tensors, param_groups=json.loads(metadata["param_groups"]),
+            run=run,
+            settings=json.loads(metadata["settings"]),
+            config=json.loads(metadata["config"]),
+            step=int(metadata["step"]),
+            seconds=float(metadata["seconds"]),
+            resumed_at=json.loads(metadata.get("resumed_at", "[]")),
+            data=json.loads(metadata["data"]),
+            tensors=tensors,
+            param_groups=json.loads(metadata["param_groups"]),
         )
     except (SafetensorError, ValueError, KeyError, OSError) as err:
         raise CLIVizError(f"cannot read training state {path}: {err}") from None
@@ -122,7 +144,9 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
     wanted = {name for name, p in module.named_parameters() if p.requires_grad}
     if set(weights) != wanted:
         missing, extra = sorted(wanted - set(weights))[:3], sorted(set(weights) - wanted)[:3]
-        raise CLIVizError(f"the training state of {state.run} does not match this model (missing {missing}, extra {extra})")
+        raise CLIVizError(
+            f"the training state of {state.run} does not match this model (missing {missing}, extra {extra})"
+        )
     set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     slots: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.tensors.items():
@@ -131,6 +155,10 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
             slots.setdefault(fqn, {})[name] = value
     # strict=False: a parameter that never received a gradient (e.g. a vision layer the loss does
     # not reach) has no optimiser state to save, and needs none back
-    set_optimizer_state_dict(module, opt, {"state": slots, "param_groups": state.param_groups},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(
+        module,
+        opt,
+        {"state": slots, "param_groups": state.param_groups},
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
     torch.set_rng_state(state.tensors["rng/torch"])

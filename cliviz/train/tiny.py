@@ -33,17 +33,33 @@ def scene_seed(seed: int) -> int:
 def tiny_config(fusion: str, vocab_size: int, image_token_id: int, pad_token_id: int) -> CLIConfig:
     """The bundled tiny architecture: CLIP 64 px / patch 8 (6 layers) + Llama 128-d (4 layers)."""
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=192, num_hidden_layers=VISION_LAYERS, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.1,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        initializer_range=0.1,
     )
     text = LlamaConfig(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=256,
-        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=pad_token_id,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
     )
     base = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
     return CLIConfig(base_config=base, fusion=fusion, lora_rank=8, gate_temperature=1.0)
 
@@ -92,8 +108,9 @@ class TowerHeads(nn.Module):
         self.count = nn.Linear(hidden, 5)  # 0..4 objects
 
 
-def tower_loss(heads: TowerHeads, states: tuple[torch.Tensor, ...], batch: dict, smooth_from: int,
-               smooth_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def tower_loss(
+    heads: TowerHeads, states: tuple[torch.Tensor, ...], batch: dict, smooth_from: int, smooth_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-level cross-entropies on the last layer's mean patch token, plus `smooth_weight` times
     the spread of patch tokens around their mean in every layer from `smooth_from` on.
 
@@ -124,8 +141,9 @@ def sincos_position_code(grid: int, dim: int) -> torch.Tensor:
     (half the channels encode the row, half the column, at `dim/4` frequencies each: MAE's code)."""
     quarter = dim // 4
     freqs = 1.0 / (10_000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # [dim/4]
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         angles = x.reshape(-1, 1) * freqs  # [grid*grid, dim/4]

@@ -39,7 +39,9 @@ class VisionCache:
         self.misses += len(missing)
         self.hits += len(ids) - len(missing)
         device, dtype = pixel_values.device, self.model.dtype
-        stacked = [torch.stack([self.store[sample][n] for sample in ids]).to(device, dtype) for n in range(len(self.layers))]
+        stacked = [
+            torch.stack([self.store[sample][n] for sample in ids]).to(device, dtype) for n in range(len(self.layers))
+        ]
         states: list[torch.Tensor | None] = [None] * self.n_states
         for k, value in zip(self.layers, stacked):
             states[k] = value
