@@ -862,6 +862,8 @@ def _patch_grid(model, n: int) -> tuple[int, int]:
 
 def _forced_trace(trace: Trace, tokenizer, answer_ids: list[int], gates, norms, logits, top_k: int = 5) -> Trace:
     """`trace` with its answer replaced by the teacher-forced `answer_ids` (gates from that forward)."""
+    from cliviz.inference import token_texts
+
     n_prompt = int(trace.answer_positions[0]) + 1
     fed = trace.token_ids[:n_prompt].tolist() + answer_ids[:-1]
     lp = torch.log_softmax(logits, dim=-1).cpu()  # [n, V]
@@ -873,18 +875,18 @@ def _forced_trace(trace: Trace, tokenizer, answer_ids: list[int], gates, norms, 
         trace,
         meta=dataclasses.replace(trace.meta, answer=" ".join(words)),
         token_ids=np.asarray(fed, dtype=np.int64),
-        token_texts=tokenizer.convert_ids_to_tokens(fed),
+        token_texts=token_texts(tokenizer, fed),
         token_roles=trace.token_roles[:n_prompt] + ["answer"] * (len(answer_ids) - 1),
         gates=gates.cpu().numpy().astype(np.float32) if gates is not None else np.zeros((L, len(fed), K), np.float32),
         injection_norm=norms.cpu().numpy().astype(np.float32)
         if norms is not None
         else np.zeros((L, len(fed)), np.float32),
         answer_ids=np.asarray(answer_ids, dtype=np.int64),
-        answer_texts=tokenizer.convert_ids_to_tokens(answer_ids),
+        answer_texts=token_texts(tokenizer, answer_ids),
         answer_positions=np.arange(n_prompt - 1, n_prompt - 1 + len(answer_ids), dtype=np.int64),
         answer_logprobs=lp.gather(-1, ids[:, None]).squeeze(-1).numpy().astype(np.float32),
         topk_ids=top.indices.numpy().astype(np.int64),
-        topk_texts=[tokenizer.convert_ids_to_tokens(r) for r in top.indices.tolist()],
+        topk_texts=[token_texts(tokenizer, r) for r in top.indices.tolist()],
         topk_logprobs=top.values.numpy().astype(np.float32),
         attributions={},
     )

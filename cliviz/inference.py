@@ -68,6 +68,15 @@ def prepare_inputs(
     }
 
 
+def token_texts(tokenizer, ids) -> list[str]:
+    """The text of each token id, as traces store it. Real checkpoints pad their embedding matrix
+    past the tokenizer's vocabulary (LLaVA-1.5: 32,064 rows for 32,002 tokens), so a model can emit
+    an id the tokenizer has no text for: it is written `<id:N>` rather than None."""
+    ids = [int(t) for t in ids]
+    texts = tokenizer.convert_ids_to_tokens(ids)
+    return [text if isinstance(text, str) else f"<id:{t}>" for t, text in zip(ids, texts)]
+
+
 def decode_answer(tokenizer, ids: list[int]) -> str:
     """Tokens up to (not including) the first eos: joined as words for the bundled word-level
     tokenizer, `tokenizer.decode(..., skip_special_tokens=True)` for subword ones."""

@@ -466,7 +466,7 @@ def config_cases() -> list[Case]:
             "parameters",
         ),
         # fields the lead adds to the cliviz config later must pass through untouched
-        ("future-fields", lambda d: {**d, "read_width": 64, "agf_read": "lowrank", "amp_norm": None}, None),
+        ("future-fields", lambda d: {**d, "a_future_field": {"x": 1}, "another_one": [1, 2]}, None),
     ]
     cases += [Case(f"config:{name}", _edit_json("config.json", change), expect) for name, change, expect in fields]
     return cases

@@ -204,8 +204,12 @@ def example_globals():
 
 
 @pytest.mark.parametrize("name, module, source", EXAMPLES_FOUND, ids=[n for n, _, _ in EXAMPLES_FOUND])
-def test_docstring_example_runs(name, module, source, example_globals, monkeypatch):
-    monkeypatch.chdir(REPO)  # examples name files relative to the repository root
+def test_docstring_example_runs(name, module, source, example_globals, monkeypatch, tmp_path):
+    # examples name files relative to the repository root, and some write files: run them in a
+    # scratch folder that sees the repository's inputs, so nothing lands in the checkout
+    for entry in ("assets", "examples"):
+        (tmp_path / entry).symlink_to(REPO / entry)
+    monkeypatch.chdir(tmp_path)
     namespace = {**vars(importlib.import_module(module)), "__name__": "__docexample__", **example_globals}
     code = compile(source, f"<example {name}>", "exec")
     if name in NOT_RUNNABLE:

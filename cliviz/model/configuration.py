@@ -109,9 +109,7 @@ class CLIConfig(PretrainedConfig):
         if self.read_max_tokens is not None and self.read_max_tokens < 1:
             raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")
         if self.read_width < 1 or self.read_heads < 1 or self.read_width % self.read_heads:
-            raise ValueError(
-                f"read width {self.read_width} must be a positive multiple of read_heads {self.read_heads}"
-            )
+            raise ValueError(f"read width {self.read_width} is not a positive multiple of {self.read_heads} read heads")
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

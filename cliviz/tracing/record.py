@@ -23,7 +23,7 @@ from PIL import Image
 
 import cliviz
 from cliviz.finite import require_finite
-from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs
+from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs, token_texts
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.trace import Trace, TraceMeta
@@ -162,16 +162,16 @@ def trace_batch(
         trace = Trace(
             meta=meta,
             token_ids=np.asarray(fed, dtype=np.int64),
-            token_texts=tokenizer.convert_ids_to_tokens(fed),
+            token_texts=token_texts(tokenizer, fed),
             token_roles=roles,
             gates=g.numpy().astype(np.float32),
             injection_norm=nrm.numpy().astype(np.float32),
             answer_ids=answer_ids.numpy().astype(np.int64),
-            answer_texts=tokenizer.convert_ids_to_tokens(row[:n_answer]),
+            answer_texts=token_texts(tokenizer, row[:n_answer]),
             answer_positions=np.arange(len(prompt) - 1, len(prompt) - 1 + n_answer, dtype=np.int64),
             answer_logprobs=lp.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1).numpy().astype(np.float32),
             topk_ids=top.indices.numpy().astype(np.int64),
-            topk_texts=[tokenizer.convert_ids_to_tokens(r) for r in top.indices.tolist()],
+            topk_texts=[token_texts(tokenizer, r) for r in top.indices.tolist()],
             topk_logprobs=top.values.numpy().astype(np.float32),
         )
         trace.validate()

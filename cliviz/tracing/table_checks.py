@@ -26,7 +26,16 @@ from cliviz.tracing.trace import ROLES
 GATE_SUM_ATOL = 1e-2
 MAX_DIM = 2**31 - 1  # a list column cannot hold more values than this in one row
 SHAPED = {"gates": 3, "injection_norm": 2, "topk_ids": 2, "topk_logprobs": 2}
-NULLABLE = ("qtype", "reference_answer", "sample_id", "attributions")
+NULLABLE = (
+    "qtype",
+    "reference_answer",
+    "sample_id",
+    "attributions",
+    # schema 2: the map's causal check, None when the trace was recorded without it
+    "injection_off_answer",
+    "injection_off_changed",
+    "injection_off_delta_logprob",
+)
 
 
 def check_table(table: pa.Table, path: str) -> None:
@@ -53,7 +62,7 @@ def check_table(table: pa.Table, path: str) -> None:
 
 
 def _check_nulls(table: pa.Table, fail) -> None:
-    """Nulls only where the schema allows them (qtype, reference_answer, sample_id, attributions)."""
+    """Nulls only where the schema allows them (`NULLABLE`)."""
     for name in table.column_names:
         if name in NULLABLE:
             continue
