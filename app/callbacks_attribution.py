@@ -75,10 +75,12 @@ def attribution_figures(backend: Backend, store: dict | None, target: str | None
 
 def attribution_notes(payload: dict | None) -> Any:
     """The attribution's description and warnings (e.g. a saturated log-prob), above its maps."""
-    if not payload or "description" not in payload:
-        return ""
+    if not isinstance(payload, dict) or not isinstance(payload.get("description"), str):
+        return ""  # nothing asked yet, or a store this app never wrote
+    warnings = payload.get("warnings")
+    warnings = [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
     items = [html.Div(payload["description"], className="map-note", id="attr-description")]
-    items += [html.Div(w, className="map-note quiet attr-warning") for w in payload.get("warnings") or []]
+    items += [html.Div(w, className="map-note quiet attr-warning") for w in warnings]
     return items
 
 

@@ -261,6 +261,9 @@ def test_onevision_cli_folder_loads(tmp_path):
         Qwen2Config,
         SiglipVisionConfig,
     )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
 
     from cliviz.data.tokenizer import build_tokenizer
     from cliviz.model.attach import attach
@@ -292,6 +295,9 @@ def test_onevision_cli_folder_loads(tmp_path):
     model = attach(base, vision_layers=[1, 2, 3], injection_layers=[1, 2])
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
+    LlavaOnevisionImageProcessorPil(  # OneVision needs its anyres processor, matching the config
+        size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32], [32, 64]]
+    ).save_pretrained(tmp_path)
     loaded, _ = load_model(tmp_path, device="cpu")
     assert loaded.config.base_model_type == "llava_onevision"
     want = model.state_dict()

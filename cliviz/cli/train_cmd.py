@@ -306,7 +306,19 @@ def _check_settings(settings: TrainSettings) -> None:
         parse_extra_questions(settings.extra_questions)
         settings.check()
     except ValueError as err:
-        raise CLIVizError(str(err).replace("steps or minutes", "--steps or --minutes")) from None
+        raise CLIVizError(_as_options(str(err))) from None
+
+
+def _as_options(message: str) -> str:
+    """The settings speak in field names (`stop_step`); a command-line user typed `--stop-step`."""
+    import re
+    from dataclasses import fields
+
+    from cliviz.train import TrainSettings
+
+    for name in sorted((f.name for f in fields(TrainSettings) if "_" in f.name), key=len, reverse=True):
+        message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
+    return message.replace("steps or minutes", "--steps or --minutes")
 
 
 def _resume(
