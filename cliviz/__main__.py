@@ -1,3 +1,3 @@
-from cliviz.cli.main import main
+from cliviz.cli.main import entry
 
-main()
+entry()

@@ -227,7 +227,7 @@ def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
     assert lines[0] == f"interrupted; the {kept} trace(s) already written stay in {out}; finish with --resume"
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5, 4.0])
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 2.5, 4.0])
 def test_ctrl_c_during_start_up_is_one_line(delay):
     """Start-up (imports of torch, transformers, the model load) used to print a KeyboardInterrupt traceback."""
     start = time.time()

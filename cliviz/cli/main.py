@@ -7,9 +7,11 @@ any moment of a run, start-up included, ends as one line on stderr and a known e
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
+import threading
 
 # Before transformers is imported anywhere: quiet loading, never reach for the hub.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -90,7 +92,64 @@ def main() -> None:
         code = _run()
     except KeyboardInterrupt:  # between typer's own handling and ours
         code = _interrupted(INTERRUPTED_NOTE)
+    except Exception as err:
+        if not (_INTERRUPT["seen"] or _caused_by_interrupt(err)):
+            raise
+        code = _interrupted(INTERRUPTED_NOTE)
     sys.exit(code)
+
+
+# Set by `entry()`'s SIGINT handler. Python swallows a KeyboardInterrupt raised inside a `__del__`
+# (and some libraries catch BaseException around imports), so a Ctrl-C can vanish and resurface as
+# an odd error later; knowing it happened lets that error be reported as the interrupt it was.
+_INTERRUPT = {"seen": False}
+
+
+def _watch_interrupts() -> None:
+    def on_sigint(signum, frame):
+        _INTERRUPT["seen"] = True
+        raise KeyboardInterrupt
+
+    def unraisable(info, default=sys.unraisablehook):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            # a Ctrl-C lost in a __del__: no "Exception ignored" traceback; deliver it again, from a
+            # thread, so that it lands in the main thread's own code once this hook has returned
+            _INTERRUPT["seen"] = True
+            threading.Timer(0.01, _thread.interrupt_main).start()
+            return
+        default(info)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = unraisable
+
+
+def entry() -> None:
+    """The process entry point (`cliviz`, `python -m cliviz`): `main()`, and after a Ctrl-C a hard exit.
+
+    CPython remembers a Ctrl-C that crossed an exec() of a string (dataclasses and typing do that at
+    import time) and, although we handled it, ends the process by SIGINT at shutdown: exit -2, not
+    130. Our writers are closed by the time `main()` returns, so flush and leave with the code shells
+    expect. (In-process callers use `main()`, which raises SystemExit as usual.)"""
+    _watch_interrupts()
+    try:
+        main()
+    except SystemExit as done:
+        if done.code != EXIT_INTERRUPTED:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    """Ctrl-C during a lazy import: transformers re-raises it as a ModuleNotFoundError `from` it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _run() -> int:
@@ -104,6 +163,8 @@ def _run() -> int:
         except Interrupted as err:
             return _interrupted(f"interrupted; {err}")
         except CLIVizError as err:
+            if _INTERRUPT["seen"]:  # e.g. a model load broken by a swallowed Ctrl-C
+                return _interrupted(INTERRUPTED_NOTE)
             say(f"error: {err}")
             return EXIT_USAGE
         except typer.Exit as e:
