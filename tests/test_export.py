@@ -79,3 +79,26 @@ def test_attach_then_trace_offline_answers_like_projector_tiny(tmp_path):
         np.testing.assert_allclose(got["answer_logprobs"], want["answer_logprobs"], atol=1e-5)
         assert got["meta"]["fusion"] == "cli" and got["causal_check"]["delta_logprob"] == 0.0  # alpha = 0
     assert bundled_models_dir().joinpath("llava-tiny-base").is_dir()
+
+
+def test_attached_base_trains_on_generated_scenes_with_its_own_template(tmp_path):
+    """The exported template takes typed-part content in every turn, as the trainer renders it (its
+    assistant turn once took only a string: training an attached llava-tiny-base stopped at start).
+    The read's size is an attach option."""
+    attached = tmp_path / "cli"
+    proc = run_cli("attach", "--base", str(SHIPPED), "--read-width", "64", "--read-heads", "2", "--out", str(attached))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((attached / "config.json").read_text())
+    assert (config["read_width"], config["read_heads"]) == (64, 2)
+    trained = tmp_path / "trained"
+    proc = run_cli(
+        "train", "--init-from", str(attached), "--steps", "2", "--batch-size", "2", "--warmup", "1",
+        "--device", "cpu", "--out", str(trained),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert summary["steps"] == 2
+    bad = run_cli(
+        "attach", "--base", str(SHIPPED), "--read-width", "100", "--read-heads", "3", "--out", str(tmp_path / "x")
+    )
+    assert bad.returncode == 2 and "not a positive multiple of 3 read heads" in bad.stderr

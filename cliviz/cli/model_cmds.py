@@ -110,6 +110,13 @@ def attach_cmd(
     ] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 8,
     temperature: Annotated[float, typer.Option("--temperature", min=1e-3)] = 1.0,
+    read_width: Annotated[
+        int | None,
+        typer.Option("--read-width", min=1, help="Width r of AGF's light read (default: 32 per 1,024 LLM channels)."),
+    ] = None,
+    read_heads: Annotated[
+        int | None, typer.Option("--read-heads", min=1, help="Heads of the read (default: one per 32 channels of r).")
+    ] = None,
 ) -> None:
     """Turn a LLaVA checkpoint into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
@@ -135,6 +142,8 @@ def attach_cmd(
         injection_layers=parse(injection_layers),
         lora_rank=lora_rank,
         gate_temperature=temperature,
+        read_width=read_width,
+        read_heads=read_heads,
     )
     carried = carried_files(out)
     note = (

@@ -28,16 +28,18 @@ from pathlib import Path
 from cliviz.errors import CLIVizError
 
 # One user turn: the image, then the question; the answer follows directly (no generation prompt).
-# A past assistant turn is its answer and <eos>, as in training.
+# A past assistant turn is its answer and <eos>, as in training; any turn's content may be a string or
+# a list of typed parts (the form `cliviz train` and llava-hf processors use).
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- ' ' + message['content'] + ' ' + eos_token + ' ' -}}"
-    "{%- elif message['content'] is string -%}{{- message['content'] -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- ' ' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' -%}{{- '<image> ' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- ' ' + eos_token + ' ' -}}{%- endif -%}"
     "{%- endfor -%}"
 )
 DEFAULT_SOURCE = "projector-tiny"
