@@ -97,7 +97,7 @@ import torch
 from PIL import Image
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import Trace
+from cliviz.tracing.schema import Trace
 
 METHODS = ("ig", "gxi")
 METHOD_NAMES = {"ig": "integrated gradients", "gxi": "gradient × input"}  # the one name of each, everywhere

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from cliviz.evaluation import DataSet, evaluate
+from cliviz.data.samples import DataSet
+from cliviz.evaluation import evaluate
 from cliviz.inputs import load_image
 
 ALL_TYPES = "all types"  # the row of `stability_summary(..., with_mean=True)` that averages the question types

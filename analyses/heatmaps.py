@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import TOKEN_SETS, Trace
+from cliviz.tracing.schema import TOKEN_SETS, Trace
 from cliviz.tracing.traceset import TraceSet
 
 SEQUENTIAL = "Cividis"  # colour-blind-safe sequential scale

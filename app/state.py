@@ -29,7 +29,7 @@ from PIL import Image
 
 from cliviz.errors import CLIVizError
 from cliviz.inputs import load_image
-from cliviz.tracing.trace import Trace, TraceMeta
+from cliviz.tracing.schema import Trace, TraceMeta
 from cliviz.tracing.traceset import NUMERIC_ARRAYS
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # 5 MB per image

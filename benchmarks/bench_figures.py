@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from cliviz.analyses.figures import build_figure_set, find_chromium, kaleido_session  # noqa: E402
-from cliviz.tracing.trace import Trace, TraceMeta  # noqa: E402
+from cliviz.tracing.schema import Trace, TraceMeta  # noqa: E402
 from cliviz.tracing.traceset import TraceSet, write_traces  # noqa: E402
 
 QTYPES = ("colour", "shape", "count", "position", "glyph")

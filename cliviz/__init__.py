@@ -37,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     # tracing and trace files
     "trace": "cliviz.tracing.record",
     "trace_batch": "cliviz.tracing.record",
-    "Trace": "cliviz.tracing.trace",
-    "TraceMeta": "cliviz.tracing.trace",
+    "Trace": "cliviz.tracing.schema",
+    "TraceMeta": "cliviz.tracing.schema",
     "TraceSet": "cliviz.tracing.traceset",
     "read_traces": "cliviz.tracing.traceset",
     "write_traces": "cliviz.tracing.traceset",
@@ -123,8 +123,8 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never executed
     from cliviz.tracing.causal import causal_checks as causal_checks
     from cliviz.tracing.record import trace as trace
     from cliviz.tracing.record import trace_batch as trace_batch
-    from cliviz.tracing.trace import Trace as Trace
-    from cliviz.tracing.trace import TraceMeta as TraceMeta
+    from cliviz.tracing.schema import Trace as Trace
+    from cliviz.tracing.schema import TraceMeta as TraceMeta
     from cliviz.tracing.traceset import TraceSet as TraceSet
     from cliviz.tracing.traceset import read_traces as read_traces
     from cliviz.tracing.traceset import write_traces as write_traces

@@ -623,7 +623,7 @@ def model_folder_cases() -> list[Case]:
 
 def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int = 2, seed: int = 0):
     """A small valid `Trace` (softmax gates, negative log-probs)."""
-    from cliviz.tracing.trace import ROLES, Trace, TraceMeta
+    from cliviz.tracing.schema import ROLES, Trace, TraceMeta
 
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n_layers, n_tokens, k)).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 from cliviz.analyses import heatmaps as H
 from cliviz.analyses import stats as S
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import ROLES, Trace, TraceMeta
+from cliviz.tracing.schema import ROLES, Trace, TraceMeta
 from cliviz.tracing.traceset import TraceSet, write_traces
 
 VISION = [2, 5, 8]  # real hidden_states indices, deliberately not 0..K-1

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from cliviz.data import iter_samples, write_dataset
-from cliviz.evaluation import evaluate, read_jsonl
+from cliviz.data.samples import read_jsonl
+from cliviz.evaluation import evaluate
 from cliviz.model.loading import load_model
 
 HELD_OUT_SEED = 4242  # training draws its scenes from stream 17 (seed 0); this stream is never seen

@@ -111,7 +111,7 @@ def test_stability_mean_row_and_pair_summary():
 
 def test_compare_progress_counts_all_the_work_and_prints_summary_rows(saved_models):
     from cliviz.analyses.compare import ALL_TYPES, comparison_work, run_comparison
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
     from cliviz.model.loading import load_model
 
     dirs, data = saved_models

@@ -133,7 +133,7 @@ def test_sweep_writes_one_row_per_sample(baseline, data_dir):
 
 
 def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_model_dir, tmp_path):
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
     from cliviz.model.loading import load_model
     from cliviz.tracing.sweep import plan_sweep, run_sweep
 
@@ -254,7 +254,7 @@ def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, d
 
 def test_finalize_merges_shards_in_data_order(baseline, data_dir, tmp_path):
     """Rank-0 merge: shards in any order, with a repeat (a kill between merge and cleanup), give the set."""
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
     from cliviz.tracing.sweep import existing_shards, finalize, plan_sweep, shard_path
     from cliviz.tracing.traceset import TraceSet
 

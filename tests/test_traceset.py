@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import ROLES, SCHEMA_VERSION, Trace, TraceMeta
+from cliviz.tracing.schema import ROLES, SCHEMA_VERSION, Trace, TraceMeta
 from cliviz.tracing.traceset import TraceSet, merge_traces, write_traces
 
 

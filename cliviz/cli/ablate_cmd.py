@@ -68,7 +68,7 @@ def _inputs(image: Path | None, question: str | None, data: Path | None, limit: 
         return [img], [check_question(question)], [reference], None
     if reference is not None:
         raise CLIVizError("--reference is for IMAGE QUESTION; --data rows carry their own answers")
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
 
     records = read_jsonl(data).records
     if limit is not None:

@@ -77,7 +77,7 @@ def compare_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cliviz.analyses.compare import comparison_work, run_comparison, write_comparison
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
     from cliviz.model.loading import load_model
 
     if len(models) < 1:

@@ -50,7 +50,8 @@ def eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy overall and per question type."""
-    from cliviz.evaluation import evaluate, read_jsonl
+    from cliviz.data.samples import read_jsonl
+    from cliviz.evaluation import evaluate
 
     dataset = read_jsonl(data)
     net, tok = load_checked(model, device, dtype)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cliviz.tracing.trace import Trace
+from cliviz.tracing.schema import Trace
 
 
 def _shade(value: float) -> str:

@@ -105,7 +105,7 @@ def sweep_cmd(
     One sweep writes an --out at a time (a file lock; a second sweep into it is refused). Ctrl-C exits 130
     and keeps every chunk already written.
     """
-    from cliviz.evaluation import read_jsonl
+    from cliviz.data.samples import read_jsonl
     from cliviz.tracing.sweep import plan_sweep
 
     ctx = _dist_from_env()

@@ -26,7 +26,7 @@ from cliviz.finite import require_finite
 from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs, token_texts
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
-from cliviz.tracing.trace import Trace, TraceMeta
+from cliviz.tracing.schema import Trace, TraceMeta
 
 _ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
 
@@ -92,91 +92,123 @@ def trace_batch(
     one more batched call of the ablation engine, no generation.
     """
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
-    batch = len(questions)
     inputs = prepare_inputs(model, tokenizer, images, questions)
-    prompt_width = inputs["input_ids"].shape[1]
     gates, norms, logits, sequences = _record(
         model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens
     )
-    generated = sequences[:, prompt_width:].cpu()  # [B, n_steps]
-    n_steps = len(logits)
-    require_finite(torch.stack(logits, dim=1), "answer scores", model)  # [B, n_steps, V]
-    step_logprobs = torch.log_softmax(torch.stack(logits, dim=1), dim=-1).cpu()  # [B, n_steps, V]
-    n_layers, k = len(model.agf), len(model.config.vision_layers)
-    prefill_gates = torch.stack(gates[0], dim=0).cpu() if n_layers else None  # [L, B, T, K]
-    prefill_norms = torch.stack(norms[0], dim=0).cpu() if n_layers else None  # [L, B, T]
-    later_gates = [torch.stack(g, 0)[:, :, -1].cpu() for g in gates[1:]] if n_layers else []  # each [L, B, K]
-    later_norms = [torch.stack(n, 0)[:, :, -1].cpu() for n in norms[1:]] if n_layers else []  # each [L, B]
-    mask = inputs["attention_mask"].cpu()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    chash = config_hash(model)  # once per batch: serialising the config is not free
-    device, dtype = str(model.device), str(model.dtype).replace("torch.", "")
+    recorded = _Recorded(model, inputs, gates, norms, logits, sequences)
     checks = None
     if causal_check:
         from cliviz.tracing.causal import causal_checks
 
         checks = causal_checks(model, tokenizer, images, questions)
+    shared = _shared_meta(model)
     traces = []
-    for b in range(batch):
-        row = generated[b, :n_steps].tolist()
-        n_answer = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        start = int((mask[b] == 0).sum())  # left padding
-        prompt = inputs["input_ids"][b, start:].cpu().tolist()
-        fed = prompt + row[: n_answer - 1]
-        if n_layers:
-            g = torch.cat([prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in later_gates[: n_answer - 1]]], dim=1)
-            nrm = torch.cat(
-                [prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in later_norms[: n_answer - 1]]], dim=1
-            )
-            require_finite(g, "gate values", model)  # [L, n_tokens, K], padding left out
-        else:
-            g = torch.zeros(0, len(fed), k)
-            nrm = torch.zeros(0, len(fed))
-        lp = step_logprobs[b, :n_answer]  # [n_answer, V]
-        answer_ids = torch.tensor(row[:n_answer])
-        top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-        image_id = model.image_token_id
-        roles = ["image" if t == image_id else "prompt" for t in prompt] + ["answer"] * (n_answer - 1)
+    for b in range(len(questions)):
+        prompt, row, g, nrm = recorded.row(b, tokenizer.eos_token_id, model)
         meta = TraceMeta(
             question=questions[b],
-            answer=decode_answer(tokenizer, row[:n_answer]),
-            model=str(getattr(model, "name_or_path", "") or ""),
-            config_hash=chash,
-            fusion=model.config.fusion,
-            vision_layers=list(model.config.vision_layers),
-            injection_layers=list(model.config.injection_layers),
+            answer=decode_answer(tokenizer, row),
             image_sha256=image_sha256(images[b]),
             image_width=images[b].width,
             image_height=images[b].height,
-            device=device,
-            dtype=dtype,
-            created_at=created,
-            cliviz_version=cliviz.__version__,
             qtype=qtypes[b] if qtypes else None,
             reference_answer=references[b] if references else None,
             sample_id=sample_ids[b] if sample_ids else None,
             injection_off_answer=checks[b].answer_off if checks else None,
             injection_off_changed=checks[b].changed if checks else None,
             injection_off_delta_logprob=checks[b].delta_logprob if checks else None,
+            **shared,
         )
-        trace = Trace(
-            meta=meta,
-            token_ids=np.asarray(fed, dtype=np.int64),
-            token_texts=token_texts(tokenizer, fed),
-            token_roles=roles,
-            gates=g.numpy().astype(np.float32),
-            injection_norm=nrm.numpy().astype(np.float32),
-            answer_ids=answer_ids.numpy().astype(np.int64),
-            answer_texts=token_texts(tokenizer, row[:n_answer]),
-            answer_positions=np.arange(len(prompt) - 1, len(prompt) - 1 + n_answer, dtype=np.int64),
-            answer_logprobs=lp.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1).numpy().astype(np.float32),
-            topk_ids=top.indices.numpy().astype(np.int64),
-            topk_texts=[token_texts(tokenizer, r) for r in top.indices.tolist()],
-            topk_logprobs=top.values.numpy().astype(np.float32),
-        )
+        trace = _row_trace(meta, tokenizer, model.image_token_id, prompt, row, g, nrm, recorded.logprobs[b], top_k)
         trace.validate()
         traces.append(trace)
     return traces
+
+
+class _Recorded:
+    """One traced generate of a batch, on the CPU: prompts, generated ids, per-step log-probs, and
+    the gates / injection norms of the prefill and of every later step."""
+
+    def __init__(self, model, inputs: dict, gates: list, norms: list, logits: list, sequences: torch.Tensor) -> None:
+        require_finite(torch.stack(logits, dim=1), "answer scores", model)  # [B, n_steps, V]
+        self.prompt_ids = inputs["input_ids"].cpu()  # [B, prompt_width]
+        self.mask = inputs["attention_mask"].cpu()  # [B, prompt_width]
+        self.generated = sequences[:, self.prompt_ids.shape[1] :].cpu()  # [B, n_steps]
+        self.n_steps = len(logits)
+        self.logprobs = torch.log_softmax(torch.stack(logits, dim=1), dim=-1).cpu()  # [B, n_steps, V]
+        has_gates = bool(gates) and bool(gates[0])
+        self.prefill_gates = torch.stack(gates[0], dim=0).cpu() if has_gates else None  # [L, B, T, K]
+        self.prefill_norms = torch.stack(norms[0], dim=0).cpu() if has_gates else None  # [L, B, T]
+        self.later_gates = [torch.stack(g, 0)[:, :, -1].cpu() for g in gates[1:]] if has_gates else []  # [L, B, K]
+        self.later_norms = [torch.stack(n, 0)[:, :, -1].cpu() for n in norms[1:]] if has_gates else []  # [L, B]
+
+    def row(self, b: int, eos_id: int | None, model) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+        """`(prompt ids, answer ids up to eos, gates [L, n_tokens, K], norms [L, n_tokens])` of row b,
+        left padding dropped; the last answer token is never fed back, so it has no gate row."""
+        generated = self.generated[b, : self.n_steps].tolist()
+        n_answer = generated.index(eos_id) + 1 if eos_id in generated else len(generated)
+        start = int((self.mask[b] == 0).sum())  # left padding
+        prompt = self.prompt_ids[b, start:].tolist()
+        n_fed = len(prompt) + n_answer - 1
+        if self.prefill_gates is None:
+            k = len(model.config.vision_layers)
+            return prompt, generated[:n_answer], torch.zeros(0, n_fed, k), torch.zeros(0, n_fed)
+        later = slice(0, n_answer - 1)
+        g = torch.cat([self.prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in self.later_gates[later]]], dim=1)
+        nrm = torch.cat([self.prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in self.later_norms[later]]], dim=1)
+        require_finite(g, "gate values", model)  # [L, n_tokens, K], padding left out
+        return prompt, generated[:n_answer], g, nrm
+
+
+def _shared_meta(model: CLIForConditionalGeneration) -> dict:
+    """The meta fields every trace of a batch shares (the config hash once: serialising it is not free)."""
+    return {
+        "model": str(getattr(model, "name_or_path", "") or ""),
+        "config_hash": config_hash(model),
+        "fusion": model.config.fusion,
+        "vision_layers": list(model.config.vision_layers),
+        "injection_layers": list(model.config.injection_layers),
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cliviz_version": cliviz.__version__,
+    }
+
+
+def _row_trace(
+    meta: TraceMeta,
+    tokenizer,
+    image_id: int,
+    prompt: list[int],
+    answer: list[int],
+    gates: torch.Tensor,
+    norms: torch.Tensor,
+    step_logprobs: torch.Tensor,
+    top_k: int,
+) -> Trace:
+    """One row's `Trace`: the fed tokens with their roles, the answer's log-probs and top-k."""
+    n_answer = len(answer)
+    fed = prompt + answer[: n_answer - 1]
+    lp = step_logprobs[:n_answer]  # [n_answer, V]
+    answer_ids = torch.tensor(answer)
+    top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+    roles = ["image" if t == image_id else "prompt" for t in prompt] + ["answer"] * (n_answer - 1)
+    return Trace(
+        meta=meta,
+        token_ids=np.asarray(fed, dtype=np.int64),
+        token_texts=token_texts(tokenizer, fed),
+        token_roles=roles,
+        gates=gates.numpy().astype(np.float32),
+        injection_norm=norms.numpy().astype(np.float32),
+        answer_ids=answer_ids.numpy().astype(np.int64),
+        answer_texts=token_texts(tokenizer, answer),
+        answer_positions=np.arange(len(prompt) - 1, len(prompt) - 1 + n_answer, dtype=np.int64),
+        answer_logprobs=lp.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1).numpy().astype(np.float32),
+        topk_ids=top.indices.numpy().astype(np.int64),
+        topk_texts=[token_texts(tokenizer, r) for r in top.indices.tolist()],
+        topk_logprobs=top.values.numpy().astype(np.float32),
+    )
 
 
 def trace(

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from cliviz.data.samples import DataSet, Record
 from cliviz.errors import CLIVizError
-from cliviz.evaluation import DataSet, Record
 from cliviz.tracing.traceset import ARROW_SCHEMA, TraceSet, write_traces
 
 __all__ = [

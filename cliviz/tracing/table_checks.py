@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.trace import ROLES
+from cliviz.tracing.schema import ROLES
 
 GATE_SUM_ATOL = 1e-2
 MAX_DIM = 2**31 - 1  # a list column cannot hold more values than this in one row

@@ -55,8 +55,8 @@ import pyarrow.parquet as pq
 from cliviz import __version__
 from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
+from cliviz.tracing.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 from cliviz.tracing.table_checks import check_table
-from cliviz.tracing.trace import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 
 __all__ = [
     "TraceSet",
