@@ -208,40 +208,16 @@ def report_real_shapes() -> None:
 def midsize(seed: int = 0):
     """(base LLaVA, CLI attached with alpha opened, tokenizer): CLIP 24 layers at 192 px / patch 16
     (144 patches), Llama 8 x 512, vocab 32k — the shape named in the issue."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from cliviz.data.tokenizer import build_tokenizer
     from cliviz.model.attach import attach
 
+    from common import mid_size_llava_config
+
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=4,
-        image_size=192,
-        patch_size=16,
-    )
-    text = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    cfg = mid_size_llava_config(tok, max_position_embeddings=1024)
     base = LlavaForConditionalGeneration(cfg).eval()
     cli = attach(base).eval()
     with torch.no_grad():

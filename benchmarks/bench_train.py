@@ -73,42 +73,13 @@ def attached_folder(root: Path, which: str) -> Path:
     if which == "tiny":
         llava15_folder(base, dtype=torch.float32)
     else:
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-        )
+        from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+        from common import mid_size_llava_config
 
         llava15_folder(base, dtype=torch.float32)  # tokenizer, template and processor files
         tok = llava15_tokenizer()
-        vision = CLIPVisionConfig(
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=4,
-            image_size=192,
-            patch_size=16,
-        )
-        text = LlamaConfig(
-            hidden_size=512,
-            intermediate_size=1376,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        cfg = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
+        cfg = mid_size_llava_config(tok)
         torch.manual_seed(0)
         LlavaForConditionalGeneration(cfg).save_pretrained(base)
         CLIPImageProcessor(size={"shortest_edge": 192}, crop_size={"height": 192, "width": 192}).save_pretrained(base)

@@ -388,7 +388,7 @@ def config_cases() -> list[Case]:
         "not-utf8": ("not UTF-8", b'{"model_type": "\xff\xfe"}'),
         "deep-arrays": ("nested too deeply", _deep(100_000).encode()),
         "deep-objects": ("nested more than", ('{"a":' * 40 + "1" + "}" * 40).encode()),
-        "huge": ("larger than any model config", b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'),
+        "huge": ("too large for a model config", b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'),
     }
     cases = [Case(f"config:{name}", _raw_file("config.json", data), expect) for name, (expect, data) in raw.items()]
     fields: list[tuple[str, Callable[[dict], dict], str]] = [

@@ -60,10 +60,19 @@ def refuse_remote_code(folder: Path) -> None:
 
 def read_json_object(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> dict[str, Any]:
     """A JSON file that must hold one object; CLIVizError naming the file otherwise."""
+    data = read_bounded_json(path, limit, "a model side file")
+    if not isinstance(data, dict):
+        raise CLIVizError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_bounded_json(path: Path, limit: int, what: str) -> Any:
+    """The JSON value in `path`, refusing files over `limit` bytes, non-UTF-8 text and nesting deep
+    enough to exhaust the parser's recursion, each with one CLIVizError naming the file."""
     try:
         size = path.stat().st_size
         if size > limit:
-            raise CLIVizError(f"{path} is {size:,} bytes, too large for a model side file (limit {limit:,})")
+            raise CLIVizError(f"{path} is {size:,} bytes, too large for {what} (limit {limit:,})")
         text = path.read_text(encoding="utf-8")
     except PermissionError:
         raise CLIVizError(f"cannot read {path} (permission denied)") from None
@@ -72,14 +81,11 @@ def read_json_object(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> dict[str, 
     except OSError as err:
         raise CLIVizError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except RecursionError:
-        raise CLIVizError(f"{path} is nested too deeply to be a model file") from None
+        raise CLIVizError(f"{path} is nested too deeply to be {what}") from None
     except json.JSONDecodeError as err:
         raise CLIVizError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CLIVizError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def _code_request(data: Any, where: str) -> str | None:

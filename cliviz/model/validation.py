@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cliviz.errors import CLIVizError
+from cliviz.model.safety import read_bounded_json
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32
@@ -58,25 +59,7 @@ class ConfigProblem(CLIVizError):
 
 def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict, after the size / syntax / nesting / finiteness checks and `validate_config`."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise CLIVizError(
-                f"{path} is {size:,} bytes, far larger than any model config (limit {MAX_CONFIG_BYTES:,})"
-            )
-        text = path.read_text(encoding="utf-8")
-    except PermissionError:
-        raise CLIVizError(f"cannot read {path} (permission denied)") from None
-    except UnicodeDecodeError:
-        raise CLIVizError(f"{path} is not UTF-8 text") from None
-    except OSError as err:
-        raise CLIVizError(f"cannot read {path}: {err.strerror or err}") from None
-    try:
-        raw = json.loads(text)
-    except RecursionError:
-        raise CLIVizError(f"{path} is nested too deeply to be a model config") from None
-    except json.JSONDecodeError as err:
-        raise CLIVizError(f"{path} is not valid JSON ({err})") from None
+    raw = read_bounded_json(path, MAX_CONFIG_BYTES, "a model config")
     try:
         validate_config(raw)
     except ConfigProblem as err:

@@ -29,6 +29,21 @@ ROLES = ("image", "prompt", "answer")
 # The token selections every analysis takes (heatmaps, ablations): the positions of one role — for
 # "answer", those whose output is an answer token — or all of them.
 TOKEN_SETS = ("answer", "image", "prompt", "all")
+# The per-trace arrays, in the order of `to_dict()` and of the trace file's columns.
+ARRAY_FIELDS = (
+    "token_ids",
+    "token_texts",
+    "token_roles",
+    "gates",
+    "injection_norm",
+    "answer_ids",
+    "answer_texts",
+    "answer_positions",
+    "answer_logprobs",
+    "topk_ids",
+    "topk_texts",
+    "topk_logprobs",
+)
 
 
 @dataclass
@@ -186,20 +201,7 @@ class Trace:
         from dataclasses import asdict
 
         out: dict[str, Any] = {"meta": asdict(self.meta)}
-        for name in (
-            "token_ids",
-            "token_texts",
-            "token_roles",
-            "gates",
-            "injection_norm",
-            "answer_ids",
-            "answer_texts",
-            "answer_positions",
-            "answer_logprobs",
-            "topk_ids",
-            "topk_texts",
-            "topk_logprobs",
-        ):
+        for name in ARRAY_FIELDS:
             value = getattr(self, name)
             out[name] = value.tolist() if isinstance(value, np.ndarray) else value
         out["attributions"] = {k: v.tolist() for k, v in self.attributions.items()}

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from cliviz import __version__
 from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
-from cliviz.tracing.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
+from cliviz.tracing.schema import ARRAY_FIELDS, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 from cliviz.tracing.table_checks import check_table
 
 __all__ = [
@@ -129,20 +129,7 @@ _STRINGS = ("token_texts", "token_roles", "answer_texts")
 
 def _schema_fields() -> list[pa.Field]:
     out = [pa.field(name, META_TYPES[name]) for name in META_FIELDS]
-    for name in (
-        "token_ids",
-        "token_texts",
-        "token_roles",
-        "gates",
-        "injection_norm",
-        "answer_ids",
-        "answer_texts",
-        "answer_positions",
-        "answer_logprobs",
-        "topk_ids",
-        "topk_texts",
-        "topk_logprobs",
-    ):
+    for name in ARRAY_FIELDS:
         if name in NUMERIC_ARRAYS:
             out.append(pa.field(name, NUMERIC_ARRAYS[name][1]))
             if NUMERIC_ARRAYS[name][2] is not None:
