@@ -125,6 +125,20 @@ _OLD_NAMES = {"target_value": "target_logprob", "baseline_value": "baseline_logp
 REL_FLOOR = 1e-3  # denominator floor of the relative completeness error, in the target's units
 SATURATION_P = 0.99  # above this probability a log-prob target is flat: its attributions are noise
 MAX_STEPS = 4096
+# The columns of `Attribution.to_frame()`, in order.
+FRAME_COLUMNS = (
+    "step",
+    "answer_token",
+    "kind",
+    "llm_layer",
+    "vision_layer",
+    "patch",
+    "patch_row",
+    "patch_col",
+    "position",
+    "token",
+    "value",
+)
 
 # ===================================================================================== hooks
 # Hooks live only for one `attribute` call and act only when the ContextVar holds *their* state,
@@ -559,60 +573,8 @@ class AttributionResult:
         (`gate_cell` | `patch` | `prompt_token` | `image_token`), llm_layer, vision_layer (real
         indices; vision_layer NaN for a combined patch), patch, patch_row, patch_col, position, token,
         value. A patch row with vision_layer NaN is the combined map. Absent fields are NA."""
-        frames = []
-        L, K = self.gate_cells.shape[1:]
         rows, cols = self.patch_grid
-        for s in range(self.n_answer):
-            base = {"step": s, "answer_token": self.answer_tokens[s]}
-            ii, kk = np.meshgrid(np.arange(L), np.arange(K), indexing="ij")
-            frames.append(
-                pd.DataFrame(
-                    {
-                        **base,
-                        "kind": "gate_cell",
-                        "llm_layer": np.asarray(self.injection_layers)[ii.ravel()] if L else [],
-                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()] if L else [],
-                        "value": self.gate_cells[s].ravel(),
-                    }
-                )
-            )
-            n = self.patches.shape[2]
-            kk, pp = np.meshgrid(np.arange(K), np.arange(n), indexing="ij")
-            frames.append(
-                pd.DataFrame(
-                    {
-                        **base,
-                        "kind": "patch",
-                        "vision_layer": np.asarray(self.vision_layers)[kk.ravel()],
-                        "patch": pp.ravel(),
-                        "value": self.patches[s].ravel(),
-                    }
-                )
-            )
-            frames.append(pd.DataFrame({**base, "kind": "patch", "patch": np.arange(n), "value": self.combined[s]}))
-            frames.append(
-                pd.DataFrame(
-                    {
-                        **base,
-                        "kind": "prompt_token",
-                        "position": self.prompt_positions,
-                        "token": self.prompt_tokens,
-                        "value": self.prompt_scores[s],
-                    }
-                )
-            )
-            img_pos = np.flatnonzero(self.trace.role_mask("image"))
-            frames.append(
-                pd.DataFrame(
-                    {
-                        **base,
-                        "kind": "image_token",
-                        "position": img_pos,
-                        "patch": np.arange(len(img_pos)),
-                        "value": self.image_token_scores[s],
-                    }
-                )
-            )
+        frames = [frame for s in range(self.n_answer) for frame in self._step_frames(s)]
         df = pd.concat(frames, ignore_index=True)
         for col in ("llm_layer", "vision_layer", "patch", "position"):
             if col not in df:
@@ -624,21 +586,64 @@ class AttributionResult:
             df["token"] = None
         df["value"] = df["value"].astype(np.float32)
         df["kind"] = pd.Categorical(df["kind"], categories=["gate_cell", "patch", "prompt_token", "image_token"])
-        return df[
-            [
-                "step",
-                "answer_token",
-                "kind",
-                "llm_layer",
-                "vision_layer",
-                "patch",
-                "patch_row",
-                "patch_col",
-                "position",
-                "token",
-                "value",
-            ]
-        ]
+        return df[list(FRAME_COLUMNS)]
+
+    def _step_frames(self, s: int) -> list[pd.DataFrame]:
+        """Answer step s's rows of `to_frame`: gate cells, patches per vision layer, the combined
+        patch map, prompt tokens, image tokens."""
+        L, K = self.gate_cells.shape[1:]
+        base = {"step": s, "answer_token": self.answer_tokens[s]}
+        frames = []
+        ii, kk = np.meshgrid(np.arange(L), np.arange(K), indexing="ij")
+        frames.append(
+            pd.DataFrame(
+                {
+                    **base,
+                    "kind": "gate_cell",
+                    "llm_layer": np.asarray(self.injection_layers)[ii.ravel()] if L else [],
+                    "vision_layer": np.asarray(self.vision_layers)[kk.ravel()] if L else [],
+                    "value": self.gate_cells[s].ravel(),
+                }
+            )
+        )
+        n = self.patches.shape[2]
+        kk, pp = np.meshgrid(np.arange(K), np.arange(n), indexing="ij")
+        frames.append(
+            pd.DataFrame(
+                {
+                    **base,
+                    "kind": "patch",
+                    "vision_layer": np.asarray(self.vision_layers)[kk.ravel()],
+                    "patch": pp.ravel(),
+                    "value": self.patches[s].ravel(),
+                }
+            )
+        )
+        frames.append(pd.DataFrame({**base, "kind": "patch", "patch": np.arange(n), "value": self.combined[s]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    **base,
+                    "kind": "prompt_token",
+                    "position": self.prompt_positions,
+                    "token": self.prompt_tokens,
+                    "value": self.prompt_scores[s],
+                }
+            )
+        )
+        img_pos = np.flatnonzero(self.trace.role_mask("image"))
+        frames.append(
+            pd.DataFrame(
+                {
+                    **base,
+                    "kind": "image_token",
+                    "position": img_pos,
+                    "patch": np.arange(len(img_pos)),
+                    "value": self.image_token_scores[s],
+                }
+            )
+        )
+        return frames
 
     # -- plotting -----------------------------------------------------------------------------
     def token_strip_figure(self) -> go.Figure:
