@@ -164,3 +164,20 @@ def test_staged_cli_beats_its_projector_baseline_on_the_detail_types(held_out):
     assert a["glyph"] >= b["glyph"] + 0.4, (a, b)  # measured on this set: 0.84 vs 0.18
     assert a["size"] >= b["size"] + 0.2, (a, b)  # 0.96 vs 0.68
     assert min(a["color"], a["count"], a["shape"]) >= 0.9, a
+
+
+def test_staged_cli_glyph_example_as_the_readme_shows():
+    """README: the glyph example answers 7, gates on V1 at every LLM layer, and injection off turns it to 0."""
+    from PIL import Image
+
+    from cliviz.tracing import trace
+
+    from conftest import EXAMPLES
+
+    model, tok = load_model("cli-staged-tiny", device="cpu")
+    t = trace(model, tok, Image.open(EXAMPLES / "glyph.png"), "what digit is in the corner ?", causal_check=True)
+    assert t.meta.answer == "7"
+    mean_gates = t.answer_gates().mean(axis=1)  # [L, K] over answer steps
+    assert (mean_gates[:, 0] >= 0.9).all(), mean_gates  # V1; measured 0.96 / 0.93 / 0.98
+    assert t.meta.injection_off_changed and t.meta.injection_off_answer == "0"
+    assert t.meta.injection_off_delta_logprob < -5  # measured -11.07
