@@ -36,9 +36,27 @@ def test_shipped_base_is_projector_tiny_exported_again(exported):
     plain = LlavaForConditionalGeneration.from_pretrained(SHIPPED, use_safetensors=True)  # stock transformers
     own, loaded = projector.base.state_dict(), plain.state_dict()
     assert own.keys() == loaded.keys() and all(torch.equal(own[k], loaded[k]) for k in own)
-    for name in ("config.json", "preprocessor_config.json", "chat_template.jinja", "tokenizer.json", "README.md"):
+    for name in ("preprocessor_config.json", "chat_template.jinja", "tokenizer.json", "README.md"):
         assert (SHIPPED / name).read_text() == (exported / name).read_text(), name
+    # The config by meaning: the `transformers_version` stamps record who wrote the file, not what it says.
+    assert _without_version_stamps(json.loads((SHIPPED / "config.json").read_text())) == _without_version_stamps(
+        json.loads((exported / "config.json").read_text())
+    )
     assert json.loads((SHIPPED / "config.json").read_text())["model_type"] == "llava"
+
+
+def _without_version_stamps(config):
+    if isinstance(config, dict):
+        return {k: _without_version_stamps(v) for k, v in config.items() if k != "transformers_version"}
+    return config
+
+
+def test_config_comparison_ignores_only_the_version_stamp():
+    shipped = json.loads((SHIPPED / "config.json").read_text())
+    restamped = {**shipped, "transformers_version": "0.0.0"}
+    assert _without_version_stamps(restamped) == _without_version_stamps(shipped)
+    changed = {**shipped, "text_config": {**shipped["text_config"], "hidden_size": 1}}
+    assert _without_version_stamps(changed) != _without_version_stamps(shipped)
 
 
 def test_only_projector_models_are_plain_llava(tmp_path):

@@ -173,3 +173,31 @@ def test_the_dashboard_serves_a_onevision_model(ov):
     t = backend.ask(image, "what is this?")
     assert t.has_gates and t.gates.shape[1] == t.n_tokens
     assert int(t.role_mask("image").sum()) == 34  # the wide image's anyres count (see the token-count test)
+
+
+def test_memory_coordinates_place_base_crop_and_high_res_crops_in_the_image(ov):
+    """The read's position code: the base crop carries its own grid, every high-resolution patch its
+    place in the full image, newline tokens no place; one coordinate row per memory token."""
+    from cliviz.inference import prepare_inputs
+    from cliviz.model import position
+
+    model, tok = _load(ov)
+    assert model.config.read_position_code
+    images = [Image.open(ov["images"][n]).convert("RGB") for n in ("wide", "tall", "big")]
+    inputs = prepare_inputs(model, tok, images, ["what"] * 3)
+    with torch.no_grad():
+        out = model(**inputs)
+    coords = model.memory_coordinates(out.vision_memory.shape[2], inputs["image_sizes"])  # [B, N, 2]
+    grid = SIZE // PATCH
+    lo, hi = 0.5 / grid, 1 - 0.5 / grid
+    for i in range(len(images)):
+        n_real = int(out.vision_memory_mask[i].sum())
+        real, pad = coords[i, :n_real], coords[i, n_real:]
+        assert torch.isnan(pad).all()
+        torch.testing.assert_close(real[: grid * grid], position.grid_coordinates(grid))  # base crop first
+        high = real[grid * grid :]
+        placed = ~torch.isnan(high).any(-1)
+        newlines = int((~placed).sum())
+        assert newlines >= 1 and bool((high[placed] >= lo - 1e-6).all() and (high[placed] <= hi + 1e-6).all())
+        # newline rows close each row of the unpadded grid: the last memory token is one
+        assert torch.isnan(real[-1]).all()

@@ -118,8 +118,15 @@ def attach_cmd(
     read_heads: Annotated[
         int | None, typer.Option("--read-heads", min=1, help="Heads of the read (default: one per 32 channels of r).")
     ] = None,
+    position_code: Annotated[
+        bool,
+        typer.Option(
+            "--position-code/--no-position-code",
+            help="Add a fixed 2-D sin-cos code of each memory token's place before the read (DESIGN §1).",
+        ),
+    ] = True,
 ) -> None:
-    """Turn a LLaVA checkpoint into a CLI model that equals the base at init."""
+    """Turn a LLaVA checkpoint (or a cliviz projector model) into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
     from cliviz.model.safety import refuse_remote_code
 
@@ -145,6 +152,7 @@ def attach_cmd(
         gate_temperature=temperature,
         read_width=read_width,
         read_heads=read_heads,
+        read_position_code=position_code,
     )
     carried = carried_files(out)
     note = (

@@ -42,6 +42,7 @@ def attach(
     gate_temperature: float = 1.0,
     read_width: int | None = None,
     read_heads: int | None = None,
+    read_position_code: bool = True,
 ) -> CLIForConditionalGeneration:
     """Wrap `base` (its modules are re-used, not copied) in a CLI model with the light read. Example::
 
@@ -60,6 +61,7 @@ def attach(
         gate_temperature=gate_temperature,
         read_width=read_width,
         read_heads=read_heads,
+        read_position_code=read_position_code and fusion in ("cli", "shallow"),
     )
     model = CLIForConditionalGeneration(config, base=base)
     return model.to(dtype=base.dtype, device=base.device).eval()
@@ -78,7 +80,7 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     except json.JSONDecodeError as err:
         raise CLIVizError(f"unreadable {config_path}: {err}") from None
-    if model_type not in BASE_CLASSES:
+    if model_type not in (*BASE_CLASSES, CLIConfig.model_type):
         raise CLIVizError(f"{base_dir} holds model_type {model_type!r}; cliviz attaches to llava or llava_onevision")
     if options.get("fusion", "cli") not in FUSIONS:
         raise CLIVizError(f"unknown fusion {options['fusion']!r}; choose one of {', '.join(FUSIONS)}")
@@ -86,9 +88,7 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
         raise CLIVizError(f"{base_dir} has no .safetensors weights (pickled weights are never loaded)")
     try:
         with no_stdin():
-            base: PreTrainedModel = BASE_CLASSES[model_type].from_pretrained(
-                base_dir, use_safetensors=True, trust_remote_code=False
-            )
+            base: PreTrainedModel = _load_base(base_dir, model_type)
         model = attach(base, **options)
     except (ValueError, OSError, RuntimeError) as err:
         raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
@@ -99,6 +99,17 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
             shutil.copy2(base_dir / name, out / name)
     _ensure_fast_tokenizer(base_dir, out)
     return model
+
+
+def _load_base(base_dir: Path, model_type: str) -> PreTrainedModel:
+    """The LLaVA model in `base_dir`: a stock folder, or the base inside a cliviz `projector` model (a
+    stage-2 model of the staged recipe gets CLI attached the same way as a downloaded LLaVA)."""
+    if model_type in BASE_CLASSES:
+        return BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True, trust_remote_code=False)
+    wrapped = CLIForConditionalGeneration.from_pretrained(base_dir, use_safetensors=True, trust_remote_code=False)
+    if wrapped.config.fusion != "projector":
+        raise CLIVizError(f"{base_dir} is a cliviz {wrapped.config.fusion} model; attach takes a LLaVA or a projector model")
+    return wrapped.base
 
 
 def carried_files(out: Path) -> list[str]:

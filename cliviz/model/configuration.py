@@ -43,6 +43,10 @@ class CLIConfig(PretrainedConfig):
             is average-pooled over neighbouring positions down to it, per image. It bounds the
             per-token cost of the read whatever the image size; None reads every position.
             LLaVA-1.5 (576 features) and the bundled models (64) are never pooled.
+        read_position_code: add a fixed 2-D sin-cos code of each memory token's place in the image
+            before the light read's key/value projection (`cliviz.model.position`), so that the read
+            can say where what it attends to is. `attach` and new tiny models turn it on; a config
+            without the field (a model trained before it) keeps the read it was trained with.
     """
 
     model_type = "cliviz_cli"
@@ -61,6 +65,7 @@ class CLIConfig(PretrainedConfig):
         read_heads: int | None = None,
         amp_norm: bool = False,
         read_max_tokens: int | None = DEFAULT_READ_MAX_TOKENS,
+        read_position_code: bool = False,
         **kwargs: Any,
     ) -> None:
         if isinstance(base_config, dict):
@@ -108,6 +113,9 @@ class CLIConfig(PretrainedConfig):
         self.read_max_tokens = None if read_max_tokens is None else int(read_max_tokens)
         if self.read_max_tokens is not None and self.read_max_tokens < 1:
             raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")
+        self.read_position_code = bool(read_position_code)
+        if self.read_position_code and agf_read != "light":
+            raise ValueError("read_position_code needs the light read (agf_read='light')")
         if self.read_width < 1 or self.read_heads < 1 or self.read_width % self.read_heads:
             raise ValueError(f"read width {self.read_width} is not a positive multiple of {self.read_heads} read heads")
         kwargs.setdefault("tie_word_embeddings", False)

@@ -37,6 +37,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from cliviz.model import position
 from cliviz.model.agf import AGFLayer, DeepStackLayer, MemoryKeysValues, pool_memory
 from cliviz.model.amp import AMP
 from cliviz.model.configuration import CLIConfig
@@ -298,9 +299,53 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             mask[i, : feats.shape[0]] = True
         return memory, mask
 
-    def memory_keys_values(self, memory: torch.Tensor, mask: torch.Tensor | None = None) -> VisionKeysValues:
+    def memory_coordinates(self, n_memory: int, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Where each memory token sits in its image: `[B or 1, N, 2]` (row, column in [0, 1]; NaN for
+        CLS, newline and padding rows). LLaVA: the tower's patch grid; OneVision: the base crop's grid,
+        then each high-resolution crop at its place in the full image, packed by the base's own path."""
+        vision = self.config.base_config.vision_config
+        grid = vision.image_size // vision.patch_size
+        if not self.is_onevision:
+            has_cls = self.config.base_config.vision_feature_select_strategy != "default"
+            return position.llava_coordinates(n_memory, grid, has_cls).unsqueeze(0)
+        if image_sizes is None:
+            raise ValueError("LLaVA-OneVision's memory positions need image_sizes")
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        cfg = self.config.base_config
+        base = position.grid_coordinates(grid)  # [g*g, 2]
+        per_image = []
+        for size in image_sizes:
+            crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, vision.image_size)
+            coords = [base]
+            if crops > 1:
+                rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vision.image_size)
+                for r in range(rows):
+                    for c in range(cols):  # crop r*cols + c covers rows r*g.., columns c*g.. of the canvas
+                        coords.append(torch.stack([(base[:, 0] + r) / rows, (base[:, 1] + c) / cols], dim=-1))
+            per_image.append(torch.stack(coords))  # [crops, g*g, 2]
+        newline = torch.full((2,), float("nan"))
+        packed, _ = self.base.model.pack_image_features(
+            per_image, image_sizes.cpu(), image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
+        )
+        out = torch.full((len(packed), n_memory, 2), float("nan"))  # [B, N, 2]
+        for i, coords in enumerate(packed):  # each [N_i, 2]
+            out[i, : coords.shape[0]] = position.renormalise_high_res(coords, grid * grid, grid)
+        return out
+
+    def memory_keys_values(
+        self, memory: torch.Tensor, mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None
+    ) -> VisionKeysValues:
         """The read's keys and values of `memory [B, K, N, D]`: once per image, shared by every layer
-        (light read, memory pooled to at most `read_max_tokens` positions) or per layer (full read)."""
+        (light read, memory pooled to at most `read_max_tokens` positions) or per layer (full read).
+        With `read_position_code` each memory token first gets the code of its place in the image."""
+        if self.config.read_position_code:
+            coords = self.memory_coordinates(memory.shape[2], image_sizes).to(memory.device)  # [B|1, N, 2]
+            code = position.sincos_code(coords, memory.shape[-1]).to(memory.dtype)  # [B|1, N, D]
+            memory = memory + code.unsqueeze(1)  # [B, K, N, D]
         if self.read_kv is not None:
             memory, mask = pool_memory(memory, mask, self.config.read_max_tokens)
         attn_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, N]
@@ -357,7 +402,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             if self.config.fusion == "deepstack":
                 image_embeds, image_mask = self._image_embeds_at_tokens(image_outputs, input_ids, self.dtype)
         if vision_memory is not None and self.amp is not None:
-            vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask)
+            vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask, image_sizes)
         extra = {"image_sizes": image_sizes} if self.is_onevision else {}
         context = _VisualContext(vision_kv, image_embeds, image_mask)
         if self.training and self.base.is_activation_checkpointing:

@@ -61,7 +61,13 @@ def tiny_config(fusion: str, vocab_size: int, image_token_id: int, pad_token_id:
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    return CLIConfig(base_config=base, fusion=fusion, lora_rank=8, gate_temperature=1.0)
+    return CLIConfig(
+        base_config=base,
+        fusion=fusion,
+        lora_rank=8,
+        gate_temperature=1.0,
+        read_position_code=fusion in ("cli", "shallow"),
+    )
 
 
 class AuxHeads(nn.Module):
