@@ -29,7 +29,8 @@ def test_llava_coordinates_follow_the_feature_strategy():
 def _read(model, memory):
     """The first injection layer's read of `memory [1, K, N, D]` for a fixed random query."""
     kv = model.memory_keys_values(memory)
-    hidden = torch.randn(1, 1, model.config.base_config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    width = model.config.base_config.text_config.hidden_size
+    hidden = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(1))  # [1, 1, D]
     return model.agf[0].read(hidden, kv.keys[0], kv.values[0], kv.mask)  # [1, 1, K, r]
 
 
@@ -62,7 +63,6 @@ def test_attach_turns_the_code_on_and_stays_the_base_at_init(tmp_path):
     from cliviz.inputs import load_image
     from cliviz.model.attach import attach_folder
     from cliviz.model.loading import load_model
-
 
     out = tmp_path / "attached"
     attach_folder(REPO / "assets" / "models" / "llava-tiny-base", out, vision_layers=[0, 1, 2])

@@ -108,7 +108,9 @@ def _load_base(base_dir: Path, model_type: str) -> PreTrainedModel:
         return BASE_CLASSES[model_type].from_pretrained(base_dir, use_safetensors=True, trust_remote_code=False)
     wrapped = CLIForConditionalGeneration.from_pretrained(base_dir, use_safetensors=True, trust_remote_code=False)
     if wrapped.config.fusion != "projector":
-        raise CLIVizError(f"{base_dir} is a cliviz {wrapped.config.fusion} model; attach takes a LLaVA or a projector model")
+        raise CLIVizError(
+            f"{base_dir} is a cliviz {wrapped.config.fusion} model; attach takes a LLaVA or a projector model"
+        )
     return wrapped.base
 
 
