@@ -6,7 +6,8 @@ that no registered package serves). Nothing leaks, but a server error is the wro
 fills the log with tracebacks. `install` checks each callback request's shape before Dash
 dispatches it (400, with one line saying what is wrong), refuses asset paths that climb out of
 their folder before any file is looked up (404), and turns Dash's own refusal of an unregistered
-asset into a 404. What Dash serves is unchanged: only files it registered, from its own packages.
+asset, or of a registered one the installed package lacks, into a 404. What Dash serves is
+unchanged: only files it registered, from its own packages.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def install(app: dash.Dash) -> None:
     @app.server.errorhandler(DependencyException)
     def _unregistered_asset(_err):
         return _answer(404, "not found")
+
+    @app.server.errorhandler(FileNotFoundError)
+    def _missing_asset(err):
+        # a registered asset the installed package lacks (dash lists source maps it does not ship)
+        if request.path.startswith(suites):
+            return _answer(404, "not found")
+        raise err
 
 
 def safe_asset_path(path: str) -> bool:
