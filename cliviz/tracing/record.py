@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import warnings
 import weakref
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import nnsight
@@ -38,6 +40,7 @@ from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.schema import Trace, TraceMeta
 
+ImageLike = Image.Image | np.ndarray | str | os.PathLike  # what `cliviz.inputs.as_image` takes
 _ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
 
 
@@ -84,8 +87,8 @@ def _record(model: CLIForConditionalGeneration, inputs: dict, gen_kwargs: dict, 
 def trace_batch(
     model: CLIForConditionalGeneration,
     tokenizer,
-    images: list[Image.Image],
-    questions: list[str],
+    images: Sequence[ImageLike],
+    questions: Sequence[str],
     *,
     max_new_tokens: int | None = None,
     top_k: int = 5,
@@ -235,7 +238,7 @@ def _row_trace(
 def trace(
     model: CLIForConditionalGeneration,
     tokenizer,
-    image: Image.Image,
+    image: ImageLike,
     question: str,
     *,
     max_new_tokens: int | None = None,
