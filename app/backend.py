@@ -70,24 +70,20 @@ class Backend:
         self.dataset_view = lru_cache(maxsize=8)(self._dataset_view)
 
     # ------------------------------------------------------------------------ model runs
-    def check_question(self, question: str) -> str:
-        from cliviz.inputs import check_model_question
+    def request(self, image: Any, question: Any):
+        """The checked (image, question) with its warnings: the path the API and the commands take
+        (`cliviz.arguments.check_request`); `CLIVizError` with one line for bad input."""
+        from cliviz.arguments import check_request
 
-        return check_model_question(question, self.tokenizer)
+        return check_request(self.model, self.tokenizer, image, question)
 
     def ask(self, image: Image.Image, question: str):
         """Answer and record the gates: a `Trace`."""
         from cliviz.tracing import trace
 
-        q = self.check_question(question)
+        checked = self.request(image, question)
         with self.lock:
-            return trace(self.model, self.tokenizer, image, q)  # default answer length for this kind of model
-
-    def world_warning(self, image: Image.Image) -> str | None:
-        """The note for a bundled model shown an image unlike its ShapesVQA scenes (`cliviz.scene_check`)."""
-        from cliviz.scene_check import world_warning
-
-        return world_warning(image, self.tokenizer)
+            return trace(self.model, self.tokenizer, checked.image, checked.question)  # the model's default length
 
     def ablate(
         self, image: Image.Image, question: str, llm_layer: int, vision_layer: int, kind: str = "knockout"
@@ -95,17 +91,19 @@ class Backend:
         """One gate-cell intervention and the re-run answer (`cliviz.analyses.ablations.single_cell`)."""
         from cliviz.analyses.ablations import single_cell
 
-        q = self.check_question(question)
+        checked = self.request(image, question)
         with self.lock:
-            return single_cell(self.model, self.tokenizer, image, q, llm_layer, vision_layer, kind=kind)
+            return single_cell(
+                self.model, self.tokenizer, checked.image, checked.question, llm_layer, vision_layer, kind=kind
+            )
 
     def attribute(self, image: Image.Image, question: str, method: str = "gxi", target: str = "logprob"):
         """Attribution of each answer token (`cliviz.analyses.attributions.attribute`)."""
         from cliviz.analyses.attributions import attribute
 
-        q = self.check_question(question)
+        checked = self.request(image, question)
         with self.lock:
-            return attribute(self.model, self.tokenizer, image, q, method=method, target=target)
+            return attribute(self.model, self.tokenizer, checked.image, checked.question, method=method, target=target)
 
     # ------------------------------------------------------------------------ trace set
     def _dataset_view(self, select: str):

@@ -53,11 +53,12 @@ def ask(backend: Backend, question: str | None, image: dict | None) -> tuple[Any
     if not image:
         return no_update, no_update, no_update, error_line("Choose an image first (upload one or pick an example).")
     try:
-        picture = image_from_payload(image)
-        result = backend.ask(picture, question or "")
+        checked = backend.request(image_from_payload(image), question)  # the API's and the commands' checks
+        result = backend.ask(checked.image, checked.question)
     except CLIVizError as err:
         return no_update, no_update, no_update, error_line(str(err))
-    store = {"trace": result.to_dict(), "image": image, "world_warning": backend.world_warning(picture)}
+    notes = "; ".join(checked.warnings) or None
+    store = {"trace": result.to_dict(), "image": image, "world_warning": notes}
     return store, ALL_TOKENS, None, ""
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import dash
 
-from cliviz.app import callbacks_ablation, callbacks_attribution, callbacks_dataset, callbacks_explore, callbacks_image
+from cliviz.app import (
+    callbacks_ablation,
+    callbacks_attribution,
+    callbacks_dataset,
+    callbacks_explore,
+    callbacks_image,
+    guard,
+)
 from cliviz.app.backend import Backend, load_backend
 from cliviz.app.layout import root_layout
 from cliviz.app.state import MAX_UPLOAD_BYTES
@@ -42,6 +49,7 @@ def build_app(backend: Backend) -> dash.Dash:
         serve_locally=True,  # no CDN: works offline
     )
     app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    guard.install(app)  # forged callback bodies and asset paths: 4xx, never a server error
     app.layout = root_layout(backend)
     for module in (callbacks_image, callbacks_explore, callbacks_ablation, callbacks_attribution, callbacks_dataset):
         module.register(app, backend)

@@ -1,6 +1,8 @@
 """cliviz — see which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters.
 
-The public API is flat and lazy: `import cliviz` loads nothing heavy (no torch, transformers,
+Every public function checks its arguments first (`cliviz.arguments`, the checks the command
+line and the dashboard run too): a wrong value is one `CLIVizError` naming the argument. The
+public API is flat and lazy: `import cliviz` loads nothing heavy (no torch, transformers,
 nnsight, plotly or dash); each name is imported from its home module on first use (PEP 562), so
 the command line and `import cliviz` stay fast. Example::
 
@@ -24,7 +26,7 @@ from cliviz._version import __version__ as __version__  # one source: pyproject.
 # names a module exported as a whole.
 _EXPORTS: dict[str, str] = {
     # models
-    "load_model": "cliviz.model.loading",
+    "load_model": "cliviz.api",
     "attach": "cliviz.model.attach",
     "attach_folder": "cliviz.model.attach",
     "export_llava_base": "cliviz.model.export",
@@ -37,6 +39,9 @@ _EXPORTS: dict[str, str] = {
     # tracing and trace files
     "trace": "cliviz.tracing.record",
     "trace_batch": "cliviz.tracing.record",
+    "ask": "cliviz.inference",
+    "Answer": "cliviz.inference",
+    "CLIVizWarning": "cliviz.errors",
     "Trace": "cliviz.tracing.schema",
     "TraceMeta": "cliviz.tracing.schema",
     "TraceSet": "cliviz.tracing.traceset",
@@ -57,12 +62,12 @@ _EXPORTS: dict[str, str] = {
     "effects_frame": "cliviz.analyses.ablations",
     "faithfulness": "cliviz.analyses.ablations",
     "mean_gates": "cliviz.analyses.ablations",
-    "ablate": "cliviz.analyses.ablation_results",
+    "ablate": "cliviz.api",
     "knockout": "cliviz.analyses.ablation_results",
     "CellAblation": "cliviz.analyses.ablation_results",
     "KnockoutGrid": "cliviz.analyses.ablation_results",
     # attributions
-    "attribute": "cliviz.analyses.attributions",
+    "attribute": "cliviz.api",
     "AttributionResult": "cliviz.analyses.attributions",
     # figures and the app
     "figures": "cliviz.analyses.figures:module",
@@ -93,7 +98,6 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never executed
     from cliviz.analyses import figures as figures
     from cliviz.analyses.ablation_results import CellAblation as CellAblation
     from cliviz.analyses.ablation_results import KnockoutGrid as KnockoutGrid
-    from cliviz.analyses.ablation_results import ablate as ablate
     from cliviz.analyses.ablation_results import knockout as knockout
     from cliviz.analyses.ablations import Ablation as Ablation
     from cliviz.analyses.ablations import effects_frame as effects_frame
@@ -104,20 +108,24 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never executed
     from cliviz.analyses.ablations import score_conditions as score_conditions
     from cliviz.analyses.ablations import single_cell as single_cell
     from cliviz.analyses.attributions import AttributionResult as AttributionResult
-    from cliviz.analyses.attributions import attribute as attribute
     from cliviz.analyses.figures import make_figures as make_figures
     from cliviz.analyses.heatmaps import gate_matrix as gate_matrix
     from cliviz.analyses.heatmaps import heatmap_figure as heatmap_figure
     from cliviz.analyses.heatmaps import mean_gate_matrix as mean_gate_matrix
+    from cliviz.api import ablate as ablate
+    from cliviz.api import attribute as attribute
+    from cliviz.api import load_model as load_model
     from cliviz.app import create_app as create_app
     from cliviz.data.dataset import iter_samples as iter_samples
     from cliviz.errors import CLIVizError as CLIVizError
+    from cliviz.errors import CLIVizWarning as CLIVizWarning
+    from cliviz.inference import Answer as Answer
+    from cliviz.inference import ask as ask
     from cliviz.inputs import load_image as load_image
     from cliviz.model.attach import attach as attach
     from cliviz.model.attach import attach_folder as attach_folder
     from cliviz.model.configuration import CLIConfig as CLIConfig
     from cliviz.model.export import export_llava_base as export_llava_base
-    from cliviz.model.loading import load_model as load_model
     from cliviz.model.modeling import CLIForConditionalGeneration as CLIForConditionalGeneration
     from cliviz.tracing.causal import CausalCheck as CausalCheck
     from cliviz.tracing.causal import causal_checks as causal_checks

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from cliviz.arguments import check_max_new_tokens, check_request, warn
 from cliviz.finite import require_finite
 from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
@@ -116,6 +118,29 @@ def answer(
         n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
         answers.append(Answer(decode_answer(tokenizer, row), row[:n], lp[:n]))
     return answers
+
+
+def ask(
+    model: CLIForConditionalGeneration,
+    tokenizer,
+    image: Image.Image | str | os.PathLike,
+    question: str,
+    *,
+    max_new_tokens: int | None = None,
+) -> Answer:
+    """Answer one question greedily, through the checks `cliviz ask` runs (`cliviz.arguments.check_request`).
+
+    `image`: a PIL image, a numpy array or a path. Bad arguments raise `CLIVizError` with one line
+    naming them; an image unlike a bundled model's scenes gives a `CLIVizWarning`. Example::
+
+        from cliviz import ask, load_image, load_model
+        model, tok = load_model()
+        ask(model, tok, load_image("assets/examples/color.png"), "what color is the triangle").text   # 'blue'
+    """
+    request = check_request(model, tokenizer, image, question)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    warn(request.warnings)
+    return answer(model, tokenizer, [request.image], [request.question], max_new_tokens=max_new_tokens)[0]
 
 
 @dataclass

@@ -1,11 +1,16 @@
-"""Validation of what users hand us — images and questions — with one-line errors.
+"""What users hand us — images and questions — decoded and checked, with one-line errors.
 
-The same loader serves the command line and the dashboard uploads.
+The same loader and question rules serve the command line, the Python API and the dashboard
+(`cliviz.arguments.check_request` applies them for a model). The question rule, the same on
+every surface: whitespace collapsed; empty, over-long, undecodable or control-character text
+refused; for word-level tokenizers (the bundled models) words outside the vocabulary refused
+and a missing final " ?" added; for subword tokenizers typed special tokens refused.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -13,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cliviz.arguments import check_path, shown
 from cliviz.errors import CLIVizError
 
 MAX_PIXELS = 40_000_000  # far above any real photo we need; stops decompression bombs before decoding
@@ -23,33 +29,65 @@ _SURROGATES = ("\ud800", "\udfff")
 BACKGROUND = (24, 24, 28)  # transparent pixels become the ShapesVQA background
 
 
-def load_image(source: str | Path | bytes, name: str | None = None, max_side: int | None = None) -> Image.Image:
-    """Open, verify and convert any PIL-readable image to RGB; raise `CLIVizError` on bad input.
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image | np.ndarray, name: str | None = None, max_side: int | None = None
+) -> Image.Image:
+    """Any image a user hands us, as 8-bit RGB; `CLIVizError` with one line on bad input.
 
+    `source`: a path to any PIL-readable file, its bytes (a dashboard upload), a PIL image, or a
+    numpy array `[height, width]` or `[height, width, 3 | 4]` (uint8 0..255, or float 0..1).
     `max_side` (the dashboard's uploads) bounds the result to that many pixels on its longest side, and
     shrinks as early as the format allows: JPEGs decode straight at a reduced scale (`draft`), other
     formats are reduced right after decoding, before the conversions that would copy them at full size.
+    Example::
+
+        from cliviz import load_image
+        import numpy as np
+        load_image("assets/examples/color.png").size                   # (64, 64)
+        load_image(np.zeros((8, 8, 3), dtype=np.uint8)).mode           # 'RGB'
     """
-    label = name or (str(source) if not isinstance(source, bytes) else "upload")
-    if isinstance(source, bytes):
-        stream: io.BytesIO | Path = io.BytesIO(source)
-    else:
-        stream = Path(source)
-        if not stream.exists():
-            raise CLIVizError(f"image not found: {label}")
-        if not stream.is_file():
-            raise CLIVizError(f"not a file: {label}")
+    if isinstance(source, Image.Image):
+        return _from_pil(source, name or "image", max_side)
+    if isinstance(source, np.ndarray):
+        return _from_pil(_from_array(source, name or "image"), name or "image", max_side)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(source)), name or "upload", max_side)
+    if not isinstance(source, (str, os.PathLike)):
+        raise CLIVizError(
+            f"{name or 'image'} must be a path to an image file, its bytes, a PIL image or a numpy array, "
+            f"got {shown(source)}"
+        )
+    path = check_path(source, name or "image", "an image file")
+    label = name or str(source)
+    if not path.exists():
+        raise CLIVizError(f"image not found: {label}")
+    if not path.is_file():
+        raise CLIVizError(f"not a file: {label}")
+    return _decode(path, label, max_side)
+
+
+def as_image(value: object, name: str = "image") -> Image.Image:
+    """What the model runs take: an RGB PIL image, used as it is when it already is one (no copy);
+    anything else through `load_image`."""
+    if isinstance(value, Image.Image) and value.mode == "RGB":
+        _check_size(value.width, value.height, name)
+        return value
+    return load_image(value, name=name if not isinstance(value, (str, os.PathLike)) else None)
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    if width * height == 0:
+        raise CLIVizError(f"{label} is empty ({width}x{height} pixels)")
+    if width * height > MAX_PIXELS:
+        raise CLIVizError(f"image too large: {label} is {width}x{height} (limit {MAX_PIXELS:,} pixels)")
+
+
+def _decode(stream: io.BytesIO | Path, label: str, max_side: int | None) -> Image.Image:
+    """Open, verify, shrink (when asked) and convert a file or upload."""
     try:
         with Image.open(stream) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise CLIVizError(f"image too large: {label} is {width}x{height} (limit {MAX_PIXELS:,} pixels)")
-            if max_side is not None and max(width, height) > max_side:
-                image.draft("RGB" if image.mode not in ("L", "1") else "L", (max_side, max_side))  # JPEG only
-            image.load()
-            if max_side is not None:
-                image = shrink(image, max_side)
-            return to_rgb(image)
+            _check_size(*image.size, label)
+            return _from_pil(image, label, max_side)
     except CLIVizError:
         raise
     except Image.DecompressionBombError:
@@ -63,6 +101,48 @@ def load_image(source: str | Path | bytes, name: str | None = None, max_side: in
         raise CLIVizError(f"cannot read image (permission denied): {label}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise CLIVizError(f"corrupt or truncated image: {label} ({err})") from None
+
+
+def _from_pil(image: Image.Image, label: str, max_side: int | None) -> Image.Image:
+    """A PIL image (opened lazily or in memory): size checked, pixels loaded, shrunk, RGB."""
+    _check_size(*image.size, label)
+    try:
+        if max_side is not None and max(image.size) > max_side:
+            image.draft("RGB" if image.mode not in ("L", "1") else "L", (max_side, max_side))  # JPEG only
+        image.load()
+        if max_side is not None:
+            image = shrink(image, max_side)
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CLIVizError(f"corrupt or truncated image: {label} ({err})") from None
+
+
+def _from_array(array: np.ndarray, label: str) -> Image.Image:
+    """`[H, W]` or `[H, W, 1 | 3 | 4]` pixels (integers in 0..255, floats in 0..1, bools) as a PIL image."""
+    a = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        shape = tuple(array.shape)
+        raise CLIVizError(f"{label} must be an array of shape [height, width] or [height, width, 3 or 4], got {shape}")
+    _check_size(a.shape[1], a.shape[0], label)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise CLIVizError(f"{label} holds NaN or infinite pixel values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise CLIVizError(
+                f"{label} has float pixels in {lo:g}..{hi:g}; floats must lie in 0..1 (or pass uint8 for 0..255)"
+            )
+        a = np.rint(a * 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise CLIVizError(f"{label} has integer pixels in {lo}..{hi}; they must lie in 0..255")
+        a = a.astype(np.uint8, copy=False)
+    else:
+        raise CLIVizError(f"{label} must hold numbers (uint8 or float), got dtype {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:
@@ -222,3 +302,12 @@ def with_question_mark(text: str, tokenizer, vocab: dict[str, int]) -> str:
     if len(words) + 1 > MAX_QUESTION_WORDS or len(fitted) > MAX_QUESTION_CHARS:
         return text
     return fitted
+
+
+def input_warnings(image: Image.Image, tokenizer) -> list[str]:
+    """What an answer about `image` should be read with: today, one line when a bundled model is
+    shown an image unlike its ShapesVQA scenes (`cliviz.scene_check`). Empty when nothing applies."""
+    from cliviz.scene_check import world_warning
+
+    warning = world_warning(image, tokenizer)
+    return [warning] if warning else []

@@ -187,3 +187,131 @@ def test_model_without_gates_shows_its_answer():
     figure, caption, tag = callbacks_explore.render_heatmap(store, "answer", None)
     text = figure.layout.annotations[0].text
     assert "has no gates" in text and "projector" in text and tag == "none"
+
+
+# ----------------------------------------------------------------------------------------- issue 29, item 7
+
+
+def _body(key: str, cb: dict, value=None) -> dict:
+    return {
+        "output": key,
+        "outputs": _outputs_of(key),
+        "inputs": [_input(s, value) for s in cb["inputs"]],
+        "state": [_input(s, value) for s in cb.get("state", [])],
+        "changedPropIds": [f"{cb['inputs'][0]['id']}.{cb['inputs'][0]['property']}"],
+    }
+
+
+def _nested(depth: int, kind: str = "list") -> str:
+    return "[" * depth + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
+
+
+def test_forged_callback_bodies_get_400(app_and_backend):
+    """Dash answered these with 500 (RecursionError, KeyError: callback not found, AttributeError)."""
+    from cliviz.app.guard import MAX_BODY_DEPTH
+
+    app, _ = app_and_backend
+    client = app.server.test_client()
+    key, cb = next((k, cb) for k, cb in app.callback_map.items() if k == "answer-panel.children")
+    too_deep = _body(key, cb)
+    too_deep["inputs"][0]["value"] = json.loads(_nested(MAX_BODY_DEPTH))  # valid JSON, past the limit
+    wrong_count = _body(key, cb)
+    wrong_count["inputs"].append({"id": "x", "property": "y", "value": 1})
+    forged = {
+        "list nested 100,000 deep": _nested(100_000),
+        "object nested 5,000 deep": _nested(5_000, "dict"),
+        "a store nested past the limit": json.dumps(too_deep),
+        "an unknown output": json.dumps({**_body(key, cb), "output": "no-such-component.children"}),
+        "no output": json.dumps({k: v for k, v in _body(key, cb).items() if k != "output"}),
+        "a list body": json.dumps([_body(key, cb)]),
+        "a number body": "5",
+        "inputs not a list": json.dumps({**_body(key, cb), "inputs": {"id": "trace-store"}}),
+        "one input too many": json.dumps(wrong_count),
+        "an input without a property": json.dumps({**_body(key, cb), "inputs": [{"id": "trace-store", "value": 1}]}),
+        "changedPropIds not strings": json.dumps({**_body(key, cb), "changedPropIds": [[1]]}),
+        "outputs of numbers": json.dumps({**_body(key, cb), "outputs": [1, 2]}),
+    }
+    for what, data in forged.items():
+        response = client.post("/_dash-update-component", data=data, content_type="application/json")
+        text = response.get_data(as_text=True)
+        assert response.status_code == 400, (what, response.status_code)
+        assert text.startswith("bad callback request: ") and text.count("\n") == 1 and "Traceback" not in text, what
+
+
+def test_well_formed_callback_requests_pass_the_guard(app_and_backend):
+    """The checks refuse only malformed bodies: every callback of the app, asked as the page asks, is dispatched."""
+    app, _ = app_and_backend
+    client = app.server.test_client()
+    callbacks = {k: cb for k, cb in app.callback_map.items() if cb.get("callback") is not None}
+    statuses = {
+        key: client.post("/_dash-update-component", json=_body(key, cb)).status_code for key, cb in callbacks.items()
+    }
+    assert set(statuses.values()) <= {200, 204}, statuses
+
+
+def _raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET `path` byte for byte (an HTTP client library would normalise `..` away before sending)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+TRAVERSALS = [
+    "/_dash-component-suites/../../../../etc/passwd",
+    "/_dash-component-suites/dash/../../../../../../etc/passwd",
+    "/_dash-component-suites/dash/deps/../../../../../../etc/passwd",
+    "/_dash-component-suites/dash/deps/../dash.py",  # a real file of the package, but not a registered asset
+    "/_dash-component-suites/dash/deps/%2e%2e/dash.py",
+    "/_dash-component-suites/dash/..%2f..%2f..%2fetc%2fpasswd",
+    "/_dash-component-suites/dash/deps%5c..%5c..%5cdash.py",
+    "/_dash-component-suites/dash//etc/passwd",
+    "/_dash-component-suites/dash/./deps/react@18.3.1.min.js",
+    "/_dash-component-suites/dash/dash.py",
+    "/_dash-component-suites/dash/__init__.py",
+    "/_dash-component-suites/cliviz/app/backend.py",
+    "/_dash-component-suites/os/os.py",
+    "/_dash-component-suites/dash/nosuch.js",
+    "/assets/../guard.py",
+    "/assets/..%2f..%2fcliviz%2ferrors.py",
+]
+
+
+def test_nothing_outside_the_registered_assets_is_served(app_and_backend):
+    """Path traversal under /_dash-component-suites/ answered 500; now 404, against the real server
+    (werkzeug in a thread, raw requests), and every asset it does serve is a registered package file."""
+    import pkgutil
+    import threading
+
+    from werkzeug.serving import make_server
+
+    app, _ = app_and_backend
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for path in TRAVERSALS:
+            status, body = _raw_get(server.server_port, path)
+            assert status == 404, (path, status)
+            assert b"root:" not in body and b"import " not in body and b"Traceback" not in body, path
+        served = missing = 0
+        for package, files in app.registered_paths.items():
+            for name in sorted(files):
+                status, body = _raw_get(server.server_port, f"/_dash-component-suites/{package}/{name}")
+                try:
+                    expected = pkgutil.get_data(package, name)
+                except FileNotFoundError:  # registered by dash, not shipped by the installed package
+                    assert status == 404, (package, name)
+                    missing += 1
+                    continue
+                assert status == 200 and body == expected, (package, name)
+                served += 1
+        assert served >= 10
+    finally:
+        server.shutdown()
+        thread.join()

@@ -90,3 +90,44 @@ def test_questions():
         check_question("what " * 300, vocab)
     with pytest.raises(CLIVizError, match="'zebra'"):
         check_question("what color is the zebra ?", vocab)
+
+
+def test_pil_images_and_arrays_load_like_files(tmp_path):
+    rgba = Image.new("RGBA", (5, 4), (255, 0, 0, 0))
+    assert np.asarray(load_image(rgba))[0, 0].tolist() == [24, 24, 28]  # as a transparent PNG would
+    rgba.save(tmp_path / "clear.png")
+    assert load_image(rgba).tobytes() == load_image(tmp_path / "clear.png").tobytes()
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)  # [H, W]
+    out = load_image(gray)
+    assert out.size == (4, 3) and np.asarray(out)[2, 3].tolist() == [11, 11, 11]
+    assert load_image(np.zeros((3, 4, 1), np.uint8)).size == (4, 3)
+    assert np.asarray(load_image(np.full((2, 2, 3), 0.5)))[0, 0].tolist() == [128, 128, 128]
+    assert np.asarray(load_image(np.full((2, 2, 4), 255, np.int64)))[0, 0].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "image must be a path to an image file, its bytes, a PIL image or a numpy array, got None"),
+        (3.5, "got float 3.5"),
+        ("", "image is an empty path"),
+        ("a\x00b.png", "NUL character"),
+        ("x" * 300 + ".png", "has a file name of 304 bytes; file systems allow 255"),
+        (Image.new("RGB", (0, 7)), "image is empty (0x7 pixels)"),
+        (np.zeros((7, 0), np.uint8), "image is empty (0x7 pixels)"),
+        (np.zeros((2, 2, 2), np.uint8), "must be an array of shape [height, width] or [height, width, 3 or 4]"),
+        (np.full((2, 2), 300), "integer pixels in 300..300"),
+        (np.full((2, 2), -0.5), "float pixels in -0.5..-0.5"),
+        (np.array([["a"]]), "must hold numbers"),
+    ],
+)
+def test_bad_image_values(value, message):
+    with pytest.raises(CLIVizError) as err:
+        load_image(value)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_huge_in_memory_image_is_refused_like_a_file():
+    side = int(MAX_PIXELS**0.5) + 1
+    with pytest.raises(CLIVizError, match="too large"):
+        load_image(Image.new("1", (side, side)))

@@ -156,10 +156,12 @@ def _run() -> int:
     try:
         import typer
 
+        from cliviz.cli.preflight import warnings_as_lines
         from cliviz.errors import CLIVizError, Interrupted
 
         try:
-            result = build_app()(standalone_mode=False)
+            with warnings_as_lines():
+                result = build_app()(standalone_mode=False)
         except Interrupted as err:
             return _interrupted(f"interrupted; {err}")
         except CLIVizError as err:

@@ -17,12 +17,21 @@ DtypeOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the rich view.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def _max_new_tokens(value: int | None) -> int | None:
+    """The API's own check (`cliviz.arguments`), so a bad value reads the same on both surfaces."""
+    from cliviz.arguments import check_max_new_tokens
+
+    return check_max_new_tokens(value, "--max-new-tokens")
+
+
 MaxNewTokensOpt = Annotated[
     int | None,
     typer.Option(
         "--max-new-tokens",
-        min=1,
-        max=1024,
+        callback=_max_new_tokens,
+        metavar="1..1024",
         help="Answer length limit in tokens (generation stops at eos). Default: 4 for the bundled "
         "word-level models, 256 for real checkpoints.",
     ),

@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cliviz.errors import CLIVizError
@@ -110,12 +113,15 @@ def prepare_question(
 ):
     """The shared start of `ask`, `trace` and `attribute`: `(image, model, tokenizer, question)`.
 
-    A bundled model shown an image unlike its ShapesVQA scenes gets one warning line on stderr
-    (`cliviz.scene_check`); the command still runs.
+    The same checks as the Python API (`cliviz.arguments.check_request`), cheapest first: the image
+    file and the question's text before the model loads, then the question against the model's
+    tokenizer. The warnings the API gives as `CLIVizWarning` (a bundled model shown an image unlike
+    its ShapesVQA scenes) are printed as `warning:` lines (`warnings_as_lines`); the command still runs.
 
     `trace_out`, when it exists already, must be a readable cliviz trace file: appending to a foreign
     or corrupt file is refused before the model runs.
     """
+    from cliviz.arguments import check_request, warn
     from cliviz.inputs import check_question, load_image
     from cliviz.tracing.traceset import TraceSet
 
@@ -126,17 +132,31 @@ def prepare_question(
     img = load_image(image)
     check_question(question)
     net, tok = load_checked(model, device, dtype)
-    checked = checked_question(question, tok)
-    warn_outside_world(img, tok)
-    return img, net, tok, checked
+    request = check_request(net, tok, img, question)
+    warn(request.warnings)
+    return request.image, net, tok, request.question
 
 
-def warn_outside_world(image, tokenizer) -> None:
-    """One `warning:` line on stderr when a bundled model is shown an image unlike its ShapesVQA scenes."""
-    import typer
+@contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Inside a command: every `CLIVizWarning` becomes one `warning: ...` line on stderr, each text
+    once per run (a check in the command and the same check in the API it calls say it once).
+    Other warnings keep Python's handling; everything is restored on exit."""
+    from cliviz.cli.main import say
+    from cliviz.errors import CLIVizWarning
 
-    from cliviz.scene_check import world_warning
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CLIVizWarning)
+        previous = warnings.showwarning
 
-    warning = world_warning(image, tokenizer)
-    if warning:
-        typer.echo(f"warning: {warning}", err=True)
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, CLIVizWarning):
+                return previous(message, category, filename, lineno, file, line)
+            text = str(message)
+            if text not in seen:
+                seen.add(text)
+                say(f"warning: {text}")
+
+        warnings.showwarning = show
+        yield

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import warnings
 import weakref
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import nnsight
@@ -22,12 +24,23 @@ import torch
 from PIL import Image
 
 import cliviz
+from cliviz.arguments import (
+    check_flag,
+    check_max_new_tokens,
+    check_optional_list,
+    check_request,
+    check_requests,
+    check_text,
+    check_top_k,
+    warn,
+)
 from cliviz.finite import require_finite
 from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs, token_texts
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.schema import Trace, TraceMeta
 
+ImageLike = Image.Image | np.ndarray | str | os.PathLike  # what `cliviz.inputs.as_image` takes
 _ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
 
 
@@ -74,8 +87,8 @@ def _record(model: CLIForConditionalGeneration, inputs: dict, gen_kwargs: dict, 
 def trace_batch(
     model: CLIForConditionalGeneration,
     tokenizer,
-    images: list[Image.Image],
-    questions: list[str],
+    images: Sequence[ImageLike],
+    questions: Sequence[str],
     *,
     max_new_tokens: int | None = None,
     top_k: int = 5,
@@ -87,11 +100,22 @@ def trace_batch(
     """Generate answers for a batch and return one `Trace` per (image, question).
 
     `max_new_tokens` defaults to `default_max_new_tokens` (4 for the bundled models, 256 for real
-    checkpoints); generation stops earlier when every row has emitted eos. `causal_check=True` also
+    checkpoints); generation stops earlier when every row has emitted eos. Arguments are checked
+    first (`cliviz.arguments.check_requests`: images may be PIL images, arrays or paths; questions
+    are normalised as the command line does); a bad one raises `CLIVizError` naming it, and an image
+    unlike the model's training scenes gives a `CLIVizWarning`. `causal_check=True` also
     measures, for every row, the effect of switching the injection off (`cliviz.tracing.causal`):
     one more batched call of the ablation engine, no generation.
     """
-    max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
+    requests = check_requests(model, tokenizer, images, questions)
+    images, questions = [r.image for r in requests], [r.question for r in requests]
+    max_new_tokens = check_max_new_tokens(max_new_tokens) or default_max_new_tokens(tokenizer)
+    top_k = check_top_k(top_k, len(tokenizer))
+    qtypes = check_optional_list(qtypes, "qtypes", len(questions), "question types")
+    references = check_optional_list(references, "references", len(questions), "reference answers")
+    sample_ids = check_optional_list(sample_ids, "sample_ids", len(questions), "sample ids")
+    causal_check = check_flag(causal_check, "causal_check")
+    warn([w for r in requests for w in r.warnings])
     inputs = prepare_inputs(model, tokenizer, images, questions)
     gates, norms, logits, sequences = _record(
         model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens
@@ -214,7 +238,7 @@ def _row_trace(
 def trace(
     model: CLIForConditionalGeneration,
     tokenizer,
-    image: Image.Image,
+    image: ImageLike,
     question: str,
     *,
     max_new_tokens: int | None = None,
@@ -225,6 +249,10 @@ def trace(
 ) -> Trace:
     """Answer one question and record every gate, with the map's causal check (`trace.causal`:
     the effect of switching the injection off for this question; `causal_check=False` skips it).
+
+    `image`: a PIL image, a numpy array or a path. The question goes through the same check as on
+    the command line (`cliviz.inputs.check_model_question`: for the bundled models, words outside
+    the vocabulary are refused and a missing " ?" is added); `trace.meta.question` holds it as read.
     Example::
 
         from cliviz import load_image, load_model, trace
@@ -235,11 +263,14 @@ def trace(
         t.causal                              # CausalCheck(answer_off='blue', changed=False, delta_logprob=...)
         fig = t.heatmap(token=0)              # plotly Figure: the gates that produced answer token 0
     """
+    request = check_request(model, tokenizer, image, question)  # messages name `image` / `question`
+    check_text(qtype, "qtype", optional=True)
+    check_text(reference, "reference", optional=True)
     return trace_batch(
         model,
         tokenizer,
-        [image],
-        [question],
+        [request.image],
+        [request.question],
         max_new_tokens=max_new_tokens,
         top_k=top_k,
         qtypes=[qtype],
