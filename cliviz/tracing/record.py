@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import warnings
-import weakref
 from datetime import datetime, timezone
 
 import nnsight
@@ -24,18 +23,11 @@ from PIL import Image
 import cliviz
 from cliviz.finite import require_finite
 from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs, token_texts
+from cliviz.intervene.envoy import envoy
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
+from cliviz.tracing.causal import causal_checks
 from cliviz.tracing.schema import Trace, TraceMeta
-
-_ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
-
-
-def envoy(model: CLIForConditionalGeneration) -> nnsight.NNsight:
-    """The nnsight wrapper of `model`, built once per model object (wrapping is not free)."""
-    if model not in _ENVOYS:
-        _ENVOYS[model] = nnsight.NNsight(model)
-    return _ENVOYS[model]
 
 
 def image_sha256(image: Image.Image) -> str:
@@ -99,8 +91,6 @@ def trace_batch(
     recorded = _Recorded(model, inputs, gates, norms, logits, sequences)
     checks = None
     if causal_check:
-        from cliviz.tracing.causal import causal_checks
-
         checks = causal_checks(model, tokenizer, images, questions)
     shared = _shared_meta(model)
     traces = []

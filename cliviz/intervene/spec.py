@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.schema import TOKEN_SETS
+from cliviz.token_sets import TOKEN_SETS
 
 KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
 REFERENCE = "reference"  # the condition label of the unablated run

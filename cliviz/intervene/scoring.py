@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cliviz.analyses.ablations.engine import reference_run, run_conditions
-from cliviz.analyses.ablations.layout import layout_samples, suppressed
-from cliviz.analyses.ablations.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.errors import CLIVizError
+from cliviz.intervene.engine import reference_run, run_conditions
+from cliviz.intervene.layout import layout_samples, suppressed
+from cliviz.intervene.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.model import processing
 from cliviz.model.processing import image_inputs
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cliviz.analyses.ablations.layout import Sample
-from cliviz.analyses.ablations.spec import REFERENCE, Ablation
+from cliviz.intervene.layout import Sample
+from cliviz.intervene.spec import REFERENCE, Ablation
 
 
 def score_row(lp: np.ndarray, sample: Sample, own: int, suppress: list[int]) -> dict[str, Any]:

@@ -38,8 +38,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import (
+from cliviz.errors import CLIVizError
+from cliviz.intervene.envoy import envoy
+from cliviz.intervene.interventions import LayerOps, apply_ablation, chunk_ops, means_for
+from cliviz.intervene.layout import (
     Batch,
     Sample,
     layout_samples,
@@ -48,12 +50,10 @@ from cliviz.analyses.ablations.layout import (
     pad_into,
     suppressed,
 )
-from cliviz.analyses.ablations.measures import score_row, scores_frame
-from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
-from cliviz.errors import CLIVizError
+from cliviz.intervene.measures import score_row, scores_frame
+from cliviz.intervene.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.model import processing
 from cliviz.model.processing import ImageInputs, image_inputs, n_image_tokens
-from cliviz.tracing.record import envoy
 
 CACHE_BUDGET_BYTES = 1 << 30  # reference values kept for prefix sharing, per block of samples
 
