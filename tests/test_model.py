@@ -29,7 +29,7 @@ from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
 from cliviz.train import tiny_config
 
-from conftest import build_tiny
+from conftest import BUNDLED, REPO, build_tiny
 
 
 def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
@@ -377,3 +377,79 @@ def test_shallow_gates_are_static_one_hot(tiny_cli):
     # shallow LLM layers read shallow vision layers
     firsts = [int(layer.gate.weights.argmax()) for layer in model.agf]
     assert firsts == sorted(firsts) and firsts[0] == 0 and firsts[-1] == len(model.config.vision_layers) - 1
+
+
+BUNDLED_MODELS = sorted(p.parent for p in (REPO / "assets" / "models").glob("*/config.json"))
+READ_FIELDS = ("agf_read", "amp_norm", "read_max_tokens", "read_position_code")
+
+
+def test_every_bundled_cli_config_names_its_read():
+    named = {}
+    for folder in BUNDLED_MODELS:
+        raw = json.loads((folder / "config.json").read_text())
+        if raw["model_type"] == "cliviz_cli":
+            assert all(field in raw for field in READ_FIELDS), folder.name
+            named[folder.name] = raw["agf_read"]
+    assert named["cli-tiny"] == "full" and named["cli-staged-tiny"] == "light"  # both reads ship, by name
+
+
+def test_a_config_without_its_read_is_refused_not_guessed(tmp_path):
+    from cliviz.errors import CLIVizError
+    from cliviz.model.configuration import CLIConfig
+
+    raw = json.loads((BUNDLED / "config.json").read_text())
+    assert CLIConfig.from_dict(raw).agf_read == "full"
+    unnamed = {k: v for k, v in raw.items() if k != "agf_read"}
+    with pytest.raises(ValueError, match="agf_read"):
+        CLIConfig.from_dict(unnamed)
+    folder = tmp_path / "unnamed"
+    folder.mkdir()
+    for item in BUNDLED.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    (folder / "config.json").write_text(json.dumps(unnamed))
+    with pytest.raises(CLIVizError, match="agf_read") as err:
+        load_model(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["cli-tiny", "deepstack-tiny", "cli-staged-tiny"])
+def test_bundled_alphas_load_as_one_element_vectors_with_the_stored_values(name):
+    from safetensors import safe_open
+
+    folder = REPO / "assets" / "models" / name
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = [f.get_tensor(k) for k in sorted(k for k in f.keys() if k.endswith("injection.alpha"))]
+    model, _ = load_model(folder, device="cpu")
+    assert len(stored) == len(model.agf) > 0
+    for layer, value in zip(model.agf, stored):
+        assert layer.injection.alpha.shape == (1,)
+        assert layer.injection.alpha.detach().item() == value.item()
+    assert {tuple(v.shape) for v in stored} == ({()} if name != "cli-staged-tiny" else {(1,)})
+
+
+def test_a_scalar_alpha_checkpoint_answers_as_its_vector_alpha_twin(tmp_path):
+    """The same weights stored with scalar gains (first design) and with [1] gains give the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = build_tiny("cli", open_alpha=0.9)
+    model.save_pretrained(tmp_path / "vector")
+    tok.save_pretrained(tmp_path / "vector")
+    scalar = tmp_path / "scalar"
+    scalar.mkdir()
+    for item in (tmp_path / "vector").iterdir():
+        (scalar / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(str(scalar / "model.safetensors"))
+    assert any(k.endswith("injection.alpha") and t.shape == (1,) for k, t in tensors.items())
+    save_file(
+        {k: t.reshape(()) if k.endswith("injection.alpha") else t for k, t in tensors.items()},
+        str(scalar / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    batch = make_batch(tok, model.config, seed=5, indices=[0, 1])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    logits = []
+    for folder in ("vector", "scalar"):
+        loaded, _ = load_model(tmp_path / folder, device="cpu")
+        with torch.no_grad():
+            logits.append(loaded(**inputs).logits)
+    assert torch.equal(logits[0], logits[1])
