@@ -9,25 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from typer.testing import CliRunner
-
-from conftest import run_cli
 
 torch.set_num_threads(1)
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict:
+def folders(tmp_path_factory, llava15_attached, onevision_attached) -> dict:
     root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for family, build in (("llava", llava15_folder), ("onevision", onevision_folder)):
-        base = build(root / f"{family}-base", dtype=torch.float16)
-        proc = run_cli("attach", "--base", str(base), "--out", str(root / family))
-        assert proc.returncode == 0, proc.stderr
-        out[family] = root / family
+    out = {"llava": llava15_attached["cli"], "onevision": onevision_attached["cli"]}
     data = root / "data"
     (data / "images").mkdir(parents=True)
     rows = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_main
 
 torch.set_num_threads(1)
 TOWER = "base.vision_tower."  # as saved: transformers writes the checkpoint layout
@@ -22,7 +22,7 @@ LLM = "base.language_model."
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "tower"
-    proc = run_cli(
+    proc = run_main(
         "train",
         "--objective",
         "tower",
@@ -79,7 +79,7 @@ def test_tower_loss_pulls_top_layer_patches_together():
 
 def test_stage2_starts_fresh_on_the_stage1_tower_and_keeps_it_frozen(stage1, tmp_path):
     out = tmp_path / "stage2"
-    proc = run_cli(
+    proc = run_main(
         "train",
         "--vision-from",
         str(stage1),
@@ -103,7 +103,7 @@ def test_stage2_starts_fresh_on_the_stage1_tower_and_keeps_it_frozen(stage1, tmp
     assert all(torch.equal(tower[k], after[k]) for k in tower if k.startswith(TOWER))
     assert any(not torch.equal(tower[k], after[k]) for k in tower if k.startswith(LLM))
     assert_clean_error(
-        run_cli("train", "--vision-from", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "x")),
+        run_main("train", "--vision-from", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "x")),
         "not a model folder",
     )
 
@@ -113,7 +113,7 @@ def test_cached_vision_states_change_no_number(stage1, tmp_path):
     runs = {}
     for name, extra in (("plain", []), ("cached", ["--cache-vision"])):
         runs[name] = tmp_path / name
-        proc = run_cli(
+        proc = run_main(
             "train",
             "--vision-from",
             str(stage1),
@@ -139,5 +139,5 @@ def test_cached_vision_states_change_no_number(stage1, tmp_path):
     a, b = load_file(runs["plain"] / "model.safetensors"), load_file(runs["cached"] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert_clean_error(
-        run_cli("train", "--cache-vision", "--steps", "2", "--out", str(tmp_path / "y")), "frozen vision tower"
+        run_main("train", "--cache-vision", "--steps", "2", "--out", str(tmp_path / "y")), "frozen vision tower"
     )

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
 from cliviz.intervene.envoy import envoy
@@ -53,6 +54,7 @@ from cliviz.intervene.layout import (
 from cliviz.intervene.measures import score_row, scores_frame
 from cliviz.intervene.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.model import processing
+from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import ImageInputs, image_inputs, n_image_tokens
 
 CACHE_BUDGET_BYTES = 1 << 30  # reference values kept for prefix sharing, per block of samples
@@ -325,7 +327,7 @@ def _stack_rows(rows: list) -> Any:
 
 
 def reference_run(
-    model,
+    model: CLIForConditionalGeneration,
     samples: list[Sample],
     pixels: ImageInputs,
     suppress: list[int],
@@ -390,8 +392,8 @@ def _cache_plan(
 
 
 def run_conditions(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     references: Sequence[str | None] | None,

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
+from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import prompt_ids
 
 _ROLE_PROMPT, _ROLE_ANSWER = 1, 3
@@ -63,8 +65,8 @@ class Sample:
 
 
 def layout_samples(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     references: Sequence[str | list[int] | None] | None,
     qtypes: Sequence[str | None] | None,
@@ -115,7 +117,7 @@ def own_answers(
     return refs
 
 
-def suppressed(tokenizer) -> list[int]:
+def suppressed(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens generation never emits: not answers."""
     from cliviz.inference import suppressed_tokens
 

@@ -52,6 +52,7 @@ class CLIConfig(PretrainedConfig):
     """
 
     model_type = "cliviz_cli"
+    base_config: PretrainedConfig  # always a config object once built (a dict is converted)
     sub_configs = {"base_config": AutoConfig}
 
     def __init__(
@@ -74,22 +75,22 @@ class CLIConfig(PretrainedConfig):
             base_type = base_config.get("model_type", "llava")
             if base_type not in BASE_CONFIGS:
                 raise ValueError(f"unsupported base model_type {base_type!r}; expected one of {sorted(BASE_CONFIGS)}")
-            base_config = BASE_CONFIGS[base_type](**base_config)
+            base: PretrainedConfig = BASE_CONFIGS[base_type](**base_config)
         elif base_config is None:
-            base_config = LlavaConfig()
+            base = LlavaConfig()
         else:
             # PretrainedConfig.__init__ rewrites sub-configs (e.g. the attention implementation);
             # never let that reach the config object a live base model is still using.
-            base_config = copy.deepcopy(base_config)
+            base = copy.deepcopy(base_config)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
         if agf_read not in READS:
             raise ValueError(f"unknown agf_read {agf_read!r}; expected one of {', '.join(READS)}")
-        self.base_config = base_config
+        self.base_config = base
         self.fusion = fusion
-        n_vision = base_config.vision_config.num_hidden_layers
-        n_text = base_config.text_config.num_hidden_layers
-        text_hidden = base_config.text_config.hidden_size
+        n_vision = base.vision_config.num_hidden_layers
+        n_text = base.text_config.num_hidden_layers
+        text_hidden = base.text_config.hidden_size
         if vision_layers is None:
             vision_layers = [n_vision] if fusion == "deepstack" else list(range(1, n_vision + 1))
         if injection_layers is None:
@@ -111,7 +112,7 @@ class CLIConfig(PretrainedConfig):
             self.read_heads = int(read_heads or max(1, self.read_width // 32))
         else:
             self.read_width = text_hidden
-            self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
+            self.read_heads = int(read_heads or base.text_config.num_attention_heads)
         self.read_max_tokens = None if read_max_tokens is None else int(read_max_tokens)
         if self.read_max_tokens is not None and self.read_max_tokens < 1:
             raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")

@@ -62,7 +62,7 @@ def check_model_dir(path: Path) -> CLIConfig:
 
 def load_model(
     path: str | Path | None = None, device: str = "auto", dtype: str = "auto"
-) -> tuple[CLIForConditionalGeneration, object]:
+) -> tuple[CLIForConditionalGeneration, PreTrainedTokenizerBase]:
     """Load model + tokenizer in eval mode.
 
     A real LLaVA folder also brings its chat template (used by `processing.prompt_ids`) and its

@@ -86,6 +86,7 @@ class CLIOutput(ModelOutput):
 
 class CLIPreTrainedModel(PreTrainedModel):
     config_class = CLIConfig
+    config: CLIConfig
     base_model_prefix = "cli"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
