@@ -19,6 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
+from cliviz.inference import answer, suppressed_tokens
+from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import prompt_ids
 
@@ -103,9 +105,6 @@ def own_answers(
     """Missing references of a real checkpoint become the model's own greedy answer, as token ids
     (eos dropped), so that a free-text answer is scored whole rather than by its first token.
     The bundled word-level models answer one word, which the first answer position already is."""
-    from cliviz.inference import answer
-    from cliviz.inputs import is_word_level
-
     refs = list(references) if references is not None else [None] * len(questions)
     missing = [i for i, r in enumerate(refs) if r is None or (isinstance(r, str) and not r.strip())]
     if not missing or is_word_level(tokenizer):
@@ -119,8 +118,6 @@ def own_answers(
 
 def suppressed(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens generation never emits: not answers."""
-    from cliviz.inference import suppressed_tokens
-
     return suppressed_tokens(tokenizer)
 
 

@@ -122,7 +122,7 @@ def set_dtype(config: CLIConfig, dtype: torch.dtype) -> None:
     checkpoint saved in float16 records float16 in each of them: setting the top level alone
     would leave part of the model in float16 ("mat1 and mat2 must have the same dtype").
     """
-    stack = [config]
+    stack: list[PretrainedConfig] = [config]
     while stack:
         cfg = stack.pop()
         cfg.dtype = dtype

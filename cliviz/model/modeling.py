@@ -89,7 +89,7 @@ class CLIPreTrainedModel(PreTrainedModel):
     config: CLIConfig
     base_model_prefix = "cli"
     main_input_name = "input_ids"
-    input_modalities = ("image", "text")
+    input_modalities = ["image", "text"]
     _supports_sdpa = True
     _supports_attention_backend = True
 

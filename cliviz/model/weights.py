@@ -21,10 +21,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cliviz.errors import CLIVizError
+from cliviz.model.modeling import CLIForConditionalGeneration
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 ALPHA = ".injection.alpha"  # the injection gain: [1] in the model, [] or [1] in a checkpoint
@@ -114,10 +119,8 @@ def read_header(path: Path) -> dict[str, Stored]:
         raise CLIVizError(f"weights file {path} cannot be read ({first})") from None
 
 
-def meta_model(config) -> torch.nn.Module:
+def meta_model(config) -> PreTrainedModel:
     """The model `config` describes, on the meta device: every tensor has a shape and no storage."""
-    from cliviz.model.modeling import CLIForConditionalGeneration
-
     try:
         with torch.device("meta"):
             return CLIForConditionalGeneration(config)
@@ -126,7 +129,7 @@ def meta_model(config) -> torch.nn.Module:
         raise CLIVizError(f"cannot build a model from this config.json: {first}") from None
 
 
-def _renamer(model: torch.nn.Module, expected: dict) -> Callable[[str], str] | None:
+def _renamer(model: PreTrainedModel, expected: dict) -> Callable[[str], str] | None:
     """transformers' checkpoint-key renaming for `model`, or None when this transformers has no such API."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
