@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -69,11 +71,13 @@ def run_main(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess
     stderr as `run_cli` returns them, at a fraction of a process start (imports are already paid).
 
     For what only a real process shows (the entry point, signals, torchrun, an installed wheel) use
-    `run_cli`. Global state a command may set (torch's thread count) is put back afterwards."""
+    `run_cli`. Global state a command may set (torch's thread count, the random generators a
+    training run seeds, the working directory) is put back afterwards."""
     from cliviz.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     argv, stdin_was, threads, here = sys.argv, sys.stdin, torch.get_num_threads(), Path.cwd()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     sys.argv, sys.stdin = ["cliviz", *args], io.StringIO(stdin)
     try:
         os.chdir(cwd or REPO)
@@ -87,6 +91,9 @@ def run_main(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess
         sys.argv, sys.stdin = argv, stdin_was
         os.chdir(here)
         torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
     return subprocess.CompletedProcess(["cliviz", *args], code, out.getvalue(), err.getvalue())
 
 
