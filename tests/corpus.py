@@ -467,7 +467,7 @@ def config_cases() -> list[Case]:
             ),
             "parameters",
         ),
-        # fields the lead adds to the cliviz config later must pass through untouched
+        # fields a later cliviz adds to its config must pass through untouched
         ("future-fields", lambda d: {**d, "a_future_field": {"x": 1}, "another_one": [1, 2]}, None),
     ]
     cases += [Case(f"config:{name}", _edit_json("config.json", change), expect) for name, change, expect in fields]

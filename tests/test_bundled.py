@@ -130,7 +130,7 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
 
 
 def test_staged_cli_injection_carries_the_detail_its_tower_lost():
-    """cli-staged-tiny (issue 17's staged recipe: a frozen tower that lost local detail at the layer the
+    """cli-staged-tiny (the staged recipe: a frozen tower that lost local detail at the layer the
     projector reads): switching the injection off must take the glyph and size answers away.
     Measured on 1,400 held-out samples (seed 4243): glyph 0.84 -> 0.10 (89% of answers flip), size
     0.985 -> 0.635 (38%); colour, count and shape do not move."""

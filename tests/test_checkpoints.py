@@ -80,8 +80,12 @@ COMMANDS = {
 }
 
 
+# float32 in the fast tier; the half-precision runs of every command are the second tier's
+HALF = [pytest.param(d, marks=pytest.mark.slow) for d in ("bfloat16", "float16")]
+
+
 @pytest.mark.parametrize("family", ["llava", "onevision"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", *HALF])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_in_every_dtype(folders, tmp_path, family, dtype, command):
     """In-process (typer's runner) to keep CI fast; `auto` is float32 on this CPU (covered above)."""

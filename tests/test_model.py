@@ -200,6 +200,7 @@ def test_attach_folder_round_trip(tmp_path):
     assert model.config.fusion == "cli"
 
 
+@pytest.mark.slow  # a short training run per fusion
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_trains_with_falling_loss(fusion):
     model, tok = build_tiny(fusion, open_alpha=0.0)
@@ -242,6 +243,7 @@ def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
     )  # a short re-warmup, then the schedule
 
 
+@pytest.mark.slow  # two training runs, compared bit for bit
 def test_resume_continues_the_same_run_exactly(tmp_path):
     """--resume restores weights, optimiser moments, aux heads, RNG and the running window: the
     stopped-and-resumed run ends bit for bit where the uninterrupted one does."""
@@ -265,6 +267,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     assert not (tmp_path / "rest" / STATE_FILE).exists() and (tmp_path / "half" / STATE_FILE).exists()
 
 
+@pytest.mark.slow  # two training runs
 def test_a_start_step_continuation_logs_the_whole_run(tmp_path):
     """--init-from CKPT --start-step K (no training state) still writes one log from step 0."""
     from cliviz.train import TrainSettings, train
