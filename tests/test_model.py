@@ -9,16 +9,6 @@ import numpy as np
 import pytest
 import torch
 from reference_batch import make_batch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
 from cliviz.data import scene_with_questions
 from cliviz.data.scenes import COLORS
@@ -29,54 +19,8 @@ from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
 from cliviz.train import tiny_config
 
-from conftest import BUNDLED, REPO, build_tiny
-
-
-def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vc = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    tc = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    cfg = LlavaConfig(
-        vision_config=vc,
-        text_config=tc,
-        image_token_index=3,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    return LlavaForConditionalGeneration(cfg).eval()
-
-
-def tiny_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
-    torch.manual_seed(seed)
-    vc = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    tc = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    cfg = LlavaOnevisionConfig(
-        vision_config=vc,
-        text_config=tc,
-        image_token_index=3,
-        image_grid_pinpoints=[[32, 32]],
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+from conftest import BUNDLED, REPO
+from factories import build_tiny, tiny_llava, tiny_onevision
 
 
 def llava_inputs():
