@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cliviz.tracing.schema import ROLES, Trace, TraceMeta
+if TYPE_CHECKING:
+    from cliviz.tracing.schema import Trace
 
 SIZE, PATCH = 32, 8
 
@@ -321,6 +323,8 @@ def hand_trace(
     llm: list[int] = LLM,
 ) -> Trace:
     """A Trace with exactly the given gates `[L, T, K]` (not renormalised)."""
+    from cliviz.tracing.schema import ROLES, Trace, TraceMeta  # the trace classes pull in torch & co.
+
     gates = np.asarray(gates, dtype=np.float32)
     L, T, K = gates.shape
     n_ans = len(answer_positions)
@@ -413,6 +417,8 @@ def synthetic_traces(
 
 def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int = 2, seed: int = 0):
     """A small valid `Trace` (softmax gates, negative log-probs)."""
+    from cliviz.tracing.schema import ROLES, Trace, TraceMeta
+
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n_layers, n_tokens, k)).astype(np.float32)
     gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
