@@ -264,7 +264,7 @@ def _reference_pass(
             a, b = batch.spans[r]
             ref.logprobs[s] = lp[a:b].numpy()
             ref.own[s] = int(masked[a].argmax())
-            if g is not None:
+            if g is not None and ref.gate_mass is not None:  # a model with gates
                 row = g[r, :, off:]  # [L, T_s, K]
                 for t, (sums, counts) in ref.token_sums.items():
                     m = samples[s].token_mask(t, image_id)
@@ -419,8 +419,8 @@ def run_conditions(
     if qtypes is None and any(p.ablation.per_qtype for p in computed_means):
         raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
     pixels = image_inputs(list(images), model.config)
-    references = own_answers(model, tokenizer, images, questions, references)
-    samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
+    refs = own_answers(model, tokenizer, images, questions, references)
+    samples = layout_samples(model, tokenizer, questions, refs, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
     pad_id = processing.pad_id(tokenizer)
     token_sets = {p.ablation.tokens for p in computed_means}
@@ -497,7 +497,7 @@ def _score_blocks(
             groups: dict[int, list[tuple[int, int]]] = {}
             for c, p in plans.items():
                 groups.setdefault(min(p.layers), []).extend((s, c) for s in block_samples)
-            todo = [(g, rows) for g, rows in sorted(groups.items())]
+            todo: list[tuple[int | None, list[tuple[int, int]]]] = list(sorted(groups.items()))
         else:
             todo = [(None, [(s, c) for s in block_samples for c in plans])]
         for g, group_rows in todo:
@@ -509,7 +509,7 @@ def _score_blocks(
                 ops = chunk_ops(
                     rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device, model.config
                 )
-                skip = _make_skip(model, cache, rows, g, batch, want) if g is not None else None
+                skip = _make_skip(model, cache, rows, g, batch, want) if g is not None and want is not None else None
                 store = _forward(model, batch, pixels.select(which), ops, skip=skip)
                 lp = torch.log_softmax(store["logits"], dim=-1).cpu().numpy()
                 for r, (s, c) in enumerate(rows):

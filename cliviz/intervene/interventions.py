@@ -154,6 +154,7 @@ def chunk_ops(
                             raise CLIVizError(f"patch donor {d} outside 0..{len(samples) - 1}")
                         where = donor_map(sample, samples[d], image_id)
                         has = where >= 0
+                        assert ref.gates is not None  # kept by the reference run whenever a patch is planned
                         fill[r, off:][has] = ref.gates[d][j][where[has]]
                         tok = tok & has
                 mask[r, off:] = tok

@@ -105,10 +105,10 @@ def own_answers(
     """Missing references of a real checkpoint become the model's own greedy answer, as token ids
     (eos dropped), so that a free-text answer is scored whole rather than by its first token.
     The bundled word-level models answer one word, which the first answer position already is."""
-    refs = list(references) if references is not None else [None] * len(questions)
+    refs: list[str | list[int] | None] = list(references) if references is not None else [None] * len(questions)
     missing = [i for i, r in enumerate(refs) if r is None or (isinstance(r, str) and not r.strip())]
     if not missing or is_word_level(tokenizer):
-        return references
+        return None if references is None else list(references)
     answers = answer(model, tokenizer, [images[i] for i in missing], [questions[i] for i in missing])
     for i, ans in zip(missing, answers):
         ids = [t for t in ans.token_ids if t != tokenizer.eos_token_id]
@@ -141,7 +141,9 @@ def make_batch(samples: list[Sample], which: Sequence[int], pad_id: int, device)
     ids = torch.full((len(fed), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(fed), width), dtype=torch.long)
     offsets = np.zeros(len(fed), dtype=np.int64)
-    rows, pos, spans = [], [], []
+    rows: list[int] = []
+    pos: list[int] = []
+    spans: list[tuple[int, int]] = []
     for r, (s, f) in enumerate(zip(which, fed, strict=True)):
         off = width - len(f)
         offsets[r] = off

@@ -145,6 +145,7 @@ def make_plan(ablation: Ablation, model) -> Plan:
         fill[idx] = 1.0 / len(set(idx))
     elif ablation.kind == "onehot":
         fill = np.zeros(k, dtype=np.float32)
+        assert ablation.value is not None  # an onehot Ablation is refused without its value
         forced = _position(vis, ablation.value, "vision layer")
         fill[forced if k == len(vis) else 0] = 1.0
     return Plan(ablation, layers, keep, renorm, fill, ablation.kind == "injection_off")
