@@ -6,8 +6,8 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from cliviz.data.samples import DataSet
-from cliviz.inference import answer
-from cliviz.inputs import load_image
+from cliviz.inference import answer, score_references
+from cliviz.inputs import is_word_level, load_image
 
 
 def normalise_answer(text: str) -> str:
@@ -25,9 +25,6 @@ def evaluate(
     itself is scored teacher-forced (`score_references`): `reference_logprob` (sum over its tokens)
     and `reference_logprob_mean` (per token), averaged over samples, overall and per type.
     """
-    from cliviz.inference import score_references
-    from cliviz.inputs import is_word_level
-
     word_level = is_word_level(tokenizer)
     correct: dict[str, list[int]] = defaultdict(list)
     ref_sum: dict[str, list[float]] = defaultdict(list)

@@ -12,7 +12,7 @@ from cliviz.arguments import check_max_new_tokens, check_request, warn
 from cliviz.finite import require_finite
 from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
-from cliviz.model.processing import batch_prompts, image_inputs, pad_id
+from cliviz.model.processing import batch_prompts, image_inputs, pad_id, prompt_ids
 
 
 @dataclass
@@ -177,8 +177,6 @@ def score_references(
     How free-text answers of real checkpoints are scored (`cliviz eval`): a long answer is judged
     by how likely the model finds the whole reference, not by whether its first token matches.
     """
-    from cliviz.model.processing import prompt_ids
-
     pixels = image_inputs(images, model.config)
     prompts = [prompt_ids(tokenizer, q, model.config, n) for q, n in zip(questions, pixels.token_counts)]
     answers = [reference_ids(tokenizer, r) for r in references]

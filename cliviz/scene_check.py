@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cliviz.data.scenes import BACKGROUND, IMAGE_SIZE
+from cliviz.inputs import is_word_level
 
 MIN_BACKGROUND_SHARE = 0.5
 BACKGROUND_TOLERANCE = 8
@@ -46,8 +47,6 @@ def scene_mismatch(image: Image.Image) -> str | None:
 
 def world_warning(image: Image.Image, tokenizer) -> str | None:
     """The one warning line for a bundled (word-level) model shown a non-ShapesVQA image; else None."""
-    from cliviz.inputs import is_word_level
-
     if not is_word_level(tokenizer):
         return None
     why = scene_mismatch(image)

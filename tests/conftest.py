@@ -1,8 +1,16 @@
-"""Shared fixtures: tiny models built from configs (no downloads) and the bundled model."""
+"""Shared fixtures and helpers: tiny models (built by `factories`), checkpoints attached once per
+session, and the command line run in-process (`run_main`) or as a real process (`run_cli`).
+
+Tiers: plain `pytest` runs the fast tier (`-m "not slow and not browser"`, set in pyproject's
+addopts); `pytest -m "slow or browser"` runs the rest, and `.ci/run` runs both.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +19,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from factories import build_tiny, llava15_folder, onevision_folder  # noqa: E402, F401  (build_tiny: re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "models" / "cli-tiny"
 EXAMPLES = REPO / "assets" / "examples"
-
-
-def build_tiny(fusion: str = "cli", seed: int = 0, open_alpha: float = 0.7):
-    """The bundled architecture with random weights; alpha opened so that injection matters."""
-    from cliviz.data.tokenizer import build_tokenizer
-    from cliviz.model import CLIForConditionalGeneration
-    from cliviz.train import tiny_config
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
-    cfg = tiny_config(fusion, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    model = CLIForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(open_alpha)
-    return model, tok
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +45,60 @@ def random_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _attached(tmp_path_factory, name: str, build) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp(name)
+    base = build(root / "base", dtype=torch.float16)
+    proc = run_main("attach", "--base", str(base), "--out", str(root / "cli"))
+    assert proc.returncode == 0, proc.stderr
+    return {"base": base, "cli": root / "cli"}
+
+
+@pytest.fixture(scope="session")
+def llava15_attached(tmp_path_factory) -> dict[str, Path]:
+    """A float16 llava-hf-style LLaVA-1.5 folder (`base`) and the CLI model `cliviz attach` makes of it
+    (`cli`), built once per session: treat both as read-only."""
+    return _attached(tmp_path_factory, "llava15", llava15_folder)
+
+
+@pytest.fixture(scope="session")
+def onevision_attached(tmp_path_factory) -> dict[str, Path]:
+    """The same for LLaVA-OneVision (anyres crops): `base` and `cli`, read-only."""
+    return _attached(tmp_path_factory, "onevision", onevision_folder)
+
+
+def run_main(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`cliviz ARGS` through the command line's `main()`, in this process: the exit code, stdout and
+    stderr as `run_cli` returns them, at a fraction of a process start (imports are already paid).
+
+    For what only a real process shows (the entry point, signals, torchrun, an installed wheel) use
+    `run_cli`. Global state a command may set (torch's thread count, the random generators a
+    training run seeds, the working directory) is put back afterwards."""
+    from cliviz.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, stdin_was, threads, here = sys.argv, sys.stdin, torch.get_num_threads(), Path.cwd()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    sys.argv, sys.stdin = ["cliviz", *args], io.StringIO(stdin)
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv, sys.stdin = argv, stdin_was
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+    return subprocess.CompletedProcess(["cliviz", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m cliviz ...` as a user would; returns the finished process."""
+    """Run `python -m cliviz ...` as a user would, in a new process (seconds of start-up each)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.run(
         [sys.executable, "-m", "cliviz", *args],

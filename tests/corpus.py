@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from factories import good_trace
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "models" / "cli-tiny"
 EVIL_MARKER = "CLIVIZ_TEST_EVIL_MARKER"
@@ -465,7 +467,7 @@ def config_cases() -> list[Case]:
             ),
             "parameters",
         ),
-        # fields the lead adds to the cliviz config later must pass through untouched
+        # fields a later cliviz adds to its config must pass through untouched
         ("future-fields", lambda d: {**d, "a_future_field": {"x": 1}, "another_one": [1, 2]}, None),
     ]
     cases += [Case(f"config:{name}", _edit_json("config.json", change), expect) for name, change, expect in fields]
@@ -619,49 +621,6 @@ def model_folder_cases() -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------- trace files
-
-
-def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int = 2, seed: int = 0):
-    """A small valid `Trace` (softmax gates, negative log-probs)."""
-    from cliviz.tracing.schema import ROLES, Trace, TraceMeta
-
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n_layers, n_tokens, k)).astype(np.float32)
-    gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    meta = TraceMeta(
-        question="what color is the circle ?",
-        answer="red",
-        model="m",
-        config_hash="h",
-        fusion="cli",
-        vision_layers=list(range(1, k + 1)),
-        injection_layers=list(range(1, n_layers + 1)),
-        image_sha256="0" * 64,
-        image_width=64,
-        image_height=64,
-        device="cpu",
-        dtype="float32",
-        created_at="2026-01-01T00:00:00+00:00",
-        cliviz_version="0.1.0",
-        qtype="color",
-        reference_answer="red",
-        sample_id=f"s{seed}",
-    )
-    return Trace(
-        meta=meta,
-        token_ids=np.arange(n_tokens, dtype=np.int64),
-        token_texts=[f"t{i}" for i in range(n_tokens)],
-        token_roles=[ROLES[i % 3] for i in range(n_tokens)],
-        gates=gates.astype(np.float32),
-        injection_norm=rng.random((n_layers, n_tokens), dtype=np.float32),
-        answer_ids=np.arange(n_answer, dtype=np.int64),
-        answer_texts=[f"a{i}" for i in range(n_answer)],
-        answer_positions=np.arange(n_tokens - n_answer, n_tokens, dtype=np.int64),
-        answer_logprobs=-rng.random(n_answer, dtype=np.float32),
-        topk_ids=np.zeros((n_answer, 2), np.int64),
-        topk_texts=[["x", "y"]] * n_answer,
-        topk_logprobs=-rng.random((n_answer, 2), dtype=np.float32),
-    )
 
 
 def _good_trace_file(folder: Path, name: str = "traces.parquet", n: int = 3) -> Path:

@@ -3,7 +3,8 @@
 One browser for the session; the app (random-weight model from `random_model_dir`, a small trace
 set written by `write_traces`) is served in-process by werkzeug on a free port. Assertions read
 what the page rendered (text, SVG titles, the heatmap's raster image), never `gd.data`.
-Screenshots go to the pytest tmp folder and a copy of each to /tmp/cliviz-app-shots/.
+Screenshots go to the pytest tmp folder, and a copy of each to `$CLIVIZ_SHOTS` when that is set.
+The browser is the system Chromium found on PATH (`$BROWSER_PATH` overrides, as for kaleido).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import threading
@@ -23,7 +25,8 @@ from werkzeug.serving import make_server
 
 from conftest import EXAMPLES
 
-CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -35,7 +38,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
-SHOTS = Path("/tmp/cliviz-app-shots")
 TIMEOUT_MS = 60_000  # the box is shared with training jobs: be patient, not flaky
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -75,10 +77,17 @@ def served(random_model_dir, traces_file):
     thread.join(timeout=10)
 
 
+def system_chromium() -> str:
+    """The Chromium the figure export uses too: `$BROWSER_PATH`, else the first on PATH."""
+    found = os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "no Chromium on PATH: install it (.ci/run does) or set BROWSER_PATH"
+    return found
+
+
 @pytest.fixture(scope="session")
 def browser():
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = p.chromium.launch(executable_path=system_chromium(), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
@@ -102,8 +111,10 @@ def page(browser, served):
 def shot(page: Page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, SHOTS / path.name)
+    if os.environ.get("CLIVIZ_SHOTS"):  # a folder to keep the screenshots in, for a human to look at
+        keep = Path(os.environ["CLIVIZ_SHOTS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, keep / path.name)
     return path
 
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, run_main
 
 
 def free_port() -> int:
@@ -25,16 +25,17 @@ def test_port_in_use_is_one_line_exit_2(random_model_dir):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = run_cli("dash", "--model", str(random_model_dir), "--port", str(port), timeout=120)
+        proc = run_main("dash", "--model", str(random_model_dir), "--port", str(port))
     assert_clean_error(proc, f"port {port} on 127.0.0.1 is already in use")
 
 
 @pytest.mark.parametrize("flag, needle", [("--model", "model folder not found"), ("--traces", "does not exist")])
 def test_bad_model_or_traces_is_one_line_exit_2(flag, needle, tmp_path):
-    proc = run_cli("dash", flag, str(tmp_path / "missing"), "--port", str(free_port()), timeout=120)
+    proc = run_main("dash", flag, str(tmp_path / "missing"), "--port", str(free_port()))
     assert_clean_error(proc, needle)
 
 
+@pytest.mark.slow  # a real `python -m cliviz dash` process, served and stopped
 def test_serves_on_localhost_with_debug_off(random_model_dir):
     port = free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}

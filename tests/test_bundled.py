@@ -76,6 +76,7 @@ def test_probe_reads_the_question_type_off_the_bundled_gates():
     assert result.accuracy > result.baseline + 0.4, (result.accuracy, result.baseline)
 
 
+@pytest.mark.slow  # held-out accuracy of several bundled models
 def test_baselines_and_siblings(held_out):
     """Measured on this 350-sample set: projector 0.969, deepstack 0.966, shallow 0.969, attached 0.946, v1 0.974,
     seed 1 1.000, seed 2 0.960 (colour 0.72: one seed of the same recipe misses colour)."""
@@ -99,6 +100,7 @@ def test_baselines_and_siblings(held_out):
     assert shallow.config.injection_layers == [1, 2, 3]
 
 
+@pytest.mark.slow  # held-out accuracy of several bundled models
 def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
     """Three seeds of cli-tiny (same recipe, 6,000 steps each) agree less with each other on the
     vision-layer profile than each seed's map does with its own step-2,745 checkpoint — read the way
@@ -130,7 +132,7 @@ def test_seed_models_show_which_gate_maps_are_one_seeds_accident(held_out):
 
 
 def test_staged_cli_injection_carries_the_detail_its_tower_lost():
-    """cli-staged-tiny (issue 17's staged recipe: a frozen tower that lost local detail at the layer the
+    """cli-staged-tiny (the staged recipe: a frozen tower that lost local detail at the layer the
     projector reads): switching the injection off must take the glyph and size answers away.
     Measured on 1,400 held-out samples (seed 4243): glyph 0.84 -> 0.10 (89% of answers flip), size
     0.985 -> 0.635 (38%); colour, count and shape do not move."""
@@ -154,6 +156,7 @@ def test_staged_cli_injection_carries_the_detail_its_tower_lost():
     assert off["flipped"].mean() >= 0.1, flips  # measured 0.18 over all types
 
 
+@pytest.mark.slow  # held-out accuracy of several bundled models
 def test_staged_cli_beats_its_projector_baseline_on_the_detail_types(held_out):
     """Same stages 1-2 and the same number of stage-3 steps: the projector baseline cannot read what
     its frozen tower dropped at layer 5; CLI reads it from layer 1 (model card, held-out 4243)."""

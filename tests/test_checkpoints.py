@@ -9,25 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from typer.testing import CliRunner
-
-from conftest import run_cli
 
 torch.set_num_threads(1)
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict:
+def folders(tmp_path_factory, llava15_attached, onevision_attached) -> dict:
     root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for family, build in (("llava", llava15_folder), ("onevision", onevision_folder)):
-        base = build(root / f"{family}-base", dtype=torch.float16)
-        proc = run_cli("attach", "--base", str(base), "--out", str(root / family))
-        assert proc.returncode == 0, proc.stderr
-        out[family] = root / family
+    out = {"llava": llava15_attached["cli"], "onevision": onevision_attached["cli"]}
     data = root / "data"
     (data / "images").mkdir(parents=True)
     rows = []
@@ -88,8 +80,12 @@ COMMANDS = {
 }
 
 
+# float32 in the fast tier; the half-precision runs of every command are the second tier's
+HALF = [pytest.param(d, marks=pytest.mark.slow) for d in ("bfloat16", "float16")]
+
+
 @pytest.mark.parametrize("family", ["llava", "onevision"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", *HALF])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_in_every_dtype(folders, tmp_path, family, dtype, command):
     """In-process (typer's runner) to keep CI fast; `auto` is float32 on this CPU (covered above)."""

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conversation_data import CHATML_TEMPLATE, chatml_tokenizer, word_level
 from PIL import Image
-from test_real_llava import CHAT_TEMPLATE
-from test_real_llava import build_tokenizer as llava_tokenizer
 
 from cliviz.data.collate import IGNORE, ChatEncoder, ConversationCollator, collator_for_model, expand_image
 from cliviz.data.conversations import Conversation
 from cliviz.errors import CLIVizError
+
+from factories import LLAVA15_TEMPLATE as CHAT_TEMPLATE
+from factories import llava15_tokenizer as llava_tokenizer
 
 TURNS = (
     ("user", "what color is the circle ?"),

@@ -16,7 +16,7 @@ from cliviz.model.export import export_llava_base
 from cliviz.model.loading import bundled_models_dir, load_model
 from cliviz.model.processing import n_image_tokens, pixel_values, prompt_ids
 
-from conftest import EXAMPLES, REPO, run_cli
+from conftest import EXAMPLES, REPO, run_main
 
 SHIPPED = REPO / "assets" / "models" / "llava-tiny-base"
 
@@ -83,14 +83,14 @@ def test_attached_inputs_are_bit_for_bit_the_bundled_ones(tmp_path):
 
 def test_attach_then_trace_offline_answers_like_projector_tiny(tmp_path):
     out = tmp_path / "llava-tiny-cli"
-    proc = run_cli("attach", "--base", str(SHIPPED), "--out", str(out))
+    proc = run_main("attach", "--base", str(SHIPPED), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "chat_template.jinja" in proc.stdout and "preprocessor_config.json" in proc.stdout
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # run_cli inherits it: nothing is downloaded
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the command runs with it: nothing is downloaded
     for name, question in (("color", "what color is the triangle ?"), ("glyph", "what digit is in the corner ?")):
         image = str(EXAMPLES / f"{name}.png")
-        got = run_cli("trace", image, question, "--model", str(out), "--json")
-        want = run_cli("trace", image, question, "--model", "projector-tiny", "--json")
+        got = run_main("trace", image, question, "--model", str(out), "--json")
+        want = run_main("trace", image, question, "--model", "projector-tiny", "--json")
         assert got.returncode == 0 and want.returncode == 0, got.stderr + want.stderr
         got, want = json.loads(got.stdout), json.loads(want.stdout)
         assert got["answer"] == want["answer"] and got["answer_texts"] == want["answer_texts"]
@@ -104,19 +104,19 @@ def test_attached_base_trains_on_generated_scenes_with_its_own_template(tmp_path
     assistant turn once took only a string: training an attached llava-tiny-base stopped at start).
     The read's size is an attach option."""
     attached = tmp_path / "cli"
-    proc = run_cli("attach", "--base", str(SHIPPED), "--read-width", "64", "--read-heads", "2", "--out", str(attached))
+    proc = run_main("attach", "--base", str(SHIPPED), "--read-width", "64", "--read-heads", "2", "--out", str(attached))
     assert proc.returncode == 0, proc.stderr
     config = json.loads((attached / "config.json").read_text())
     assert (config["read_width"], config["read_heads"]) == (64, 2)
     trained = tmp_path / "trained"
-    proc = run_cli(
+    proc = run_main(
         "train", "--init-from", str(attached), "--steps", "2", "--batch-size", "2", "--warmup", "1",
         "--device", "cpu", "--out", str(trained),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((trained / "training_summary.json").read_text())
     assert summary["steps"] == 2
-    bad = run_cli(
+    bad = run_main(
         "attach", "--base", str(SHIPPED), "--read-width", "100", "--read-heads", "3", "--out", str(tmp_path / "x")
     )
     assert bad.returncode == 2 and "not a positive multiple of 3 read heads" in bad.stderr

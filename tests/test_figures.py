@@ -19,7 +19,7 @@ from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet, write_traces
 
 from conftest import assert_clean_error, run_cli
-from test_analyses import hand_trace, synthetic_traces
+from factories import hand_trace, synthetic_traces
 
 STANDARD = [
     "gate_mean",

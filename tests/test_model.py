@@ -9,16 +9,6 @@ import numpy as np
 import pytest
 import torch
 from reference_batch import make_batch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
 from cliviz.data import scene_with_questions
 from cliviz.data.scenes import COLORS
@@ -29,54 +19,8 @@ from cliviz.model.attach import attach
 from cliviz.model.loading import load_model
 from cliviz.train import tiny_config
 
-from conftest import build_tiny
-
-
-def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vc = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    tc = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    cfg = LlavaConfig(
-        vision_config=vc,
-        text_config=tc,
-        image_token_index=3,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    return LlavaForConditionalGeneration(cfg).eval()
-
-
-def tiny_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
-    torch.manual_seed(seed)
-    vc = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    tc = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    cfg = LlavaOnevisionConfig(
-        vision_config=vc,
-        text_config=tc,
-        image_token_index=3,
-        image_grid_pinpoints=[[32, 32]],
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+from conftest import BUNDLED, REPO
+from factories import build_tiny, tiny_llava, tiny_onevision
 
 
 def llava_inputs():
@@ -200,6 +144,7 @@ def test_attach_folder_round_trip(tmp_path):
     assert model.config.fusion == "cli"
 
 
+@pytest.mark.slow  # a short training run per fusion
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_trains_with_falling_loss(fusion):
     model, tok = build_tiny(fusion, open_alpha=0.0)
@@ -242,6 +187,7 @@ def test_training_stops_early_and_resumes_on_the_same_schedule(tmp_path):
     )  # a short re-warmup, then the schedule
 
 
+@pytest.mark.slow  # two training runs, compared bit for bit
 def test_resume_continues_the_same_run_exactly(tmp_path):
     """--resume restores weights, optimiser moments, aux heads, RNG and the running window: the
     stopped-and-resumed run ends bit for bit where the uninterrupted one does."""
@@ -265,6 +211,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     assert not (tmp_path / "rest" / STATE_FILE).exists() and (tmp_path / "half" / STATE_FILE).exists()
 
 
+@pytest.mark.slow  # two training runs
 def test_a_start_step_continuation_logs_the_whole_run(tmp_path):
     """--init-from CKPT --start-step K (no training state) still writes one log from step 0."""
     from cliviz.train import TrainSettings, train
@@ -377,3 +324,79 @@ def test_shallow_gates_are_static_one_hot(tiny_cli):
     # shallow LLM layers read shallow vision layers
     firsts = [int(layer.gate.weights.argmax()) for layer in model.agf]
     assert firsts == sorted(firsts) and firsts[0] == 0 and firsts[-1] == len(model.config.vision_layers) - 1
+
+
+BUNDLED_MODELS = sorted(p.parent for p in (REPO / "assets" / "models").glob("*/config.json"))
+READ_FIELDS = ("agf_read", "amp_norm", "read_max_tokens", "read_position_code")
+
+
+def test_every_bundled_cli_config_names_its_read():
+    named = {}
+    for folder in BUNDLED_MODELS:
+        raw = json.loads((folder / "config.json").read_text())
+        if raw["model_type"] == "cliviz_cli":
+            assert all(field in raw for field in READ_FIELDS), folder.name
+            named[folder.name] = raw["agf_read"]
+    assert named["cli-tiny"] == "full" and named["cli-staged-tiny"] == "light"  # both reads ship, by name
+
+
+def test_a_config_without_its_read_is_refused_not_guessed(tmp_path):
+    from cliviz.errors import CLIVizError
+    from cliviz.model.configuration import CLIConfig
+
+    raw = json.loads((BUNDLED / "config.json").read_text())
+    assert CLIConfig.from_dict(raw).agf_read == "full"
+    unnamed = {k: v for k, v in raw.items() if k != "agf_read"}
+    with pytest.raises(ValueError, match="agf_read"):
+        CLIConfig.from_dict(unnamed)
+    folder = tmp_path / "unnamed"
+    folder.mkdir()
+    for item in BUNDLED.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    (folder / "config.json").write_text(json.dumps(unnamed))
+    with pytest.raises(CLIVizError, match="agf_read") as err:
+        load_model(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["cli-tiny", "deepstack-tiny", "cli-staged-tiny"])
+def test_bundled_alphas_load_as_one_element_vectors_with_the_stored_values(name):
+    from safetensors import safe_open
+
+    folder = REPO / "assets" / "models" / name
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = [f.get_tensor(k) for k in sorted(k for k in f.keys() if k.endswith("injection.alpha"))]
+    model, _ = load_model(folder, device="cpu")
+    assert len(stored) == len(model.agf) > 0
+    for layer, value in zip(model.agf, stored):
+        assert layer.injection.alpha.shape == (1,)
+        assert layer.injection.alpha.detach().item() == value.item()
+    assert {tuple(v.shape) for v in stored} == ({()} if name != "cli-staged-tiny" else {(1,)})
+
+
+def test_a_scalar_alpha_checkpoint_answers_as_its_vector_alpha_twin(tmp_path):
+    """The same weights stored with scalar gains (first design) and with [1] gains give the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = build_tiny("cli", open_alpha=0.9)
+    model.save_pretrained(tmp_path / "vector")
+    tok.save_pretrained(tmp_path / "vector")
+    scalar = tmp_path / "scalar"
+    scalar.mkdir()
+    for item in (tmp_path / "vector").iterdir():
+        (scalar / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(str(scalar / "model.safetensors"))
+    assert any(k.endswith("injection.alpha") and t.shape == (1,) for k, t in tensors.items())
+    save_file(
+        {k: t.reshape(()) if k.endswith("injection.alpha") else t for k, t in tensors.items()},
+        str(scalar / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    batch = make_batch(tok, model.config, seed=5, indices=[0, 1])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    logits = []
+    for folder in ("vector", "scalar"):
+        loaded, _ = load_model(tmp_path / folder, device="cpu")
+        with torch.no_grad():
+            logits.append(loaded(**inputs).logits)
+    assert torch.equal(logits[0], logits[1])

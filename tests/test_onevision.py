@@ -3,15 +3,16 @@ built from what the LLM sees (same crops, unpadding and newlines), exact per sam
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from llava_folders import PATCH, SIZE, onevision_folder
 from PIL import Image
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_main
+from factories import PATCH, SIZE
 
 torch.set_num_threads(1)
 
@@ -19,17 +20,16 @@ SHAPES = {"wide": (60, 20), "tall": (20, 70), "square": (40, 40), "big": (200, 1
 
 
 @pytest.fixture(scope="module")
-def ov(tmp_path_factory) -> dict:
+def ov(tmp_path_factory, onevision_attached) -> dict:
     root = tmp_path_factory.mktemp("onevision")
-    base = onevision_folder(root / "base", dtype=torch.float16)
-    proc = run_cli("attach", "--base", str(base), "--out", str(root / "cli"), "--vision-layers", "1,2,3")
-    assert proc.returncode == 0, proc.stderr
+    base, cli = onevision_attached["base"], onevision_attached["cli"]
+    assert json.loads((cli / "config.json").read_text())["vision_layers"] == [1, 2, 3]
     images = {}
     for i, (name, (w, h)) in enumerate(SHAPES.items()):
         path = root / f"{name}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         images[name] = path
-    return {"base": base, "cli": root / "cli", "images": images}
+    return {"base": base, "cli": cli, "images": images}
 
 
 def _load(ov, dtype="float32"):
@@ -142,9 +142,9 @@ def test_generation_caches_the_read_and_matches_uncached(ov):
 
 def test_onevision_commands_run(ov, tmp_path):
     image, cli = str(ov["images"]["tall"]), str(ov["cli"])
-    proc = run_cli("ask", image, "what is this?", "--model", cli, "--device", "cpu", "--json")
+    proc = run_main("ask", image, "what is this?", "--model", cli, "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli(
+    proc = run_main(
         "trace", image, "what is this?", "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3"
     )
     assert proc.returncode == 0, proc.stderr
@@ -157,7 +157,7 @@ def test_onevision_folder_without_processor_files_is_one_error_line(ov, tmp_path
     shutil.copytree(ov["cli"], broken)
     (broken / "preprocessor_config.json").unlink()
     (broken / "processor_config.json").unlink()
-    proc = run_cli("ask", str(ov["images"]["wide"]), "what is this?", "--model", str(broken), "--device", "cpu")
+    proc = run_main("ask", str(ov["images"]["wide"]), "what is this?", "--model", str(broken), "--device", "cpu")
     assert_clean_error(proc, "image processor")
 
 

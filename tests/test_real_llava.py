@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from llava_folders import LLAVA15_TEMPLATE as CHAT_TEMPLATE  # noqa: F401  (imported by tests/test_collate.py)
-from llava_folders import SIZE
-from llava_folders import llava15_base as build_base
-from llava_folders import llava15_image_processor as build_image_processor
-from llava_folders import llava15_processor as build_processor
-from llava_folders import llava15_tokenizer as build_tokenizer
 from PIL import Image
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_main
+from factories import SIZE
+from factories import llava15_base as build_base
+from factories import llava15_image_processor as build_image_processor
+from factories import llava15_processor as build_processor
+from factories import llava15_tokenizer as build_tokenizer
 
 torch.set_num_threads(1)
 
@@ -46,7 +45,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     build_image_processor().save_pretrained(root / "base")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(root / "wide.png")
-    proc = run_cli("attach", "--base", str(root / "base"), "--out", str(root / "cli"), "--vision-layers", "1,2,3")
+    proc = run_main("attach", "--base", str(root / "base"), "--out", str(root / "cli"), "--vision-layers", "1,2,3")
     assert proc.returncode == 0, proc.stderr
     return {"base": root / "base", "cli": root / "cli", "image": root / "wide.png", "attach_stdout": proc.stdout}
 
@@ -142,12 +141,12 @@ def test_subword_tokenizer_helpers(folders):
 
 def test_ask_and_trace_with_free_text(folders, tmp_path):
     cli, image = str(folders["cli"]), str(folders["image"])
-    proc = run_cli("ask", image, FREE_TEXT, "--model", cli, "--device", "cpu", "--json")
+    proc = run_main("ask", image, FREE_TEXT, "--model", cli, "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["question"] == FREE_TEXT and isinstance(out["answer"], str) and 0.0 <= out["probability"] <= 1.0
 
-    proc = run_cli("trace", image, FREE_TEXT, "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3")
+    proc = run_main("trace", image, FREE_TEXT, "--model", cli, "--device", "cpu", "--json", "--max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr
     trace = json.loads(proc.stdout)
     gates = np.asarray(trace["gates"], dtype=np.float32)  # [n_injection_layers, n_tokens, K]
@@ -158,8 +157,8 @@ def test_ask_and_trace_with_free_text(folders, tmp_path):
 
 def test_bad_questions_on_a_real_folder(folders):
     cli, image = str(folders["cli"]), str(folders["image"])
-    assert_clean_error(run_cli("ask", image, "   ", "--model", cli, "--device", "cpu"), "empty")
-    assert_clean_error(run_cli("ask", image, "why " * 150, "--model", cli, "--device", "cpu"), "too long")
+    assert_clean_error(run_main("ask", image, "   ", "--model", cli, "--device", "cpu"), "empty")
+    assert_clean_error(run_main("ask", image, "why " * 150, "--model", cli, "--device", "cpu"), "too long")
     assert_clean_error(
-        run_cli("trace", image, "what is <image> here?", "--model", cli, "--device", "cpu"), "special token"
+        run_main("trace", image, "what is <image> here?", "--model", cli, "--device", "cpu"), "special token"
     )

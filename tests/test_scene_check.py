@@ -13,7 +13,7 @@ from cliviz.data import iter_samples
 from cliviz.inputs import load_image
 from cliviz.scene_check import scene_mismatch, world_warning
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_main
 
 
 def photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -57,7 +57,7 @@ def photo(tmp_path_factory):
 
 @pytest.mark.parametrize("command", ["ask", "trace"])
 def test_commands_print_one_warning_line(command, photo, random_model_dir):
-    proc = run_cli(
+    proc = run_main(
         command,
         str(photo),
         "what shape is the orange object ?",
@@ -69,7 +69,7 @@ def test_commands_print_one_warning_line(command, photo, random_model_dir):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "300x200" in lines[0], proc.stderr
-    clean = run_cli(
+    clean = run_main(
         command,
         str(EXAMPLES / "shape.png"),
         "what shape is the purple object ?",

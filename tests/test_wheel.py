@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from conftest import REPO
 
 # built and local state that is not the project: never copied into the clean source tree
@@ -23,6 +25,7 @@ def _source_of(name: str) -> str:
     return next((src + name[len(prefix) :] for prefix, src in FOLDER_OF.items() if name.startswith(prefix)), name)
 
 
+@pytest.mark.slow  # builds a wheel and installs it into a new virtualenv: a real process concern
 def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     # build from a clean copy: a stale build/ in the checkout would ship modules that no longer exist
     source = tmp_path / "src"
@@ -41,7 +44,9 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
     assert not stray, stray
     for expected in (
         "cliviz/analyses/heatmaps.py",
-        "cliviz/analyses/ablations/engine.py",
+        "cliviz/analyses/ablations/effects.py",
+        "cliviz/intervene/engine.py",
+        "cliviz/tracing/display.py",
         "cliviz/app/__init__.py",
         "cliviz/assets/models/cli-tiny/model.safetensors",
         "cliviz/assets/examples/color.png",
@@ -69,7 +74,7 @@ def test_wheel_installs_and_answers_with_the_bundled_model(tmp_path):
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     code = (
-        "import cliviz, cliviz.analyses.ablations, cliviz.app; cliviz.load_model; cliviz.ablate; "
+        "import cliviz, cliviz.intervene, cliviz.analyses.ablations, cliviz.app; cliviz.load_model; cliviz.ablate; "
         "print(cliviz.__file__, cliviz.__version__)"
     )
     where = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)

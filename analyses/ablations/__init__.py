@@ -41,15 +41,14 @@ knockout cell, with faithfulness) return an `AblationReport` (scores, effects, l
 atomic writes) — what `cliviz ablate` runs (`report`).
 
 What comes back: `score_conditions` gives teacher-forced scores per (sample, condition) (see
-`measures`); `effects_frame` / `knockout_grid` reduce them to tidy effects with bootstrap CIs
+`cliviz.intervene.measures`); `effects_frame` / `knockout_grid` reduce them to tidy effects with bootstrap CIs
 (`effects`); `faithfulness` asks whether the cells the gates weigh most are the ones whose removal
 hurts most. All conditions of a study run together in a few batched forwards that share the
-unablated prefix (`engine`), equal to the one-forward-per-condition loop (`naive_knockout_grid`).
+unablated prefix (`cliviz.intervene.engine`), equal to the one-forward-per-condition loop (`naive_knockout_grid`).
 
-Modules: `spec` (Ablation, kinds, plans) → `layout` (teacher-forced samples, padded batches) →
-`interventions` (the per-row gate rewrite) → `engine` (batched, prefix-sharing forwards) →
-`measures` (numbers per row) → `scoring` / `effects` / `faithfulness` (what users call) →
-`report` (one study, one call).
+The engine lives in the library, `cliviz.intervene` (`spec`, `layout`, `interventions`, `engine`,
+`measures`, `scoring`); this package keeps what is built on it: `effects` and `faithfulness` (what
+users call) → `report` (one study, one call). Its names are re-exported here.
 
 Example::
 
@@ -68,9 +67,7 @@ from cliviz.analyses.ablations.effects import (
     metric_label,
     naive_knockout_grid,
 )
-from cliviz.analyses.ablations.engine import CACHE_BUDGET_BYTES
 from cliviz.analyses.ablations.faithfulness import faithfulness
-from cliviz.analyses.ablations.interventions import apply_ablation, apply_gate_ablation
 from cliviz.analyses.ablations.report import (
     MIN_CI_SAMPLES,
     AblationReport,
@@ -80,8 +77,10 @@ from cliviz.analyses.ablations.report import (
     run_study,
     study_conditions,
 )
-from cliviz.analyses.ablations.scoring import mean_gates, score_conditions, score_with_gate_mass, single_cell
-from cliviz.analyses.ablations.spec import (
+from cliviz.intervene.engine import CACHE_BUDGET_BYTES
+from cliviz.intervene.interventions import apply_ablation, apply_gate_ablation
+from cliviz.intervene.scoring import mean_gates, score_conditions, score_with_gate_mass, single_cell
+from cliviz.intervene.spec import (
     ALL,
     KINDS,
     REFERENCE,

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cliviz.analyses.ablations.engine import run_conditions
-from cliviz.analyses.ablations.layout import layout_samples, suppressed
-from cliviz.analyses.ablations.measures import score_row
-from cliviz.analyses.ablations.spec import ALL, REFERENCE, Ablation, grid_conditions
 from cliviz.errors import CLIVizError
+from cliviz.intervene.engine import run_conditions
+from cliviz.intervene.envoy import envoy
+from cliviz.intervene.layout import layout_samples, suppressed
+from cliviz.intervene.measures import score_row
+from cliviz.intervene.spec import ALL, REFERENCE, Ablation, grid_conditions
 from cliviz.model.processing import image_inputs
-from cliviz.tracing.record import envoy
 
 # Per-sample quantities the effects frame averages, and what each row of a grid reports.
 GRID_METRICS = (

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cliviz.analyses.ablations.spec import ALL
 from cliviz.errors import CLIVizError
+from cliviz.intervene.spec import ALL
 
 # effect metric -> sign that turns it into "how much removing the cell hurt" (larger = more harm)
 _HARM = {

@@ -22,9 +22,9 @@ from PIL import Image
 
 from cliviz.analyses.ablations.effects import METRIC_LABELS, effects_frame, grid_matrix
 from cliviz.analyses.ablations.faithfulness import faithfulness
-from cliviz.analyses.ablations.scoring import score_with_gate_mass
-from cliviz.analyses.ablations.spec import ALL, REFERENCE, Ablation, check_conditions, grid_conditions
 from cliviz.atomic import atomic_file, atomic_write_bytes
+from cliviz.intervene.scoring import score_with_gate_mass
+from cliviz.intervene.spec import ALL, REFERENCE, Ablation, check_conditions, grid_conditions
 
 MIN_CI_SAMPLES = 10  # fewer samples: the bootstrap CI is not reported as a 95% interval
 

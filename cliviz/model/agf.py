@@ -151,12 +151,12 @@ class Injection(nn.Module):
     """What is added to the residual stream: `tanh(alpha) * W_o(mixed)`, `W_o: r -> D`; alpha starts at 0.
 
     alpha is a one-element vector (FSDP cannot shard a 0-d parameter); checkpoints of the first
-    design hold it as a scalar (`scalar_alpha`)."""
+    design store it as a scalar, which the loader reshapes (`cliviz.model.weights.vector_alphas`)."""
 
-    def __init__(self, width: int, hidden: int, scalar_alpha: bool = False) -> None:
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.out_proj = nn.Linear(width, hidden, bias=False)
-        self.alpha = nn.Parameter(torch.zeros(() if scalar_alpha else (1,)))
+        self.alpha = nn.Parameter(torch.zeros(1))  # [1]
 
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.alpha).to(mixed.dtype) * self.out_proj(mixed)  # [B, T, D]
@@ -178,7 +178,7 @@ class AGFLayer(nn.Module):
         super().__init__()
         self.gate = Gate(hidden, n_vision, temperature) if static_index is None else StaticGate(n_vision, static_index)
         self.read = VisionRead(hidden, width, heads, own_keys_values)
-        self.injection = Injection(width, hidden, scalar_alpha=own_keys_values)  # the full read: first design
+        self.injection = Injection(width, hidden)
 
     def forward(
         self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, memory_mask: torch.Tensor | None = None
@@ -195,11 +195,11 @@ class DeepStackLayer(nn.Module):
     The gate is a constant `[B, T, 1]` of ones (kept so that tracing code is uniform).
     """
 
-    def __init__(self, hidden: int, scalar_alpha: bool = False) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
         self.gate = StaticGate(1, 0)
         self.norm = nn.LayerNorm(hidden)
-        self.injection = Injection(hidden, hidden, scalar_alpha)
+        self.injection = Injection(hidden, hidden)
 
     def forward(self, hidden: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         gates = self.gate(hidden)  # [B, T, 1]

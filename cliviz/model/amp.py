@@ -24,7 +24,8 @@ class LoRA(nn.Module):
         self.down = nn.Linear(d_in, rank, bias=False)
         self.up = nn.Linear(rank, d_out, bias=False)
         nn.init.zeros_(self.up.weight)
-        self.up.zero_init = True  # read by `CLIPreTrainedModel._init_weights`: post_init must not re-draw B
+        # read by `CLIPreTrainedModel._init_weights`: post_init must not re-draw B
+        self.up.zero_init = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))

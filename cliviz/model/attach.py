@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditi
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import FUSIONS, CLIConfig
 from cliviz.model.modeling import BASE_CLASSES, CLIForConditionalGeneration
+from cliviz.model.safety import no_stdin, refuse_remote_code
 
 # Files next to the weights that a user's tokenizer/processor needs; copied as they are.
 SIDE_FILES = (
@@ -70,8 +71,6 @@ def attach(
 def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGeneration:
     """`cliviz attach`: load a local LLaVA folder (safetensors only), attach CLI, save to `out`.
     A folder that asks for its own code to run is refused first (`safety.refuse_remote_code`)."""
-    from cliviz.model.safety import no_stdin, refuse_remote_code
-
     refuse_remote_code(base_dir)
     config_path = base_dir / "config.json"
     if not config_path.is_file():
@@ -126,8 +125,6 @@ def _ensure_fast_tokenizer(base_dir: Path, out: Path) -> None:
     if (out / "tokenizer.json").is_file() or not slow:
         return
     from transformers import AutoTokenizer
-
-    from cliviz.model.safety import no_stdin
 
     try:
         with no_stdin():

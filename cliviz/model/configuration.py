@@ -30,8 +30,10 @@ class CLIConfig(PretrainedConfig):
         gate_temperature: softmax temperature of the AGF gate.
         agf_read: `light` (DESIGN.md §1: a low-rank read whose keys/values of the visual memory are
             computed once per image and shared by every injection layer) or `full` (the first
-            design: D-wide query/key/value maps per injection layer; kept so that checkpoints
-            written before the light read still load).
+            design: D-wide query/key/value maps per injection layer, recomputed per token; the
+            bundled `cli-tiny` and the other models trained before the light read use it). Every
+            config.json names its read: `from_dict` refuses one without `agf_read` rather than
+            guess an architecture (see `from_dict`).
         read_width: width r of the light read (default `default_read_width`: 32 per 1,024 of the
             LLM's hidden size, at least 32 — 128 for a 7B LLM, about 0.5% extra parameters).
         read_heads: heads of the read (default: one per 32 channels of the light read; the LLM's
@@ -50,6 +52,7 @@ class CLIConfig(PretrainedConfig):
     """
 
     model_type = "cliviz_cli"
+    base_config: PretrainedConfig  # always a config object once built (a dict is converted)
     sub_configs = {"base_config": AutoConfig}
 
     def __init__(
@@ -72,22 +75,22 @@ class CLIConfig(PretrainedConfig):
             base_type = base_config.get("model_type", "llava")
             if base_type not in BASE_CONFIGS:
                 raise ValueError(f"unsupported base model_type {base_type!r}; expected one of {sorted(BASE_CONFIGS)}")
-            base_config = BASE_CONFIGS[base_type](**base_config)
+            base: PretrainedConfig = BASE_CONFIGS[base_type](**base_config)
         elif base_config is None:
-            base_config = LlavaConfig()
+            base = LlavaConfig()
         else:
             # PretrainedConfig.__init__ rewrites sub-configs (e.g. the attention implementation);
             # never let that reach the config object a live base model is still using.
-            base_config = copy.deepcopy(base_config)
+            base = copy.deepcopy(base_config)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
         if agf_read not in READS:
             raise ValueError(f"unknown agf_read {agf_read!r}; expected one of {', '.join(READS)}")
-        self.base_config = base_config
+        self.base_config = base
         self.fusion = fusion
-        n_vision = base_config.vision_config.num_hidden_layers
-        n_text = base_config.text_config.num_hidden_layers
-        text_hidden = base_config.text_config.hidden_size
+        n_vision = base.vision_config.num_hidden_layers
+        n_text = base.text_config.num_hidden_layers
+        text_hidden = base.text_config.hidden_size
         if vision_layers is None:
             vision_layers = [n_vision] if fusion == "deepstack" else list(range(1, n_vision + 1))
         if injection_layers is None:
@@ -109,7 +112,7 @@ class CLIConfig(PretrainedConfig):
             self.read_heads = int(read_heads or max(1, self.read_width // 32))
         else:
             self.read_width = text_hidden
-            self.read_heads = int(read_heads or base_config.text_config.num_attention_heads)
+            self.read_heads = int(read_heads or base.text_config.num_attention_heads)
         self.read_max_tokens = None if read_max_tokens is None else int(read_max_tokens)
         if self.read_max_tokens is not None and self.read_max_tokens < 1:
             raise ValueError(f"read_max_tokens must be positive or None, got {read_max_tokens}")
@@ -123,10 +126,18 @@ class CLIConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CLIConfig:
-        """A config.json written before the light read and the paper's AMP describes the first
-        design (full read, LayerNorm in AMP): it says so by lacking `agf_read`."""
+        """A saved config (config.json) must name its AGF read: the two reads are different
+        architectures, and no default can tell which one a checkpoint was trained with. The other
+        read fields take the constructor's defaults when absent (`amp_norm` False, `read_max_tokens`
+        1,024, `read_position_code` False); `save_pretrained` writes them all. A config written
+        before `agf_read` existed describes the first design: add `"agf_read": "full",
+        "amp_norm": true, "read_max_tokens": null` to it (as the bundled models' configs do)."""
         if "agf_read" not in config_dict:
-            config_dict = {**config_dict, "agf_read": "full", "amp_norm": True, "read_max_tokens": None}
+            raise ValueError(
+                'config.json does not name its AGF read (agf_read): add "agf_read": "light" for a model '
+                'trained with the light read, or "agf_read": "full", "amp_norm": true, "read_max_tokens": null '
+                "for one trained before it"
+            )
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

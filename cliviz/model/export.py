@@ -13,7 +13,7 @@ an ordinary LLaVA folder (`model_type: llava`) that any LLaVA tool — and `cliv
   torchvision's resize is never used) with a bicubic resize to 64 x 64, no crop, `x / 255`, mean and
   std 0.5: pixels in [-1, 1], bit for bit what the bundled models' own pipeline makes.
 
-Regenerate after retraining projector-tiny (the lead retrains bundled models from time to time)::
+Regenerate after retraining projector-tiny::
 
     python -m cliviz.model.export --model projector-tiny --out assets/models/llava-tiny-base
 """

@@ -62,7 +62,7 @@ def check_model_dir(path: Path) -> CLIConfig:
 
 def load_model(
     path: str | Path | None = None, device: str = "auto", dtype: str = "auto"
-) -> tuple[CLIForConditionalGeneration, object]:
+) -> tuple[CLIForConditionalGeneration, PreTrainedTokenizerBase]:
     """Load model + tokenizer in eval mode.
 
     A real LLaVA folder also brings its chat template (used by `processing.prompt_ids`) and its
@@ -122,7 +122,7 @@ def set_dtype(config: CLIConfig, dtype: torch.dtype) -> None:
     checkpoint saved in float16 records float16 in each of them: setting the top level alone
     would leave part of the model in float16 ("mat1 and mat2 must have the same dtype").
     """
-    stack = [config]
+    stack: list[PretrainedConfig] = [config]
     while stack:
         cfg = stack.pop()
         cfg.dtype = dtype

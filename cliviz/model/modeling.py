@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,11 +86,30 @@ class CLIOutput(ModelOutput):
 
 class CLIPreTrainedModel(PreTrainedModel):
     config_class = CLIConfig
+    config: CLIConfig
     base_model_prefix = "cli"
     main_input_name = "input_ids"
-    input_modalities = ("image", "text")
+    input_modalities = ["image", "text"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """transformers' `from_pretrained`, for checkpoints of either alpha shape: a folder whose
+        `model.safetensors` stores the injection gains as scalars (the first design) is read with
+        each gain as the `[1]` vector the model holds (`weights.vector_alphas`)."""
+        if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
+            from cliviz.model.weights import vector_alphas  # weights builds models from this module
+
+            folder = Path(pretrained_model_name_or_path)
+            state = vector_alphas(folder / "model.safetensors")
+            if state is not None:  # transformers takes a state dict in place of a folder, not with one
+                if kwargs.get("config") is None:
+                    kwargs["config"] = cls.config_class.from_pretrained(folder)
+                model = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
+                (model[0] if isinstance(model, tuple) else model).name_or_path = str(folder)
+                return model
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only CLI's own modules land here; the wrapped LLaVA initialises itself (smart_apply).
@@ -146,9 +166,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
                 for s in statics
             )
         elif config.fusion == "deepstack":
-            self.agf = nn.ModuleList(
-                DeepStackLayer(text_hidden, scalar_alpha=not light) for _ in config.injection_layers
-            )
+            self.agf = nn.ModuleList(DeepStackLayer(text_hidden) for _ in config.injection_layers)
         else:
             self.agf = nn.ModuleList()
         self._training_context: _VisualContext | None = None  # see enable_gradient_checkpointing

@@ -9,6 +9,10 @@ config that promises 72B parameters next to a 5 MB file is refused before any me
 Checkpoint keys go through transformers' own renaming (the legacy LLaVA layout
 `base.language_model.model.*` is stored, `base.model.language_model.*` is built); where that
 internal API is missing the check falls back to comparing the multiset of shapes.
+
+The injection gains `agf.<j>.injection.alpha` are one-element vectors `[1]`; checkpoints of the first
+design store them as scalars `[]`. Both fit: `vector_alphas` hands transformers the file's tensors
+with each scalar gain as a vector (the same number), so every model holds the same shape.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cliviz.errors import CLIVizError
+from cliviz.model.modeling import CLIForConditionalGeneration
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+ALPHA = ".injection.alpha"  # the injection gain: [1] in the model, [] or [1] in a checkpoint
 PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
 
@@ -51,7 +61,7 @@ def check_weights(path: Path, config) -> None:
     wrong = [
         f"{key}: {list(info.shape)} in the file, {list(expected[new][0])} expected"
         for new, (key, info) in renamed.items()
-        if new in expected and info.shape != expected[new][0]
+        if new in expected and info.shape != expected[new][0] and not _scalar_alpha(key, info)
     ]
     dtypes = [
         f"{key} is stored as {info.dtype}"
@@ -59,6 +69,22 @@ def check_weights(path: Path, config) -> None:
         if new in expected and expected[new][1] and info.dtype not in FLOAT_DTYPES
     ]
     _report(path, missing, unexpected, wrong, dtypes)
+
+
+def _scalar_alpha(key: str, info: Stored) -> bool:
+    return key.endswith(ALPHA) and info.shape == ()
+
+
+def vector_alphas(path: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's tensors with each scalar injection gain as the `[1]` vector the model holds,
+    for `from_pretrained(..., state_dict=...)`; None when the file has no scalar gain (it then loads
+    as it is, memory-mapped by transformers)."""
+    if not path.is_file() or not any(_scalar_alpha(k, info) for k, info in read_header(path).items()):
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return {k: t.reshape(1) if k.endswith(ALPHA) and t.dim() == 0 else t for k, t in tensors.items()}
 
 
 def read_header(path: Path) -> dict[str, Stored]:
@@ -93,10 +119,8 @@ def read_header(path: Path) -> dict[str, Stored]:
         raise CLIVizError(f"weights file {path} cannot be read ({first})") from None
 
 
-def meta_model(config) -> torch.nn.Module:
+def meta_model(config) -> PreTrainedModel:
     """The model `config` describes, on the meta device: every tensor has a shape and no storage."""
-    from cliviz.model.modeling import CLIForConditionalGeneration
-
     try:
         with torch.device("meta"):
             return CLIForConditionalGeneration(config)
@@ -105,7 +129,7 @@ def meta_model(config) -> torch.nn.Module:
         raise CLIVizError(f"cannot build a model from this config.json: {first}") from None
 
 
-def _renamer(model: torch.nn.Module, expected: dict) -> Callable[[str], str] | None:
+def _renamer(model: PreTrainedModel, expected: dict) -> Callable[[str], str] | None:
     """transformers' checkpoint-key renaming for `model`, or None when this transformers has no such API."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

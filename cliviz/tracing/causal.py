@@ -76,7 +76,7 @@ def map_kind_note(fusion: str, injection_layers: Sequence[int] = (), vision_laye
 def causal_checks(model, tokenizer, images: Sequence, questions: Sequence[str]) -> list[CausalCheck] | None:
     """One `CausalCheck` per (image, question), from ONE batched call of the ablation engine; None for a
     model without injection (`projector`)."""
-    from cliviz.analyses.ablations import Ablation, score_conditions
+    from cliviz.intervene import Ablation, score_conditions
 
     if len(getattr(model, "agf", ())) == 0:
         return None

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import os
 import warnings
-import weakref
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -36,19 +35,13 @@ from cliviz.arguments import (
 )
 from cliviz.finite import require_finite
 from cliviz.inference import decode_answer, default_max_new_tokens, generation_kwargs, prepare_inputs, token_texts
+from cliviz.intervene.envoy import envoy
 from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
+from cliviz.tracing.causal import causal_checks
 from cliviz.tracing.schema import Trace, TraceMeta
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike  # what `cliviz.inputs.as_image` takes
-_ENVOYS: weakref.WeakKeyDictionary[CLIForConditionalGeneration, nnsight.NNsight] = weakref.WeakKeyDictionary()
-
-
-def envoy(model: CLIForConditionalGeneration) -> nnsight.NNsight:
-    """The nnsight wrapper of `model`, built once per model object (wrapping is not free)."""
-    if model not in _ENVOYS:
-        _ENVOYS[model] = nnsight.NNsight(model)
-    return _ENVOYS[model]
 
 
 def image_sha256(image: Image.Image) -> str:
@@ -123,8 +116,6 @@ def trace_batch(
     recorded = _Recorded(model, inputs, gates, norms, logits, sequences)
     checks = None
     if causal_check:
-        from cliviz.tracing.causal import causal_checks
-
         checks = causal_checks(model, tokenizer, images, questions)
     shared = _shared_meta(model)
     traces = []

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from cliviz.token_sets import TOKEN_SETS as TOKEN_SETS  # the selections a trace's views take
+from cliviz.tracing.causal import CausalCheck, map_kind_note
+from cliviz.tracing.display import trace_heatmap_figure, trace_html
+
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 lacks the causal-check columns: read as None
 ROLES = ("image", "prompt", "answer")
-# The token selections every analysis takes (heatmaps, ablations): the positions of one role — for
-# "answer", those whose output is an answer token — or all of them.
-TOKEN_SETS = ("answer", "image", "prompt", "all")
 # The per-trace arrays, in the order of `to_dict()` and of the trace file's columns.
 ARRAY_FIELDS = (
     "token_ids",
@@ -102,8 +103,6 @@ class Trace:
     @property
     def causal(self):
         """The map's causal check (`cliviz.tracing.causal.CausalCheck`), or None when not measured."""
-        from cliviz.tracing.causal import CausalCheck
-
         m = self.meta
         if m.injection_off_changed is None or m.injection_off_delta_logprob is None:
             return None
@@ -113,8 +112,6 @@ class Trace:
 
     def map_notes(self) -> list[str]:
         """What to print beside this trace's gate map: the fusion's kind of map and the causal check."""
-        from cliviz.tracing.causal import map_kind_note
-
         notes = [n for n in [map_kind_note(self.meta.fusion, self.meta.injection_layers, self.meta.vision_layers)] if n]
         check = self.causal
         if check is not None:
@@ -126,14 +123,10 @@ class Trace:
     def heatmap(self, token: int | None = None, role: str | None = None):
         """The gate map as a plotly `Figure`: answer step `token` (0, 1, ...), or a token `role`
         (answer | image | prompt | all); default: the mean over answer steps. See `analyses.heatmaps`."""
-        from cliviz.analyses.heatmaps import trace_heatmap_figure
-
         return trace_heatmap_figure(self, token=token, role=role)
 
     def _repr_html_(self) -> str:
         """Jupyter display: question, answer, token strip, the causal check and the heatmap."""
-        from cliviz.analyses.display import trace_html
-
         return trace_html(self)
 
     def answer_gates(self) -> np.ndarray:

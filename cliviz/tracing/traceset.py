@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from cliviz import __version__
 from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
+from cliviz.tracing.display import traceset_heatmap_figure, traceset_html
 from cliviz.tracing.schema import ARRAY_FIELDS, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
 from cliviz.tracing.table_checks import check_table
 
@@ -486,14 +487,10 @@ class TraceSet:
     def heatmap(self, select: str = "answer", by: str | None = None):
         """Mean gate map (plotly `Figure`) over `select` positions (answer, image, prompt, all), one panel
         per `by` group (e.g. `qtype`) when given; with the causal checks the traces carry, as a note."""
-        from cliviz.analyses.heatmaps import traceset_heatmap_figure
-
         return traceset_heatmap_figure(self, select, by)
 
     def _repr_html_(self) -> str:
         """Jupyter display: counts, accuracy and causal checks per question type, and the mean map."""
-        from cliviz.analyses.display import traceset_html
-
         return traceset_html(self)
 
     def sample_ids(self) -> set[str]:

@@ -1,7 +1,7 @@
 """The intervention itself: how each row of a chunk rewrites the gates and injections it runs through.
 
 Everything intervenes on the two hook points every cliviz analysis shares, through nnsight
-(`cliviz.tracing.record.envoy`): the gate module `agf.<j>.gate` (output `[B, T, K]`, a softmax over
+(`cliviz.intervene.envoy`): the gate module `agf.<j>.gate` (output `[B, T, K]`, a softmax over
 the K selected vision layers) and the injection module `agf.<j>.injection` (output `[B, T, D]`, the
 residual update `tanh(alpha) W_o sum_k g_k c_k` of LLM layer `config.injection_layers[j]`). Rows of
 one chunk carry different conditions, so at each injection layer the chunk's gates are rewritten
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cliviz.analyses.ablations.layout import Batch, Sample, donor_map
-from cliviz.analyses.ablations.spec import Plan
 from cliviz.errors import CLIVizError
+from cliviz.intervene.layout import Batch, Sample, donor_map
+from cliviz.intervene.spec import Plan
 
 if TYPE_CHECKING:
-    from cliviz.analyses.ablations.engine import Reference
+    from cliviz.intervene.engine import Reference
 
 
 def apply_gate_ablation(
@@ -154,6 +154,7 @@ def chunk_ops(
                             raise CLIVizError(f"patch donor {d} outside 0..{len(samples) - 1}")
                         where = donor_map(sample, samples[d], image_id)
                         has = where >= 0
+                        assert ref.gates is not None  # kept by the reference run whenever a patch is planned
                         fill[r, off:][has] = ref.gates[d][j][where[has]]
                         tok = tok & has
                 mask[r, off:] = tok

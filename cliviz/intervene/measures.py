@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cliviz.analyses.ablations.layout import Sample
-from cliviz.analyses.ablations.spec import REFERENCE, Ablation
+from cliviz.inputs import is_word_level
+from cliviz.intervene.layout import Sample
+from cliviz.intervene.spec import REFERENCE, Ablation
 
 
 def score_row(lp: np.ndarray, sample: Sample, own: int, suppress: list[int]) -> dict[str, Any]:
@@ -88,8 +89,6 @@ def scores_frame(
 def _text(tokenizer, ids: list[int]) -> str:
     """Token ids as the reader sees them: words for the bundled word-level models, decoded text for
     subword ones (ids past the tokenizer's own vocabulary — padded embedding rows — as `<id>`)."""
-    from cliviz.inputs import is_word_level
-
     if is_word_level(tokenizer):
         return " ".join(tokenizer.convert_ids_to_tokens([int(t) for t in ids]))
     known = [int(t) for t in ids if int(t) < len(tokenizer)]

@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from cliviz.errors import CLIVizError
+from cliviz.inference import answer, suppressed_tokens
+from cliviz.inputs import is_word_level
+from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import prompt_ids
 
 _ROLE_PROMPT, _ROLE_ANSWER = 1, 3
@@ -63,8 +67,8 @@ class Sample:
 
 
 def layout_samples(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     references: Sequence[str | list[int] | None] | None,
     qtypes: Sequence[str | None] | None,
@@ -101,13 +105,10 @@ def own_answers(
     """Missing references of a real checkpoint become the model's own greedy answer, as token ids
     (eos dropped), so that a free-text answer is scored whole rather than by its first token.
     The bundled word-level models answer one word, which the first answer position already is."""
-    from cliviz.inference import answer
-    from cliviz.inputs import is_word_level
-
-    refs = list(references) if references is not None else [None] * len(questions)
+    refs: list[str | list[int] | None] = list(references) if references is not None else [None] * len(questions)
     missing = [i for i, r in enumerate(refs) if r is None or (isinstance(r, str) and not r.strip())]
     if not missing or is_word_level(tokenizer):
-        return references
+        return None if references is None else list(references)
     answers = answer(model, tokenizer, [images[i] for i in missing], [questions[i] for i in missing])
     for i, ans in zip(missing, answers):
         ids = [t for t in ans.token_ids if t != tokenizer.eos_token_id]
@@ -115,10 +116,8 @@ def own_answers(
     return refs
 
 
-def suppressed(tokenizer) -> list[int]:
+def suppressed(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens generation never emits: not answers."""
-    from cliviz.inference import suppressed_tokens
-
     return suppressed_tokens(tokenizer)
 
 
@@ -142,7 +141,9 @@ def make_batch(samples: list[Sample], which: Sequence[int], pad_id: int, device)
     ids = torch.full((len(fed), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(fed), width), dtype=torch.long)
     offsets = np.zeros(len(fed), dtype=np.int64)
-    rows, pos, spans = [], [], []
+    rows: list[int] = []
+    pos: list[int] = []
+    spans: list[tuple[int, int]] = []
     for r, (s, f) in enumerate(zip(which, fed, strict=True)):
         off = width - len(f)
         offsets[r] = off

@@ -37,9 +37,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
-from cliviz.analyses.ablations.interventions import LayerOps, apply_ablation, chunk_ops, means_for
-from cliviz.analyses.ablations.layout import (
+from cliviz.errors import CLIVizError
+from cliviz.intervene.envoy import envoy
+from cliviz.intervene.interventions import LayerOps, apply_ablation, chunk_ops, means_for
+from cliviz.intervene.layout import (
     Batch,
     Sample,
     layout_samples,
@@ -48,12 +51,11 @@ from cliviz.analyses.ablations.layout import (
     pad_into,
     suppressed,
 )
-from cliviz.analyses.ablations.measures import score_row, scores_frame
-from cliviz.analyses.ablations.spec import Ablation, Plan, make_plan, n_slots
-from cliviz.errors import CLIVizError
+from cliviz.intervene.measures import score_row, scores_frame
+from cliviz.intervene.spec import Ablation, Plan, make_plan, n_slots
 from cliviz.model import processing
+from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import ImageInputs, image_inputs, n_image_tokens
-from cliviz.tracing.record import envoy
 
 CACHE_BUDGET_BYTES = 1 << 30  # reference values kept for prefix sharing, per block of samples
 
@@ -262,7 +264,7 @@ def _reference_pass(
             a, b = batch.spans[r]
             ref.logprobs[s] = lp[a:b].numpy()
             ref.own[s] = int(masked[a].argmax())
-            if g is not None:
+            if g is not None and ref.gate_mass is not None:  # a model with gates
                 row = g[r, :, off:]  # [L, T_s, K]
                 for t, (sums, counts) in ref.token_sums.items():
                     m = samples[s].token_mask(t, image_id)
@@ -325,7 +327,7 @@ def _stack_rows(rows: list) -> Any:
 
 
 def reference_run(
-    model,
+    model: CLIForConditionalGeneration,
     samples: list[Sample],
     pixels: ImageInputs,
     suppress: list[int],
@@ -390,8 +392,8 @@ def _cache_plan(
 
 
 def run_conditions(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     references: Sequence[str | None] | None,
@@ -417,8 +419,8 @@ def run_conditions(
     if qtypes is None and any(p.ablation.per_qtype for p in computed_means):
         raise CLIVizError("a per-question-type mean ablation needs the question types (qtypes)")
     pixels = image_inputs(list(images), model.config)
-    references = own_answers(model, tokenizer, images, questions, references)
-    samples = layout_samples(model, tokenizer, questions, references, qtypes, pixels.token_counts)
+    refs = own_answers(model, tokenizer, images, questions, references)
+    samples = layout_samples(model, tokenizer, questions, refs, qtypes, pixels.token_counts)
     suppress = suppressed(tokenizer)
     pad_id = processing.pad_id(tokenizer)
     token_sets = {p.ablation.tokens for p in computed_means}
@@ -495,7 +497,7 @@ def _score_blocks(
             groups: dict[int, list[tuple[int, int]]] = {}
             for c, p in plans.items():
                 groups.setdefault(min(p.layers), []).extend((s, c) for s in block_samples)
-            todo = [(g, rows) for g, rows in sorted(groups.items())]
+            todo: list[tuple[int | None, list[tuple[int, int]]]] = list(sorted(groups.items()))
         else:
             todo = [(None, [(s, c) for s in block_samples for c in plans])]
         for g, group_rows in todo:
@@ -507,7 +509,7 @@ def _score_blocks(
                 ops = chunk_ops(
                     rows, plans, batch, samples, ref, means, n_layers, k, image_id, model.device, model.config
                 )
-                skip = _make_skip(model, cache, rows, g, batch, want) if g is not None else None
+                skip = _make_skip(model, cache, rows, g, batch, want) if g is not None and want is not None else None
                 store = _forward(model, batch, pixels.select(which), ops, skip=skip)
                 lp = torch.log_softmax(store["logits"], dim=-1).cpu().numpy()
                 for r, (s, c) in enumerate(rows):

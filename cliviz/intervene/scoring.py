@@ -14,18 +14,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
-from cliviz.analyses.ablations.engine import reference_run, run_conditions
-from cliviz.analyses.ablations.layout import layout_samples, suppressed
-from cliviz.analyses.ablations.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.errors import CLIVizError
+from cliviz.intervene.engine import reference_run, run_conditions
+from cliviz.intervene.layout import layout_samples, suppressed
+from cliviz.intervene.spec import KINDS, TOKEN_SETS, Ablation
 from cliviz.model import processing
+from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import image_inputs
 
 
 def mean_gates(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     *,
@@ -63,8 +65,8 @@ def mean_gates(
 
 
 def score_with_gate_mass(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     references: Sequence[str | None] | None,
@@ -91,8 +93,8 @@ def score_with_gate_mass(
 
 
 def score_conditions(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     references: Sequence[str | None] | None,
@@ -127,8 +129,8 @@ def score_conditions(
 
 
 def single_cell(
-    model,
-    tokenizer,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
     image: Image.Image,
     question: str,
     llm_layer: int,

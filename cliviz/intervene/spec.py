@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cliviz.errors import CLIVizError
-from cliviz.tracing.schema import TOKEN_SETS
+from cliviz.token_sets import TOKEN_SETS
 
 KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
 REFERENCE = "reference"  # the condition label of the unablated run
@@ -145,6 +145,7 @@ def make_plan(ablation: Ablation, model) -> Plan:
         fill[idx] = 1.0 / len(set(idx))
     elif ablation.kind == "onehot":
         fill = np.zeros(k, dtype=np.float32)
+        assert ablation.value is not None  # an onehot Ablation is refused without its value
         forced = _position(vis, ablation.value, "vision layer")
         fill[forced if k == len(vis) else 0] = 1.0
     return Plan(ablation, layers, keep, renorm, fill, ablation.kind == "injection_off")
