@@ -4,9 +4,10 @@ From the bottom: the library (`cliviz/`: model, data, inference, the interventio
 `cliviz.intervene`, tracing and trace files, training) → the analyses (`cliviz.analyses`) → the
 dashboard (`cliviz.app`) → the command line (`cliviz.cli`) and the lazy top-level facade
 (`cliviz/__init__.py` with its checked wrappers in `cliviz/api.py`), which sit above everything.
-The one way up from the library is the display seam `cliviz/tracing/display.py` (`Trace.heatmap`,
-`_repr_html_`), which imports its drawing code when called. Imports are read from the source with `ast`, function-local and `TYPE_CHECKING` ones
-included, so a cycle cannot hide behind a lazy import.
+The one way up from the library is the display seam `cliviz/tracing/display.py`
+(`Trace.heatmap`, `_repr_html_`), which imports its drawing code when called. Imports are read
+from the source with `ast`, function-local and `TYPE_CHECKING` ones included, so a cycle cannot
+hide behind a lazy import.
 """
 
 from __future__ import annotations
