@@ -16,6 +16,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def check_model_pair(model: Any, tokenizer: Any) -> None:
         raise CLIVizError(f"model must be a cliviz model (from cliviz.load_model), got {shown(model)}")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise CLIVizError(f"tokenizer must be the model's tokenizer (from cliviz.load_model), got {shown(tokenizer)}")
-    rows = model.get_input_embeddings().num_embeddings
+    rows = int(model.get_input_embeddings().num_embeddings)  # type: ignore[arg-type]
     if len(tokenizer) > rows:
         raise CLIVizError(
             f"tokenizer does not belong to this model: it has {len(tokenizer)} tokens, the model embeds {rows}"
@@ -246,7 +247,8 @@ def check_requests(model: Any, tokenizer: Any, images: Any, questions: Any) -> l
 def warn(messages: Sequence[str]) -> None:
     """Each distinct message as a `CLIVizWarning`, attributed to the caller's own line (the first
     frame outside cliviz and torch's decorators); the command line prints it as one `warning:` line."""
-    frame, level = sys._getframe(1), 2
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in ("cliviz", "torch"):
         frame, level = frame.f_back, level + 1
     for message in dict.fromkeys(messages):

@@ -72,7 +72,7 @@ def as_image(value: object, name: str = "image") -> Image.Image:
     if isinstance(value, Image.Image) and value.mode == "RGB":
         _check_size(value.width, value.height, name)
         return value
-    return load_image(value, name=name if not isinstance(value, (str, os.PathLike)) else None)
+    return load_image(value, name=name if not isinstance(value, (str, os.PathLike)) else None)  # type: ignore[arg-type]
 
 
 def _check_size(width: int, height: int, label: str) -> None:
@@ -86,7 +86,8 @@ def _decode(stream: io.BytesIO | Path, label: str, max_side: int | None) -> Imag
     """Open, verify, shrink (when asked) and convert a file or upload."""
     try:
         with Image.open(stream) as image:
-            _check_size(*image.size, label)
+            width, height = image.size
+            _check_size(width, height, label)
             return _from_pil(image, label, max_side)
     except CLIVizError:
         raise
