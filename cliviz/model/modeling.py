@@ -24,10 +24,12 @@ layer index to its AGF module.
 from __future__ import annotations
 
 import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import (
     GenerationMixin,
@@ -151,7 +153,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             )
         else:
             self.agf = nn.ModuleList()
-        self._training_context: _VisualContext | None = None  # see enable_gradient_checkpointing
+        self._checkpointed = False  # see enable_gradient_checkpointing
         self._hook_handles = [
             self.decoder_layers[layer].register_forward_pre_hook(self._make_hook(j), with_kwargs=True)
             for j, layer in enumerate(config.injection_layers)
@@ -192,33 +194,66 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         return self.config.base_model_type == "llava_onevision"
 
     # -- injection ---------------------------------------------------------------------------
+    def _inject(self, j: int, hidden: torch.Tensor, ctx: _VisualContext) -> torch.Tensor:
+        """`hidden [B, T, D]` plus injection `j`'s update (unchanged when this call has nothing to inject)."""
+        if self.config.fusion == "deepstack":
+            if ctx.image_embeds is None or ctx.image_embeds.shape[1] != hidden.shape[1]:
+                return hidden  # decode steps hold no image tokens
+            update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
+        else:
+            if ctx.kv is None:
+                return hidden
+            update = self.agf[j](hidden, ctx.kv.keys[j], ctx.kv.values[j], ctx.kv.mask)  # [B, T, D]
+        return hidden + update
+
     def _make_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            ctx = _CURRENT.get() or (self._training_context if self.training else None)
-            if ctx is None:
-                return None
+            ctx = _CURRENT.get()
+            if ctx is None or self._checkpointing_now():
+                return None  # checkpointed training: the layer's own checkpointed call injects
             hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
-            if self.config.fusion == "deepstack":
-                if ctx.image_embeds is None or ctx.image_embeds.shape[1] != hidden.shape[1]:
-                    return None  # decode steps hold no image tokens
-                update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
-            else:
-                if ctx.kv is None:
-                    return None
-                update = self.agf[j](hidden, ctx.kv.keys[j], ctx.kv.values[j], ctx.kv.mask)  # [B, T, D]
-            hidden = hidden + update
+            hidden = self._inject(j, hidden, ctx)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
 
+    def _checkpointing_now(self) -> bool:
+        return self._checkpointed and self.training and torch.is_grad_enabled()
+
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the base's activations in the backward pass instead of keeping them (memory for
-        time). The injections run inside the checkpointed decoder layers, and the backward pass
-        recomputes them outside `forward`, where the call's visual context is gone: while training,
-        the model keeps the last forward's context for that recomputation."""
+        """Recompute activations in the backward pass instead of keeping them (memory for time).
+
+        The vision tower's layers use transformers' own checkpointing. Each decoder layer is
+        checkpointed here as a whole, injection included: transformers checkpoints a layer's
+        `forward`, while the injection runs in a forward pre-hook outside it, so with transformers'
+        checkpointing alone every AGF layer would keep its activations (at 7B about half of what the
+        checkpointed decoder layer gives back). Only each layer's input hidden state is kept."""
         self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        injection_at = {layer: j for j, layer in enumerate(self.config.injection_layers)}
+        for i, layer in enumerate(self.decoder_layers):
+            layer.gradient_checkpointing = False  # replaced by the checkpoint below, which covers the injection
+            layer.forward = functools.partial(self._checkpointed_layer, layer, type(layer).forward, injection_at.get(i))
+        self._checkpointed = True
+
+    def _checkpointed_layer(self, layer: nn.Module, forward, j: int | None, *args, **kwargs):
+        """Decoder layer `layer` (its injection `j` first, if any) under one non-reentrant checkpoint."""
+        if not self._checkpointing_now():
+            return forward(layer, *args, **kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")  # [B, T, D]
+        rest = args[1:]
+        kwargs = {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
+        if kwargs.get("cache") is not None:
+            kwargs["cache"] = None  # the recomputation would write the cache twice
+        ctx = _CURRENT.get()
+
+        def run(h: torch.Tensor):
+            if j is not None and ctx is not None:
+                h = self._inject(j, h, ctx)
+            return forward(layer, h, *rest, **kwargs)
+
+        return torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
 
     # -- the image side ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None):
@@ -405,8 +440,6 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask, image_sizes)
         extra = {"image_sizes": image_sizes} if self.is_onevision else {}
         context = _VisualContext(vision_kv, image_embeds, image_mask)
-        if self.training and self.base.is_activation_checkpointing:
-            self._training_context = context
         token = _CURRENT.set(context)
         try:
             out = self.base(
