@@ -89,7 +89,7 @@ def trace_batch(
     `max_new_tokens` defaults to `default_max_new_tokens` (4 for the bundled models, 256 for real
     checkpoints); generation stops earlier when every row has emitted eos. `causal_check=True` also
     measures, for every row, the effect of switching the injection off (`cliviz.tracing.causal`):
-    one more batched call of the ablation engine, no generation.
+    one teacher-forced forward of the answers shown, no generation.
     """
     max_new_tokens = max_new_tokens or default_max_new_tokens(tokenizer)
     inputs = prepare_inputs(model, tokenizer, images, questions)
@@ -101,7 +101,8 @@ def trace_batch(
     if causal_check:
         from cliviz.tracing.causal import causal_checks
 
-        checks = causal_checks(model, tokenizer, images, questions)
+        shown = [recorded.row(b, tokenizer.eos_token_id, model)[1] for b in range(len(questions))]
+        checks = causal_checks(model, tokenizer, inputs, shown, list(recorded.logprobs))
     shared = _shared_meta(model)
     traces = []
     for b in range(len(questions)):
