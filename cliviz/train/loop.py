@@ -31,7 +31,7 @@ from cliviz.data.loader import Batch, ConversationStream, DataSummary, make_load
 from cliviz.train import distributed as dist_
 from cliviz.train.precision import precision_for
 from cliviz.train.records import TrainingLog, earlier_log_rows, write_model_card, write_summary
-from cliviz.train.settings import TrainSettings
+from cliviz.train.settings import TrainSettings, parts_of
 from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
 from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
 from cliviz.train.tiny import AuxHeads, TowerHeads, aux_loss, scene_seed, tower_loss
@@ -139,7 +139,7 @@ class Trainer:
         torch.manual_seed(settings.seed + self.where.rank)
         np.random.seed(settings.seed)
         base_dtype = _base_dtype(settings.dtype, self.device)
-        model, self.tokenizer = build_model(settings, base_dtype)
+        model, self.tokenizer = build_model(settings, base_dtype, self.device)
         self.model = model
         self.save_dtype = save_dtype or _stored_dtype(settings)
         self.trained = select_trainable(model, settings.trainable)
@@ -157,7 +157,8 @@ class Trainer:
             model.train(), heads, settings.aux_layer, tower, (settings.smooth_from, settings.smooth_weight)
         )
         trainee = trainee.to(self.device)
-        self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
+        mode = "fsdp" if settings.distributed == "fsdp" else "ddp"
+        self.trainee = dist_.wrap(trainee, self.where, mode, find_unused="vision" in parts_of(settings.trainable))
         self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
         self.precision = precision_for(base_dtype, self.device)
         self.stepped = True  # False after a float16 step skipped for inf/nan gradients
