@@ -4,11 +4,11 @@ A `TorchDispatchMode` sees every tensor an operator returns; each new storage is
 last tensor dies, and the peak is kept. Weights built before the count are not counted, so the
 figures are activations, caches, logits and gradients — what comes on top of the weights.
 
-Models: a Llama at LLaVA-1.5-7B width (hidden 4096, MLP 11008, 32 heads, 32k vocabulary) with 1 and 2
+Models: a Llama at LLaVA-1.5-7B width (hidden 4096, MLP 11008, 32 heads, 32k vocabulary) with 2 and 3
 decoder layers, a CLIP-L/14-336-shaped tower (1024 wide, 577 tokens) with 2 layers, CLI attached
-(every vision layer, every LLM layer but the first: the 2-layer model has one AGF layer), weights
-stored in bfloat16. Differences between the 1- and 2-layer models give the bytes of one LLM layer
-and of one AGF layer; the rest is what a model of any depth pays once (embeddings, logits, loss).
+(every vision layer, every LLM layer but the first: 1 and 2 AGF layers), weights stored in bfloat16.
+The difference between the two gives the bytes of one LLM layer and of one AGF layer (the base alone,
+injection off, separates them); a 32-layer model is the 2-layer one plus 30 such layers.
 
 Phases: `prefill` (one forward, no gradient), `trace` (`cliviz.trace`, a few new tokens, every gate
 recorded, causal check included), `ablate` (the batched engine: reference + injection off + two
@@ -150,7 +150,7 @@ def measure(phase: str, model, tok, image, inputs, checkpointing: bool = False) 
     elif phase == "ablate":
         from cliviz.analyses.ablations import Ablation, score_conditions
 
-        conditions = [None, Ablation("injection_off"), Ablation("knockout", None, [0]), Ablation("knockout", None, [1])]
+        conditions = [None, Ablation("injection_off"), Ablation("knockout", None, [1]), Ablation("knockout", None, [2])]
         with counter:
             score_conditions(model, tok, [image], ["what color is the triangle ?"], None, conditions)
     else:
@@ -178,7 +178,7 @@ def main() -> None:
     phases = args.phases.split(",")
     results: dict[tuple[str, int, str], int] = {}
     tokens = 0
-    for layers in (1, 2):
+    for layers in (2, 3):
         model, tok = build(layers, vision_layers=2)
         image, inputs = sample_inputs(model, tok, args.answer_tokens)
         tokens = inputs["input_ids"].shape[1]
@@ -204,16 +204,16 @@ def main() -> None:
         del model
     print(f"\nper token at LLaVA-1.5-7B width ({tokens} tokens: 576 image + prompt + {args.answer_tokens} answer):")
     for phase in phases:
-        one, two = results[(phase, 1, "cli")], results[(phase, 2, "cli")]
-        line = f"{phase:9s} fixed {one / tokens / 1024:8.1f} KB"
-        if (phase, 1, "base") in results:
-            llm = results[(phase, 2, "base")] - results[(phase, 1, "base")]
+        one, two = results[(phase, 2, "cli")], results[(phase, 3, "cli")]
+        line = f"{phase:9s} 2 layers {one / tokens / 1024:8.1f} KB"
+        if (phase, 2, "base") in results:
+            llm = results[(phase, 3, "base")] - results[(phase, 2, "base")]
             agf = (two - one) - llm
             line += f"  per LLM layer {llm / tokens / 1024:7.1f} KB  per AGF layer {agf / tokens / 1024:7.1f} KB"
-            line += f"  -> 32 layers (31 AGF): {(one + 31 * (two - one)) / 2**30:6.2f} GB"
+            line += f"  -> 32 layers (31 AGF): {(one + 30 * (two - one)) / 2**30:6.2f} GB"
         else:
             line += f"  per LLM+AGF layer {(two - one) / tokens / 1024:7.1f} KB"
-            line += f"  -> 32 layers: {(one + 31 * (two - one)) / 2**30:6.2f} GB"
+            line += f"  -> 32 layers: {(one + 30 * (two - one)) / 2**30:6.2f} GB"
         print(line)
 
 
