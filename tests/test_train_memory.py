@@ -210,3 +210,31 @@ def test_gradient_accumulation_equals_the_larger_batch(setup, tmp_path):
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-3
     summary = json.loads((two / "training_summary.json").read_text())
     assert summary["data"]["samples"] == json.loads((one / "training_summary.json").read_text())["data"]["samples"]
+
+
+def test_the_vision_cache_is_bounded_and_exact(setup):
+    """States come back exactly as the tower computes them; past `max_bytes` the least recently used
+    samples are dropped (and recomputed when they return)."""
+    from cliviz.data.collate import collator_for_model
+    from cliviz.data.sources import open_source
+    from cliviz.model.loading import load_model
+    from cliviz.train.vision_cache import VisionCache
+
+    model, tok = load_model(setup["cli"], device="cpu", dtype="bfloat16")
+    rows = [row for row, _ in zip(open_source(setup["data"], setup["images"]), range(6))]
+    pixels = collator_for_model(model.config, tok)(rows).inputs["pixel_values"]
+    ids = [str(i) for i in range(6)]
+    probe = VisionCache(model, max_bytes=1 << 40)
+    probe.states(ids[:1], pixels[:1])
+    one = probe.bytes  # one sample's states
+    cache = VisionCache(model, max_bytes=int(2.5 * one))
+    with torch.no_grad():
+        want = model.base.model.vision_tower(pixels.to(torch.bfloat16), output_hidden_states=True).hidden_states
+    for start in (0, 2, 4, 0):
+        got = cache.states(ids[start : start + 2], pixels[start : start + 2])
+        for k in cache.layers:
+            assert torch.equal(got[k], want[k][start : start + 2])
+        assert cache.bytes <= cache.max_bytes and len(cache.store) == 2
+    assert cache.evicted == 6 and cache.misses == 8 and cache.hits == 0  # samples 0, 1 were dropped, then recomputed
+    again = cache.states(ids[:2], pixels[:2])
+    assert cache.hits == 2 and torch.equal(again[cache.layers[0]], want[cache.layers[0]][:2])
