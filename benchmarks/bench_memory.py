@@ -112,6 +112,7 @@ def build(llm_layers: int, vision_layers: int, seed: int = 0):
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.02)
+        base.lm_head.weight[len(tok) :] = 0  # answers stay inside the small tokenizer's words
     cli = attach(base).eval()
     with torch.no_grad():
         for layer in cli.agf:

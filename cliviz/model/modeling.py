@@ -309,8 +309,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
 
     def _pack_onevision(self, projected: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crops `[X, K, n, D]` -> per-image memory `[B, K, N, D]` + mask `[B, N]`, through the base's
-        own `pack_image_features` (the K layers ride along as channels: unpadding, interpolation and
-        newline tokens act channel by channel, so this is the base's path for every layer at once)."""
+        own `pack_image_features`, one vision layer at a time: the base's path for each layer, and the
+        anyres grid (unpadded, interpolated down for large images) held for one layer at once rather
+        than for all K (a 1920x1080 image at 7B width: ~0.3 GB instead of ~8 GB of transients)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         cfg = self.config.base_config
@@ -321,17 +322,21 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         x, k, n, d = projected.shape
         if sum(crops) != x:
             raise ValueError(f"the vision tower saw {x} crops, but image_sizes call for {sum(crops)}")
-        per_image = [p.permute(0, 2, 1, 3).reshape(p.shape[0], n, k * d) for p in torch.split(projected, crops)]
-        newline = self.base.model.image_newline.to(projected.dtype).repeat(k)  # [K*D]
-        packed, _ = self.base.model.pack_image_features(
-            per_image, image_sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
-        )
-        width = max(f.shape[0] for f in packed)
-        memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
-        mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
-        for i, feats in enumerate(packed):  # each [N_i, K*D]
-            memory[i, :, : feats.shape[0]] = feats.view(-1, k, d).transpose(0, 1)
-            mask[i, : feats.shape[0]] = True
+        newline = self.base.model.image_newline.to(projected.dtype)  # [D]
+        memory = mask = None
+        for j in range(k):
+            per_image = [p[:, j] for p in torch.split(projected, crops)]  # each [crops_i, n, D]
+            packed, _ = self.base.model.pack_image_features(
+                per_image, image_sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
+            )  # each [N_i, D]
+            if memory is None:
+                width = max(f.shape[0] for f in packed)
+                memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
+                mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
+                for i, feats in enumerate(packed):
+                    mask[i, : feats.shape[0]] = True
+            for i, feats in enumerate(packed):
+                memory[i, j, : feats.shape[0]] = feats
         return memory, mask
 
     def memory_coordinates(self, n_memory: int, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
