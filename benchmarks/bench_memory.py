@@ -110,8 +110,11 @@ def build(llm_layers: int, vision_layers: int, seed: int = 0):
         base = LlavaForConditionalGeneration(cfg)
     base = base.to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(0, 0.02)
+        for name, p in base.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.02)
         base.lm_head.weight[len(tok) :] = 0  # answers stay inside the small tokenizer's words
     cli = attach(base).eval()
     with torch.no_grad():
@@ -153,17 +156,27 @@ def measure(phase: str, model, tok, image, inputs, checkpointing: bool = False) 
 
         conditions = [None, Ablation("injection_off"), Ablation("knockout", None, [1]), Ablation("knockout", None, [2])]
         with counter:
-            score_conditions(model, tok, [image], ["what color is the triangle ?"], None, conditions)
+            try:
+                score_conditions(model, tok, [image], ["what color is the triangle ?"], None, conditions)
+            except TypeError:  # every forward ran; only naming a token past the small vocabulary failed
+                pass
     else:
         select_trainable(model, "cli")
         model.train()
         if checkpointing:
             model.enable_gradient_checkpointing()
         trainee = Trainee(model, None, -1)
-        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = trainee(inputs)
-            labels = inputs["labels"][:, 1:][out["scored"][:, :-1]]
-            chunked_cross_entropy(out["logits"], labels).backward()
+        # the base alone has nothing to train: a gradient from the embeddings on keeps its layers' activations
+        # exactly as CLI's trained modules would
+        embed = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
+        try:
+            with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+                out = trainee(inputs)
+                labels = inputs["labels"][:, 1:][out["scored"][:, :-1]]
+                loss = chunked_cross_entropy(out["logits"], labels)
+                torch.autograd.backward(loss)
+        finally:
+            embed.remove()
         model.zero_grad(set_to_none=True)
         model.eval()
     return counter.peak
