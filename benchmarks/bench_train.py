@@ -114,7 +114,7 @@ def step_seconds(folder: Path, data: Path, images: Path, *, cache: bool, steps: 
             if i >= per_pass + steps:
                 break
             t0 = time.perf_counter()
-            tokens.append(trainer.train_step(b, 0.5))
+            tokens.append(trainer.train_step([b], 0.5))  # one micro-batch per step
             if i >= per_pass:  # the first pass fills the cache (and warms up)
                 times.append(time.perf_counter() - t0)
     return statistics.median(times), statistics.median(tokens)

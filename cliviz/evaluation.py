@@ -6,8 +6,9 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from cliviz.data.samples import DataSet
-from cliviz.inference import answer, score_references
+from cliviz.inference import answer, default_max_new_tokens, score_references
 from cliviz.inputs import is_word_level, load_image
+from cliviz.memory import auto_batch_size, in_batches, prompt_tokens_estimate
 
 
 def normalise_answer(text: str) -> str:
@@ -16,9 +17,12 @@ def normalise_answer(text: str) -> str:
 
 
 def evaluate(
-    model, tokenizer, data: DataSet, batch_size: int = 64, on_batch: Callable[[int], None] | None = None
+    model, tokenizer, data: DataSet, batch_size: int | None = None, on_batch: Callable[[int], None] | None = None
 ) -> dict:
     """Greedy answers vs references: `{"overall", "per_type", "n", "skipped"}`.
+
+    `batch_size` None: as many rows as fit the device's free memory (`cliviz.memory.auto_batch_size`);
+    a batch that runs out of memory anyway is halved and retried.
 
     Bundled word-level models answer one word: exact match. Real checkpoints answer in free text:
     the whole generated answer must match the reference after `normalise_answer`, and the reference
@@ -30,14 +34,20 @@ def evaluate(
     ref_sum: dict[str, list[float]] = defaultdict(list)
     ref_mean: dict[str, list[float]] = defaultdict(list)
     labelled = [r for r in data.records if r.answer is not None]
-    for start in range(0, len(labelled), batch_size):
-        chunk = labelled[start : start + batch_size]
+    new_tokens = 2 if word_level else default_max_new_tokens(tokenizer)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, prompt_tokens_estimate(model.config), new_tokens, new_tokens)
+
+    def run(chunk):
         images = [load_image(r.image_path) for r in chunk]
         questions = [r.question for r in chunk]
         answers = answer(model, tokenizer, images, questions, max_new_tokens=2 if word_level else None)
         scores = (
             None if word_level else score_references(model, tokenizer, images, questions, [r.answer for r in chunk])
         )
+        return answers, scores
+
+    for chunk, (answers, scores) in in_batches(labelled, batch_size, run):
         for i, (record, ans) in enumerate(zip(chunk, answers)):
             qtype = record.qtype or "unknown"
             if word_level:

@@ -90,7 +90,7 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
     for t in ids:
         if t == tokenizer.eos_token_id:
             break
-        words.append(tokenizer.convert_ids_to_tokens(t))
+        words.append(token_texts(tokenizer, [t])[0])  # an id past the vocabulary reads <id:N>
     return " ".join(words)
 
 

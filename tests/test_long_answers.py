@@ -118,3 +118,38 @@ def test_eval_scores_free_text_by_the_whole_reference(real, tmp_path):
     assert out["n"] == 2 and out["reference_logprob"]["overall"] < 0
     # the mean per token is the per-sample sum over its tokens, averaged: it differs from the sum
     assert out["reference_logprob_mean"]["overall"] > out["reference_logprob"]["overall"]
+
+
+def test_the_causal_check_scores_the_answer_shown_without_generating_again(real, monkeypatch):
+    """The check of a free-text answer: the trace's own answer (within its max_new_tokens), teacher-forced
+    with the injection off; one generation in all (the check's is gone)."""
+    import cliviz.inference
+    from cliviz.inference import prepare_inputs
+    from cliviz.tracing import trace
+
+    model, tok = real["model"], real["tok"]
+    calls = []
+    generate = type(model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("max_new_tokens"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", counting)
+    monkeypatch.setattr(cliviz.inference, "answer", lambda *a, **k: pytest.fail("the check generated an answer"))
+    t = trace(model, tok, real["image"], "Describe the picture.", max_new_tokens=6)
+    assert calls == [6] and 1 <= len(t.answer_ids) <= 6
+    shown = [int(i) for i in t.answer_ids if int(i) != tok.eos_token_id] or [int(t.answer_ids[0])]
+    inputs = prepare_inputs(model, tok, [real["image"]], ["Describe the picture."])
+    width = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([shown[:-1]])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    hooks = [layer.injection.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for layer in model.agf]
+    try:
+        with torch.no_grad():
+            off = torch.log_softmax(model(**inputs, use_cache=False).logits[0, width - 1 :].float(), -1)
+    finally:
+        for h in hooks:
+            h.remove()
+    want = float(off.gather(-1, torch.tensor(shown)[:, None]).sum() - t.answer_logprobs[: len(shown)].sum())
+    assert t.causal.delta_logprob == pytest.approx(want, abs=1e-3)

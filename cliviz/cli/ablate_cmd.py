@@ -220,8 +220,11 @@ def ablate_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_batch: Annotated[
-        int, typer.Option("--max-batch", min=1, help="Rows (samples x conditions) per forward.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            "--max-batch", min=1, help="Rows (samples x conditions) per forward (default: what fits free memory)."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use the first N samples of --data.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
     as_json: JsonOpt = False,
@@ -276,19 +279,27 @@ def ablate_cmd(
         disable=as_json or total < 512,
     ) as progress:
         task = progress.add_task("ablating", total=total)
-        report = A.run_study(
-            net,
-            tok,
-            images,
-            questions,
-            references,
-            conditions,
-            qtypes=qtypes,
-            grid=grid,
-            max_batch=max_batch,
-            seed=seed,
-            progress=lambda n: progress.advance(task, n),
-        )
+        from cliviz.memory import auto_batch_size, prompt_tokens_estimate, with_oom_retry
+
+        rows = max_batch or auto_batch_size(net, prompt_tokens_estimate(net.config), 0, 8, cap=256)
+
+        def study(batch: int):
+            progress.reset(task)
+            return A.run_study(
+                net,
+                tok,
+                images,
+                questions,
+                references,
+                conditions,
+                qtypes=qtypes,
+                grid=grid,
+                max_batch=batch,
+                seed=seed,
+                progress=lambda n: progress.advance(task, n),
+            )
+
+        report = with_oom_retry(study, rows)
     report.write(out)
     if as_json:
         typer.echo(json.dumps(_payload(report, paths, str(net.name_or_path), data is None), default=str))

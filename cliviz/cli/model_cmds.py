@@ -46,7 +46,9 @@ def eval_cmd(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Rows per batch (default: what fits free memory).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy overall and per question type."""

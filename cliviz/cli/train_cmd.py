@@ -104,6 +104,15 @@ def train(
             help="Samples per step and process (a ShapesVQA image with all its questions is one sample).",
         ),
     ] = 32,
+    grad_accum: Annotated[
+        int,
+        Opt(
+            "--grad-accum",
+            min=1,
+            help="Micro-batches of --batch-size per optimiser step (gradients accumulated: the same step as one "
+            "batch of N x --batch-size, in the memory of one micro-batch).",
+        ),
+    ] = 1,
     lr: Annotated[float, Opt("--lr", help="Peak learning rate.")] = 2e-3,
     alpha_lr: Annotated[
         float, Opt("--alpha-lr", help="Learning rate of the injection gates' alpha (no warmup: it must leave 0 first).")
@@ -129,8 +138,8 @@ def train(
         Opt(
             "--dtype",
             help=(
-                "Frozen base weights: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16; "
-                "trained weights stay fp32, bf16 autocast on GPU."
+                "Frozen base weights and compute: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | "
+                "float16; trained weights stay fp32 under autocast (CPU and GPU), float16 with a loss scaler."
             ),
         ),
     ] = "auto",
@@ -258,6 +267,7 @@ def train(
         steps=steps,
         minutes=minutes,
         batch_size=batch_size,
+        grad_accum=grad_accum,
         lr=lr,
         alpha_lr=alpha_lr,
         warmup=warmup,

@@ -24,11 +24,13 @@ layer index to its AGF module.
 from __future__ import annotations
 
 import contextvars
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import (
     GenerationMixin,
@@ -169,7 +171,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             self.agf = nn.ModuleList(DeepStackLayer(text_hidden) for _ in config.injection_layers)
         else:
             self.agf = nn.ModuleList()
-        self._training_context: _VisualContext | None = None  # see enable_gradient_checkpointing
+        self._checkpointed = False  # see enable_gradient_checkpointing
         self._hook_handles = [
             self.decoder_layers[layer].register_forward_pre_hook(self._make_hook(j), with_kwargs=True)
             for j, layer in enumerate(config.injection_layers)
@@ -210,33 +212,66 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         return self.config.base_model_type == "llava_onevision"
 
     # -- injection ---------------------------------------------------------------------------
+    def _inject(self, j: int, hidden: torch.Tensor, ctx: _VisualContext) -> torch.Tensor:
+        """`hidden [B, T, D]` plus injection `j`'s update (unchanged when this call has nothing to inject)."""
+        if self.config.fusion == "deepstack":
+            if ctx.image_embeds is None or ctx.image_embeds.shape[1] != hidden.shape[1]:
+                return hidden  # decode steps hold no image tokens
+            update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
+        else:
+            if ctx.kv is None:
+                return hidden
+            update = self.agf[j](hidden, ctx.kv.keys[j], ctx.kv.values[j], ctx.kv.mask)  # [B, T, D]
+        return hidden + update
+
     def _make_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            ctx = _CURRENT.get() or (self._training_context if self.training else None)
-            if ctx is None:
-                return None
+            ctx = _CURRENT.get()
+            if ctx is None or self._checkpointing_now():
+                return None  # checkpointed training: the layer's own checkpointed call injects
             hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
-            if self.config.fusion == "deepstack":
-                if ctx.image_embeds is None or ctx.image_embeds.shape[1] != hidden.shape[1]:
-                    return None  # decode steps hold no image tokens
-                update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
-            else:
-                if ctx.kv is None:
-                    return None
-                update = self.agf[j](hidden, ctx.kv.keys[j], ctx.kv.values[j], ctx.kv.mask)  # [B, T, D]
-            hidden = hidden + update
+            hidden = self._inject(j, hidden, ctx)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
 
+    def _checkpointing_now(self) -> bool:
+        return self._checkpointed and self.training and torch.is_grad_enabled()
+
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the base's activations in the backward pass instead of keeping them (memory for
-        time). The injections run inside the checkpointed decoder layers, and the backward pass
-        recomputes them outside `forward`, where the call's visual context is gone: while training,
-        the model keeps the last forward's context for that recomputation."""
+        """Recompute activations in the backward pass instead of keeping them (memory for time).
+
+        The vision tower's layers use transformers' own checkpointing. Each decoder layer is
+        checkpointed here as a whole, injection included: transformers checkpoints a layer's
+        `forward`, while the injection runs in a forward pre-hook outside it, so with transformers'
+        checkpointing alone every AGF layer would keep its activations (at 7B about half of what the
+        checkpointed decoder layer gives back). Only each layer's input hidden state is kept."""
         self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        injection_at = {layer: j for j, layer in enumerate(self.config.injection_layers)}
+        for i, layer in enumerate(self.decoder_layers):
+            layer.gradient_checkpointing = False  # replaced by the checkpoint below, which covers the injection
+            layer.forward = functools.partial(self._checkpointed_layer, layer, type(layer).forward, injection_at.get(i))
+        self._checkpointed = True
+
+    def _checkpointed_layer(self, layer: nn.Module, forward, j: int | None, *args, **kwargs):
+        """Decoder layer `layer` (its injection `j` first, if any) under one non-reentrant checkpoint."""
+        if not self._checkpointing_now():
+            return forward(layer, *args, **kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")  # [B, T, D]
+        rest = args[1:]
+        kwargs = {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
+        if kwargs.get("cache") is not None:
+            kwargs["cache"] = None  # the recomputation would write the cache twice
+        ctx = _CURRENT.get()
+
+        def run(h: torch.Tensor):
+            if j is not None and ctx is not None:
+                h = self._inject(j, h, ctx)
+            return forward(layer, h, *rest, **kwargs)
+
+        return torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
 
     # -- the image side ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None):
@@ -292,8 +327,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
 
     def _pack_onevision(self, projected: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crops `[X, K, n, D]` -> per-image memory `[B, K, N, D]` + mask `[B, N]`, through the base's
-        own `pack_image_features` (the K layers ride along as channels: unpadding, interpolation and
-        newline tokens act channel by channel, so this is the base's path for every layer at once)."""
+        own `pack_image_features`, one vision layer at a time: the base's path for each layer, and the
+        anyres grid (unpadded, interpolated down for large images) held for one layer at once rather
+        than for all K (a 1920x1080 image at 7B width: ~0.3 GB instead of ~8 GB of transients)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         cfg = self.config.base_config
@@ -304,17 +340,21 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         x, k, n, d = projected.shape
         if sum(crops) != x:
             raise ValueError(f"the vision tower saw {x} crops, but image_sizes call for {sum(crops)}")
-        per_image = [p.permute(0, 2, 1, 3).reshape(p.shape[0], n, k * d) for p in torch.split(projected, crops)]
-        newline = self.base.model.image_newline.to(projected.dtype).repeat(k)  # [K*D]
-        packed, _ = self.base.model.pack_image_features(
-            per_image, image_sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
-        )
-        width = max(f.shape[0] for f in packed)
-        memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
-        mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
-        for i, feats in enumerate(packed):  # each [N_i, K*D]
-            memory[i, :, : feats.shape[0]] = feats.view(-1, k, d).transpose(0, 1)
-            mask[i, : feats.shape[0]] = True
+        newline = self.base.model.image_newline.to(projected.dtype)  # [D]
+        memory = mask = None
+        for j in range(k):
+            per_image = [p[:, j] for p in torch.split(projected, crops)]  # each [crops_i, n, D]
+            packed, _ = self.base.model.pack_image_features(
+                per_image, image_sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio
+            )  # each [N_i, D]
+            if memory is None:
+                width = max(f.shape[0] for f in packed)
+                memory = projected.new_zeros(len(packed), k, width, d)  # [B, K, N, D]
+                mask = torch.zeros(len(packed), width, dtype=torch.bool, device=projected.device)  # [B, N]
+                for i, feats in enumerate(packed):
+                    mask[i, : feats.shape[0]] = True
+            for i, feats in enumerate(packed):
+                memory[i, j, : feats.shape[0]] = feats
         return memory, mask
 
     def memory_coordinates(self, n_memory: int, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -423,8 +463,6 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask, image_sizes)
         extra = {"image_sizes": image_sizes} if self.is_onevision else {}
         context = _VisualContext(vision_kv, image_embeds, image_mask)
-        if self.training and self.base.is_activation_checkpointing:
-            self._training_context = context
         token = _CURRENT.set(context)
         try:
             out = self.base(

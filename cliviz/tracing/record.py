@@ -98,7 +98,7 @@ def trace_batch(
     are normalised as the command line does); a bad one raises `CLIVizError` naming it, and an image
     unlike the model's training scenes gives a `CLIVizWarning`. `causal_check=True` also
     measures, for every row, the effect of switching the injection off (`cliviz.tracing.causal`):
-    one more batched call of the ablation engine, no generation.
+    one teacher-forced forward of the answers shown, no generation.
     """
     requests = check_requests(model, tokenizer, images, questions)
     images, questions = [r.image for r in requests], [r.question for r in requests]
@@ -116,7 +116,8 @@ def trace_batch(
     recorded = _Recorded(model, inputs, gates, norms, logits, sequences)
     checks = None
     if causal_check:
-        checks = causal_checks(model, tokenizer, images, questions)
+        shown = [recorded.row(b, tokenizer.eos_token_id, model)[1] for b in range(len(questions))]
+        checks = causal_checks(model, tokenizer, inputs, shown, list(recorded.logprobs))
     shared = _shared_meta(model)
     traces = []
     for b in range(len(questions)):

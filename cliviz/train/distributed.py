@@ -62,8 +62,12 @@ def device_for(device: torch.device, where: Dist) -> torch.device:
     return device
 
 
-def wrap(model: nn.Module, where: Dist, mode: str) -> nn.Module:
-    """The model as the optimiser and the loop will see it: itself, DDP-wrapped, or FSDP-sharded."""
+def wrap(model: nn.Module, where: Dist, mode: str, find_unused: bool = False) -> nn.Module:
+    """The model as the optimiser and the loop will see it: itself, DDP-wrapped, or FSDP-sharded.
+
+    `find_unused`: some trained parameters get no gradient (a trained vision tower: CLIP's
+    `post_layernorm` and the layers above the ones LLaVA and AMP read never reach the loss); DDP must
+    then look for them each step, or it waits for their gradients forever (an error at step 2)."""
     if not where.enabled:
         return model
     if mode == "fsdp":
@@ -76,7 +80,7 @@ def wrap(model: nn.Module, where: Dist, mode: str) -> nn.Module:
         fully_shard(model, mesh=mesh)
         return model
     device_ids = [where.local_rank] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

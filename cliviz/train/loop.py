@@ -12,6 +12,7 @@ state (`cliviz.train.state`), so `--resume` continues the same run exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import time
 from collections import deque
@@ -21,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
 from cliviz.data.collate import IGNORE, collator_for_model
 from cliviz.data.loader import Batch, ConversationStream, DataSummary, make_loader
 from cliviz.train import distributed as dist_
+from cliviz.train.precision import precision_for
 from cliviz.train.records import TrainingLog, earlier_log_rows, write_model_card, write_summary
-from cliviz.train.settings import TrainSettings
+from cliviz.train.settings import TrainSettings, parts_of
 from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
 from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
 from cliviz.train.tiny import AuxHeads, TowerHeads, aux_loss, scene_seed, tower_loss
@@ -74,11 +77,46 @@ class Trainee(nn.Module):
             loss, accuracy = tower_loss(self.tower, states, inputs, *self.smooth)
             return {"loss": loss, "accuracy": accuracy}
         images = {k: inputs[k] for k in ("pixel_values", "image_sizes", "vision_states") if k in inputs}
-        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **images)
-        result = {"logits": out.logits}  # [B, T, V]
+        scored = labelled_positions(inputs["labels"])  # [B, T]: positions whose next token is a label
+        out = self.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=scored, **images
+        )
+        result = {"logits": out.logits, "scored": scored}  # logits [P, V] at the P scored positions only
         if self.heads is not None and "aux_color" in inputs:
             result["aux"] = aux_loss(self.heads, out.vision_hidden_states[self.aux_layer][:, 1:], inputs)  # CLS dropped
         return result
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` bool: the positions whose logits predict a label (the next token is not IGNORE).
+
+    Only these reach the LM head: an image's 576 positions and the prompt never need the vocabulary
+    projection, which at 7B costs more memory per token than a decoder layer."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
+    scored[:, :-1] = labels[:, 1:] != IGNORE
+    return scored
+
+
+CE_CHUNK_ELEMENTS = 2**26  # logits per cross-entropy chunk (256 MB in float32)
+
+
+def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits [P, V]` (any float dtype) against `labels [P]`, in float32.
+
+    Each chunk of positions is checkpointed, so its float32 log-softmax lives only while that chunk is
+    computed (forward and backward) instead of for the whole batch."""
+    rows = max(1, CE_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    total = logits.new_zeros((), dtype=torch.float32)
+    for lo, la in zip(logits.split(rows), labels.split(rows)):
+        if torch.is_grad_enabled() and lo.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, lo, la, use_reentrant=False)
+        else:
+            total = total + _ce_sum(lo, la)
+    return total
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 class Trainer:
@@ -101,7 +139,7 @@ class Trainer:
         torch.manual_seed(settings.seed + self.where.rank)
         np.random.seed(settings.seed)
         base_dtype = _base_dtype(settings.dtype, self.device)
-        model, self.tokenizer = build_model(settings, base_dtype)
+        model, self.tokenizer = build_model(settings, base_dtype, self.device)
         self.model = model
         self.save_dtype = save_dtype or _stored_dtype(settings)
         self.trained = select_trainable(model, settings.trainable)
@@ -119,13 +157,16 @@ class Trainer:
             model.train(), heads, settings.aux_layer, tower, (settings.smooth_from, settings.smooth_weight)
         )
         trainee = trainee.to(self.device)
-        self.trainee = dist_.wrap(trainee, self.where, "fsdp" if settings.distributed == "fsdp" else "ddp")
+        mode = "fsdp" if settings.distributed == "fsdp" else "ddp"
+        self.trainee = dist_.wrap(trainee, self.where, mode, find_unused="vision" in parts_of(settings.trainable))
         self.opt = torch.optim.AdamW(param_groups(self.trainee, settings), betas=(0.9, 0.98))
+        self.precision = precision_for(base_dtype, self.device)
+        self.stepped = True  # False after a float16 step skipped for inf/nan gradients
         self.vision_cache = VisionCache(model) if settings.cache_vision else None
         self.step, self.seconds_before, self.resumed_at = settings.start_step, 0.0, []
         self.recent_loss: deque[float] = deque(maxlen=WINDOW)
         self.recent_acc: deque[float] = deque(maxlen=WINDOW)
-        self.data = DataSummary(next_batch=settings.start_step)
+        self.data = DataSummary(next_batch=settings.start_step * settings.grad_accum)
         earlier: list[dict] = []
         if resume is not None:
             restore(resume, self.trainee, self.opt)
@@ -189,12 +230,15 @@ class Trainer:
     def run(self) -> dict:
         """Train to the budget (or `stop_step`), checkpointing as it goes; the run's summary."""
         last_save, tokens, t0 = time.monotonic(), 0, time.monotonic()
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            group = list(itertools.islice(batches, self.settings.grad_accum))  # one optimiser step's micro-batches
             progress = self.fraction_done()
-            if progress >= 1.0 or self.step == self.settings.stop_step:
+            if not group or progress >= 1.0 or self.step == self.settings.stop_step:
                 break
-            self.data.add(batch)
-            tokens += self.train_step(batch, progress)
+            for batch in group:
+                self.data.add(batch)
+            tokens += self.train_step(group, progress)
             rate = tokens / max(time.monotonic() - t0, 1e-9)
             if self.on_step and self.where.main:
                 self.on_step(StepReport(self.step, self.mean_loss, self.mean_acc, min(self.fraction_done(), 1.0), rate))
@@ -209,6 +253,7 @@ class Trainer:
                         "tokens_per_s": round(rate, 1),
                     }
                     | ({"resumed": True} if self.resumed_at else {})
+                    | ({"skipped_step": True} if not self.stepped else {})
                 )
             due = time.monotonic() - last_save > self.settings.checkpoint_minutes * 60
             if dist_.all_sum([1.0 if due and self.where.main else 0.0], self.where, self.device)[0]:
@@ -216,55 +261,63 @@ class Trainer:
                 last_save = time.monotonic()
         return self.finish()
 
-    def train_step(self, batch: Batch, progress: float) -> int:
-        """One optimiser step on `batch` (this process's slice of the global batch); its token count."""
+    def train_step(self, batches: list[Batch], progress: float) -> int:
+        """One optimiser step on `batches` (this process's micro-batches of one global step, gradients
+        accumulated); its token count. The loss is normalised by the label tokens of every micro-batch
+        of every process, so accumulating N micro-batches of b equals one batch of N*b."""
         s = self.settings
         set_learning_rates(self.opt, s, progress, self.step - s.start_step)
-        counted = batch.size if s.objective == "tower" else batch.label_tokens  # images for the tower objective
+        counted = sum(b.size if s.objective == "tower" else b.label_tokens for b in batches)  # tower: images
         divisor, global_tokens = dist_.token_scale(counted, self.where, self.device)
         self.opt.zero_grad(set_to_none=True)
-        if batch.size and s.objective == "tower":  # stage 1: image-level losses (a mean per process)
-            with self._autocast():
-                out = self.trainee(batch.to(self.device).inputs)
-            loss = out["loss"]
-            ce_value, hits, total = (
-                float(loss.detach()) * batch.size,
-                float(out["accuracy"]) * batch.size,
-                float(batch.size),
-            )
-            loss = loss * batch.size / divisor
-        elif batch.size:
-            inputs = dict(batch.to(self.device).inputs)
-            if self.vision_cache is not None:  # a frozen tower: its states, computed once per sample
-                inputs["vision_states"] = self.vision_cache.states(batch.ids, inputs.pop("pixel_values"))
-            with self._autocast():
-                out = self.trainee(inputs)
-            logits, labels = out["logits"][:, :-1].float(), inputs["labels"][:, 1:]  # [B, T-1, V], [B, T-1]
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-            loss = ce / divisor + (s.aux_weight * out["aux"] if "aux" in out else 0.0)
-            with torch.no_grad():
-                answer = (labels != IGNORE) & (labels != self.tokenizer.eos_token_id)
-                hits, total = float((logits.argmax(-1)[answer] == labels[answer]).sum()), float(answer.sum())
-            ce_value = float(ce.detach())
-        else:  # nothing usable in this slice: still take part in the gradient all-reduce
-            loss = sum(p.sum() for p in self.trainee.parameters() if p.requires_grad) * 0.0
-            hits = total = ce_value = 0.0
+        ce_value = hits = total = 0.0
+        for i, batch in enumerate(batches):
+            with self._no_sync(i < len(batches) - 1):  # gradients all-reduced once, after the last micro-batch
+                loss, stats = self._micro_batch(batch, divisor, len(batches))
+                if global_tokens:
+                    self.precision.backward(loss)
+            ce_value, hits, total = ce_value + stats[0], hits + stats[1], total + stats[2]
+        self.stepped = True
         if global_tokens:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in self.trainee.parameters() if p.requires_grad], 1.0)
-            self.opt.step()
+            self.stepped = self.precision.step(self.opt, [p for p in self.trainee.parameters() if p.requires_grad])
         ce_all, hits_all, total_all = dist_.all_sum([ce_value, hits, total], self.where, self.device)
         self.last_loss = round(ce_all / max(global_tokens, 1), 6)
         self.recent_loss.append(self.last_loss)
         self.recent_acc.append(hits_all / max(total_all, 1.0))
         self.step += 1
-        return batch.tokens
+        return sum(b.tokens for b in batches)
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.settings.dtype in ("auto", "bfloat16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    def _micro_batch(
+        self, batch: Batch, divisor: float, n_micro: int
+    ) -> tuple[torch.Tensor, tuple[float, float, float]]:
+        """The loss to back-propagate for one micro-batch and its (summed loss, hits, count) for the log."""
+        s = self.settings
+        if batch.size and s.objective == "tower":  # stage 1: image-level losses (a mean per process)
+            with self.precision.autocast():
+                out = self.trainee(batch.to(self.device).inputs)
+            loss = out["loss"].float()
+            stats = (float(loss.detach()) * batch.size, float(out["accuracy"]) * batch.size, float(batch.size))
+            return loss * batch.size / divisor, stats
+        if not batch.size:  # nothing usable in this slice: still take part in the gradient all-reduce
+            return sum(p.sum() for p in self.trainee.parameters() if p.requires_grad) * 0.0, (0.0, 0.0, 0.0)
+        inputs = dict(batch.to(self.device).inputs)
+        if self.vision_cache is not None:  # a frozen tower: its states, computed once per sample
+            inputs["vision_states"] = self.vision_cache.states(batch.ids, inputs.pop("pixel_values"))
+        with self.precision.autocast():
+            out = self.trainee(inputs)
+        logits = out["logits"]  # [P, V]: only the positions that predict a label
+        labels = inputs["labels"][:, 1:][out["scored"][:, :-1]]  # [P]
+        ce = chunked_cross_entropy(logits, labels)
+        loss = ce / divisor + (s.aux_weight * out["aux"].float() / n_micro if "aux" in out else 0.0)
+        with torch.no_grad():
+            answer = labels != self.tokenizer.eos_token_id
+            hits, total = float((logits.argmax(-1)[answer] == labels[answer]).sum()), float(answer.sum())
+        return loss, (float(ce.detach()), hits, total)
+
+    def _no_sync(self, skip: bool):
+        """DDP's `no_sync` on the micro-batches before the last (FSDP syncs each: correct, more traffic)."""
+        if skip and isinstance(self.trainee, nn.parallel.DistributedDataParallel):
+            return self.trainee.no_sync()
         return contextlib.nullcontext()
 
     @property

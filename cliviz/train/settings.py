@@ -43,7 +43,8 @@ class TrainSettings:
     seed: int = 0
     steps: int | None = None
     minutes: float | None = None
-    batch_size: int = 32  # samples per step, per process
+    batch_size: int = 32  # samples per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimiser step (gradients accumulated)
     lr: float = 2e-3
     alpha_lr: float = 1e-2  # the injection gates' tanh(alpha): own group, no warmup (see cliviz.train.setup)
     warmup: int = 200
@@ -102,7 +103,7 @@ class TrainSettings:
             raise ValueError("start_step resumes a steps run: give init_from and a start_step below steps")
         if self.stop_step is not None and (self.steps is None or not self.start_step < self.stop_step <= self.steps):
             raise ValueError("stop_step needs steps and must lie after start_step and at most steps")
-        for name in ("batch_size", "warmup", "log_every", "shuffle_window"):
+        for name in ("batch_size", "grad_accum", "warmup", "log_every", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.lr <= 0 or self.alpha_lr < 0 or self.num_workers < 0:

@@ -41,8 +41,11 @@ PART_PREFIXES = {
 }
 
 
-def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForConditionalGeneration, object]:
-    """`(model, tokenizer)` at the run's starting point, on the CPU, weights in `dtype`."""
+def build_model(
+    settings: TrainSettings, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[CLIForConditionalGeneration, object]:
+    """`(model, tokenizer)` at the run's starting point, weights in `dtype`, on `device` (a tiny model
+    from scratch: on the CPU)."""
     if settings.init_from is None:
         from cliviz.data.tokenizer import build_tokenizer
         from cliviz.train.tiny import tiny_config
@@ -58,10 +61,11 @@ def build_model(settings: TrainSettings, dtype: torch.dtype) -> tuple[CLIForCond
     folder = Path(settings.init_from)
     model_type = _model_type(folder)
     if model_type in ("llava", "llava_onevision"):
-        return _attach_to_base(folder, settings, dtype)
+        model, tokenizer = _attach_to_base(folder, settings, dtype)
+        return model.to(device or "cpu"), tokenizer
     from cliviz.model.loading import load_model
 
-    model, tokenizer = load_model(folder, device="cpu", dtype=_dtype_name(dtype))
+    model, tokenizer = load_model(folder, device=str(device or "cpu"), dtype=_dtype_name(dtype))
     if model.config.fusion == "projector" and settings.fusion != "projector":
         from cliviz.model.attach import attach
 
