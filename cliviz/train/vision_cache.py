@@ -58,8 +58,8 @@ class VisionCache:
         for sample in ids:
             if sample in self.store:
                 self.store.move_to_end(sample)
-        for sample, states in fresh.items():
-            self._keep(sample, states)
+        for sample, kept in fresh.items():
+            self._keep(sample, kept)
         device, dtype = pixel_values.device, self.model.dtype
         stacked = [torch.stack([row[n] for row in rows]).to(device, dtype) for n in range(len(self.layers))]
         states: list[torch.Tensor | None] = [None] * self.n_states
