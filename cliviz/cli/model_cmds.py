@@ -125,11 +125,17 @@ def attach_cmd(
             help="Add a fixed 2-D sin-cos code of each memory token's place before the read (DESIGN §1).",
         ),
     ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the model --out already holds (refused otherwise).")
+    ] = False,
 ) -> None:
     """Turn a LLaVA checkpoint (or a cliviz projector model) into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
     from cliviz.model.safety import refuse_remote_code
+    from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 
+    refuse_out_over_inputs(out, {"--base": base})
+    check_replaceable(out, overwrite)
     if base.is_dir():
         refuse_remote_code(base)  # attach loads the base's tokenizer through AutoTokenizer
     check_output_folder(out, "--out folder")
@@ -142,18 +148,20 @@ def attach_cmd(
         except ValueError:
             raise CLIVizError(f"expected comma-separated integers, got {text!r}") from None
 
-    attach_folder(
-        base,
-        out,
-        fusion=fusion,
-        vision_layers=parse(vision_layers),
-        injection_layers=parse(injection_layers),
-        lora_rank=lora_rank,
-        gate_temperature=temperature,
-        read_width=read_width,
-        read_heads=read_heads,
-        read_position_code=position_code,
-    )
+    with output_lock(out, "cliviz attach"):
+        check_replaceable(out, overwrite)  # again, now that no other process can write here
+        attach_folder(
+            base,
+            out,
+            fusion=fusion,
+            vision_layers=parse(vision_layers),
+            injection_layers=parse(injection_layers),
+            lora_rank=lora_rank,
+            gate_temperature=temperature,
+            read_width=read_width,
+            read_heads=read_heads,
+            read_position_code=position_code,
+        )
     carried = carried_files(out)
     note = (
         f"; carried {', '.join(carried)}"

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 RESUME_KEEPS = {
     "out",
+    "overwrite",
     "resume",
     "stop_step",
     "threads",
@@ -215,6 +216,14 @@ def train(
             ),
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        Opt(
+            "--overwrite",
+            help="Replace the model or training state --out already holds (refused otherwise; --resume may "
+            "write back into its own run).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a tiny model from scratch, or CLI's modules on a frozen checkpoint (torchrun: DDP/FSDP)."""
@@ -229,13 +238,13 @@ def train(
         torch.set_num_threads(threads)
     dev, _ = resolve_device(device, "float32")
     stored = getattr(torch, save_dtype) if save_dtype else None
+    from cliviz.cli.preflight import check_output_folder
+
     if resume is not None:
-        _resume(ctx, resume, out or resume, stop_step, dev, stored, num_workers)
+        _resume(ctx, resume, out or resume, stop_step, dev, stored, num_workers, overwrite)
         return
     if out is None:
         raise CLIVizError("give --out FOLDER for the trained model")
-    from cliviz.cli.preflight import check_output_folder
-
     check_output_folder(out, "--out folder")  # before any training: a typo must not cost a run
     _check_paths(init_from, data, image_folder, vision_from)
     settings = TrainSettings(
@@ -271,7 +280,7 @@ def train(
         log_every=log_every,
     )
     _check_settings(settings)
-    _run(settings, out, dev, stored)
+    _run(settings, out, dev, stored, overwrite=overwrite)
 
 
 def _check_paths(
@@ -329,8 +338,10 @@ def _resume(
     dev: torch.device,
     save_dtype: torch.dtype | None,
     num_workers: int,
+    overwrite: bool = False,
 ) -> None:
     """`--resume RUN`: the saved run's own settings, carried on from its state file."""
+    from cliviz.cli.preflight import check_output_folder
     from cliviz.train import read_train_state, settings_from_state
 
     given = sorted(
@@ -348,7 +359,9 @@ def _resume(
     except (TypeError, ValueError) as err:
         raise CLIVizError(f"cannot resume {run}: {err}") from None
     settings.num_workers = num_workers  # how many processes read the data never changes a batch
-    _run(settings, out, dev, save_dtype, state)
+    if out.resolve() != run.resolve():
+        check_output_folder(out, "--out folder")
+    _run(settings, out, dev, save_dtype, state, overwrite=overwrite)
 
 
 def _run(
@@ -357,12 +370,15 @@ def _run(
     dev: torch.device,
     save_dtype: torch.dtype | None,
     state: SavedState | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Train with a progress bar (loss, accuracy, tokens/s, ETA); the final line says where the model went."""
+    import os
+
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cliviz.train import Trainer
+    from cliviz.train.run import run_training
 
     columns = (
         TextColumn("[bold]train[/] {task.fields[what]}"),
@@ -377,14 +393,18 @@ def _run(
         TimeRemainingColumn(),
     )
     what = settings.fusion if settings.init_from is None else f"{settings.trainable} on {Path(settings.init_from).name}"
-    trainer = Trainer(settings, out, dev, resume=state, save_dtype=save_dtype)
-    main = trainer.where.main
+    main = int(os.environ.get("RANK", "0")) == 0
     with Progress(*columns, console=Console(stderr=True), disable=not main) as progress:
-        task = progress.add_task("train", total=1.0, what=what, step=trainer.step, loss=0.0, acc=0.0, rate=0.0)
-        trainer.on_step = lambda r: progress.update(
-            task, completed=r.fraction, step=r.step, loss=r.loss, acc=r.acc, rate=r.tokens_per_second
+
+        def on_start(trainer) -> None:
+            task = progress.add_task("train", total=1.0, what=what, step=trainer.step, loss=0.0, acc=0.0, rate=0.0)
+            trainer.on_step = lambda r: progress.update(
+                task, completed=r.fraction, step=r.step, loss=r.loss, acc=r.acc, rate=r.tokens_per_second
+            )
+
+        summary = run_training(
+            settings, out, dev, resume=state, save_dtype=save_dtype, overwrite=overwrite, on_start=on_start
         )
-        summary = trainer.run()
     if main:
         seconds = summary.get("total_seconds", summary["seconds"])
         typer.echo(

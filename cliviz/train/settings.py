@@ -76,9 +76,14 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainSettings:
-        """A saved run's settings; keys of older versions that no longer exist are dropped."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})
+        """A saved run's settings; keys of older versions that no longer exist are dropped, and a value
+        of the wrong type (a hand-edited or damaged state) is a ValueError naming the field."""
+        known = {f.name: f.type for f in fields(cls)}
+        kept = {k: v for k, v in saved.items() if k in known}
+        for name, value in kept.items():
+            if not _has_type(value, str(known[name])):
+                raise ValueError(f"setting {name} is {value!r}, expected {known[name]}")
+        return cls(**kept)
 
     def check(self) -> None:
         """ValueError naming the first inconsistent setting (the command turns it into one error line)."""
@@ -122,3 +127,17 @@ def parts_of(train: str) -> set[str]:
             f"unknown train choice {train!r}; give all, or parts among {', '.join(PARTS)} (e.g. cli,projector)"
         )
     return parts
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated `int`, `float | None`, `str`, `bool`..."""
+    allowed = {part.strip() for part in annotation.split("|")}
+    if value is None:
+        return "None" in allowed
+    if isinstance(value, bool):
+        return "bool" in allowed
+    if isinstance(value, int):
+        return bool(allowed & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in allowed and value == value and abs(value) != float("inf")
+    return isinstance(value, str) and "str" in allowed
