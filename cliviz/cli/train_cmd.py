@@ -67,6 +67,13 @@ def train(
         ),
     ] = None,
     image_folder: Annotated[Path | None, Opt("--image-folder", help="Where the images named in --data live.")] = None,
+    allow_absolute_image_paths: Annotated[
+        bool,
+        Opt(
+            "--allow-absolute-image-paths",
+            help="Read images that --data names by absolute path (off: every image must lie inside --image-folder).",
+        ),
+    ] = False,
     train_what: Annotated[
         str | None,
         Opt(
@@ -259,6 +266,7 @@ def train(
         cache_vision=cache_vision,
         data=str(data) if data else None,
         image_folder=str(image_folder) if image_folder else None,
+        allow_absolute_image_paths=allow_absolute_image_paths,
         max_length=max_length,
         num_workers=num_workers,
         data_offset=data_offset,

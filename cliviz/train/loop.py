@@ -139,12 +139,22 @@ class Trainer:
             earlier = earlier_log_rows(Path(settings.init_from), settings.start_step)
             self.seconds_before = earlier[-1]["seconds"] if earlier else 0.0
             self.resumed_at = [settings.start_step]
+        if settings.data is not None and resume is None:  # no data, no training: refused before writing
+            self._require_data()
         out.mkdir(parents=True, exist_ok=True)
         self.log = TrainingLog(out, earlier, enabled=self.where.main)
         self.loader = self._loader()
         self.start = time.monotonic()
 
     # ------------------------------------------------------------------------------ data
+    def _require_data(self) -> None:
+        from cliviz.data.loader import require_usable_rows
+        from cliviz.data.sources import open_source
+
+        s = self.settings
+        source = open_source(s.data, s.image_folder, s.allow_absolute_image_paths)
+        require_usable_rows(source, collator_for_model(self.model.config, self.tokenizer, s.max_length), s.data)
+
     def _loader(self):
         from cliviz.data.questions import parse_extra_questions
         from cliviz.data.sources import ShapesSceneSource, open_source
@@ -159,7 +169,7 @@ class Trainer:
                 scene_labels=s.objective == "tower",
             )
         else:
-            source = open_source(s.data, s.image_folder)
+            source = open_source(s.data, s.image_folder, s.allow_absolute_image_paths)
         collator = collator_for_model(self.model.config, self.tokenizer, s.max_length)
         stream = ConversationStream(
             source,

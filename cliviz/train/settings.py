@@ -32,6 +32,7 @@ class TrainSettings:
         None  # None: generated ShapesVQA scenes; else a LLaVA JSON/JSONL, Parquet/Arrow, or ShapesVQA folder
     )
     image_folder: str | None = None  # where the images a LLaVA-format file names live
+    allow_absolute_image_paths: bool = False  # data that names images by absolute path (else: inside image_folder)
     max_length: int | None = None  # tokens per conversation (longer ones are cut after their last whole answer)
     num_workers: int = 0  # DataLoader worker processes
     shuffle_window: int = 1024  # rows shuffled together (streamed data)
