@@ -11,13 +11,35 @@
 - `records`: the JSONL log, the summary and the model card.
 """
 
-from cliviz.train.loop import StepReport, Trainer, settings_from_state, train
-from cliviz.train.records import SUMMARY_FILE, earlier_log_rows, recorded_seed
-from cliviz.train.run import run_training
-from cliviz.train.settings import PARTS, TrainSettings
-from cliviz.train.setup import lr_factor
-from cliviz.train.state import STATE_FILE, SavedState, read_train_state
-from cliviz.train.tiny import VISION_LAYERS, tiny_config
+from importlib import import_module
+
+# Imported on first use (PEP 562), so that `cliviz train --help` and the settings the command is built
+# from load without torch and transformers.
+_HOMES = {
+    "StepReport": "loop",
+    "Trainer": "loop",
+    "settings_from_state": "loop",
+    "train": "loop",
+    "run_training": "run",
+    "SUMMARY_FILE": "records",
+    "earlier_log_rows": "records",
+    "recorded_seed": "records",
+    "PARTS": "settings",
+    "TrainSettings": "settings",
+    "lr_factor": "setup",
+    "STATE_FILE": "state",
+    "SavedState": "state",
+    "read_train_state": "state",
+    "VISION_LAYERS": "tiny",
+    "tiny_config": "tiny",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'cliviz.train' has no attribute {name!r}")
+    return getattr(import_module(f"cliviz.train.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "PARTS",
