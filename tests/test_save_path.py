@@ -128,8 +128,8 @@ HOLDER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("command", ["train", "attach"])
-def test_second_writer_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys, command):
-    out = tmp_path / "out"
+def test_second_writer_is_refused_naming_the_holder(stopped, tmp_path, monkeypatch, capsys, command):
+    out, base = tmp_path / "out", stopped  # any folder with a config.json gets as far as the lock
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(out)], env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
@@ -137,7 +137,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, monkeypatch, capsy
         assert holder.stdout.readline().strip() == "held"
         args = {
             "train": ("train", "--steps", "1", "--batch-size", "2", "--out", str(out)),
-            "attach": ("attach", "--base", str(tmp_path / "no-base"), "--out", str(out)),
+            "attach": ("attach", "--base", str(base), "--out", str(out)),
         }[command]
         code, _, err = run_main(monkeypatch, capsys, *args)
         line = one_error_line(code, err, "being written by another cliviz process")

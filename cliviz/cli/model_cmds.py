@@ -134,6 +134,8 @@ def attach_cmd(
     from cliviz.model.safety import refuse_remote_code
     from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 
+    if not (base / "config.json").is_file():  # what the base is comes first: a typo in --base is named as such
+        raise CLIVizError(f"base model folder {base} has no config.json")
     refuse_out_over_inputs(out, {"--base": base})
     check_replaceable(out, overwrite)
     if base.is_dir():
