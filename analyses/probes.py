@@ -185,11 +185,26 @@ def _make_folds(task: ProbeTask, folds: int, seed: int, control: bool) -> _Folds
         return "one class only"
     if len(np.unique(task.images)) < folds:
         return f"fewer than {folds} images"
+    if np.bincount(y).max() < folds:
+        return f"no class has {folds} members"
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only k members"
         splits = list(cv.split(np.zeros(len(y)), y, task.images))
     return _Folds(task, y, splits)
+
+
+def fold_count(tasks: Sequence[ProbeTask], folds: int) -> int:
+    """The folds the class counts allow: at most `folds`, and no more than the larger classes of every
+    task with two or more classes hold (stratified splits need members of a class in each fold), so a
+    small set (`--n 12`) gets fewer folds instead of an error; never below 2."""
+    allowed = folds
+    for task in tasks:
+        _, counts = np.unique(task.labels, return_counts=True)
+        groups = len(np.unique(task.images))
+        if len(counts) >= 2 and min(int(counts.max()), groups) >= 2:
+            allowed = min(allowed, int(counts.max()), groups)
+    return max(2, allowed)
 
 
 def _fold_counts(X: np.ndarray, f: _Folds, C: float) -> np.ndarray:
@@ -276,6 +291,7 @@ def probe_layers(
     states = vision_states(model, scenes, layout, chosen, sample, batch_size, progress)
     t1 = time.perf_counter()
     prepared, skipped = {}, {}
+    asked, folds = folds, fold_count(tasks, folds)
     for task in tasks:
         made = _make_folds(task, folds, seed, control)
         name = task.prop.key + (f"[{task.subset}]" if task.subset else "")
@@ -301,6 +317,7 @@ def probe_layers(
         "grid": layout.grid,
         "has_cls": states.cls is not None,
         "folds": folds,
+        "folds_asked": asked,
         "seed": seed,
         "max_patches": max_patches,
         "C": C,

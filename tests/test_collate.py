@@ -182,7 +182,7 @@ def test_word_level_out_of_vocabulary_is_a_skipped_row():
     tok, config = word_level()
     unknown_word = conversation((("user", "what colour is the circle ?"), ("assistant", "red")))
     collated = collator_for_model(config, tok)([unknown_word, conversation(TURNS[:2])])
-    assert collated.skipped == Counter({"out_of_vocabulary": 1}) and collated.inputs["input_ids"].shape[0] == 1
+    assert collated.skipped == Counter({"unknown_words": 1}) and collated.inputs["input_ids"].shape[0] == 1
 
 
 class VaryingEncoder:

@@ -127,11 +127,19 @@ def attach_cmd(
             help="Add a fixed 2-D sin-cos code of each memory token's place before the read (DESIGN §1).",
         ),
     ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the model --out already holds (refused otherwise).")
+    ] = False,
 ) -> None:
     """Turn a LLaVA checkpoint (or a cliviz projector model) into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
     from cliviz.model.safety import refuse_remote_code
+    from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 
+    if not (base / "config.json").is_file():  # what the base is comes first: a typo in --base is named as such
+        raise CLIVizError(f"base model folder {base} has no config.json")
+    refuse_out_over_inputs(out, {"--base": base})
+    check_replaceable(out, overwrite)
     if base.is_dir():
         refuse_remote_code(base)  # attach loads the base's tokenizer through AutoTokenizer
     check_output_folder(out, "--out folder")
@@ -144,18 +152,20 @@ def attach_cmd(
         except ValueError:
             raise CLIVizError(f"expected comma-separated integers, got {text!r}") from None
 
-    attach_folder(
-        base,
-        out,
-        fusion=fusion,
-        vision_layers=parse(vision_layers),
-        injection_layers=parse(injection_layers),
-        lora_rank=lora_rank,
-        gate_temperature=temperature,
-        read_width=read_width,
-        read_heads=read_heads,
-        read_position_code=position_code,
-    )
+    with output_lock(out, "cliviz attach"):
+        check_replaceable(out, overwrite)  # again, now that no other process can write here
+        attach_folder(
+            base,
+            out,
+            fusion=fusion,
+            vision_layers=parse(vision_layers),
+            injection_layers=parse(injection_layers),
+            lora_rank=lora_rank,
+            gate_temperature=temperature,
+            read_width=read_width,
+            read_heads=read_heads,
+            read_position_code=position_code,
+        )
     carried = carried_files(out)
     note = (
         f"; carried {', '.join(carried)}"

@@ -200,6 +200,11 @@ def _print(report, written: list[Path]) -> None:
         d = drop[col]
         table.add_row(col, *[_cell(v, maj[col]) for v in acc[col]], f"{maj[col]:.2f}", "-" if d != d else f"{d:+.2f}")
     console.print(table)
+    if m.get("folds_asked", m["folds"]) != m["folds"]:
+        console.print(
+            f"[yellow]{m['folds']} folds instead of {m['folds_asked']}: the smallest class counts of these "
+            f"{m['n_images']} images allow no more[/]"
+        )
     console.print(
         f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token. V{p}* is the "
         f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} "

@@ -78,7 +78,7 @@ class WordLevelEncoder:
             q = tok(question, add_special_tokens=False).input_ids
             a = tok(answer, add_special_tokens=False).input_ids
             if tok.unk_token_id is not None and tok.unk_token_id in q + a:
-                raise BadRow("out_of_vocabulary")
+                raise BadRow("unknown_words")
             ids += q + a + [tok.eos_token_id]
             labels += [IGNORE] * len(q) + a + [tok.eos_token_id]  # label at its own position; shifted in the loss
             ends.append(len(ids))
@@ -112,10 +112,14 @@ class ChatEncoder:
         self.special_ids = set(tokenizer.all_special_ids)
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
         self.special_ids.discard(image_token_id)
+        self.unk_id = None  # the probe's words need not be in a word-level vocabulary
         try:
             self(Conversation("probe", b"", self.PROBE))
         except BadRow as bad:
             raise CLIVizError(f"the chat template cannot be split into turns for training ({bad})") from None
+        from cliviz.inputs import is_word_level
+
+        self.unk_id = tokenizer.unk_token_id if is_word_level(tokenizer) else None  # subwords spell anything
 
     def messages(self, turns: tuple[tuple[str, str], ...]) -> list[dict]:
         """Chat messages in the template's style; the image goes first in the first user turn."""
@@ -152,19 +156,40 @@ class ChatEncoder:
         included), where the answer's own text ends, where the turn's non-blank text ends."""
         messages = self.messages(turns)
         full = self._render(messages, generation=False)
-        spans = []
+        spans, cursor = [], 0
         for j, (role, text) in enumerate(turns):
             if role != "assistant":
                 continue
-            before = self._render(messages[:j], generation=True)
-            through = self._render(messages[: j + 1], generation=False)
-            if not (through.startswith(before) and full.startswith(through)):
-                raise BadRow("template_mismatch", "a prefix of the conversation renders differently")
-            content_end = len(before) + len(through[len(before) :].rstrip())
-            at = full.find(text, len(before), content_end)
+            if j <= 2:  # the first exchange (and a system turn): rendered as prefixes of the conversation
+                before = self._render(messages[:j], generation=True)
+                through = self._render(messages[: j + 1], generation=False)
+                if not (through.startswith(before) and full.startswith(through)):
+                    raise BadRow("template_mismatch", "a prefix of the conversation renders differently")
+                start, content_end = len(before), len(before) + len(through[len(before) :].rstrip())
+            else:  # later ones: what the answer adds after its question alone, found after the last answer
+                start, content_end = self._later_answer(full, messages[j - 1 : j + 1], cursor)
+            at = full.find(text, start, content_end)
             answer_end = at + len(text) if at >= 0 else content_end  # not found: the template rewrote it
-            spans.append((len(before), answer_end, content_end))
+            spans.append((start, answer_end, content_end))
+            cursor = content_end
         return full, spans
+
+    def _later_answer(self, full: str, pair: list[dict], cursor: int) -> tuple[int, int]:
+        """`(start, content_end)` of a later answer in `full`. The question and answer are rendered alone
+        (the cost of a turn does not grow with the turns before it, so tokenising a conversation is
+        linear in its turns, not quadratic): what the generation prompt adds, then what the answer
+        adds after it, are found together after `cursor` (the end of the previous answer)."""
+        question = self._render(pair[:1], generation=False)
+        prompted = self._render(pair[:1], generation=True)
+        through = self._render(pair, generation=False)
+        if not (prompted.startswith(question) and through.startswith(prompted)):
+            raise BadRow("template_mismatch", "a turn renders differently alone")
+        prompt, added = prompted[len(question) :], through[len(prompted) :].rstrip()
+        at = full.find(prompt + added, cursor) if added else -1
+        if at < 0:
+            raise BadRow("template_mismatch", "a later answer cannot be found in the rendering")
+        start = at + len(prompt)
+        return start, start + len(added)
 
     def __call__(self, conversation: Conversation) -> TokenizedConversation:
         tok = self.tokenizer
@@ -195,6 +220,8 @@ class ChatEncoder:
                 ends.append(len(out_ids))
         if out_ids.count(self.image_token_id) != 1:
             raise BadRow("extra_image_tokens", f"{out_ids.count(self.image_token_id)} image tokens after templating")
+        if self.unk_id is not None and self.unk_id in out_ids:  # a word-level vocabulary lacks a word
+            raise BadRow("unknown_words")
         return TokenizedConversation(out_ids, labels, ends)
 
 
@@ -224,6 +251,7 @@ class Collated:
     ids: list[str]
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    skipped_rows: list[tuple[int, str]] = field(default_factory=list)  # (position in the input, reason)
 
 
 class ConversationCollator:
@@ -234,29 +262,43 @@ class ConversationCollator:
     """
 
     def __init__(
-        self, tokenizer, image_token_id: int, encode_images: ImageEncoder, max_length: int | None = None
+        self,
+        tokenizer,
+        image_token_id: int,
+        encode_images: ImageEncoder,
+        max_length: int | None = None,
+        max_side: int | None = None,
     ) -> None:
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
-        self.encode_images, self.max_length = encode_images, max_length
+        self.encode_images, self.max_length, self.max_side = encode_images, max_length, max_side
         chat = bool(getattr(tokenizer, "chat_template", None))
         encoder = ChatEncoder if chat else WordLevelEncoder
         self.encode_text = encoder(tokenizer, image_token_id)
 
     def __call__(self, conversations: list[Conversation]) -> Collated:
         skipped: Counter = Counter()
-        texts, images, kept = [], [], []
-        for conversation in conversations:
+        rows_skipped: list[tuple[int, str]] = []  # (position in `conversations`, reason), any stage
+        texts, images, kept, positions, cut_early = [], [], [], [], []
+        for position, conversation in enumerate(conversations):
             try:
-                tokens = self.encode_text(conversation)  # text first: a bad row costs no image decode
-                image = load_conversation_image(conversation)
+                short, cut = cap_characters(conversation, self.max_length)
+                tokens = self.encode_text(short)  # text first: a bad row costs no image decode
+                image = load_conversation_image(conversation, self.max_side)
             except BadRow as bad:
                 skipped[bad.reason] += 1
+                rows_skipped.append((position, bad.reason))
                 continue
             texts.append(tokens)
             images.append(image)
             kept.append(conversation)
+            positions.append(position)
+            cut_early.append(cut)
+        return self._collate(texts, images, kept, positions, cut_early, skipped, rows_skipped)
+
+    def _collate(self, texts, images, kept, positions, cut_early, skipped: Counter, rows_skipped) -> Collated:
+        """Pad the encoded rows and images of one batch; rows too long even when cut are skipped here."""
         if not kept:
-            return Collated(None, [], skipped)
+            return Collated(None, [], skipped, 0, rows_skipped)
         image_inputs, counts = self.encode_images(images)
         rows, rows_kept, truncated = [], [], 0
         for i, (tokens, n_image) in enumerate(zip(texts, counts)):
@@ -264,12 +306,13 @@ class ConversationCollator:
                 ids, labels, cut = expand_image(tokens, self.image_token_id, n_image, self.max_length)
             except BadRow as bad:
                 skipped[bad.reason] += 1
+                rows_skipped.append((positions[i], bad.reason))
                 continue
             rows.append((ids, labels))
             rows_kept.append(i)
-            truncated += cut
+            truncated += cut or cut_early[i]
         if not rows:
-            return Collated(None, [], skipped, truncated)
+            return Collated(None, [], skipped, truncated, rows_skipped)
         if len(rows_kept) < len(kept):
             index = torch.tensor(rows_kept)
             image_inputs = {k: v.index_select(0, index) for k, v in image_inputs.items()}
@@ -278,7 +321,7 @@ class ConversationCollator:
         names = set.intersection(*(set(c.extra) for c in kept))
         for name in sorted(names):
             inputs[f"aux_{name}"] = torch.stack([torch.from_numpy(np.asarray(c.extra[name])) for c in kept])
-        return Collated(inputs, [c.id for c in kept], skipped, truncated)
+        return Collated(inputs, [c.id for c in kept], skipped, truncated, rows_skipped)
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in rows)
@@ -294,6 +337,56 @@ class ConversationCollator:
 
 def collator_for_model(model_config, tokenizer, max_length: int | None = None) -> ConversationCollator:
     """The collator for any model cliviz loads (`ModelImageEncoder`); other architectures pass
-    their own `ImageEncoder` to `ConversationCollator`."""
+    their own `ImageEncoder` to `ConversationCollator`.
+
+    `max_length` defaults to the language model's context (`max_position_embeddings`): a row is
+    never tokenised or trained beyond what the model can attend to. Images are decoded shrunk to
+    `image_side_budget` (what the processor keeps of them), whatever size their files are."""
     image_token_id = int(model_config.base_config.image_token_id)
-    return ConversationCollator(tokenizer, image_token_id, ModelImageEncoder(model_config), max_length)
+    if max_length is None:
+        max_length = default_max_length(model_config)
+    return ConversationCollator(
+        tokenizer, image_token_id, ModelImageEncoder(model_config), max_length, image_side_budget(model_config)
+    )
+
+
+CHARS_PER_TOKEN = 16  # far above any tokenizer's average (~4 for BPE, ~5 for words): the cap never cuts a row
+# that tokenises within the limit, and bounds the text handed to the tokenizer
+
+
+def default_max_length(model_config) -> int | None:
+    """The language model's context length, or None when its config does not say."""
+    text = getattr(model_config.base_config, "text_config", None)
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def image_side_budget(model_config) -> int:
+    """The longest image side worth decoding: 4x the tower's input for fixed-size processors (resize
+    and crop keep less), the largest anyres grid for LLaVA-OneVision."""
+    base = model_config.base_config
+    side = 4 * int(base.vision_config.image_size)
+    pinpoints = getattr(base, "image_grid_pinpoints", None) or []
+    sides = [int(v) for point in pinpoints for v in point]
+    return max([side, *sides])
+
+
+def cap_characters(conversation: Conversation, max_length: int | None) -> tuple[Conversation, bool]:
+    """The conversation cut after its last whole exchange within `max_length * CHARS_PER_TOKEN`
+    characters, before any tokenising (a 100,000-character answer costs nothing); `BadRow("too_long")`
+    when not even the first exchange fits. Returns the conversation and whether it was cut."""
+    if max_length is None:
+        return conversation, False
+    budget, used, keep = max_length * CHARS_PER_TOKEN, 0, 0
+    turns = conversation.turns
+    for k, (role, text) in enumerate(turns):
+        used += len(text)
+        if used > budget:
+            break
+        if role == "assistant":
+            keep = k + 1
+    else:
+        return conversation, False
+    if keep == 0:
+        raise BadRow("too_long", f"the first exchange alone is over {budget:,} characters")
+    return Conversation(conversation.id, conversation.image, turns[:keep], conversation.extra), True

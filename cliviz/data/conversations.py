@@ -37,7 +37,11 @@ REASONS = {
     "empty_answer": "an assistant turn is empty",
     "missing_image": "the image file does not exist",
     "unreadable_image": "the image cannot be decoded (corrupt, truncated, too large, not an image)",
-    "out_of_vocabulary": "a word-level model's vocabulary lacks a word of the conversation",
+    "unknown_words": "a word-level model's vocabulary lacks a word of the conversation (never trained as [UNK])",
+    "too_deep": "the JSON row nests deeper than the reader's limit",
+    "bad_text": "a turn holds text no tokenizer takes (a lone surrogate, a control character)",
+    "bad_image_name": "the image's file name is longer than a file system allows",
+    "outside_image_folder": "the image path leaves the image folder (.., an absolute path, an outward symlink)",
     "template_mismatch": "the chat template renders the conversation so that its turns cannot be told apart",
     "too_long": "not even the image and the first answer fit the maximum length",
 }
@@ -104,10 +108,13 @@ def conversation_from_llava_row(row: Any, fallback_id: str, resolve_image) -> Co
     """
     if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
         raise BadRow("malformed_row", "no conversations list")
+    from cliviz.data.rows import check_text
+
     raw_turns = []
     for turn in row["conversations"]:
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise BadRow("malformed_row", "a turn is not {'from': str, 'value': str}")
+        check_text(turn["value"], "a turn")
         role = ROLES.get(turn["from"].strip().lower())
         if role is None:
             raise BadRow("wrong_roles", f"unknown role {turn['from']!r}")
@@ -125,16 +132,24 @@ def conversation_from_llava_row(row: Any, fallback_id: str, resolve_image) -> Co
     return Conversation(str(row_id) if row_id is not None else fallback_id, ref, turns)
 
 
-def load_conversation_image(conversation: Conversation) -> Image.Image:
-    """The conversation's image as RGB, through the project's safe loader; `BadRow` if absent or broken."""
+def load_conversation_image(conversation: Conversation, max_side: int | None = None) -> Image.Image:
+    """The conversation's image as RGB, through the project's safe loader; `BadRow` if absent or broken.
+
+    `max_side` bounds the decoded image's longest side (shrunk while decoding, see `load_image`), so a
+    6300 x 6300 file costs what the processor's own size costs, not its full size four times over."""
     ref = conversation.image
     if isinstance(ref, Image.Image):
         return ref if ref.mode == "RGB" else ref.convert("RGB")
     if not isinstance(ref, bytes):
         path = Path(ref)
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError as err:  # a name the file system refuses (too long)
+            raise BadRow("bad_image_name", err.strerror or str(err)) from None
+        if not exists:
             raise BadRow("missing_image", str(path))
     try:
-        return load_image(ref, name=None if not isinstance(ref, bytes) else f"image of {conversation.id}")
+        name = None if not isinstance(ref, bytes) else f"image of {conversation.id}"
+        return load_image(ref, name=name, max_side=max_side)
     except CLIVizError as err:
         raise BadRow("unreadable_image", str(err)) from None

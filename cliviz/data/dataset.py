@@ -92,21 +92,26 @@ def read_scenes(folder: Path) -> tuple[list[tuple[str, Scene]], dict[str, int]]:
     scenes: list[tuple[str, Scene]] = []
     skipped: dict[str, int] = {}
     seen: set[str] = set()
+    from cliviz.data.conversations import BadRow
+    from cliviz.data.rows import image_path, json_row, text
+
     for line in listing.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            name = row["image"]
-            if not isinstance(name, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            skipped["malformed line"] = skipped.get("malformed line", 0) + 1
+            row = json_row(line)
+            if not isinstance(row, dict):
+                raise BadRow("malformed_row")
+            name = text(row.get("image"), "image")
+            path = image_path(name, Path(folder))
+        except BadRow as bad:
+            label = "malformed line" if bad.reason.startswith("malformed") else bad.reason.replace("_", " ")
+            skipped[label] = skipped.get(label, 0) + 1
             continue
         if name in seen:
             continue
         seen.add(name)
-        scene, reason = _scene_of_row(Path(folder), name, row.get("scene"))
+        scene, reason = _scene_of_row(path, name, row.get("scene"))
         if scene is None:
             skipped[reason] = skipped.get(reason, 0) + 1
         else:
@@ -114,10 +119,12 @@ def read_scenes(folder: Path) -> tuple[list[tuple[str, Scene]], dict[str, int]]:
     return scenes, skipped
 
 
-def _scene_of_row(folder: Path, name: str, record: object) -> tuple[Scene | None, str]:
-    path = folder / name
-    if not path.is_file():
-        return None, "missing image"
+def _scene_of_row(path: Path, name: str, record: object) -> tuple[Scene | None, str]:
+    try:
+        if not path.is_file():
+            return None, "missing image"
+    except OSError:
+        return None, "bad image name"
     if record is not None:
         try:
             scene = scene_from_record(record)
@@ -125,13 +132,15 @@ def _scene_of_row(folder: Path, name: str, record: object) -> tuple[Scene | None
             return None, "bad scene record"
     else:
         seed, _, index = Path(name).stem.partition("-")
-        if not (seed.isdigit() and index.isdigit()):
+        if not (seed.isascii() and seed.isdigit() and index.isascii() and index.isdigit()):
             return None, "no scene record"
         scene = make_scene(np.random.default_rng([int(seed), int(index)]))
+    from cliviz.errors import CLIVizError
+    from cliviz.inputs import load_image
+
     try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except OSError:
+        pixels = np.asarray(load_image(path))  # the safe loader: pixel limit, truncation, odd modes
+    except CLIVizError:
         return None, "unreadable image"
     if not np.array_equal(pixels, np.asarray(scene.image)):
         return None, "scene does not match the image"

@@ -17,10 +17,11 @@ trainer receives batches `start_batch, start_batch + 1, ...` in order (`DataSumm
 Each worker reads every raw row (cheap: a JSONL line, an Arrow row reference) but parses, loads
 and tokenises only the rows of its own batches.
 
-Bad rows. A batch is the usable samples among its `batch_size` positions: a bad row is counted in
-`Batch.skipped` and leaves the batch one smaller (a batch can be empty: `Batch.size == 0`). Every
-position belongs to exactly one batch, so summing `Batch.skipped` over the batches a run consumed
-(`DataSummary`) counts every bad row it met once per occurrence.
+Bad rows. A batch is the usable samples among its `batch_size` positions: a bad row leaves the
+batch one smaller (a batch can be empty: `Batch.size == 0`) and is counted in `Batch.skipped` in the
+first epoch only, so summing `Batch.skipped` over the batches a run consumed (`DataSummary`) counts
+every bad row of the data once, however many epochs the run makes. `require_usable_rows` refuses,
+before a run writes anything, data with no row at all or no usable one.
 
 Resuming exactly. Batch b depends only on (data, seed, shuffle settings, batch_size, world_size,
 max_length) and b — not on the number of workers, which may change between runs. Starting a
@@ -151,20 +152,22 @@ class ConversationStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        current, epoch, conversations, skipped = None, 0, [], Counter()
+        current, epoch, conversations, epochs, skipped = None, 0, [], [], Counter()
         end: dict[str, int] = {}
-        for index, batch_epoch, row, raw in self.positions(worker, n_workers, end):
+        for index, row_epoch, row, raw in self.positions(worker, n_workers, end):
             if current is not None and index != current:
-                yield self._batch(current, epoch, worker, conversations, skipped)
-                conversations, skipped = [], Counter()
+                yield self._batch(current, epoch, worker, conversations, skipped, epochs)
+                conversations, epochs, skipped = [], [], Counter()
             if index != current:
-                current, epoch = index, batch_epoch
+                current, epoch = index, row_epoch
             try:
                 conversations.append(self.source.parse(raw, row))
+                epochs.append(row_epoch)
             except BadRow as bad:
-                skipped[bad.reason] += 1
+                if row_epoch == 0:  # a bad row is counted once, not once per epoch
+                    skipped[bad.reason] += 1
         if current is not None:
-            yield self._batch(current, epoch, worker, conversations, skipped)
+            yield self._batch(current, epoch, worker, conversations, skipped, epochs)
         if "positions" in end:  # finite epochs: every rank ends on the same batch (DDP steps in lockstep)
             last = (end["positions"] - 1) // (self.batch_size * self.world_size)
             first = self.start_batch if current is None else current + 1
@@ -172,10 +175,15 @@ class ConversationStream(IterableDataset):
                 if (index - self.start_batch) % n_workers == worker:
                     yield self._batch(index, end["epochs"] - 1, worker, [], Counter())
 
-    def _batch(self, index: int, epoch: int, worker: int, conversations: list, skipped: Counter) -> Batch:
+    def _batch(
+        self, index: int, epoch: int, worker: int, conversations: list, skipped: Counter, epochs: list | None = None
+    ) -> Batch:
         collated = self.collator(conversations) if conversations else None
         if collated is not None:
-            skipped = skipped + collated.skipped
+            first = (
+                collated.skipped_rows if epochs is None else [(p, r) for p, r in collated.skipped_rows if not epochs[p]]
+            )
+            skipped = skipped + Counter(reason for _, reason in first)
         inputs = collated.inputs if collated is not None and collated.inputs is not None else {}
         ids, truncated = (collated.ids, collated.truncated) if collated is not None else ([], 0)
         return Batch(index, epoch, worker, inputs, ids, dict(skipped), truncated)
@@ -319,6 +327,36 @@ class DataSummary:
         if self.truncated:
             text += f"; {self.truncated:,} conversations cut to the maximum length"
         return text
+
+
+def require_usable_rows(source: ConversationSource, collator: ConversationCollator, what: str) -> None:
+    """CLIVizError unless `source` holds a row that becomes a training sample: read in file order up to
+    the first usable one (the first row, on good data), so a run on an empty file, a list `[]`, or
+    rows whose images all lie elsewhere (a typo in the image folder) fails before it writes anything.
+    The error names the commonest reasons the rows were skipped."""
+    from cliviz.data.rows import reason_counts_text
+
+    if source.infinite:
+        return
+    skipped: Counter = Counter()
+    rows = 0
+    for index, raw in enumerate(source.raw_rows()):
+        rows += 1
+        try:
+            conversation = source.parse(raw, index)
+        except BadRow as bad:
+            skipped[bad.reason] += 1
+            continue
+        collated = collator([conversation])
+        if collated.inputs is not None:
+            return
+        skipped.update(collated.skipped)
+    if rows == 0:
+        raise CLIVizError(f"no training rows in {what}: nothing to train on")
+    raise CLIVizError(
+        f"no usable training row in {what}: all {rows:,} rows skipped ({reason_counts_text(skipped)}); "
+        "nothing was trained or written"
+    )
 
 
 def make_loader(

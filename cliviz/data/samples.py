@@ -4,11 +4,11 @@ streams) with bad rows counted, never silently dropped."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cliviz.data.conversations import BadRow
 from cliviz.errors import CLIVizError
 
 
@@ -27,10 +27,35 @@ class DataSet:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, reported to the user
 
 
-def read_jsonl(data: str | Path) -> DataSet:
-    """Read `DIR/samples.jsonl` or a JSONL file; image paths are relative to the file's folder.
+# How the bounded row parser's reasons (`cliviz.data.rows`) read in eval/compare/sweep summaries.
+LABELS = {"malformed_json": "malformed line", "malformed_row": "malformed line", "missing_image": "missing image"}
 
-    Malformed lines and rows whose image is missing are skipped and counted (never silently).
+
+def _record(line: str, number: int, folder: Path, allow_absolute: bool) -> Record:
+    """One checked row (`cliviz.data.rows`: depth, field types, text, image name inside `folder`)."""
+    from cliviz.data.rows import image_path, json_row, text
+
+    row = json_row(line)
+    if not isinstance(row, dict):
+        raise BadRow("malformed_row", "not an object")
+    question = text(row.get("question"), "question")
+    answer, qtype = text(row.get("answer"), "answer", required=False), text(row.get("qtype"), "qtype", required=False)
+    image = image_path(row.get("image"), folder, allow_absolute)
+    try:
+        exists = image.is_file()
+    except OSError as err:
+        raise BadRow("bad_image_name", err.strerror or str(err)) from None
+    if not exists:
+        raise BadRow("missing_image", str(image))
+    return Record(image, question, answer, qtype, number)
+
+
+def read_jsonl(data: str | Path, allow_absolute: bool = False) -> DataSet:
+    """Read `DIR/samples.jsonl` or a JSONL file; image paths are relative to the file's folder and
+    must stay inside it (`allow_absolute` admits absolute paths).
+
+    Bad rows — malformed, too deep, a field of the wrong type, text no tokenizer takes, an image name
+    too long or outside the folder, a missing image — are skipped and counted (never silently).
     """
     path = Path(data)
     if path.is_dir():
@@ -47,18 +72,11 @@ def read_jsonl(data: str | Path) -> DataSet:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            image, question = row["image"], row["question"]
-            if not isinstance(image, str) or not isinstance(question, str):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
-            skipped["malformed line"] += 1
+            record = _record(line, number, path.parent, allow_absolute)
+        except BadRow as bad:
+            skipped[LABELS.get(bad.reason, bad.reason.replace("_", " "))] += 1
             continue
-        image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)
-        if not image_path.is_file():
-            skipped["missing image"] += 1
-            continue
-        records.append(Record(image_path, question, row.get("answer"), row.get("qtype"), number))
+        records.append(record)
     if not records:
         raise CLIVizError(f"no usable samples in {path}" + (f" (skipped: {dict(skipped)})" if skipped else ""))
     return DataSet(records, dict(skipped))

@@ -37,6 +37,7 @@ from cliviz.data.conversations import (
     checked_turns,
     conversation_from_llava_row,
 )
+from cliviz.data.rows import TooDeep, bounded_list_items, image_path, json_row, text
 from cliviz.errors import CLIVizError
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
@@ -77,8 +78,9 @@ class _Malformed:
         self.detail = detail
 
 
-def _resolver(root: Path):
-    """Image field -> ImageRef: a path relative to `root`, bytes, or a `datasets` Image struct."""
+def _resolver(root: Path, allow_absolute: bool = False):
+    """Image field -> ImageRef: a path inside `root` (see `rows.image_path`), bytes, or a `datasets`
+    Image struct; None when the row names no image; `BadRow` for a name that leaves `root`."""
 
     def resolve(value: Any) -> ImageRef | None:
         if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
@@ -86,7 +88,9 @@ def _resolver(root: Path):
         if isinstance(value, (bytes, bytearray)):
             return bytes(value) if value else None
         if isinstance(value, str) and value.strip():
-            return root / value.strip()
+            return image_path(value, root, allow_absolute)
+        if value is not None and not isinstance(value, str):
+            raise BadRow("malformed_row", f"the image is {type(value).__name__}")
         return None
 
     return resolve
@@ -99,9 +103,9 @@ class LlavaJsonSource(ConversationSource):
     file's own folder. Blank JSONL lines are not rows.
     """
 
-    def __init__(self, path: str | Path, image_folder: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, image_folder: str | Path | None = None, allow_absolute: bool = False) -> None:
         self.path = Path(path)
-        self.resolve = _resolver(Path(image_folder) if image_folder else self.path.parent)
+        self.resolve = _resolver(Path(image_folder) if image_folder else self.path.parent, allow_absolute)
         with open(self.path, "rb") as f:
             head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
         self.is_list = head.startswith(b"[")
@@ -115,7 +119,7 @@ class LlavaJsonSource(ConversationSource):
             if f.read(3) != b"\xef\xbb\xbf":
                 f.seek(0)
             try:
-                yield from ijson.items(f, "item", use_float=True)
+                yield from bounded_list_items(f)
             except (ijson.JSONError, ValueError) as err:  # nothing after a syntax error can be trusted
                 yield _Malformed(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
@@ -128,11 +132,10 @@ class LlavaJsonSource(ConversationSource):
     def parse(self, raw: Any, index: int) -> Conversation:
         if isinstance(raw, _Malformed):
             raise BadRow("malformed_json", raw.detail)
+        if isinstance(raw, TooDeep):
+            raise BadRow("too_deep")
         if isinstance(raw, bytes):
-            try:
-                raw = json.loads(raw)
-            except ValueError as err:
-                raise BadRow("malformed_json", str(err)) from None
+            raw = json_row(raw)
         return conversation_from_llava_row(raw, f"{self.path.name}:{index}", self.resolve)
 
 
@@ -147,7 +150,13 @@ class ArrowSource(ConversationSource):
 
     COLUMNS = ("id", "image", "conversations")
 
-    def __init__(self, path: str | Path, image_folder: str | Path | None = None, batch_rows: int = 256) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_folder: str | Path | None = None,
+        batch_rows: int = 256,
+        allow_absolute: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.files = table_files(self.path)
         self.batch_rows = batch_rows
@@ -156,7 +165,7 @@ class ArrowSource(ConversationSource):
             raise CLIVizError(f"{self.files[0]} has no 'conversations' column (columns: {', '.join(names)})")
         self.columns = [c for c in self.COLUMNS if c in names]
         root = Path(image_folder) if image_folder else (self.path if self.path.is_dir() else self.path.parent)
-        self.resolve = _resolver(root)
+        self.resolve = _resolver(root, allow_absolute)
         self._sizes: list[int] | None = None
 
     def _schema(self, file: Path) -> pa.Schema:
@@ -216,10 +225,7 @@ class ArrowSource(ConversationSource):
         batch, i = raw
         row = batch.slice(i, 1).to_pylist()[0]
         if isinstance(row.get("conversations"), str):
-            try:
-                row["conversations"] = json.loads(row["conversations"])
-            except ValueError as err:
-                raise BadRow("malformed_json", f"conversations: {err}") from None
+            row["conversations"] = json_row(row["conversations"])
         return conversation_from_llava_row(row, f"{self.path.name}:{index}", self.resolve)
 
 
@@ -263,8 +269,9 @@ class ShapesFolderSource(ConversationSource):
     questions as turns. Rows about the same image must be consecutive (as `cliviz data` writes them);
     a raw row is the group of lines about one image."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, allow_absolute: bool = False) -> None:
         self.folder = Path(folder)
+        self.allow_absolute = allow_absolute
         self.samples = self.folder / "samples.jsonl"
         if not self.samples.is_file():
             raise CLIVizError(f"not a ShapesVQA folder (no samples.jsonl): {folder}")
@@ -280,10 +287,11 @@ class ShapesFolderSource(ConversationSource):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json_row(line)
                     image = row.get("image") if isinstance(row, dict) else None
-                except ValueError:
-                    row, image = _Malformed("not JSON"), None
+                except BadRow as bad:
+                    row, image = _Malformed(str(bad)), None
+                    row.reason = bad.reason
                 if group and (image is None or image != key):
                     yield group
                     group = []
@@ -293,16 +301,18 @@ class ShapesFolderSource(ConversationSource):
             yield group
 
     def parse(self, raw: list[Any], index: int) -> Conversation:
-        if any(isinstance(row, _Malformed) for row in raw):
-            raise BadRow("malformed_json")
+        bad = next((row for row in raw if isinstance(row, _Malformed)), None)
+        if bad is not None:
+            raise BadRow(getattr(bad, "reason", "malformed_json"), bad.detail)
         turns = []
         for row in raw:
-            question, answer = row.get("question"), row.get("answer")
-            if not isinstance(row.get("image"), str) or not isinstance(question, str) or not isinstance(answer, str):
-                raise BadRow("malformed_row", "want image, question and answer strings")
+            if not isinstance(row, dict):
+                raise BadRow("malformed_row", "a row is not an object")
+            question, answer = text(row.get("question"), "question"), text(row.get("answer"), "answer")
+            text(row.get("image"), "image")
             turns += [("user", question), ("assistant", answer)]
         turns[0] = ("user", f"{IMAGE_MARKER}\n{turns[0][1]}")
-        image = self.folder / raw[0]["image"]
+        image = image_path(raw[0]["image"], self.folder, self.allow_absolute)
         return Conversation(Path(raw[0]["image"]).stem, image, checked_turns(turns))
 
 
@@ -355,7 +365,9 @@ class ShapesSceneSource(ConversationSource):
         return Conversation(f"{self.seed}-{raw:06d}", scene.image, tuple(turns), extra)
 
 
-def open_source(data: str | Path, image_folder: str | Path | None = None) -> ConversationSource:
+def open_source(
+    data: str | Path, image_folder: str | Path | None = None, allow_absolute: bool = False
+) -> ConversationSource:
     """The source for `--data` (and `--image-folder`): picked by what the path is.
 
     A folder with `samples.jsonl` is ShapesVQA; `.json`/`.jsonl` is LLaVA instruction data;
@@ -369,9 +381,9 @@ def open_source(data: str | Path, image_folder: str | Path | None = None) -> Con
     if image_folder is not None and not Path(image_folder).is_dir():
         raise CLIVizError(f"image folder not found: {image_folder}")
     if path.is_dir() and (path / "samples.jsonl").is_file():
-        return ShapesFolderSource(path)
+        return ShapesFolderSource(path, allow_absolute)
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
-        return LlavaJsonSource(path, image_folder)
+        return LlavaJsonSource(path, image_folder, allow_absolute)
     if path.is_dir() or path.suffix in TABLE_SUFFIXES:
-        return ArrowSource(path, image_folder)
+        return ArrowSource(path, image_folder, allow_absolute=allow_absolute)
     raise CLIVizError(f"unknown data format: {path} (want .json, .jsonl, .parquet, .arrow or a ShapesVQA folder)")

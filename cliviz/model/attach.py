@@ -91,13 +91,42 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
         model = attach(base, **options)
     except (ValueError, OSError, RuntimeError) as err:
         raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for name in SIDE_FILES:
-        if (base_dir / name).is_file() and name != "generation_config.json":
-            shutil.copy2(base_dir / name, out / name)
-    _ensure_fast_tokenizer(base_dir, out)
+    save_folder(model, base_dir, out)
     return model
+
+
+def save_folder(model: CLIForConditionalGeneration, base_dir: Path, out: Path) -> None:
+    """Write the attached model into `out` as `train` finishes a run: assembled in a hidden staging
+    folder, renamed file by file into `out`, verified; a full disk is one CLIVizError and leaves
+    whatever `out` held before untouched."""
+    from safetensors import SafetensorError
+
+    from cliviz.atomic import write_error
+    from cliviz.train import saving
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = saving.staging_folder(out)
+    try:
+        state = model.state_dict()
+        from cliviz.atomic import check_free_space
+
+        check_free_space(out, saving.model_bytes(state, model.dtype), "attached model")
+        with saving.quiet_progress():
+            model.save_pretrained(staging)
+        for name in SIDE_FILES:
+            if (base_dir / name).is_file() and name != "generation_config.json":
+                shutil.copy2(base_dir / name, staging / name)
+        _ensure_fast_tokenizer(base_dir, staging)
+        expected = saving.saved_shapes(staging)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_error(err) if isinstance(err, OSError) else str(err)
+        raise CLIVizError(f"cannot write the attached model into {out}: {reason}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    saving.commit(staging, out)
+    saving.verify_model_folder(out, expected)
 
 
 def _load_base(base_dir: Path, model_type: str) -> PreTrainedModel:

@@ -180,12 +180,22 @@ class Trainer:
             earlier = earlier_log_rows(Path(settings.init_from), settings.start_step)
             self.seconds_before = earlier[-1]["seconds"] if earlier else 0.0
             self.resumed_at = [settings.start_step]
+        if settings.data is not None and resume is None:  # no data, no training: refused before writing
+            self._require_data()
         out.mkdir(parents=True, exist_ok=True)
         self.log = TrainingLog(out, earlier, enabled=self.where.main)
         self.loader = self._loader()
         self.start = time.monotonic()
 
     # ------------------------------------------------------------------------------ data
+    def _require_data(self) -> None:
+        from cliviz.data.loader import require_usable_rows
+        from cliviz.data.sources import open_source
+
+        s = self.settings
+        source = open_source(s.data, s.image_folder, s.allow_absolute_image_paths)
+        require_usable_rows(source, collator_for_model(self.model.config, self.tokenizer, s.max_length), s.data)
+
     def _loader(self):
         from cliviz.data.questions import parse_extra_questions
         from cliviz.data.sources import ShapesSceneSource, open_source
@@ -200,7 +210,7 @@ class Trainer:
                 scene_labels=s.objective == "tower",
             )
         else:
-            source = open_source(s.data, s.image_folder)
+            source = open_source(s.data, s.image_folder, s.allow_absolute_image_paths)
         collator = collator_for_model(self.model.config, self.tokenizer, s.max_length)
         stream = ConversationStream(
             source,
@@ -330,8 +340,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ saving
     def checkpoint(self) -> None:
-        """A usable model and the exact state to resume from, every `checkpoint_minutes`."""
-        self.save_model()
+        """The exact state to resume from, every `checkpoint_minutes`: trained weights and optimiser
+        moments only (the frozen base is referenced through `init_from`, never rewritten)."""
         self.save_state()
 
     def save_state(self) -> None:
@@ -350,35 +360,46 @@ class Trainer:
             main=self.where.main,
         )
 
-    def save_model(self) -> None:
-        """The model folder (weights in the run's save dtype), its tokenizer and the processor and
-        chat-template files of the checkpoint it started from: self-contained."""
+    def save_model(self, summary: dict | None = None) -> None:
+        """The finished model folder, assembled beside its files and renamed into `out`, then verified;
+        the state file is deleted only after that, and only when the run reached its end (see
+        `cliviz.train.saving` for the order that makes a kill at any point lose nothing)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from cliviz.train import saving
+
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        summary = self.summary() if summary is None else summary  # a collective under DDP: every rank
         if not self.where.main:
             return
-        state = {k: (v.to(self.save_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        self.model.save_pretrained(self.out, state_dict=state)
-        self.tokenizer.save_pretrained(self.out)
-        if self.settings.init_from:
-            _carry_side_files(Path(self.settings.init_from), self.out)
+        init_from = Path(self.settings.init_from) if self.settings.init_from else None
+        staging = saving.staging_folder(self.out)
+        try:
+            saving.stage_model(
+                staging, self.model, self.tokenizer, state, self.save_dtype, set(self.trained), init_from
+            )
+            write_summary(staging, summary)
+            if init_from is not None:
+                write_model_card(self.out, summary, into=staging)
+            expected = saving.saved_shapes(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        saving.commit(staging, self.out)
+        saving.verify_model_folder(self.out, expected)
 
     def finish(self) -> dict:
-        """Final model, summary, model card; the state file is kept only when the run stopped early."""
+        """The state at the last step, then the final model and summary; the state file is deleted once
+        the model is verified, unless the run stopped early (--stop-step: resumable)."""
         self.log.close()
         finished = self.fraction_done() >= 1.0
-        if finished:
-            if self.where.main:
-                (self.out / STATE_FILE).unlink(missing_ok=True)  # nothing left to resume
-        else:
-            self.save_state()  # stopped early (--stop-step): resumable
-        self.save_model()
         summary = self.summary()
-        if self.where.main:
-            write_summary(self.out, summary)
-            if self.settings.init_from:
-                write_model_card(self.out, summary)
+        self.save_state()  # first: from here a kill anywhere leaves a resumable run
+        self.save_model(summary)
+        if finished and self.where.main:
+            from cliviz.train.saving import delete_state
+
+            delete_state(self.out, STATE_FILE)
         dist_.barrier(self.where)
         return summary
 
@@ -464,11 +485,3 @@ def _stored_dtype(settings: TrainSettings) -> torch.dtype:
         return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
     except (OSError, ValueError):
         return torch.float32
-
-
-def _carry_side_files(source: Path, out: Path) -> None:
-    from cliviz.model.attach import SIDE_FILES
-
-    for name in SIDE_FILES:
-        if (source / name).is_file() and name not in ("generation_config.json",) and not (out / name).exists():
-            shutil.copy2(source / name, out / name)

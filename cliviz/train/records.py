@@ -21,14 +21,26 @@ class TrainingLog:
     def __init__(self, out: Path, earlier: list[dict] | None = None, enabled: bool = True) -> None:
         self._file: IO[str] | None = None
         if enabled:
-            self._file = open(out / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
-            self._file.writelines(json.dumps(row) + "\n" for row in earlier or [])
-            self._file.flush()
+            try:
+                self._file = open(out / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+                self._file.writelines(json.dumps(row) + "\n" for row in earlier or [])
+                self._file.flush()
+            except OSError as err:
+                from cliviz.atomic import write_error
+                from cliviz.errors import CLIVizError
+
+                raise CLIVizError(f"cannot write the training log in {out}: {write_error(err)}") from None
 
     def write(self, row: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(row) + "\n")
+                self._file.flush()
+            except OSError as err:
+                from cliviz.atomic import write_error
+                from cliviz.errors import CLIVizError
+
+                raise CLIVizError(f"cannot write the training log {self._file.name}: {write_error(err)}") from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -72,16 +84,18 @@ def write_summary(out: Path, summary: dict) -> None:
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
-def write_model_card(out: Path, summary: dict) -> None:
+def write_model_card(out: Path, summary: dict, into: Path | None = None) -> None:
     """A short README.md for a model trained on a checkpoint: what it is and how it was made.
 
     Runs from scratch (the bundled models) keep their hand-written cards; this one is written only
-    when the folder holds none or one this function wrote.
+    when `out` holds none or one this function wrote. `into`: the folder to write it to (a staging
+    folder that is renamed into `out` afterwards), default `out`.
     """
-    path = out / CARD_FILE
+    existing = out / CARD_FILE
     marker = "<!-- written by cliviz train -->"
-    if path.exists() and marker not in path.read_text(encoding="utf-8", errors="replace"):
+    if existing.exists() and marker not in existing.read_text(encoding="utf-8", errors="replace"):
         return
+    path = (into or out) / CARD_FILE
     s, data = summary["settings"], summary.get("data", {})
     skipped = ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) or "none"
     lines = [

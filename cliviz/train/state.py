@@ -12,6 +12,7 @@ training on a 7B base is megabytes, not gigabytes. Weights and optimiser state a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from cliviz.atomic import atomic_write_bytes
+from cliviz.atomic import atomic_write_bytes, check_free_space
 from cliviz.errors import CLIVizError
 
 STATE_FILE = "train_state.safetensors"
@@ -105,7 +106,9 @@ def write_train_state(
         "data": json.dumps(data),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
-    atomic_write_bytes(out / STATE_FILE, save(tensors, metadata=metadata), what="training state")
+    blob = save(tensors, metadata=metadata)
+    check_free_space(out, len(blob), "training state")
+    atomic_write_bytes(out / STATE_FILE, blob, what="training state")
 
 
 def read_train_state(run: Path) -> SavedState:
@@ -122,7 +125,7 @@ def read_train_state(run: Path) -> SavedState:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT}")
-        return SavedState(
+        state = SavedState(
             run=run,
             settings=json.loads(metadata["settings"]),
             config=json.loads(metadata["config"]),
@@ -133,8 +136,93 @@ def read_train_state(run: Path) -> SavedState:
             tensors=tensors,
             param_groups=json.loads(metadata["param_groups"]),
         )
-    except (SafetensorError, ValueError, KeyError, OSError) as err:
+        check_metadata(state)
+        return state
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as err:
         raise CLIVizError(f"cannot read training state {path}: {err}") from None
+
+
+def _count(value: object, name: str, upper: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (upper is not None and value > upper):
+        limit = f" up to {upper}" if upper is not None else ""
+        raise ValueError(f"{name} is {value!r}, expected a whole number from 0{limit}")
+    return value
+
+
+def check_metadata(state: SavedState) -> None:
+    """ValueError naming the first field of the state's metadata that no run could have written:
+    the settings go through the command line's own validation, counts are whole and in range."""
+    from cliviz.train.settings import TrainSettings
+
+    if not isinstance(state.settings, dict):
+        raise ValueError("settings are not a record")
+    settings = TrainSettings.from_dict(state.settings)  # types checked field by field
+    settings.check()
+    _count(state.step, "step", settings.steps)
+    if not math.isfinite(state.seconds) or state.seconds < 0:
+        raise ValueError(f"seconds is {state.seconds!r}")
+    if not isinstance(state.resumed_at, list):
+        raise ValueError("resumed_at is not a list")
+    for step in state.resumed_at:
+        _count(step, "a resumed_at step", state.step)
+    if not isinstance(state.config, dict):
+        raise ValueError("config is not a record")
+    if not isinstance(state.data, dict):
+        raise ValueError("data is not a record")
+    _count(state.data.get("next_batch"), "data.next_batch")
+    for name in ("batches", "samples", "tokens", "label_tokens", "truncated"):
+        _count(state.data.get(name, 0), f"data.{name}")
+    skipped = state.data.get("skipped", {})
+    if not isinstance(skipped, dict):
+        raise ValueError("data.skipped is not a record")
+    for reason, count in skipped.items():
+        _count(count, f"data.skipped.{reason}")
+    groups = state.param_groups
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"param_groups is {str(groups)[:60]}, expected a non-empty list of records")
+    for group in groups:
+        for key in ("lr", "weight_decay"):
+            if key in group and (not isinstance(group[key], (int, float)) or not math.isfinite(group[key])):
+                raise ValueError(f"param_groups {key} is {group[key]!r}")
+    rng = state.tensors.get("rng/torch")
+    reference = torch.get_rng_state()
+    if rng is None or rng.dtype != reference.dtype or rng.shape != reference.shape:
+        raise ValueError("rng/torch is not a torch RNG state (uint8, as torch.get_rng_state() gives)")
+    for name in ("loss", "acc"):
+        values = state.tensors.get(f"recent/{name}")
+        if values is not None and (values.dim() != 1 or not values.is_floating_point()):
+            raise ValueError(f"recent/{name} is not a list of numbers")
+
+
+def check_tensors(state: SavedState, module: nn.Module) -> None:
+    """CLIVizError unless every saved weight and optimiser moment has its parameter's shape, a floating
+    dtype and finite values: a state checked like a model folder before anything is loaded from it."""
+    params = dict(module.named_parameters())
+    for key, value in state.tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "model":
+            name, slot = rest, "weight"
+        elif kind == "opt":
+            name, _, slot = rest.rpartition("/")
+        else:
+            continue
+        param = params.get(name)
+        if param is None:
+            continue  # names are matched separately (missing / extra)
+        shape = tuple(param.full_tensor().shape if hasattr(param, "full_tensor") else param.shape)
+        if slot == "step":
+            if value.numel() != 1 or not torch.isfinite(value.float()).all() or float(value) < 0:
+                raise CLIVizError(f"the training state of {state.run} has a bad optimiser step count for {name}")
+            continue
+        if tuple(value.shape) != shape:
+            raise CLIVizError(
+                f"the training state of {state.run} does not match this model: {key} has shape "
+                f"{tuple(value.shape)}, the model's {name} {shape}"
+            )
+        if not value.is_floating_point():
+            raise CLIVizError(f"the training state of {state.run} holds {key} as {value.dtype}, not floating point")
+        if not torch.isfinite(value).all():
+            raise CLIVizError(f"the training state of {state.run} holds non-finite values in {key} (NaN or inf)")
 
 
 def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -147,6 +235,12 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
         raise CLIVizError(
             f"the training state of {state.run} does not match this model (missing {missing}, extra {extra})"
         )
+    check_tensors(state, module)
+    if len(state.param_groups) != len(opt.param_groups):
+        raise CLIVizError(
+            f"the training state of {state.run} has {len(state.param_groups)} optimiser groups, this run "
+            f"{len(opt.param_groups)}"
+        )
     set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     slots: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.tensors.items():
@@ -155,10 +249,13 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
             slots.setdefault(fqn, {})[name] = value
     # strict=False: a parameter that never received a gradient (e.g. a vision layer the loss does
     # not reach) has no optimiser state to save, and needs none back
-    set_optimizer_state_dict(
-        module,
-        opt,
-        {"state": slots, "param_groups": state.param_groups},
-        options=StateDictOptions(full_state_dict=True, strict=False),
-    )
+    try:
+        set_optimizer_state_dict(
+            module,
+            opt,
+            {"state": slots, "param_groups": state.param_groups},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CLIVizError(f"the optimiser state of {state.run} does not fit this run: {err}") from None
     torch.set_rng_state(state.tensors["rng/torch"])
