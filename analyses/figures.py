@@ -460,7 +460,14 @@ def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> Fi
         raise CLIVizError(f"--example {ex}: that trace has no gates (projector fusion)")
     if len(tr.answer_positions) == 0:
         raise FigureSkipped(f"example {ex} has no answer step")
-    n_layers = len(layer_panels(list(ctx.rows.injection_layers)))
+    every = list(ctx.rows.injection_layers)
+    shown = layer_panels(every)
+    n_layers = len(shown)
+    subset = (
+        ""
+        if n_layers == len(every)
+        else f"; LLM layers {', '.join(f'L{i}' for i in shown)} of {len(every)}, evenly spaced"
+    )
     fig = trajectory_figure(tr)
     data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
     fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(n_layers, 1), "x": 0.0, "font": {"size": 9}})
@@ -470,7 +477,7 @@ def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> Fi
         data,
         int(70 + n_layers * 85),
         f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
-        f"answer-step gate trajectories of trace {ex}",
+        f"answer-step gate trajectories of trace {ex}{subset}",
     )
 
 

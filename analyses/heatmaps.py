@@ -281,32 +281,30 @@ def traceset_heatmap_figure(
     traces: TracesLike, select: str = "answer", by: str | None = None, *, include_special: bool = False
 ) -> go.Figure:
     """Mean gate map of a trace set (or one panel per `by` group, e.g. `qtype`) with its notes.
-    What `TraceSet.heatmap` returns. The answer map streams over the set (`summary.summarize`: memory
-    bounded by the shapes); other selections gather the set's selected rows."""
-    ts = as_traceset(traces)
-    if select == "answer":
-        from cliviz.analyses.summary import summarize
+    What `TraceSet.heatmap` returns. It streams over the set (`summary.summarize`: memory bounded by
+    the shapes, whatever the number of traces)."""
+    from cliviz.analyses.summary import summarize
 
-        rows = summarize(ts, include_special=include_special, pool=True, variance=False).rows
-    else:
-        rows = gate_rows(ts, select)
+    ts = as_traceset(traces)
+    if select not in SET_SELECTIONS:
+        raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(SET_SELECTIONS)}")
+    rows = summarize(ts, select=select, include_special=include_special, pool=True, variance=False).rows
     n = len(np.unique(rows.trace))
     what = selection_note(select, include_special)
     if by is None:
         fig = heatmap_figure(
-            mean_gate_matrix(rows, "answer" if select == "answer" else select),
+            mean_gate_matrix(rows, select),
             rows.vision_layers,
             rows.injection_layers,
             zmax=1.0,
             title=f"{what}, {n} traces",
         )
     else:
-        sel = "answer" if select == "answer" else select
         fig = grouped_heatmap_figure(
-            grouped_gate_matrices(rows, sel, by),
+            grouped_gate_matrices(rows, select, by),
             rows.vision_layers,
             rows.injection_layers,
-            counts=group_counts(rows, sel, by),
+            counts=group_counts(rows, select, by),
             title=f"{what}, by {by}",
         )
     return with_notes(fig, traceset_notes(ts))

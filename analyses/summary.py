@@ -33,7 +33,7 @@ __all__ = ["GateSummary", "summarize"]
 class GateSummary:
     """What one pass over a trace set keeps (see the module docstring)."""
 
-    rows: GateRows  # one row per trace with content answer steps: its mean answer-step gate
+    rows: GateRows  # one row per trace with selected positions: its mean gate over them
     entropy: pd.DataFrame  # columns of `stats.entropy_per_layer`
     variance: pd.DataFrame | None  # columns of `stats.gate_variance_decomposition`; None for compact sets
     n_traces: int  # rows of the set
@@ -41,6 +41,17 @@ class GateSummary:
     answer_lengths: np.ndarray  # [n_traces] answer steps per trace
     include_special: bool
     compact: Compact
+    select: str = "answer"
+    entropy_sum: np.ndarray | None = None  # [N, L] per row of `rows`: Σ over its positions of the gate entropy
+    entropy_sq: np.ndarray | None = None  # [N, L] Σ of squared entropies
+    positions: np.ndarray | None = None  # [N] selected positions per row of `rows`
+
+    def entropy_by(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(mean entropy [L], sd [L], tokens, traces) over the rows of `rows` in `mask`."""
+        n = self.positions[mask].sum()
+        mean = self.entropy_sum[mask].sum(0) / n
+        sd = np.sqrt(np.maximum(self.entropy_sq[mask].sum(0) / n - mean**2, 0.0))
+        return mean, sd, int(n), int(mask.sum())
 
     @property
     def n_gated(self) -> int:
@@ -52,7 +63,7 @@ class GateSummary:
         """What the maps average and over what, for captions: model(s), traces, tokens."""
         models = ", ".join(self.models[:3]) + (f" and {len(self.models) - 3} more" if len(self.models) > 3 else "")
         kind = "models" if len(self.models) > 1 else "model"
-        text = f"{kind} {models}; {self.n_gated} traces; {selection_note('answer', self.include_special)}"
+        text = f"{kind} {models}; {self.n_gated} traces; {selection_note(self.select, self.include_special)}"
         return text if self.compact.lossless else f"{text}; stored as {self.compact.describe()}"
 
 
@@ -89,22 +100,34 @@ class _Entropy:
 
 
 class _Variance:
-    def __init__(self) -> None:
-        self.n, self.samples, self.within, self.sum_nm, self.sum_nm2 = 0, 0, 0.0, 0.0, 0.0
+    """Within- vs across-sample variance over every position, from per-sample sums (exact):
+    within = Σ_s (Σ_t |g_st|² - n_s |ḡ_s|²), across = Σ_s n_s |ḡ_s|² - N |ḡ|², both / N."""
 
-    def add(self, rows: GateRows) -> None:
-        g = rows.gates.astype(np.float64)  # [R, L, K]
-        _, starts, counts = np.unique(rows.trace, return_index=True, return_counts=True)
-        means = np.add.reduceat(g, starts, axis=0) / counts[:, None, None]  # [S, L, K]
-        self.within = self.within + ((g - np.repeat(means, counts, axis=0)) ** 2).sum(-1).sum(0)  # [L]
-        self.sum_nm = self.sum_nm + (counts[:, None, None] * means).sum(0)  # [L, K]
-        self.sum_nm2 = self.sum_nm2 + (counts[:, None] * (means**2).sum(-1)).sum(0)  # [L]
-        self.n += len(g)
-        self.samples += len(counts)
+    def __init__(self) -> None:
+        self.n, self.samples, self.sq, self.sum_nm, self.sum_nm2 = 0, 0, 0.0, 0.0, 0.0
+
+    def add_table(self, table) -> None:
+        """Every gated trace of a batch (its stored [L, T, K] gates, read in place, one trace at a time)."""
+        values = table.column("gates").combine_chunks()
+        shapes = np.asarray(table.column("gates_shape").combine_chunks().flatten().to_numpy(), dtype=np.int64).reshape(
+            -1, 3
+        )
+        offsets = np.asarray(values.offsets.to_numpy(), dtype=np.int64)
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        for i, (L, T, K) in enumerate(shapes):
+            if L * T * K == 0:
+                continue
+            g = flat[offsets[i] : offsets[i + 1]].reshape(L, T, K)  # [L, T, K]
+            m = g.mean(axis=1, dtype=np.float64)  # [L, K]: this sample's mean gate
+            self.sq = self.sq + np.einsum("ltk,ltk->l", g, g, dtype=np.float64)
+            self.sum_nm = self.sum_nm + T * m
+            self.sum_nm2 = self.sum_nm2 + T * (m**2).sum(-1)
+            self.n += int(T)
+            self.samples += 1
 
     def frame(self, injection_layers: list[int]) -> pd.DataFrame:
         grand = self.sum_nm / self.n  # [L, K]
-        within = self.within / self.n
+        within = np.maximum(self.sq - self.sum_nm2, 0.0) / self.n
         across = np.maximum(self.sum_nm2 / self.n - (grand**2).sum(-1), 0.0)
         total = within + across
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -127,12 +150,20 @@ def _gated(batch) -> bool:
     return bool(len(shapes) and (shapes.reshape(-1, 3).prod(axis=1) > 0).any())
 
 
-def summarize(traces, *, include_special: bool = False, pool: bool = False, variance: bool = True) -> GateSummary:
+def summarize(
+    traces,
+    *,
+    select: str = "answer",
+    include_special: bool = False,
+    pool: bool = False,
+    variance: bool = True,
+) -> GateSummary:
     """Stream once over `traces` (a `TraceSet` on disk or in memory, or Traces) and keep what every
-    set-level figure needs. CLIVizError for a set that mixes models (unless `pool`), mixes layer lists,
-    or has no trace with gates and an answer step."""
+    set-level figure needs, for the `select`ed positions (answer, image, prompt, all). CLIVizError for a
+    set that mixes models (unless `pool`), mixes layer lists, or has no trace with gates there."""
     ts = as_traceset(traces)
     means, ids, qtype, sample_id, model, hashes, lengths, gated = [], [], [], [], [], [], [], []
+    h_sum, h_sq, counts = [], [], []
     entropy, var = _Entropy(), _Variance()
     layers: tuple[list[int], list[int]] | None = None
     compact = ts.compaction
@@ -146,7 +177,7 @@ def summarize(traces, *, include_special: bool = False, pool: bool = False, vari
         hashes += t.column("config_hash").to_pylist()
         lengths.append(np.asarray(t.column("answer_positions").combine_chunks().value_lengths(), dtype=np.int64))
         if _gated(batch):
-            rows = gate_rows(batch, "answer", include_special)
+            rows = gate_rows(batch, select, include_special)
             if layers is None:
                 layers = (rows.vision_layers, rows.injection_layers)
             elif layers != (rows.vision_layers, rows.injection_layers):
@@ -160,8 +191,13 @@ def summarize(traces, *, include_special: bool = False, pool: bool = False, vari
                 ids.append(tr + start)
                 means.append(m.astype(np.float32))
                 entropy.add(rows.gates)
+                _, first, n_pos = np.unique(rows.trace, return_index=True, return_counts=True)
+                h = row_entropy(rows.gates)  # [R, L]
+                h_sum.append(np.add.reduceat(h, first, axis=0))
+                h_sq.append(np.add.reduceat(h**2, first, axis=0))
+                counts.append(n_pos)
             if variance:
-                var.add(gate_rows(batch, "all"))
+                var.add_table(t)
         else:
             gated.append(np.zeros(t.num_rows, dtype=bool))
         start += t.num_rows
@@ -170,7 +206,8 @@ def summarize(traces, *, include_special: bool = False, pool: bool = False, vari
     if layers is None:
         raise CLIVizError("no trace in the set has gates (projector fusion records none): nothing to analyse")
     if not means:
-        raise CLIVizError("no trace with gates has an answer step: nothing to draw")
+        what = "an answer step" if select == "answer" else f"{select} positions"
+        raise CLIVizError(f"no trace with gates has {what}: nothing to draw")
     if not pool:
         check_one_model(list(zip(hashes, model)), "this trace set")
     vision, injection = layers
@@ -187,7 +224,7 @@ def summarize(traces, *, include_special: bool = False, pool: bool = False, vari
         qtype=np.array(qtype, dtype=object),
         sample_id=np.array(sample_id, dtype=object),
         gated=np.concatenate(gated),
-        select="answer",
+        select=select,
     )
     return GateSummary(
         rows=rows,
@@ -198,4 +235,8 @@ def summarize(traces, *, include_special: bool = False, pool: bool = False, vari
         answer_lengths=np.concatenate(lengths),
         include_special=include_special,
         compact=compact,
+        select=select,
+        entropy_sum=np.concatenate(h_sum),
+        entropy_sq=np.concatenate(h_sq),
+        positions=np.concatenate(counts),
     )
