@@ -117,12 +117,14 @@ def prepare_question(
     or corrupt file is refused before the model runs.
     """
     from cliviz.inputs import check_question, load_image
+    from cliviz.tracing.store import check_writable_set
     from cliviz.tracing.traceset import TraceSet
 
-    check_writable(trace_out, "trace file")
+    if trace_out is not None:
+        check_writable_set(trace_out)  # a set folder, a single file, or a new path
     check_writable(html, "html file")
     if trace_out is not None and trace_out.exists():
-        TraceSet.read(trace_out)
+        TraceSet.read(trace_out)  # checked (a large set: every footer): a foreign or corrupt set is refused
     img = load_image(image)
     check_question(question)
     net, tok = load_checked(model, device, dtype)

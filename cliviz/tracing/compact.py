@@ -22,7 +22,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import pyarrow as pa
 
 from cliviz.errors import CLIVizError
 from cliviz.tracing.schema import Trace
@@ -85,13 +84,3 @@ def compact_trace(trace: Trace, compact: Compact) -> Trace:
         return trace
     cols = trace.gate_columns(keep)
     return replace(trace, gates=trace.gates[:, cols], injection_norm=trace.injection_norm[:, cols], gate_positions=keep)
-
-
-def store_dtype(table: pa.Table, compact: Compact) -> pa.Table:
-    """The table with its gates column in the stored dtype (float16 when asked)."""
-    if compact.gates == "float32":
-        return table
-    i = table.schema.get_field_index("gates")
-    return table.set_column(
-        i, pa.field("gates", pa.list_(pa.float16())), table.column("gates").cast(pa.list_(pa.float16()))
-    )

@@ -45,7 +45,7 @@ from cliviz import __version__
 from cliviz.atomic import atomic_file, atomic_write_bytes, exclusive_writer
 from cliviz.errors import CLIVizError
 from cliviz.tracing.codec import ADDED_IN_2, ARROW_SCHEMA, COMPACT_KEY, META_TYPES, SCHEMA_VERSION_KEY
-from cliviz.tracing.compact import Compact, store_dtype
+from cliviz.tracing.compact import Compact
 from cliviz.tracing.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from cliviz.tracing.table_checks import check_table
 
@@ -95,6 +95,23 @@ def _next_part(folder: Path, rank: int | None) -> Path:
     ]
     seq = max(seqs, default=0) + 1
     return folder / (f"part-{seq:08d}.parquet" if rank is None else f"part-{seq:08d}-r{rank}.parquet")
+
+
+def check_writable_set(path: str | os.PathLike) -> None:
+    """Before any model work: the set at `path` can take an append (an existing set folder or file, or
+    a new path in an existing, writable folder); CLIVizError with one line otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / MANIFEST).exists() and not any(p.glob("part-*.parquet")):
+            raise CLIVizError(f"trace set {p} is a folder that is not a trace set; choose a new path for the set")
+        if not os.access(p, os.W_OK):
+            raise CLIVizError(f"cannot write trace set {p}: permission denied")
+        return
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise CLIVizError(f"cannot write trace set {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CLIVizError(f"cannot write trace set {p}: permission denied")
 
 
 def remove_stale_parts(folder: str | os.PathLike) -> list[Path]:
@@ -376,6 +393,15 @@ def read_all(path: str | os.PathLike, verb: str = "reads") -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------- writing
+
+
+def store_dtype(table: pa.Table, compact: Compact) -> pa.Table:
+    """The table with its gates column in the stored dtype (float16 when asked)."""
+    if compact.gates == "float32":
+        return table
+    half = pa.list_(pa.float16())
+    i = table.schema.get_field_index("gates")
+    return table.set_column(i, pa.field("gates", half), table.column("gates").cast(half))
 
 
 def _row_group_rows(table: pa.Table) -> int:
