@@ -76,6 +76,7 @@ from cliviz.analyses.heatmaps import (
     mean_gate_matrix,
     trajectory_figure,
     trajectory_frame,
+    wrap_html,
 )
 from cliviz.analyses.stats import gate_pca, probe_qtype
 from cliviz.analyses.summary import GateSummary, summarize
@@ -126,6 +127,7 @@ class FigureItem:
     title: str
     description: str
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)  # more CSVs: stem suffix -> frame
+    caption: str = ""  # model(s), trace count, what the means average
 
 
 @dataclass
@@ -323,11 +325,17 @@ class FigureContext:
     ) -> FigureItem:
         """Style `fig` for print at this width and wrap it with the numbers behind it; the caption
         (model, traces, tokens) goes into the description and, with titles on, under the title."""
-        shown = f"{title}<br><sup>{self.caption}</sup>" if self.titles else title
+        caption, lines = wrap_html(self.caption, self.width // 6)  # ~6 px per character at 9-10 pt
+        heading, head_lines = wrap_html(title, self.width // 7)
+        if self.titles:
+            height += 12 * (lines + head_lines)  # the title block grows the figure, not squeezes the plot
+        shown = f"{heading}<br><sup>{caption}</sup>" if self.titles else title
         style_figure(fig, self.width, height, title=shown, titles=self.titles, legend=legend)
         if self.titles:
-            fig.update_layout(margin={"t": 52})
-        return FigureItem(name, fig, data, self.width, height, title, f"{desc} ({self.caption})", extra or {})
+            fig.update_layout(margin={"t": 22 + 14 * head_lines + 12 * lines})
+        return FigureItem(
+            name, fig, data, self.width, height, title, f"{desc} ({self.caption})", extra or {}, self.caption
+        )
 
 
 BELOW_LEGEND = {"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}}  # for plots without tick labels
@@ -476,9 +484,13 @@ def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> Fi
         fig,
         data,
         int(70 + n_layers * 85),
-        f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
+        f"Trace {ex}: {_short(tr.meta.question, 60)} -> {_short(tr.meta.answer, 40)}",
         f"answer-step gate trajectories of trace {ex}{subset}",
     )
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def probe_confusion_figure(ctx: FigureContext) -> FigureItem:
@@ -711,10 +723,7 @@ def export_figures(
 
 def summarize_caption(items: Sequence[FigureItem]) -> str:
     """The caption every figure of the set shares (model, traces, tokens), from a built item."""
-    if not items:
-        return ""
-    desc = items[0].description
-    return desc[desc.rfind("(") + 1 : -1] if desc.endswith(")") else ""
+    return items[0].caption if items else ""
 
 
 def make_figures(
@@ -771,6 +780,7 @@ def make_figures(
             {
                 "name": it.name,
                 "description": it.description,
+                "caption": it.caption,
                 "title": it.title,
                 "width_px": it.width,
                 "height_px": it.height,

@@ -69,6 +69,7 @@ __all__ = [  # the reductions, re-exported for the callers that know them from h
     "trajectory_frame",
     "trajectory_figure",
     "layer_panels",
+    "wrap_html",
     "MAX_LAYER_PANELS",
 ]
 
@@ -115,6 +116,14 @@ def heatmap_figure(
         template="simple_white",
     )
     return fig
+
+
+def wrap_html(text: str, width: int) -> tuple[str, int]:
+    """`text` wrapped at `width` characters with <br> (plotly titles do not wrap): (html, lines)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, max(width, 20)) or [""]
+    return "<br>".join(lines), len(lines)
 
 
 def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
@@ -441,7 +450,7 @@ def layer_panels(layers: list[int], limit: int = MAX_LAYER_PANELS) -> list[int]:
     return [layers[i] for i in picks]
 
 
-def _step_ticks(texts: list[str], max_labels: int = 24) -> tuple[list[int], list[str]]:
+def _step_ticks(texts: list[str], max_labels: int = 12) -> tuple[list[int], list[str]]:
     """Tick positions and labels "step:token" for an answer, thinned to `max_labels` so they never overlap."""
     every = max(1, -(-len(texts) // max_labels))
     steps = list(range(0, len(texts), every))

@@ -98,7 +98,7 @@ def dataset_summary(backend: Backend, select: str):
 
 def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any, str]:
     """(grouped heatmaps, entropy figure, summary, message) for one token selection."""
-    from cliviz.analyses.heatmaps import group_counts, grouped_gate_matrices, grouped_heatmap_figure
+    from cliviz.analyses.heatmaps import group_counts, grouped_gate_matrices, grouped_heatmap_figure, wrap_html
 
     select = select if select in ("answer", "image", "prompt", "all") else "answer"
     try:
@@ -106,13 +106,8 @@ def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any,
         rows = summary.rows
         mats = grouped_gate_matrices(rows, select)
         counts = group_counts(rows, select)
-        heat = grouped_heatmap_figure(
-            mats,
-            rows.vision_layers,
-            rows.injection_layers,
-            counts=counts,
-            title=f"mean gates by question type — {summary.note}",
-        )
+        title, _ = wrap_html(f"mean gates by question type — {summary.note}", 110)
+        heat = grouped_heatmap_figure(mats, rows.vision_layers, rows.injection_layers, counts=counts, title=title)
         panel = max(230, 60 + 14 * len(rows.injection_layers))  # room for every LLM layer label
         heat.update_layout(height=panel * (-(-len(mats) // 3)) + 90, margin={"t": 80, "l": 70, "r": 20, "b": 50})
         entropy = entropy_figure(summary)
