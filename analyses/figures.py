@@ -328,11 +328,11 @@ class FigureContext:
         caption, lines = wrap_html(self.caption, self.width // 6)  # ~6 px per character at 9-10 pt
         heading, head_lines = wrap_html(title, self.width // 7)
         if self.titles:
-            height += 12 * (lines + head_lines)  # the title block grows the figure, not squeezes the plot
+            height += 18 * head_lines + 16 * lines  # the title block grows the figure, not squeezes the plot
         shown = f"{heading}<br><sup>{caption}</sup>" if self.titles else title
         style_figure(fig, self.width, height, title=shown, titles=self.titles, legend=legend)
         if self.titles:
-            fig.update_layout(margin={"t": 22 + 14 * head_lines + 12 * lines})
+            fig.update_layout(margin={"t": 24 + 18 * head_lines + 16 * lines})
         return FigureItem(
             name, fig, data, self.width, height, title, f"{desc} ({self.caption})", extra or {}, self.caption
         )

@@ -118,6 +118,11 @@ def heatmap_figure(
     return fig
 
 
+def _short(text: str, n: int) -> str:
+    """`text` cut to `n` characters with an ellipsis (a 256-token answer does not fit a title)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def wrap_html(text: str, width: int) -> tuple[str, int]:
     """`text` wrapped at `width` characters with <br> (plotly titles do not wrap): (html, lines)."""
     import textwrap
@@ -171,7 +176,7 @@ def trace_heatmap_figure(
         gate_matrix(trace, select, include_special),
         trace.meta.vision_layers,
         trace.meta.injection_layers,
-        title=f"{trace.meta.question} → {trace.meta.answer}: gates, {what}",
+        title=wrap_html(f"{_short(trace.meta.question, 100)} → {_short(trace.meta.answer, 60)}: gates, {what}", 90)[0],
         zmax=1.0,
     )
     return with_notes(fig, [f"model {trace.meta.model}", *trace.map_notes()])
@@ -203,7 +208,7 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
         trace.meta.vision_layers,
         trace.meta.injection_layers,
         zmax=1.0,
-        title=f"{trace.meta.question}  ->  {trace.meta.answer}",
+        title=wrap_html(f"{_short(trace.meta.question, 100)}  ->  {_short(trace.meta.answer, 80)}", 90)[0],
     )
     with_notes(fig, [f"model {trace.meta.model}; {selection_note('answer')}", *trace.map_notes()])
     fig.update_layout(

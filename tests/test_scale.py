@@ -210,7 +210,7 @@ def test_answer_means_leave_special_tokens_out_and_say_so():
     np.testing.assert_allclose(gate_matrix(t, include_special=True), every, atol=1e-7)
     np.testing.assert_allclose(mean_gate_matrix([t]), content, atol=1e-7)
     np.testing.assert_allclose(mean_gate_matrix([t], include_special=True), every, atol=1e-7)
-    title = trace_heatmap_figure(t).layout.title.text
+    title = trace_heatmap_figure(t).layout.title.text.replace("<br>", " ")
     assert "<eos> and other special tokens left out" in title and "2 of 3 steps" in title
     only_eos = small(1, n_answer=1)  # an answer of <eos> alone still has a map (its only step)
     np.testing.assert_allclose(gate_matrix(only_eos), only_eos.gates[:, only_eos.answer_positions].mean(1))
