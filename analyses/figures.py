@@ -60,7 +60,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cliviz.analyses.ablations.effects import metric_label
-from cliviz.analyses.export import FORMATS, find_chromium, kaleido_session, parse_formats, prepare_out_dir
+from cliviz.analyses.export import (  # re-exported: callers know them from here
+    FORMATS,
+    NOT_ON_KALEIDO_PAGE,
+    RENDER_TIMEOUT_S,
+    find_chromium,
+    kaleido_session,
+    parse_formats,
+    prepare_out_dir,
+)
 from cliviz.analyses.heatmaps import (
     DIVERGING,
     MARKERS,
@@ -86,6 +94,8 @@ from cliviz.tracing.traceset import TraceSet
 
 __all__ = [
     "FORMATS",
+    "NOT_ON_KALEIDO_PAGE",
+    "RENDER_TIMEOUT_S",
     "WIDTHS",
     "FigureItem",
     "FigureReport",

@@ -120,8 +120,11 @@ def prepare_question(
     from cliviz.tracing.store import check_writable_set
     from cliviz.tracing.traceset import TraceSet
 
-    if trace_out is not None:
-        check_writable_set(trace_out)  # a set folder, a single file, or a new path
+    if trace_out is not None and trace_out.is_dir():  # an existing trace set folder: appends add a part
+        check_writable_set(trace_out)
+        _probe_folder(trace_out, f"trace set {trace_out}")
+    else:
+        check_writable(trace_out, "trace file")
     check_writable(html, "html file")
     if trace_out is not None and trace_out.exists():
         TraceSet.read(trace_out)  # checked (a large set: every footer): a foreign or corrupt set is refused

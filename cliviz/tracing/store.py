@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,11 +453,7 @@ def append_table(
             return _append_to_file(p, table, compact, pool)
         if p.exists() and not p.is_dir():
             raise CLIVizError(f"trace set {p} is not a file or folder")
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CLIVizError(f"cannot create trace set folder {p}: {e.strerror or e}") from None
-        manifest = read_manifest(p)
+        manifest = read_manifest(p) if p.is_dir() else None
         models = _models(table)
         pooled = manifest.pooled if manifest is not None else pool
         if not pooled:
@@ -464,10 +462,38 @@ def append_table(
         chosen = _set_compaction(p, compact, manifest.compact if manifest else None)
         if manifest is None:
             first = models[0] if models and not pool else (None, None)
-            write_manifest(p, Manifest(chosen, first[0], first[1], pool))
+            if _create_set(p, Manifest(chosen, first[0], first[1], pool), table, rank):
+                return p
         if table.num_rows:
             write_part(table, _next_part(p, rank), chosen)
     return p
+
+
+def _create_set(p: Path, manifest: Manifest, table: pa.Table, rank: int | None) -> bool:
+    """Make `p` a set folder holding its manifest and the first rows, all at once: the folder is
+    assembled under a hidden name beside `p` and renamed into place, so a kill never leaves a folder
+    that is not a set, and a set that exists holds its first part. False when `p` was already a
+    folder (then only the manifest is added and the caller writes the part)."""
+    if p.is_dir():  # a set folder without a manifest (e.g. written by another tool): add one
+        write_manifest(p, manifest)
+        return False
+    parent = p.absolute().parent
+    tmp = parent / f".{p.name}.{secrets.token_hex(6)}.tmpdir"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        (tmp / MANIFEST).write_bytes(manifest.to_bytes())
+        if table.num_rows:
+            write_part(table, _next_part(tmp, rank), manifest.compact)
+        os.rename(tmp, p)
+        return True
+    except (OSError, CLIVizError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CLIVizError):
+            raise
+        if not p.is_dir():
+            raise CLIVizError(f"cannot create trace set folder {p}: {e.strerror or e}") from None
+        return False  # another process made the set first: append to it
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -225,6 +225,9 @@ def _check_out(out: Path) -> None:
     if out.suffix.lower() in (".jsonl", ".json"):
         raise CLIVizError(f"--out {out} looks like a data file; give a trace set path (e.g. traces.parquet)")
     parent = out.absolute().parent
+    blocker = next((a for a in (parent, *parent.parents) if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CLIVizError(f"cannot write trace set {out}: {blocker} is a file, not a folder")
     if not parent.is_dir():
         raise CLIVizError(f"cannot write trace set {out}: folder {parent} does not exist")
     if out.is_dir() and not (out / store.MANIFEST).exists() and not any(out.glob("part-*.parquet")):
@@ -283,7 +286,10 @@ def run_sweep(
                 for reason, n in more.items():
                     skipped[reason] = skipped.get(reason, 0) + n
         except KeyboardInterrupt:
-            kept = store.count_rows(store.open_parts(out)) if out.exists() else 0
+            try:
+                kept = store.count_rows(store.open_parts(out)) if out.exists() else 0
+            except CLIVizError:  # a count for the message only
+                kept = 0
             raise Interrupted(f"the {kept} trace(s) already written stay in {out}; finish with --resume") from None
         if world.main and not out.exists():  # nothing to trace (every sample skipped): an empty set, so --resume works
             store.append_table(out, _empty(), compact=compact)
