@@ -43,11 +43,15 @@ def trace_cmd(
     from cliviz.cli.render import print_trace
     from cliviz.tracing import trace
     from cliviz.tracing.compact import Compact
-    from cliviz.tracing.traceset import TraceSet
+    from cliviz.tracing.traceset import TraceSet, recorded_compaction
 
     compact = Compact(gates or "float32", positions or "all") if (gates or positions) else None
     if compact is not None and out is None:
         raise CLIVizError("--gates / --positions choose how --out stores traces: give --out too")
+    if compact is not None and out is not None and out.exists():  # before any model work
+        held = recorded_compaction(out)
+        if held is not None and held != compact:
+            raise CLIVizError(f"{out} holds {held.describe()}; leave out --gates/--positions to append to it")
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     result = trace(net, tok, img, q, max_new_tokens=max_new_tokens, causal_check=causal_check)
     if out is not None:

@@ -57,6 +57,7 @@ __all__ = [
     "META_TYPES",
     "APPEND_LOCK_WAIT_S",
     "Compact",
+    "recorded_compaction",
 ]
 
 EAGER_BYTES = 256 * 2**20  # sets smaller than this (uncompressed) are read whole; larger ones stream
@@ -78,8 +79,9 @@ def _as_table(traces: Trace | TraceSet | Iterable[Trace], compact: Compact | Non
     return traces_to_table(traces)
 
 
-def _recorded_compact(path: Path) -> Compact | None:
+def recorded_compaction(path: str | os.PathLike) -> Compact | None:
     """The compaction a set at `path` already holds (None: no set there yet)."""
+    path = Path(path)
     if path.is_dir():
         manifest = store.read_manifest(path)
         if manifest is not None:
@@ -122,7 +124,7 @@ def append_traces(
     append and followed by later ones; `pool=True` on the first append lets the set hold several
     models; `rank` is a torchrun rank writing its own parts."""
     p = Path(path)
-    chosen = _recorded_compact(p) or compact or Compact()
+    chosen = recorded_compaction(p) or compact or Compact()
     if compact is not None and compact != chosen:
         raise CLIVizError(
             f"trace set {p} holds {chosen.describe()}; appending {compact.describe()} would mix them — "
