@@ -243,3 +243,18 @@ def test_outputs_build_at_real_shapes(shape, tmp_path):
     long._repr_html_()
     second = long._repr_html_()
     assert len(second.encode()) < 1_000_000 and "Plotly.newPlot" in second
+
+
+def test_figures_refuse_a_pooled_set_unless_asked_and_name_both_models(tmp_path):
+    from cliviz.analyses.figures import build_figure_set
+
+    other = [small(i) for i in range(4, 8)]
+    for t in other:
+        t.meta.model, t.meta.config_hash = "other/model", "other-hash"
+    path = tmp_path / "pooled"
+    TraceSet.append(path, [small(i) for i in range(4)], pool=True)
+    TraceSet.append(path, other)
+    with pytest.raises(CLIVizError, match="2 models"):
+        build_figure_set(TraceSet.read(path))
+    items, _ = build_figure_set(TraceSet.read(path), pool=True)
+    assert "models synthetic/llava-1.5-7b, other/model; 8 traces" in items[0].caption
