@@ -258,3 +258,11 @@ def test_figures_refuse_a_pooled_set_unless_asked_and_name_both_models(tmp_path)
         build_figure_set(TraceSet.read(path))
     items, _ = build_figure_set(TraceSet.read(path), pool=True)
     assert "models synthetic/llava-1.5-7b, other/model; 8 traces" in items[0].caption
+
+
+def test_command_option_values_are_the_library_s():
+    """The command spells the compaction choices without importing the recorder (fast --help)."""
+    from cliviz.cli import sweep_cmd
+    from cliviz.tracing import compact
+
+    assert sweep_cmd.GATE_DTYPES == compact.GATE_DTYPES and sweep_cmd.POSITION_SETS == compact.POSITION_SETS

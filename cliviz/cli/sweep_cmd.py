@@ -12,8 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt
-from cliviz.tracing.compact import GATE_DTYPES, POSITION_SETS, Compact
 
+# the values of `cliviz.tracing.compact` (checked there); spelled here so that `--help` imports no torch
+# (importing anything under cliviz.tracing loads the recorder)
+GATE_DTYPES = ("float32", "float16")
+POSITION_SETS = ("all", "answer+prompt", "answer")
 GatesOpt = Annotated[
     str | None,
     typer.Option(
@@ -67,6 +70,7 @@ def sweep_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cliviz.tracing.compact import Compact
     from cliviz.tracing.sweep import World, run_sweep
 
     # a bad value is one line before anything is read; None: lossless, or the set's own choice on --resume
