@@ -106,7 +106,8 @@ def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any,
         rows = summary.rows
         mats = grouped_gate_matrices(rows, select)
         counts = group_counts(rows, select)
-        title, _ = wrap_html(f"mean gates by question type — {summary.note}", 110)
+        note, _ = wrap_html(summary.note, 110)
+        title = f"mean gates at {select} positions, by question type<br><sup>{note}</sup>"
         heat = grouped_heatmap_figure(mats, rows.vision_layers, rows.injection_layers, counts=counts, title=title)
         panel = max(230, 60 + 14 * len(rows.injection_layers))  # room for every LLM layer label
         heat.update_layout(height=panel * (-(-len(mats) // 3)) + 90, margin={"t": 80, "l": 70, "r": 20, "b": 50})

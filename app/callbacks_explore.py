@@ -164,9 +164,9 @@ def selection_label(trace, sel: str | int) -> str:
         from cliviz.analyses.reductions import content_steps
 
         n, used = len(trace.answer_texts), len(content_steps(trace))
-        return (
-            f"answer tokens ({used or n} of {n}: content tokens, <eos> left out)" if used else f"all {n} answer tokens"
-        )
+        if not used:  # an answer of special tokens only: its map is every step
+            return f"all {n} answer tokens"
+        return f"all {n} answer tokens: mean over the {used} content tokens (<eos> left out)"
     return f"answer token {sel}: '{trace.answer_texts[sel]}'"
 
 
