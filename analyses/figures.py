@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +60,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cliviz.analyses.ablations.effects import metric_label
+from cliviz.analyses.export import (  # re-exported: callers know them from here
+    FORMATS,
+    NOT_ON_KALEIDO_PAGE,
+    RENDER_TIMEOUT_S,
+    find_chromium,
+    kaleido_session,
+    parse_formats,
+    prepare_out_dir,
+)
 from cliviz.analyses.heatmaps import (
     DIVERGING,
     MARKERS,
@@ -69,22 +76,26 @@ from cliviz.analyses.heatmaps import (
     SEQUENTIAL,
     GateRows,
     gate_matrix_frame,
-    gate_rows,
     group_counts,
     grouped_gate_matrices,
     grouped_heatmap_figure,
     heatmap_figure,
+    layer_panels,
     mean_gate_matrix,
     trajectory_figure,
     trajectory_frame,
+    wrap_html,
 )
-from cliviz.analyses.stats import entropy_per_layer, gate_pca, gate_variance_decomposition, probe_qtype
+from cliviz.analyses.stats import gate_pca, probe_qtype
+from cliviz.analyses.summary import GateSummary, summarize
 from cliviz.atomic import atomic_write_bytes
 from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet
 
 __all__ = [
     "FORMATS",
+    "NOT_ON_KALEIDO_PAGE",
+    "RENDER_TIMEOUT_S",
     "WIDTHS",
     "FigureItem",
     "FigureReport",
@@ -110,11 +121,8 @@ __all__ = [
     "ablation_grid_figure",
 ]
 
-FORMATS = ("pdf", "svg", "png")
 WIDTHS = {"single": 336, "double": 672}  # px at 96 dpi: 3.5 in and 7 in
 FONT = {"family": "Liberation Sans, Arial, Helvetica, sans-serif", "size": 10, "color": "black"}
-NOT_ON_KALEIDO_PAGE = "kaleido_scopes is not defined"  # the ReferenceError of a render in a page without kaleido
-RENDER_TIMEOUT_S = 180.0  # one figure, first one includes the browser start; generous for a loaded machine
 
 
 @dataclass
@@ -129,6 +137,7 @@ class FigureItem:
     title: str
     description: str
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)  # more CSVs: stem suffix -> frame
+    caption: str = ""  # model(s), trace count, what the means average
 
 
 @dataclass
@@ -138,48 +147,16 @@ class FigureReport:
     figures: list[str]
     skipped: dict[str, str]  # figure -> reason
     timings: dict[str, float]  # seconds: read, compute, export
+    caption: str = ""  # model(s), traces, what the means average
 
 
 # ----------------------------------------------------------------------------------------- inputs
-
-
-def parse_formats(spec: str | Sequence[str]) -> list[str]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for f in (x.strip().lower().lstrip(".") for x in items):
-        if not f:
-            continue
-        if f not in FORMATS:
-            raise CLIVizError(f"unknown figure format {f!r}; use a comma-separated list of {', '.join(FORMATS)}")
-        if f not in out:
-            out.append(f)
-    if not out:
-        raise CLIVizError(f"no figure format given; use a comma-separated list of {', '.join(FORMATS)}")
-    return out
 
 
 def _check_width(width: str) -> int:
     if width not in WIDTHS:
         raise CLIVizError(f"unknown width {width!r}; use single (3.5 in) or double (7 in)")
     return WIDTHS[width]
-
-
-def prepare_out_dir(out: str | os.PathLike) -> Path:
-    """Create `out` (and parents) and check that files can be written in it."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise CLIVizError(f"output folder {p} is a file")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIVizError(f"cannot create output folder {p}: {e.strerror or e}") from None
-    probe = p / f".cliviz-write-test-{secrets.token_hex(4)}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CLIVizError(f"cannot write in output folder {p}: {e.strerror or e}") from None
-    return p
 
 
 def _read_frame(path: str | os.PathLike, what: str) -> pd.DataFrame:
@@ -317,17 +294,28 @@ class FigureSkipped(Exception):
 
 @dataclass
 class FigureContext:
-    """What every figure builder reads: the trace set, its answer-step gate rows, the layout."""
+    """What every figure builder reads: the trace set, its one-pass summary (per-trace content-answer
+    gate means and running sums: `cliviz.analyses.summary`), the layout."""
 
     ts: TraceSet
-    rows: GateRows
+    summary: GateSummary
     width: int  # px
     double: bool  # two-column width: more panels per row
     titles: bool
 
     @property
+    def rows(self) -> GateRows:
+        """One row per trace: its mean content-answer gate (what the mean maps, probes and PCA take)."""
+        return self.summary.rows
+
+    @property
     def n_traces(self) -> int:
-        return len(np.unique(self.rows.trace))
+        return self.summary.n_gated
+
+    @property
+    def caption(self) -> str:
+        """Model(s), trace count and what the means average: stated with every figure."""
+        return self.summary.note
 
     @property
     def layer_labels(self) -> list[str]:
@@ -345,19 +333,27 @@ class FigureContext:
         legend: bool = True,
         extra: dict[str, pd.DataFrame] | None = None,
     ) -> FigureItem:
-        """Style `fig` for print at this width and wrap it with the numbers behind it."""
-        style_figure(fig, self.width, height, title=title, titles=self.titles, legend=legend)
-        return FigureItem(name, fig, data, self.width, height, title, desc, extra or {})
+        """Style `fig` for print at this width and wrap it with the numbers behind it; the caption
+        (model, traces, tokens) goes into the description and, with titles on, under the title."""
+        caption, lines = wrap_html(self.caption, self.width // 6)  # ~6 px per character at 9-10 pt
+        heading, head_lines = wrap_html(title, self.width // 7)
+        if self.titles:
+            height += 18 * head_lines + 16 * lines  # the title block grows the figure, not squeezes the plot
+        shown = f"{heading}<br><sup>{caption}</sup>" if self.titles else title
+        style_figure(fig, self.width, height, title=shown, titles=self.titles, legend=legend)
+        if self.titles:
+            fig.update_layout(margin={"t": 24 + 18 * head_lines + 16 * lines})
+        return FigureItem(
+            name, fig, data, self.width, height, title, f"{desc} ({self.caption})", extra or {}, self.caption
+        )
 
 
 BELOW_LEGEND = {"orientation": "h", "y": -0.3, "x": 0.0, "font": {"size": 9}}  # for plots without tick labels
 
 
-def _default_example(ts: TraceSet, rows: GateRows) -> int:
-    gated = np.flatnonzero(rows.gated)
-    lengths = ts.table.column("answer_positions").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-    cand = gated[:100]
-    return int(cand[np.argmax(lengths[cand])])
+def _default_example(summary: GateSummary) -> int:
+    cand = np.unique(summary.rows.trace)[:100]  # traces with gates and content answer steps
+    return int(cand[np.argmax(summary.answer_lengths[cand])])
 
 
 def gate_mean_figure(ctx: FigureContext) -> FigureItem:
@@ -405,7 +401,7 @@ def gate_by_qtype_figure(ctx: FigureContext) -> FigureItem:
 def gate_entropy_figure(ctx: FigureContext) -> FigureItem:
     """Mean gate entropy per LLM layer, the entropy of the mean gate, and log K (a uniform gate)."""
     k = len(ctx.rows.vision_layers)
-    ent = entropy_per_layer(ctx.rows)
+    ent = ctx.summary.entropy
     x = ctx.layer_labels
     fig = go.Figure(
         go.Scatter(
@@ -448,7 +444,9 @@ def gate_entropy_figure(ctx: FigureContext) -> FigureItem:
 
 def gate_variance_figure(ctx: FigureContext) -> FigureItem:
     """Are the gates dynamic? Within-sample (across tokens) vs across-sample variance, all positions."""
-    var = gate_variance_decomposition(ctx.ts, select="all")
+    var = ctx.summary.variance
+    if var is None:
+        raise FigureSkipped(f"the set keeps {ctx.summary.compact.describe()}: the variance needs every position")
     x = ctx.layer_labels
     fig = go.Figure(
         [
@@ -471,16 +469,23 @@ def gate_variance_figure(ctx: FigureContext) -> FigureItem:
 
 def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> FigureItem:
     """Each LLM layer's gate over vision layers at each answer step of one trace (`example`)."""
-    ts = ctx.ts
-    ex = _default_example(ts, ctx.rows) if example is None else example
-    if not 0 <= ex < len(ts):
-        raise CLIVizError(f"--example {ex} is outside the trace set (0..{len(ts) - 1})")
-    tr = ts[ex]
+    n = ctx.summary.n_traces
+    ex = _default_example(ctx.summary) if example is None else example
+    if not 0 <= ex < n:
+        raise CLIVizError(f"--example {ex} is outside the trace set (0..{n - 1})")
+    tr = ctx.ts.take([ex]).traces[0]  # one row group decoded, whatever the size of the set
     if not tr.has_gates:
         raise CLIVizError(f"--example {ex}: that trace has no gates (projector fusion)")
     if len(tr.answer_positions) == 0:
         raise FigureSkipped(f"example {ex} has no answer step")
-    n_layers = len(ctx.rows.injection_layers)
+    every = list(ctx.rows.injection_layers)
+    shown = layer_panels(every)
+    n_layers = len(shown)
+    subset = (
+        ""
+        if n_layers == len(every)
+        else f"; LLM layers {', '.join(f'L{i}' for i in shown)} of {len(every)}, evenly spaced"
+    )
     fig = trajectory_figure(tr)
     data = trajectory_frame(tr).assign(trace=ex, question=tr.meta.question)
     fig.update_layout(legend={"orientation": "h", "y": -0.12 - 0.3 / max(n_layers, 1), "x": 0.0, "font": {"size": 9}})
@@ -489,9 +494,13 @@ def gate_trajectory_figure(ctx: FigureContext, example: int | None = None) -> Fi
         fig,
         data,
         int(70 + n_layers * 85),
-        f"Trace {ex}: {tr.meta.question} -> {tr.meta.answer}",
-        f"answer-step gate trajectories of trace {ex}",
+        f"Trace {ex}: {_short(tr.meta.question, 60)} -> {_short(tr.meta.answer, 40)}",
+        f"answer-step gate trajectories of trace {ex}{subset}",
     )
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def probe_confusion_figure(ctx: FigureContext) -> FigureItem:
@@ -658,13 +667,15 @@ def build_figure_set(
     example: int | None = None,
     width: str = "single",
     titles: bool = False,
+    include_special: bool = False,
+    pool: bool = False,
 ) -> tuple[list[FigureItem], dict[str, str]]:
-    """Compute every figure (no export): (items, skipped figure -> reason)."""
+    """Compute every figure (no export): (items, skipped figure -> reason). One pass over the set
+    (`summarize`: memory bounded by the shapes) plus the example trace's row group. A set of several
+    models is refused unless `pool`; `include_special` keeps `<eos>` steps in the answer means."""
     w = _check_width(width)
-    rows = gate_rows(ts, "answer")
-    if len(rows) == 0:
-        raise CLIVizError("no trace with gates has an answer step: nothing to draw")
-    ctx = FigureContext(ts, rows, w, width == "double", titles)
+    summary = summarize(ts, include_special=include_special, pool=pool)
+    ctx = FigureContext(ts, summary, w, width == "double", titles)
     builders: list[tuple[str, Callable[[FigureContext], FigureItem]]] = [
         ("gate_mean", gate_mean_figure),
         ("gate_by_qtype", gate_by_qtype_figure),
@@ -689,138 +700,6 @@ def build_figure_set(
 
 
 # ----------------------------------------------------------------------------------------- export
-
-
-def find_chromium() -> str:
-    """Path of the Chromium that kaleido will use; CLIVizError when there is none."""
-    env = os.environ.get("BROWSER_PATH")
-    hint = (
-        "install Debian's chromium (apt-get install -y --no-install-recommends chromium fonts-liberation) "
-        "or point BROWSER_PATH at a Chromium/Chrome executable"
-    )
-    if env:
-        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
-            raise CLIVizError(f"BROWSER_PATH={env} is not an executable Chromium; {hint}")
-        return env
-    try:
-        from choreographer.browsers.chromium import Chromium
-
-        path = Chromium.find_browser(skip_local=False)
-    except Exception:  # noqa: BLE001 - fall back to a PATH search
-        import shutil
-
-        path = next(
-            (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")) if p),
-            None,
-        )
-    if not path:
-        raise CLIVizError(f"figure export needs Chromium and none was found; {hint}")
-    return str(path)
-
-
-class kaleido_session:  # noqa: N801 - used as a context manager
-    """One persistent kaleido browser session (MathJax off) for many exports; reuses a session the
-    caller already started and then leaves it running."""
-
-    def __enter__(self) -> kaleido_session:
-        self._browser = find_chromium()
-        import kaleido
-
-        server = getattr(kaleido, "_global_server", None)
-        self._owned = not (server is not None and server.is_running())
-        self._server_error: BaseException | None = None
-        self._prev_hook = threading.excepthook
-
-        def hook(args: threading.ExceptHookArgs) -> None:  # keep a failed browser start off stderr
-            if args.thread is getattr(server, "_thread", None):
-                self._server_error = args.exc_value
-                return
-            self._prev_hook(args)
-
-        threading.excepthook = hook
-        if self._owned:
-            kaleido.start_sync_server(mathjax=False, silence_warnings=True)
-        self._kaleido = kaleido
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self._owned:
-                self._kaleido.stop_sync_server(silence_warnings=True)
-        finally:
-            threading.excepthook = self._prev_hook
-
-    def _server_alive(self) -> bool:
-        thread = getattr(getattr(self._kaleido, "_global_server", None), "_thread", None)
-        return thread is None or thread.is_alive()
-
-    def _dead_browser_error(self) -> CLIVizError:
-        err = self._server_error
-        why = ""
-        if err is not None:
-            first = err.args[0] if err.args else type(err).__name__
-            why = f": {str(first).splitlines()[0]}"
-        return CLIVizError(
-            f"Chromium at {self._browser} failed during figure export{why} (check that "
-            f"`{self._browser} --headless --no-sandbox --dump-dom about:blank` works; on Debian install "
-            "the chromium package)"
-        )
-
-    def render(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float = 1.0) -> bytes:
-        """Figure -> bytes through the running session; a fresh browser once when its tab lost kaleido's page.
-
-        "kaleido_scopes is not defined" means the render ran in a page without kaleido's script. kaleido
-        opens a tab with `url=""` and then navigates it to its page; it takes the tab's JavaScript context
-        from the first `Runtime.executionContextCreated` after `Runtime.enable` (which replays contexts
-        that already exist) and waits for the first `Page.loadEventFired` after `Page.enable`. On a
-        loaded machine the tab's own `about:blank` load can satisfy both before kaleido's navigation
-        commits, or cancel it, and the tab stays on `about:blank`. Reloading a tab after a render, as
-        kaleido does, reloads `about:blank`, so every later render in that session fails the same way:
-        only a new browser session recovers. This one is ours, so it is restarted once and the figure
-        rendered again.
-        """
-        try:
-            return self._render_once(fig, fmt, width, height, scale)
-        except CLIVizError as err:
-            if NOT_ON_KALEIDO_PAGE not in str(err) or not self._owned:
-                raise
-        self._kaleido.stop_sync_server(silence_warnings=True)
-        self._kaleido.start_sync_server(mathjax=False, silence_warnings=True)
-        return self._render_once(fig, fmt, width, height, scale)
-
-    def _render_once(self, fig: go.Figure, fmt: str, width: int, height: int, scale: float) -> bytes:
-        """Figure -> bytes through the running session, with a watchdog against a dead browser."""
-        box: dict[str, object] = {}
-        spec = fig.to_dict()
-        opts = {"format": fmt, "width": width, "height": height, "scale": scale}
-
-        def work() -> None:
-            try:
-                box["data"] = self._kaleido.calc_fig_sync(spec, opts=opts)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                box["error"] = e
-
-        th = threading.Thread(target=work, daemon=True)
-        th.start()
-        deadline = time.monotonic() + RENDER_TIMEOUT_S
-        while th.is_alive():
-            th.join(0.1)
-            if th.is_alive() and not self._server_alive():
-                raise self._dead_browser_error()
-            if th.is_alive() and time.monotonic() > deadline:
-                raise CLIVizError(
-                    f"Chromium at {self._browser} did not answer within {RENDER_TIMEOUT_S:.0f} s during figure export"
-                )
-        if "error" in box:
-            e = box["error"]
-            text = str(e)
-            first = text.splitlines()[0] if text else type(e).__name__
-            lost = NOT_ON_KALEIDO_PAGE in text and NOT_ON_KALEIDO_PAGE not in first
-            raise CLIVizError(f"figure export failed: {first}" + (f" ({NOT_ON_KALEIDO_PAGE})" if lost else ""))
-        data = box.get("data")
-        if not isinstance(data, (bytes, bytearray)) or not data:
-            raise CLIVizError("figure export returned no data")
-        return bytes(data)
 
 
 def _csv_bytes(df: pd.DataFrame) -> bytes:
@@ -852,6 +731,11 @@ def export_figures(
     return written
 
 
+def summarize_caption(items: Sequence[FigureItem]) -> str:
+    """The caption every figure of the set shares (model, traces, tokens), from a built item."""
+    return items[0].caption if items else ""
+
+
 def make_figures(
     traces: str | os.PathLike,
     out: str | os.PathLike,
@@ -863,6 +747,8 @@ def make_figures(
     width: str = "single",
     titles: bool = False,
     png_scale: float = 3.0,
+    include_special: bool = False,
+    pool: bool = False,
 ) -> FigureReport:
     """The whole `cliviz figures` pipeline: check inputs, compute, export, write a manifest."""
     fmts = parse_formats(formats)
@@ -876,13 +762,27 @@ def make_figures(
     abl = read_ablations(ablations) if ablations is not None else None
     cmp = read_compare(compare) if compare is not None else None
     t1 = time.perf_counter()
-    items, skipped = build_figure_set(ts, ablations=abl, compare=cmp, example=example, width=width, titles=titles)
+    items, skipped = build_figure_set(
+        ts,
+        ablations=abl,
+        compare=cmp,
+        example=example,
+        width=width,
+        titles=titles,
+        include_special=include_special,
+        pool=pool,
+    )
+    caption = summarize_caption(items)
     t2 = time.perf_counter()
     files = export_figures(items, out_dir, fmts, png_scale=png_scale)
     t3 = time.perf_counter()
     manifest = {
         "traces": str(traces),
         "n_traces": len(ts),
+        "models": ts.models(),
+        "caption": caption,
+        "answer_steps": "every step" if include_special else "content tokens only (<eos> and special tokens left out)",
+        "stored": ts.compaction.describe(),
         "formats": fmts,
         "width": width,
         "png_scale": png_scale,
@@ -890,6 +790,7 @@ def make_figures(
             {
                 "name": it.name,
                 "description": it.description,
+                "caption": it.caption,
                 "title": it.title,
                 "width_px": it.width,
                 "height_px": it.height,
@@ -910,4 +811,5 @@ def make_figures(
         figures=[it.name for it in items],
         skipped=skipped,
         timings={"read": t1 - t0, "compute": t2 - t1, "export": t3 - t2},
+        caption=caption,
     )

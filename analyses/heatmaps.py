@@ -1,71 +1,84 @@
-"""Vision-layer x LLM-layer gate maps and the plotly figures drawn from them.
+"""Vision-layer x LLM-layer gate maps: the plotly figures drawn from the reductions in
+`cliviz.analyses.reductions` (re-exported here: `gate_rows`, `mean_gate_matrix`, ...).
 
-A cell (LLM layer i, vision layer k) holds the mean gate weight that layer i gave vision layer k
-over a set of token positions: the answer steps, one role, one position, or every position. Rows
-sum to 1 (gates are a softmax over vision layers), so a row reads as "where layer i looked".
-The same builders serve the command line, the dashboard and `cliviz figures`.
-
-Trace-set level (vectorised over the Arrow table, no per-trace Python loop):
-`gate_rows` gathers the selected gate vectors of every trace once; `mean_gate_matrix`,
-`grouped_gate_matrices` and `gate_difference` reduce them. By default every trace weighs the
-same (`weight="trace"`: the mean of the per-trace `gate_matrix`es, so a one-trace set gives exactly
-`gate_matrix(trace)`); `weight="token"` pools all selected rows instead. Axis labels always carry
-the model's real layer indices (`meta.vision_layers` / `meta.injection_layers`), so traces whose
-layer lists differ cannot be averaged and are refused with a `CLIVizError`. Traces without gates
-(`projector` fusion) contribute nothing and are skipped.
+The same builders serve the command line, the dashboard and `cliviz figures`, and stay readable at
+real shapes (31 x 25 LLaVA-1.5-7B, 27 x 27 OneVision-7B, 256-step answers): tick labels thin out
+when they would overlap, a long answer's steps move to a slider, and per-layer panels (the
+trajectory figure) show at most `MAX_LAYER_PANELS` LLM layers, evenly spaced (the first and last
+included), with every layer in the numbers behind them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from cliviz.analyses.reductions import (
+    SET_SELECTIONS,
+    GateRows,
+    TracesLike,
+    as_traceset,
+    check_same_layers,
+    content_steps,
+    gate_difference,
+    gate_entropy,
+    gate_matrix,
+    gate_matrix_frame,
+    gate_rows,
+    group_counts,
+    grouped_gate_matrices,
+    is_special_token,
+    mean_gate_matrix,
+    positions_for,
+    selection_note,
+)
 from cliviz.errors import CLIVizError
-from cliviz.tracing.schema import TOKEN_SETS, Trace
+from cliviz.tracing.schema import Trace
 from cliviz.tracing.traceset import TraceSet
+
+__all__ = [  # the reductions, re-exported for the callers that know them from here
+    "SET_SELECTIONS",
+    "GateRows",
+    "TracesLike",
+    "as_traceset",
+    "check_same_layers",
+    "content_steps",
+    "gate_difference",
+    "gate_entropy",
+    "gate_matrix",
+    "gate_matrix_frame",
+    "gate_rows",
+    "group_counts",
+    "grouped_gate_matrices",
+    "is_special_token",
+    "mean_gate_matrix",
+    "positions_for",
+    "selection_note",
+    "heatmap_figure",
+    "with_notes",
+    "trace_heatmap_figure",
+    "token_heatmap_figure",
+    "write_trace_html",
+    "traceset_notes",
+    "traceset_heatmap_figure",
+    "grouped_heatmap_figure",
+    "difference_figure",
+    "trajectory_frame",
+    "trajectory_figure",
+    "layer_panels",
+    "wrap_html",
+    "MAX_LAYER_PANELS",
+]
 
 SEQUENTIAL = "Cividis"  # colour-blind-safe sequential scale
 DIVERGING = "RdBu_r"  # ColorBrewer RdBu (colour-blind safe), reversed: blue < 0 < red, white at 0
 # Okabe-Ito, reordered so the first colours are the most distinct on white (yellow late).
 QUALITATIVE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 MARKERS = ("circle", "square", "diamond", "triangle-up", "x", "triangle-down", "star", "cross")
-SET_SELECTIONS = TOKEN_SETS  # the name this module used before the set had one home
-
-
-def positions_for(trace: Trace, select: str | int = "answer") -> np.ndarray:
-    """Token positions for a selection: `answer` (the steps that produced the answer),
-    `image` / `prompt` (a role), `all`, or one integer position."""
-    if isinstance(select, (int, np.integer)):
-        if not 0 <= select < trace.n_tokens:
-            raise ValueError(f"position {select} outside 0..{trace.n_tokens - 1}")
-        return np.array([select])
-    if select == "answer":
-        return trace.answer_positions
-    if select == "all":
-        return np.arange(trace.n_tokens)
-    if select in ("image", "prompt"):
-        return np.flatnonzero(trace.role_mask(select))
-    raise ValueError(f"unknown selection {select!r}; use answer, image, prompt, all or a position")
-
-
-def gate_matrix(trace: Trace, select: str | int = "answer") -> np.ndarray:
-    """Mean gates over the selected positions: `[n_injection_layers, K]`."""
-    pos = positions_for(trace, select)
-    if not trace.has_gates or len(pos) == 0:
-        return np.zeros((trace.gates.shape[0], trace.gates.shape[2]), dtype=np.float32)
-    return trace.gates[:, pos].mean(axis=1)  # [L, K]
-
-
-def gate_entropy(gates: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each gate row, averaged over tokens: `[L, T, K] -> [L]`."""
-    p = np.clip(gates, 1e-12, 1.0)
-    return -(p * np.log(p)).sum(-1).mean(-1)
+MAX_LAYER_PANELS = 8  # per-LLM-layer panels drawn at most (evenly spaced); the CSV keeps every layer
 
 
 def heatmap_figure(
@@ -105,6 +118,19 @@ def heatmap_figure(
     return fig
 
 
+def _short(text: str, n: int) -> str:
+    """`text` cut to `n` characters with an ellipsis (a 256-token answer does not fit a title)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def wrap_html(text: str, width: int) -> tuple[str, int]:
+    """`text` wrapped at `width` characters with <br> (plotly titles do not wrap): (html, lines)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, max(width, 20)) or [""]
+    return "<br>".join(lines), len(lines)
+
+
 def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
     """Put the map's notes (its kind, its causal check) under the title, wrapped, and make room."""
     import textwrap
@@ -120,9 +146,12 @@ def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
     return fig
 
 
-def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | None = None) -> go.Figure:
+def trace_heatmap_figure(
+    trace: Trace, token: int | None = None, role: str | None = None, *, include_special: bool = False
+) -> go.Figure:
     """The gate map of one trace with its notes: answer step `token`, a token `role` (answer,
-    image, prompt, all), or by default the mean over answer steps. What `Trace.heatmap` returns."""
+    image, prompt, all), or by default the mean over the answer steps that emitted content tokens
+    (`include_special=True` adds `<eos>` and the like). What `Trace.heatmap` returns."""
     if token is not None and role is not None:
         raise CLIVizError("give an answer step (token=) or a role (role=), not both")
     if not trace.has_gates:
@@ -138,15 +167,19 @@ def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | Non
         select = role or "answer"
         if select not in SET_SELECTIONS:
             raise CLIVizError(f"unknown role {select!r}; use one of {', '.join(SET_SELECTIONS)}")
-        what = f"mean over {n} answer steps" if select == "answer" else f"mean over {select} tokens"
+        if select == "answer":
+            used = len(content_steps(trace, include_special)) or n
+            what = f"{selection_note('answer', include_special)}: {used} of {n} steps"
+        else:
+            what = selection_note(select)
     fig = heatmap_figure(
-        gate_matrix(trace, select),
+        gate_matrix(trace, select, include_special),
         trace.meta.vision_layers,
         trace.meta.injection_layers,
-        title=f"{trace.meta.question} → {trace.meta.answer}: gates, {what}",
+        title=wrap_html(f"{_short(trace.meta.question, 100)} → {_short(trace.meta.answer, 60)}: gates, {what}", 90)[0],
         zmax=1.0,
     )
-    return with_notes(fig, trace.map_notes())
+    return with_notes(fig, [f"model {trace.meta.model}", *trace.map_notes()])
 
 
 DROPDOWN_STEPS = 24  # answers up to this many steps list each step in the dropdown; longer ones get a slider
@@ -165,17 +198,19 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
         ("prompt tokens", "prompt"),
         ("all tokens", "all"),
     ]
+    if trace.gate_positions is not None:  # a compact trace: only the selections it kept
+        aggregates = [(label, sel) for label, sel in aggregates if _kept(trace, str(sel))]
     long_answer = len(steps) > DROPDOWN_STEPS
-    options = [("answer (mean)", "answer")] + ([] if long_answer else steps) + aggregates
+    options = [("answer (content tokens)", "answer")] + ([] if long_answer else steps) + aggregates
     mats = [gate_matrix(trace, sel) for _, sel in options]
     fig = heatmap_figure(
         mats[0],
         trace.meta.vision_layers,
         trace.meta.injection_layers,
         zmax=1.0,
-        title=f"{trace.meta.question}  ->  {trace.meta.answer}",
+        title=wrap_html(f"{_short(trace.meta.question, 100)}  ->  {_short(trace.meta.answer, 80)}", 90)[0],
     )
-    with_notes(fig, trace.map_notes())
+    with_notes(fig, [f"model {trace.meta.model}; {selection_note('answer')}", *trace.map_notes()])
     fig.update_layout(
         title={"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 12}},  # title and notes on top,
         updatemenus=[
@@ -213,6 +248,14 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
     return fig
 
 
+def _kept(trace: Trace, select: str) -> bool:
+    try:
+        trace.gate_columns(positions_for(trace, select))
+        return True
+    except CLIVizError:
+        return False
+
+
 def write_trace_html(trace: Trace, path) -> None:
     """Self-contained interactive page (plotly.js inlined: opens offline)."""
     if not trace.has_gates:
@@ -220,282 +263,15 @@ def write_trace_html(trace: Trace, path) -> None:
     token_heatmap_figure(trace).write_html(str(path), include_plotlyjs=True, full_html=True)
 
 
-# ================================================================================ trace-set level
-
-TracesLike = TraceSet | Trace | Iterable[Trace]
-
-
-def as_traceset(traces: TracesLike) -> TraceSet:
-    """A `TraceSet` from a TraceSet (itself), one Trace, or an iterable of Traces."""
-    if isinstance(traces, TraceSet):
-        return traces
-    if isinstance(traces, Trace):
-        return TraceSet([traces])
-    return TraceSet(list(traces))
-
-
-def _list_values(col: pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets[n+1]) of a list column; correct for sliced tables."""
-    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = pc.list_flatten(col)
-    values = np.asarray(flat.to_numpy(), dtype=dtype) if len(flat) else np.empty(0, dtype=dtype)
-    return values, offsets
-
-
-def _layer_list(values: np.ndarray, offsets: np.ndarray, i: int) -> list[int]:
-    return [int(v) for v in values[offsets[i] : offsets[i + 1]]]
-
-
-@dataclass(frozen=True)
-class GateRows:
-    """The selected gate vectors of a whole trace set, gathered once.
-
-    Row r is one (trace, token position): `gates[r]` is `[L, K]` (LLM layer x vision layer,
-    each row a distribution), `norms[r]` the `[L]` injection norms at that position. Rows are
-    ordered by trace, then by position order within the trace (`step` = rank within its trace,
-    i.e. the answer step for `select="answer"`). Per-trace arrays (`qtype`, `sample_id`,
-    `gated`) are indexed by the row number in the trace set.
-    """
-
-    gates: np.ndarray
-    norms: np.ndarray
-    trace: np.ndarray
-    position: np.ndarray
-    step: np.ndarray
-    vision_layers: list[int]
-    injection_layers: list[int]
-    qtype: np.ndarray
-    sample_id: np.ndarray
-    gated: np.ndarray
-    select: str
-
-    def __len__(self) -> int:
-        return len(self.trace)
-
-    @property
-    def K(self) -> int:
-        return len(self.vision_layers)
-
-    @property
-    def L(self) -> int:
-        return len(self.injection_layers)
-
-    def per_trace(self) -> tuple[np.ndarray, np.ndarray]:
-        """(trace ids `[N]`, per-trace mean gates `[N, L, K]`) over each trace's selected rows;
-        traces with no selected row are absent."""
-        if len(self.trace) == 0:
-            return np.empty(0, np.int64), np.empty((0, self.L, self.K), np.float64)
-        ids, starts, counts = np.unique(self.trace, return_index=True, return_counts=True)
-        sums = np.add.reduceat(self.gates.astype(np.float64), starts, axis=0)
-        return ids, sums / counts[:, None, None]
-
-    def trace_labels(self, by: str = "qtype") -> np.ndarray:
-        """Per-trace group label (`qtype` or `sample_id`, indexed by trace row); None -> "unknown"."""
-        per_trace = {"qtype": self.qtype, "sample_id": self.sample_id}.get(by)
-        if per_trace is None:
-            raise CLIVizError(f"cannot group by {by!r}; use qtype or sample_id")
-        return np.array(["unknown" if v is None else str(v) for v in per_trace], dtype=object)
-
-    def labels(self, by: str = "qtype") -> np.ndarray:
-        """Per-row group label (see `trace_labels`)."""
-        return self.trace_labels(by)[self.trace]
-
-
-def check_same_layers(a: GateRows, b: GateRows, what: str = "the two trace sets") -> None:
-    if a.vision_layers != b.vision_layers or a.injection_layers != b.injection_layers:
-        raise CLIVizError(
-            f"{what} use different layers (vision {a.vision_layers} vs {b.vision_layers}, LLM "
-            f"{a.injection_layers} vs {b.injection_layers}): gate maps cannot be compared cell by cell"
-        )
-
-
-def gate_rows(traces: TracesLike | GateRows, select: str = "answer") -> GateRows:
-    """Gather the gate vectors at the selected positions of every trace, vectorised.
-
-    `select`: `answer` (the positions whose output is an answer token), `image` / `prompt`
-    (token roles) or `all`. Traces without gates are skipped; the rest must share their
-    vision and LLM layer lists (CLIVizError otherwise, or when no trace has gates)."""
-    if isinstance(traces, GateRows):
-        if traces.select != select:
-            raise CLIVizError(f"these gate rows were gathered for {traces.select!r}, not {select!r}")
-        return traces
-    if select not in TOKEN_SETS:
-        raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(TOKEN_SETS)}")
-    t = as_traceset(traces).table
-    shapes, gated, vision, injection = _shared_layers(t)
-    T = shapes[:, 1]
-    Lc, Kc = len(injection), len(vision)
-    trace_of, position, step = _selected_positions(t, select, gated, T)
-    Tr = T[trace_of]
-    if np.any(position < 0) or np.any(position >= Tr):
-        raise CLIVizError("trace set is corrupt: a selected position lies outside its trace's tokens")
-    g_v, g_o = _list_values(t.column("gates"), np.float32)
-    n_v, n_o = _list_values(t.column("injection_norm"), np.float32)
-    lay = np.arange(Lc, dtype=np.int64)
-    base = g_o[trace_of] + position * Kc  # [R]
-    idx = base[:, None, None] + (lay[None, :] * (Tr * Kc)[:, None])[:, :, None] + np.arange(Kc)[None, None, :]
-    gates = g_v[idx] if len(base) else np.empty((0, Lc, Kc), np.float32)  # [R, L, K]
-    nidx = n_o[trace_of][:, None] + lay[None, :] * Tr[:, None] + position[:, None]
-    norms = n_v[nidx] if len(base) else np.empty((0, Lc), np.float32)  # [R, L]
-    qtype = np.array(t.column("qtype").to_pylist(), dtype=object)
-    sample_id = np.array(t.column("sample_id").to_pylist(), dtype=object)
-    return GateRows(
-        gates=gates,
-        norms=norms,
-        trace=trace_of,
-        position=position,
-        step=step,
-        vision_layers=vision,
-        injection_layers=injection,
-        qtype=qtype,
-        sample_id=sample_id,
-        gated=gated,
-        select=select,
-    )
-
-
-def _shared_layers(t: pa.Table) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """`(gates shapes [n, 3], gated [n], vision layers, injection layers)`, refusing an empty set, one
-    without gates, or traces whose layer lists differ."""
-    n = t.num_rows
-    shape_v, shape_o = _list_values(t.column("gates_shape"), np.int64)
-    if n == 0:
-        raise CLIVizError("the trace set is empty: nothing to analyse")
-    if np.any(np.diff(shape_o) != 3):
-        raise CLIVizError("trace set is corrupt: gates_shape must have 3 entries per trace")
-    shapes = shape_v.reshape(n, 3)
-    L, K = shapes[:, 0], shapes[:, 2]
-    gated = shapes.prod(axis=1) > 0
-    if not gated.any():
-        raise CLIVizError("no trace in the set has gates (projector fusion records none): nothing to analyse")
-    vis_v, vis_o = _list_values(t.column("vision_layers"), np.int64)
-    inj_v, inj_o = _list_values(t.column("injection_layers"), np.int64)
-    if np.any(np.diff(vis_o)[gated] != K[gated]) or np.any(np.diff(inj_o)[gated] != L[gated]):
-        raise CLIVizError("trace set is inconsistent: gates shape does not match vision_layers / injection_layers")
-    first = int(np.flatnonzero(gated)[0])
-    vision, injection = _layer_list(vis_v, vis_o, first), _layer_list(inj_v, inj_o, first)
-    same = (K == len(vision)) & (L == len(injection))
-    idx_g = np.flatnonzero(gated & same)
-    if len(idx_g):
-        same[idx_g] &= (vis_v[vis_o[idx_g, None] + np.arange(len(vision))] == np.asarray(vision)).all(1)
-        same[idx_g] &= (inj_v[inj_o[idx_g, None] + np.arange(len(injection))] == np.asarray(injection)).all(1)
-    bad = np.flatnonzero(gated & ~same)
-    if len(bad):
-        b = int(bad[0])
-        raise CLIVizError(
-            f"traces mix layer lists: trace {first} has vision layers {vision} / LLM layers {injection}, trace {b} "
-            f"has {_layer_list(vis_v, vis_o, b)} / {_layer_list(inj_v, inj_o, b)}; analyse them separately"
-        )
-    return shapes, gated, vision, injection
-
-
-def _selected_positions(
-    t: pa.Table, select: str, gated: np.ndarray, T: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(trace, position, step)` of every selected row, traces with gates only, in trace order."""
-    n = t.num_rows
-    if select == "answer":
-        pos_v, pos_o = _list_values(t.column("answer_positions"), np.int64)
-        counts = np.diff(pos_o) * gated
-        keep = np.repeat(gated, np.diff(pos_o))
-        trace_of = np.repeat(np.arange(n, dtype=np.int64), counts)
-        position = pos_v[keep]
-    elif select == "all":
-        counts = T * gated
-        trace_of = np.repeat(np.arange(n, dtype=np.int64), counts)
-        position = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    else:
-        roles = pc.list_flatten(t.column("token_roles"))
-        role_o = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(pc.fill_null(pc.list_value_length(t.column("token_roles")), 0).to_numpy(), out=role_o[1:])
-        hit = (
-            np.flatnonzero(pc.equal(roles, select).to_numpy(zero_copy_only=False))
-            if len(roles)
-            else np.empty(0, np.int64)
-        )
-        trace_all = np.searchsorted(role_o, hit, side="right") - 1
-        ok = gated[trace_all]
-        hit, trace_of = hit[ok], trace_all[ok]
-        position = hit - role_o[trace_of]
-        counts = np.bincount(trace_of, minlength=n)
-    step = np.arange(len(trace_of), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return trace_of, position, step
-
-
-def _reduce(rows: GateRows, mask: np.ndarray | None, weight: str) -> np.ndarray:
-    if weight not in ("trace", "token"):
-        raise CLIVizError(f"unknown weight {weight!r}; use trace or token")
-    g = rows.gates if mask is None else rows.gates[mask]
-    if len(g) == 0:
-        raise CLIVizError(f"no gate vectors selected ({rows.select!r} positions): nothing to average")
-    if weight == "token":
-        return g.astype(np.float64).mean(axis=0)
-    tr = rows.trace if mask is None else rows.trace[mask]
-    _, starts, counts = np.unique(tr, return_index=True, return_counts=True)
-    return (np.add.reduceat(g.astype(np.float64), starts, axis=0) / counts[:, None, None]).mean(axis=0)
-
-
-def mean_gate_matrix(traces: TracesLike | GateRows, select: str = "answer", weight: str = "trace") -> np.ndarray:
-    """Mean gates over a trace set: `[n_injection_layers, K]` (float64).
-
-    `weight="trace"`: mean of the per-trace means (each trace counts once; one trace gives
-    `gate_matrix(trace, select)`); `weight="token"`: mean over every selected position."""
-    return _reduce(gate_rows(traces, select), None, weight)
-
-
-def grouped_gate_matrices(
-    traces: TracesLike | GateRows, select: str = "answer", by: str = "qtype", weight: str = "trace"
-) -> dict[str, np.ndarray]:
-    """`{group: mean gate matrix}` for each group (question type by default; "unknown" for traces
-    without one), in sorted group order."""
-    rows = gate_rows(traces, select)
-    labels = rows.labels(by)
-    return {str(g): _reduce(rows, labels == g, weight) for g in sorted(set(labels.tolist()))}
-
-
-def group_counts(traces: TracesLike | GateRows, select: str = "answer", by: str = "qtype") -> dict[str, int]:
-    """Number of traces that contribute selected rows to each group."""
-    rows = gate_rows(traces, select)
-    groups, counts = np.unique(rows.trace_labels(by)[np.unique(rows.trace)].astype(str), return_counts=True)
-    return {str(g): int(c) for g, c in zip(groups, counts)}
-
-
-def gate_difference(
-    a: TracesLike | GateRows,
-    b: TracesLike | GateRows | None = None,
-    *,
-    groups: tuple[str, str] | None = None,
-    by: str = "qtype",
-    select: str = "answer",
-    weight: str = "trace",
-) -> np.ndarray:
-    """Difference of mean gate matrices, `[L, K]`: `mean(a) - mean(b)` for two trace sets, or
-    `mean(group A) - mean(group B)` within `a` when `groups=(A, B)` (e.g. two question types)."""
-    ra = gate_rows(a, select)
-    if groups is not None:
-        if b is not None:
-            raise CLIVizError("give either a second trace set or groups=(A, B), not both")
-        labels = ra.labels(by)
-        present = sorted(set(labels.tolist()))
-        for g in groups:
-            if g not in present:
-                raise CLIVizError(f"no traces with {by} {g!r}; present: {', '.join(present)}")
-        return _reduce(ra, labels == groups[0], weight) - _reduce(ra, labels == groups[1], weight)
-    if b is None:
-        raise CLIVizError("gate_difference needs a second trace set or groups=(A, B)")
-    rb = gate_rows(b, select)
-    check_same_layers(ra, rb)
-    return _reduce(ra, None, weight) - _reduce(rb, None, weight)
-
-
 def traceset_notes(ts: TraceSet) -> list[str]:
-    """The notes of a trace set's mean map: the fusion's kind of map and the causal checks it holds."""
+    """The notes of a trace set's mean map: its model(s) and size, the fusion's kind of map and the
+    causal checks it holds (meta columns only: cheap for a set on disk)."""
     from cliviz.tracing.causal import NEGLIGIBLE_NATS, map_kind_note
 
     meta = ts.meta_frame()
-    notes = []
+    models = list(dict.fromkeys(meta["model"]))
+    shown = ", ".join(models[:3]) + (f" and {len(models) - 3} more" if len(models) > 3 else "")
+    notes = [f"{'models' if len(models) > 1 else 'model'} {shown}; {len(meta)} traces"]
     fusions = sorted(set(meta["fusion"]))
     if len(fusions) == 1 and map_kind_note(fusions[0]):
         notes.append(map_kind_note(fusions[0]))
@@ -515,18 +291,27 @@ def traceset_notes(ts: TraceSet) -> list[str]:
     return notes
 
 
-def traceset_heatmap_figure(traces: TracesLike, select: str = "answer", by: str | None = None) -> go.Figure:
+def traceset_heatmap_figure(
+    traces: TracesLike, select: str = "answer", by: str | None = None, *, include_special: bool = False
+) -> go.Figure:
     """Mean gate map of a trace set (or one panel per `by` group, e.g. `qtype`) with its notes.
-    What `TraceSet.heatmap` returns."""
+    What `TraceSet.heatmap` returns. It streams over the set (`summary.summarize`: memory bounded by
+    the shapes, whatever the number of traces)."""
+    from cliviz.analyses.summary import summarize
+
     ts = as_traceset(traces)
-    rows = gate_rows(ts, select)
+    if select not in SET_SELECTIONS:
+        raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(SET_SELECTIONS)}")
+    rows = summarize(ts, select=select, include_special=include_special, pool=True, variance=False).rows
+    n = len(np.unique(rows.trace))
+    what = selection_note(select, include_special)
     if by is None:
         fig = heatmap_figure(
             mean_gate_matrix(rows, select),
             rows.vision_layers,
             rows.injection_layers,
             zmax=1.0,
-            title=f"mean gates at {select} positions, {len(np.unique(rows.trace))} traces",
+            title=f"{what}, {n} traces",
         )
     else:
         fig = grouped_heatmap_figure(
@@ -534,30 +319,9 @@ def traceset_heatmap_figure(traces: TracesLike, select: str = "answer", by: str 
             rows.vision_layers,
             rows.injection_layers,
             counts=group_counts(rows, select, by),
-            title=f"mean gates at {select} positions, by {by}",
+            title=f"{what}, by {by}",
         )
     return with_notes(fig, traceset_notes(ts))
-
-
-def gate_matrix_frame(
-    matrix: np.ndarray, vision_layers: list[int], injection_layers: list[int], value: str = "gate", **columns: object
-) -> pd.DataFrame:
-    """Tidy `[L, K]` matrix: one row per (llm_layer, vision_layer), real layer indices."""
-    m = np.asarray(matrix, dtype=float)
-    if m.shape != (len(injection_layers), len(vision_layers)):
-        raise CLIVizError(
-            f"matrix shape {m.shape} does not match the layer lists ({len(injection_layers)} x {len(vision_layers)})"
-        )
-    df = pd.DataFrame(
-        {
-            "llm_layer": np.repeat(np.asarray(injection_layers, dtype=np.int64), len(vision_layers)),
-            "vision_layer": np.tile(np.asarray(vision_layers, dtype=np.int64), len(injection_layers)),
-            value: m.ravel(),
-        }
-    )
-    for name, v in columns.items():
-        df.insert(0, name, v)
-    return df
 
 
 # ---------------------------------------------------------------------------- trace-set figures
@@ -591,7 +355,7 @@ def grouped_heatmap_figure(
         shared_xaxes=True,
         shared_yaxes=True,
         horizontal_spacing=0.04 if cols > 1 else 0.0,
-        vertical_spacing=0.12 if rows > 1 else 0.0,
+        vertical_spacing=min(0.12, 0.5 / (rows - 1)) if rows > 1 else 0.0,  # plotly needs < 1 / (rows - 1)
     )
     hi = zmax if zmax is not None else max(float(np.max(m)) for m in matrices.values())
     x = [f"V{k}" for k in vision_layers]
@@ -683,18 +447,60 @@ def trajectory_frame(trace: Trace, llm_layer: int | None = None) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True)
 
 
+def layer_panels(layers: list[int], limit: int = MAX_LAYER_PANELS) -> list[int]:
+    """At most `limit` of `layers`, evenly spaced, first and last included (all when they fit)."""
+    if len(layers) <= limit:
+        return list(layers)
+    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, limit)).astype(int))
+    return [layers[i] for i in picks]
+
+
+def _step_ticks(texts: list[str], max_labels: int = 12) -> tuple[list[int], list[str]]:
+    """Tick positions and labels "step:token" for an answer, thinned to `max_labels` so they never overlap."""
+    every = max(1, -(-len(texts) // max_labels))
+    steps = list(range(0, len(texts), every))
+    return steps, [f"{s}:{texts[s][:10]}" for s in steps]
+
+
 def trajectory_figure(trace: Trace, llm_layer: int | None = None, *, title: str | None = None) -> go.Figure:
     """Gate per vision layer as the answer unfolds (x = answer step, labelled with the token it
-    produced), for one LLM layer (real index) or, with `llm_layer=None`, one panel per layer."""
+    produced), for one LLM layer (real index) or, with `llm_layer=None`, one panel per LLM layer —
+    at most `MAX_LAYER_PANELS`, evenly spaced, for deep models (the title says which).
+
+    Up to 8 vision layers each get a line; more (real models: 25-27) would be a tangle of repeated
+    colours, so each panel becomes a heatmap (vision layer x answer step) on one shared scale."""
     from plotly.subplots import make_subplots
 
     df = trajectory_frame(trace, llm_layer)
-    layers = list(dict.fromkeys(df.llm_layer.tolist()))
+    every = list(dict.fromkeys(df.llm_layer.tolist()))
+    layers = layer_panels(every)
     S = len(trace.answer_positions)
-    fig = make_subplots(rows=len(layers), cols=1, shared_xaxes=True, vertical_spacing=0.05 if len(layers) > 1 else 0.0)
+    vision = list(trace.meta.vision_layers)
+    as_heatmap = len(vision) > len(QUALITATIVE)
+    n = len(layers)
+    fig = make_subplots(
+        rows=n, cols=1, shared_xaxes=True, vertical_spacing=min(0.05, 0.3 / (n - 1)) if n > 1 else 0.0
+    )  # plotly needs spacing < 1 / (rows - 1)
     for r, li in enumerate(layers):
         sub = df[df.llm_layer == li]
-        for j, k in enumerate(trace.meta.vision_layers):
+        if as_heatmap:
+            z = sub.pivot(index="vision_layer", columns="step", values="gate").reindex(index=vision)
+            fig.add_trace(
+                go.Heatmap(
+                    z=z.to_numpy(float),
+                    x=list(range(S)),
+                    y=[f"V{k}" for k in vision],
+                    coloraxis="coloraxis",
+                    hovertemplate=(
+                        f"LLM layer {li}<br>vision layer %{{y}}<br>step %{{x}}<br>gate %{{z:.3f}}<extra></extra>"
+                    ),
+                ),
+                row=r + 1,
+                col=1,
+            )
+            fig.update_yaxes(title_text=f"L{li}", row=r + 1, col=1, nticks=6)
+            continue
+        for j, k in enumerate(vision):
             pts = sub[sub.vision_layer == k]
             fig.add_trace(
                 go.Scatter(
@@ -714,8 +520,15 @@ def trajectory_figure(trace: Trace, llm_layer: int | None = None, *, title: str 
                 col=1,
             )
         fig.update_yaxes(range=[-0.02, 1.02], title_text=f"gate at L{li}", row=r + 1, col=1)
-    ticks = [f"{s}:{w}" for s, w in enumerate(trace.answer_texts)]
-    fig.update_xaxes(tickvals=list(range(S)), ticktext=ticks, range=[-0.3, max(S - 1, 0) + 0.3])
-    fig.update_xaxes(title_text="answer step : token", row=len(layers), col=1)
+    tickvals, ticktext = _step_ticks(list(trace.answer_texts))
+    fig.update_xaxes(tickvals=tickvals, ticktext=ticktext, range=[-0.5 if as_heatmap else -0.3, max(S - 1, 0) + 0.5])
+    fig.update_xaxes(title_text="answer step : token", row=n, col=1)
+    if len(layers) < len(every):
+        note = f"LLM layers {', '.join(f'L{i}' for i in layers)} of {len(every)} (evenly spaced)"
+        title = f"{title}<br><sup>{note}</sup>" if title else note
     fig.update_layout(template="simple_white", title=title, legend={"title": {"text": "vision layer"}})
+    if as_heatmap:
+        fig.update_layout(
+            coloraxis={"colorscale": SEQUENTIAL, "cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "gate"}}}
+        )
     return fig

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cliviz.analyses.heatmaps import GateRows, TracesLike, gate_rows
+from cliviz.analyses.reductions import GateRows, TracesLike, as_traceset, gate_rows
 from cliviz.errors import CLIVizError
 
 __all__ = [
@@ -128,8 +128,6 @@ def injection_norm_profile(
     positions whose output is an answer token). Roles with no token are left out."""
     if isinstance(traces, GateRows):
         raise CLIVizError("injection_norm_profile needs the trace set (it gathers one selection per role)")
-    from cliviz.analyses.heatmaps import as_traceset
-
     ts = as_traceset(traces)
     frames = []
     for role in roles:

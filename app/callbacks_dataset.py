@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,31 +34,25 @@ def summary_table(backend: Backend) -> html.Table:
     )
 
 
-def entropy_figure(rows) -> go.Figure:
-    """Mean per-token gate entropy per LLM layer, one line per question type plus all traces."""
+def entropy_figure(summary) -> go.Figure:
+    """Mean per-token gate entropy per LLM layer, one line per question type plus all traces (from the
+    streamed per-trace sums of `analyses.summary`)."""
     from cliviz.analyses.heatmaps import MARKERS, QUALITATIVE
-    from cliviz.analyses.stats import entropy_per_layer
 
+    rows = summary.rows
     fig = go.Figure()
     labels = rows.labels("qtype")
     groups = [("all traces", np.ones(len(rows), dtype=bool))] + [(g, labels == g) for g in sorted(set(labels.tolist()))]
+    x = [f"L{i}" for i in rows.injection_layers]
     for j, (name, mask) in enumerate(groups):
         if not mask.any():
             continue
-        sub = replace(
-            rows,
-            gates=rows.gates[mask],
-            norms=rows.norms[mask],
-            trace=rows.trace[mask],
-            position=rows.position[mask],
-            step=rows.step[mask],
-        )
-        df = entropy_per_layer(sub, rows.select)
+        mean, _, _, n_traces = summary.entropy_by(mask)
         fig.add_trace(
             go.Scatter(
-                x=[f"L{i}" for i in df.llm_layer],
-                y=df.entropy,
-                name=f"{name} (n={int(df.n_traces.iloc[0])})",
+                x=x,
+                y=mean,
+                name=f"{name} (n={n_traces})",
                 mode="lines+markers",
                 line={
                     "color": "#555" if j == 0 else QUALITATIVE[(j - 1) % len(QUALITATIVE)],
@@ -90,24 +83,35 @@ def entropy_figure(rows) -> go.Figure:
     return fig
 
 
+def dataset_summary(backend: Backend, select: str):
+    """The set's one-pass summary for `select`, computed once per selection and kept (read-only, the
+    same for every user): the tab then redraws in milliseconds whatever the size of the set."""
+    from cliviz.analyses.summary import summarize
+
+    cache = backend.__dict__.setdefault("_dataset_summaries", {})
+    if select not in cache:
+        if backend.traces is None:
+            raise CLIVizError("no trace set loaded: start with `cliviz dash --traces FILE.parquet`")
+        cache[select] = summarize(backend.traces, select=select, pool=True, variance=False)
+    return cache[select]
+
+
 def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any, str]:
     """(grouped heatmaps, entropy figure, summary, message) for one token selection."""
-    from cliviz.analyses.heatmaps import group_counts, grouped_gate_matrices, grouped_heatmap_figure
+    from cliviz.analyses.heatmaps import group_counts, grouped_gate_matrices, grouped_heatmap_figure, wrap_html
 
     select = select if select in ("answer", "image", "prompt", "all") else "answer"
     try:
-        rows = backend.dataset_view(select)
+        summary = dataset_summary(backend, select)
+        rows = summary.rows
         mats = grouped_gate_matrices(rows, select)
         counts = group_counts(rows, select)
-        heat = grouped_heatmap_figure(
-            mats,
-            rows.vision_layers,
-            rows.injection_layers,
-            counts=counts,
-            title=f"mean gates at {select} positions, by question type",
-        )
-        heat.update_layout(height=230 * (-(-len(mats) // 3)) + 90, margin={"t": 80, "l": 70, "r": 20, "b": 50})
-        entropy = entropy_figure(rows)
+        note, _ = wrap_html(summary.note, 110)
+        title = f"mean gates at {select} positions, by question type<br><sup>{note}</sup>"
+        heat = grouped_heatmap_figure(mats, rows.vision_layers, rows.injection_layers, counts=counts, title=title)
+        panel = max(230, 60 + 14 * len(rows.injection_layers))  # room for every LLM layer label
+        heat.update_layout(height=panel * (-(-len(mats) // 3)) + 90, margin={"t": 80, "l": 70, "r": 20, "b": 50})
+        entropy = entropy_figure(summary)
     except CLIVizError as err:
         blank = message_figure(str(err))
         return blank, blank, "", str(err)

@@ -107,7 +107,7 @@ def render_answer(store: dict | None) -> Any:
             id={"type": "token", "step": -1},
             className="tok tok-all selected",
             n_clicks=0,
-            title="mean over every answer step",
+            title="mean over the answer steps with content tokens (<eos> and special tokens left out)",
         )
     )
     warning = store.get("world_warning")
@@ -131,7 +131,10 @@ def render_answer(store: dict | None) -> Any:
                 ],
                 className="qa",
             ),
-            html.Div(tokens, className="token-strip", id="token-strip"),
+            # a long answer (hundreds of tokens) scrolls inside the strip instead of pushing the page down
+            html.Div(
+                tokens, className="token-strip", id="token-strip", style={"maxHeight": "10em", "overflowY": "auto"}
+            ),
         ]
     )
 
@@ -159,7 +162,12 @@ def token_classes(selection: Any, ids: list[dict]) -> list[str]:
 
 def selection_label(trace, sel: str | int) -> str:
     if sel == ALL_TOKENS:
-        return f"all {len(trace.answer_texts)} answer tokens"
+        from cliviz.analyses.reductions import content_steps
+
+        n, used = len(trace.answer_texts), len(content_steps(trace))
+        if not used:  # an answer of special tokens only: its map is every step
+            return f"all {n} answer tokens"
+        return f"all {n} answer tokens: mean over the {used} content tokens (<eos> left out)"
     return f"answer token {sel}: '{trace.answer_texts[sel]}'"
 
 
@@ -186,8 +194,11 @@ def render_heatmap(store: dict | None, selection: Any, cell: dict | None) -> tup
         title=f"gates for {label}" + (" (mean)" if sel == ALL_TOKENS else ""),
         zmax=1.0,
     )
-    fig.update_traces(texttemplate="%{z:.2f}", textfont={"size": 10})
-    fig.update_layout(height=340, clickmode="event", title={"font": {"size": 14}, "x": 0.02, "xanchor": "left"})
+    n_llm, n_vis = len(trace.meta.injection_layers), len(trace.meta.vision_layers)
+    if n_llm * n_vis <= 120:  # numbers in the cells only while cells are large enough to hold them
+        fig.update_traces(texttemplate="%{z:.2f}", textfont={"size": 10})
+    height = max(340, 110 + 18 * n_llm)  # a real model's 27-31 LLM layers each keep a readable row
+    fig.update_layout(height=height, clickmode="event", title={"font": {"size": 14}, "x": 0.02, "xanchor": "left"})
     if (
         isinstance(cell, dict)
         and cell.get("llm_layer") in trace.meta.injection_layers

@@ -146,11 +146,12 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
     )
     assert code == 0, err
     full = TraceSet.read(out)
-    keep = TraceSet.from_table(full.table.slice(0, 4))
-    keep.write(out)  # a sweep killed after its first chunk ...
+    for part in sorted(out.glob("part-*.parquet"))[1:]:
+        part.unlink()  # a sweep killed after its first chunk (one part of 4 traces) ...
     for hexname in ("0123456789ab", "deadbeef0042"):  # ... and during the write of the next one
-        (tmp_path / f".t.parquet.{hexname}.tmp").write_bytes(b"PAR1 half a file")
-    assert len(stale_temporaries(out)) == 2
+        (out / f".part-00000002.parquet.{hexname}.tmp").write_bytes(b"PAR1 half a file")
+    (tmp_path / ".t.parquet.0123456789ab.tmp").write_bytes(b"PAR1 half a file")  # a single-file write's
+    assert len(stale_temporaries(out)) == 1 and len(TraceSet.read(out)) == 4
     code, out_text, err = run_main(
         monkeypatch,
         capsys,
@@ -170,7 +171,7 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
         "--resume",
     )
     assert code == 0, err
-    assert stale_temporaries(out) == []
+    assert stale_temporaries(out) == [] and not list(out.glob(".*"))
     assert [t.meta.sample_id for t in TraceSet.read(out)] == [t.meta.sample_id for t in full]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
 

@@ -1,9 +1,11 @@
-"""`cliviz sweep`: batched, chunked, resumable sweeps into one trace file, and torchrun sharding."""
+"""`cliviz sweep` / `run_sweep`: batched, chunked, resumable sweeps into one trace set (a folder of
+part files), and torchrun ranks writing their own parts."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +71,17 @@ def _rows(path: Path) -> list[dict]:
     ]
 
 
-def _assert_same_set(a: Path, b: Path, atol: float = 1e-6) -> None:
+def _snapshot(path: Path) -> dict[str, bytes]:
+    """Every file of a set (folder or file), by name: to show that nothing was touched."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {q.name: q.read_bytes() for q in sorted(path.iterdir())}
+
+
+def _assert_same_set(a: Path, b: Path, atol: float = 1e-6, *, any_order: bool = False) -> None:
     ra, rb = _rows(a), _rows(b)
+    if any_order:
+        ra, rb = sorted(ra, key=lambda r: r["sample_id"]), sorted(rb, key=lambda r: r["sample_id"])
     assert [r["sample_id"] for r in ra] == [r["sample_id"] for r in rb]
     for x, y in zip(ra, rb):
         assert (x["qtype"], x["reference"], x["answer"], x["ids"], x["answer_ids"]) == (
@@ -128,14 +139,15 @@ def test_sweep_writes_one_row_per_sample(baseline, data_dir):
     assert "skipped 1 sample(s): malformed line" in proc.stderr
     assert "skipped 1 sample(s): missing image" in proc.stderr
     assert f"{N_SAMPLES} traces" in proc.stdout
-    # plain Parquet, readable without cliviz
+    # plain Parquet, readable without cliviz; one part per chunk
     assert pq.read_table(out).num_rows == N_SAMPLES
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000001.parquet", "part-00000002.parquet"]
 
 
 def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_model_dir, tmp_path):
     from cliviz.data.samples import read_jsonl
     from cliviz.model.loading import load_model
-    from cliviz.tracing.sweep import plan_sweep, run_sweep
+    from cliviz.tracing.sweep import plan_sweep, trace_items
 
     out = tmp_path / "traces.parquet"
     model, tok = load_model(random_model_dir, device="cpu")
@@ -145,9 +157,10 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
         raise Interrupted
 
     with pytest.raises(Interrupted):
-        run_sweep(model, tok, items, out, batch_size=BATCH, chunk_size=CHUNK, max_new_tokens=2, on_chunk=crash)
+        trace_items(model, tok, items, out, batch_size=BATCH, chunk_size=CHUNK, max_new_tokens=2, on_chunk=crash)
     assert [r["sample_id"] for r in _rows(out)] == [it.sample_id for it in items[:CHUNK]]
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*.tmp")) and not list(out.glob(".*"))  # no temporary file left behind
+    (out / ".part-00000002.parquet.0123456789ab.tmp").write_bytes(b"half a part")  # a kill mid-append
 
     proc = run_cli(
         "sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN, "--resume"
@@ -155,28 +168,32 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
     assert proc.returncode == 0, proc.stderr
     assert f"{N_SAMPLES - CHUNK} traced now, {CHUNK} already there" in proc.stdout
     _assert_same_set(baseline[0], out)
+    assert not list(out.glob(".*"))  # the temporary of the killed append was removed
 
-    # resuming a finished sweep does nothing (no model work) and leaves the file as it is
-    before = out.read_bytes()
+    # resuming a finished sweep does nothing (no model work) and leaves the set as it is
+    before = _snapshot(out)
     proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", "no/such/model", *GEN, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "0 traced now" in proc.stdout
-    assert out.read_bytes() == before
+    assert _snapshot(out) == before
 
 
 def test_resume_refuses_corrupt_and_other_schema_files(
     baseline, data_dir, random_model_dir, tmp_path, monkeypatch, capsys
 ):
     corrupt = tmp_path / "corrupt.parquet"
-    corrupt.write_bytes(baseline[0].read_bytes()[:300])
+    shutil.copytree(baseline[0], corrupt)
+    first = corrupt / "part-00000001.parquet"
+    first.write_bytes(first.read_bytes()[:300])
+    before = _snapshot(corrupt)
     proc = run_cli(
         "sweep", "--data", str(data_dir), "--out", str(corrupt), "--model", str(random_model_dir), *GEN, "--resume"
     )
     assert_clean_error(proc, "not a readable Parquet file")
-    assert corrupt.read_bytes() == baseline[0].read_bytes()[:300]
+    assert _snapshot(corrupt) == before
 
     other = tmp_path / "v99.parquet"
-    table = pq.read_table(baseline[0])
+    table = pq.read_table(baseline[0] / "part-00000001.parquet")
     meta = dict(table.schema.metadata)
     meta[b"cliviz.schema_version"] = b"99"
     pq.write_table(table.replace_schema_metadata(meta), other)
@@ -201,23 +218,20 @@ def test_resume_refuses_corrupt_and_other_schema_files(
 
 def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, data_dir, tmp_path, monkeypatch, capsys):
     existing = tmp_path / "done.parquet"
-    existing.write_bytes(baseline[0].read_bytes())
-    before = existing.read_bytes()
+    shutil.copytree(baseline[0], existing)
+    before = _snapshot(existing)
     # --model names nothing: each error below must come before the model is even looked at
     args = ("--data", str(data_dir), "--model", str(tmp_path / "no-model"), *GEN)
     code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(existing), *args)
     _one_error_line(code, err, "already exists")
-    assert existing.read_bytes() == before
+    assert _snapshot(existing) == before
 
     code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "nowhere" / "t.parquet"), *args)
     _one_error_line(code, err, "does not exist")
     code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path), *args)
-    _one_error_line(code, err, "is a folder")
-
-    # shards left by an interrupted multi-process sweep are not silently merged into a new run
-    (tmp_path / "fresh.rank1.parquet").write_bytes(before)
-    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "fresh.parquet"), *args)
-    _one_error_line(code, err, "--resume")
+    _one_error_line(code, err, "is a folder that is not a trace set")
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--out", str(tmp_path / "t.parquet"), *args, "--gates", "int8")
+    _one_error_line(code, err, "unknown gate dtype")
     # --resume of a finished sweep: nothing to do (no model needed); into a file of other samples: refused
     code, out, err = _main(
         monkeypatch,
@@ -249,25 +263,35 @@ def test_existing_output_and_bad_paths_are_refused_before_model_work(baseline, d
         "--resume",
     )
     _one_error_line(code, err, "not samples of this data set")
-    assert existing.read_bytes() == before
+    assert _snapshot(existing) == before
 
 
-def test_finalize_merges_shards_in_data_order(baseline, data_dir, tmp_path):
-    """Rank-0 merge: shards in any order, with a repeat (a kill between merge and cleanup), give the set."""
-    from cliviz.data.samples import read_jsonl
-    from cliviz.tracing.sweep import existing_shards, finalize, plan_sweep, shard_path
+def test_compact_sweep_through_the_library(baseline, data_dir, random_model_dir, tmp_path):
+    """`run_sweep` is the command's whole job: float16 answer-only traces, recorded in the set, and a
+    resume that follows the set's own choice."""
+    from cliviz.tracing.compact import Compact
+    from cliviz.tracing.sweep import run_sweep
     from cliviz.tracing.traceset import TraceSet
 
-    full = TraceSet.read(baseline[0])
-    out = tmp_path / "merged.parquet"
-    full[:5].write(out)
-    full[9:3:-2].write(shard_path(out, 0))  # reversed, overlapping with out
-    full[4:].write(shard_path(out, 1))
-    assert existing_shards(out) == [tmp_path / "merged.rank0.parquet", tmp_path / "merged.rank1.parquet"]
-    items = plan_sweep(read_jsonl(data_dir), data_dir)
-    assert finalize(out, items, existing_shards(out)) == N_SAMPLES
-    assert existing_shards(out) == []
-    _assert_same_set(baseline[0], out, atol=0)
+    out = tmp_path / "compact.parquet"
+    small = Compact("float16", "answer")
+    seen: list[int] = []
+    result = run_sweep(
+        data_dir, out, model=random_model_dir, device="cpu", batch_size=BATCH, chunk_size=CHUNK, max_new_tokens=2,
+        compact=small, on_start=seen.append,
+    )  # fmt: skip
+    assert (result.total, result.traced, result.usable, result.compact) == (N_SAMPLES, N_SAMPLES, N_SAMPLES, small)
+    assert seen == [N_SAMPLES] and result.skipped == {"malformed line": 1, "missing image": 1}
+    ts = TraceSet.read(out)
+    assert ts.compaction == small
+    assert pq.read_schema(out / "part-00000001.parquet").field("gates").type.value_type == "halffloat"
+    full = {t.meta.sample_id: t for t in TraceSet.read(baseline[0])}
+    for t in ts:
+        ref = full[t.meta.sample_id]
+        np.testing.assert_array_equal(t.gate_positions, ref.answer_positions)
+        np.testing.assert_allclose(t.answer_gates(), ref.answer_gates(), atol=1e-3)  # float16: 3 digits
+    again = run_sweep(data_dir, out, model="no/such/model", resume=True)  # nothing left: no model needed
+    assert (again.traced, again.already, again.compact) == (0, N_SAMPLES, small)
 
 
 def test_torchrun_two_processes_match_single_process(baseline, data_dir, random_model_dir, tmp_path):
@@ -300,5 +324,7 @@ def test_torchrun_two_processes_match_single_process(baseline, data_dir, random_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.parquet"]  # shards merged and removed
-    _assert_same_set(baseline[0], out, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.parquet"]
+    parts = sorted(p.name for p in out.glob("*.parquet"))  # each rank wrote its own parts, nothing merged
+    assert parts == ["part-00000001-r0.parquet", "part-00000001-r1.parquet"]
+    _assert_same_set(baseline[0], out, atol=1e-6, any_order=True)

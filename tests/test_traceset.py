@@ -152,8 +152,13 @@ def test_append_two_batches_in_order(tmp_path: Path, rng: np.random.Generator) -
         assert_trace_equal(got, want)
     write_traces(path, [first[0]], append=True)
     assert len(TraceSet.read(path)) == 6
-    write_traces(path, [first[0]])  # no append: replaces
-    assert len(TraceSet.read(path)) == 1
+    assert path.is_dir() and len(list(path.glob("part-*.parquet"))) == 3  # one part per append
+    with pytest.raises(CLIVizError, match="trace set folder"):
+        write_traces(path, [first[0]])  # a set folder is never replaced by a plain write
+    assert len(TraceSet.read(path)) == 6
+    single = write_traces(tmp_path / "one.parquet", [first[0]])
+    write_traces(single, [first[1]])  # a single file is replaced
+    assert single.is_file() and [t.meta.sample_id for t in TraceSet.read(single)] == ["s1"]
 
 
 def test_merge_shards_in_given_order(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -1,4 +1,4 @@
-"""`cliviz figures`: the paper figure set (PDF / SVG / PNG + the numbers as CSV) from a trace file."""
+"""`cliviz figures`: the paper figure set (PDF / SVG / PNG + the numbers as CSV) from a trace set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import typer
 
 
 def figures_cmd(
-    traces: Annotated[Path, typer.Argument(help="Trace set (Parquet), e.g. from `cliviz trace --out`.")],
+    traces: Annotated[
+        Path, typer.Argument(help="Trace set (a Parquet folder or file), e.g. from `cliviz sweep --out`.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")],
     formats: Annotated[
         str, typer.Option("--format", "-f", help="Comma-separated formats: pdf, svg, png.")
@@ -38,10 +40,21 @@ def figures_cmd(
         bool, typer.Option("--titles/--no-titles", help="Put a title on each figure (off for papers).")
     ] = False,
     png_scale: Annotated[float, typer.Option("--png-scale", help="PNG pixels per layout pixel (3 = ~288 dpi).")] = 3.0,
+    pool: Annotated[
+        bool, typer.Option("--pool", help="Draw a set that holds several models as one (refused otherwise).")
+    ] = False,
+    include_special: Annotated[
+        bool,
+        typer.Option("--include-special", help="Average <eos> and other special-token answer steps in too."),
+    ] = False,
 ) -> None:
     """Write the standard figure set: mean and per-question-type gate heatmaps, entropy, gate
     variance, token trajectories, probe confusion, PCA, plus comparison bars and the ablation grid
-    when their tables are given. Each figure comes with a CSV of the numbers behind it."""
+    when their tables are given. Each figure comes with a CSV of the numbers behind it.
+
+    Answer-step means are over content tokens (<eos> left out) unless --include-special; the model(s)
+    and trace count are in manifest.json's caption (and under each title with --titles). The set is
+    read one row group at a time: memory depends on the model's shapes, not on the number of traces."""
     import logging
 
     from rich.console import Console
@@ -61,6 +74,8 @@ def figures_cmd(
         width=width,
         titles=titles,
         png_scale=png_scale,
+        include_special=include_special,
+        pool=pool,
     )
     console = Console()
     for name in report.figures:
@@ -68,6 +83,8 @@ def figures_cmd(
         console.print(f"[bold]{name}[/]: {', '.join(files)}")
     for name, why in report.skipped.items():
         console.print(f"[yellow]skipped {name}[/]: {why}")
+    if report.caption:
+        console.print(f"[dim]{report.caption}[/]")
     t = report.timings
     console.print(
         f"[dim]{len(report.figures)} figures, {len(report.files)} files in {report.out} "

@@ -123,12 +123,17 @@ def prepare_question(
     """
     from cliviz.arguments import check_request, warn
     from cliviz.inputs import check_question, load_image
+    from cliviz.tracing.store import check_writable_set
     from cliviz.tracing.traceset import TraceSet
 
-    check_writable(trace_out, "trace file")
+    if trace_out is not None and trace_out.is_dir():  # an existing trace set folder: appends add a part
+        check_writable_set(trace_out)
+        _probe_folder(trace_out, f"trace set {trace_out}")
+    else:
+        check_writable(trace_out, "trace file")
     check_writable(html, "html file")
     if trace_out is not None and trace_out.exists():
-        TraceSet.read(trace_out)
+        TraceSet.read(trace_out)  # checked (a large set: every footer): a foreign or corrupt set is refused
     img = load_image(image)
     check_question(question)
     net, tok = load_checked(model, device, dtype)

@@ -122,7 +122,7 @@ def _check_out(out: Path | None, formats: str) -> list[str]:
     """Image formats to write; the folder and the browser are checked before the model loads."""
     if out is None:
         return []
-    from cliviz.analyses.figures import find_chromium, parse_formats, prepare_out_dir
+    from cliviz.analyses.export import find_chromium, parse_formats, prepare_out_dir
 
     fmts = [] if formats.strip().lower() in ("", "none") else parse_formats(formats)
     prepare_out_dir(out)

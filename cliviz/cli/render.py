@@ -38,16 +38,36 @@ def answer_line(trace: Trace) -> Text:
     return text
 
 
+WIDE_TABLE = 12  # more vision layers than this (real models: 25-27) get one shaded strip per LLM layer
+
+
 def gate_table(trace: Trace, matrix: np.ndarray, title: str) -> Table:
+    """One row per LLM layer: a shaded cell per vision layer with its gate, and the top vision layer.
+    A real model's 25-27 vision layers do not fit a terminal as numbers: each row is then a strip of
+    shaded blocks (one per vision layer, in order) and its three largest gates as text."""
+    vision = trace.meta.vision_layers
     table = Table(title=title, show_lines=False, pad_edge=False)
     table.add_column("LLM layer", justify="right")
-    for k in trace.meta.vision_layers:
-        table.add_column(f"V{k}", justify="center")
-    table.add_column("top", justify="left")
+    wide = len(vision) > WIDE_TABLE
+    if wide:
+        table.add_column(f"V{vision[0]} … V{vision[-1]}", justify="left", no_wrap=True)
+        table.add_column("top vision layers (gate)", justify="left", no_wrap=True)
+    else:
+        for k in vision:
+            table.add_column(f"V{k}", justify="center")
+        table.add_column("top", justify="left")
     for i, row in zip(trace.meta.injection_layers, matrix):
+        if wide:
+            scale = max(float(row.max()), 1e-9)  # the strip shades each row from 0 to its largest gate
+            strip = Text()
+            for v in row:
+                strip.append("█", style=_shade(float(v) / scale))
+            top = np.argsort(row)[::-1][:3]
+            table.add_row(f"L{i}", strip, "  ".join(f"V{vision[j]} {row[j]:.2f}" for j in top))
+            continue
         cells = [Text(f"{v:.2f}", style=f"{'black' if v > 0.55 else 'white'} on {_shade(v)}") for v in row]
         top = int(np.argmax(row))
-        table.add_row(f"L{i}", *cells, f"V{trace.meta.vision_layers[top]} ({row[top]:.2f})")
+        table.add_row(f"L{i}", *cells, f"V{vision[top]} ({row[top]:.2f})")
     return table
 
 
@@ -56,7 +76,9 @@ def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
     console.print(f"[dim]question:[/] {trace.meta.question}")
     console.print(answer_line(trace))
     if trace.has_gates:
-        console.print(gate_table(trace, matrix, "gates over vision layers, mean over answer steps"))
+        from cliviz.analyses.reductions import selection_note
+
+        console.print(gate_table(trace, matrix, f"gates over vision layers, {selection_note('answer')}"))
     check = trace.causal
     for note in trace.map_notes():
         quiet = check is not None and not check.matters and note.startswith("injection off")

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt
 from cliviz.cli.preflight import prepare_question
+from cliviz.cli.sweep_cmd import GatesOpt, PositionsOpt
 from cliviz.errors import CLIVizError
 
 
@@ -34,17 +35,27 @@ def trace_cmd(
         ),
     ] = True,
     as_json: JsonOpt = False,
+    gates: GatesOpt = None,
+    positions: PositionsOpt = None,
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
     from cliviz.analyses.heatmaps import gate_matrix, write_trace_html
     from cliviz.cli.render import print_trace
     from cliviz.tracing import trace
-    from cliviz.tracing.traceset import TraceSet
+    from cliviz.tracing.compact import Compact
+    from cliviz.tracing.traceset import TraceSet, recorded_compaction
 
+    compact = Compact(gates or "float32", positions or "all") if (gates or positions) else None
+    if compact is not None and out is None:
+        raise CLIVizError("--gates / --positions choose how --out stores traces: give --out too")
+    if compact is not None and out is not None and out.exists():  # before any model work
+        held = recorded_compaction(out)
+        if held is not None and held != compact:
+            raise CLIVizError(f"{out} holds {held.describe()}; leave out --gates/--positions to append to it")
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     result = trace(net, tok, img, q, max_new_tokens=max_new_tokens, causal_check=causal_check)
     if out is not None:
-        TraceSet.append(out, [result])
+        TraceSet.append(out, [result], compact=compact)
     if html is not None:
         if not result.has_gates:
             raise CLIVizError("this model has no gates (fusion=projector): no heatmap page to write")

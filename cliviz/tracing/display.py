@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from cliviz.tracing.traceset import TraceSet
 
 
-def trace_heatmap_figure(trace: Trace, token: int | None = None, role: str | None = None) -> Any:
+def trace_heatmap_figure(trace: Trace, *args: Any, **kwargs: Any) -> Any:
     """One trace's gate map as a plotly `Figure` (see `cliviz.analyses.heatmaps.trace_heatmap_figure`)."""
     from cliviz.analyses.heatmaps import trace_heatmap_figure as draw
 
-    return draw(trace, token=token, role=role)
+    return draw(trace, *args, **kwargs)
 
 
 def trace_html(trace: Trace) -> str:
@@ -30,11 +30,11 @@ def trace_html(trace: Trace) -> str:
     return render(trace)
 
 
-def traceset_heatmap_figure(traces: TraceSet, select: str = "answer", by: str | None = None) -> Any:
+def traceset_heatmap_figure(traces: TraceSet, *args: Any, **kwargs: Any) -> Any:
     """A trace set's mean gate map (see `cliviz.analyses.heatmaps.traceset_heatmap_figure`)."""
     from cliviz.analyses.heatmaps import traceset_heatmap_figure as draw
 
-    return draw(traces, select, by)
+    return draw(traces, *args, **kwargs)
 
 
 def traceset_html(traces: TraceSet) -> str:

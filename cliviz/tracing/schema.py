@@ -11,7 +11,12 @@ for the `projector` fusion, which has no gates), `injection_norm [n_injection_la
 (L2 norm of the residual update), `answer_logprobs [n_answer]`, `topk_ids/topk_logprobs
 [n_answer, k]`. `attributions` holds optional named arrays added by `cliviz attribute`.
 
-Schema 2 adds the causal check of the map to the meta (`injection_off_answer`,
+Compact traces (`cliviz.tracing.compact`): `gate_positions [n_kept]` (sorted token positions) says
+which positions `gates` and `injection_norm` hold when only some were kept — then they are
+`[n_injection_layers, n_kept, K]` and `[n_injection_layers, n_kept]`, and `gate_columns(positions)`
+maps token positions to their columns. None (the default) means every position is kept.
+
+Schema 3 adds `gate_positions`. Schema 2 adds the causal check of the map to the meta (`injection_off_answer`,
 `injection_off_changed`, `injection_off_delta_logprob`; see `cliviz.tracing.causal`): None when not
 measured (schema-1 files, `trace_batch` without `causal_check=True`, models without injection).
 """
@@ -27,8 +32,9 @@ from cliviz.token_sets import TOKEN_SETS as TOKEN_SETS  # the selections a trace
 from cliviz.tracing.causal import CausalCheck, map_kind_note
 from cliviz.tracing.display import trace_heatmap_figure, trace_html
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 lacks the causal-check columns: read as None
+SCHEMA_VERSION = 3
+# schema 1 lacks the causal-check columns (read as None), schema 2 lacks gate_positions (every position kept)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 ROLES = ("image", "prompt", "answer")
 # The per-trace arrays, in the order of `to_dict()` and of the trace file's columns.
 ARRAY_FIELDS = (
@@ -88,6 +94,15 @@ class Trace:
     topk_texts: list[list[str]]
     topk_logprobs: np.ndarray  # [n_answer, k] float32
     attributions: dict[str, np.ndarray] = field(default_factory=dict)
+    gate_positions: np.ndarray | None = None  # [n_kept] int64: the positions gates hold; None = all
+
+    def __repr__(self) -> str:
+        m = self.meta
+        shape = "x".join(str(d) for d in self.gates.shape)
+        return (
+            f"Trace({m.question!r} -> {m.answer!r}, model={m.model!r}, {self.n_tokens} tokens, "
+            f"{len(self.answer_ids)} answer steps, gates {shape})"
+        )
 
     @property
     def n_tokens(self) -> int:
@@ -129,9 +144,26 @@ class Trace:
         """Jupyter display: question, answer, token strip, the causal check and the heatmap."""
         return trace_html(self)
 
+    def gate_columns(self, positions: np.ndarray) -> np.ndarray:
+        """Columns of `gates` / `injection_norm` that hold token `positions`; CLIVizError when a compact
+        trace did not keep some of them (e.g. image positions of an answer-only trace)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.gate_positions is None:
+            return positions
+        kept = np.asarray(self.gate_positions, dtype=np.int64)
+        cols = np.clip(np.searchsorted(kept, positions), 0, max(len(kept) - 1, 0))
+        if len(positions) and (len(kept) == 0 or np.any(kept[cols] != positions)):
+            from cliviz.errors import CLIVizError
+
+            raise CLIVizError(
+                f"this trace kept gates at {len(kept)} of {self.n_tokens} positions only (a compact trace): "
+                "the positions asked for were not recorded"
+            )
+        return cols
+
     def answer_gates(self) -> np.ndarray:
         """Gates that produced each answer token: `[n_injection_layers, n_answer, K]`."""
-        return self.gates[:, self.answer_positions]
+        return self.gates[:, self.gate_columns(self.answer_positions)]
 
     def validate(self) -> None:
         """Check the shape contract; raises ValueError naming the first broken field."""
@@ -140,8 +172,13 @@ class Trace:
             raise ValueError("token_ids, token_texts and token_roles differ in length")
         if any(r not in ROLES for r in self.token_roles):
             raise ValueError(f"token roles must be one of {ROLES}")
-        if self.gates.ndim != 3 or self.gates.shape[1] != n:
-            raise ValueError(f"gates must be [layers, {n}, K], got {self.gates.shape}")
+        kept = n if self.gate_positions is None else len(self.gate_positions)
+        if self.gate_positions is not None:
+            gp = np.asarray(self.gate_positions)
+            if gp.ndim != 1 or gp.dtype.kind not in "iu" or np.any(np.diff(gp) <= 0) or np.any((gp < 0) | (gp >= n)):
+                raise ValueError("gate_positions must be increasing token positions")
+        if self.gates.ndim != 3 or self.gates.shape[1] != kept:
+            raise ValueError(f"gates must be [layers, {kept}, K], got {self.gates.shape}")
         if self.gates.shape[0] != len(self.meta.injection_layers) or self.gates.shape[2] != len(
             self.meta.vision_layers
         ):
@@ -198,4 +235,6 @@ class Trace:
             value = getattr(self, name)
             out[name] = value.tolist() if isinstance(value, np.ndarray) else value
         out["attributions"] = {k: v.tolist() for k, v in self.attributions.items()}
+        if self.gate_positions is not None:  # a compact trace read from a file
+            out["gate_positions"] = np.asarray(self.gate_positions).tolist()
         return out

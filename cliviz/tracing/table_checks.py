@@ -9,7 +9,13 @@ refuses, naming the file, the trace row and the field:
   `injection_norm [layers, n_tokens]`, one entry per answer token in every answer column,
   `answer_positions` inside the tokens, roles from `ROLES`;
 - NaN or infinite values, gates outside [0, 1] or whose rows do not sum to 1 (`GATE_SUM_ATOL`:
-  bf16 rounding stays below 0.004), negative injection norms, positive log-probabilities.
+  bf16 rounding stays below 0.004), negative injection norms, positive log-probabilities, a NaN or
+  infinite causal-check score (`injection_off_delta_logprob`);
+- attributions whose shape does not match their values (checked before anything is reshaped);
+- `gate_positions` (compact traces) that are not increasing token positions, one per gate column.
+
+Readers check one row group at a time; `offset` is the row group's first row in the set, so
+messages name the trace's row in the whole set.
 
 Everything is vectorised over the whole table: one pass, no per-trace Python loop.
 """
@@ -35,10 +41,11 @@ NULLABLE = (
     "injection_off_answer",
     "injection_off_changed",
     "injection_off_delta_logprob",
+    "gate_positions",
 )
 
 
-def check_table(table: pa.Table, path: str) -> None:
+def check_table(table: pa.Table, path: str, offset: int = 0) -> None:
     """CLIVizError naming `path`, the first bad trace row and field; silent for a sound table."""
     if table.num_rows == 0:
         return
@@ -49,7 +56,7 @@ def check_table(table: pa.Table, path: str) -> None:
         if bad.size:
             i = int(bad[0])
             more = f" (and {bad.size - 1} more trace(s))" if bad.size > 1 else ""
-            raise CLIVizError(f"trace file {path} is corrupt: trace {i} ({labels[i]}): {what}{more}")
+            raise CLIVizError(f"trace file {path} is corrupt: trace {offset + i} ({labels[i]}): {what}{more}")
 
     _check_nulls(table, fail)
     shapes = {name: _shapes(table, name, ndim, fail) for name, ndim in SHAPED.items()}
@@ -57,8 +64,46 @@ def check_table(table: pa.Table, path: str) -> None:
         fail(np.any(shape < 0, axis=1) | np.any(shape > MAX_DIM, axis=1), f"{name}_shape holds an impossible size")
         product = shape.astype(np.float64).prod(axis=1)  # float: a wrapped int64 product cannot sneak through
         fail(product != _lengths(table, name), f"{name} does not match {name}_shape")
+    _check_attributions(table, fail)
     _check_fit(table, shapes, fail)
     _check_values(table, shapes, fail)
+    delta = table.column("injection_off_delta_logprob")
+    if delta.null_count < len(delta):
+        values = np.asarray(pc.fill_null(delta, 0.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+        fail(~np.isfinite(values), "injection_off_delta_logprob holds a NaN or infinite score")
+
+
+def _check_attributions(table: pa.Table, fail) -> None:
+    """Every named attribution array: a shape of sane sizes whose product is its number of values."""
+    column = table.column("attributions")
+    structs = pc.list_flatten(column)
+    if len(structs) == 0:
+        return
+    owner = np.repeat(np.arange(table.num_rows), _lengths(table, "attributions"))
+    for part in ("name", "shape", "values"):
+        nulls = np.asarray(pc.is_null(pc.struct_field(structs, part)).to_numpy(zero_copy_only=False), dtype=bool)
+        fail(np.bincount(owner[nulls], minlength=table.num_rows) > 0, f"attributions hold a null {part}")
+    shape_col = pc.struct_field(structs, "shape")
+    shape_len = np.asarray(pc.fill_null(pc.list_value_length(shape_col), 0).to_numpy(), dtype=np.int64)
+    dims = pc.list_flatten(shape_col)
+    dims = np.asarray(pc.fill_null(dims, -1).to_numpy(), dtype=np.float64) if len(dims) else np.empty(0)
+    dim_owner = np.repeat(np.arange(len(structs)), shape_len)
+    bad_dim = np.bincount(dim_owner[(dims < 0) | (dims > MAX_DIM)], minlength=len(structs)) > 0
+    product = np.ones(len(structs), dtype=np.float64)
+    np.multiply.at(product, dim_owner, np.clip(dims, 0, None))  # float: no wrap-around
+    n_values = np.asarray(
+        pc.fill_null(pc.list_value_length(pc.struct_field(structs, "values")), 0).to_numpy(), dtype=np.float64
+    )
+    wrong = bad_dim | (product != n_values)
+    fail(np.bincount(owner[wrong], minlength=table.num_rows) > 0, "attributions: a shape does not match its values")
+    values = pc.list_flatten(pc.struct_field(structs, "values"))
+    if len(values):
+        v = np.asarray(pc.fill_null(values, np.nan).to_numpy(), dtype=np.float64)
+        v_owner = owner[np.repeat(np.arange(len(structs)), n_values.astype(np.int64))]
+        fail(
+            np.bincount(v_owner[~np.isfinite(v)], minlength=table.num_rows) > 0,
+            "attributions hold NaN or infinite values",
+        )
 
 
 def _check_nulls(table: pa.Table, fail) -> None:
@@ -86,7 +131,21 @@ def _check_fit(table: pa.Table, shapes: dict[str, np.ndarray], fail) -> None:
         gates[:, 0] != _lengths(table, "injection_layers"),
         "gates has a first dimension other than len(injection_layers)",
     )
-    fail(gates[:, 1] != n_tokens, "gates has a second dimension other than the number of tokens")
+    kept = _lengths(table, "gate_positions")
+    compact = np.asarray(pc.is_valid(table.column("gate_positions")).to_numpy(zero_copy_only=False), dtype=bool)
+    n_kept = np.where(compact, kept, n_tokens)
+    fail(gates[:, 1] != n_kept, "gates has a second dimension other than the number of tokens (or gate_positions)")
+    if compact.any():
+        gp = _values(table, "gate_positions", np.int64)
+        gp_owner = _owner(table, "gate_positions")
+        outside = (gp < 0) | (gp >= n_tokens[gp_owner])
+        same_row = gp_owner[1:] == gp_owner[:-1]
+        not_increasing = np.zeros(len(gp), dtype=bool)
+        not_increasing[1:] = same_row & (np.diff(gp) <= 0)
+        fail(
+            np.bincount(gp_owner[outside | not_increasing], minlength=table.num_rows) > 0,
+            "gate_positions are not increasing token positions",
+        )
     fail(gates[:, 2] != _lengths(table, "vision_layers"), "gates has a last dimension other than len(vision_layers)")
     fail((gates[:, 2] == 0) & (gates[:, 0] > 0), "gates has injection layers but no vision layers to gate over")
     fail(

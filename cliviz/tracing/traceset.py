@@ -1,48 +1,23 @@
-"""Trace sets: many `Trace`s in ONE Parquet file, one row per trace.
+"""Trace sets: many `Trace`s, one row per trace, in a Parquet dataset folder or one Parquet file.
 
-The file is plain Parquet; open it without cliviz with ``pandas.read_parquet(path)`` or
-``pyarrow.parquet.read_table(path)``. Columns (one row = one (image, question) run):
+Open a set without cliviz with ``pandas.read_parquet(path)``, ``pyarrow.dataset.dataset(path)``,
+DuckDB ``read_parquet('path/*.parquet')`` or Polars ``pl.scan_parquet('path/*.parquet')``: the
+columns are described in `cliviz.tracing.codec`, the folder layout in `cliviz.tracing.store`.
 
-Meta (one value per trace, as in `TraceMeta`):
-    question, answer, model, config_hash, fusion, image_sha256, device, dtype, created_at,
-    cliviz_version: string; qtype, reference_answer, sample_id: string or null;
-    image_width, image_height, schema_version: int64;
-    vision_layers, injection_layers: list<int64> (real layer indices; K = len(vision_layers)).
-    injection_off_answer: string, injection_off_changed: bool, injection_off_delta_logprob: float64
-    (schema 2: the map's causal check, see `cliviz.tracing.causal`; null when not measured).
+`TraceSet.append(path, traces)` adds a part file to the set at `path` (a new folder when missing):
+it writes only the new rows. `TraceSet.read(path)` reads the footers and checks them; a small set
+(under `EAGER_BYTES` uncompressed) is read and checked at once, a larger one stays on disk and is
+streamed, one checked row group at a time (`batches()`), by every analysis that takes a set.
+`table`/`traces` of a large set read all of it: use them on a `select(...)`ed part. Selections
+(`TraceSet.read(path, model=..., qtype=..., sample_ids=...)`) are pushed down to the files.
 
-Tensors are stored flat (C order) with their shape in a companion ``<name>_shape`` list<int32>
-column; reshape with ``np.asarray(row.gates, np.float32).reshape(row.gates_shape)``:
-    token_ids: list<int64>            [n_tokens]
-    token_texts, token_roles: list<string>  [n_tokens]; role in {"image", "prompt", "answer"}
-    gates: list<float32>              shape gates_shape = [n_injection_layers, n_tokens, K]
-    injection_norm: list<float32>     shape injection_norm_shape = [n_injection_layers, n_tokens]
-    answer_ids, answer_positions: list<int64>  [n_answer]
-    answer_texts: list<string>        [n_answer]
-    answer_logprobs: list<float32>    [n_answer]
-    topk_ids: list<int64>             shape topk_ids_shape = [n_answer, k]
-    topk_logprobs: list<float32>      shape topk_logprobs_shape = [n_answer, k]
-    topk_texts: list<list<string>>    [n_answer][k]
-    attributions: list<struct<name: string, shape: list<int32>, values: list<float32>>>
-        any number of named arrays (stored as float32), in insertion order.
-
-File key-value metadata: ``cliviz.schema_version`` (an integer, see `trace.SCHEMA_VERSION`) and
-``cliviz.version`` (the cliviz that wrote the file). Reading checks the schema version; a schema-1
-file (before the causal-check columns) reads with those columns null, and appending to it rewrites
-the whole file as schema 2.
-
-Every write (`write_traces`, `TraceSet.append`, `merge_traces`) goes to a temporary file in the
-same folder and is moved into place with `os.replace`, so a reader never sees a half-written
-file and a failed write leaves the old file untouched. Appending reads the existing table, adds
-the new rows and rewrites the whole file, holding the file's lock (`cliviz.atomic.exclusive_writer`)
-so that concurrent appends from several processes all survive. Nothing is ever unpickled: reading is Parquet only.
+Nothing is ever unpickled: reading is Parquet (and the manifest's JSON) only.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +25,25 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from cliviz import __version__
-from cliviz.atomic import atomic_file, exclusive_writer
 from cliviz.errors import CLIVizError
+from cliviz.tracing import store
+from cliviz.tracing.codec import (
+    ARROW_SCHEMA,
+    META_FIELDS,
+    META_TYPES,
+    NUMERIC_ARRAYS,
+    SCHEMA_VERSION_KEY,
+    VERSION_KEY,
+    flat_list,
+    shape_rows,
+    table_to_traces,
+    traces_to_table,
+)
+from cliviz.tracing.compact import Compact, compact_trace
 from cliviz.tracing.display import traceset_heatmap_figure, traceset_html
-from cliviz.tracing.schema import ARRAY_FIELDS, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Trace, TraceMeta
-from cliviz.tracing.table_checks import check_table
+from cliviz.tracing.schema import Trace
+from cliviz.tracing.store import APPEND_LOCK_WAIT_S, Filter
 
 __all__ = [
     "TraceSet",
@@ -69,425 +55,299 @@ __all__ = [
     "VERSION_KEY",
     "ARROW_SCHEMA",
     "NUMERIC_ARRAYS",
+    "META_TYPES",
+    "APPEND_LOCK_WAIT_S",
+    "Compact",
+    "recorded_compaction",
 ]
 
-SCHEMA_VERSION_KEY = "cliviz.schema_version"
-VERSION_KEY = "cliviz.version"
-_ROW_GROUP_SIZE = 512
-_MAX_LIST_CHUNK = 2**31 - 1  # list<...> uses int32 offsets: keep each chunk below this
-APPEND_LOCK_WAIT_S = 120.0  # another process's append takes seconds; a running sweep holds its file far longer
-
-_INT_LIST = pa.list_(pa.int64())
-_SHAPE = pa.list_(pa.int32())
-_FLOAT_LIST = pa.list_(pa.float32())
-_STR_LIST = pa.list_(pa.string())
-_ATTRIBUTION = pa.struct([("name", pa.string()), ("shape", _SHAPE), ("values", _FLOAT_LIST)])
-
-META_TYPES: dict[str, pa.DataType] = {
-    "question": pa.string(),
-    "answer": pa.string(),
-    "model": pa.string(),
-    "config_hash": pa.string(),
-    "fusion": pa.string(),
-    "vision_layers": _INT_LIST,
-    "injection_layers": _INT_LIST,
-    "image_sha256": pa.string(),
-    "image_width": pa.int64(),
-    "image_height": pa.int64(),
-    "device": pa.string(),
-    "dtype": pa.string(),
-    "created_at": pa.string(),
-    "cliviz_version": pa.string(),
-    "schema_version": pa.int64(),
-    "qtype": pa.string(),
-    "reference_answer": pa.string(),
-    "sample_id": pa.string(),
-    "injection_off_answer": pa.string(),
-    "injection_off_changed": pa.bool_(),
-    "injection_off_delta_logprob": pa.float64(),
-}
-_ADDED_IN_2 = ("injection_off_answer", "injection_off_changed", "injection_off_delta_logprob")
-META_FIELDS = tuple(f.name for f in fields(TraceMeta))
-if set(META_FIELDS) != set(META_TYPES):  # pragma: no cover - guards against TraceMeta drifting
-    raise RuntimeError(
-        f"traceset.META_TYPES is out of date with TraceMeta: {sorted(set(META_FIELDS) ^ set(META_TYPES))}"
-    )
-
-# name -> (numpy dtype, arrow list type, ndim or None for 1-D without a shape column): the one table of
-# a trace's numeric arrays, for the Parquet columns here and for traces sent as JSON (the app's store)
-NUMERIC_ARRAYS: dict[str, tuple[type, pa.DataType, int | None]] = {
-    "token_ids": (np.int64, _INT_LIST, None),
-    "gates": (np.float32, _FLOAT_LIST, 3),
-    "injection_norm": (np.float32, _FLOAT_LIST, 2),
-    "answer_ids": (np.int64, _INT_LIST, None),
-    "answer_positions": (np.int64, _INT_LIST, None),
-    "answer_logprobs": (np.float32, _FLOAT_LIST, None),
-    "topk_ids": (np.int64, _INT_LIST, 2),
-    "topk_logprobs": (np.float32, _FLOAT_LIST, 2),
-}
-_STRINGS = ("token_texts", "token_roles", "answer_texts")
+EAGER_BYTES = 256 * 2**20  # sets smaller than this (uncompressed) are read whole; larger ones stream
 
 
-def _schema_fields() -> list[pa.Field]:
-    out = [pa.field(name, META_TYPES[name]) for name in META_FIELDS]
-    for name in ARRAY_FIELDS:
-        if name in NUMERIC_ARRAYS:
-            out.append(pa.field(name, NUMERIC_ARRAYS[name][1]))
-            if NUMERIC_ARRAYS[name][2] is not None:
-                out.append(pa.field(f"{name}_shape", _SHAPE))
-        elif name == "topk_texts":
-            out.append(pa.field(name, pa.list_(_STR_LIST)))
-        else:
-            out.append(pa.field(name, _STR_LIST))
-    out.append(pa.field("attributions", pa.list_(_ATTRIBUTION)))
-    return out
-
-
-ARROW_SCHEMA = pa.schema(_schema_fields(), metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION), VERSION_KEY: __version__})
-
-
-# ----------------------------------------------------------------------------------------- encoding
-
-
-def _chunk_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
-    """Split rows into runs whose total length fits int32 list offsets."""
-    if lengths.sum() <= _MAX_LIST_CHUNK:
-        return [(0, len(lengths))]
-    bounds, start, total = [], 0, 0
-    for i, n in enumerate(lengths.tolist()):
-        if total + n > _MAX_LIST_CHUNK and i > start:
-            bounds.append((start, i))
-            start, total = i, 0
-        total += n
-    bounds.append((start, len(lengths)))
-    return bounds
-
-
-def _numeric_list(arrays: list[np.ndarray], dtype: type, pa_type: pa.DataType) -> pa.ChunkedArray:
-    flat = [np.ascontiguousarray(a, dtype=dtype).ravel() for a in arrays]
-    lengths = np.array([a.size for a in flat], dtype=np.int64)
-    chunks = []
-    for lo, hi in _chunk_bounds(lengths):
-        offsets = np.zeros(hi - lo + 1, dtype=np.int32)
-        np.cumsum(lengths[lo:hi], out=offsets[1:])
-        values = np.concatenate(flat[lo:hi]) if hi > lo else np.empty(0, dtype=dtype)
-        chunks.append(
-            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=pa_type.value_type))
-        )
-    return pa.chunked_array(chunks, type=pa_type)
-
-
-def _attributions_column(traces: list[Trace]) -> pa.ChunkedArray:
-    names, shapes, values, counts = [], [], [], []
-    for t in traces:
-        counts.append(len(t.attributions))
-        for name, arr in t.attributions.items():
-            arr = np.asarray(arr)
-            names.append(str(name))
-            shapes.append(np.array(arr.shape, dtype=np.int32))
-            values.append(arr)
-    shape_col = _numeric_list(shapes, np.int32, _SHAPE).combine_chunks()
-    value_col = _numeric_list(values, np.float32, _FLOAT_LIST)
-    if value_col.num_chunks != 1:
-        raise CLIVizError(
-            "attributions too large for one trace file batch (over 2**31 values); write fewer traces at once"
-        )
-    structs = pa.StructArray.from_arrays(
-        [pa.array(names, pa.string()), shape_col, value_col.chunk(0)], fields=list(_ATTRIBUTION)
-    )
-    offsets = np.zeros(len(traces) + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return pa.chunked_array(
-        [pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs)], type=pa.list_(_ATTRIBUTION)
-    )
-
-
-def _traces_to_table(traces: list[Trace]) -> pa.Table:
+def _as_table(traces: Trace | TraceSet | Iterable[Trace], compact: Compact | None = None) -> pa.Table:
+    if isinstance(traces, TraceSet):
+        if compact is None or compact.positions == "all":
+            return traces.table
+        traces = traces.traces
+    if isinstance(traces, Trace):
+        traces = [traces]
+    traces = list(traces)
     for i, t in enumerate(traces):
         if not isinstance(t, Trace):
             raise CLIVizError(f"item {i} to write is a {type(t).__name__}, not a Trace")
-        try:
-            t.validate()
-        except ValueError as e:
-            raise CLIVizError(f"trace {i} ({t.meta.sample_id or t.meta.question!r}) is malformed: {e}") from None
-    cols: dict[str, Any] = {}
-    for name in META_FIELDS:
-        vals = [getattr(t.meta, name) for t in traces]
-        if META_TYPES[name] == _INT_LIST:
-            vals = [[int(v) for v in x] for x in vals]
-        cols[name] = pa.array(vals, type=META_TYPES[name])
-    for name, (dtype, pa_type, ndim) in NUMERIC_ARRAYS.items():
-        arrays = [np.asarray(getattr(t, name)) for t in traces]
-        if ndim is not None:
-            # shape per trace; a [n_answer, k] table with no answer rows keeps its 2-D shape
-            shapes = [
-                np.array(a.shape if a.ndim == ndim else (len(a),) + (0,) * (ndim - 1), dtype=np.int32) for a in arrays
-            ]
-            cols[f"{name}_shape"] = _numeric_list(shapes, np.int32, _SHAPE)
-        cols[name] = _numeric_list(arrays, dtype, pa_type)
-    for name in _STRINGS:
-        cols[name] = pa.array([[str(s) for s in getattr(t, name)] for t in traces], type=_STR_LIST)
-    cols["topk_texts"] = pa.array(
-        [[[str(s) for s in row] for row in t.topk_texts] for t in traces], type=pa.list_(_STR_LIST)
-    )
-    cols["attributions"] = _attributions_column(traces)
-    return pa.table([cols[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
+    if compact is not None and compact.positions != "all":
+        traces = [compact_trace(t, compact) for t in traces]
+    return traces_to_table(traces)
 
 
-# ----------------------------------------------------------------------------------------- decoding
+def recorded_compaction(path: str | os.PathLike) -> Compact | None:
+    """The compaction a set at `path` already holds (None: no set there yet)."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = store.read_manifest(path)
+        if manifest is not None:
+            return manifest.compact
+        parts = store.part_files(path) if any(path.iterdir()) else []
+        return store.open_part(parts[0]).compact if parts else None
+    if path.is_file():
+        return store.open_part(path, "writes").compact
+    return None
 
 
-def _flat(col: pa.ChunkedArray | pa.Array, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets[n+1]) of a list column, values as a writable numpy array."""
-    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = pc.list_flatten(col)
-    if dtype is None:
-        values = np.array(flat.to_pylist(), dtype=object)
-    else:
-        values = np.array(flat.to_numpy(), dtype=dtype, copy=True) if len(flat) else np.empty(0, dtype=dtype)
-    return values, offsets
+def write_traces(
+    path: str | os.PathLike,
+    traces: Trace | TraceSet | Iterable[Trace],
+    *,
+    append: bool = False,
+    compact: Compact | None = None,
+    pool: bool = False,
+) -> Path:
+    """Write `traces` to `path`: a single Parquet file (replaced atomically), or with `append=True`
+    add them to the set at `path` (see `append_traces`)."""
+    if append:
+        return append_traces(path, traces, compact=compact, pool=pool)
+    table = _as_table(traces, compact)  # validate before touching anything on disk
+    if not pool:
+        store.check_one_model(store._models(table), f"writing {path}")
+    return store.write_file(path, table, compact)
 
 
-def _shapes(table: pa.Table, name: str, ndim: int, path: str) -> np.ndarray:
-    values, offsets = _flat(table.column(f"{name}_shape"), np.int64)
-    if np.any(np.diff(offsets) != ndim):
-        raise CLIVizError(f"trace file {path} is corrupt: {name}_shape must have {ndim} entries in every row")
-    return values.reshape(-1, ndim)
-
-
-def _check_table(table: pa.Table, path: str) -> None:
-    """Shapes that fit together and values a real run can produce, so a broken file fails with one line
-    naming the trace and field (`cliviz.tracing.table_checks`)."""
-    check_table(table, path)
-
-
-def _table_to_traces(table: pa.Table) -> list[Trace]:
-    n = table.num_rows
-    meta = {name: table.column(name).to_pylist() for name in META_FIELDS}
-    num = {name: _flat(table.column(name), dtype) for name, (dtype, _, _) in NUMERIC_ARRAYS.items()}
-    shapes = {
-        name: _flat(table.column(f"{name}_shape"), np.int64)[0].reshape(-1, ndim)
-        for name, (_, _, ndim) in NUMERIC_ARRAYS.items()
-        if ndim is not None
-    }
-    strs = {name: _flat(table.column(name)) for name in _STRINGS}
-    topk_texts = table.column("topk_texts").to_pylist()
-
-    attr_col = table.column("attributions")
-    attr_counts = pc.fill_null(pc.list_value_length(attr_col), 0).to_numpy()
-    attr_structs = pc.list_flatten(attr_col)
-    attr_names = pc.struct_field(attr_structs, "name").to_pylist()
-    attr_shapes_v, attr_shapes_o = _flat(pc.struct_field(attr_structs, "shape"), np.int64)
-    attr_vals_v, attr_vals_o = _flat(pc.struct_field(attr_structs, "values"), np.float32)
-
-    def tensor(name: str, i: int) -> np.ndarray:
-        values, offsets = num[name]
-        arr = values[offsets[i] : offsets[i + 1]]
-        return arr.reshape(tuple(shapes[name][i])) if name in shapes else arr
-
-    out, a = [], 0
-    for i in range(n):
-        attributions = {}
-        for j in range(a, a + int(attr_counts[i])):
-            shape = tuple(attr_shapes_v[attr_shapes_o[j] : attr_shapes_o[j + 1]].tolist())
-            attributions[attr_names[j]] = attr_vals_v[attr_vals_o[j] : attr_vals_o[j + 1]].reshape(shape)
-        a += int(attr_counts[i])
-        s = {name: v[o[i] : o[i + 1]].tolist() for name, (v, o) in strs.items()}
-        out.append(
-            Trace(
-                meta=TraceMeta(**{name: meta[name][i] for name in META_FIELDS}),
-                token_ids=tensor("token_ids", i),
-                token_texts=s["token_texts"],
-                token_roles=s["token_roles"],
-                gates=tensor("gates", i),
-                injection_norm=tensor("injection_norm", i),
-                answer_ids=tensor("answer_ids", i),
-                answer_texts=s["answer_texts"],
-                answer_positions=tensor("answer_positions", i),
-                answer_logprobs=tensor("answer_logprobs", i),
-                topk_ids=tensor("topk_ids", i),
-                topk_texts=topk_texts[i],
-                topk_logprobs=tensor("topk_logprobs", i),
-                attributions=attributions,
-            )
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------------------- file I/O
-
-
-def _read_table(path: str | os.PathLike, verb: str = "reads") -> pa.Table:
+def append_traces(
+    path: str | os.PathLike,
+    traces: Trace | TraceSet | Iterable[Trace],
+    *,
+    compact: Compact | None = None,
+    pool: bool = False,
+    rank: int | None = None,
+) -> Path:
+    """Append `traces` to the set at `path`, writing only the new rows (a new part file); a missing
+    `path` becomes a set folder. `compact` (float16 gates, fewer positions) is fixed by the first
+    append and followed by later ones; `pool=True` on the first append lets the set hold several
+    models; `rank` is a torchrun rank writing its own parts."""
     p = Path(path)
-    if not p.exists():
-        raise CLIVizError(f"trace file {p} does not exist")
-    if not p.is_file():
-        raise CLIVizError(f"trace file {p} is not a file")
-    pf = None
-    try:
-        pf = pq.ParquetFile(p)  # a single file: no dataset / partition discovery
-        metadata = pf.schema_arrow.metadata or {}
-    except (pa.ArrowException, OSError, ValueError):
-        if pf is not None:
-            pf.close()
-        raise CLIVizError(f"trace file {p} is not a readable Parquet file") from None
-    with pf:
-        table = _read_checked(pf, p, metadata, verb)
-    return table
-
-
-def _read_checked(pf: pq.ParquetFile, p: Path, metadata: dict, verb: str) -> pa.Table:
-    raw = metadata.get(SCHEMA_VERSION_KEY.encode())
-    if raw is None:
-        raise CLIVizError(f"{p} is not a cliviz trace file (no {SCHEMA_VERSION_KEY} in its Parquet metadata)")
-    try:
-        version = int(raw.decode())
-    except (UnicodeDecodeError, ValueError):
-        raise CLIVizError(f"trace file {p} has an unreadable schema version {raw!r}") from None
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise CLIVizError(f"trace file {p} has schema version {version}, this cliviz {verb} {SCHEMA_VERSION}")
-    try:
-        table = pf.read()
-    except (pa.ArrowException, OSError, ValueError):
-        raise CLIVizError(f"trace file {p} is not a readable Parquet file") from None
-    if version == 1:
-        table = _upgrade_from_1(table)
-    missing = [f.name for f in ARROW_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise CLIVizError(f"trace file {p} is corrupt: missing column(s) {', '.join(missing)}")
-    try:
-        table = table.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
-    except (pa.ArrowException, ValueError) as e:
+    chosen = recorded_compaction(p) or compact or Compact()
+    if compact is not None and compact != chosen:
         raise CLIVizError(
-            f"trace file {p} is corrupt: a column has the wrong type ({str(e).splitlines()[0]})"
-        ) from None
-    _check_table(table, str(p))
-    return table
-
-
-def _upgrade_from_1(table: pa.Table) -> pa.Table:
-    """A schema-1 table with the schema-2 causal-check columns added as nulls (never measured)."""
-    for name in _ADDED_IN_2:
-        if name not in table.column_names:
-            table = table.append_column(pa.field(name, META_TYPES[name]), pa.nulls(table.num_rows, META_TYPES[name]))
-    return table
-
-
-def _atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
-    with atomic_file(path, "trace file") as fh:
-        pq.write_table(
-            table.replace_schema_metadata(ARROW_SCHEMA.metadata), fh, compression="zstd", row_group_size=_ROW_GROUP_SIZE
+            f"trace set {p} holds {chosen.describe()}; appending {compact.describe()} would mix them — "
+            "append with the set's own choice, or write to another set"
         )
-    return Path(path)
+    table = _as_table(traces, chosen)  # validate before touching anything on disk
+    if not pool:
+        store.check_one_model(store._models(table), f"appending to {p}")
+    return store.append_table(p, table, compact=chosen, pool=pool, rank=rank)
 
 
-def _as_table(traces: Trace | TraceSet | Iterable[Trace]) -> pa.Table:
-    if isinstance(traces, TraceSet):
-        return traces.table
-    if isinstance(traces, Trace):
-        traces = [traces]
-    return _traces_to_table(list(traces))
-
-
-def write_traces(path: str | os.PathLike, traces: Trace | TraceSet | Iterable[Trace], *, append: bool = False) -> Path:
-    """Write `traces` to the Parquet trace file `path` (atomically). With `append=True` an existing
-    file keeps its rows and the new ones follow; a missing file is simply created."""
-    new = _as_table(traces)  # validate before touching anything on disk
-    # read + extend + replace under the file's lock: two appending processes never drop each other's rows
-    with exclusive_writer(path, "trace file", wait=APPEND_LOCK_WAIT_S):
-        if append and Path(path).exists():
-            new = pa.concat_tables([_read_table(path, verb="writes"), new])
-        return _atomic_write_table(new, path)
-
-
-def append_traces(path: str | os.PathLike, traces: Trace | TraceSet | Iterable[Trace]) -> Path:
-    """Append `traces` to `path` (created if missing): read + concat + atomic rewrite."""
-    return write_traces(path, traces, append=True)
-
-
-def read_traces(path: str | os.PathLike) -> TraceSet:
-    return TraceSet.read(path)
+def read_traces(path: str | os.PathLike, **where: Any) -> TraceSet:
+    return TraceSet.read(path, **where)
 
 
 def merge_traces(out_path: str | os.PathLike, shard_paths: Iterable[str | os.PathLike]) -> Path:
-    """Concatenate shard trace files, in the given order, into `out_path` (atomically). Every shard
-    is read and checked before anything is written; `out_path` may be one of the shards."""
-    tables = [_read_table(p, verb="merges") for p in shard_paths]
+    """Concatenate trace sets, in the given order, into the single file `out_path` (atomically). Every
+    input is read and checked before anything is written; `out_path` may be one of them."""
+    tables = [store.read_all(p, "merges") for p in shard_paths]
     table = pa.concat_tables(tables) if tables else ARROW_SCHEMA.empty_table()
-    return _atomic_write_table(table, out_path)
+    return store.write_file(out_path, table)
 
 
 # ----------------------------------------------------------------------------------------- TraceSet
 
 
 class TraceSet:
-    """An ordered collection of `Trace`s backed by an Arrow table in the trace-file schema.
+    """An ordered collection of `Trace`s in the trace-file schema: in memory (an Arrow table), or on
+    disk (a set too large to hold, streamed row group by row group).
 
     `len(ts)`, `ts[i]` (a `Trace`; negative indices work), `ts[a:b]` (a `TraceSet`) and iteration
-    decode traces from the table (once, then cached).
+    decode traces (an in-memory set decodes once and caches; an on-disk one decodes as it goes).
+    `batches()` yields in-memory `TraceSet`s of at most one row group each: what analyses stream over.
     """
 
     def __init__(self, traces: Iterable[Trace] = (), *, path: str | os.PathLike | None = None):
-        self._table = _as_table(traces)
+        self._table: pa.Table | None = _as_table(traces)
         self._traces: list[Trace] | None = None
+        self._parts: list[store.Part] | None = None
+        self._where: Filter | None = None
+        self._len: int | None = None
         self.path = Path(path) if path is not None else None
 
     @classmethod
     def from_table(cls, table: pa.Table, path: str | os.PathLike | None = None) -> TraceSet:
         ts = cls.__new__(cls)
-        ts._table, ts._traces, ts.path = table, None, Path(path) if path is not None else None
+        ts._table, ts._traces, ts._parts, ts._where, ts._len = table, None, None, None, None
+        ts.path = Path(path) if path is not None else None
         return ts
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> TraceSet:
-        """Read a trace file; CLIVizError if it is missing, not Parquet, or another schema version."""
-        return cls.from_table(_read_table(path), path)
+    def read(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: str | None = None,
+        qtype: str | Iterable[str] | None = None,
+        sample_ids: Iterable[str] | None = None,
+        lazy: bool | None = None,
+    ) -> TraceSet:
+        """Open the trace set (folder or file) at `path`; CLIVizError if it is missing, not Parquet, of
+        another schema version, or corrupt. `model` (a `meta.model` or config hash), `qtype` and
+        `sample_ids` select rows without decoding the others. `lazy`: stream from disk (default: when
+        the set is over `EAGER_BYTES` uncompressed)."""
+        if qtype is not None and not isinstance(qtype, str):
+            qtype = tuple(qtype)
+        parts = store.open_parts(path)
+        ts = cls.__new__(cls)
+        ts._table, ts._traces, ts._parts, ts._len = None, None, parts, None
+        ts._where = Filter.of(model, qtype, sample_ids)
+        ts.path = Path(path)
+        if lazy is None:
+            lazy = sum(p.uncompressed_bytes for p in parts) > EAGER_BYTES
+        if not lazy:
+            ts._table = ts._read_whole()
+        return ts
+
+    def _read_whole(self) -> pa.Table:
+        tables = list(store.iter_tables(self._parts or [], self._where))
+        return pa.concat_tables(tables) if tables else ARROW_SCHEMA.empty_table()
 
     @staticmethod
-    def append(path: str | os.PathLike, traces: Trace | TraceSet | Iterable[Trace]) -> Path:
-        """Append `traces` to the file at `path` (created if missing), atomically."""
-        return append_traces(path, traces)
+    def append(
+        path: str | os.PathLike,
+        traces: Trace | TraceSet | Iterable[Trace],
+        *,
+        compact: Compact | None = None,
+        pool: bool = False,
+    ) -> Path:
+        """Append `traces` to the set at `path` (created if missing), writing only the new rows."""
+        return append_traces(path, traces, compact=compact, pool=pool)
 
-    def write(self, path: str | os.PathLike, *, append: bool = False) -> Path:
-        return write_traces(path, self, append=append)
+    def write(self, path: str | os.PathLike, *, append: bool = False, compact: Compact | None = None) -> Path:
+        return write_traces(path, self, append=append, compact=compact)
+
+    @property
+    def on_disk(self) -> bool:
+        """True for a set streamed from its files (too large to hold in memory)."""
+        return self._table is None
+
+    @property
+    def compaction(self) -> Compact:
+        """What the set keeps (see `cliviz.tracing.compact`); in memory: lossless unless traces say otherwise."""
+        if self._parts:
+            return self._parts[0].compact
+        return Compact()
 
     @property
     def table(self) -> pa.Table:
-        """The underlying Arrow table (trace-file schema, one row per trace)."""
+        """The Arrow table of the whole set (trace-file schema, one row per trace). For a set on
+        disk this reads everything: stream with `batches()` instead."""
+        if self._table is None:
+            self._table = self._read_whole()
         return self._table
 
     @property
     def traces(self) -> list[Trace]:
         if self._traces is None:
-            self._traces = _table_to_traces(self._table)
+            self._traces = table_to_traces(self.table)
         return self._traces
 
+    def batches(self, rows: int | None = None) -> Iterator[TraceSet]:
+        """The set as in-memory `TraceSet`s of consecutive rows: one row group each for a set on disk,
+        `rows` (default 64) each in memory. Memory: one batch at a time."""
+        if self._table is not None:
+            step = rows or 64
+            for start in range(0, self._table.num_rows, step):
+                yield TraceSet.from_table(self._table.slice(start, step))
+            return
+        for table in store.iter_tables(self._parts or [], self._where):
+            if rows is None or table.num_rows <= rows:
+                yield TraceSet.from_table(table)
+            else:
+                for start in range(0, table.num_rows, rows):
+                    yield TraceSet.from_table(table.slice(start, rows))
+
+    def column(self, name: str) -> list:
+        """One column (e.g. `qtype`, `sample_id`, `model`) for every trace, reading only that column."""
+        if self._table is not None:
+            return self._table.column(name).to_pylist()
+        return store.read_column(self._parts or [], name, self._where)
+
+    def models(self) -> list[str]:
+        """The distinct `meta.model` names in the set, in first-seen order."""
+        return list(dict.fromkeys(str(m) for m in self.column("model")))
+
     def __len__(self) -> int:
-        return self._table.num_rows
+        if self._table is not None:
+            return self._table.num_rows
+        if self._len is None:
+            if self._where is None:
+                self._len = store.count_rows(self._parts or [])
+            else:
+                self._len = len(self.column("sample_id"))
+        return self._len
 
     def __iter__(self) -> Iterator[Trace]:
-        return iter(self.traces)
+        if self._table is not None:
+            return iter(self.traces)
+        return (t for batch in self.batches() for t in batch.traces)
 
     def __getitem__(self, index: int | slice) -> Trace | TraceSet:
         if isinstance(index, slice):
             rows = range(len(self))[index]
+            if self._table is None:
+                return self.take(list(rows))
             if rows.step == 1:
                 table = self._table.slice(rows.start, len(rows))
             else:
                 table = self._table.take(pa.array(list(rows), pa.int64()))
             return TraceSet.from_table(table)
-        return self.traces[index]
+        if self._table is not None:
+            return self.traces[index]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"trace {index} outside a set of {n}")
+        return self.take([index % n]).traces[0]
+
+    def take(self, rows: Iterable[int]) -> TraceSet:
+        """The traces at row numbers `rows` (in that order), as an in-memory set; on disk, only the
+        row groups that hold them are decoded."""
+        rows = [int(r) for r in rows]
+        if self._table is not None:
+            return TraceSet.from_table(self._table.take(pa.array(rows, pa.int64())))
+        wanted = sorted(set(rows))
+        found: dict[int, pa.Table] = {}
+        start, i = 0, 0
+        for table in store.iter_tables(self._parts or [], self._where):
+            end = start + table.num_rows
+            while i < len(wanted) and wanted[i] < end:
+                found[wanted[i]] = table.slice(wanted[i] - start, 1)
+                i += 1
+            start = end
+            if i == len(wanted):
+                break
+        missing = [r for r in rows if r not in found]
+        if missing:
+            raise IndexError(f"trace {missing[0]} outside a set of {start}")
+        return TraceSet.from_table(pa.concat_tables([found[r] for r in rows]) if rows else ARROW_SCHEMA.empty_table())
+
+    def select(self, **where: Any) -> TraceSet:
+        """The traces matching `model=`, `qtype=`, `sample_ids=` (as `TraceSet.read` takes them)."""
+        f = Filter.of(**where)
+        if f is None:
+            return self
+        if self._table is not None:
+            return TraceSet.from_table(self._table.filter(pa.array(f.mask(self._table))), self.path)
+        if self._where is not None:
+            raise CLIVizError("this set is already a selection: read it again with every condition at once")
+        ts = TraceSet.__new__(TraceSet)
+        ts._table, ts._traces, ts._parts, ts._where, ts._len, ts.path = None, None, self._parts, f, None, self.path
+        return ts
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
         return f"TraceSet({len(self)} traces{where})"
 
-    def heatmap(self, select: str = "answer", by: str | None = None):
+    def heatmap(self, select: str = "answer", by: str | None = None, *, include_special: bool = False):
         """Mean gate map (plotly `Figure`) over `select` positions (answer, image, prompt, all), one panel
-        per `by` group (e.g. `qtype`) when given; with the causal checks the traces carry, as a note."""
-        return traceset_heatmap_figure(self, select, by)
+        per `by` group (e.g. `qtype`) when given; with the causal checks the traces carry, as a note.
+        Answer steps that emitted a special token (`<eos>`...) are left out unless `include_special`."""
+        return traceset_heatmap_figure(self, select, by, include_special=include_special)
 
     def _repr_html_(self) -> str:
         """Jupyter display: counts, accuracy and causal checks per question type, and the mean map."""
@@ -495,11 +355,14 @@ class TraceSet:
 
     def sample_ids(self) -> set[str]:
         """The non-null `meta.sample_id` values (used to resume sweeps)."""
-        return {s for s in self._table.column("sample_id").to_pylist() if s is not None}
+        return {s for s in self.column("sample_id") if s is not None}
 
     def meta_frame(self) -> pd.DataFrame:
         """One row per trace (index `trace` = row number), one column per `TraceMeta` field."""
-        data = {name: self._table.column(name).to_pylist() for name in META_FIELDS}
+        if self._table is not None:
+            data = {name: self._table.column(name).to_pylist() for name in META_FIELDS}
+        else:
+            data = store.read_columns(self._parts or [], META_FIELDS, self._where)
         df = pd.DataFrame(data, index=pd.RangeIndex(len(self), name="trace"))
         for name in ("image_width", "image_height", "schema_version"):
             df[name] = df[name].astype(np.int64)
@@ -514,14 +377,16 @@ class TraceSet:
         then llm_layer index, position, vision_layer index (the C order of `gates`). Text columns
         are pandas Categoricals unless `categorical=False`. Traces without gates add no rows.
         """
-        t = self._table
+        t = self.table
         n = t.num_rows
-        shapes = _shapes(t, "gates", 3, str(self.path or "in memory")).astype(np.int64)
+        if pc.any(pc.is_valid(t.column("gate_positions"))).as_py():
+            raise CLIVizError("to_long() needs every position's gates; this set is compact (see TraceSet.compaction)")
+        shapes = shape_rows(t, "gates", 3, str(self.path or "in memory")).astype(np.int64)
         L, T, K = shapes[:, 0], shapes[:, 1], shapes[:, 2]
-        gate_values, gate_offsets = _flat(t.column("gates"), np.float32)
-        norm_values, norm_offsets = _flat(t.column("injection_norm"), np.float32)
-        inj_values, inj_offsets = _flat(t.column("injection_layers"), np.int64)
-        vis_values, vis_offsets = _flat(t.column("vision_layers"), np.int64)
+        gate_values, gate_offsets = flat_list(t.column("gates"), np.float32)
+        norm_values, norm_offsets = flat_list(t.column("injection_norm"), np.float32)
+        inj_values, inj_offsets = flat_list(t.column("injection_layers"), np.int64)
+        vis_values, vis_offsets = flat_list(t.column("vision_layers"), np.int64)
         tok_lengths = pc.fill_null(pc.list_value_length(t.column("token_texts")), 0).to_numpy()
         if (
             np.any(np.diff(inj_offsets) != L)
