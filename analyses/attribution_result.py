@@ -216,10 +216,18 @@ class AttributionResult:
         return out
 
     def warnings(self) -> list[str]:
-        """One line per problem that makes a map misleading, judged per answer token and per method:
+        """One line per problem that makes a map misleading: untrained gates (every map), then per answer
+        token and per method:
         a saturated log-prob breaks gradient × input (patches, prompt tokens, gxi gate cells); an
         integrated-gradients map is flagged only when its completeness fails or it has nothing to split."""
-        return [w for s in range(self.n_answer) for w in self.step_warnings(s)]
+        return self.general_warnings() + [w for s in range(self.n_answer) for w in self.step_warnings(s)]
+
+    def general_warnings(self) -> list[str]:
+        """Warnings about every map of this result at once: untrained gates (`untrained.untrained_note`)."""
+        from cliviz.analyses.untrained import untrained_note
+
+        note = untrained_note(self.trace)
+        return [note] if note else []
 
     def description(self) -> str:
         """What was attributed, how: method, baseline, steps, target — the same words everywhere."""

@@ -175,8 +175,24 @@ def test_attribution_panel_names_method_target_and_saturation():
     )
     assert "saturated answer" in notes and "margin" in notes
     margin = callbacks_attribution.attribution_figures(bundled, store, "margin")
-    assert margin["warnings"] == [] and "runner-up" in margin["description"]
-    assert callbacks_attribution.attribution_figures(bundled, store, "bogus")["method"].endswith("target logprob")
+    assert margin["warnings"] == [] and margin["step_warnings"] == [[]] * len(margin["words"])
+    assert "runner-up" in margin["description"]
+    assert callbacks_attribution.attribution_figures(bundled, store, "bogus")["method"].endswith("target margin")
+    assert callbacks_attribution.attribution_figures(bundled, store)["method"].endswith("target margin")  # default
+
+
+def test_attribution_warnings_are_judged_per_answer_token():
+    """A saturated `<eos>` (step 1) does not mark the content token's (step 0) maps."""
+    from cliviz.app import callbacks_attribution
+
+    payload = {"description": "d", "warnings": ["untrained"], "step_warnings": [[], ["eos saturated"]]}
+
+    def shown(selection):
+        return [n.children for n in callbacks_attribution.attribution_notes(payload, selection)][1:]
+
+    assert shown(0) == ["untrained"]
+    assert shown(1) == ["untrained", "eos saturated"]
+    assert shown("answer") == ["untrained", "eos saturated"]  # all tokens: every token's warnings
 
 
 def test_bad_model_or_trace_file_is_one_clear_error(tmp_path, random_model_dir):

@@ -55,6 +55,11 @@ def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
     """Answer, gate table, and beside it what the map is and whether its injection matters here."""
     console.print(f"[dim]question:[/] {trace.meta.question}")
     console.print(answer_line(trace))
+    from cliviz.analyses.untrained import untrained_note
+
+    untrained = untrained_note(trace)
+    if untrained:
+        console.print(Text(f"warning: {untrained}", style="bold yellow"))
     if trace.has_gates:
         console.print(gate_table(trace, matrix, "gates over vision layers, mean over answer steps"))
     check = trace.causal

@@ -237,6 +237,14 @@ def train(
     from cliviz.cli.preflight import check_output_folder
 
     check_output_folder(out, "--out folder")  # before any training: a typo must not cost a run
+    if steps is not None and warmup >= steps:  # a run that never leaves warmup barely moves the gates
+        typer.echo(f"warning: --warmup {warmup} >= --steps {steps}: the learning rate never reaches --lr", err=True)
+    if steps is not None and log_every >= steps:
+        typer.echo(
+            f"warning: --log-every {log_every} >= --steps {steps}: training_log.jsonl gets at most one line "
+            "(none when it exceeds --steps)",
+            err=True,
+        )
     _check_paths(init_from, data, image_folder, vision_from)
     settings = TrainSettings(
         fusion=fusion,
