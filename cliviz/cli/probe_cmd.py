@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_model_path
 from cliviz.errors import CLIVizError
 
 if TYPE_CHECKING:
@@ -68,12 +68,17 @@ def probe_cmd(
     under each patch; count, digit, and the named object's colour / shape / side / size per image)
     can be read from each layer, next to the majority baseline and the layer the projector reads."""
     from cliviz.analyses.probe_labels import folder_scenes, generated_scenes, select_properties
+
+    chosen_layers = _int_list(layers, "--layers")
+    select_properties(properties)  # fail before any work, and before torch is imported
+    check_model_path(model)
+    if data is not None and not data.exists():
+        raise CLIVizError(f"data not found: {data} (give a `cliviz data` folder)")
+    fmts = _check_out(out, formats)
+
     from cliviz.analyses.probes import check_probe_args
     from cliviz.cli.preflight import load_checked
 
-    chosen_layers = _int_list(layers, "--layers")
-    select_properties(properties)  # fail before any work
-    fmts = _check_out(out, formats)
     if data is not None:
         named, skipped = folder_scenes(data)
         source = str(data)
