@@ -159,3 +159,12 @@ def test_cli_kind_and_token_lists_are_the_engines():
     from cliviz.cli.ablate_cmd import CLI_KINDS, CLI_TOKENS
 
     assert tuple(CLI_KINDS) == tuple(KINDS) and set(CLI_TOKENS) == set(TOKEN_SETS)
+
+
+def test_one_notation_per_column():
+    from cliviz.analyses.ablations.display import column_style, num
+
+    mixed = [1.2e-5, 0.25, 0.0]
+    assert not column_style(mixed) and [num(x, scientific=False) for x in mixed] == ["+0.000", "+0.250", "+0.000"]
+    tiny = [1.2e-5, -3e-6, 0.0]
+    assert column_style(tiny) and [num(x, scientific=True) for x in tiny] == ["+1.2e-05", "-3.0e-06", "+0.0e+00"]

@@ -16,14 +16,22 @@ import pandas as pd
 from cliviz.analyses.ablations.effects import METRIC_LABELS, grid_matrix
 
 
-def num(x: float, signed: bool = True) -> str:
-    """3 decimals; scientific notation only for tiny non-zero numbers, and then beside the same
-    notation (`+1.2e-05`), never a `+0.000` that hides a value."""
+def num(x: float, signed: bool = True, scientific: bool | None = None) -> str:
+    """3 decimals, or scientific notation (`+1.2e-05`) for tiny numbers. Pass `scientific` from
+    `column_style` so that one column never mixes the two (a `+1.2e-05` beside a `+0.000`)."""
     if x != x:
         return "n/a"
-    if x != 0 and abs(x) < 5e-4:
+    sci = (x != 0 and abs(x) < 5e-4) if scientific is None else scientific
+    if sci:
         return f"{x:+.1e}" if signed else f"{x:.1e}"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def column_style(values) -> bool:
+    """Whether a column is shown in scientific notation: only when all its finite values are tiny."""
+    v = np.abs(np.asarray(list(values), dtype=float))
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool((v < 5e-4).all()) and bool((v > 0).any())
 
 
 def per_type_table(report, top_conditions: Sequence[str] | None = None):
@@ -37,13 +45,14 @@ def per_type_table(report, top_conditions: Sequence[str] | None = None):
     table = Table(title="per question type: flips and Δ log-prob of the reference answer", pad_edge=False)
     for col in ("condition", "qtype", "n", "flips", "Δ logp ref", "acc"):
         table.add_column(col, justify="left" if col in ("condition", "qtype") else "right")
+    sci = column_style(frame["delta_logprob_ref"])
     for r in frame.itertuples():
         table.add_row(
             escape(str(r.condition)),
             escape(str(r.qtype)),
             str(int(r.n)),
             f"{r.flip_rate:.2f}",
-            num(r.delta_logprob_ref),
+            num(r.delta_logprob_ref, scientific=sci),
             f"{r.accuracy:.2f}" if hasattr(r, "accuracy") else "",
         )
     return table
@@ -63,12 +72,13 @@ def grid_table(report):
     for k in report.vision_layers:
         table.add_column(f"V{k}", justify="right")
     table.add_column("injection off", justify="right")
+    sci = column_style([*cells.ravel(), *off.to_numpy()])
     for i, layer in enumerate(report.injection_layers):
         row = []
         for k in range(len(report.vision_layers)):
             s = "" if share is None or share[i, k] != share[i, k] else f" [{share[i, k]:.0%}]"
-            row.append(num(cells[i, k]) + s)
-        row.append(num(float(off.get(layer, np.nan))))
+            row.append(num(cells[i, k], scientific=sci) + s)
+        row.append(num(float(off.get(layer, np.nan)), scientific=sci))
         table.add_row(f"L{layer}", *row)
     table.caption = KNOCKOUT_NOTE
     return table

@@ -85,18 +85,26 @@ def _inputs(image: Path | None, question: str | None, data: Path | None, limit: 
 
 def _effects_table(report, title: str, top: int) -> Table:
     """The largest effects; the CI column only when the samples allow one (see `MIN_CI_SAMPLES`)."""
-    from cliviz.analyses.ablations.display import num as _num
+    from cliviz.analyses.ablations.display import column_style, num
+
+    top_rows = report.largest_effects(top)
+    ref_sci = column_style([*top_rows["delta_logprob_ref"], *top_rows["ci_low"], *top_rows["ci_high"]])
+    own_sci = column_style(top_rows["delta_logprob_own"])
+
+    def _num(x: float, sci: bool = ref_sci) -> str:  # one notation per column
+        return num(x, scientific=sci)
 
     show_ci = report.has_ci
     table = Table(title=title, pad_edge=False)
     columns = ["condition", "Δ logp ref"] + (["95% CI"] if show_ci else []) + ["Δ logp own", "flips", "acc"]
     for col in columns:
         table.add_column(col, justify="left" if col == "condition" else "right")
-    for cond, row in report.largest_effects(top).iterrows():
+    for cond, row in top_rows.iterrows():
         d, lo, hi = row["delta_logprob_ref"], row["ci_low"], row["ci_high"]
         style = "red" if show_ci and d < 0 and hi < 0 else ("green" if show_ci and d > 0 and lo > 0 else "default")
         cells = [escape(str(cond)), f"[{style}]{_num(d)}[/]"] + ([f"[dim]{_num(lo)}..{_num(hi)}[/]"] if show_ci else [])
-        table.add_row(*cells, _num(row["delta_logprob_own"]), f"{row['flip_rate']:.2f}", f"{row['accuracy']:.2f}")
+        own = _num(row["delta_logprob_own"], own_sci)
+        table.add_row(*cells, own, f"{row['flip_rate']:.2f}", f"{row['accuracy']:.2f}")
     if not show_ci:
         from cliviz.analyses.ablations import MIN_CI_SAMPLES
 
