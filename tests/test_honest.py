@@ -3,6 +3,7 @@ cheap checks before torch, and the small honesty items of the command line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -126,12 +127,15 @@ except SystemExit as done:
         (["ablate", "nope.png", "what ?"], "image not found"),
         (["compare", "--data", "nodata", "--models", "no/such/folder"], "model folder not found"),
         (["probe-layers", "--model", "no/such/folder"], "model folder not found"),
+        (["probe-layers", "--out", "{tmp}/p"], "BROWSER_PATH=/no/such/chromium is not an executable"),
     ],
 )
-def test_inputs_checked_before_torch_is_imported(args, needle):
+def test_inputs_checked_before_torch_is_imported(args, needle, tmp_path):
     """The error comes before torch is imported (the seconds of start-up a mistyped path used to cost)."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    env = {**os.environ, "BROWSER_PATH": "/no/such/chromium"}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(args=args)], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-c", _PROBE.format(args=args)], capture_output=True, text=True, cwd=REPO, timeout=120, env=env
     )
     assert proc.stdout.split() == ["False", "2"], (proc.stdout, proc.stderr)
     assert needle in proc.stderr and "Traceback" not in proc.stderr

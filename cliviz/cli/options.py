@@ -71,3 +71,18 @@ def check_choice(value: str | None, choices: tuple[str, ...], option: str) -> No
 
     if value is not None and value not in choices:
         raise CLIVizError(f"unknown {option} {value!r}; use one of {', '.join(choices)}")
+
+
+def check_browser_env() -> None:
+    """A `BROWSER_PATH` that is not an executable file, refused before any heavy import, with the
+    words of `analyses.figures.find_chromium` (which still searches for a browser when none is set)."""
+    import os
+
+    from cliviz.errors import CLIVizError
+
+    env = os.environ.get("BROWSER_PATH")
+    if env and not (os.path.isfile(env) and os.access(env, os.X_OK)):
+        raise CLIVizError(
+            f"BROWSER_PATH={env} is not an executable Chromium; install Debian's chromium (apt-get install -y "
+            "--no-install-recommends chromium fonts-liberation) or point BROWSER_PATH at a Chromium/Chrome executable"
+        )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_model_path
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_browser_env, check_model_path
 from cliviz.errors import CLIVizError
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ def probe_cmd(
     chosen_layers = _int_list(layers, "--layers")
     select_properties(properties)  # fail before any work, and before torch is imported
     check_model_path(model)
+    if out is not None and formats.strip().lower() not in ("", "none"):
+        check_browser_env()
     if data is not None and not data.exists():
         raise CLIVizError(f"data not found: {data} (give a `cliviz data` folder)")
     fmts = _check_out(out, formats)
