@@ -431,7 +431,7 @@ def test_bundled_glyph_questions_attribute_to_the_glyph_corner():
     for sample in iter_samples(7 * 30, seed=777):
         if sample.qtype not in fractions:
             continue
-        r = attribute(model, tok, sample.image, sample.question, method="gxi")
+        r = attribute(model, tok, sample.image, sample.question, method="gxi", target="logprob")  # as measured
         mass = np.abs(r.combined_grid(0))  # the answer word (step 0)
         fractions[sample.qtype].append(float(mass[rows, cols].sum() / max(mass.sum(), 1e-12)))
     assert sum(len(v) for v in fractions.values()) >= 50 and min(len(v) for v in fractions.values()) >= 25
