@@ -43,10 +43,13 @@ from cliviz.atomic import atomic_file, atomic_write_bytes
 
 MIN_CI_SAMPLES = 10  # fewer samples: the bootstrap CI is not reported as a 95% interval
 HARM_FLOOR = 1e-3  # |Δ log-prob| below this is no harm to explain: `off_explains` gives NaN there
-KNOCKOUT_NOTE = (
+RENORMALISE_NOTE = (
     "knockout sets the cell's gate to 0 and renormalises the remaining gates of that LLM layer, so a "
-    "cell's harm is not that vision layer's importance: part of it can come from the other reads growing. "
-    "'off explains' = the harm of switching that LLM layer's injection off / the cell's harm (clipped to 0..1)."
+    "cell's harm is not that vision layer's importance: part of it can come from the other reads growing."
+)
+KNOCKOUT_NOTE = (
+    RENORMALISE_NOTE + " 'off explains' = the harm of switching that LLM layer's injection off / the cell's harm "
+    "(clipped to 0..1)."
 )
 
 
