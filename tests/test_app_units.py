@@ -137,6 +137,7 @@ def test_cell_click_runs_single_cell_ablation(backend, asked):
     assert cell == {"llm_layer": llm, "vision_layer": vision}
     text = json.dumps(table.to_plotly_json(), default=str)
     assert f"L{llm} \\u00d7 V{vision} knocked out" in text and trace.answer_texts[0] in text
+    assert "renormalises the remaining gates" in text  # a knockout cell is not a layer's importance
     bad, cell = callbacks_ablation.ablate(backend, {"points": [{"x": "V99", "y": f"L{llm}"}]}, store, "knockout")
     assert cell is no_update and "not a gate cell" in bad.children
 
