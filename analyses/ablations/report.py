@@ -243,7 +243,7 @@ def run_study(
     grid (every single-cell knockout of the model), the report adds the faithfulness table.
     `progress(n)` hears of every n (sample, condition) rows done. Example::
 
-        samples = StudySamples.from_records(iter_samples(40, seed=1))
+        samples = StudySamples(images, questions, answers, qtypes)  # or StudySamples.from_records(...)
         report = run_study(model, tok, samples, [None, Ablation("injection_off")])
         report.per_type()                 # flips and Δ log-prob per question type
         grid = run_grid(model, tok, samples)
