@@ -19,8 +19,10 @@ layer beside the projector's layer.
 Honesty of the numbers: cross-validation holds whole images out (stratified group folds by image,
 the same folds for every layer, so layers are compared on the same splits); the majority baseline
 is cross-validated the same way (the training folds' most common label); every row also carries
-`control`, the accuracy of the same probe on the same folds with the labels permuted (seeded), which
-must sit at that baseline — a probe above its control reads the property, not the split;
+`control` (image-level and per-object probes), the accuracy of the same probe on the same folds with
+the labels permuted (seeded), which must sit at that baseline — a probe above its control reads the
+property, not the split (patch probes, thousands of rows, leave it NaN: `control=True` runs them all
+permuted);
 `control=True` permutes the labels of the main probes too. The tower runs once per image, batched
 (`model.encode_images`), and only the sampled patch tokens are kept.
 
@@ -314,7 +316,7 @@ def probe_layers(
     names or `level:name` keys (default: all, see `probe_labels.PROPERTIES`). `layers`: hidden-state
     indices (default: all). `max_patches`: patch tokens kept per patch sample (object patches,
     glyph patches). `control`: permute the labels (the probes should fall to the majority baseline).
-    `permuted_control`: also fit every probe on permuted labels, same folds (the `control` column).
+    `permuted_control`: also fit every image-level probe on permuted labels, same folds (`control`).
     """
     props = select_properties(properties)
     layout, chosen = check_probe_args(model, len(scenes), layers, folds, max_patches)
@@ -344,7 +346,7 @@ def probe_layers(
             for feature, mats in _features(states, prop.level, per_object(prop_folds)):
                 counts = sum(_fold_counts(mats[k][_rows_of(f.task, feature)], f, C) for f in prop_folds)
                 ctrl = None
-                if permuted_control:
+                if permuted_control and prop.level == "image":  # patch probes: use control=True (cost)
                     ctrl = sum(
                         _fold_counts(mats[k][_rows_of(f.task, feature)], _permuted(f, seed), C) for f in prop_folds
                     )

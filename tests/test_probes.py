@@ -219,7 +219,9 @@ def test_report_shape_baselines_and_projector_layer(tiny, scenes):
     assert np.allclose(f.chance, 1 / f.n_classes)
     assert (f.groupby(["feature", "property"]).majority.nunique() == 1).all()  # same labels, same folds
     assert set(f[f.feature == "object"].property) == {"color", "shape", "x", "y", "size"}
-    assert (f.control - f.majority).abs().max() < 0.2  # the permuted-label control sits near its baseline
+    image = f[f.level == "image"]
+    assert image.control.notna().all() and f[f.level == "patch"].control.isna().all()
+    assert (image.control - image.majority).abs().max() < 0.2  # the permuted-label control sits near its baseline
     above = report.above_baseline()
     assert above.min().min() >= 0 and above.max().max() <= 1
     fig = report.figure("t")
