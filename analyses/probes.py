@@ -490,7 +490,11 @@ class ProbeReport:
         hover = [
             [
                 f"{c}<br>{name}: {v:.3f}<br>majority {maj[c]:.3f}"
-                + (f"<br>permuted-label control (best layer) {ctrl[c]:.3f}" if ctrl is not None else "")
+                + (
+                    f"<br>permuted-label control (best layer) {ctrl[c]:.3f}"
+                    if ctrl is not None and ctrl[c] == ctrl[c]
+                    else ""
+                )
                 for c, v in zip(acc.columns, row)
             ]
             for name, row in zip(labels, raw)
