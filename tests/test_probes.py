@@ -15,7 +15,7 @@ from conftest import assert_clean_error, build_tiny, run_cli
 
 torch.set_num_threads(1)
 
-SMALL = {"folds": 2, "max_patches": 400, "seed": 0}
+SMALL = {"folds": 2, "max_patches": 400, "seed": 0, "permuted_control": False}  # the control: its own test
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_a_projector_layer_outside_the_tower_is_refused(tiny, scenes):
 def test_report_shape_baselines_and_projector_layer(tiny, scenes):
     from cliviz.analyses.probes import probe_layers
 
-    report = probe_layers(tiny, scenes, **SMALL)
+    report = probe_layers(tiny, scenes, **{**SMALL, "permuted_control": True})
     f = report.frame
     n_states = tiny.config.base_config.vision_config.num_hidden_layers + 1
     # patch properties + image properties x (mean, cls) (the tiny tower has a CLS token) + the five
