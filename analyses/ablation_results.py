@@ -150,7 +150,7 @@ class KnockoutGrid:
             self.vision_layers,
             self.injection_layers,
             label=f"{metric}<br>±{top:.2g}",
-            title=f"knockout of each gate cell: {unit} ({qtype}, n={self.n_samples})",
+            title=f"knockout of each gate cell (the rest renormalised): {unit} ({qtype}, n={self.n_samples})",
             zmax=top if top > 0 else None,
         )
 
@@ -166,7 +166,12 @@ class KnockoutGrid:
             f"L{self.injection_layers[i]} × V{self.vision_layers[k]} (Δ log-prob {m[i, k]:+.4f}); largest flip "
             f"rate {np.nanmax(flips):.0%}.</div>"
         )
-        return head + figure_html(self.heatmap()) + "<div style='font-size:12px'>numbers: <code>.frame</code></div>"
+        from cliviz.analyses.ablations.report import RENORMALISE_NOTE
+
+        note = f"<div style='font-size:12px'>{RENORMALISE_NOTE}</div>"
+        return (
+            head + note + figure_html(self.heatmap()) + "<div style='font-size:12px'>numbers: <code>.frame</code></div>"
+        )
 
 
 def knockout(

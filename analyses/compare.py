@@ -31,7 +31,8 @@ ALL_TYPES = "all types"  # the row of `stability_summary(..., with_mean=True)` t
 def accuracy_table(
     models: dict[str, tuple], data: DataSet, batch_size: int = 64, progress: Callable[[int], None] | None = None
 ) -> pd.DataFrame:
-    """`models`: label -> (model, tokenizer). Returns rows model, fusion, qtype, accuracy, n.
+    """`models`: label -> (model, tokenizer). Returns rows model, fusion, qtype, accuracy, ci_low,
+    ci_high (95% Wilson interval), n; per model the question types in order, then `overall`.
     `progress(n)` hears of every n samples answered."""
     rows = []
     for label, (model, tok) in models.items():
@@ -43,6 +44,8 @@ def accuracy_table(
                     "fusion": model.config.fusion,
                     "qtype": qtype,
                     "accuracy": acc,
+                    "ci_low": result["accuracy_ci"]["per_type"][qtype][0],
+                    "ci_high": result["accuracy_ci"]["per_type"][qtype][1],
                     "n": result["n_per_type"][qtype],
                 }
             )
@@ -52,6 +55,8 @@ def accuracy_table(
                 "fusion": model.config.fusion,
                 "qtype": "overall",
                 "accuracy": result["overall"],
+                "ci_low": result["accuracy_ci"]["overall"][0],
+                "ci_high": result["accuracy_ci"]["overall"][1],
                 "n": result["n"],
             }
         )
@@ -204,26 +209,76 @@ def run_comparison(
     return Comparison(table, seed_stability(profiles, fusions, seeds))
 
 
-def comparison_figure(table: pd.DataFrame) -> go.Figure:
-    """Grouped bars: accuracy per question type, one colour per model."""
+def comparison_figure(table: pd.DataFrame, title: str = "accuracy per question type") -> go.Figure:
+    """Grouped bars: accuracy per question type (`overall` last), one colour per model, each bar with
+    its 95% Wilson interval as an error bar (when the table carries `ci_low` / `ci_high`)."""
     from cliviz.analyses.heatmaps import QUALITATIVE
 
     fig = go.Figure()
+    with_ci = {"ci_low", "ci_high"} <= set(table.columns)
     for i, (label, part) in enumerate(table.groupby("model", sort=False)):
-        fig.add_bar(x=part.qtype, y=part.accuracy, name=label, marker_color=QUALITATIVE[i % len(QUALITATIVE)])
+        part = part.iloc[np.argsort(part["qtype"].to_numpy() == "overall", kind="stable")]
+        error = (
+            {
+                "type": "data",
+                "symmetric": False,
+                "array": (part.ci_high - part.accuracy).tolist(),
+                "arrayminus": (part.accuracy - part.ci_low).tolist(),
+            }
+            if with_ci
+            else None
+        )
+        fig.add_bar(
+            x=part.qtype,
+            y=part.accuracy,
+            name=label,
+            marker_color=QUALITATIVE[i % len(QUALITATIVE)],
+            error_y=error,
+            customdata=part[["n"]].to_numpy() if "n" in part else None,
+            hovertemplate="%{x}: %{y:.3f} (n = %{customdata[0]})<extra>" + label + "</extra>",
+        )
     fig.update_layout(
+        title=title + (" — bars: 95% Wilson intervals" if with_ci else ""),
         barmode="group",
         yaxis={"title": "accuracy", "range": [0, 1]},
         template="simple_white",
-        legend={"orientation": "h", "y": 1.1},
+        legend={"orientation": "h", "y": -0.15},
+        margin={"t": 70},
     )
     return fig
 
 
-def write_comparison(out: Path, table: pd.DataFrame, stability: pd.DataFrame) -> list[Path]:
+def comparison_page(table: pd.DataFrame, stability: pd.DataFrame, data: str = "") -> str:
+    """`compare.html`: a titled page — the models and data set, the accuracy table with intervals, the
+    bar chart, and the seed-stability table when there is one."""
+    import html as html_lib
+
+    models = ", ".join(dict.fromkeys(table["model"]))
+    head = f"Comparison of {models}" + (f" on {data}" if data else "")
+    shown = table.copy()
+    if {"ci_low", "ci_high"} <= set(shown.columns):
+        shown["95% CI"] = [f"{lo:.2f}–{hi:.2f}" for lo, hi in zip(shown.ci_low, shown.ci_high)]
+        shown = shown.drop(columns=["ci_low", "ci_high"])
+    shown["accuracy"] = shown["accuracy"].map(lambda v: f"{v:.3f}")
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html_lib.escape(head)}</title></head>",
+        f"<body style='font-family:sans-serif'><h2>{html_lib.escape(head)}</h2>",
+        "<p>Accuracy with 95% Wilson intervals: with a few questions per type, differences inside the "
+        "intervals are not evidence.</p>",
+        comparison_figure(table, f"accuracy per question type{' on ' + data if data else ''}").to_html(
+            full_html=False, include_plotlyjs=True
+        ),
+        shown.to_html(index=False),
+    ]
+    if len(stability):
+        parts += ["<h3>gate-map stability across seeds</h3>", stability.to_html(index=False, float_format="%.2f")]
+    return "".join(parts) + "</body></html>"
+
+
+def write_comparison(out: Path, table: pd.DataFrame, stability: pd.DataFrame, data: str = "") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare.csv", out / "stability.csv", out / "compare.html"]
     table.to_csv(paths[0], index=False)
     stability.to_csv(paths[1], index=False)
-    comparison_figure(table).write_html(str(paths[2]), include_plotlyjs=True)
+    paths[2].write_text(comparison_page(table, stability, data), encoding="utf-8")
     return paths

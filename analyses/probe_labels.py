@@ -5,7 +5,9 @@ token what lies under it; image properties ask the whole image (mean-pooled patc
 CLS token) about a scene fact. Questions name objects by their colour ("is the red object on the
 left or right ?") or by a shape that occurs once ("what color is the circle ?"), so the
 object-level image properties are probed the same way: one probe per naming colour (or shape),
-pooled into one accuracy — a linear read cannot be told which object is meant.
+pooled into one accuracy. Averaged over the whole image a linear read cannot be told which object
+is meant, so the same targets are also asked of the named object's own patches (`object_cells`:
+the feature `object` in `probes`, the perfect selection a position-aware read could make).
 
 Every label comes from the scene record and the rendered pixels (`scenes.grid_labels`), never
 from the model, and every task keeps the image of each row so that cross-validation can hold
@@ -87,6 +89,35 @@ class ProbeTask:
     rows: np.ndarray  # [n] row indices into the level's feature matrix
     labels: np.ndarray  # [n] str
     images: np.ndarray  # [n] image index of each row
+    objects: np.ndarray | None = None  # [n] row of the named object in `ObjectCells` (object-level tasks)
+
+
+@dataclass
+class ObjectCells:
+    """Every object of every scene and the patch cells it covers: row r is object `index[r]` of image
+    `image[r]`, covering the flat patch indices `cells[r]` (row-major over the grid)."""
+
+    image: np.ndarray  # [O] image index
+    index: np.ndarray  # [O] position in scene.objects
+    cells: list[np.ndarray]  # O arrays of flat patch indices
+
+    def row(self, image: int, index: int) -> int:
+        return self._rows[(image, index)]
+
+    def __post_init__(self) -> None:
+        self._rows = {(int(i), int(j)): r for r, (i, j) in enumerate(zip(self.image, self.index))}
+
+
+def object_cells(scenes: Sequence[Scene], grid: int) -> ObjectCells:
+    """The patch cells of every object (each scene's colours are distinct: the colour map names it)."""
+    image, index, cells = [], [], []
+    for i, scene in enumerate(scenes):
+        colour = grid_labels(scene, grid)["color"].reshape(-1)  # [grid * grid], 0 = no object
+        for j, o in enumerate(scene.objects):
+            image.append(i)
+            index.append(j)
+            cells.append(np.flatnonzero(colour == list(COLORS).index(o.color) + 1))
+    return ObjectCells(np.asarray(image, np.int64), np.asarray(index, np.int64), cells)
 
 
 @dataclass
@@ -171,8 +202,12 @@ def _subsample(n: int, limit: int, rng: np.random.Generator) -> list[int]:
     return sorted(rng.choice(n, size=limit, replace=False).tolist()) if n > limit else list(range(n))
 
 
-def image_tasks(scenes: Sequence[Scene], props: Sequence[Property]) -> list[ProbeTask]:
-    """Per-image tasks: plain ones (count, digit) and object ones, one task per naming colour/shape."""
+def image_tasks(
+    scenes: Sequence[Scene], props: Sequence[Property], objects: ObjectCells | None = None
+) -> list[ProbeTask]:
+    """Per-image tasks: plain ones (count, digit) and object ones, one task per naming colour/shape.
+    With `objects`, object tasks keep only named objects that cover at least one patch, and carry
+    the object's row (`ProbeTask.objects`) for the per-object feature."""
     tasks = []
     for p in (p for p in props if p.level == "image"):
         if p.name in ("count", "digit"):
@@ -182,12 +217,17 @@ def image_tasks(scenes: Sequence[Scene], props: Sequence[Property]) -> list[Prob
             continue
         namers = SHAPES if p.name == "color" else tuple(COLORS)
         for namer in namers:
-            rows, y = [], []
+            rows, y, obj_rows = [], [], []
             for i, scene in enumerate(scenes):
-                named = [o for o in scene.objects if (o.shape if p.name == "color" else o.color) == namer]
+                named = [j for j, o in enumerate(scene.objects) if (o.shape if p.name == "color" else o.color) == namer]
                 if len(named) != 1:
                     continue
-                o = named[0]
+                o = scene.objects[named[0]]
+                if objects is not None:
+                    r = objects.row(i, named[0])
+                    if not len(objects.cells[r]):
+                        continue  # hidden under other objects: nothing of it to read
+                    obj_rows.append(r)
                 value = {
                     "color": o.color,
                     "shape": o.shape,
@@ -198,5 +238,6 @@ def image_tasks(scenes: Sequence[Scene], props: Sequence[Property]) -> list[Prob
                 rows.append(i)
                 y.append(value)
             idx = np.array(rows, dtype=np.int64)
-            tasks.append(ProbeTask(p, namer, idx, np.array(y, dtype=object), idx))
+            obj = np.array(obj_rows, dtype=np.int64) if objects is not None else None
+            tasks.append(ProbeTask(p, namer, idx, np.array(y, dtype=object), idx, obj))
     return tasks

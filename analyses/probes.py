@@ -3,9 +3,12 @@
 For every vision hidden state (index 0 = the patch embedding, n = the last layer) we fit linear
 probes — scikit-learn's logistic regression on standardised features — that read a scene property
 from that layer's tokens: per patch (what lies under this patch: colour, shape, size, position,
-digit) and per image (mean-pooled patch tokens, and the CLS token where the tower has one: count,
+digit), per image (mean-pooled patch tokens, and the CLS token where the tower has one: count,
 the corner digit, and the colour / shape / side / size of an object named as the questions name
-it). See `cliviz.analyses.probe_labels` for the exact targets.
+it) and per object (`object`: the tokens averaged over the named object's own patches — what a
+read that knows where the object is could get; a mean over the whole image cannot tell which
+object is meant, so its side and position probes sit at the baseline). See
+`cliviz.analyses.probe_labels` for the exact targets.
 
 Why this matters for CLI: the LLaVA projector reads one layer (`vision_feature_layer`). If the
 detail a question needs is linearly decodable from a shallow layer but not from that one, the
@@ -15,8 +18,12 @@ layer beside the projector's layer.
 
 Honesty of the numbers: cross-validation holds whole images out (stratified group folds by image,
 the same folds for every layer, so layers are compared on the same splits); the majority baseline
-is cross-validated the same way (the training folds' most common label); `control=True` permutes
-the labels, and the probes must then fall to that baseline. The tower runs once per image, batched
+is cross-validated the same way (the training folds' most common label); every row also carries
+`control` (image-level and per-object probes), the accuracy of the same probe on the same folds with
+the labels permuted (seeded), which must sit at that baseline — a probe above its control reads the
+property, not the split (patch probes, thousands of rows, leave it NaN: `control=True` runs them all
+permuted);
+`control=True` permutes the labels of the main probes too. The tower runs once per image, batched
 (`model.encode_images`), and only the sampled patch tokens are kept.
 
 Example::
@@ -43,11 +50,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cliviz.analyses.probe_labels import PatchSample, ProbeTask, Property, image_tasks, patch_tasks, select_properties
+from cliviz.analyses.probe_labels import (
+    ObjectCells,
+    PatchSample,
+    ProbeTask,
+    Property,
+    image_tasks,
+    object_cells,
+    patch_tasks,
+    select_properties,
+)
 from cliviz.data.scenes import Scene
 from cliviz.errors import CLIVizError
 
-FEATURES = {"patch": "the patch token", "mean": "mean of the patch tokens", "cls": "the CLS token"}
+FEATURES = {
+    "patch": "the patch token",
+    "mean": "mean of the patch tokens",
+    "cls": "the CLS token",
+    "object": "mean of the named object's patch tokens",
+}
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -89,6 +110,7 @@ class VisionStates:
     patch: dict[int, np.ndarray]  # layer -> [R, D]
     mean: dict[int, np.ndarray]  # layer -> [n_images, D]
     cls: dict[int, np.ndarray] | None  # layer -> [n_images, D]
+    objects: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n_objects, D]
 
 
 def _base_crop_rows(model, image_sizes: torch.Tensor) -> np.ndarray:
@@ -113,9 +135,11 @@ def vision_states(
     sample: PatchSample,
     batch_size: int = 64,
     progress: Progress | None = None,
+    objects: ObjectCells | None = None,
 ) -> VisionStates:
     """Run the vision tower once per image (batched) and keep, for each layer in `layers`, the tokens
-    the probes need. Tokens are float32 on the CPU whatever the model's dtype."""
+    the probes need (with `objects`: each object's patch tokens averaged, `[n_objects, D]`). Tokens
+    are float32 on the CPU whatever the model's dtype."""
     from cliviz.model.processing import image_inputs
 
     n, patches = len(scenes), layout.grid**2
@@ -137,6 +161,8 @@ def vision_states(
             tokens = hs[:, 1:] if has_cls else hs  # [b, P, D]
             if k not in out.mean:  # first batch: allocate
                 out.mean[k] = np.zeros((n, hs.shape[-1]), np.float32)
+                if objects is not None:
+                    out.objects[k] = np.zeros((len(objects.image), hs.shape[-1]), np.float32)
                 out.patch[k] = np.zeros((len(sample.image), hs.shape[-1]), np.float32)
                 if has_cls:
                     out.cls[k] = np.zeros((n, hs.shape[-1]), np.float32)
@@ -147,6 +173,11 @@ def vision_states(
                 out.cls[k][start : start + len(images)] = hs[:, 0]
             mine = order[bounds[start] : bounds[start + len(images)]]  # sampled rows of this batch's images
             out.patch[k][mine] = tokens[sample.image[mine] - start, sample.patch[mine]]
+            if objects is not None:
+                for r in np.flatnonzero((objects.image >= start) & (objects.image < start + len(images))):
+                    cells = objects.cells[r]
+                    if len(cells):
+                        out.objects[k][r] = tokens[objects.image[r] - start, cells].mean(axis=0)
         if progress is not None:
             progress("vision tower", min(start + batch_size, n), n)
     return out
@@ -230,14 +261,31 @@ def _fold_counts(X: np.ndarray, f: _Folds, C: float) -> np.ndarray:
     return out
 
 
-def _features(states: VisionStates, level: str) -> list[tuple[str, dict[int, np.ndarray]]]:
+def _features(states: VisionStates, level: str, per_object: bool = False) -> list[tuple[str, dict[int, np.ndarray]]]:
     if level == "patch":
         return [("patch", states.patch)]
-    return [("mean", states.mean)] + ([("cls", states.cls)] if states.cls is not None else [])
+    out = [("mean", states.mean)] + ([("cls", states.cls)] if states.cls is not None else [])
+    return out + ([("object", states.objects)] if per_object and states.objects else [])
+
+
+def _rows_of(task: ProbeTask, feature: str) -> np.ndarray:
+    """The task's rows in a feature's matrix: objects for `object`, images / patch rows otherwise."""
+    return task.objects if feature == "object" else task.rows
+
+
+def _permuted(f: _Folds, seed: int) -> _Folds:
+    """The same folds with the labels shuffled (seeded): the control every probe must fall to."""
+    return _Folds(f.task, np.random.default_rng([seed, 11]).permutation(f.y), f.splits)
 
 
 def _row(
-    layer: int, feature: str, prop: Property, folds: list[_Folds], counts: np.ndarray, layout: TowerLayout
+    layer: int,
+    feature: str,
+    prop: Property,
+    folds: list[_Folds],
+    counts: np.ndarray,
+    layout: TowerLayout,
+    control: np.ndarray | None = None,
 ) -> dict:
     """One (layer, feature, property) row from the per-fold counts summed over the property's tasks."""
     fold_acc = counts[:, 0] / np.maximum(counts[:, 2], 1)
@@ -251,6 +299,7 @@ def _row(
         "accuracy": counts[:, 0].sum() / total,
         "accuracy_sd": float(np.std(fold_acc)),
         "majority": counts[:, 1].sum() / total,
+        "control": control[:, 0].sum() / total if control is not None else math.nan,
         "chance": 1.0 / len(classes),
         "n_classes": len(classes),
         "n_samples": total,
@@ -272,6 +321,7 @@ def probe_layers(
     max_patches: int = 3000,
     C: float = 1.0,
     control: bool = False,
+    permuted_control: bool = True,
     batch_size: int = 64,
     progress: Progress | None = None,
 ) -> ProbeReport:
@@ -281,14 +331,16 @@ def probe_layers(
     names or `level:name` keys (default: all, see `probe_labels.PROPERTIES`). `layers`: hidden-state
     indices (default: all). `max_patches`: patch tokens kept per patch sample (object patches,
     glyph patches). `control`: permute the labels (the probes should fall to the majority baseline).
+    `permuted_control`: also fit every image-level probe on permuted labels, same folds (`control`).
     """
     props = select_properties(properties)
     layout, chosen = check_probe_args(model, len(scenes), layers, folds, max_patches)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     sample, tasks = patch_tasks(scenes, layout.grid, props, max_patches, rng)
-    tasks += image_tasks(scenes, props)
-    states = vision_states(model, scenes, layout, chosen, sample, batch_size, progress)
+    objects = object_cells(scenes, layout.grid)
+    tasks += image_tasks(scenes, props, objects)
+    states = vision_states(model, scenes, layout, chosen, sample, batch_size, progress, objects)
     t1 = time.perf_counter()
     prepared, skipped = {}, {}
     asked, folds = folds, fold_count(tasks, folds)
@@ -300,12 +352,21 @@ def probe_layers(
         else:
             prepared.setdefault(task.prop, []).append(made)
     rows = []
-    total = len(chosen) * sum(len(_features(states, p.level)) for p in prepared)
+
+    def per_object(prop_folds: list[_Folds]) -> bool:
+        return all(f.task.objects is not None for f in prop_folds)
+
+    total = len(chosen) * sum(len(_features(states, p.level, per_object(fs))) for p, fs in prepared.items())
     for k in chosen:
         for prop, prop_folds in prepared.items():
-            for feature, mats in _features(states, prop.level):
-                counts = sum(_fold_counts(mats[k][f.task.rows], f, C) for f in prop_folds)
-                rows.append(_row(k, feature, prop, prop_folds, counts, layout))
+            for feature, mats in _features(states, prop.level, per_object(prop_folds)):
+                counts = sum(_fold_counts(mats[k][_rows_of(f.task, feature)], f, C) for f in prop_folds)
+                ctrl = None
+                if permuted_control and prop.level == "image":  # patch probes: use control=True (cost)
+                    ctrl = sum(
+                        _fold_counts(mats[k][_rows_of(f.task, feature)], _permuted(f, seed), C) for f in prop_folds
+                    )
+                rows.append(_row(k, feature, prop, prop_folds, counts, layout, ctrl))
                 if progress is not None:
                     progress("probes", len(rows), total)
     frame = pd.DataFrame(rows)
@@ -322,6 +383,7 @@ def probe_layers(
         "max_patches": max_patches,
         "C": C,
         "control": control,
+        "permuted_control": permuted_control,
         "n_states": layout.n_states,
         "projector_layer": layout.projector_layer,
         "layers": list(chosen),
@@ -422,20 +484,37 @@ class ProbeReport:
             "bottleneck": clean(self.bottleneck().to_dict("records")),
         }
 
+    def above_baseline(self) -> pd.DataFrame:
+        """Layers x `feature:property`: how far each accuracy climbs from the majority baseline toward 1,
+        `(accuracy - majority) / (1 - majority)`, clipped to [0, 1] (0: at or below the baseline)."""
+        acc, maj = self.table(), self.majority()
+        return ((acc - maj) / (1 - maj).clip(lower=1e-9)).clip(0.0, 1.0)
+
     def figure(self, title: str | None = None):
-        """Plotly heatmap, layers x `feature:property`, accuracy (0..1), the projector's layer outlined and
-        the majority baseline as a last row."""
+        """Plotly heatmap, layers x `feature:property`, coloured by the accuracy above the majority
+        baseline (`above_baseline`: a property at its baseline is dark whatever its raw accuracy), the
+        accuracy written in each cell, the projector's layer outlined and the baseline as a last row."""
         import plotly.graph_objects as go
 
         from cliviz.analyses.heatmaps import SEQUENTIAL
 
         acc, maj = self.table(), self.majority()
-        z = np.vstack([acc.to_numpy(), maj.to_numpy()[None]])  # [layers + 1, columns]: the baseline last
+        raw = np.vstack([acc.to_numpy(), maj.to_numpy()[None]])  # [layers + 1, columns]: the baseline last
+        z = np.vstack([self.above_baseline().to_numpy(), np.zeros((1, len(maj)))])
         labels = [f"V{k}" + (" (projector)" if k == self.projector_layer else "") for k in acc.index] + ["majority"]
-        text = [[f"{v:.2f}" for v in row] for row in z]
+        text = [[f"{v:.2f}" for v in row] for row in raw]
+        ctrl = self.table("control").max() if "control" in self.frame else None
         hover = [
-            [f"{c}<br>{name}: {v:.3f}<br>majority {maj[c]:.3f}" for c, v in zip(acc.columns, row)]
-            for name, row in zip(labels, z)
+            [
+                f"{c}<br>{name}: {v:.3f}<br>majority {maj[c]:.3f}"
+                + (
+                    f"<br>permuted-label control (best layer) {ctrl[c]:.3f}"
+                    if ctrl is not None and ctrl[c] == ctrl[c]
+                    else ""
+                )
+                for c, v in zip(acc.columns, row)
+            ]
+            for name, row in zip(labels, raw)
         ]
         fig = go.Figure(
             go.Heatmap(
@@ -450,7 +529,7 @@ class ProbeReport:
                 textfont={"size": 8},
                 hovertext=hover,
                 hoverinfo="text",
-                colorbar={"title": {"text": "accuracy"}},
+                colorbar={"title": {"text": "above majority<br>(0 baseline,<br>1 perfect)"}},
             )
         )
         if self.projector_layer in acc.index:

@@ -84,8 +84,18 @@ def result_table(result: dict, llm_layer: int, vision_layer: int, kind: str) -> 
                 ],
                 className="hint",
             ),
+            *_kind_note(kind),
         ],
     )
+
+
+def _kind_note(kind: str) -> list:
+    """Under a knockout: what renormalising means for reading the change (docs/design.md §3)."""
+    if kind != "knockout":
+        return []
+    from cliviz.analyses.ablations.report import RENORMALISE_NOTE
+
+    return [html.P(RENORMALISE_NOTE.capitalize(), className="hint knockout-note")]
 
 
 def ablate(backend: Backend, click: dict | None, store: dict | None, kind: str | None) -> tuple[Any, Any]:

@@ -34,14 +34,14 @@ def compact_images(fig) -> None:
             trace.z = None
 
 
-def attribution_figures(backend: Backend, store: dict | None, target: str | None = "logprob") -> dict[str, Any] | None:
+def attribution_figures(backend: Backend, store: dict | None, target: str | None = None) -> dict[str, Any] | None:
     """attr-store payload: per-step patch overlays and gate-cell maps plus the prompt-token strip, and
-    the words that go with them (method, target, saturation warnings)."""
-    from cliviz.analyses.attributions import METHOD_NAMES, TARGETS
+    the words that go with them (method, target; warnings about every map, and per answer token)."""
+    from cliviz.analyses.attributions import DEFAULT_TARGET, METHOD_NAMES, TARGETS
 
     if not store:
         return None
-    target = target if target in TARGETS else "logprob"
+    target = target if target in TARGETS else DEFAULT_TARGET
     try:
         trace = trace_from_dict(store["trace"])
         image = image_from_payload(store["image"])
@@ -69,16 +69,28 @@ def attribution_figures(backend: Backend, store: dict | None, target: str | None
         "method": f"{METHOD_NAMES[METHOD]} ({METHOD}), target {target}",
         "question": trace.meta.question,
         "description": result.description(),
-        "warnings": result.warnings(),
+        "warnings": result.general_warnings(),
+        "step_warnings": [result.step_warnings(s) for s in range(n_steps)],
     }
 
 
-def attribution_notes(payload: dict | None) -> Any:
-    """The attribution's description and warnings (e.g. a saturated log-prob), above its maps."""
+def _strings(value: Any) -> list[str]:
+    return [w for w in value if isinstance(w, str)] if isinstance(value, list) else []
+
+
+def attribution_notes(payload: dict | None, selection: Any = None) -> Any:
+    """The attribution's description and warnings above its maps: those about every map (untrained
+    gates), then those of the answer token shown — judged per token, so a saturated `<eos>` does not
+    mark a content token's maps (with "all answer tokens" selected: every token's)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("description"), str):
         return ""  # nothing asked yet, or a store this app never wrote
-    warnings = payload.get("warnings")
-    warnings = [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
+    warnings = _strings(payload.get("warnings"))
+    per_step = payload.get("step_warnings")
+    per_step = [_strings(w) for w in per_step] if isinstance(per_step, list) else []
+    if isinstance(selection, int) and not isinstance(selection, bool) and 0 <= selection < len(per_step):
+        warnings += per_step[selection]
+    else:  # "all answer tokens": the summed cell map covers every token
+        warnings += [w for ws in per_step for w in ws]
     items = [html.Div(payload["description"], className="map-note", id="attr-description")]
     items += [html.Div(w, className="map-note quiet attr-warning") for w in warnings]
     return items
@@ -115,7 +127,9 @@ def register(app: Dash, backend: Backend) -> None:
     def on_answer(store, target):
         return attribution_figures(backend, store, target)
 
-    app.callback(Output("attr-notes", "children"), Input("attr-store", "data"))(attribution_notes)
+    app.callback(Output("attr-notes", "children"), Input("attr-store", "data"), Input("selection-store", "data"))(
+        attribution_notes
+    )
 
     app.clientside_callback(
         PICK_JS,

@@ -114,10 +114,10 @@ def heatmap_panel() -> html.Div:
     )
 
 
-ATTRIBUTION_TARGETS = [  # (value, label): `analyses.attributions.TARGETS`
-    ("logprob", "log-prob (saturates when p ≈ 1)"),
-    ("logit", "logit"),
+ATTRIBUTION_TARGETS = [  # (value, label): `analyses.attributions.TARGETS`, the default (margin) first
     ("margin", "margin over the runner-up"),
+    ("logit", "logit"),
+    ("logprob", "log-prob (flat when p ≈ 1: gradient × input maps become noise)"),
 ]
 
 

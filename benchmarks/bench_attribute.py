@@ -44,7 +44,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cliviz.analyses.attributions import _hooks, _Runner, baseline_gates, integrated_gradients
+    from cliviz.analyses.attribution_compute import _hooks, _Runner, baseline_gates, integrated_gradients
     from cliviz.data import iter_samples
     from cliviz.inference import prepare_inputs
     from cliviz.tracing import trace

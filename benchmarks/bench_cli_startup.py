@@ -1,5 +1,7 @@
-"""Start-up cost of the command line: `cliviz --help` and a mistyped option, against importing
-torch + transformers (what every command paid before commands imported them lazily).
+"""Start-up cost of the command line: `cliviz --help`, a mistyped option, and the input errors that
+are checked before torch is imported (a missing image, a bad --kind / --method, a missing model
+folder; target: under 1 s on an idle machine), against importing torch + transformers (what every
+command paid before commands imported them lazily).
 
 Each variant runs as a fresh process (the console script of this environment), interleaved
 (A B C A B C ...), after one warm-up round that fills the OS file cache. Prints the median wall
@@ -22,9 +24,14 @@ from pathlib import Path
 
 def variants() -> dict[str, list[str]]:
     script = shutil.which("cliviz") or str(Path(sys.executable).with_name("cliviz"))
+    image = str(Path(__file__).resolve().parents[1] / "assets" / "examples" / "color.png")
     return {
         "cliviz --help": [script, "--help"],
         "cliviz trace --bogus (usage error)": [script, "trace", "--bogus"],
+        "cliviz attribute missing.png (no image)": [script, "attribute", "missing.png", "what ?"],
+        "cliviz attribute --method saliency": [script, "attribute", image, "what ?", "--method", "saliency"],
+        "cliviz ablate --kind melt": [script, "ablate", image, "what ?", "--kind", "melt"],
+        "cliviz attribute --model missing/": [script, "attribute", image, "what ?", "--model", "missing/"],
         "python -c 'import cliviz'": [sys.executable, "-c", "import cliviz"],
         "python -c 'import torch, transformers'": [sys.executable, "-c", "import torch, transformers"],
     }
@@ -49,10 +56,10 @@ def main() -> None:
         for name, cmd in cmds.items():
             times[name].append(run_once(cmd))
     ref = statistics.median(times["python -c 'import torch, transformers'"])
-    print(f"{'variant':42s} {'median s':>9s} {'min s':>7s} {'vs torch+transformers':>22s}")
+    print(f"{'variant':44s} {'median s':>9s} {'min s':>7s} {'vs torch+transformers':>22s}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:42s} {med:9.3f} {min(ts):7.3f} {med / ref:21.2f}x")
+        print(f"{name:44s} {med:9.3f} {min(ts):7.3f} {med / ref:21.2f}x")
 
 
 if __name__ == "__main__":

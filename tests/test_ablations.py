@@ -15,6 +15,7 @@ from cliviz.data import iter_samples
 from cliviz.errors import CLIVizError
 
 from conftest import EXAMPLES, assert_clean_error, build_tiny, run_cli
+from oracles import naive_knockout_grid
 
 NUM = ["logprob_ref", "logprob_own", "logprob_ref_seq"]
 
@@ -106,7 +107,7 @@ def test_batched_grid_equals_naive_loop(cli_model, data, tokens):
     model, tok = cli_model
     images, questions, refs, qtypes = data
     batched = A.knockout_grid(model, tok, images, questions, refs, qtypes=qtypes, max_batch=7, tokens=tokens)
-    naive = A.naive_knockout_grid(model, tok, images, questions, refs, qtypes=qtypes, tokens=tokens)
+    naive = naive_knockout_grid(model, tok, images, questions, refs, qtypes=qtypes, tokens=tokens)
     keys = ["condition", "qtype", "metric"]
     joined = batched.merge(naive, on=keys, suffixes=("_b", "_n"), validate="one_to_one")
     assert len(joined) == len(batched) == len(naive)
@@ -253,17 +254,25 @@ def test_cli_single_image_grid_and_json(random_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
-    assert payload["n_conditions"] == 19 and payload["reference_accuracy"] == 1.0  # own answer = reference
+    n_cells = 1 + 3 * 6  # reference + L x K knockouts of the tiny model (3 injection layers, 6 vision layers)
+    assert payload["n_conditions"] == n_cells + 3 and payload["reference_accuracy"] == 1.0  # + injection off per layer
     assert len(payload["largest_effects"]) == 10 and payload["faithfulness"]
     frame = pd.read_parquet(out)  # plain pandas
     assert {"condition", "llm_layer", "vision_layer", "qtype", "metric", "value", "ci_low", "ci_high"} <= set(
         frame.columns
     )
-    assert frame["condition"].nunique() == 19
+    assert frame["condition"].nunique() == n_cells + 3
+    assert len(payload["off_explains"]) == 3 and payload["per_type"]
     page = (tmp_path / "grid.html").read_text()
     assert "Plotly.newPlot" in page and "flip rate" in page
+    assert "renormalises the remaining gates" in page and "what color is the triangle ?" in page  # note, question
+    assert "<title>Knockout grid" in page and "injection off explains" in page
     report = pd.read_csv(tmp_path / "grid.faithfulness.csv")
-    assert list(report.columns) == ["qtype", "effect", "rho", "p_value", "n_cells"]
+    assert list(report.columns) == ["qtype", "effect", "rho", "p_value", "p_holm", "n_cells"]
+    from cliviz.intervals import holm
+
+    np.testing.assert_allclose(report["p_holm"], holm(report["p_value"]), equal_nan=True)
+    assert (report["p_holm"].dropna() >= report["p_value"].dropna()).all()
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
 
 
@@ -289,6 +298,7 @@ def test_cli_data_rich_summary(random_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "injection_off L1,2" in proc.stdout and "largest effects" in proc.stdout
+    assert "per question type" in proc.stdout  # flips and Δ log-prob per type, no pandas pivot needed
     frame = pd.read_parquet(out)
     assert set(frame["condition"]) == {"reference", "injection_off L1,2"} and (frame["n"] <= 4).all()
 
@@ -326,11 +336,13 @@ def test_cli_bad_inputs(args, needle, tmp_path, random_model_dir):
 def test_run_grid_is_the_knockout_grid_with_its_faithfulness(cli_model, data, tmp_path):
     model, tok = cli_model
     images, questions, refs, qtypes = data
-    report = A.run_grid(model, tok, images, questions, refs, qtypes=qtypes, max_batch=7, seed=3)
+    samples = A.StudySamples(images, questions, refs, qtypes)
+    report = A.run_grid(model, tok, samples, max_batch=7, seed=3)
     grid = A.knockout_grid(model, tok, images, questions, refs, qtypes=qtypes, max_batch=7, seed=3)
-    pd.testing.assert_frame_equal(report.effects, grid)
+    cells = report.effects[report.effects["vision_layer"].notna() | (report.effects["condition"] == A.REFERENCE)]
+    pd.testing.assert_frame_equal(cells.reset_index(drop=True), grid)  # the grid cells are the knockout grid's
     pd.testing.assert_frame_equal(report.faithfulness, A.faithfulness(grid))
-    assert report.is_grid and report.n_samples == 4 and len(report.conditions) == 19
+    assert report.is_grid and report.n_samples == 4 and len(report.conditions) == 19 + 3
     top = report.largest_effects(5)
     assert len(top) == 5 and top["delta_logprob_ref"].abs().is_monotonic_decreasing
     assert not report.has_ci and top[["ci_low", "ci_high"]].isna().all().all()  # 4 < MIN_CI_SAMPLES
@@ -339,62 +351,40 @@ def test_run_grid_is_the_knockout_grid_with_its_faithfulness(cli_model, data, tm
     pd.testing.assert_frame_equal(pd.read_parquet(paths["effects"]), report.effects)
 
 
-def test_study_conditions_default_knockout_sweeps_every_vision_layer(cli_model):
-    model, _ = cli_model
-    conditions = A.study_conditions(model)
-    assert conditions[0] is None
-    assert [a.vision_layers for a in conditions[1:]] == [[k] for k in model.config.vision_layers]
-    assert all(a.kind == "knockout" and a.llm_layers is None for a in conditions[1:])
-    assert [a.label for a in A.study_conditions(model, "injection_off", [2])[1:]] == ["injection_off L2"]
+def test_off_explains_is_the_injection_off_harm_over_the_cell_harm(cli_model, data):
+    """On the bundled staged model, whose glyph answers need the injection (README: L3 x V1)."""
+    from cliviz.analyses.ablations.report import HARM_FLOOR
+    from cliviz.model.loading import load_model
+
+    model, tok = load_model("cli-staged-tiny", device="cpu", dtype="float32")
+    glyphs = [s for s in iter_samples(60, seed=11) if s.qtype == "glyph"][:4]
+    samples = A.StudySamples([s.image for s in glyphs], [s.question for s in glyphs], [s.answer for s in glyphs])
+    report = A.run_grid(model, tok, samples, max_batch=32)
+    share = report.off_explains()
+    cells = A.grid_matrix(report.effects, model.config, metric="delta_logprob_ref")
+    off = report.off_rows()
+    assert share.shape == cells.shape and len(off) == len(model.config.injection_layers)
+    for i, layer in enumerate(model.config.injection_layers):
+        for k in range(cells.shape[1]):
+            if -cells[i, k] > HARM_FLOOR:
+                assert share[i, k] == pytest.approx(min(max(off[layer] / cells[i, k], 0.0), 1.0))
+            else:
+                assert np.isnan(share[i, k])
+    assert np.isfinite(share).any()  # some knockout harms the glyph answers
 
 
-def test_cli_default_kind_and_out_need_no_options(random_model_dir, tmp_path):
-    """`cliviz ablate IMG "Q"` runs as is: a knockout per vision layer, written to a default path that
-    is printed and never overwritten; one sample prints no confidence interval."""
-    args = ("ablate", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir))
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    first = tmp_path / "color.ablation.parquet"
-    assert "color.ablation.parquet" in proc.stdout and "default --out" in proc.stdout
-    assert "95% CI" not in proc.stdout and "no confidence intervals: 1 sample" in proc.stdout
-    frame = pd.read_parquet(first)
-    n_vision = len(build_tiny("cli")[0].config.vision_layers)
-    assert frame["condition"].nunique() == n_vision + 1 and frame["vision_layer"].dropna().nunique() == n_vision
-    before = first.read_bytes()
-    again = run_cli(*args, "--kind", "injection_off", "--json", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["out"] == "color.ablation-2.parquet"
-    assert first.read_bytes() == before and (tmp_path / "color.ablation-2.parquet").is_file()
-
-
-def test_cli_prints_confidence_intervals_when_the_samples_allow(random_model_dir, tmp_path):
-    from cliviz.data import write_dataset
-
-    write_dataset(tmp_path / "d", A.MIN_CI_SAMPLES, seed=4)
-    proc = run_cli(
-        "ablate",
-        "--data",
-        str(tmp_path / "d"),
-        "--kind",
-        "injection_off",
-        "--model",
-        str(random_model_dir),
-        "--out",
-        str(tmp_path / "off.parquet"),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "95% CI" in proc.stdout and "no confidence intervals" not in proc.stdout
-
-
-def test_padding_id_changes_nothing(cli_model, data, monkeypatch):
-    """The engine pads with `processing.pad_id` (pad, else eos); padding is masked, so any id gives
-    the same scores — rows of different lengths share every chunk here."""
-    from cliviz.model import processing
-
+def test_per_type_and_presets(cli_model, data):
     model, tok = cli_model
-    images, questions, refs, qtypes = data
-    conditions = [None, A.Ablation("knockout", [2], [3]), A.Ablation("patch", [1]), A.Ablation("mean", [3])]
-    padded = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
-    monkeypatch.setattr(processing, "pad_id", lambda tokenizer: tok.convert_tokens_to_ids("red"))
-    other = A.score_conditions(model, tok, images, questions, refs, conditions, qtypes=qtypes, max_batch=16)
-    assert (padded[NUM] - other[NUM]).abs().max().max() < 1e-6 and (padded["answer"] == other["answer"]).all()
+    samples = A.StudySamples(*data)
+    report = A.run_injection_off(model, tok, samples)
+    per = report.per_type()
+    assert set(per["qtype"]) == {A.ALL, *data[3]} and per["qtype"].iloc[0] == A.ALL
+    scores = report.scores[report.scores["condition"] != A.REFERENCE]
+    for q, rows in scores.groupby("qtype"):
+        row = per[per["qtype"] == q].iloc[0]
+        assert row["flip_rate"] == pytest.approx(rows["flipped"].mean())
+        assert row["delta_logprob_ref"] == pytest.approx(rows["delta_logprob_ref"].mean())
+    assert not report.is_grid and report.off_explains() is None
+    same = A.run_study(model, tok, samples, [None, A.Ablation("injection_off")])
+    pd.testing.assert_frame_equal(same.effects, report.effects)
+    assert "Ablation study" in report._repr_html_()

@@ -137,6 +137,7 @@ def test_cell_click_runs_single_cell_ablation(backend, asked):
     assert cell == {"llm_layer": llm, "vision_layer": vision}
     text = json.dumps(table.to_plotly_json(), default=str)
     assert f"L{llm} \\u00d7 V{vision} knocked out" in text and trace.answer_texts[0] in text
+    assert "renormalises the remaining gates" in text  # a knockout cell is not a layer's importance
     bad, cell = callbacks_ablation.ablate(backend, {"points": [{"x": "V99", "y": f"L{llm}"}]}, store, "knockout")
     assert cell is no_update and "not a gate cell" in bad.children
 
@@ -175,8 +176,24 @@ def test_attribution_panel_names_method_target_and_saturation():
     )
     assert "saturated answer" in notes and "margin" in notes
     margin = callbacks_attribution.attribution_figures(bundled, store, "margin")
-    assert margin["warnings"] == [] and "runner-up" in margin["description"]
-    assert callbacks_attribution.attribution_figures(bundled, store, "bogus")["method"].endswith("target logprob")
+    assert margin["warnings"] == [] and margin["step_warnings"] == [[]] * len(margin["words"])
+    assert "runner-up" in margin["description"]
+    assert callbacks_attribution.attribution_figures(bundled, store, "bogus")["method"].endswith("target margin")
+    assert callbacks_attribution.attribution_figures(bundled, store)["method"].endswith("target margin")  # default
+
+
+def test_attribution_warnings_are_judged_per_answer_token():
+    """A saturated `<eos>` (step 1) does not mark the content token's (step 0) maps."""
+    from cliviz.app import callbacks_attribution
+
+    payload = {"description": "d", "warnings": ["untrained"], "step_warnings": [[], ["eos saturated"]]}
+
+    def shown(selection):
+        return [n.children for n in callbacks_attribution.attribution_notes(payload, selection)][1:]
+
+    assert shown(0) == ["untrained"]
+    assert shown(1) == ["untrained", "eos saturated"]
+    assert shown("answer") == ["untrained", "eos saturated"]  # all tokens: every token's warnings
 
 
 def test_bad_model_or_trace_file_is_one_clear_error(tmp_path, random_model_dir):

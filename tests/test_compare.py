@@ -78,10 +78,18 @@ def test_compare_command(saved_models, tmp_path):
     table = pd.DataFrame(result["accuracy"])
     assert set(table.model) == {"cli-0", "cli-1", "projector-0"}
     assert (table.groupby("model").size() == 8).all()  # 7 question types + overall
+    from cliviz.intervals import wilson_interval
+
+    for r in table.itertuples():  # every accuracy carries its 95% Wilson interval
+        assert (r.ci_low, r.ci_high) == pytest.approx(wilson_interval(round(r.accuracy * r.n), r.n))
+        assert r.ci_low <= r.accuracy <= r.ci_high
+    assert (table.groupby("model")["qtype"].last() == "overall").all()
     stability = pd.DataFrame(result["stability"])
     assert set(zip(stability.model_a, stability.model_b)) == {("cli-0", "cli-1")}
     assert not stability.same_seed.any()  # seeds 0 and 1, read from training_summary.json
     assert (tmp_path / "cmp" / "compare.csv").is_file() and (tmp_path / "cmp" / "compare.html").is_file()
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "<title>Comparison of cli-0, cli-1, projector-0 on" in page and "Wilson" in page and "95% CI" in page
     assert_clean_error(run_cli("compare", "--data", str(tmp_path / "nodata"), "--models", str(dirs[0])), "not found")
 
 
@@ -132,5 +140,9 @@ def test_compare_progress_counts_all_the_work_and_prints_summary_rows(saved_mode
     assert proc.returncode == 0, proc.stderr
     assert "comparing" in proc.stderr and "/62" in proc.stderr
     assert ALL_TYPES in proc.stdout and "per pair" in proc.stdout
+    accuracy_part = proc.stdout.split("gate-map stability", 1)[0]
+    types = [q for q in ("color", "count", "glyph", "position", "relation", "shape", "size") if q in accuracy_part]
+    assert len(types) >= 5 and all(accuracy_part.index("overall") > accuracy_part.index(q) for q in types)
+    assert "95% Wilson interval" in accuracy_part  # "overall" sorts last, and the intervals are named
     pairs_part = proc.stdout.split("per pair", 1)[1]
     assert any("cli-0" in line and "cli-1" in line and "different" in line for line in pairs_part.splitlines())

@@ -15,7 +15,7 @@ from conftest import assert_clean_error, build_tiny, run_cli
 
 torch.set_num_threads(1)
 
-SMALL = {"folds": 2, "max_patches": 400, "seed": 0}
+SMALL = {"folds": 2, "max_patches": 400, "seed": 0, "permuted_control": False}  # the control: its own test
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,32 @@ def test_patch_and_image_tasks_hold_whole_scenes(scenes):
         for lab, i in zip(t.labels, t.rows):
             obj = next(o for o in scenes[i].objects if o.color == t.subset)
             assert lab == ("left" if obj.x < 32 else "right")
+
+
+def test_object_cells_and_tokens_are_the_named_objects(tiny, scenes):
+    from cliviz.analyses.probe_labels import PatchSample, image_tasks, object_cells, select_properties
+    from cliviz.analyses.probes import TowerLayout, vision_states
+    from cliviz.data.scenes import COLORS, grid_labels
+    from cliviz.model.processing import image_inputs
+
+    objects = object_cells(scenes, 8)
+    assert len(objects.image) == sum(len(s.objects) for s in scenes)
+    r = objects.row(3, 0)
+    colour = grid_labels(scenes[3], 8)["color"].reshape(-1)
+    assert set(objects.cells[r]) == set(np.flatnonzero(colour == list(COLORS).index(scenes[3].objects[0].color) + 1))
+    for t in image_tasks(scenes, select_properties("image:x"), objects):
+        for i, o in zip(t.rows, t.objects):
+            assert objects.image[o] == i and scenes[i].objects[objects.index[o]].color == t.subset
+    layout = TowerLayout.of(tiny)
+    empty = PatchSample(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    states = vision_states(tiny, scenes[:5], layout, [2], empty, batch_size=2, objects=object_cells(scenes[:5], 8))
+    with torch.no_grad():
+        hs = tiny.encode_images(**image_inputs([s.image for s in scenes[:5]], tiny.config).to_model("cpu", tiny.dtype))
+    tokens = hs.hidden_states[2][:, 1:].float().numpy()  # [5, 64, D] without CLS
+    small = object_cells(scenes[:5], 8)
+    for row in range(len(small.image)):
+        want = tokens[small.image[row], small.cells[row]].mean(0)
+        np.testing.assert_allclose(states.objects[2][row], want, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -182,14 +208,26 @@ def test_a_projector_layer_outside_the_tower_is_refused(tiny, scenes):
 def test_report_shape_baselines_and_projector_layer(tiny, scenes):
     from cliviz.analyses.probes import probe_layers
 
-    report = probe_layers(tiny, scenes, **SMALL)
+    report = probe_layers(tiny, scenes, **{**SMALL, "permuted_control": True})
     f = report.frame
     n_states = tiny.config.base_config.vision_config.num_hidden_layers + 1
-    per_layer = 5 + 7 * 2  # patch properties + image properties x (mean, cls): the tiny tower has a CLS token
+    # patch properties + image properties x (mean, cls) (the tiny tower has a CLS token) + the five
+    # object properties (colour, shape, side, top/bottom, size) from the named object's own patches
+    per_layer = 5 + 7 * 2 + 5
     assert len(f) == n_states * per_layer and sorted(f.layer.unique()) == list(range(n_states))
     assert f.accuracy.between(0, 1).all() and f.majority.between(0, 1).all()
     assert np.allclose(f.chance, 1 / f.n_classes)
     assert (f.groupby(["feature", "property"]).majority.nunique() == 1).all()  # same labels, same folds
+    assert set(f[f.feature == "object"].property) == {"color", "shape", "x", "y", "size"}
+    image = f[f.level == "image"]
+    assert image.control.notna().all() and f[f.level == "patch"].control.isna().all()
+    # the permuted-label control reads nothing: never clearly above its baseline (on 40 scenes it often
+    # falls below it, by up to 0.24 measured)
+    assert (image.control - image.majority).max() < 0.15
+    above = report.above_baseline()
+    assert above.min().min() >= 0 and above.max().max() <= 1
+    fig = report.figure("t")
+    np.testing.assert_allclose(fig.data[0].z[:-1], above.to_numpy())  # colour = above the baseline
     assert f.loc[f.projector, "layer"].unique().tolist() == [n_states - 2]  # vision_feature_layer = -2
     table = report.table()
     assert table.shape == (n_states, per_layer) and list(table.columns) == report.columns
@@ -221,9 +259,14 @@ def test_a_tower_blind_to_pixels_knows_only_where(scenes):
     model = build_tiny("cli", seed=1)[0]
     with torch.no_grad():
         model.base.model.vision_tower.embeddings.patch_embedding.weight.zero_()
-    report = probe_layers(model, scenes, properties="patch:position,patch:color,patch:digit,image:count", **SMALL)
+    report = probe_layers(
+        model, scenes, properties="patch:position,patch:color,patch:digit,image:count,image:x", **SMALL
+    )
     acc, maj = report.table(), report.majority()
     assert (acc["patch:position"] > maj["patch:position"] + 0.4).all()
+    # the object's side: its own patches say where it is; a mean over the whole image cannot
+    assert (acc["object:x"] > maj["object:x"] + 0.2).all()  # measured 0.84-0.88 vs 0.58
+    assert np.allclose(acc["mean:x"], maj["mean:x"]) and (report.above_baseline()["mean:x"] == 0).all()
     assert (acc["patch:color"] < maj["patch:color"] + 0.05).all()
     exact = ["patch:digit", "mean:count", "cls:count"]
     assert np.allclose(acc[exact].to_numpy(), np.broadcast_to(maj[exact].to_numpy(), acc[exact].shape))

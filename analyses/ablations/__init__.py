@@ -36,15 +36,17 @@ Token sets (`Ablation.tokens`): ``all`` (every real token), ``prompt`` (`<bos>` 
 words), ``image`` (image placeholders), ``answer`` (the position(s) whose output predicts the
 answer: the last prompt token, then each fed answer token but the last).
 
-One call for a whole study: `run_study` (conditions over samples) and `run_grid` (every
-knockout cell, with faithfulness) return an `AblationReport` (scores, effects, largest effects,
-atomic writes) — what `cliviz ablate` runs (`report`).
+One entry point for a whole study: `run_study(model, tok, samples, conditions)` returns an
+`AblationReport` (scores, effects, per-type flips, largest effects, renders itself, atomic writes) —
+what `cliviz ablate` runs (`report`). Presets are `functools.partial`s of it: `run_grid` (every
+knockout cell plus each LLM layer's injection off, with faithfulness), `run_injection_off`.
 
 What comes back: `score_conditions` gives teacher-forced scores per (sample, condition) (see
 `cliviz.intervene.measures`); `effects_frame` / `knockout_grid` reduce them to tidy effects with bootstrap CIs
 (`effects`); `faithfulness` asks whether the cells the gates weigh most are the ones whose removal
 hurts most. All conditions of a study run together in a few batched forwards that share the
-unablated prefix (`cliviz.intervene.engine`), equal to the one-forward-per-condition loop (`naive_knockout_grid`).
+unablated prefix (`cliviz.intervene.engine`), equal to the one-forward-per-condition loop the tests keep as their
+oracle (`tests/oracles.py`).
 
 The engine lives in the library, `cliviz.intervene` (`spec`, `layout`, `interventions`, `engine`,
 `measures`, `scoring`); this package keeps what is built on it: `effects` and `faithfulness` (what
@@ -52,10 +54,11 @@ users call) → `report` (one study, one call). Its names are re-exported here.
 
 Example::
 
-    from cliviz.analyses.ablations import Ablation, score_conditions, knockout_grid
-    scores = score_conditions(model, tok, images, questions, answers,
-                              [None, Ablation("knockout", llm_layers=[2], vision_layers=[3])])
-    grid = knockout_grid(model, tok, images, questions, answers, qtypes=qtypes)
+    from cliviz.analyses.ablations import Ablation, StudySamples, run_grid, run_study
+    samples = StudySamples(images, questions, answers, qtypes)
+    report = run_study(model, tok, samples, [None, Ablation("knockout", llm_layers=[2], vision_layers=[3])])
+    report.per_type()                     # flips and Δ log-prob per question type
+    grid = run_grid(model, tok, samples)  # + faithfulness (Holm-corrected) and off_explains()
 """
 
 from cliviz.analyses.ablations.effects import (
@@ -65,15 +68,19 @@ from cliviz.analyses.ablations.effects import (
     grid_matrix,
     knockout_grid,
     metric_label,
-    naive_knockout_grid,
 )
 from cliviz.analyses.ablations.faithfulness import faithfulness
 from cliviz.analyses.ablations.report import (
+    KNOCKOUT_NOTE,
     MIN_CI_SAMPLES,
     AblationReport,
+    StudySamples,
     grid_figure,
+    grid_study_conditions,
+    injection_off_conditions,
     report_paths,
     run_grid,
+    run_injection_off,
     run_study,
     study_conditions,
 )
@@ -103,7 +110,6 @@ __all__ = [
     "effects_frame",
     "grid_conditions",
     "knockout_grid",
-    "naive_knockout_grid",
     "grid_matrix",
     "single_cell",
     "faithfulness",
@@ -115,6 +121,11 @@ __all__ = [
     "MIN_CI_SAMPLES",
     "run_study",
     "run_grid",
+    "run_injection_off",
+    "StudySamples",
+    "KNOCKOUT_NOTE",
+    "grid_study_conditions",
+    "injection_off_conditions",
     "study_conditions",
     "report_paths",
     "grid_figure",

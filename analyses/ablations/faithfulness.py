@@ -6,6 +6,11 @@ grid twice — by their unablated gate mass at the answer positions, and by the 
 out does (a lower log-prob, flips, lost accuracy) — and reports the Spearman rank correlation,
 per question type and overall. High gate mass with no effect means the gate's choice is not used:
 faithfulness must be measured, not assumed.
+
+The report holds many p-values at once (four effects per question type, over cells that are not
+independent: one LLM layer's cells share a softmax), so each row also carries `p_holm`, the
+Holm–Bonferroni adjusted p-value over every test of the report (`cliviz.intervals.holm`): read
+`p_holm < 0.05` as significant, not the raw `p_value`.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def faithfulness(grid_frame: pd.DataFrame, gate_mass_frame: pd.DataFrame | None 
     `heatmaps.gate_matrix_frame(mean_gate_matrix(traces), ...)`). Effects are oriented as harm
     (drop_logprob_ref = -delta_logprob_ref, flip_rate, drop_accuracy, ...): rho > 0 means the cells
     the gates weigh most are the ones the answer depends on most. Columns: qtype, effect, rho,
-    p_value, n_cells.
+    p_value, p_holm (Holm-adjusted over every row of this frame), n_cells.
     """
     cells = grid_frame[
         grid_frame["llm_layer"].notna() & grid_frame["vision_layer"].notna() & grid_frame["metric"].isin(list(_HARM))
@@ -98,4 +103,11 @@ def faithfulness(grid_frame: pd.DataFrame, gate_mass_frame: pd.DataFrame | None 
                 continue
             rho, p = _spearman(joined["gate_mass"].to_numpy(float), sign * joined["value"].to_numpy(float))
             rows.append({"qtype": q, "effect": effect, "rho": rho, "p_value": p, "n_cells": len(joined)})
-    return pd.DataFrame(rows, columns=["qtype", "effect", "rho", "p_value", "n_cells"])
+    from cliviz.intervals import holm
+
+    frame = pd.DataFrame(rows, columns=["qtype", "effect", "rho", "p_value", "n_cells"])
+    frame.insert(4, "p_holm", holm(frame["p_value"].to_numpy(float)) if len(frame) else [])
+    return frame
+
+
+CORRECTION = "Holm–Bonferroni over every test of the report"

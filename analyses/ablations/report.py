@@ -1,16 +1,31 @@
-"""One ablation study as one call: conditions scored over samples, effects, and for a grid its extras.
+"""One ablation study as one call: `run_study(model, tok, samples, conditions) -> AblationReport`.
 
-`run_study` is what `cliviz ablate` runs and what a notebook calls for the same result: it scores
-the conditions (`scoring`), reduces them to tidy effects with bootstrap CIs (`effects`) and, for a
-knockout grid (`run_grid`), adds the faithfulness report and an interactive heatmap page. The
-`AblationReport` it returns knows how to show its largest effects and writes its files atomically
-(`cliviz.atomic`). A percentile bootstrap over fewer than `MIN_CI_SAMPLES` samples has too few
-distinct resamples to mean "95%" (one sample gives an interval of zero width), so reports say
-whether their CIs are worth showing (`AblationReport.has_ci`) instead of printing degenerate ones.
+`run_study` is the one entry point (what `cliviz ablate` runs and what a notebook calls): it scores
+the conditions over the samples (`scoring`), reduces them to tidy effects with bootstrap CIs
+(`effects`) and, when the conditions hold the knockout grid, adds the faithfulness report. Studies
+people run often are presets, `functools.partial`s of it (TransformerLens' `patching.py` style):
+`run_grid` (every knockout cell plus each LLM layer's injection off), `run_injection_off`. The
+`AblationReport` it returns renders itself — per-question-type flips and Δ log-prob, the grid with
+the share of each cell's harm that switching its LLM layer's injection off explains, a heatmap page
+— and writes its files atomically (`cliviz.atomic`).
+
+Why the injection-off row sits beside the grid: a knockout sets one gate to 0 and *renormalises*
+the others (`spec`), so the LLM layer reads more from the other vision layers. A knockout cell is
+therefore not "that vision layer's importance": part of its harm can come from the reads that
+renormalisation inflates. Switching the layer's injection off removes everything that layer reads
+and inflates nothing; `AblationReport.off_explains()` is, per cell, the injection-off harm over the
+knockout harm (clipped to [0, 1]): near 1, removing the layer's injection does as much harm as the
+knockout (the vision layer's own contribution can explain it); near 0, the harm comes with the
+renormalisation, not from losing what that vision layer gave.
+
+A percentile bootstrap over fewer than `MIN_CI_SAMPLES` samples has too few distinct resamples
+to mean "95%" (one sample gives an interval of zero width), so reports say whether their CIs are
+worth showing (`AblationReport.has_ci`) instead of printing degenerate ones.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,13 +35,47 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cliviz.analyses.ablations.effects import METRIC_LABELS, effects_frame, grid_matrix
+from cliviz.analyses.ablations.effects import effects_frame, grid_matrix
 from cliviz.analyses.ablations.faithfulness import faithfulness
 from cliviz.atomic import atomic_file, atomic_write_bytes
 from cliviz.intervene.scoring import score_with_gate_mass
 from cliviz.intervene.spec import ALL, REFERENCE, Ablation, check_conditions, grid_conditions
 
 MIN_CI_SAMPLES = 10  # fewer samples: the bootstrap CI is not reported as a 95% interval
+HARM_FLOOR = 1e-3  # |Δ log-prob| below this is no harm to explain: `off_explains` gives NaN there
+RENORMALISE_NOTE = (
+    "knockout sets the cell's gate to 0 and renormalises the remaining gates of that LLM layer, so a "
+    "cell's harm is not that vision layer's importance: part of it can come from the other reads growing."
+)
+KNOCKOUT_NOTE = (
+    RENORMALISE_NOTE + " 'off explains' = the harm of switching that LLM layer's injection off / the cell's harm "
+    "(clipped to 0..1)."
+)
+
+
+@dataclass
+class StudySamples:
+    """What a study runs on: images and questions, with optional reference answers (None: the model's
+    own unablated answer) and question types (for per-type effects)."""
+
+    images: Sequence[Image.Image]
+    questions: Sequence[str]
+    references: Sequence[str | None] | None = None
+    qtypes: Sequence[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    @classmethod
+    def from_records(cls, records) -> StudySamples:
+        """From `cliviz.data` records (`read_jsonl(...).records`, `iter_samples(...)`): image, question,
+        answer, qtype."""
+        from cliviz.inputs import load_image
+
+        records = list(records)
+        images = [r.image if getattr(r, "image", None) is not None else load_image(r.image_path) for r in records]
+        qtypes = [r.qtype for r in records]
+        return cls(images, [r.question for r in records], [r.answer for r in records], qtypes if any(qtypes) else None)
 
 
 @dataclass
@@ -43,6 +92,14 @@ class AblationReport:
     faithfulness: pd.DataFrame | None
     injection_layers: list[int]
     vision_layers: list[int]
+    model_name: str = ""
+
+    @property
+    def subject(self) -> str:
+        """What the study ran on, for titles: the model and the question (one sample) or the sample count."""
+        qs = self.scores["question"].unique() if "question" in self.scores else []
+        what = f"'{qs[0]}'" if len(qs) == 1 else f"{self.n_samples} samples"
+        return f"{Path(self.model_name).name or 'model'}, {what}"
 
     @property
     def is_grid(self) -> bool:
@@ -77,6 +134,61 @@ class AblationReport:
         wide = wide.reindex(wide["delta_logprob_ref"].abs().sort_values(ascending=False).index)
         return wide if top is None else wide.head(top)
 
+    def per_type(self) -> pd.DataFrame:
+        """Flip rate and Δ log-prob of the reference answer per condition and question type (with `all`),
+        one row each: condition, qtype, n, flip_rate, delta_logprob_ref, accuracy."""
+        e = self.effects[self.effects["condition"] != REFERENCE]
+        wide = e.pivot_table(
+            index=["condition", "qtype"], columns="metric", values="value", aggfunc="first", sort=False
+        )
+        n = e.groupby(["condition", "qtype"], sort=False)["n"].first()
+        wide = wide.join(n).reset_index()
+        wide.columns.name = None
+        keep = ["condition", "qtype", "n", "flip_rate", "delta_logprob_ref", "accuracy"]
+        wide = wide[[c for c in keep if c in wide.columns]]
+        order = {q: i for i, q in enumerate([ALL] + sorted(q for q in wide["qtype"].unique() if q != ALL))}
+        return wide.sort_values("qtype", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+    def off_rows(self) -> pd.DataFrame:
+        """Δ log-prob of the reference answer when one LLM layer's injection is off, per layer (qtype `all`)."""
+        e = self.effects
+        off = e[
+            (e["metric"] == "delta_logprob_ref")
+            & (e["qtype"] == ALL)
+            & e["condition"].str.startswith("injection_off")
+            & e["llm_layer"].notna()
+        ]
+        return off.set_index(off["llm_layer"].astype(int))["value"]
+
+    def off_explains(self) -> np.ndarray | None:
+        """Per grid cell `[L, K]`: the harm of switching that LLM layer's injection off over the harm of
+        the knockout (both as −Δ log-prob of the reference answer), clipped to [0, 1]; NaN where the
+        knockout does no harm (|Δ| < HARM_FLOOR). None without a grid or its injection-off rows."""
+        if not self.is_grid:
+            return None
+        off = self.off_rows()
+        if off.empty:
+            return None
+        cells = grid_matrix(self.effects, self.vision_layers, self.injection_layers, "delta_logprob_ref")
+        off_col = np.array([off.get(i, np.nan) for i in self.injection_layers], dtype=float)[:, None]  # [L, 1]
+        harm, off_harm = -cells, -off_col
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.clip(off_harm / harm, 0.0, 1.0)
+        share[~(harm > HARM_FLOOR)] = np.nan
+        return share
+
+    def render(self, top: int = 10):
+        """The report as rich renderables: largest effects, per-type flips and Δ log-prob, and for a grid
+        the cells with the injection-off share and the faithfulness table (Holm-corrected p)."""
+        from cliviz.analyses.ablations.display import report_renderables
+
+        return report_renderables(self, top)
+
+    def _repr_html_(self) -> str:
+        from cliviz.analyses.ablations.display import report_html
+
+        return report_html(self)
+
     def outputs(self, out: str | os.PathLike) -> dict[str, Path]:
         """The files `write(out)` makes: effects (Parquet) and, for a grid, html and faithfulness CSV."""
         return report_paths(out, grid=self.is_grid)
@@ -87,12 +199,18 @@ class AblationReport:
         with atomic_file(paths["effects"], "effects file") as fh:
             self.effects.to_parquet(fh, index=False)
         if self.is_grid:
-            page = grid_figure(self.effects, self.vision_layers, self.injection_layers)
-            atomic_write_bytes(paths["html"], page.to_html(include_plotlyjs=True, full_html=True).encode(), "html file")
+            atomic_write_bytes(paths["html"], self.grid_page().encode(), "html file")
             atomic_write_bytes(
                 paths["faithfulness"], self.faithfulness.to_csv(index=False).encode(), "faithfulness report"
             )
         return paths
+
+    def grid_page(self, title: str | None = None) -> str:
+        """The grid's self-contained HTML page: a title naming the question(s) and model, the knockout
+        note, the grid heatmap (metric menu) and the injection-off share per cell."""
+        from cliviz.analyses.ablations.display import grid_page
+
+        return grid_page(self, title)
 
 
 def report_paths(out: str | os.PathLike, *, grid: bool) -> dict[str, Path]:
@@ -105,39 +223,42 @@ def report_paths(out: str | os.PathLike, *, grid: bool) -> dict[str, Path]:
     return paths
 
 
+Conditions = Sequence[Ablation | None] | Callable[..., Sequence[Ablation | None]]
+
+
 def run_study(
     model,
     tokenizer,
-    images: Sequence[Image.Image],
-    questions: Sequence[str],
-    references: Sequence[str | None] | None,
-    conditions: Sequence[Ablation | None],
+    samples: StudySamples,
+    conditions: Conditions,
     *,
-    qtypes: Sequence[str | None] | None = None,
-    grid: bool = False,
     max_batch: int = 256,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> AblationReport:
-    """Score `conditions` (None = the unablated run, which must be among them) over the samples and
-    reduce them to effects; `grid=True` (single-cell knockouts) adds the faithfulness report.
-    `progress(n)` hears of every n (sample, condition) rows done, `len(questions) * len(conditions)`
-    in all (the unablated rows are the reference pass). Example::
+    """Score `conditions` over `samples` and reduce them to effects: the one ablation entry point.
 
-        report = run_study(model, tok, images, questions, answers,
-                           [None, Ablation("injection_off")], qtypes=qtypes)
-        report.largest_effects()
+    `conditions`: a list (None = the unablated run, which must be among them) or a function
+    `model -> list` (the presets: `grid_study_conditions`, ...). When the list holds the knockout
+    grid (every single-cell knockout of the model), the report adds the faithfulness table.
+    `progress(n)` hears of every n (sample, condition) rows done. Example::
+
+        samples = StudySamples(images, questions, answers, qtypes)  # or StudySamples.from_records(...)
+        report = run_study(model, tok, samples, [None, Ablation("injection_off")])
+        report.per_type()                 # flips and Δ log-prob per question type
+        grid = run_grid(model, tok, samples)
+        grid.off_explains()               # [L, K]: the share of each cell's harm injection-off explains
     """
-    conditions = list(conditions)
+    conditions = list(conditions(model) if callable(conditions) else conditions)
     check_conditions(model, conditions)
     scores, gate_mass = score_with_gate_mass(
         model,
         tokenizer,
-        images,
-        questions,
-        references,
+        samples.images,
+        samples.questions,
+        samples.references,
         conditions,
-        qtypes=qtypes,
+        qtypes=samples.qtypes,
         max_batch=max_batch,
         progress=progress,
     )
@@ -154,45 +275,37 @@ def run_study(
         conditions,
         scores,
         effects,
-        faithfulness(effects) if grid else None,
+        faithfulness(effects) if _holds_grid(model, conditions) else None,
         list(cfg.injection_layers),
         list(cfg.vision_layers),
+        str(getattr(model, "name_or_path", "")),
     )
 
 
-def run_grid(
-    model,
-    tokenizer,
-    images: Sequence[Image.Image],
-    questions: Sequence[str],
-    references: Sequence[str | None] | None,
-    *,
-    qtypes: Sequence[str | None] | None = None,
-    tokens: str = "all",
-    max_batch: int = 256,
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> AblationReport:
-    """The knockout grid (every injection layer x vision layer, batched) with its faithfulness report.
-    Example::
-
-        report = run_grid(model, tok, images, questions, answers, qtypes=qtypes)
-        report.faithfulness            # Spearman(gate mass, harm) per question type
-        report.write("grid.parquet")   # + grid.html, grid.faithfulness.csv
-    """
-    return run_study(
-        model,
-        tokenizer,
-        images,
-        questions,
-        references,
-        grid_conditions(model, "knockout", tokens),
-        qtypes=qtypes,
-        grid=True,
-        max_batch=max_batch,
-        seed=seed,
-        progress=progress,
+def _holds_grid(model, conditions: Sequence[Ablation | None]) -> bool:
+    """Whether every single-cell knockout of the model is among the conditions."""
+    labels = {a.label for a in conditions if a is not None}
+    return all(a is None or a.label in labels for a in grid_conditions(model, "knockout", "all")) and any(
+        a is not None and a.kind == "knockout" for a in conditions
     )
+
+
+def grid_study_conditions(model, tokens: str = "all") -> list[Ablation | None]:
+    """The knockout grid (reference + every cell) plus one injection-off condition per LLM layer,
+    the row that says how much of each cell's harm needs no renormalisation (`off_explains`)."""
+    off = [Ablation("injection_off", [i], tokens=tokens) for i in model.config.injection_layers]
+    return list(grid_conditions(model, "knockout", tokens)) + off
+
+
+def injection_off_conditions(model) -> list[Ablation | None]:
+    """The reference and the injection switched off at every LLM layer: is the injection used at all?"""
+    return [None, Ablation("injection_off")]
+
+
+run_grid = functools.partial(run_study, conditions=grid_study_conditions)
+run_grid.__doc__ = "`run_study` over the knockout grid plus each LLM layer's injection off (a preset)."
+run_injection_off = functools.partial(run_study, conditions=injection_off_conditions)
+run_injection_off.__doc__ = "`run_study` with the injection off at every LLM layer (a preset)."
 
 
 def study_conditions(
@@ -212,51 +325,8 @@ def study_conditions(
     return [None, Ablation(kind, llm_layers, vision_layers, tokens=tokens, value=value)]
 
 
-def grid_figure(effects: pd.DataFrame, vision_layers: Sequence[int], injection_layers: Sequence[int]):
-    """The grid as one heatmap (Δ log-prob of the reference answer), a dropdown over the other effects."""
-    from cliviz.analyses.heatmaps import DIVERGING, heatmap_figure
+def grid_figure(effects: pd.DataFrame, vision_layers: Sequence[int], injection_layers: Sequence[int], title=None):
+    """The grid as one heatmap (Δ log-prob of the reference answer), a menu over the other effects."""
+    from cliviz.analyses.ablations.display import grid_figure as figure
 
-    mats = {
-        m: grid_matrix(effects, vision_layers, injection_layers, metric=m)
-        for m in METRIC_LABELS
-        if m != "accuracy" and (effects["metric"] == m).any()
-    }
-
-    def bound(m):
-        b = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
-        return b if b > 0 else 1e-6
-
-    first = mats["delta_logprob_ref"]
-    fig = heatmap_figure(
-        first,
-        vision_layers,
-        injection_layers,
-        zmid=0.0,
-        zmin=-bound(first),
-        zmax=bound(first),
-        colorscale=DIVERGING,
-        colorbar_title="effect",
-        title="knockout of (LLM layer, vision layer): change vs the unablated run",
-    )
-    fig.update_traces(hovertemplate="LLM layer %{y}<br>vision layer %{x}<br>value %{z:.4f}<extra></extra>")
-    fig.update_layout(
-        updatemenus=[
-            {
-                "buttons": [
-                    {
-                        "label": METRIC_LABELS[m],
-                        "method": "restyle",
-                        "args": [{"z": [mat.tolist()], "zmin": [-bound(mat)], "zmax": [bound(mat)]}],
-                    }
-                    for m, mat in mats.items()
-                ],
-                "direction": "down",
-                "x": 1.0,
-                "xanchor": "right",
-                "y": 1.15,
-                "yanchor": "top",
-            }
-        ],
-        margin={"t": 90},
-    )
-    return fig
+    return figure(effects, vision_layers, injection_layers, title)

@@ -22,11 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_choice, check_image_path, check_model_path
 from cliviz.cli.preflight import check_writable
 from cliviz.errors import CLIVizError
 
+# Checked before torch is imported (importing the ablation package takes seconds); a test keeps
+# them equal to `ablations.KINDS` and `TOKEN_SETS`.
 CLI_KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
+CLI_TOKENS = ("all", "prompt", "image", "answer")
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -80,47 +83,33 @@ def _inputs(image: Path | None, question: str | None, data: Path | None, limit: 
     return images, [r.question for r in records], [r.answer for r in records], qtypes
 
 
-def _num(x: float, signed: bool = True) -> str:
-    """3 decimals, or 2 significant digits in scientific notation for tiny non-zero numbers."""
-    if x != x:
-        return "n/a"
-    if x != 0 and abs(x) < 5e-4:
-        return f"{x:+.1e}" if signed else f"{x:.1e}"
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
-
-
 def _effects_table(report, title: str, top: int) -> Table:
     """The largest effects; the CI column only when the samples allow one (see `MIN_CI_SAMPLES`)."""
+    from cliviz.analyses.ablations.display import column_style, num
+
+    top_rows = report.largest_effects(top)
+    ref_sci = column_style([*top_rows["delta_logprob_ref"], *top_rows["ci_low"], *top_rows["ci_high"]])
+    own_sci = column_style(top_rows["delta_logprob_own"])
+
+    def _num(x: float, sci: bool = ref_sci) -> str:  # one notation per column
+        return num(x, scientific=sci)
+
     show_ci = report.has_ci
     table = Table(title=title, pad_edge=False)
     columns = ["condition", "Δ logp ref"] + (["95% CI"] if show_ci else []) + ["Δ logp own", "flips", "acc"]
     for col in columns:
         table.add_column(col, justify="left" if col == "condition" else "right")
-    for cond, row in report.largest_effects(top).iterrows():
+    for cond, row in top_rows.iterrows():
         d, lo, hi = row["delta_logprob_ref"], row["ci_low"], row["ci_high"]
         style = "red" if show_ci and d < 0 and hi < 0 else ("green" if show_ci and d > 0 and lo > 0 else "default")
         cells = [escape(str(cond)), f"[{style}]{_num(d)}[/]"] + ([f"[dim]{_num(lo)}..{_num(hi)}[/]"] if show_ci else [])
-        table.add_row(*cells, _num(row["delta_logprob_own"]), f"{row['flip_rate']:.2f}", f"{row['accuracy']:.2f}")
+        own = _num(row["delta_logprob_own"], own_sci)
+        table.add_row(*cells, own, f"{row['flip_rate']:.2f}", f"{row['accuracy']:.2f}")
     if not show_ci:
         from cliviz.analyses.ablations import MIN_CI_SAMPLES
 
         n = report.n_samples
         table.caption = f"no confidence intervals: {n} sample{'' if n == 1 else 's'}, fewer than {MIN_CI_SAMPLES}"
-    return table
-
-
-def _faithfulness_table(faith) -> Table:
-    table = Table(title="faithfulness: Spearman(gate mass at answer positions, knockout harm) over cells")
-    for col in ("qtype", "effect", "rho", "p", "cells"):
-        table.add_column(col, justify="left" if col in ("qtype", "effect") else "right")
-    for r in faith.itertuples():
-        table.add_row(
-            escape(str(r.qtype)),
-            r.effect,
-            "n/a" if r.rho != r.rho else f"{r.rho:+.2f}",
-            "n/a" if r.p_value != r.p_value else f"{r.p_value:.3f}",
-            str(r.n_cells),
-        )
     return table
 
 
@@ -141,7 +130,13 @@ def _payload(report, paths: dict, model_name: str, single: bool) -> dict:
             for c, row in wide.iterrows()
         ],
         "faithfulness": report.faithfulness.to_dict(orient="records") if report.is_grid else None,
+        "per_type": report.per_type().to_dict(orient="records"),
+        "off_explains": None if report.off_explains() is None else _nan_none(report.off_explains().tolist()),
     }
+
+
+def _nan_none(rows: list[list[float]]) -> list[list[float | None]]:
+    return [[None if v != v else v for v in row] for row in rows]
 
 
 def _print_report(report, paths: dict, questions: list[str], single: bool, defaulted: bool) -> None:
@@ -162,8 +157,8 @@ def _print_report(report, paths: dict, questions: list[str], single: bool, defau
     else:
         console.print(f"{report.n_samples} samples, reference accuracy {report.reference_accuracy:.3f}")
     console.print(_effects_table(report, "largest effects (all samples, vs the unablated run)", 10))
-    if report.is_grid:
-        console.print(_faithfulness_table(report.faithfulness))
+    for renderable in report.render(10):  # per-type flips and Δ log-prob; grid: cells with the note, faithfulness
+        console.print(renderable)
     note = " (default --out; give --out to choose)" if defaulted else ""
     console.print(f"[dim]effects written to {escape(str(paths['effects']))}{note}[/]")
     if report.is_grid:
@@ -230,25 +225,28 @@ def ablate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Ablate gates or injections (batched, teacher-forced) and report the change in the answer."""
-    from cliviz.analyses import ablations as A
-
-    if kind is not None and kind not in CLI_KINDS:
-        raise CLIVizError(f"unknown --kind {kind!r}; use one of {', '.join(CLI_KINDS)}")
+    check_choice(kind, CLI_KINDS, "--kind")  # the checks that need no torch come first: they answer at once
     if grid and kind not in (None, "knockout"):
         raise CLIVizError("--grid runs knockouts; drop --kind or use it without --grid")
     if grid and (llm_layers or vision_layers or value is not None):
         raise CLIVizError("--grid covers every layer; drop --llm-layers / --vision-layers / --value")
-    if tokens not in A.TOKEN_SETS:
-        raise CLIVizError(f"unknown --tokens {tokens!r}; use one of {', '.join(A.TOKEN_SETS)}")
+    check_choice(tokens, CLI_TOKENS, "--tokens")
     if data is None and image is None:
         raise CLIVizError("no data: give IMAGE QUESTION or --data DIR|JSONL")
+    check_image_path(image)
+    if data is not None and not data.exists():
+        raise CLIVizError(f"data not found: {data} (give a folder holding samples.jsonl, or a .jsonl file)")
+    check_model_path(model)
+    llm = _int_list(llm_layers, "--llm-layers")
+    vis = _int_list(vision_layers, "--vision-layers")
+
+    from cliviz.analyses import ablations as A
+
     defaulted = out is None
     out = _default_out(image, data, grid) if out is None else out
     paths = A.report_paths(out, grid=grid)
     for path in paths.values():
         check_writable(path, "output file")
-    llm = _int_list(llm_layers, "--llm-layers")
-    vis = _int_list(vision_layers, "--vision-layers")
     sweep = kind in (None, "knockout") and vis is None  # one knockout per vision layer of the model
     if not grid and not sweep:
         A.Ablation(kind or "knockout", llm, vis, tokens=tokens, value=value)  # checked before the model loads
@@ -260,7 +258,7 @@ def ablate_cmd(
     if data is None:
         questions = [checked_question(questions[0], tok)]
     conditions = (
-        A.grid_conditions(net, "knockout", tokens)
+        A.grid_study_conditions(net, tokens)
         if grid
         else A.study_conditions(net, kind or "knockout", llm, vis, tokens=tokens, value=value)
     )
@@ -288,12 +286,8 @@ def ablate_cmd(
             return A.run_study(
                 net,
                 tok,
-                images,
-                questions,
-                references,
+                A.StudySamples(images, questions, references, qtypes),
                 conditions,
-                qtypes=qtypes,
-                grid=grid,
                 max_batch=batch,
                 seed=seed,
                 progress=lambda n: progress.advance(task, n),

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
-from cliviz.cli.preflight import prepare_question
+from cliviz.analyses.attribution_settings import DEFAULT_TARGET, check_options
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_image_path, check_model_path
 from cliviz.errors import CLIVizError
 
 
@@ -96,10 +96,10 @@ def attribute_cmd(
         str,
         typer.Option(
             "--target",
-            help="What to attribute: logprob (saturates when p ≈ 1) | logit | margin (logit minus "
-            "the runner-up's logit).",
+            help="What to attribute: margin (default: logit minus the runner-up's logit; does not "
+            "saturate) | logit | logprob (flat when p ≈ 1: gradient × input maps become noise).",
         ),
-    ] = "logprob",
+    ] = DEFAULT_TARGET,
     steps: Annotated[int, typer.Option("--steps", help="Integration steps for ig (1..4096).")] = 64,
     baseline: Annotated[
         str, typer.Option("--baseline", help="ig baseline gates: uniform (1/K) | injection_off (0).")
@@ -122,10 +122,14 @@ def attribute_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Attribute each answer token to (LLM layer, vision layer) gate cells, image patches and prompt tokens."""
-    from cliviz.analyses.attributions import attribute, check_options, write_attribution_html
+    check_options(method, baseline, steps, batch_size, target)  # before torch is imported: answers at once
+    check_image_path(image)
+    check_model_path(model)
+
+    from cliviz.analyses.attributions import attribute, write_attribution_html
+    from cliviz.cli.preflight import prepare_question
     from cliviz.tracing.traceset import TraceSet
 
-    check_options(method, baseline, steps, batch_size, target)
     img, net, tok, q = prepare_question(image, question, model, device, dtype, trace_out=out, html=html)
     if net.config.fusion == "projector":
         raise CLIVizError(

@@ -15,18 +15,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, check_model_path
 from cliviz.errors import CLIVizError
 
 
 def _accuracy_table(accuracy, data: Path) -> Table:
-    pivot = accuracy.pivot(index="qtype", columns="model", values="accuracy")
-    grid = Table(title=f"accuracy on {data}")
+    """Accuracy with its 95% Wilson interval per question type and model; `overall` last."""
+    order = list(dict.fromkeys(q for q in accuracy["qtype"] if q != "overall")) + ["overall"]
+    cell = accuracy.assign(
+        text=[f"{a:.3f} ({lo:.2f}–{hi:.2f})" for a, lo, hi in zip(accuracy.accuracy, accuracy.ci_low, accuracy.ci_high)]
+    )
+    pivot = cell.pivot(index="qtype", columns="model", values="text").reindex(order)
+    pivot = pivot[list(dict.fromkeys(accuracy["model"]))]
+    grid = Table(title=f"accuracy on {data}", caption="accuracy (95% Wilson interval)")
     grid.add_column("question type")
     for label in pivot.columns:
         grid.add_column(label, justify="right")
     for qtype, row in pivot.iterrows():
-        grid.add_row(qtype, *(f"{v:.3f}" for v in row))
+        if qtype == "overall":
+            grid.add_section()
+        grid.add_row(qtype, *row, style="bold" if qtype == "overall" else None)
     return grid
 
 
@@ -70,10 +78,24 @@ def compare_cmd(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    stability_samples: Annotated[int, typer.Option("--stability-samples", min=7)] = 140,
+    stability_samples: Annotated[
+        int,
+        typer.Option(
+            "--stability-samples",
+            min=7,
+            help="Questions per model whose gate maps are compared across cli seeds (at least one per question type).",
+        ),
+    ] = 140,
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy overall and per question type for each model; seed stability of gate maps."""
+    if len(models) < 1:
+        raise CLIVizError("give at least one --models folder")
+    for path in models:  # before torch is imported: a typo answers at once
+        check_model_path(path)
+    if not data.exists():
+        raise CLIVizError(f"data not found: {data} (give a folder holding samples.jsonl, or a .jsonl file)")
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cliviz.analyses.compare import comparison_work, run_comparison, write_comparison
@@ -108,7 +130,7 @@ def compare_cmd(
             loaded, dataset, stability_samples=stability_samples, progress=lambda n: progress.advance(task, n)
         )
     if out is not None:
-        write_comparison(out, result.accuracy, result.stability)
+        write_comparison(out, result.accuracy, result.stability, str(data))
     if as_json:
         typer.echo(
             json.dumps(

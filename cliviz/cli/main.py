@@ -46,10 +46,22 @@ def build_app():
         add_completion=False,
     )
 
+    def show_version(value: bool) -> None:
+        if value:
+            from cliviz._version import __version__
+
+            typer.echo(f"cliviz {__version__}")
+            raise typer.Exit()
+
     @app.callback()
-    def _root() -> None:
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", is_eager=True, callback=show_version, help="Print the version and exit."
+        ),
+    ) -> None:
         """See which vision layers a Cross-Layer-Injection VLM reads, when, and whether it matters."""
 
+    _flags_without_metavar()
     for name, command in (
         ("trace", trace_cmd),
         ("ask", ask),
@@ -68,6 +80,24 @@ def build_app():
     ):
         app.command(name)(command)
     return app
+
+
+def _flags_without_metavar() -> None:
+    """Help shows `--json` alone, not `--json <bool>`: a flag takes no value, so it has no metavar.
+
+    typer's rich help prints a type for every option, flags included; its own hook for that column
+    (`display_type_rich`) is where a flag is told apart."""
+    from typer.core import TyperOption
+
+    if getattr(TyperOption.display_type_rich, "_cliviz_flags", False):
+        return
+    original = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else original(self, ctx)
+
+    display_type_rich._cliviz_flags = True
+    TyperOption.display_type_rich = display_type_rich
 
 
 def __getattr__(name: str):

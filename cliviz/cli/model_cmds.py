@@ -54,6 +54,7 @@ def eval_cmd(
     """Accuracy overall and per question type."""
     from cliviz.data.samples import read_jsonl
     from cliviz.evaluation import evaluate
+    from cliviz.intervals import format_interval
 
     dataset = read_jsonl(data)
     net, tok = load_checked(model, device, dtype)
@@ -65,19 +66,26 @@ def eval_cmd(
         typer.echo(json.dumps(result))
         return
     free_text = "reference_logprob" in result  # real checkpoints: exact match, then how likely the reference is
-    table = Table(title=f"{net.name_or_path} on {data}" + (" (exact match after normalising)" if free_text else ""))
+    title = f"{Path(str(net.name_or_path)).name} on {data}" + (" (exact match after normalising)" if free_text else "")
+    table = Table(title=title, caption=f"model {net.name_or_path}; 95% CI: Wilson interval")  # names wrap whole
     table.add_column("question type")
     table.add_column("accuracy", justify="right")
+    table.add_column("95% CI", justify="right")
     table.add_column("n", justify="right")
+    ci = result["accuracy_ci"]
     if free_text:
         table.add_column("reference log-prob", justify="right")
         table.add_column("per token", justify="right")
     sums, means = result.get("reference_logprob", {}), result.get("reference_logprob_mean", {})
     for qtype, acc in result["per_type"].items():
         extra = [f"{sums['per_type'][qtype]:.2f}", f"{means['per_type'][qtype]:.3f}"] if free_text else []
-        table.add_row(qtype, f"{acc:.3f}", str(result["n_per_type"][qtype]), *extra)
+        table.add_row(
+            qtype, f"{acc:.3f}", format_interval(*ci["per_type"][qtype]), str(result["n_per_type"][qtype]), *extra
+        )
     extra = [f"[bold]{sums['overall']:.2f}", f"[bold]{means['overall']:.3f}"] if free_text else []
-    table.add_row("[bold]overall", f"[bold]{result['overall']:.3f}", str(result["n"]), *extra)
+    table.add_row(
+        "[bold]overall", f"[bold]{result['overall']:.3f}", format_interval(*ci["overall"]), str(result["n"]), *extra
+    )
     console.print(table)
     for reason, count in result["skipped"].items():
         console.print(f"[yellow]skipped {count} rows: {reason}[/]")

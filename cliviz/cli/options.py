@@ -36,3 +36,62 @@ MaxNewTokensOpt = Annotated[
         "word-level models, 256 for real checkpoints.",
     ),
 ]
+
+
+# ---------------------------------------------------------------- checks that need no torch
+# A command runs these before importing torch (seconds), so that a mistyped path answers at once;
+# the library repeats them with the same words when it loads the file.
+
+
+def check_image_path(path: Path | None) -> None:
+    """`image not found` / `not a file`, as `cliviz.inputs.load_image` says it."""
+    from cliviz.errors import CLIVizError
+
+    if path is None:
+        return
+    if not Path(path).exists():
+        raise CLIVizError(f"image not found: {path}")
+    if not Path(path).is_file():
+        raise CLIVizError(f"not a file: {path}")
+
+
+def check_model_path(path: Path | None) -> None:
+    """`model folder not found` / `not a folder`, as `cliviz.model.loading` says it; a bare bundled
+    name (`cli-staged-tiny`) is a model too."""
+    from importlib import resources
+
+    from cliviz.errors import CLIVizError
+
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        bundled = Path(str(resources.files("cliviz.assets"))) / "models" / path.name
+        if len(path.parts) == 1 and bundled.exists():
+            return
+        raise CLIVizError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise CLIVizError(f"model path is not a folder: {path}")
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], option: str) -> None:
+    """`unknown --kind 'x'; use one of ...` for a value outside `choices` (None passes)."""
+    from cliviz.errors import CLIVizError
+
+    if value is not None and value not in choices:
+        raise CLIVizError(f"unknown {option} {value!r}; use one of {', '.join(choices)}")
+
+
+def check_browser_env() -> None:
+    """A `BROWSER_PATH` that is not an executable file, refused before any heavy import, with the
+    words of `analyses.figures.find_chromium` (which still searches for a browser when none is set)."""
+    import os
+
+    from cliviz.errors import CLIVizError
+
+    env = os.environ.get("BROWSER_PATH")
+    if env and not (os.path.isfile(env) and os.access(env, os.X_OK)):
+        raise CLIVizError(
+            f"BROWSER_PATH={env} is not an executable Chromium; install Debian's chromium (apt-get install -y "
+            "--no-install-recommends chromium fonts-liberation) or point BROWSER_PATH at a Chromium/Chrome executable"
+        )

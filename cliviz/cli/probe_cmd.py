@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_browser_env, check_model_path
 from cliviz.errors import CLIVizError
 
 if TYPE_CHECKING:
@@ -65,15 +65,23 @@ def probe_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Linear probes per vision layer: which scene properties (colour, shape, size, position, digit
-    under each patch; count, digit, and the named object's colour / shape / side / size per image)
-    can be read from each layer, next to the majority baseline and the layer the projector reads."""
+    under each patch; count, digit, and the named object's colour / shape / side / size per image,
+    from the whole image and from the object's own patches) can be read from each layer, next to the
+    majority baseline, a permuted-label control and the layer the projector reads."""
     from cliviz.analyses.probe_labels import folder_scenes, generated_scenes, select_properties
+
+    chosen_layers = _int_list(layers, "--layers")
+    select_properties(properties)  # fail before any work, and before torch is imported
+    check_model_path(model)
+    if out is not None and formats.strip().lower() not in ("", "none"):
+        check_browser_env()
+    if data is not None and not data.exists():
+        raise CLIVizError(f"data not found: {data} (give a `cliviz data` folder)")
+    fmts = _check_out(out, formats)
+
     from cliviz.analyses.probes import check_probe_args
     from cliviz.cli.preflight import load_checked
 
-    chosen_layers = _int_list(layers, "--layers")
-    select_properties(properties)  # fail before any work
-    fmts = _check_out(out, formats)
     if data is not None:
         named, skipped = folder_scenes(data)
         source = str(data)
@@ -195,10 +203,15 @@ def _print(report, written: list[Path]) -> None:
     for k in acc.index:
         table.add_column(f"V{k}*" if k == p else f"V{k}", justify="center")
     table.add_column("maj.", justify="right", style="dim")
+    table.add_column("ctrl", justify="right", style="dim")
     table.add_column("drop", justify="right")
+    ctrl = report.table("control").max() if "control" in report.frame else None
     for col in acc.columns:
         d = drop[col]
-        table.add_row(col, *[_cell(v, maj[col]) for v in acc[col]], f"{maj[col]:.2f}", "-" if d != d else f"{d:+.2f}")
+        c = "-" if ctrl is None or ctrl[col] != ctrl[col] else f"{ctrl[col]:.2f}"
+        table.add_row(
+            col, *[_cell(v, maj[col]) for v in acc[col]], f"{maj[col]:.2f}", c, "-" if d != d else f"{d:+.2f}"
+        )
     console.print(table)
     if m.get("folds_asked", m["folds"]) != m["folds"]:
         console.print(
@@ -206,9 +219,10 @@ def _print(report, written: list[Path]) -> None:
             f"{m['n_images']} images allow no more[/]"
         )
     console.print(
-        f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token. V{p}* is the "
-        f"layer the LLaVA projector reads; maj.: majority baseline; drop: best layer below V{p} "
-        f"minus V{p}.[/]"
+        f"[dim]patch: the patch token; mean: mean of the patch tokens; cls: the CLS token; object: mean of "
+        f"the named object's patch tokens. Cells are coloured by accuracy above the majority baseline. "
+        f"V{p}* is the layer the LLaVA projector reads; maj.: majority baseline; ctrl: the best layer's "
+        f"accuracy with permuted labels (should match maj.); drop: best layer below V{p} minus V{p}.[/]"
     )
     for name, why in report.skipped.items():
         console.print(f"[yellow]skipped {name}[/]: {why}")

@@ -75,6 +75,11 @@ def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
     """Answer, gate table, and beside it what the map is and whether its injection matters here."""
     console.print(f"[dim]question:[/] {trace.meta.question}")
     console.print(answer_line(trace))
+    from cliviz.analyses.untrained import untrained_note
+
+    untrained = untrained_note(trace)
+    if untrained:
+        console.print(Text(f"warning: {untrained}", style="bold yellow"))
     if trace.has_gates:
         from cliviz.analyses.reductions import selection_note
 

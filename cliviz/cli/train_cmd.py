@@ -119,7 +119,21 @@ def train(ctx: typer.Context, **options: Any) -> None:
     settings = TrainSettings(**{k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()})
     _check(settings)
     _check_paths(settings)
+    _warn_schedule(settings)
     _run(settings, out, dev, stored, overwrite=options["overwrite"])
+
+
+def _warn_schedule(settings) -> None:
+    """A run that never leaves warmup barely moves the gates; a log interval past the run logs nothing."""
+    steps, warmup, log_every = settings.steps, settings.warmup, settings.log_every
+    if steps is not None and warmup >= steps:
+        typer.echo(f"warning: --warmup {warmup} >= --steps {steps}: the learning rate never reaches --lr", err=True)
+    if steps is not None and log_every >= steps:
+        typer.echo(
+            f"warning: --log-every {log_every} >= --steps {steps}: training_log.jsonl gets at most one line "
+            "(none when it exceeds --steps)",
+            err=True,
+        )
 
 
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
