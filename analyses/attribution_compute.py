@@ -140,10 +140,12 @@ class _Runner:
                 )
             else:
                 memory_mask = None if self.memory_mask is None else self.memory_mask.expand(b, -1)
+                sizes = self.images.get("image_sizes")  # OneVision: where each memory token sits (position code)
                 out = self.model(
                     inputs_embeds=embeds,
                     vision_memory=memory,
                     vision_memory_mask=memory_mask,
+                    image_sizes=None if sizes is None else sizes.expand(b, *sizes.shape[1:]),
                     attention_mask=mask,
                     use_cache=False,
                     logits_to_keep=self.positions,

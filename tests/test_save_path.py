@@ -365,7 +365,7 @@ def test_periodic_saves_hold_the_trained_weights_only(tmp_path):
     trainer.loader = iter(trainer.loader)
     batch = next(trainer.loader)
     trainer.data.add(batch)
-    trainer.train_step(batch, 0.0)
+    trainer.train_step([batch], 0.0)  # one micro-batch per step
     trainer.checkpoint()
     assert writes == [] and (tmp_path / "p" / "train_state.safetensors").is_file()
     assert not (tmp_path / "p" / "model.safetensors").exists()

@@ -119,7 +119,6 @@ def train(ctx: typer.Context, **options: Any) -> None:
     settings = TrainSettings(**{k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()})
     _check(settings)
     _check_paths(settings)
-    _warn_schedule(settings)
     _run(settings, out, dev, stored, overwrite=options["overwrite"])
 
 
@@ -227,6 +226,8 @@ def _run(
     with Progress(*columns, console=Console(stderr=True), disable=not main) as progress:
 
         def on_start(trainer) -> None:
+            if main:  # the run passed every check: now a schedule that cannot work is worth a warning
+                _warn_schedule(settings)
             task = progress.add_task("train", total=1.0, what=what, step=trainer.step, loss=0.0, acc=0.0, rate=0.0)
             trainer.on_step = lambda r: progress.update(
                 task, completed=r.fraction, step=r.step, loss=r.loss, acc=r.acc, rate=r.tokens_per_second

@@ -99,7 +99,9 @@ class CLIPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
         """transformers' `from_pretrained`, for checkpoints of either alpha shape: a folder whose
         `model.safetensors` stores the injection gains as scalars (the first design) is read with
-        each gain as the `[1]` vector the model holds (`weights.vector_alphas`)."""
+        each gain as the `[1]` vector the model holds (`weights.vector_alphas`). A folder never runs
+        its own code: `trust_remote_code` is always False."""
+        kwargs.pop("trust_remote_code", None)
         if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
             from cliviz.model.weights import vector_alphas  # weights builds models from this module
 
@@ -107,11 +109,11 @@ class CLIPreTrainedModel(PreTrainedModel):
             state = vector_alphas(folder / "model.safetensors")
             if state is not None:  # transformers takes a state dict in place of a folder, not with one
                 if kwargs.get("config") is None:
-                    kwargs["config"] = cls.config_class.from_pretrained(folder)
-                model = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
+                    kwargs["config"] = cls.config_class.from_pretrained(folder, trust_remote_code=False)
+                model = super().from_pretrained(None, *model_args, state_dict=state, trust_remote_code=False, **kwargs)
                 (model[0] if isinstance(model, tuple) else model).name_or_path = str(folder)
                 return model
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, trust_remote_code=False, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only CLI's own modules land here; the wrapped LLaVA initialises itself (smart_apply).
