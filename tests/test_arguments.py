@@ -359,3 +359,24 @@ def test_trace_set_argument_checks():
         check_trace_index(0, 0)
     with pytest.raises(CLIVizError, match="trace index must be an integer, got str '1'"):
         check_trace_index("1", 3)
+
+
+@pytest.mark.parametrize("bad", [None, 123, ""])
+def test_traceset_read_names_a_bad_path(bad):
+    from cliviz.tracing.traceset import TraceSet
+
+    with pytest.raises(CLIVizError, match="path"):
+        TraceSet.read(bad)
+
+
+def test_traceset_index_out_of_range_is_an_index_error_with_cliviz_message():
+    from cliviz.errors import CLIVizIndexError
+    from cliviz.tracing.traceset import TraceSet
+
+    from factories import good_trace
+
+    traces = TraceSet([good_trace(seed=i) for i in range(3)])
+    assert np.array_equal(traces[-1].gates, traces[2].gates)
+    with pytest.raises(IndexError, match="out of range") as caught:
+        traces[3]
+    assert isinstance(caught.value, CLIVizIndexError)

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cliviz.arguments import check_path, check_trace_index
 from cliviz.errors import CLIVizError
 from cliviz.tracing import store
 from cliviz.tracing.codec import (
@@ -190,6 +191,7 @@ class TraceSet:
         another schema version, or corrupt. `model` (a `meta.model` or config hash), `qtype` and
         `sample_ids` select rows without decoding the others. `lazy`: stream from disk (default: when
         the set is over `EAGER_BYTES` uncompressed)."""
+        path = check_path(path, "path", "a trace set (folder or Parquet file)")
         if qtype is not None and not isinstance(qtype, str):
             qtype = tuple(qtype)
         parts = store.open_parts(path)
@@ -288,6 +290,7 @@ class TraceSet:
         return (t for batch in self.batches() for t in batch.traces)
 
     def __getitem__(self, index: int | slice) -> Trace | TraceSet:
+        index = check_trace_index(index, len(self))  # out of range: IndexError with cliviz's message
         if isinstance(index, slice):
             rows = range(len(self))[index]
             if self._table is None:
