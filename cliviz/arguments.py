@@ -25,7 +25,7 @@ from typing import Any
 
 from cliviz.errors import CLIVizError, CLIVizIndexError, CLIVizWarning
 
-MAX_NEW_TOKENS = 1024  # the longest answer cliviz records (DESIGN §7: answers up to 1024 tokens)
+MAX_NEW_TOKENS = 1024  # the longest answer cliviz records (docs/design.md: answers up to 1024 tokens)
 MAX_TOP_K = 1000  # alternatives stored per answer token: far more than any display or analysis reads
 NAME_MAX = 255  # longest file name (one path component) on the file systems cliviz runs on
 

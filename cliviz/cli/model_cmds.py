@@ -132,7 +132,7 @@ def attach_cmd(
         bool,
         typer.Option(
             "--position-code/--no-position-code",
-            help="Add a fixed 2-D sin-cos code of each memory token's place before the read (DESIGN §1).",
+            help="Add a fixed 2-D sin-cos code of each memory token's place before the read (docs/design.md §1).",
         ),
     ] = True,
     overwrite: Annotated[

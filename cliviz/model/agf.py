@@ -10,7 +10,7 @@ For each token t with hidden state h_t at the input of LLM layer i:
    model equals its base.
 
 The keys and values of the memory do not depend on the token, so they are computed once per
-image at prefill and reused by every decode step. In the light read (DESIGN.md §1) one
+image at prefill and reused by every decode step. In the light read (docs/design.md §1) one
 `MemoryKeysValues` (D -> r) serves every injection layer; only the query (D -> r) and the output
 map (r -> D) belong to a layer. The full read of the first design has D-wide maps of its own per
 layer (`VisionRead(own_keys_values=True)`), kept for checkpoints written with it.

@@ -28,7 +28,7 @@ class CLIConfig(PretrainedConfig):
         injection_layers: LLM decoder layers whose *input* receives the injection.
         lora_rank: rank of the per-vision-layer LoRA in AMP.
         gate_temperature: softmax temperature of the AGF gate.
-        agf_read: `light` (DESIGN.md §1: a low-rank read whose keys/values of the visual memory are
+        agf_read: `light` (docs/design.md §1: a low-rank read whose keys/values of the visual memory are
             computed once per image and shared by every injection layer) or `full` (the first
             design: D-wide query/key/value maps per injection layer, recomputed per token; the
             bundled `cli-tiny` and the other models trained before the light read use it). Every
@@ -175,7 +175,7 @@ class CLIConfig(PretrainedConfig):
 def default_read_width(text_hidden: int) -> int:
     """32 channels per 1,024 of the LLM width (128 at 4,096), at least 32.
 
-    Sized by the budget in DESIGN.md §1: at 128 the read adds about 0.5% parameters to
+    Sized by the budget in docs/design.md §1: at 128 the read adds about 0.5% parameters to
     LLaVA-1.5-7B and about 2% FLOPs per decoded token (`benchmarks/bench_cli_cost.py`).
     """
     return 32 * max(1, round(text_hidden / 1024))

@@ -4,7 +4,7 @@ The read is a softmax-weighted average of values; without a position code in its
 it can find an object (attend to its patches) but not say *where* it is — measured on
 cli-staged-tiny, position and relation questions were answered by one constant word, at ln 2 loss.
 Adding a parameter-free code of each memory token's place before the key/value projection lets
-the same read report it (DESIGN.md §1).
+the same read report it (docs/design.md §1).
 
 Coordinates are patch centres normalised to [0, 1] over the image, so one formula covers every
 tower: the tiny CLIP's 8 x 8 grid, CLIP-L/14-336's 24 x 24, SigLIP's 27 x 27, and LLaVA-OneVision's
