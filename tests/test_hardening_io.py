@@ -289,9 +289,14 @@ def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):
 def test_output_under_a_file_is_refused_before_any_model_work(args, data_dir, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file.png"
     blocker.write_bytes(b"not a folder")
-    argv = [a.format(blocker=blocker, data=data_dir, nomodel=tmp_path / "no-such-model") for a in args]
+    # A model folder that exists (the cheap checks pass it) but holds no loadable model: any model work
+    # would fail on it, so the error below can only come from checking the output first.
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "cliviz_cli"}')
+    argv = [a.format(blocker=blocker, data=data_dir, nomodel=broken) for a in args]
     if args[0] not in ("data", "train", "attach", "compare"):
-        argv += ["--model", str(tmp_path / "no-such-model")]  # any model work would fail on this first
+        argv += ["--model", str(broken)]
     code, _, err = run_main(monkeypatch, capsys, *argv)
     one_error_line(code, err, f"{blocker} is a file, not a folder")
     assert blocker.read_bytes() == b"not a folder"

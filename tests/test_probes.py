@@ -375,7 +375,7 @@ def test_command_reads_a_data_folder(tmp_path, random_model_dir):
         (["--layers", "0,7"], "layer 7 is not a vision layer"),
         (["--folds", "1"], "--folds must be at least 2"),
         (["--data", "EMPTY"], "no ShapesVQA scene can be labelled"),
-        (["--data", "NOWHERE"], "not a ShapesVQA folder"),
+        (["--data", "NOWHERE"], "data not found"),
     ],
     ids=["property", "layer", "folds", "empty-data", "no-data"],
 )
