@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,35 @@ def assert_clean_error(proc: subprocess.CompletedProcess, needle: str) -> None:
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert needle.lower() in lines[0].lower(), lines[0]
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def system_chromium() -> str:
+    """The Chromium the figure export uses too: `$BROWSER_PATH`, else the first on PATH."""
+    found = os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "no Chromium on PATH: install it (.ci/run does) or set BROWSER_PATH"
+    return found
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every browser test of the session (Playwright's sync API allows one
+    running instance per thread: two test files starting their own would collide)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=system_chromium(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -20,24 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from werkzeug.serving import make_server
 
 from conftest import EXAMPLES
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 TIMEOUT_MS = 60_000  # the box is shared with training jobs: be patient, not flaky
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -75,21 +64,6 @@ def served(random_model_dir, traces_file):
     yield f"http://127.0.0.1:{server.server_port}/", app
     server.shutdown()
     thread.join(timeout=10)
-
-
-def system_chromium() -> str:
-    """The Chromium the figure export uses too: `$BROWSER_PATH`, else the first on PATH."""
-    found = os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "no Chromium on PATH: install it (.ci/run does) or set BROWSER_PATH"
-    return found
-
-
-@pytest.fixture(scope="session")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=system_chromium(), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, url: str) -> Page:
@@ -345,8 +319,11 @@ def test_map_carries_its_causal_check_and_photos_get_a_note(page, served, tmp_pa
 def test_attribution_target_and_readable_colour_bars(page, served, tmp_path):
     page.locator("button.example").filter(has_text="glyph").click()
     page.locator("#ask").click()
-    expect(page.locator("#attr-description")).to_contain_text("log-prob of the answer token")
+    # margin is the default target (it decides the answer and never saturates); log-prob is one click away
+    expect(page.locator("#attr-description")).to_contain_text("margin: answer-token logit minus runner-up logit")
     expect(page.locator("#attr-caption")).to_contain_text("gradient × input (gxi)")
+    page.get_by_text("log-prob (flat when p").click()
+    expect(page.locator("#attr-description")).to_contain_text("log-prob of the answer token")
     page.get_by_text("margin over the runner-up").click()
     expect(page.locator("#attr-description")).to_contain_text("margin: answer-token logit minus runner-up logit")
     expect(page.locator("#attr-caption")).to_contain_text("target margin")

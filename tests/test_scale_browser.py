@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from werkzeug.serving import make_server
 
 from cliviz.tracing.synthetic import real_shape_trace
 from cliviz.tracing.traceset import TraceSet
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
 SHOTS = Path("/tmp/cliviz-scale-shots")
 SHAPES = ("llava-1.5-7b", "onevision-7b")
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -51,14 +49,6 @@ def real_sets(tmp_path_factory):
         TraceSet.append(path, [real_shape_trace(shape, seed=i, n_image_tokens=64) for i in range(1, 12)])
         out[shape] = path
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
