@@ -63,6 +63,42 @@ def test_ranks_write_their_own_parts_read_in_chunk_then_rank_order(tmp_path):
     assert [t.meta.sample_id for t in TraceSet.read(path)] == ["s0", "s1", "s3", "s2"]
 
 
+def test_ranks_creating_the_set_at_once_never_see_a_half_made_folder(tmp_path):
+    """torchrun's ranks append their first parts at the same moment: whichever creates the set, the
+    other appends to it (a regression: a rank's lock file used to create the folder before its
+    manifest, and the other rank refused it as 'not a trace set')."""
+    import threading
+
+    for trial in range(12):
+        path = tmp_path / f"set{trial}"
+        start, errors = threading.Barrier(2), []
+
+        def rank_appends(rank: int) -> None:
+            start.wait()
+            try:
+                for i in range(3):
+                    append_traces(path, [small(10 * rank + i)], rank=rank)
+            except Exception as e:  # noqa: BLE001 - collected for the assertion below
+                errors.append(e)
+
+        threads = [threading.Thread(target=rank_appends, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(t.meta.sample_id for t in TraceSet.read(path)) == sorted(f"s{s}" for s in (0, 1, 2, 10, 11, 12))
+        assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == []  # no lock left
+
+
+def test_a_folder_holding_only_hidden_files_takes_a_rank_append(tmp_path):
+    path = tmp_path / "set"
+    path.mkdir()
+    (path / ".part-00000001-r0.parquet.0a1b.tmp").write_bytes(b"half written by another rank")
+    append_traces(path, [small(1)], rank=1)
+    assert [t.meta.sample_id for t in TraceSet.read(path)] == ["s1"]
+
+
 def test_one_model_per_set_unless_pooled(tmp_path):
     path = tmp_path / "set"
     TraceSet.append(path, [small(0)])

@@ -77,10 +77,15 @@ def part_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise CLIVizError(f"trace file {p} is not a file or folder")
-    found = [q for q in p.iterdir() if q.suffix == ".parquet" and not q.name.startswith((".", "_")) and q.is_file()]
+    found = visible_parquet(p)
     if not found and not (p / MANIFEST).exists():
         raise CLIVizError(f"trace file {p} is not a file, nor a trace set folder (no part files, no {MANIFEST})")
     return sorted(found, key=_part_key)
+
+
+def visible_parquet(folder: Path) -> list[Path]:
+    """The Parquet files of a set folder, without hidden temporaries, locks or the manifest."""
+    return [q for q in folder.iterdir() if q.suffix == ".parquet" and not q.name.startswith((".", "_")) and q.is_file()]
 
 
 def _part_key(p: Path) -> tuple:
@@ -447,7 +452,9 @@ def append_table(
     Folders get one new part; a single file is rewritten with the new rows after the old ones. `rank`:
     a torchrun rank writing its own parts (its own lock, so ranks never wait for each other)."""
     p = Path(path)
-    lock_target = p if rank is None else p / f"_rank{rank}"
+    # a rank's lock sits beside the set, not inside it: a lock file inside would create the folder
+    # before it is a set, and another rank would find a folder with neither parts nor manifest
+    lock_target = p if rank is None else p.parent / f"{p.name}._rank{rank}"
     with exclusive_writer(lock_target, "trace set", wait=APPEND_LOCK_WAIT_S):
         if p.is_file():
             return _append_to_file(p, table, compact, pool)

@@ -88,7 +88,7 @@ def recorded_compaction(path: str | os.PathLike) -> Compact | None:
         manifest = store.read_manifest(path)
         if manifest is not None:
             return manifest.compact
-        parts = store.part_files(path) if any(path.iterdir()) else []
+        parts = store.part_files(path) if any(store.visible_parquet(path)) else []
         return store.open_part(parts[0]).compact if parts else None
     if path.is_file():
         return store.open_part(path, "writes").compact
