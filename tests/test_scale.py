@@ -73,7 +73,7 @@ def test_ranks_creating_the_set_at_once_never_see_a_half_made_folder(tmp_path):
         path = tmp_path / f"set{trial}"
         start, errors = threading.Barrier(2), []
 
-        def rank_appends(rank: int) -> None:
+        def rank_appends(rank: int, path=path, start=start, errors=errors) -> None:
             start.wait()
             try:
                 for i in range(3):
