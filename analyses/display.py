@@ -5,32 +5,60 @@ probabilities), the notes that belong next to the map (its kind, its causal chec
 the plotly figure built by the same builders as the command line and the dashboard
 (`analyses.heatmaps`, `AttributionResult.*_figure`). No new plotting code lives here.
 
-plotly.js (about 4 MB) is inlined into the first figure a Python process displays and referenced by
-the later ones — what plotly's own "notebook" renderer does — so a notebook stays small and works
-offline. `reset_plotlyjs()` inlines it again (e.g. after clearing every output of a notebook).
+plotly.js (about 4.8 MB) is inlined into the first figure a Python process (a notebook's kernel)
+displays; later figures carry only their JSON and the `Plotly.newPlot` call plotly writes with
+`fig.to_html(include_plotlyjs=False)`, which draws with the `window.Plotly` the first output loaded —
+what plotly's own "notebook" renderer does (`init_notebook_mode(connected=False)`), so a notebook
+stays small (a 31 x 25 layer trace: ~32 kB per later display), works offline (no CDN), and its HTML
+export renders (the first output holds the library). A later figure that finds no `window.Plotly`
+(the output that carried it was cleared, or re-run in the same kernel) says how to get it back:
+`cliviz.reset_notebook()` (`reset_plotlyjs()` here) inlines it again in the next figure. Google
+Colab shows every output in its own frame, so there every figure carries the library.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import sys
+import uuid
 from typing import Any
 
 _state = {"plotlyjs_sent": False}  # display-only: whether this process has emitted plotly.js yet
 
 ROLE_COLOURS = {"image": "#eef1f5", "prompt": "#f3f4f6", "answer": "#dbeafe"}
 
+# What a later figure shows in place of its plot when the page has no plotly.js (its div id goes in
+# `{div_id}`): the figure's own `Plotly.newPlot` call then fails quietly (a console error only).
+MISSING_PLOTLYJS = (
+    "plotly.js is not loaded on this page: the output that carried it was cleared or re-run. "
+    "Run cliviz.reset_notebook() and re-run this cell (or restart the kernel and run all)."
+)
+_MISSING_SCRIPT = (
+    '<script>if (!window.Plotly) {{ var d = document.getElementById("{div_id}"); '
+    'if (d) {{ d.style.height = "auto"; d.style.color = "#D55E00"; d.textContent = "{text}"; }} }}</script>'
+)
+
 
 def reset_plotlyjs() -> None:
-    """Inline plotly.js again in the next displayed figure."""
+    """Inline plotly.js again in the next displayed figure (public as `cliviz.reset_notebook`)."""
     _state["plotlyjs_sent"] = False
 
 
+def _outputs_share_a_page() -> bool:
+    """Whether a notebook's outputs share one page (one `window.Plotly`): not in Google Colab, which
+    draws each output in its own frame."""
+    return "google.colab" not in sys.modules
+
+
 def figure_html(fig: Any) -> str:
-    """A plotly figure as an HTML fragment (plotly.js inlined the first time only)."""
-    first = not _state["plotlyjs_sent"]
+    """A plotly figure as an HTML fragment: plotly.js inlined the first time in a process only, later
+    figures draw with the `window.Plotly` it loaded (or say it is missing)."""
+    inline = not _state["plotlyjs_sent"] or not _outputs_share_a_page()
     _state["plotlyjs_sent"] = True
-    return fig.to_html(full_html=False, include_plotlyjs=True if first else False, config={"displaylogo": False})
+    div_id = f"cliviz-{uuid.uuid4().hex}"
+    out = fig.to_html(full_html=False, include_plotlyjs=inline, div_id=div_id, config={"displaylogo": False})
+    return out if inline else out + _MISSING_SCRIPT.format(div_id=div_id, text=MISSING_PLOTLYJS)
 
 
 def esc(text: Any) -> str:

@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "write_traces": "cliviz.tracing.traceset",
     "CausalCheck": "cliviz.tracing.causal",
     "causal_checks": "cliviz.tracing.causal",
+    "reset_notebook": "cliviz.tracing.display",
     # gate maps
     "gate_matrix": "cliviz.analyses.heatmaps",
     "mean_gate_matrix": "cliviz.analyses.heatmaps",
@@ -129,6 +130,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; never executed
     from cliviz.model.modeling import CLIForConditionalGeneration as CLIForConditionalGeneration
     from cliviz.tracing.causal import CausalCheck as CausalCheck
     from cliviz.tracing.causal import causal_checks as causal_checks
+    from cliviz.tracing.display import reset_notebook as reset_notebook
     from cliviz.tracing.record import trace as trace
     from cliviz.tracing.record import trace_batch as trace_batch
     from cliviz.tracing.schema import Trace as Trace

@@ -42,3 +42,16 @@ def traceset_html(traces: TraceSet) -> str:
     from cliviz.analyses.display import traceset_html as render
 
     return render(traces)
+
+
+def reset_notebook() -> None:
+    """Inline plotly.js (~4.8 MB) again in the next figure a notebook display shows.
+
+    Displays (`Trace`, `TraceSet`, ablation and attribution results) inline plotly.js once per Python
+    process — the first one carries it, later ones (~32 kB for a 31 x 25 layer trace) draw with the
+    `window.Plotly` it loaded — so call this after clearing the output that carried it (a later figure
+    then says so), and re-run the cell (see `cliviz.analyses.display.figure_html`).
+    """
+    from cliviz.analyses.display import reset_plotlyjs
+
+    reset_plotlyjs()
