@@ -36,7 +36,7 @@ from cliviz.analyses.reductions import (
     selection_note,
 )
 from cliviz.errors import CLIVizError
-from cliviz.tracing.schema import Trace
+from cliviz.tracing.schema import PYTHON_CHECK_HINT, Trace
 from cliviz.tracing.traceset import TraceSet
 
 __all__ = [  # the reductions, re-exported for the callers that know them from here
@@ -59,6 +59,7 @@ __all__ = [  # the reductions, re-exported for the callers that know them from h
     "selection_note",
     "heatmap_figure",
     "with_notes",
+    "trace_notes",
     "trace_heatmap_figure",
     "token_heatmap_figure",
     "write_trace_html",
@@ -146,6 +147,16 @@ def with_notes(fig: go.Figure, notes: list[str], width: int = 110) -> go.Figure:
     return fig
 
 
+def trace_notes(trace: Trace, how_to_check: str = PYTHON_CHECK_HINT) -> list[str]:
+    """The notes every map of one trace carries: the untrained-gates warning when it applies (the one
+    rule of `analyses.untrained`), then the fusion's kind of map and the causal check. `how_to_check`
+    says how to record a missing check in the reader's terms (the Python keyword, or a command's flag)."""
+    from cliviz.analyses.untrained import untrained_note
+
+    untrained = untrained_note(trace)
+    return ([untrained] if untrained else []) + trace.map_notes(how_to_check)
+
+
 def trace_heatmap_figure(
     trace: Trace, token: int | None = None, role: str | None = None, *, include_special: bool = False
 ) -> go.Figure:
@@ -179,13 +190,13 @@ def trace_heatmap_figure(
         title=wrap_html(f"{_short(trace.meta.question, 100)} → {_short(trace.meta.answer, 60)}: gates, {what}", 90)[0],
         zmax=1.0,
     )
-    return with_notes(fig, [f"model {trace.meta.model}", *trace.map_notes()])
+    return with_notes(fig, [f"model {trace.meta.model}", *trace_notes(trace)])
 
 
 DROPDOWN_STEPS = 24  # answers up to this many steps list each step in the dropdown; longer ones get a slider
 
 
-def token_heatmap_figure(trace: Trace) -> go.Figure:
+def token_heatmap_figure(trace: Trace, how_to_check: str = PYTHON_CHECK_HINT) -> go.Figure:
     """One heatmap with a dropdown over selections: all answer steps, each step, image, prompt.
 
     The dropdown sits at the top left, above the plot, so that it never covers plotly's toolbar
@@ -210,7 +221,7 @@ def token_heatmap_figure(trace: Trace) -> go.Figure:
         zmax=1.0,
         title=wrap_html(f"{_short(trace.meta.question, 100)}  ->  {_short(trace.meta.answer, 80)}", 90)[0],
     )
-    with_notes(fig, [f"model {trace.meta.model}; {selection_note('answer')}", *trace.map_notes()])
+    with_notes(fig, [f"model {trace.meta.model}; {selection_note('answer')}", *trace_notes(trace, how_to_check)])
     fig.update_layout(
         title={"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 12}},  # title and notes on top,
         updatemenus=[
@@ -256,11 +267,11 @@ def _kept(trace: Trace, select: str) -> bool:
         return False
 
 
-def write_trace_html(trace: Trace, path) -> None:
-    """Self-contained interactive page (plotly.js inlined: opens offline)."""
+def write_trace_html(trace: Trace, path, how_to_check: str = PYTHON_CHECK_HINT) -> None:
+    """Self-contained interactive page (plotly.js inlined: opens offline), with the map's notes."""
     if not trace.has_gates:
         raise ValueError("this model has no gates (projector fusion): nothing to draw")
-    token_heatmap_figure(trace).write_html(str(path), include_plotlyjs=True, full_html=True)
+    token_heatmap_figure(trace, how_to_check).write_html(str(path), include_plotlyjs=True, full_html=True)
 
 
 def traceset_notes(ts: TraceSet) -> list[str]:
@@ -284,7 +295,7 @@ def traceset_notes(ts: TraceSet) -> list[str]:
             f"median Δ log-prob {delta.median():+.3f}"
         )
         if not flips.any() and (delta.abs() < NEGLIGIBLE_NATS).all():
-            line += " — the injection does not matter for these answers: this map shows routing, not importance."
+            line += " — the injection does not matter for these answers: this map shows routing, not importance"
         notes.append(line + ".")
     else:
         notes.append("causal check not recorded in these traces (`cliviz trace` records it; sweeps do not).")
@@ -302,7 +313,8 @@ def traceset_heatmap_figure(
     ts = as_traceset(traces)
     if select not in SET_SELECTIONS:
         raise CLIVizError(f"unknown selection {select!r}; use one of {', '.join(SET_SELECTIONS)}")
-    rows = summarize(ts, select=select, include_special=include_special, pool=True, variance=False).rows
+    summary = summarize(ts, select=select, include_special=include_special, pool=True, variance=False)
+    rows = summary.rows
     n = len(np.unique(rows.trace))
     what = selection_note(select, include_special)
     if by is None:
@@ -321,7 +333,8 @@ def traceset_heatmap_figure(
             counts=group_counts(rows, select, by),
             title=f"{what}, by {by}",
         )
-    return with_notes(fig, traceset_notes(ts))
+    untrained = summary.untrained_note
+    return with_notes(fig, ([untrained] if untrained else []) + traceset_notes(ts))
 
 
 # ---------------------------------------------------------------------------- trace-set figures

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from cliviz.analyses.reductions import GateRows, as_traceset, gate_rows, selection_note
 from cliviz.analyses.stats import row_entropy
+from cliviz.analyses.untrained import largest_norm, untrained_note_from_norm
 from cliviz.errors import CLIVizError
 from cliviz.tracing.compact import Compact
 from cliviz.tracing.store import check_one_model
@@ -45,6 +47,7 @@ class GateSummary:
     entropy_sum: np.ndarray | None = None  # [N, L] per row of `rows`: Σ over its positions of the gate entropy
     entropy_sq: np.ndarray | None = None  # [N, L] Σ of squared entropies
     positions: np.ndarray | None = None  # [N] selected positions per row of `rows`
+    max_injection_norm: float | None = None  # largest injection norm recorded in the set (None: unknown)
 
     def entropy_by(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(mean entropy [L], sd [L], tokens, traces) over the rows of `rows` in `mask`."""
@@ -60,11 +63,19 @@ class GateSummary:
 
     @property
     def note(self) -> str:
-        """What the maps average and over what, for captions: model(s), traces, tokens."""
+        """What the maps average and over what, for captions: model(s), traces, tokens — and, when no
+        trace injected anything, the untrained-gates warning (every map says so, `analyses.untrained`)."""
         models = ", ".join(self.models[:3]) + (f" and {len(self.models) - 3} more" if len(self.models) > 3 else "")
         kind = "models" if len(self.models) > 1 else "model"
         text = f"{kind} {models}; {self.n_gated} traces; {selection_note(self.select, self.include_special)}"
-        return text if self.compact.lossless else f"{text}; stored as {self.compact.describe()}"
+        text = text if self.compact.lossless else f"{text}; stored as {self.compact.describe()}"
+        untrained = self.untrained_note
+        return f"{text}; {untrained}" if untrained else text
+
+    @property
+    def untrained_note(self) -> str | None:
+        """The untrained-gates warning when no trace of the set injected anything (`analyses.untrained`)."""
+        return untrained_note_from_norm(self.max_injection_norm)
 
 
 class _Entropy:
@@ -164,6 +175,7 @@ def summarize(
     ts = as_traceset(traces)
     means, ids, qtype, sample_id, model, hashes, lengths, gated = [], [], [], [], [], [], [], []
     h_sum, h_sq, counts = [], [], []
+    norm_tops: list[float | None] = []  # per batch with gates: its largest injection norm
     entropy, var = _Entropy(), _Variance()
     layers: tuple[list[int], list[int]] | None = None
     compact = ts.compaction
@@ -186,6 +198,7 @@ def summarize(
                     f"LLM {rows.injection_layers}); analyse them separately"
                 )
             gated.append(rows.gated)
+            norm_tops.append(largest_norm(pc.list_flatten(t.column("injection_norm")).to_numpy(zero_copy_only=False)))
             if len(rows):
                 tr, m = rows.per_trace()
                 ids.append(tr + start)
@@ -239,4 +252,5 @@ def summarize(
         entropy_sum=np.concatenate(h_sum),
         entropy_sq=np.concatenate(h_sq),
         positions=np.concatenate(counts),
+        max_injection_norm=None if None in norm_tops else max(t for t in norm_tops if t is not None),
     )

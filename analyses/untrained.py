@@ -6,10 +6,11 @@ gates' softmax still shows a distribution — near-uniform after `cliviz attach`
 layer — that decides nothing. Every map (terminal, pages, dashboard) shows `untrained_note` above it.
 
 Two checks, the same words: from the model (`max |tanh(alpha)|` below `UNTRAINED_TANH`) and, where
-only a trace is at hand, from what the trace recorded (the injection's norm, which carries the
-`tanh(alpha)` factor, below `UNTRAINED_NORM` at every layer and token). Measured at the answer of
-`color.png`: the bundled cli-attached-tiny reaches 0.06 (tanh α = 0.005); trained bundled models
-12-20 (median), 40-180 (max).
+only traces are at hand, from what they recorded (the injection's norm, which carries the
+`tanh(alpha)` factor, below `UNTRAINED_NORM` at every layer and token: `untrained_note` for one
+trace, `untrained_note_from_norm` for the largest norm of a whole set, `GateSummary.untrained_note`).
+Measured at the answer of `color.png`: the bundled cli-attached-tiny reaches 0.06 (tanh α = 0.005);
+trained bundled models 12-20 (median), 40-180 (max).
 """
 
 from __future__ import annotations
@@ -34,13 +35,26 @@ def untrained_note_from_model(model) -> str | None:
     return f"{_WORDS} (max |tanh α| = {top:.3g})." if top < UNTRAINED_TANH else None
 
 
+def largest_norm(norms) -> float | None:
+    """`max |norm|` over recorded injection norms, or None when there are none or one is not finite
+    (nothing to judge from: no warning rather than a wrong one)."""
+    values = np.asarray(norms, dtype=float)
+    if values.size == 0 or not np.isfinite(values).all():
+        return None
+    return float(np.abs(values).max())
+
+
+def untrained_note_from_norm(top: float | None) -> str | None:
+    """The warning when the largest injection norm recorded (in one trace or a whole set) stays below
+    `UNTRAINED_NORM`, else None. The one rule every trace-based map applies."""
+    if top is None or not np.isfinite(top):
+        return None
+    return f"{_WORDS} (max injection norm {top:.2g}; tanh α ≈ 0)." if top < UNTRAINED_NORM else None
+
+
 def untrained_note(trace) -> str | None:
     """The warning for a trace whose injection norm stays below `UNTRAINED_NORM` everywhere, else None
     (a model without gates or without a recorded injection gets None)."""
     if not getattr(trace, "has_gates", False):
         return None
-    norms = np.asarray(getattr(trace, "injection_norm", np.zeros(0)), dtype=float)
-    if norms.size == 0 or not np.isfinite(norms).all():
-        return None
-    top = float(np.abs(norms).max())
-    return f"{_WORDS} (max injection norm {top:.2g}; tanh α ≈ 0)." if top < UNTRAINED_NORM else None
+    return untrained_note_from_norm(largest_norm(getattr(trace, "injection_norm", np.zeros(0))))

@@ -219,9 +219,13 @@ def render_heatmap(store: dict | None, selection: Any, cell: dict | None) -> tup
 
 
 def map_notes(trace) -> html.Div:
-    """What the map is (static / ungated / no gates) and its causal check, right next to it."""
+    """What the map is (static / ungated / no gates) and its causal check, right next to it; above them
+    the untrained-gates warning when the injection adds nothing (`analyses.untrained`, the one rule)."""
+    from cliviz.analyses.untrained import untrained_note
+
     check = trace.causal
-    items = []
+    untrained = untrained_note(trace)
+    items = [html.Div(untrained, id="untrained-note", className="map-note warning")] if untrained else []
     for note in trace.map_notes():
         is_check = note.startswith("injection off")
         quiet = is_check and check is not None and not check.matters

@@ -19,6 +19,7 @@ def _shade(value: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+CLI_CHECK_HINT = "run `cliviz trace` without --no-causal-check"  # the note's advice in the terminal's terms
 PER_TOKEN_LIMIT = 16  # longer answers are shown as text with a probability summary
 
 
@@ -85,6 +86,6 @@ def print_trace(trace: Trace, matrix: np.ndarray, console: Console) -> None:
 
         console.print(gate_table(trace, matrix, f"gates over vision layers, {selection_note('answer')}"))
     check = trace.causal
-    for note in trace.map_notes():
+    for note in trace.map_notes(CLI_CHECK_HINT):
         quiet = check is not None and not check.matters and note.startswith("injection off")
         console.print(Text(note, style="yellow" if (quiet or not trace.has_gates) else ""))

@@ -40,7 +40,7 @@ def trace_cmd(
 ) -> None:
     """Answer and show which vision layers each LLM layer drew on, per answer token."""
     from cliviz.analyses.heatmaps import gate_matrix, write_trace_html
-    from cliviz.cli.render import print_trace
+    from cliviz.cli.render import CLI_CHECK_HINT, print_trace
     from cliviz.tracing import trace
     from cliviz.tracing.compact import Compact
     from cliviz.tracing.traceset import TraceSet, recorded_compaction
@@ -59,14 +59,19 @@ def trace_cmd(
     if html is not None:
         if not result.has_gates:
             raise CLIVizError("this model has no gates (fusion=projector): no heatmap page to write")
-        write_trace_html(result, html)
+        write_trace_html(result, html, CLI_CHECK_HINT)
     if as_json:
         payload = result.to_dict()
         check = result.causal
         causal = None if check is None else {**dataclasses.asdict(check), "matters": check.matters}
         typer.echo(
             json.dumps(
-                {"answer": result.meta.answer, "causal_check": causal, "map_notes": result.map_notes(), **payload}
+                {
+                    "answer": result.meta.answer,
+                    "causal_check": causal,
+                    "map_notes": result.map_notes(CLI_CHECK_HINT),
+                    **payload,
+                }
             )
         )
         return

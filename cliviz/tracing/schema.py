@@ -36,6 +36,7 @@ SCHEMA_VERSION = 3
 # schema 1 lacks the causal-check columns (read as None), schema 2 lacks gate_positions (every position kept)
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 ROLES = ("image", "prompt", "answer")
+PYTHON_CHECK_HINT = "trace it with causal_check=True"  # how a missing causal check is recorded, in Python terms
 # The per-trace arrays, in the order of `to_dict()` and of the trace file's columns.
 ARRAY_FIELDS = (
     "token_ids",
@@ -125,14 +126,16 @@ class Trace:
             m.injection_off_answer or "", bool(m.injection_off_changed), float(m.injection_off_delta_logprob)
         )
 
-    def map_notes(self) -> list[str]:
-        """What to print beside this trace's gate map: the fusion's kind of map and the causal check."""
+    def map_notes(self, how_to_check: str = PYTHON_CHECK_HINT) -> list[str]:
+        """What to print beside this trace's gate map: the fusion's kind of map and the causal check.
+        `how_to_check`: how the reader records a missing check (the Python keyword by default; the
+        command line passes its flag, `cliviz.cli.render.CLI_CHECK_HINT`)."""
         notes = [n for n in [map_kind_note(self.meta.fusion, self.meta.injection_layers, self.meta.vision_layers)] if n]
         check = self.causal
         if check is not None:
             notes.append(check.summary(self.answer_texts[0] if len(self.answer_texts) else ""))
         elif self.meta.fusion != "projector":
-            notes.append("causal check not recorded for this trace (trace it with causal_check=True).")
+            notes.append(f"causal check not recorded for this trace ({how_to_check}).")
         return notes
 
     def heatmap(self, token: int | None = None, role: str | None = None):
