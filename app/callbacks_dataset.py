@@ -13,8 +13,22 @@ from cliviz.app.callbacks_explore import message_figure
 from cliviz.errors import CLIVizError
 
 
+def accuracy_cells(correct: int, refs: int) -> list[html.Td]:
+    """Accuracy as `k/n = 0.xx` and its 95% Wilson interval (`cliviz.intervals`), as `cliviz eval` and
+    `cliviz compare` print them: a few questions per type leave a wide interval, and it shows."""
+    from cliviz.intervals import format_interval, wilson_interval
+
+    if not refs:
+        return [html.Td("—"), html.Td("—")]
+    return [
+        html.Td(f"{correct}/{refs} = {correct / refs:.2f}"),
+        html.Td(format_interval(*wilson_interval(correct, refs))),
+    ]
+
+
 def summary_table(backend: Backend) -> html.Table:
-    """Traces per question type and, where references are stored, accuracy."""
+    """Traces per question type and, where references are stored, accuracy with its 95% Wilson
+    interval; the whole set in the footer."""
     meta = backend.traces.meta_frame()
     meta["qtype"] = meta["qtype"].fillna("unknown")
     has_ref = meta["reference_answer"].notna()
@@ -22,14 +36,19 @@ def summary_table(backend: Backend) -> html.Table:
     rows = []
     for qtype, group in meta.groupby("qtype", sort=True):
         refs = int(has_ref[group.index].sum())
-        acc = f"{group['correct'].sum() / refs:.0%}" if refs else "—"
-        rows.append(html.Tr([html.Td(str(qtype)), html.Td(str(len(group))), html.Td(acc)]))
+        cells = accuracy_cells(int(group["correct"].sum()), refs)
+        rows.append(html.Tr([html.Td(str(qtype)), html.Td(str(len(group))), *cells]))
+    total = html.Tr(
+        [html.Th("all types"), html.Th(str(len(meta))), *accuracy_cells(int(meta["correct"].sum()), int(has_ref.sum()))]
+    )
     return html.Table(
         className="compare",
         id="dataset-table",
+        title="accuracy: exact answer match with the stored reference; 95% CI: Wilson interval",
         children=[
-            html.Thead(html.Tr([html.Th("question type"), html.Th("traces"), html.Th("accuracy")])),
+            html.Thead(html.Tr([html.Th("question type"), html.Th("traces"), html.Th("accuracy"), html.Th("95% CI")])),
             html.Tbody(rows),
+            html.Tfoot(total, id="dataset-total"),
         ],
     )
 
@@ -44,6 +63,7 @@ def entropy_figure(summary) -> go.Figure:
     labels = rows.labels("qtype")
     groups = [("all traces", np.ones(len(rows), dtype=bool))] + [(g, labels == g) for g in sorted(set(labels.tolist()))]
     x = [f"L{i}" for i in rows.injection_layers]
+    palette = [c for c in QUALITATIVE if c != "#000000"]  # "all traces" (#555) stays the only dark line
     for j, (name, mask) in enumerate(groups):
         if not mask.any():
             continue
@@ -55,7 +75,7 @@ def entropy_figure(summary) -> go.Figure:
                 name=f"{name} (n={n_traces})",
                 mode="lines+markers",
                 line={
-                    "color": "#555" if j == 0 else QUALITATIVE[(j - 1) % len(QUALITATIVE)],
+                    "color": "#555" if j == 0 else palette[(j - 1) % len(palette)],
                     "width": 3 if j == 0 else 1.5,
                     "dash": "solid",
                 },
@@ -115,7 +135,9 @@ def render_dataset(backend: Backend, select: str | None) -> tuple[Any, Any, Any,
     except CLIVizError as err:
         blank = message_figure(str(err))
         return blank, blank, "", str(err)
-    return heat, entropy, summary_table(backend), ""
+    untrained = summary.untrained_note  # also in the maps' title (summary.note); said first here too
+    warning = [html.Div(untrained, id="dataset-untrained", className="warning")] if untrained else []
+    return heat, entropy, [*warning, summary_table(backend)], ""
 
 
 def register(app: Dash, backend: Backend) -> None:
