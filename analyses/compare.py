@@ -212,7 +212,7 @@ def run_comparison(
 def comparison_figure(table: pd.DataFrame, title: str = "accuracy per question type") -> go.Figure:
     """Grouped bars: accuracy per question type (`overall` last), one colour per model, each bar with
     its 95% Wilson interval as an error bar (when the table carries `ci_low` / `ci_high`)."""
-    from cliviz.analyses.heatmaps import QUALITATIVE
+    from cliviz.analyses.heatmaps import QUALITATIVE, wrap_html
 
     fig = go.Figure()
     with_ci = {"ci_low", "ci_high"} <= set(table.columns)
@@ -237,15 +237,27 @@ def comparison_figure(table: pd.DataFrame, title: str = "accuracy per question t
             customdata=part[["n"]].to_numpy() if "n" in part else None,
             hovertemplate="%{x}: %{y:.3f} (n = %{customdata[0]})<extra>" + label + "</extra>",
         )
+    heading, lines = wrap_html(title + (" — bars: 95% Wilson intervals" if with_ci else ""), 90)
     fig.update_layout(
-        title=title + (" — bars: 95% Wilson intervals" if with_ci else ""),
+        title=heading,
         barmode="group",
         yaxis={"title": "accuracy", "range": [0, 1]},
         template="simple_white",
         legend={"orientation": "h", "y": -0.15},
-        margin={"t": 70},
+        margin={"t": 50 + 20 * lines},
     )
     return fig
+
+
+def question_count(table: pd.DataFrame) -> str:
+    """` (N questions each)` from the `overall` rows' `n` (` (N1 / N2 questions)` when the models' counts
+    differ): what each accuracy of the page rests on; empty when the table does not say."""
+    if "n" not in table or "qtype" not in table:
+        return ""
+    counts = list(dict.fromkeys(int(n) for n in table.loc[table["qtype"] == "overall", "n"]))
+    if not counts:
+        return ""
+    return f" ({counts[0]} questions each)" if len(counts) == 1 else f" ({' / '.join(map(str, counts))} questions)"
 
 
 def comparison_page(table: pd.DataFrame, stability: pd.DataFrame, data: str = "") -> str:
@@ -254,7 +266,8 @@ def comparison_page(table: pd.DataFrame, stability: pd.DataFrame, data: str = ""
     import html as html_lib
 
     models = ", ".join(dict.fromkeys(table["model"]))
-    head = f"Comparison of {models}" + (f" on {data}" if data else "")
+    where = (f" on {data}" if data else "") + question_count(table)
+    head = f"Comparison of {models}{where}"
     shown = table.copy()
     if {"ci_low", "ci_high"} <= set(shown.columns):
         shown["95% CI"] = [f"{lo:.2f}–{hi:.2f}" for lo, hi in zip(shown.ci_low, shown.ci_high)]
@@ -265,9 +278,7 @@ def comparison_page(table: pd.DataFrame, stability: pd.DataFrame, data: str = ""
         f"<body style='font-family:sans-serif'><h2>{html_lib.escape(head)}</h2>",
         "<p>Accuracy with 95% Wilson intervals: with a few questions per type, differences inside the "
         "intervals are not evidence.</p>",
-        comparison_figure(table, f"accuracy per question type{' on ' + data if data else ''}").to_html(
-            full_html=False, include_plotlyjs=True
-        ),
+        comparison_figure(table, f"accuracy of {models}{where}").to_html(full_html=False, include_plotlyjs=True),
         shown.to_html(index=False),
     ]
     if len(stability):

@@ -21,6 +21,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from cliviz._version import __version__ as __version__  # one source: pyproject.toml, via importlib.metadata
+from cliviz.progress_bars import plain_bars_without_widgets
+
+plain_bars_without_widgets()  # in Jupyter without ipywidgets: tqdm's plain bar, without its install warning
 
 # public name -> home module (attribute of the same name there); a module path ending in ":module"
 # names a module exported as a whole.

@@ -39,9 +39,11 @@ def scene_mismatch(image: Image.Image) -> str | None:
         return f"it is {image.width}x{image.height} px, not {IMAGE_SIZE}x{IMAGE_SIZE}"
     share = background_share(image)
     if share < MIN_BACKGROUND_SHARE:
-        return (
-            f"only {share:.0%} of it is the scenes' dark background (a scene has at least {MIN_BACKGROUND_SHARE:.0%})"
-        )
+        # an all-black picture is dark but not the scenes' background: name the colour, not "dark"
+        colour = "RGB {}, {}, {}".format(*BACKGROUND)
+        found = "none of its pixels has" if share == 0 else f"only {share:.0%} of its pixels have"
+        least = f"{MIN_BACKGROUND_SHARE:.0%}"
+        return f"{found} the scenes' background colour {colour}, which covers at least {least} of every scene"
     return None
 
 

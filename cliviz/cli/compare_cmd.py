@@ -143,8 +143,10 @@ def compare_cmd(
             )
         )
         return
+    from cliviz.cli.render import keep_words_whole
+
     console = Console()
-    console.print(_accuracy_table(result.accuracy, data))
+    console.print(keep_words_whole(_accuracy_table(result.accuracy, data)))
     if len(result.stability):
         console.print(_stability_table(result.summary))
         console.print(_pairs_table(result.pairs))

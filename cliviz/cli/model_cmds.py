@@ -52,6 +52,7 @@ def eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy overall and per question type."""
+    from cliviz.cli.render import keep_words_whole
     from cliviz.data.samples import read_jsonl
     from cliviz.evaluation import evaluate
     from cliviz.intervals import format_interval
@@ -86,7 +87,7 @@ def eval_cmd(
     table.add_row(
         "[bold]overall", f"[bold]{result['overall']:.3f}", format_interval(*ci["overall"]), str(result["n"]), *extra
     )
-    console.print(table)
+    console.print(keep_words_whole(table))
     for reason, count in result["skipped"].items():
         console.print(f"[yellow]skipped {count} rows: {reason}[/]")
 

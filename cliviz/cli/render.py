@@ -12,6 +12,15 @@ from rich.text import Text
 from cliviz.tracing.schema import Trace
 
 
+def keep_words_whole(table: Table) -> Table:
+    """Widen `table` to its title's and caption's longest word (a model or data path): rich wraps a
+    title at the table's width and would cut a path in the middle. A terminal narrower still folds."""
+    words = f"{table.title or ''} {table.caption or ''}".split()
+    longest = max((len(w) for w in words), default=0)
+    table.min_width = max(table.min_width or 0, longest + 2)
+    return table
+
+
 def _shade(value: float) -> str:
     """Cividis-like ramp from dark blue to yellow for a value in [0, 1]."""
     v = min(max(value, 0.0), 1.0)
