@@ -40,10 +40,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -238,6 +239,17 @@ def fold_count(tasks: Sequence[ProbeTask], folds: int) -> int:
     return max(2, allowed)
 
 
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Small probe fits (hundreds of rows, 64-4,096 features) gain nothing from BLAS threads, and
+    OpenBLAS's spinning threads make each fit many times slower when another process holds a core
+    (measured 0.058 s vs 0.0043 s per fit; `benchmarks/bench_probes.py`)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _fold_counts(X: np.ndarray, f: _Folds, C: float) -> np.ndarray:
     """Per fold: [probe correct, majority-baseline correct, test size] -> `[folds, 3]`."""
     from sklearn.exceptions import ConvergenceWarning
@@ -357,18 +369,19 @@ def probe_layers(
         return all(f.task.objects is not None for f in prop_folds)
 
     total = len(chosen) * sum(len(_features(states, p.level, per_object(fs))) for p, fs in prepared.items())
-    for k in chosen:
-        for prop, prop_folds in prepared.items():
-            for feature, mats in _features(states, prop.level, per_object(prop_folds)):
-                counts = sum(_fold_counts(mats[k][_rows_of(f.task, feature)], f, C) for f in prop_folds)
-                ctrl = None
-                if permuted_control and prop.level == "image":  # patch probes: use control=True (cost)
-                    ctrl = sum(
-                        _fold_counts(mats[k][_rows_of(f.task, feature)], _permuted(f, seed), C) for f in prop_folds
-                    )
-                rows.append(_row(k, feature, prop, prop_folds, counts, layout, ctrl))
-                if progress is not None:
-                    progress("probes", len(rows), total)
+    with one_blas_thread():  # thousands of small fits: BLAS threads only spin (13x slower on a busy box)
+        for k in chosen:
+            for prop, prop_folds in prepared.items():
+                for feature, mats in _features(states, prop.level, per_object(prop_folds)):
+                    counts = sum(_fold_counts(mats[k][_rows_of(f.task, feature)], f, C) for f in prop_folds)
+                    ctrl = None
+                    if permuted_control and prop.level == "image":  # patch probes: use control=True (cost)
+                        ctrl = sum(
+                            _fold_counts(mats[k][_rows_of(f.task, feature)], _permuted(f, seed), C) for f in prop_folds
+                        )
+                    rows.append(_row(k, feature, prop, prop_folds, counts, layout, ctrl))
+                    if progress is not None:
+                        progress("probes", len(rows), total)
     frame = pd.DataFrame(rows)
     if frame.empty:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items())

@@ -228,6 +228,8 @@ def probe_qtype(
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    from cliviz.analyses.probes import one_blas_thread
+
     X, meta = trace_gate_vectors(traces, select)
     known = meta.qtype.notna().to_numpy()
     X, meta = X[known], meta[known].reset_index(drop=True)
@@ -247,7 +249,8 @@ def probe_qtype(
     accs = []
     for f, (tr, te) in enumerate(cv.split(X, y)):
         clf = LogisticRegression(C=C, max_iter=2000)
-        clf.fit(X[tr], y[tr])
+        with one_blas_thread():
+            clf.fit(X[tr], y[tr])
         pred[te] = clf.predict(X[te])
         fold[te] = f
         accs.append(float(np.mean(pred[te] == y[te])))
