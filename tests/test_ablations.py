@@ -14,7 +14,7 @@ from cliviz.analyses import ablations as A
 from cliviz.data import iter_samples
 from cliviz.errors import CLIVizError
 
-from conftest import EXAMPLES, assert_clean_error, build_tiny, run_cli
+from conftest import EXAMPLES, assert_clean_error, build_tiny, run_main
 from oracles import naive_knockout_grid
 
 NUM = ["logprob_ref", "logprob_own", "logprob_ref_seq"]
@@ -241,7 +241,7 @@ def test_bad_ablations_are_one_line_errors(cli_model):
 
 def test_cli_single_image_grid_and_json(random_model_dir, tmp_path):
     out = tmp_path / "grid.parquet"
-    proc = run_cli(
+    proc = run_main(
         "ablate",
         str(EXAMPLES / "color.png"),
         "what color is the triangle ?",
@@ -281,7 +281,7 @@ def test_cli_data_rich_summary(random_model_dir, tmp_path):
 
     write_dataset(tmp_path / "d", 6, seed=4)
     out = tmp_path / "off.parquet"
-    proc = run_cli(
+    proc = run_main(
         "ablate",
         "--data",
         str(tmp_path / "d"),
@@ -326,7 +326,7 @@ def test_cli_data_rich_summary(random_model_dir, tmp_path):
 )
 def test_cli_bad_inputs(args, needle, tmp_path, random_model_dir):
     filled = [a.format(img=EXAMPLES / "color.png", tmp=tmp_path, model=random_model_dir) for a in args]
-    assert_clean_error(run_cli("ablate", *filled), needle)
+    assert_clean_error(run_main("ablate", *filled), needle)
     assert not (tmp_path / "a.parquet").exists()
 
 

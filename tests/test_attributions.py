@@ -17,7 +17,7 @@ from cliviz.errors import CLIVizError
 from cliviz.inference import prepare_inputs
 from cliviz.tracing.traceset import TraceSet
 
-from conftest import EXAMPLES, assert_clean_error, build_tiny, run_cli
+from conftest import EXAMPLES, assert_clean_error, build_tiny, run_main
 
 torch.set_num_threads(1)  # training jobs share this machine
 
@@ -341,7 +341,7 @@ def test_deepstack_has_gates_but_no_patch_memory():
 def test_cli_json_out_html(random_model_dir, tmp_path):
     parquet, page = tmp_path / "a.parquet", tmp_path / "a.html"
     args = ("attribute", str(EXAMPLES / "color.png"), "what color is the triangle ?", "--model", str(random_model_dir))
-    proc = run_cli(*args, "--steps", "8", "--json", "--out", str(parquet), "--html", str(page))
+    proc = run_main(*args, "--steps", "8", "--json", "--out", str(parquet), "--html", str(page))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["method"] == "ig" and len(out["gate_cells"]) == len(out["answer_tokens"]) == len(
@@ -353,18 +353,18 @@ def test_cli_json_out_html(random_model_dir, tmp_path):
     assert len(ts) == 1 and set(ARRAY_NAMES) <= set(ts[0].attributions)
     text = page.read_text()
     assert "Plotly.newPlot" in text and '<script src="http' not in text and len(text) > 1_000_000
-    proc = run_cli(*args, "--method", "gxi", "--out", str(parquet))  # rich view, appends
+    proc = run_main(*args, "--method", "gxi", "--out", str(parquet))  # rich view, appends
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "gate cells" in proc.stdout and "completeness" in proc.stdout
     assert "gradient × input (gxi)" in " ".join(proc.stdout.split())
     assert len(pd.read_parquet(parquet)) == 2
-    proc = run_cli(*args, "--steps", "8", "--target", "logit")
+    proc = run_main(*args, "--steps", "8", "--target", "logit")
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and "target f: logit" in text and "floor = 0.001" in text, proc.stdout
 
 
 def test_cli_missing_image_end_to_end(random_model_dir):
-    proc = run_cli("attribute", "nope.png", "what color is the triangle ?", "--model", str(random_model_dir))
+    proc = run_main("attribute", "nope.png", "what color is the triangle ?", "--model", str(random_model_dir))
     assert_clean_error(proc, "not found")
 
 

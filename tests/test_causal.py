@@ -16,7 +16,7 @@ from cliviz.tracing import trace, trace_batch
 from cliviz.tracing.causal import NEGLIGIBLE_NATS, CausalCheck, map_kind_note
 from cliviz.tracing.traceset import TraceSet
 
-from conftest import EXAMPLES, build_tiny, run_cli
+from conftest import EXAMPLES, build_tiny, run_main
 
 torch.set_num_threads(1)
 
@@ -138,17 +138,17 @@ def test_command_line_shows_the_check_everywhere(random_model_dir, tmp_path):
         "--max-new-tokens",
         "2",
     )
-    proc = run_cli(*args, "--json")
+    proc = run_main(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     check = out["causal_check"]
     assert set(check) == {"answer_off", "changed", "delta_logprob", "matters"}
     assert out["meta"]["injection_off_delta_logprob"] == check["delta_logprob"]
     assert out["map_notes"][-1].startswith("injection off (all layers)")
-    skipped = json.loads(run_cli(*args, "--json", "--no-causal-check").stdout)
+    skipped = json.loads(run_main(*args, "--json", "--no-causal-check").stdout)
     assert skipped["causal_check"] is None and "not recorded" in skipped["map_notes"][-1]
     page = tmp_path / "t.html"
-    proc = run_cli(*args, "--html", str(page), "--out", str(tmp_path / "t.parquet"))
+    proc = run_main(*args, "--html", str(page), "--out", str(tmp_path / "t.parquet"))
     assert proc.returncode == 0, proc.stderr
     assert "injection off (all layers)" in " ".join(proc.stdout.split())
     assert "injection off (all layers)" in page.read_text()

@@ -14,7 +14,7 @@ import pytest
 from cliviz.analyses.compare import seed_stability
 from cliviz.data import write_dataset
 
-from conftest import REPO, assert_clean_error, build_tiny, run_cli
+from conftest import REPO, assert_clean_error, build_tiny, run_main
 
 
 def test_seed_stability_numbers():
@@ -72,7 +72,7 @@ def test_compare_command(saved_models, tmp_path):
     args = ["compare", "--data", str(data), "--out", str(tmp_path / "cmp"), "--stability-samples", "14"]
     for d in dirs:
         args += ["--models", str(d)]
-    proc = run_cli(*args, "--json")
+    proc = run_main(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     table = pd.DataFrame(result["accuracy"])
@@ -90,7 +90,7 @@ def test_compare_command(saved_models, tmp_path):
     assert (tmp_path / "cmp" / "compare.csv").is_file() and (tmp_path / "cmp" / "compare.html").is_file()
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "<title>Comparison of cli-0, cli-1, projector-0 on" in page and "Wilson" in page and "95% CI" in page
-    assert_clean_error(run_cli("compare", "--data", str(tmp_path / "nodata"), "--models", str(dirs[0])), "not found")
+    assert_clean_error(run_main("compare", "--data", str(tmp_path / "nodata"), "--models", str(dirs[0])), "not found")
 
 
 def test_stability_mean_row_and_pair_summary():

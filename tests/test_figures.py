@@ -18,7 +18,7 @@ from cliviz.analyses.figures import FORMATS, WIDTHS, build_figure_set, make_figu
 from cliviz.errors import CLIVizError
 from cliviz.tracing.traceset import TraceSet, write_traces
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_main
 from factories import hand_trace, synthetic_traces
 
 STANDARD = [
@@ -130,7 +130,7 @@ def test_pdf_renders_to_a_non_blank_page_with_vector_text(figure_set, tmp_path) 
 
 
 def test_cli_writes_a_set_and_reports_it(inputs, tmp_path) -> None:
-    proc = run_cli(
+    proc = run_main(
         "figures",
         str(inputs["traces"]),
         "--out",
@@ -152,9 +152,9 @@ def test_cli_writes_a_set_and_reports_it(inputs, tmp_path) -> None:
 def test_cli_corrupt_trace_file_is_one_line_exit_2(tmp_path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(np.random.default_rng(0).bytes(2048))
-    assert_clean_error(run_cli("figures", str(bad), "--out", str(tmp_path / "o")), "not a readable Parquet file")
+    assert_clean_error(run_main("figures", str(bad), "--out", str(tmp_path / "o")), "not a readable Parquet file")
     assert_clean_error(
-        run_cli("figures", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")), "does not exist"
+        run_main("figures", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")), "does not exist"
     )
 
 
@@ -202,7 +202,7 @@ def test_mixed_layers_refused_and_one_type_skips_probe(tmp_path) -> None:
 def test_cli_broken_browser_is_one_line_exit_2(inputs, tmp_path, monkeypatch) -> None:
     # an executable that is not Chromium: kaleido's browser dies at start; no hang, no traceback
     monkeypatch.setenv("BROWSER_PATH", "/bin/true")
-    proc = run_cli("figures", str(inputs["traces"]), "--out", str(tmp_path / "o"), "--format", "svg")
+    proc = run_main("figures", str(inputs["traces"]), "--out", str(tmp_path / "o"), "--format", "svg")
     assert_clean_error(proc, "failed during figure export")
 
 

@@ -9,7 +9,7 @@ import torch
 from llava_folders import llava15_folder
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_main
 
 torch.set_num_threads(1)
 
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
     base = llava15_folder(root / "base", dtype=torch.float32)
-    proc = run_cli("attach", "--base", str(base), "--out", str(root / "cli"))
+    proc = run_main("attach", "--base", str(base), "--out", str(root / "cli"))
     assert proc.returncode == 0, proc.stderr
     from cliviz.model.loading import load_model
 
@@ -52,9 +52,9 @@ def test_a_long_trace_records_every_step(real):
 def test_max_new_tokens_bounds(real):
     image = str(real["folder"] / "x.png")
     real["image"].save(image)
-    refused = run_cli("ask", image, "hi", "--model", str(real["folder"]), "--max-new-tokens", "1025")
+    refused = run_main("ask", image, "hi", "--model", str(real["folder"]), "--max-new-tokens", "1025")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr and "1024" in refused.stderr
-    proc = run_cli("ask", image, "hi", "--model", str(real["folder"]), "--max-new-tokens", "1024", "--device", "cpu")
+    proc = run_main("ask", image, "hi", "--model", str(real["folder"]), "--max-new-tokens", "1024", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -112,7 +112,7 @@ def test_eval_scores_free_text_by_the_whole_reference(real, tmp_path):
         },
     ]
     (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    proc = run_cli("eval", "--data", str(tmp_path), "--model", str(real["folder"]), "--device", "cpu", "--json")
+    proc = run_main("eval", "--data", str(tmp_path), "--model", str(real["folder"]), "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["n"] == 2 and out["reference_logprob"]["overall"] < 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_clean_error, build_tiny, run_cli
+from conftest import assert_clean_error, build_tiny, run_main
 
 torch.set_num_threads(1)
 
@@ -320,7 +320,7 @@ def test_permuted_labels_fall_to_the_baseline(tiny, scenes):
 
 def test_command_writes_tables_and_figure(tmp_path, random_model_dir):
     out = tmp_path / "probes"
-    proc = run_cli(
+    proc = run_main(
         "probe-layers",
         "--model",
         str(random_model_dir),
@@ -353,7 +353,7 @@ def test_command_reads_a_data_folder(tmp_path, random_model_dir):
     from cliviz.data import write_dataset
 
     write_dataset(tmp_path / "d", 21, seed=2)
-    proc = run_cli(
+    proc = run_main(
         "probe-layers",
         "--model",
         str(random_model_dir),
@@ -383,5 +383,5 @@ def test_bad_input_is_one_line_exit_2(tmp_path, random_model_dir, args, needle):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "EMPTY" / "samples.jsonl").write_text("")
     args = [str(tmp_path / a) if a in ("EMPTY", "NOWHERE") else a for a in args]
-    proc = run_cli("probe-layers", "--model", str(random_model_dir), "--n", "12", *args)
+    proc = run_main("probe-layers", "--model", str(random_model_dir), "--n", "12", *args)
     assert_clean_error(proc, needle)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, run_main
 
 N_SAMPLES = 16
 BATCH, CHUNK = 4, 8
@@ -48,7 +48,7 @@ def data_dir(tmp_path_factory) -> Path:
 def baseline(tmp_path_factory, data_dir, random_model_dir):
     """One uninterrupted single-process sweep through the command line."""
     out = tmp_path_factory.mktemp("sweep-base") / "traces.parquet"
-    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN)
+    proc = run_main("sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN)
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -127,7 +127,7 @@ def test_sweep_writes_one_row_per_sample(baseline, data_dir):
     ]
     assert len(rows) == N_SAMPLES
     expected_ids = [
-        f"L{n}:{json.loads(line)['image']}"
+        f"line{n}:{json.loads(line)['image']}"
         for n, line in enumerate((data_dir / "samples.jsonl").read_text().splitlines(), 1)
         if n not in (3, 9)
     ]
@@ -162,7 +162,7 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
     assert not list(tmp_path.glob(".*.tmp")) and not list(out.glob(".*"))  # no temporary file left behind
     (out / ".part-00000002.parquet.0123456789ab.tmp").write_bytes(b"half a part")  # a kill mid-append
 
-    proc = run_cli(
+    proc = run_main(
         "sweep", "--data", str(data_dir), "--out", str(out), "--model", str(random_model_dir), *GEN, "--resume"
     )
     assert proc.returncode == 0, proc.stderr
@@ -172,7 +172,7 @@ def test_interrupted_sweep_resumes_to_the_same_set(baseline, data_dir, random_mo
 
     # resuming a finished sweep does nothing (no model work) and leaves the set as it is
     before = _snapshot(out)
-    proc = run_cli("sweep", "--data", str(data_dir), "--out", str(out), "--model", "no/such/model", *GEN, "--resume")
+    proc = run_main("sweep", "--data", str(data_dir), "--out", str(out), "--model", "no/such/model", *GEN, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "0 traced now" in proc.stdout
     assert _snapshot(out) == before
@@ -186,7 +186,7 @@ def test_resume_refuses_corrupt_and_other_schema_files(
     first = corrupt / "part-00000001.parquet"
     first.write_bytes(first.read_bytes()[:300])
     before = _snapshot(corrupt)
-    proc = run_cli(
+    proc = run_main(
         "sweep", "--data", str(data_dir), "--out", str(corrupt), "--model", str(random_model_dir), *GEN, "--resume"
     )
     assert_clean_error(proc, "not a readable Parquet file")

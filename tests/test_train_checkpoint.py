@@ -16,7 +16,7 @@ from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, run_main
 
 torch.set_num_threads(1)
 CLI_PREFIXES = ("amp.", "read_kv.", "agf.")
@@ -70,7 +70,7 @@ def setup(tmp_path_factory) -> dict:
     out = {}
     for family, build in (("llava", llava15_folder), ("onevision", onevision_folder)):
         base = build(root / f"{family}-base", dtype=torch.float16)
-        proc = run_cli("attach", "--base", str(base), "--out", str(root / family))
+        proc = run_main("attach", "--base", str(base), "--out", str(root / family))
         assert proc.returncode == 0, proc.stderr
         out[family] = root / family
     out["data"], out["images"] = write_llava_data(root / "data")
@@ -110,7 +110,7 @@ def test_cli_only_training_of_an_attached_checkpoint(setup, family, tmp_path):
     """The loss falls, the base stays bit-identical (and float16, as stored), alpha and the gates
     move, bad rows are counted, and the trained folder answers in ask and trace."""
     out = tmp_path / "trained"
-    proc = run_cli(*train_args(setup, family, out, "--steps", "30", "--batch-size", "8"))
+    proc = run_main(*train_args(setup, family, out, "--steps", "30", "--batch-size", "8"))
     assert proc.returncode == 0, proc.stderr
     assert "skipped" in proc.stdout and "missing_image" in proc.stdout and "no_image_token" in proc.stdout
     curve = losses(out)
@@ -137,7 +137,7 @@ def test_cli_only_training_of_an_attached_checkpoint(setup, family, tmp_path):
         ["ask", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"],
         ["trace", str(image), "What color is the picture?", "--max-new-tokens", "4", "--json"],
     ):
-        proc = run_cli(*command, "--model", str(out), "--device", "cpu")
+        proc = run_main(*command, "--model", str(out), "--device", "cpu")
         assert proc.returncode == 0, proc.stderr
     from cliviz.app.factory import load_backend  # and the dashboard's backend serves it
 
@@ -190,7 +190,7 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_two_processes_equal_one_with_the_doubled_batch(setup, mode, tmp_path):
     """gloo on CPU: 2 processes x batch 4 give the loss curve and weights of 1 process x batch 8."""
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_cli(*train_args(setup, "llava", one, "--steps", "5", "--batch-size", "8"))
+    proc = run_main(*train_args(setup, "llava", one, "--steps", "5", "--batch-size", "8"))
     assert proc.returncode == 0, proc.stderr
     proc = torchrun(*train_args(setup, "llava", two, "--steps", "5", "--batch-size", "4", "--distributed", mode))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -206,12 +206,12 @@ def test_resume_and_gradient_checkpointing_give_the_same_run(setup, tmp_path):
     common = ("--steps", "4", "--batch-size", "4")
     straight, half, rest, checkpointed = (tmp_path / n for n in ("straight", "half", "rest", "gc"))
     for out, extra in ((straight, ()), (half, ("--stop-step", "2")), (checkpointed, ("--gradient-checkpointing",))):
-        proc = run_cli(*train_args(setup, "onevision", out, *common, *extra))
+        proc = run_main(*train_args(setup, "onevision", out, *common, *extra))
         assert proc.returncode == 0, proc.stderr
     assert (half / "train_state.safetensors").is_file() and not (straight / "train_state.safetensors").exists()
     state_mb = (half / "train_state.safetensors").stat().st_size / 2**20
     assert state_mb < (half / "model.safetensors").stat().st_size / 2**20  # trained weights + moments only
-    proc = run_cli("train", "--resume", str(half), "--out", str(rest))
+    proc = run_main("train", "--resume", str(half), "--out", str(rest))
     assert proc.returncode == 0, proc.stderr
     a = load_file(straight / "model.safetensors")
     for other in (rest, checkpointed):
@@ -222,14 +222,14 @@ def test_resume_and_gradient_checkpointing_give_the_same_run(setup, tmp_path):
 
 def test_bad_training_options_are_one_line(setup, tmp_path):
     base = ["train", "--out", str(tmp_path / "x"), "--steps", "2"]
-    assert_clean_error(run_cli(*base, "--init-from", str(tmp_path)), "not a model folder")
+    assert_clean_error(run_main(*base, "--init-from", str(tmp_path)), "not a model folder")
     assert_clean_error(
-        run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(tmp_path / "none.json")), "not found"
+        run_main(*base, "--init-from", str(setup["llava"]), "--data", str(tmp_path / "none.json")), "not found"
     )
     assert_clean_error(
-        run_cli(*base, "--init-from", str(setup["llava"]), "--data", str(setup["data"]), "--train", "lora"),
+        run_main(*base, "--init-from", str(setup["llava"]), "--data", str(setup["data"]), "--train", "lora"),
         "unknown train choice",
     )
-    assert_clean_error(run_cli(*base, "--distributed", "mpi"), "unknown distributed mode")
-    assert_clean_error(run_cli("train", "--out", str(tmp_path / "y")), "--steps or --minutes")
+    assert_clean_error(run_main(*base, "--distributed", "mpi"), "unknown distributed mode")
+    assert_clean_error(run_main("train", "--out", str(tmp_path / "y")), "--steps or --minutes")
     assert not (tmp_path / "x").exists()

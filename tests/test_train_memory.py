@@ -69,9 +69,9 @@ def test_low_precision_trains_on_the_cpu(setup, dtype, tmp_path):
 
 
 def test_float16_train_command_runs(setup, tmp_path):
-    from conftest import run_cli
+    from conftest import run_main
 
-    proc = run_cli(
+    proc = run_main(
         "train",
         "--init-from",
         str(setup["cli"]),

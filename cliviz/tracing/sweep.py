@@ -2,8 +2,8 @@
 
 `run_sweep(data, out, ...)` is the whole job (`cliviz sweep` parses its options and prints what it
 returns). A sweep walks the usable rows of a ShapesVQA-style JSONL file in file order. Every
-sample has a stable id, ``L<line>:<image path>`` (the JSONL line number and the image path as
-written in the file, e.g. ``L12:images/x.png``), stored as ``meta.sample_id`` together with the
+sample has a stable id, ``line<n>:<image path>`` (the JSONL line number and the image path as
+written in the file, e.g. ``line12:images/x.png``; not ``L12``, which reads as LLM layer 12), stored as ``meta.sample_id`` together with the
 row's question type and reference answer.
 
 Work is done in chunks of ``chunk_size`` samples, each split into batches of ``batch_size`` that go
@@ -110,13 +110,13 @@ class World:
 
 
 def sample_id(record: Record, data_dir: Path) -> str:
-    """``L<line>:<image path>``, the path relative to the JSONL's folder when it lies inside it."""
+    """``line<n>:<image path>``, the path relative to the JSONL's folder when it lies inside it."""
     path = record.image_path
     try:
         shown = path.relative_to(data_dir).as_posix()
     except ValueError:
         shown = path.as_posix()
-    return f"L{record.line}:{shown}"
+    return f"line{record.line}:{shown}"
 
 
 def plan_sweep(dataset: DataSet, data: str | os.PathLike) -> list[SweepItem]:
