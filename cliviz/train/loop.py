@@ -170,6 +170,7 @@ class Trainer:
         earlier: list[dict] = []
         if resume is not None:
             restore(resume, self.trainee, self.opt)
+            self._restore_scaler(resume)
             self.step, self.seconds_before = resume.step, resume.seconds
             self.resumed_at = resume.resumed_at + [resume.step]
             self.recent_loss.extend(resume.recent("loss"))
@@ -186,6 +187,23 @@ class Trainer:
         self.log = TrainingLog(out, earlier, enabled=self.where.main)
         self.loader = self._loader()
         self.start = time.monotonic()
+
+    def _restore_scaler(self, resume: SavedState) -> None:
+        """The float16 loss scale where the saved run left it; a state without one (written before it
+        was saved) still resumes, its scale starting afresh, and says so once."""
+        if self.precision.load_scaler(resume.scaler) or not self.where.main:
+            return
+        from cliviz.arguments import warn
+
+        start = self.precision.scaler.get_scale() if self.precision.scaler is not None else float("nan")
+        warn(
+            [
+                f"the training state of {resume.run} holds no float16 loss scale (an older cliviz wrote "
+                "it, or a run in another dtype): "
+                f"the scale restarts at {start:g}, so the resumed run may skip or take steps the "
+                "uninterrupted one would not"
+            ]
+        )
 
     # ------------------------------------------------------------------------------ data
     def _require_data(self) -> None:
@@ -358,6 +376,7 @@ class Trainer:
             recent={"loss": list(self.recent_loss), "acc": list(self.recent_acc)},
             data=data,
             main=self.where.main,
+            scaler=self.precision.scaler_state(),
         )
 
     def save_model(self, summary: dict | None = None) -> None:

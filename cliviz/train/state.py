@@ -7,6 +7,8 @@ loop carries from one step to the next, as tensors plus JSON metadata — nothin
 a frozen base is rebuilt from `init_from` (its weights never change), so the state of CLI-only
 training on a 7B base is megabytes, not gigabytes. Weights and optimiser state are gathered with
 `torch.distributed.checkpoint.state_dict`, which serves a plain module, DDP and FSDP alike.
+A float16 run's loss scaler is saved too (metadata `scaler`, JSON numbers); a state without it (an
+older file) still resumes, its scaler starting afresh, with a warning that the run is no longer exact.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SavedState:
     data: dict  # DataSummary.to_dict() at the saved step (where the data stream resumes)
     tensors: dict[str, torch.Tensor]
     param_groups: list[dict]
+    scaler: dict | None = None  # a float16 run's GradScaler state (Precision.scaler_state); None: none saved
 
     def recent(self, name: str) -> list[float]:
         """The running window `name` ("loss" or "acc") as it stood at the saved step."""
@@ -82,10 +85,12 @@ def write_train_state(
     recent: dict[str, list[float]],
     data: dict,
     main: bool = True,
+    scaler: dict | None = None,
 ) -> None:
     """Write the full training state at `step` atomically (a crash keeps the previous state).
 
-    A collective under DDP/FSDP (every process gathers); only the main process writes."""
+    A collective under DDP/FSDP (every process gathers); only the main process writes. `scaler`: the
+    float16 loss scaler's state (`Precision.scaler_state`), kept as JSON metadata."""
     tensors = {f"model/{k}": v for k, v in trained_weights(trainee).items()}
     opt_state = get_optimizer_state_dict(unwrap(trainee), opt, options=_FULL)
     if not main:
@@ -106,6 +111,8 @@ def write_train_state(
         "data": json.dumps(data),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
+    if scaler is not None:
+        metadata["scaler"] = json.dumps(scaler)
     blob = save(tensors, metadata=metadata)
     check_free_space(out, len(blob), "training state")
     atomic_write_bytes(out / STATE_FILE, blob, what="training state")
@@ -135,6 +142,7 @@ def read_train_state(run: Path) -> SavedState:
             data=json.loads(metadata["data"]),
             tensors=tensors,
             param_groups=json.loads(metadata["param_groups"]),
+            scaler=json.loads(metadata["scaler"]) if "scaler" in metadata else None,
         )
         check_metadata(state)
         return state
@@ -152,6 +160,7 @@ def _count(value: object, name: str, upper: int | None = None) -> int:
 def check_metadata(state: SavedState) -> None:
     """ValueError naming the first field of the state's metadata that no run could have written:
     the settings go through the command line's own validation, counts are whole and in range."""
+    from cliviz.train.precision import check_scaler_state
     from cliviz.train.settings import TrainSettings
 
     if not isinstance(state.settings, dict):
@@ -192,6 +201,8 @@ def check_metadata(state: SavedState) -> None:
         values = state.tensors.get(f"recent/{name}")
         if values is not None and (values.dim() != 1 or not values.is_floating_point()):
             raise ValueError(f"recent/{name} is not a list of numbers")
+    if state.scaler is not None:
+        check_scaler_state(state.scaler)
 
 
 def check_tensors(state: SavedState, module: nn.Module) -> None:
