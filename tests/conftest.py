@@ -26,6 +26,9 @@ import torch  # noqa: E402
 
 from factories import build_tiny, llava15_folder, onevision_folder  # noqa: E402, F401  (build_tiny: re-exported)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test per core (`pytest -n N`): torch gets one thread each
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "models" / "cli-tiny"
 EXAMPLES = REPO / "assets" / "examples"
