@@ -78,7 +78,7 @@ def _probe_folder(folder: Path, target: str) -> None:
 
 def _reason(err: OSError) -> str:
     """Words for the errno of a failed write: a read-only file system is not a permission problem."""
-    reasons = {
+    reasons: dict[int | None, str] = {
         errno.EROFS: "read-only file system",
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",

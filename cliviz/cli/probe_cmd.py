@@ -12,6 +12,7 @@ from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_bro
 from cliviz.errors import CLIVizError
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
     from rich.text import Text
 
 
@@ -153,7 +154,7 @@ def _run(net, scenes, properties, layers, folds, seed, max_patches, control, bat
     from cliviz.analyses.probes import probe_layers
 
     with Progress(console=Console(stderr=True), transient=True, disable=quiet) as progress:
-        tasks: dict[str, object] = {}
+        tasks: dict[str, TaskID] = {}
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in tasks:

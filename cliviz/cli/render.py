@@ -76,8 +76,8 @@ def gate_table(trace: Trace, matrix: np.ndarray, title: str) -> Table:
             table.add_row(f"L{i}", strip, "  ".join(f"V{vision[j]} {row[j]:.2f}" for j in top))
             continue
         cells = [Text(f"{v:.2f}", style=f"{'black' if v > 0.55 else 'white'} on {_shade(v)}") for v in row]
-        top = int(np.argmax(row))
-        table.add_row(f"L{i}", *cells, f"V{vision[top]} ({row[top]:.2f})")
+        best = int(np.argmax(row))
+        table.add_row(f"L{i}", *cells, f"V{vision[best]} ({row[best]:.2f})")
     return table
 
 

@@ -66,6 +66,7 @@ def write_dataset(out: Path, n: int, seed: int) -> Path:
     for sample in iter_samples(n, seed):
         name = f"images/{sample.image_id}.png"
         sample.image.save(out / name)
+        assert sample.scene is not None  # iter_samples draws every sample from its scene
         rows.append(
             {
                 "image": name,

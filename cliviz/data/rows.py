@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import ijson
 
@@ -48,6 +49,7 @@ def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -85,8 +87,18 @@ def bounded_list_items(stream, limit: int = MAX_JSON_DEPTH):
         if closes:
             depth -= 1
             if depth == 1:
-                yield TooDeep() if too_deep else builder.value
+                if too_deep:
+                    yield TooDeep()
+                else:
+                    assert builder is not None  # set when this item opened at depth 2 and not dropped
+                    yield builder.value
                 builder = None
+
+
+@overload
+def text(value: Any, field: str, required: Literal[True] = ...) -> str: ...
+@overload
+def text(value: Any, field: str, required: bool) -> str | None: ...
 
 
 def text(value: Any, field: str, required: bool = True) -> str | None:

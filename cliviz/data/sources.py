@@ -74,8 +74,9 @@ class ConversationSource:
 class _Malformed:
     """Stands for the unreadable rest of a JSON list: one bad row, after which the list ends."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, reason: str = "malformed_json") -> None:
         self.detail = detail
+        self.reason = reason
 
 
 def _resolver(root: Path, allow_absolute: bool = False):
@@ -290,8 +291,7 @@ class ShapesFolderSource(ConversationSource):
                     row = json_row(line)
                     image = row.get("image") if isinstance(row, dict) else None
                 except BadRow as bad:
-                    row, image = _Malformed(str(bad)), None
-                    row.reason = bad.reason
+                    row, image = _Malformed(str(bad), bad.reason), None
                 if group and (image is None or image != key):
                     yield group
                     group = []
@@ -303,7 +303,7 @@ class ShapesFolderSource(ConversationSource):
     def parse(self, raw: list[Any], index: int) -> Conversation:
         bad = next((row for row in raw if isinstance(row, _Malformed)), None)
         if bad is not None:
-            raise BadRow(getattr(bad, "reason", "malformed_json"), bad.detail)
+            raise BadRow(bad.reason, bad.detail)
         turns = []
         for row in raw:
             if not isinstance(row, dict):

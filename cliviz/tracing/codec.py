@@ -137,7 +137,7 @@ def _chunk_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _numeric_list(arrays: list[np.ndarray], dtype: type, pa_type: pa.DataType) -> pa.ChunkedArray:
-    flat = [np.ascontiguousarray(a, dtype=dtype).ravel() for a in arrays]
+    flat: list[np.ndarray] = [np.ascontiguousarray(a, dtype=dtype).ravel() for a in arrays]
     lengths = np.array([a.size for a in flat], dtype=np.int64)
     chunks = []
     for lo, hi in _chunk_bounds(lengths):

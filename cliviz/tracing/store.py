@@ -187,7 +187,7 @@ def _models(table: pa.Table) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def check_one_model(models: Sequence[tuple[str, str]], where: str) -> None:
+def check_one_model(models: Sequence[tuple[str, str | None]], where: str) -> None:
     """CLIVizError when traces of more than one model would share a set that was not pooled."""
     hashes = list(dict.fromkeys(h for h, _ in models))
     if len(hashes) > 1:
@@ -465,7 +465,7 @@ def append_table(
         pooled = manifest.pooled if manifest is not None else pool
         if not pooled:
             known = [(manifest.config_hash, manifest.model)] if manifest and manifest.config_hash else []
-            check_one_model(known + models, f"appending to {p}")
+            check_one_model([*known, *models], f"appending to {p}")
         chosen = _set_compaction(p, compact, manifest.compact if manifest else None)
         if manifest is None:
             first = models[0] if models and not pool else (None, None)
