@@ -18,10 +18,13 @@ that first act at the same layer and hands the kept values to nnsight's `skip` (
 of recomputing them. Only the layers an ablation can change are run per row — on the bundled
 architecture a full grid runs about 2.4x faster than plain stacked forwards
 (`benchmarks/bench_ablate.py`; what remains is the layers above the knocked-out one, which no
-exact method can avoid). The kept values are bounded by `CACHE_BUDGET_BYTES` per block; past it
-the engine falls back to plain stacked forwards. The same reference run (`Reference`) also gives
-`mean`/`patch` their gates, the gate mass at the answer positions (for `faithfulness`) and the
-model's own answer, which every condition is compared against.
+exact method can avoid). LLaVA-OneVision shares the same way: its tower runs on anyres crops,
+not samples, so a sample's kept tower states are its crops (`_crop_counts`); its memories differ in
+length, so a sample's kept keys and values are its real positions, padded again to the longest of
+each chunk (`_kv_lengths`; padding is masked, as in a plain batch). The kept values are bounded by
+`CACHE_BUDGET_BYTES` per block; past it the engine falls back to plain stacked forwards. The same
+reference run (`Reference`) also gives `mean`/`patch` their gates, the gate mass at the answer
+positions (for `faithfulness`) and the model's own answer, which every condition is compared against.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ class _Want:
     """What a reference forward keeps besides the logits."""
 
     gates: bool = False
-    vision: bool = False  # the vision hidden state the LLaVA projector reads
-    memory: bool = False  # AMP output
+    vision: bool = False  # the vision hidden state the projector reads (per tower row: image or crop)
+    memory: bool = False  # AMP output (not needed when the read's keys and values are kept)
     hidden_after: frozenset = frozenset()  # decoder layers whose output to keep
     reads: frozenset = frozenset()  # injection positions whose AGF reads to keep
     kv: bool = False  # the read's keys and values of the visual memory (the same for every condition)
@@ -84,8 +87,8 @@ class _Skip:
     n_layers: int
     hidden: torch.Tensor | None  # [R, W, D] output of decoder layer n_layers - 1
     reads: torch.Tensor | None  # [R, W, K, r] reads of AGF j
-    vision: Any  # vision-tower output stand-in, or None
-    memory: torch.Tensor | None  # [R, K, N, D] AMP output (or a zero stand-in when nothing reads it), or None
+    vision: Any  # vision-tower output stand-in (X tower rows: R images, or their crops), or None
+    memory: torch.Tensor | None  # [X, K, n, D] AMP output (or a zero stand-in when nothing reads it), or None
     kv: Any = None  # the read's keys and values (`_keys_values` layout), or None
 
 
@@ -201,12 +204,36 @@ def _new_reference(model, n: int, token_sets: set[str], keep_gates: bool) -> Ref
 class _Cache:
     """Reference values per sample (unpadded), for the `_Skip`s of the chunks of one block."""
 
-    vision: dict = field(default_factory=dict)  # s -> [P+1, Dv]
-    memory: dict = field(default_factory=dict)  # s -> [K, N, D]
+    vision: dict = field(default_factory=dict)  # s -> [C_s, P(+1), Dv]: its C_s tower rows (1, or its crops)
+    memory: dict = field(default_factory=dict)  # s -> [C_s, K, n, D]
     hidden: dict = field(default_factory=dict)  # (s, decoder layer) -> [T_s, D]
     reads: dict = field(default_factory=dict)  # (s, j) -> [T_s, K, r]
-    kv: dict = field(default_factory=dict)  # s -> the read's keys and values of its memory (one row)
+    kv: dict = field(default_factory=dict)  # s -> the read's keys and values of its memory (one row, real positions)
     n_vision_states: int = 0
+
+
+def _crop_counts(model, pixels: ImageInputs) -> list[int]:
+    """Rows of the vision tower's batch per sample: 1 for LLaVA; LLaVA-OneVision's anyres crops (base
+    crop plus grid, as `get_image_features` cuts them from the padded `[B, max_crops, ...]` pixels)."""
+    if pixels.image_sizes is None:
+        return [1] * len(pixels.token_counts)
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    cfg = model.config.base_config
+    return [
+        image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for size in pixels.image_sizes.tolist()
+    ]
+
+
+def _kv_lengths(model, pixels: ImageInputs) -> list[int] | None:
+    """Real memory positions of each sample's read keys and values, or None when every memory is as
+    long as the next (LLaVA). OneVision packs as many memory positions as the image has tokens, the
+    light read pools each to at most `read_max_tokens` (`pool_memory`), and a batch pads the rest."""
+    if pixels.image_sizes is None:
+        return None
+    cap = model.config.read_max_tokens if model.read_kv is not None else None
+    return [n if cap is None else min(n, cap) for n in pixels.token_counts]
 
 
 def _reference_pass(
@@ -227,6 +254,8 @@ def _reference_pass(
     n_layers = len(model.agf)
     image_id = model.image_token_id
     cache = _Cache(n_vision_states=model.config.base_config.vision_config.num_hidden_layers + 1)
+    crops = _crop_counts(model, pixels)
+    kv_lengths = _kv_lengths(model, pixels)
     want = want_cache or _Want()
     want = _Want(
         gates=n_layers > 0,
@@ -245,19 +274,22 @@ def _reference_pass(
         masked[:, suppress] = -math.inf
         g = torch.stack(list(store["gates"]), dim=1).cpu().numpy() if n_layers else None  # [R, L, W, K]
         fresh = 0
+        rows_of_tower = [crops[s] for s in chunk]  # the tower's batch holds each sample's crops in turn
+        vision = torch.split(store["vision"], rows_of_tower) if want.vision else None  # each [C_s, P, Dv]
+        memory = torch.split(store["memory"], rows_of_tower) if want.memory else None  # each [C_s, K, n, D]
         for r, s in enumerate(chunk):
             off = int(batch.offsets[r])
             if want_cache is not None:
-                if want.vision:
-                    cache.vision[s] = store["vision"][r]
-                if want.memory:
-                    cache.memory[s] = store["memory"][r]
+                if vision is not None:
+                    cache.vision[s] = vision[r]
+                if memory is not None:
+                    cache.memory[s] = memory[r]
                 for layer in want.hidden_after:
                     cache.hidden[(s, layer)] = store["hidden"][layer][r, off:]
                 for j in want.reads:
                     cache.reads[(s, j)] = store["reads"][j][r, off:]
                 if want.kv:
-                    cache.kv[s] = _row_of(store["kv"], r)
+                    cache.kv[s] = _row_of(store["kv"], r, None if kv_lengths is None else kv_lengths[s])
             if ref.filled[s]:
                 continue
             fresh += 1
@@ -290,18 +322,23 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
     hidden = pad_into([cache.hidden[(s, n_layers - 1)] for s in which], width) if n_layers > 0 else None
     reads = pad_into([cache.reads[(s, j)] for s in which], width) if j in want.reads else None
     kv = _stack_rows([cache.kv[s] for s in which]) if want.kv else None
+    real = torch.cat([cache.vision[s] for s in which]) if want.vision else None  # [X, P, Dv]: X tower rows
     memory = None
     if want.memory:
+        memory = torch.cat([cache.memory[s] for s in which])  # [X, K, n, D]
+    elif kv is not None and real is not None and model.amp is not None:
         # AMP's output is read only through the keys and values of the read: when those are put back
-        # from the cache, a zero stand-in of the right shape is enough.
-        first = cache.memory[which[0]]
-        if kv is not None:
-            memory = torch.zeros((), dtype=first.dtype, device=first.device).expand(len(which), *first.shape)
-        else:
-            memory = torch.stack([cache.memory[s] for s in which])
+        # from the cache, a zero stand-in of the right shape is enough (OneVision packs it, shape only).
+        cls = 1 if model.config.base_config.vision_feature_select_strategy == "default" else 0
+        shape = (
+            real.shape[0],
+            len(model.config.vision_layers),
+            real.shape[1] - cls,
+            model.config.base_config.text_config.hidden_size,
+        )
+        memory = torch.zeros((), dtype=model.dtype, device=real.device).expand(shape)
     vision = None
-    if want.vision:
-        real = torch.stack([cache.vision[s] for s in which])  # [R, P+1, Dv]
+    if real is not None:
         blank = torch.zeros((), dtype=real.dtype, device=real.device).expand(real.shape)  # AMP is skipped: shape only
         vfl = model.config.base_config.vision_feature_layer % cache.n_vision_states
         states = tuple(real if i == vfl else blank for i in range(cache.n_vision_states))
@@ -309,21 +346,36 @@ def _make_skip(model, cache: _Cache, rows: list[tuple[int, int]], j: int, batch:
     return _Skip(j, n_layers if hidden is not None else 0, hidden, reads, vision, memory, kv)
 
 
-def _row_of(kv: Any, r: int) -> Any:
-    """Row r of the read's keys and values: a (keys, values) pair, or a dict of them per layer (full read)."""
+def _row_of(kv: Any, r: int, length: int | None = None) -> Any:
+    """Row r of the read's keys and values: a (keys, values) pair, or a dict of them per layer (full
+    read); with `length`, only its first `length` memory positions (axis 1 of a row; the rest pads)."""
+    cut = slice(None) if length is None else slice(0, length)
     if isinstance(kv, dict):
-        return [(kv[j][0][r], kv[j][1][r]) for j in sorted(kv)]
-    return kv[0][r], kv[1][r]
+        return [(kv[j][0][r, :, cut], kv[j][1][r, :, cut]) for j in sorted(kv)]
+    return kv[0][r, :, cut], kv[1][r, :, cut]
 
 
 def _stack_rows(rows: list) -> Any:
     """Rows of `_row_of` stacked back into a batch, in the layout `_keys_values` puts back."""
     if isinstance(rows[0], list):
         return [
-            (torch.stack([row[j][0] for row in rows]), torch.stack([row[j][1] for row in rows]))
+            (_stack_padded([row[j][0] for row in rows]), _stack_padded([row[j][1] for row in rows]))
             for j in range(len(rows[0]))
         ]
-    return torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
+    return _stack_padded([row[0] for row in rows]), _stack_padded([row[1] for row in rows])
+
+
+def _stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row `[A, N_r, ...]` -> `[R, A, N, ...]`, right-padded with zeros on the memory axis to the
+    longest row, as a batch pads its memories (the padded positions are masked, never read)."""
+    width = max(p.shape[1] for p in parts)
+    if all(p.shape[1] == width for p in parts):
+        return torch.stack(parts)
+    first = parts[0]
+    out = first.new_zeros(len(parts), first.shape[0], width, *first.shape[2:])
+    for r, part in enumerate(parts):
+        out[r, :, : part.shape[1]] = part
+    return out
 
 
 def reference_run(
@@ -356,9 +408,18 @@ def reference_run(
 
 
 def _cache_plan(
-    model, samples: list[Sample], plans: dict[int, Plan], max_batch: int, share_prefix: bool
+    model,
+    samples: list[Sample],
+    plans: dict[int, Plan],
+    max_batch: int,
+    share_prefix: bool,
+    crops: list[int],
+    kv_lengths: list[int] | None,
 ) -> tuple[_Want | None, int]:
-    """What to keep from the reference run for prefix sharing, and how many samples per block."""
+    """What to keep from the reference run for prefix sharing, and how many samples per block.
+
+    `crops`: the vision tower's rows per sample (`_crop_counts`); `kv_lengths`: the memory positions
+    of each sample's read (`_kv_lengths`; None: `n_image_tokens` for every sample)."""
     n = len(samples)
     if not share_prefix or not plans:
         return None, n
@@ -366,28 +427,28 @@ def _cache_plan(
     firsts = {min(p.layers) for p in plans.values()}
     per_group = max(sum(1 for p in plans.values() if min(p.layers) == g) for g in firsts)
     hidden_after = frozenset(cfg.injection_layers[g] - 1 for g in firsts if cfg.injection_layers[g] > 0)
-    if cfg.base_model_type != "llava":
-        # OneVision batches crops, not samples, and pads memories per chunk: plain stacked forwards
-        return None, n
     reads = frozenset(g for g in firsts if hasattr(model.agf[g], "read"))
     # every AGF read recomputes attention from changed hidden states, but the keys and values of
-    # the visual memory are the same for all conditions of a sample: computed once, reused
-    memory = kv = model.amp is not None
+    # the visual memory are the same for all conditions of a sample: computed once, reused (and
+    # then AMP's output is not needed: a stand-in of its shape goes in its place)
+    kv = model.amp is not None
     vc, tc = cfg.base_config.vision_config, cfg.base_config.text_config
     t = max(len(s.fed) for s in samples)
-    n_img = n_image_tokens(cfg)
+    n_img = n_image_tokens(cfg)  # memory positions per tower row (image or crop)
+    n_read = max(kv_lengths) if kv_lengths else n_img  # memory positions of the longest read
+    rows = max(crops)  # tower rows of the largest sample
     k = n_slots(model)
     elem = torch.finfo(model.dtype).bits // 8
-    base = vc.hidden_size * (n_img + 1) + (k * n_img * tc.hidden_size if memory else 0)
-    base += len(hidden_after) * t * tc.hidden_size
+    shared = rows * vc.hidden_size * (n_img + 1) + len(hidden_after) * t * tc.hidden_size  # per sample
     kv_copies = 1 if model.read_kv is not None else len(model.agf)
-    with_reads = base + len(reads) * t * k * cfg.read_width + (kv_copies * 2 * k * n_img * cfg.read_width if kv else 0)
-    if with_reads * elem > CACHE_BUDGET_BYTES:
+    size = shared + len(reads) * t * k * cfg.read_width + (kv_copies * 2 * k * n_read * cfg.read_width if kv else 0)
+    if size * elem > CACHE_BUDGET_BYTES:  # AMP's output instead: the read runs again per chunk
         reads, kv = frozenset(), False
-        with_reads = base
-    if with_reads * elem > CACHE_BUDGET_BYTES:
+        size = shared + (rows * k * n_img * tc.hidden_size if model.amp is not None else 0)
+    if size * elem > CACHE_BUDGET_BYTES:
         return None, n
-    block = max(1, min(n, max_batch // per_group, CACHE_BUDGET_BYTES // (with_reads * elem)))
+    block = max(1, min(n, max_batch // per_group, CACHE_BUDGET_BYTES // (size * elem)))
+    memory = model.amp is not None and not kv
     return _Want(vision=True, memory=memory, hidden_after=hidden_after, reads=reads, kv=kv), block
 
 
@@ -477,7 +538,8 @@ def _score_blocks(
     n_layers = len(model.agf)
     k = n_slots(model) if n_layers else 0
     image_id = model.image_token_id
-    want, block = _cache_plan(model, samples, plans, max_batch, share_prefix)
+    crops, kv_lengths = _crop_counts(model, pixels), _kv_lengths(model, pixels)
+    want, block = _cache_plan(model, samples, plans, max_batch, share_prefix, crops, kv_lengths)
     results: dict[tuple[int, int], dict[str, Any]] = {}
     for b0 in range(0, n, block):
         block_samples = list(range(b0, min(n, b0 + block)))
