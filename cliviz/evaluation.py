@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from cliviz.data.samples import DataSet
 from cliviz.inference import answer, default_max_new_tokens, score_references
 from cliviz.inputs import is_word_level, load_image
 from cliviz.memory import auto_batch_size, in_batches, prompt_tokens_estimate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cliviz.model.modeling import CLIForConditionalGeneration
 
 
 def normalise_answer(text: str) -> str:
@@ -17,7 +23,11 @@ def normalise_answer(text: str) -> str:
 
 
 def evaluate(
-    model, tokenizer, data: DataSet, batch_size: int | None = None, on_batch: Callable[[int], None] | None = None
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataSet,
+    batch_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Greedy answers vs references: `{"overall", "per_type", "n", "n_per_type", "accuracy_ci",
     "skipped"}`; `accuracy_ci` holds 95% Wilson intervals (`cliviz.intervals`), `{"overall": [lo, hi],
@@ -55,6 +65,7 @@ def evaluate(
             if word_level:
                 correct[qtype].append(int(ans.text == record.answer))
                 continue
+            assert record.answer is not None  # `labelled` holds only rows with a reference
             correct[qtype].append(int(normalise_answer(ans.text) == normalise_answer(record.answer)))
             ref_sum[qtype].append(scores[i].total)
             ref_mean[qtype].append(scores[i].mean)
@@ -69,7 +80,7 @@ def evaluate(
     return result
 
 
-def _summary(values: dict[str, list[float]]) -> dict:
+def _summary(values: Mapping[str, Sequence[float]]) -> dict:
     per_type = {k: sum(v) / len(v) for k, v in sorted(values.items())}
     total = [x for v in values.values() for x in v]
     return {

@@ -152,7 +152,8 @@ class ConversationStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        current, epoch, conversations, epochs, skipped = None, 0, [], [], Counter()
+        current, epoch, conversations, epochs = None, 0, [], []
+        skipped: Counter[str] = Counter()
         end: dict[str, int] = {}
         for index, row_epoch, row, raw in self.positions(worker, n_workers, end):
             if current is not None and index != current:
@@ -316,7 +317,8 @@ class DataSummary:
         torch.distributed.all_reduce(values)
         totals = [int(v) for v in values.tolist()]
         skipped = Counter({r: v for r, v in zip(REASONS, totals[len(names) :]) if v})
-        return DataSummary(self.next_batch, *totals[: len(names)], skipped=skipped)
+        batches, samples, tokens, label_tokens, truncated = totals[: len(names)]
+        return DataSummary(self.next_batch, batches, samples, tokens, label_tokens, truncated, skipped=skipped)
 
     def describe(self) -> str:
         """One line for the end of a run, e.g. `data: 412 samples in 52 batches ...; skipped 3 rows (...)`."""

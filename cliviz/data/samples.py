@@ -4,6 +4,7 @@ streams) with bad rows counted, never silently dropped."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ def _record(line: str, number: int, folder: Path, allow_absolute: bool) -> Recor
     return Record(image, question, answer, qtype, number)
 
 
-def read_jsonl(data: str | Path, allow_absolute: bool = False) -> DataSet:
+def read_jsonl(data: str | os.PathLike, allow_absolute: bool = False) -> DataSet:
     """Read `DIR/samples.jsonl` or a JSONL file; image paths are relative to the file's folder and
     must stay inside it (`allow_absolute` admits absolute paths).
 

@@ -3,8 +3,8 @@
 `run_sweep(data, out, ...)` is the whole job (`cliviz sweep` parses its options and prints what it
 returns). A sweep walks the usable rows of a ShapesVQA-style JSONL file in file order. Every
 sample has a stable id, ``line<n>:<image path>`` (the JSONL line number and the image path as
-written in the file, e.g. ``line12:images/x.png``; not ``L12``, which reads as LLM layer 12), stored as ``meta.sample_id`` together with the
-row's question type and reference answer.
+written in the file, e.g. ``line12:images/x.png``; not ``L12``, which reads as LLM layer 12), stored
+as ``meta.sample_id`` together with the row's question type and reference answer.
 
 Work is done in chunks of ``chunk_size`` samples, each split into batches of ``batch_size`` that go
 through ONE traced generate (`trace_batch`); every chunk becomes one part file of the set
@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cliviz.data.samples import DataSet, Record
 from cliviz.errors import CLIVizError, Interrupted
@@ -371,10 +372,11 @@ def _trace_pending(
             net, tok, mine, out, batch_size=batch_size, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
             compact=compact, rank=where.rank if where.enabled else None, on_advance=on_advance,
         )  # fmt: skip
-        results = [(stats.written, stats.skipped)]
+        results: list[tuple[int, dict[str, int]]] = [(stats.written, stats.skipped)]
         if where.enabled:
-            results = [None] * where.world_size
-            dist.all_gather_object(results, (stats.written, stats.skipped))  # also the barrier before counting
+            gathered: list[Any] = [None] * where.world_size
+            dist.all_gather_object(gathered, (stats.written, stats.skipped))
+            results = gathered  # also the barrier before counting
     finally:
         shutdown(where)
     skipped: dict[str, int] = {BAD_QUESTION: bad_questions} if bad_questions else {}
