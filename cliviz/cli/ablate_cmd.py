@@ -47,6 +47,7 @@ def _default_out(image: Path | None, data: Path | None, grid: bool) -> Path:
     from cliviz.analyses.ablations import report_paths
 
     source = image if image is not None else data
+    assert source is not None  # the command refuses a run with neither IMAGE nor --data
     name = source.stem if source.suffix else source.name  # color.png -> color, shapes/ -> shapes
     what = "grid" if grid else "ablation"
     for i in range(1, 10_000):

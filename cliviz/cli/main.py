@@ -96,8 +96,8 @@ def _flags_without_metavar() -> None:
     def display_type_rich(self, ctx):
         return None if self.is_flag else original(self, ctx)
 
-    display_type_rich._cliviz_flags = True
-    TyperOption.display_type_rich = display_type_rich
+    display_type_rich._cliviz_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 def __getattr__(name: str):
@@ -171,7 +171,7 @@ def entry() -> None:
         os._exit(EXIT_INTERRUPTED)
 
 
-def _caused_by_interrupt(err: BaseException) -> bool:
+def _caused_by_interrupt(err: BaseException | None) -> bool:
     """Ctrl-C during a lazy import: transformers re-raises it as a ModuleNotFoundError `from` it."""
     seen = set()
     while err is not None and id(err) not in seen:
@@ -204,7 +204,7 @@ def _run() -> int:
         except typer.Abort:
             return 1
         except typer.TyperException as err:  # usage errors: typer prints them itself
-            err.show()
+            err.show()  # type: ignore[attr-defined]  # typer raises its click-derived subclasses, which have show()
             return EXIT_USAGE
     except KeyboardInterrupt:
         return _interrupted(INTERRUPTED_NOTE)

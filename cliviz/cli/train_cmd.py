@@ -12,7 +12,7 @@ import inspect
 import typing
 from dataclasses import MISSING
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -85,7 +85,7 @@ def _parameters() -> list[inspect.Parameter]:
         meta = f.metadata
         option = typer.Option(*meta["flag"].split(" "), help=meta["help"], **meta["typer"])
         default = f.default if f.default is not MISSING else None
-        annotation = Annotated[hints[f.name], option]
+        annotation = cast(Any, Annotated)[hints[f.name], option]  # built at run time, not a type expression
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     for name, (annotation, default) in INVOCATION.items():
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))

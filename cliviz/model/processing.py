@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from PIL import Image
 
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import CLIConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def image_size(config: CLIConfig) -> int:
@@ -136,7 +140,7 @@ def onevision_token_count(config: CLIConfig, size: tuple[int, int]) -> int:
     crops = image_size_to_num_patches(list(size), base.image_grid_pinpoints, vc.image_size)
     side = vc.image_size // vc.patch_size
     dummy = torch.zeros(crops, side * side, 1)  # [crops, patches, 1]
-    holder = SimpleNamespace(config=base)  # pack_image_features reads nothing but the config
+    holder: Any = SimpleNamespace(config=base)  # pack_image_features reads nothing but the config
     _, lengths = LlavaOnevisionModel.pack_image_features(
         holder,
         [dummy],
@@ -147,7 +151,7 @@ def onevision_token_count(config: CLIConfig, size: tuple[int, int]) -> int:
     return int(lengths[0])
 
 
-def chat_text(tokenizer, question: str, image_token: str) -> str:
+def chat_text(tokenizer: PreTrainedTokenizerBase, question: str, image_token: str) -> str:
     """The chat template rendered for one user turn (image, then question) plus the generation prompt.
 
     Multimodal templates (LLaVA-1.5's among them) take structured content, `[{"type": "image"},
@@ -155,7 +159,9 @@ def chat_text(tokenizer, question: str, image_token: str) -> str:
     get the image token written before the question instead. The structured form is used when it
     renders the image token exactly once and the question verbatim.
     """
-    structured = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    structured: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
     try:
         text = tokenizer.apply_chat_template(structured, add_generation_prompt=True, tokenize=False)
         if isinstance(text, str) and text.count(image_token) == 1 and question in text:
@@ -164,20 +170,24 @@ def chat_text(tokenizer, question: str, image_token: str) -> str:
         pass
     plain = [{"role": "user", "content": f"{image_token}\n{question}"}]
     try:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        # tokenize=False renders the template to one string (transformers types every return form)
+        return cast(str, tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False))
     except Exception as err:  # noqa: BLE001 - jinja raises many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIVizError(f"the tokenizer's chat template cannot render a question: {first}") from None
 
 
-def chat_prompt_ids(tokenizer, question: str, config: CLIConfig, n_image: int | None = None) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, config: CLIConfig, n_image: int | None = None
+) -> list[int]:
     """Chat-template prompt with the image token expanded to `n_image` placeholders.
 
     Special tokens are added by the tokenizer (e.g. Llama's `<s>`) unless the template already
     starts with bos: the rule `ProcessorMixin.apply_chat_template` follows.
     """
     image_id = int(config.base_config.image_token_id)
-    text = chat_text(tokenizer, question, tokenizer.convert_ids_to_tokens(image_id))
+    image_token = cast(str, tokenizer.convert_ids_to_tokens(image_id))  # one id in, one token out
+    text = chat_text(tokenizer, question, image_token)
     add_special = not (tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token))
     ids = list(tokenizer(text, add_special_tokens=add_special).input_ids)
     if ids.count(image_id) != 1:
@@ -194,7 +204,9 @@ def _image_count(config: CLIConfig, n_image: int | None) -> int:
     return n_image_tokens(config)
 
 
-def prompt_ids(tokenizer, question: str, config: CLIConfig, n_image: int | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, config: CLIConfig, n_image: int | None = None
+) -> list[int]:
     """Prompt ids for one question; the answer follows directly. `n_image`: placeholders for the
     image (default `n_image_tokens`, fixed for LLaVA; OneVision's come from `image_inputs`).
 
@@ -207,7 +219,7 @@ def prompt_ids(tokenizer, question: str, config: CLIConfig, n_image: int | None 
     return [tokenizer.bos_token_id] + [config.base_config.image_token_id] * _image_count(config, n_image) + ids
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Padding id: the tokenizer's pad, else eos (many LLaMA tokenizers have no pad), else 0."""
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
@@ -216,7 +228,7 @@ def pad_id(tokenizer) -> int:
 
 
 def batch_prompts(
-    tokenizer, questions: list[str], config: CLIConfig, n_images: list[int] | None = None
+    tokenizer: PreTrainedTokenizerBase, questions: list[str], config: CLIConfig, n_images: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `input_ids` and `attention_mask` `[B, T]` for batched generation."""
     counts = n_images if n_images is not None else [None] * len(questions)

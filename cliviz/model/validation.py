@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from cliviz.errors import CLIVizError
 from cliviz.model.safety import read_bounded_json
@@ -228,7 +228,7 @@ def _model_type(cfg: dict, where: str) -> None:
         raise ConfigProblem(f"{where}model_type {_show(kind)} is not a model type transformers knows")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
