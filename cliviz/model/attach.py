@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration, PreTrainedModel
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 from cliviz.errors import CLIVizError
 from cliviz.model.configuration import FUSIONS, CLIConfig
@@ -65,7 +65,8 @@ def attach(
         read_position_code=read_position_code and fusion in ("cli", "shallow"),
     )
     model = CLIForConditionalGeneration(config, base=base)
-    return model.to(dtype=base.dtype, device=base.device).eval()
+    # PreTrainedModel.to is wrapped by functools.wraps, which typeshed does not type as a method
+    return model.to(dtype=base.dtype, device=base.device).eval()  # type: ignore[call-arg]
 
 
 def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGeneration:
@@ -87,7 +88,7 @@ def attach_folder(base_dir: Path, out: Path, **options) -> CLIForConditionalGene
         raise CLIVizError(f"{base_dir} has no .safetensors weights (pickled weights are never loaded)")
     try:
         with no_stdin():
-            base: PreTrainedModel = _load_base(base_dir, model_type)
+            base = _load_base(base_dir, model_type)
         model = attach(base, **options)
     except (ValueError, OSError, RuntimeError) as err:
         raise CLIVizError(f"cannot attach to {base_dir}: {str(err).splitlines()[0]}") from None
@@ -129,7 +130,9 @@ def save_folder(model: CLIForConditionalGeneration, base_dir: Path, out: Path) -
     saving.verify_model_folder(out, expected)
 
 
-def _load_base(base_dir: Path, model_type: str) -> PreTrainedModel:
+def _load_base(
+    base_dir: Path, model_type: str
+) -> LlavaForConditionalGeneration | LlavaOnevisionForConditionalGeneration:
     """The LLaVA model in `base_dir`: a stock folder, or the base inside a cliviz `projector` model (a
     stage-2 model of the staged recipe gets CLI attached the same way as a downloaded LLaVA)."""
     if model_type in BASE_CLASSES:

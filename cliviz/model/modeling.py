@@ -27,7 +27,7 @@ import contextvars
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils.checkpoint
@@ -45,7 +45,10 @@ from cliviz.model.agf import AGFLayer, DeepStackLayer, MemoryKeysValues, pool_me
 from cliviz.model.amp import AMP
 from cliviz.model.configuration import CLIConfig
 
-BASE_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
+BASE_CLASSES: dict[str, type[LlavaForConditionalGeneration] | type[LlavaOnevisionForConditionalGeneration]] = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+}
 
 
 @dataclass
@@ -145,7 +148,8 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         if base_cls is None:
             raise ValueError(f"unsupported base model_type {config.base_model_type!r}")
         # `attach` hands in an already-loaded base so that no second copy of its weights is built.
-        self.base = base if base is not None else base_cls(config.base_config)
+        # base_config is the LlavaConfig / LlavaOnevisionConfig of base_model_type (typed as its PretrainedConfig)
+        self.base = base if base is not None else base_cls(config.base_config)  # type: ignore[arg-type]
         if not isinstance(config.base_config.vision_feature_layer, int):
             raise ValueError("CLI reuses the LLaVA projector, which needs a single int vision_feature_layer")
         vision_hidden = config.base_config.vision_config.hidden_size
@@ -219,6 +223,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         if self.config.fusion == "deepstack":
             if ctx.image_embeds is None or ctx.image_embeds.shape[1] != hidden.shape[1]:
                 return hidden  # decode steps hold no image tokens
+            assert ctx.image_mask is not None  # set with image_embeds (`_image_embeds_at_tokens`)
             update = self.agf[j](hidden, ctx.image_embeds) * ctx.image_mask.unsqueeze(-1).to(hidden.dtype)
         else:
             if ctx.kv is None:
@@ -253,7 +258,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         injection_at = {layer: j for j, layer in enumerate(self.config.injection_layers)}
         for i, layer in enumerate(self.decoder_layers):
-            layer.gradient_checkpointing = False  # replaced by the checkpoint below, which covers the injection
+            # replaced by the checkpoint below, which covers the injection (nn.Module's __setattr__ types
+            # every value as a Tensor or Module)
+            layer.gradient_checkpointing = False  # type: ignore[assignment]
             layer.forward = functools.partial(self._checkpointed_layer, layer, type(layer).forward, injection_at.get(i))
         self._checkpointed = True
 
@@ -304,7 +311,9 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             selected = selected[:, 1:]
         features = self.base.model.multi_modal_projector(selected)  # [B, N, D]
         return BaseModelOutputWithPooling(
-            last_hidden_state=states[-1], pooler_output=list(features), hidden_states=states
+            last_hidden_state=states[-1],
+            pooler_output=list(features),  # type: ignore[arg-type]  # as get_image_features: one [N, D] per image
+            hidden_states=states,
         )
 
     def vision_memory(
@@ -315,6 +324,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         LLaVA: one image = one row of the tower's batch. OneVision: the crops of each image are
         packed as the base packs its image features, then images are right-padded to one length.
         """
+        assert self.amp is not None  # cli and shallow fusion only: the others read no vision layers
         strategy = self.config.base_config.vision_feature_select_strategy
         states = []
         for k in self.config.vision_layers:
@@ -322,6 +332,8 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             states.append(hs[:, 1:] if strategy == "default" else hs)
         projected = self.amp(states, self.base.model.multi_modal_projector)  # [X, K, N, D]
         if self.is_onevision:
+            if image_sizes is None:
+                raise ValueError("LLaVA-OneVision's vision memory needs image_sizes")
             return self._pack_onevision(projected, image_sizes)
         if batch is not None and projected.shape[0] != batch:
             raise ValueError(f"{projected.shape[0]} images for a batch of {batch} prompts")
@@ -357,6 +369,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
                     mask[i, : feats.shape[0]] = True
             for i, feats in enumerate(packed):
                 memory[i, j, : feats.shape[0]] = feats
+        assert memory is not None and mask is not None  # k >= 1: the config refuses an empty vision_layers
         return memory, mask
 
     def memory_coordinates(self, n_memory: int, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -413,7 +426,7 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
             keys, values = self.read_kv(memory)
             n = len(self.agf)
             return VisionKeysValues([keys] * n, [values] * n, attn_mask)
-        pairs = [agf.read.memory_keys_values(memory) for agf in self.agf]
+        pairs = [cast(AGFLayer, agf).read.memory_keys_values(memory) for agf in self.agf]  # cli, shallow: AGF layers
         return VisionKeysValues([p[0] for p in pairs], [p[1] for p in pairs], attn_mask)
 
     def _image_embeds_at_tokens(self, image_outputs: Any, input_ids: torch.Tensor, dtype: torch.dtype):
@@ -449,17 +462,22 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, GenerationMixin):
         mm_outputs = None
         image_embeds = image_mask = None
         if pixel_values is not None or vision_states is not None:
-            image_outputs = (
-                self.encode_images(pixel_values, image_sizes)
-                if pixel_values is not None
-                else self.image_outputs_from_states(vision_states)
-            )
+            if pixel_values is not None:
+                image_outputs = self.encode_images(pixel_values, image_sizes)
+            else:
+                assert vision_states is not None  # the branch's condition
+                image_outputs = self.image_outputs_from_states(vision_states)
             mm_outputs = {"image": image_outputs}
             vision_states = image_outputs.hidden_states
             if self.amp is not None:
-                batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+                tokens = input_ids if input_ids is not None else inputs_embeds
+                if tokens is None:
+                    raise ValueError("pixel_values or vision_states need input_ids or inputs_embeds")
+                batch = tokens.shape[0]
                 vision_memory, vision_memory_mask = self.vision_memory(image_outputs, image_sizes, batch)
             if self.config.fusion == "deepstack":
+                if input_ids is None:
+                    raise ValueError("deepstack fusion places image features at the image tokens: it needs input_ids")
                 image_embeds, image_mask = self._image_embeds_at_tokens(image_outputs, input_ids, self.dtype)
         if vision_memory is not None and self.amp is not None:
             vision_kv = self.memory_keys_values(vision_memory, vision_memory_mask, image_sizes)
