@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import nnsight
 import numpy as np
@@ -40,6 +41,9 @@ from cliviz.model.loading import config_hash
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.tracing.causal import causal_checks
 from cliviz.tracing.schema import Trace, TraceMeta
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike  # what `cliviz.inputs.as_image` takes
 
@@ -79,7 +83,7 @@ def _record(model: CLIForConditionalGeneration, inputs: dict, gen_kwargs: dict, 
 @torch.no_grad()
 def trace_batch(
     model: CLIForConditionalGeneration,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     images: Sequence[ImageLike],
     questions: Sequence[str],
     *,
@@ -101,7 +105,7 @@ def trace_batch(
     one teacher-forced forward of the answers shown, no generation.
     """
     requests = check_requests(model, tokenizer, images, questions)
-    images, questions = [r.image for r in requests], [r.question for r in requests]
+    pictures, questions = [r.image for r in requests], [r.question for r in requests]  # decoded PIL images
     max_new_tokens = check_max_new_tokens(max_new_tokens) or default_max_new_tokens(tokenizer)
     top_k = check_top_k(top_k, len(tokenizer))
     qtypes = check_optional_list(qtypes, "qtypes", len(questions), "question types")
@@ -109,7 +113,7 @@ def trace_batch(
     sample_ids = check_optional_list(sample_ids, "sample_ids", len(questions), "sample ids")
     causal_check = check_flag(causal_check, "causal_check")
     warn([w for r in requests for w in r.warnings])
-    inputs = prepare_inputs(model, tokenizer, images, questions)
+    inputs = prepare_inputs(model, tokenizer, pictures, questions)
     gates, norms, logits, sequences = _record(
         model, inputs, generation_kwargs(tokenizer, max_new_tokens), max_new_tokens
     )
@@ -125,9 +129,9 @@ def trace_batch(
         meta = TraceMeta(
             question=questions[b],
             answer=decode_answer(tokenizer, row),
-            image_sha256=image_sha256(images[b]),
-            image_width=images[b].width,
-            image_height=images[b].height,
+            image_sha256=image_sha256(pictures[b]),
+            image_width=pictures[b].width,
+            image_height=pictures[b].height,
             qtype=qtypes[b] if qtypes else None,
             reference_answer=references[b] if references else None,
             sample_id=sample_ids[b] if sample_ids else None,
@@ -170,6 +174,7 @@ class _Recorded:
         if self.prefill_gates is None:
             k = len(model.config.vision_layers)
             return prompt, generated[:n_answer], torch.zeros(0, n_fed, k), torch.zeros(0, n_fed)
+        assert self.prefill_norms is not None  # recorded with the gates
         later = slice(0, n_answer - 1)
         g = torch.cat([self.prefill_gates[:, b, start:], *[s[:, b : b + 1] for s in self.later_gates[later]]], dim=1)
         nrm = torch.cat([self.prefill_norms[:, b, start:], *[s[:, b : b + 1] for s in self.later_norms[later]]], dim=1)
@@ -194,7 +199,7 @@ def _shared_meta(model: CLIForConditionalGeneration) -> dict:
 
 def _row_trace(
     meta: TraceMeta,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     image_id: int,
     prompt: list[int],
     answer: list[int],
@@ -229,7 +234,7 @@ def _row_trace(
 
 def trace(
     model: CLIForConditionalGeneration,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     image: ImageLike,
     question: str,
     *,
