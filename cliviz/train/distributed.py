@@ -22,11 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from cliviz.model.modeling import CLIForConditionalGeneration
+    from cliviz.train.loop import Trainee
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def device_for(device: torch.device, where: Dist) -> torch.device:
     return device
 
 
-def wrap(model: nn.Module, where: Dist, mode: str, find_unused: bool = False) -> nn.Module:
+def wrap(model: Trainee, where: Dist, mode: str, find_unused: bool = False) -> nn.Module:
     """The model as the optimiser and the loop will see it: itself, DDP-wrapped, or FSDP-sharded.
 
     `find_unused`: some trained parameters get no gradient (a trained vision tower: CLIP's
@@ -85,7 +89,7 @@ def wrap(model: nn.Module, where: Dist, mode: str, find_unused: bool = False) ->
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
+def shard_units(model: CLIForConditionalGeneration) -> list[nn.Module]:
     """Decoder layers, vision encoder layers and CLI modules: one FSDP unit each (uniform dtype)."""
     units = list(model.decoder_layers)
     tower = model.base.model.vision_tower

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -33,9 +34,12 @@ from cliviz.train.precision import precision_for
 from cliviz.train.records import TrainingLog, earlier_log_rows, write_model_card, write_summary
 from cliviz.train.settings import TrainSettings, parts_of
 from cliviz.train.setup import build_model, param_groups, select_trainable, set_learning_rates
-from cliviz.train.state import STATE_FILE, SavedState, restore, unwrap, write_train_state
+from cliviz.train.state import STATE_FILE, SavedState, restore, write_train_state
 from cliviz.train.tiny import AuxHeads, TowerHeads, aux_loss, scene_seed, tower_loss
 from cliviz.train.vision_cache import VisionCache
+
+if TYPE_CHECKING:
+    from cliviz.model.modeling import CLIForConditionalGeneration
 
 WINDOW = 50  # steps in the running loss/accuracy the progress bar and log show
 
@@ -60,7 +64,7 @@ class Trainee(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CLIForConditionalGeneration,
         heads: AuxHeads | None,
         aux_layer: int,
         tower: TowerHeads | None = None,
@@ -70,7 +74,8 @@ class Trainee(nn.Module):
         self.model, self.heads, self.aux_layer = model, heads, aux_layer
         self.tower, self.smooth = tower, smooth
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """`inputs`: the batch's tensors, or in place of `pixel_values` the cached `vision_states` (a tuple)."""
         if self.tower is not None:
             pixels = inputs["pixel_values"].to(self.model.dtype)
             states = self.model.base.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -211,6 +216,7 @@ class Trainer:
         from cliviz.data.sources import open_source
 
         s = self.settings
+        assert s.data is not None  # called for a data run only
         source = open_source(s.data, s.image_folder, s.allow_absolute_image_paths)
         require_usable_rows(source, collator_for_model(self.model.config, self.tokenizer, s.max_length), s.data)
 
@@ -253,6 +259,7 @@ class Trainer:
             return self.step / s.steps
         # a wall-clock budget must end every process on the same step: the main process's clock decides
         seconds = dist_.all_sum([self.elapsed() if self.where.main else 0.0], self.where, self.device)[0]
+        assert s.minutes is not None  # settings.check(): exactly one of steps or minutes
         return seconds / (s.minutes * 60)
 
     def run(self) -> dict:
@@ -327,8 +334,10 @@ class Trainer:
             stats = (float(loss.detach()) * batch.size, float(out["accuracy"]) * batch.size, float(batch.size))
             return loss * batch.size / divisor, stats
         if not batch.size:  # nothing usable in this slice: still take part in the gradient all-reduce
-            return sum(p.sum() for p in self.trainee.parameters() if p.requires_grad) * 0.0, (0.0, 0.0, 0.0)
-        inputs = dict(batch.to(self.device).inputs)
+            zero = sum(p.sum() for p in self.trainee.parameters() if p.requires_grad) * 0.0
+            assert isinstance(zero, torch.Tensor)  # select_trainable refused a model with nothing to train
+            return zero, (0.0, 0.0, 0.0)
+        inputs: dict[str, Any] = dict(batch.to(self.device).inputs)  # tensors, and vision_states (a tuple)
         if self.vision_cache is not None:  # a frozen tower: its states, computed once per sample
             inputs["vision_states"] = self.vision_cache.states(batch.ids, inputs.pop("pixel_values"))
         with self.precision.autocast():
@@ -387,7 +396,11 @@ class Trainer:
 
         from cliviz.train import saving
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # full_state_dict: every value a whole tensor (torch types them as any state value)
+        state = cast(
+            "dict[str, torch.Tensor]",
+            get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
         summary = self.summary() if summary is None else summary  # a collective under DDP: every rank
         if not self.where.main:
             return
@@ -424,7 +437,7 @@ class Trainer:
 
     def summary(self) -> dict:
         s = self.settings
-        module = unwrap(self.trainee).model
+        module = self.model  # the Trainee's model: DDP wraps the Trainee, FSDP shards it in place
         out = {
             "settings": s.to_dict(),
             "steps": self.step - s.start_step,
@@ -444,7 +457,7 @@ class Trainer:
         return out
 
 
-def keep_position_code(model: nn.Module) -> None:
+def keep_position_code(model: CLIForConditionalGeneration) -> None:
     """Stage 1 gives the tower a fixed 2-D sin-cos position code (as MAE-style ViTs have) and never
     trains it. An image-level objective has no use for where a patch is: trained, the position
     embeddings fade until not even the shallow layers know where a patch is, and CLI finds no

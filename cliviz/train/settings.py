@@ -8,6 +8,7 @@ first — trained on `data` with only the CLI modules by default (`train`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -39,7 +40,7 @@ class SettingError(ValueError):
 
 def flag_of(name: str) -> str:
     """`stop_step` -> `--stop-step` (the first form of a `--x/--no-x` pair)."""
-    meta = next((f.metadata for f in fields(TrainSettings) if f.name == name), {})
+    meta: Mapping[str, Any] = next((f.metadata for f in fields(TrainSettings) if f.name == name), {})
     return meta.get("flag", "--" + name.replace("_", "-")).split("/")[0]
 
 

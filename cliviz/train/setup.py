@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from torch import nn
 from cliviz.errors import CLIVizError
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PART_PREFIXES = {
     "cli": ("amp.", "read_kv.", "agf."),
@@ -43,17 +47,16 @@ PART_PREFIXES = {
 
 def build_model(
     settings: TrainSettings, dtype: torch.dtype, device: torch.device | None = None
-) -> tuple[CLIForConditionalGeneration, object]:
+) -> tuple[CLIForConditionalGeneration, PreTrainedTokenizerBase]:
     """`(model, tokenizer)` at the run's starting point, weights in `dtype`, on `device` (a tiny model
     from scratch: on the CPU)."""
     if settings.init_from is None:
         from cliviz.data.tokenizer import build_tokenizer
         from cliviz.train.tiny import tiny_config
 
-        tokenizer = build_tokenizer()
-        config = tiny_config(
-            settings.fusion, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
-        )
+        tokenizer: PreTrainedTokenizerBase = build_tokenizer()
+        image_id = cast(int, tokenizer.convert_tokens_to_ids("<image>"))  # one token in, one id out
+        config = tiny_config(settings.fusion, len(tokenizer), image_id, tokenizer.pad_token_id)
         model = CLIForConditionalGeneration(config)
         if settings.vision_from is not None:
             copy_vision_tower(Path(settings.vision_from), model)
@@ -61,15 +64,20 @@ def build_model(
     folder = Path(settings.init_from)
     model_type = _model_type(folder)
     if model_type in ("llava", "llava_onevision"):
-        model, tokenizer = _attach_to_base(folder, settings, dtype)
-        return model.to(device or "cpu"), tokenizer
+        model, tokenizer = _attach_to_base(folder, model_type, settings, dtype)
+        # PreTrainedModel.to is wrapped by functools.wraps, which typeshed does not type as a method
+        return model.to(device or "cpu"), tokenizer  # type: ignore[arg-type]
     from cliviz.model.loading import load_model
 
     model, tokenizer = load_model(folder, device=str(device or "cpu"), dtype=_dtype_name(dtype))
     if model.config.fusion == "projector" and settings.fusion != "projector":
+        from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
         from cliviz.model.attach import attach
 
         config = model.config
+        # a CLI model's base is one of modeling.BASE_CLASSES (its attribute is typed PreTrainedModel)
+        assert isinstance(model.base, (LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration))
         cli = attach(model.base, fusion=settings.fusion, gate_temperature=config.gate_temperature)
         _keep_runtime(config, cli.config)
         cli.name_or_path = model.name_or_path
@@ -95,15 +103,18 @@ def copy_vision_tower(folder: Path, model: CLIForConditionalGeneration) -> None:
     model.base.model.vision_tower.load_state_dict(tower)
 
 
-def _attach_to_base(folder: Path, settings: TrainSettings, dtype: torch.dtype):
-    """A plain LLaVA folder: load it (safetensors only), attach CLI, and bring its tokenizer and processor."""
+def _attach_to_base(
+    folder: Path, model_type: str, settings: TrainSettings, dtype: torch.dtype
+) -> tuple[CLIForConditionalGeneration, PreTrainedTokenizerBase]:
+    """A plain LLaVA folder (`model_type` a key of BASE_CLASSES, as its config.json says): load it
+    (safetensors only), attach CLI, and bring its tokenizer and processor."""
     from cliviz.model.attach import attach
     from cliviz.model.loading import load_image_processor, load_tokenizer
     from cliviz.model.modeling import BASE_CLASSES
     from cliviz.model.safety import no_stdin, refuse_remote_code
 
     refuse_remote_code(folder)
-    cls = BASE_CLASSES[_model_type(folder)]
+    cls = BASE_CLASSES[model_type]
     try:
         with no_stdin():
             base = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
@@ -135,7 +146,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def select_trainable(model: nn.Module, policy: str) -> list[str]:
+def select_trainable(model: CLIForConditionalGeneration, policy: str) -> list[str]:
     """Freeze everything outside `policy` and cast what trains to float32 (master weights); the names
     of the trained parameters. Raises CLIVizError when the policy finds nothing to train."""
     from cliviz.train.settings import parts_of
@@ -159,7 +170,8 @@ def select_trainable(model: nn.Module, policy: str) -> list[str]:
 
 def param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
     """AdamW groups: the injection gates' alpha (own lr, no warmup, no decay), then the rest."""
-    alphas, rest = [], []
+    alphas: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (alphas if name.endswith("injection.alpha") else rest).append(param)

@@ -17,13 +17,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    DictValueType,
     StateDictOptions,
+    ValueType,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -95,7 +98,8 @@ def write_train_state(
     opt_state = get_optimizer_state_dict(unwrap(trainee), opt, options=_FULL)
     if not main:
         return
-    for fqn, slots in opt_state["state"].items():
+    # "state" maps each parameter to its slots (torch types the key's value as either form)
+    for fqn, slots in cast("dict[str, DictValueType]", opt_state["state"]).items():
         for key, value in slots.items():
             tensors[f"opt/{fqn}/{key}"] = torch.as_tensor(value).detach().to("cpu").clone().contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
@@ -239,7 +243,9 @@ def check_tensors(state: SavedState, module: nn.Module) -> None:
 def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Put the saved weights, optimiser moments and RNG back into freshly built objects."""
     module = unwrap(trainee)
-    weights = {k.removeprefix("model/"): v for k, v in state.tensors.items() if k.startswith("model/")}
+    weights: dict[str, ValueType] = {
+        k.removeprefix("model/"): v for k, v in state.tensors.items() if k.startswith("model/")
+    }
     wanted = {name for name, p in module.named_parameters() if p.requires_grad}
     if set(weights) != wanted:
         missing, extra = sorted(wanted - set(weights))[:3], sorted(set(weights) - wanted)[:3]
@@ -253,7 +259,7 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
             f"{len(opt.param_groups)}"
         )
     set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    slots: dict[str, dict[str, torch.Tensor]] = {}
+    slots: dict[str, DictValueType] = {}
     for key, value in state.tensors.items():
         if key.startswith("opt/"):
             fqn, name = key.removeprefix("opt/").rsplit("/", 1)
@@ -264,7 +270,8 @@ def restore(state: SavedState, trainee: nn.Module, opt: torch.optim.Optimizer) -
         set_optimizer_state_dict(
             module,
             opt,
-            {"state": slots, "param_groups": state.param_groups},
+            # a record of records: torch's ValueType admits one only as dict[str, ValueType] (dict is invariant)
+            {"state": cast(DictValueType, slots), "param_groups": state.param_groups},
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
     except (KeyError, ValueError, TypeError, RuntimeError) as err:

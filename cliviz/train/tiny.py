@@ -87,10 +87,9 @@ class AuxHeads(nn.Module):
 
 def aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-patch classification losses on one vision layer's patch states `hidden` `[B, N, Dv]`."""
-    loss = 0.0
-    for name in ("color", "shape", "digit"):
-        logits = getattr(heads, name)(hidden)  # [B, N, C]
-        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+    loss = _patch_loss(heads.color(hidden), batch["aux_color"])  # logits [B, N, C]
+    for name in ("shape", "digit"):
+        loss = loss + _patch_loss(getattr(heads, name)(hidden), batch[f"aux_{name}"])
     if not heads.position:
         return loss
     grid = IMAGE_SIZE // PATCH
@@ -99,9 +98,13 @@ def aux_loss(heads: AuxHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor
         logits = getattr(heads, name)(hidden)  # [B, N, grid]
         loss = loss + F.cross_entropy(logits.reshape(-1, grid), target.repeat(hidden.shape[0]))
     for name in ("center_x", "center_y"):
-        logits = getattr(heads, name)(hidden)  # [B, N, bins + 1]
-        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[f"aux_{name}"].reshape(-1))
+        loss = loss + _patch_loss(getattr(heads, name)(hidden), batch[f"aux_{name}"])  # logits [B, N, bins + 1]
     return loss
+
+
+def _patch_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of per-patch `logits [B, N, C]` against their classes `target [B, N]`."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 class TowerHeads(nn.Module):
