@@ -9,10 +9,15 @@ instead of whatever the layers below would raise.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cliviz.arguments import check_layer, check_path, check_request, check_text, check_trace, shown, warn
 from cliviz.errors import CLIVizError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cliviz.model.modeling import CLIForConditionalGeneration
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
@@ -52,7 +57,13 @@ def ablate(
     return run(model, tokenizer, request.image, request.question, llm_layer, vision_layer, kind=kind, trace=trace)
 
 
-def attribute(model, tokenizer, image, question: str, **options: Any):
+def attribute(
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    image,
+    question: str,
+    **options: Any,
+):
     """Attribute every answer token to gate cells, image patches and prompt tokens
     (`cliviz.analyses.attributions.attribute`; its keywords: method, steps, baseline,
     internal_batch_size, answer, max_new_tokens, target), after the checks `cliviz.trace` runs."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from PIL import Image
@@ -13,6 +14,9 @@ from cliviz.finite import require_finite
 from cliviz.inputs import is_word_level
 from cliviz.model.modeling import CLIForConditionalGeneration
 from cliviz.model.processing import batch_prompts, image_inputs, pad_id, prompt_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Answer:
 PLACEHOLDERS = ("<image>", "<video>")  # LLaVA's image token, LLaVA-OneVision's video token
 
 
-def suppressed_tokens(tokenizer) -> list[int]:
+def suppressed_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens that are never an answer: padding, unknown, `<bos>`, image and video placeholders."""
     vocab = tokenizer.get_vocab()
     ids = [
@@ -41,12 +45,12 @@ WORD_LEVEL_MAX_NEW_TOKENS = 4  # bundled models answer one word (+ eos)
 SUBWORD_MAX_NEW_TOKENS = 256  # real checkpoints answer in sentences; the command line allows up to 1024
 
 
-def default_max_new_tokens(tokenizer) -> int:
+def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """The answer length limit when the user gives none: by the kind of model the tokenizer belongs to."""
     return WORD_LEVEL_MAX_NEW_TOKENS if is_word_level(tokenizer) else SUBWORD_MAX_NEW_TOKENS
 
 
-def generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
+def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
     """Greedy decoding that never emits the `suppressed_tokens` (pad falls back to eos when unset)."""
     return {
         "max_new_tokens": max_new_tokens,
@@ -70,7 +74,7 @@ def prepare_inputs(
     }
 
 
-def token_texts(tokenizer, ids) -> list[str]:
+def token_texts(tokenizer: PreTrainedTokenizerBase, ids) -> list[str]:
     """The text of each token id, as traces store it. Real checkpoints pad their embedding matrix
     past the tokenizer's vocabulary (LLaVA-1.5: 32,064 rows for 32,002 tokens), so a model can emit
     an id the tokenizer has no text for: it is written `<id:N>` rather than None."""
@@ -79,13 +83,14 @@ def token_texts(tokenizer, ids) -> list[str]:
     return [text if isinstance(text, str) else f"<id:{t}>" for t, text in zip(ids, texts)]
 
 
-def decode_answer(tokenizer, ids: list[int]) -> str:
+def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     """Tokens up to (not including) the first eos: joined as words for the bundled word-level
     tokenizer, `tokenizer.decode(..., skip_special_tokens=True)` for subword ones."""
     if not is_word_level(tokenizer):
         eos = tokenizer.eos_token_id
         upto = ids.index(eos) if eos is not None and eos in ids else len(ids)
-        return tokenizer.decode(ids[:upto], skip_special_tokens=True).strip()
+        text = cast(str, tokenizer.decode(ids[:upto], skip_special_tokens=True))  # one sequence in, one text out
+        return text.strip()
     words = []
     for t in ids:
         if t == tokenizer.eos_token_id:
@@ -159,7 +164,7 @@ class ReferenceScore:
         return self.total / len(self.logprobs) if self.logprobs else float("nan")
 
 
-def reference_ids(tokenizer, reference: str) -> list[int]:
+def reference_ids(tokenizer: PreTrainedTokenizerBase, reference: str) -> list[int]:
     """A reference answer's token ids as the model would emit them right after the prompt."""
     return list(tokenizer(str(reference).strip(), add_special_tokens=False).input_ids)
 

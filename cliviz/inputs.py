@@ -14,12 +14,16 @@ import os
 import re
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cliviz.arguments import check_path, shown
 from cliviz.errors import CLIVizError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MAX_PIXELS = 40_000_000  # far above any real photo we need; stops decompression bombs before decoding
 MAX_QUESTION_CHARS = 400
@@ -233,7 +237,7 @@ def check_question(question: str, vocab: dict[str, int] | None = None, tokenize=
     return text
 
 
-def question_words(tokenizer, text: str) -> list[str]:
+def question_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
     """The tokenizer's own normalisation and word split, *before* the vocabulary lookup (which
     would turn unknown words into `[UNK]`, itself a known token)."""
     core = getattr(tokenizer, "backend_tokenizer", None)
@@ -245,7 +249,7 @@ def question_words(tokenizer, text: str) -> list[str]:
     return [w for w, _ in core.pre_tokenizer.pre_tokenize_str(norm)]
 
 
-def is_word_level(tokenizer) -> bool:
+def is_word_level(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True for the bundled kind of tokenizer: a `tokenizers` WordLevel model, one id per known word.
 
     Decided by the tokenizer's model type, not by its vocabulary: any other tokenizer (BPE,
@@ -257,7 +261,7 @@ def is_word_level(tokenizer) -> bool:
     return core is not None and isinstance(core.model, WordLevel)
 
 
-def special_token_texts(tokenizer) -> list[str]:
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Every special token's text: the named ones (bos, eos, ...) and added special tokens (`<image>`)."""
     named = list(getattr(tokenizer, "all_special_tokens", []) or [])
     added = [
@@ -268,7 +272,7 @@ def special_token_texts(tokenizer) -> list[str]:
     return list(dict.fromkeys(named + added))
 
 
-def check_model_question(question: str, tokenizer) -> str:
+def check_model_question(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """`check_question` against a model's tokenizer: the one check every front end uses.
 
     Word-level tokenizers (the bundled models) refuse words outside their vocabulary; subword
@@ -287,7 +291,7 @@ def check_model_question(question: str, tokenizer) -> str:
     return with_question_mark(text, tokenizer, vocab)
 
 
-def with_question_mark(text: str, tokenizer, vocab: dict[str, int]) -> str:
+def with_question_mark(text: str, tokenizer: PreTrainedTokenizerBase, vocab: dict[str, int]) -> str:
     """`what color is the triangle` -> `what color is the triangle ?` for word-level models.
 
     Every ShapesVQA question ends with a separate "?" and the bundled models were trained on nothing
@@ -305,7 +309,7 @@ def with_question_mark(text: str, tokenizer, vocab: dict[str, int]) -> str:
     return fitted
 
 
-def input_warnings(image: Image.Image, tokenizer) -> list[str]:
+def input_warnings(image: Image.Image, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """What an answer about `image` should be read with: today, one line when a bundled model is
     shown an image unlike its ShapesVQA scenes (`cliviz.scene_check`). Empty when nothing applies."""
     from cliviz.scene_check import world_warning

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from cliviz.errors import CLIVizError
+
+if TYPE_CHECKING:
+    from cliviz.model.modeling import CLIForConditionalGeneration
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,7 +46,7 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return CPU_FALLBACK_BYTES
 
 
-def row_bytes(model, tokens: int, new_tokens: int = 0, scored_positions: int = 1) -> int:
+def row_bytes(model: CLIForConditionalGeneration, tokens: int, new_tokens: int = 0, scored_positions: int = 1) -> int:
     """Bytes one row of a batch needs beyond the weights (an estimate that errs on the large side)."""
     cfg = model.config.base_config
     text, vision = cfg.text_config, cfg.vision_config

@@ -16,11 +16,16 @@ tokenizers: anything `cliviz attach` makes from a real LLaVA) are never warned a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
 
 from cliviz.data.scenes import BACKGROUND, IMAGE_SIZE
 from cliviz.inputs import is_word_level
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MIN_BACKGROUND_SHARE = 0.5
 BACKGROUND_TOLERANCE = 8
@@ -47,7 +52,7 @@ def scene_mismatch(image: Image.Image) -> str | None:
     return None
 
 
-def world_warning(image: Image.Image, tokenizer) -> str | None:
+def world_warning(image: Image.Image, tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The one warning line for a bundled (word-level) model shown a non-ShapesVQA image; else None."""
     if not is_word_level(tokenizer):
         return None

@@ -13,8 +13,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cliviz.errors import CLIVizError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def check_writable(path: Path | None, what: str) -> None:
@@ -95,7 +99,7 @@ def load_checked(model: Path | None, device: str, dtype: str):
     return load_model(model, device=device, dtype=dtype)
 
 
-def checked_question(question: str, tokenizer) -> str:
+def checked_question(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
     from cliviz.inputs import check_model_question
 
     return check_model_question(question, tokenizer)

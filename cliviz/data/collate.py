@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ from PIL import Image
 from cliviz.data.conversations import BadRow, Conversation, load_conversation_image
 from cliviz.errors import CLIVizError
 from cliviz.model.processing import chat_text, image_inputs, pad_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cliviz.model.configuration import CLIConfig
 
 IGNORE = -100
 # images -> (model inputs whose tensors have one row per image along dim 0, placeholder tokens per image)
@@ -335,7 +341,9 @@ class ConversationCollator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def collator_for_model(model_config, tokenizer, max_length: int | None = None) -> ConversationCollator:
+def collator_for_model(
+    model_config: CLIConfig, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> ConversationCollator:
     """The collator for any model cliviz loads (`ModelImageEncoder`); other architectures pass
     their own `ImageEncoder` to `ConversationCollator`.
 

@@ -148,7 +148,7 @@ def load_tokenizer(folder: Path, config: CLIConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_chat_template(folder: Path, tokenizer) -> None:
+def load_chat_template(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     """Give the tokenizer the folder's chat template when only the processor file holds it.
 
     transformers reads `chat_template.jinja` (and `tokenizer_config.json`) into the tokenizer;
