@@ -180,7 +180,7 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
 
 
 def _interrupt(args: list[str], when, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `cliviz ARGS`, send SIGINT once `when()` is true, return the finished process."""
+    """Run `cliviz ARGS`, send SIGINT once `when(pid)` is true, return the finished process."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cliviz", *args],
         cwd=REPO,
@@ -191,11 +191,33 @@ def _interrupt(args: list[str], when, timeout: float = 300) -> subprocess.Comple
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + timeout
-    while not when() and proc.poll() is None and time.time() < deadline:
+    while not when(proc.pid) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (user + system, from /proc): unlike wall time, it does not
+    stretch when other processes load the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("inf")  # already gone
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def cpu_to_reach_cliviz() -> float:
+    """CPU seconds a process needs to start Python and import `cliviz.cli.main`, which installs the
+    Ctrl-C handler first thing; a Ctrl-C before that meets Python's own start-up, not cliviz."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "import cliviz.cli.main"], cwd=REPO, env=ENV, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
@@ -218,7 +240,7 @@ def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
             "--max-new-tokens",
             "4",
         ],
-        when=out.exists,
+        when=lambda _: out.exists(),
     )
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -229,12 +251,18 @@ def test_ctrl_c_on_a_sweep_exits_130_and_says_what_was_kept(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 2.5, 4.0])
-def test_ctrl_c_during_start_up_is_one_line(delay):
-    """Start-up (imports of torch, transformers, the model load) used to print a KeyboardInterrupt traceback."""
+def test_ctrl_c_during_start_up_is_one_line(delay, cpu_to_reach_cliviz):
+    """Start-up (imports of torch, transformers, the model load) used to print a KeyboardInterrupt
+    traceback. The Ctrl-C comes `delay` s after the start, and never before the process has had the
+    CPU time to reach cliviz's code (on a loaded machine 0.3 s of wall time can end inside Python's
+    own start-up, where no program can catch it)."""
     start = time.time()
-    proc = _interrupt(
-        ["ask", str(IMAGE), "what color is the circle ?", "--device", "cpu"], when=lambda: time.time() - start > delay
-    )
+    ready = 1.5 * cpu_to_reach_cliviz
+
+    def now(pid: int) -> bool:
+        return time.time() - start > delay and _cpu_seconds(pid) >= ready
+
+    proc = _interrupt(["ask", str(IMAGE), "what color is the circle ?", "--device", "cpu"], when=now)
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert proc.stderr.strip().splitlines() == ["interrupted; files written before the interrupt are kept"]
     assert proc.stdout == ""
