@@ -101,6 +101,21 @@ def run_main(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess
     return subprocess.CompletedProcess(["cliviz", *args], code, out.getvalue(), err.getvalue())
 
 
+def main_outcome(*args: str, stdin: str = "") -> tuple[int, str, str]:
+    """`run_main` as (exit code, stdout, stderr), for tests that unpack the three."""
+    proc = run_main(*args, stdin=stdin)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_error_line(code: int, err: str, needle: str) -> str:
+    """Exit 2 and one `error:` line naming `needle` (a training progress bar's lines aside); the line."""
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("train ")]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and needle.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m cliviz ...` as a user would, in a new process (seconds of start-up each)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -109,6 +124,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         capture_output=True,
         text=True,
         cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`cliviz ARGS` under `torchrun` with two processes (one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cliviz", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env=env,
         timeout=timeout,
     )

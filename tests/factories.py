@@ -456,3 +456,51 @@ def good_trace(n_layers: int = 2, n_tokens: int = 6, k: int = 3, n_answer: int =
         topk_texts=[["x", "y"]] * n_answer,
         topk_logprobs=-rng.random((n_answer, 2), dtype=np.float32),
     )
+
+
+LLAVA_DATA_COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_llava_data(root: Path) -> tuple:
+    """A LLaVA instruction file (JSON list, two turns each) with images of three shapes, plus two bad rows."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        name = list(LLAVA_DATA_COLORS)[i % 3]
+        w, h = [(48, 32), (32, 64), (40, 40)][i % 3]
+        pixels = np.full((h, w, 3), LLAVA_DATA_COLORS[name], dtype=np.uint8) + rng.integers(
+            0, 20, (h, w, 3), dtype=np.uint8
+        )
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        rows.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the picture?"},
+                    {"from": "gpt", "value": f"The picture is {name}."},
+                    {"from": "human", "value": "Are you sure?"},
+                    {"from": "gpt", "value": "Yes."},
+                ],
+            }
+        )
+    rows.append(
+        {
+            "id": "no-image",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}],
+        }
+    )
+    rows.append(
+        {
+            "id": "no-token",
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+        }
+    )
+    (root / "train.json").write_text(json.dumps(rows))
+    return root / "train.json", images

@@ -174,7 +174,7 @@ def test_train_stop_then_resume_from_the_command_line(tmp_path):
 
 
 def test_attach_command(tmp_path):
-    from test_model import tiny_llava
+    from factories import tiny_llava
 
     tiny_llava().save_pretrained(tmp_path / "base")
     proc = run_main(

@@ -129,10 +129,12 @@ def test_a_collated_batch_runs_through_a_real_llava_and_its_loss_is_on_the_answe
     """A tiny random llava-hf LLaVA-1.5 with its CLIP image processor: the batch's image placeholders
     match the image features (else transformers raises), and transformers' own loss on `labels` is
     the cross-entropy over exactly the labelled (answer + eos) tokens."""
-    from test_real_llava import build_base, build_image_processor
     from torch.nn import functional as F
 
     from cliviz.model.configuration import CLIConfig
+
+    from factories import llava15_base as build_base
+    from factories import llava15_image_processor as build_image_processor
 
     tok = llava_tokenizer()
     base = build_base(tok)

@@ -9,7 +9,6 @@ piping `yes` would), so a folder's own Python would have its chance to run: it m
 from __future__ import annotations
 
 import base64
-import io
 import os
 import subprocess
 import sys
@@ -19,33 +18,9 @@ from corpus import EVIL_MARKER, image_cases, model_folder_cases, question_cases,
 
 from cliviz.errors import CLIVizError
 
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, main_outcome, one_error_line
 
 IMAGE = EXAMPLES / "color.png"
-
-
-def run_main(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    """`cliviz ARGS` through the console entry point, in this process; (exit code, stdout, stderr)."""
-    from cliviz.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["cliviz", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(code: int, err: str, needle: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: "), lines[0]
-    assert needle.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 def ids(cases) -> list[str]:
@@ -80,7 +55,7 @@ def test_image_corpus(case, tmp_path):
 def test_bad_images_through_the_command_line(monkeypatch, capsys, tmp_path):
     for case in [c for c in IMAGES if c.expect][:6]:
         path = case.build(tmp_path)
-        code, _, err = run_main(monkeypatch, capsys, "ask", str(path), "what color is the circle ?", "--device", "cpu")
+        code, _, err = main_outcome("ask", str(path), "what color is the circle ?", "--device", "cpu")
         one_error_line(code, err, case.expect)
 
 
@@ -129,16 +104,12 @@ def test_question_without_question_mark_is_answered(monkeypatch, capsys):
     """The bundled models were trained on questions ending in " ?": without it they said nothing."""
     import json
 
-    code, out, err = run_main(
-        monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle", "--device", "cpu", "--json"
-    )
+    code, out, err = main_outcome("ask", str(IMAGE), "what color is the triangle", "--device", "cpu", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["question"] == "what color is the triangle ?"
     assert result["answer"] == "blue"  # the reference answer in assets/examples/samples.jsonl
-    code, out2, _ = run_main(
-        monkeypatch, capsys, "ask", str(IMAGE), "what color is the triangle ?", "--device", "cpu", "--json"
-    )
+    code, out2, _ = main_outcome("ask", str(IMAGE), "what color is the triangle ?", "--device", "cpu", "--json")
     assert json.loads(out2)["answer"] == result["answer"]
 
 
@@ -152,9 +123,7 @@ def test_model_folder_corpus(case, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv(EVIL_MARKER, str(marker))
     folder = case.build(tmp_path)
-    code, out, err = run_main(
-        monkeypatch,
-        capsys,
+    code, out, err = main_outcome(
         "ask",
         str(IMAGE),
         "what color is the triangle ?",
@@ -201,9 +170,7 @@ def test_attach_refuses_a_base_with_code(tmp_path, monkeypatch, capsys):
     folder = case.build(tmp_path)
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv(EVIL_MARKER, str(marker))
-    code, _, err = run_main(
-        monkeypatch, capsys, "attach", "--base", str(folder), "--out", str(tmp_path / "out"), stdin="y\n"
-    )
+    code, _, err = main_outcome("attach", "--base", str(folder), "--out", str(tmp_path / "out"), stdin="y\n")
     one_error_line(code, err, "auto_map in tokenizer_config.json")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -240,7 +207,7 @@ def test_broken_trace_files_refused_by_figures_and_dashboard(tmp_path, monkeypat
         folder = tmp_path / name.replace(":", "-")
         folder.mkdir()
         path = case.build(folder)
-        code, _, err = run_main(monkeypatch, capsys, "figures", str(path), "--out", str(folder / "figs"), "-f", "svg")
+        code, _, err = main_outcome("figures", str(path), "--out", str(folder / "figs"), "-f", "svg")
         line = one_error_line(code, err, case.expect)
         assert "trace 1 (sample s1)" in line  # the trace and the field are named
         with pytest.raises(CLIVizError, match="trace 1"):

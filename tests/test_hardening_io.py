@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_corpus import one_error_line, run_main
 
 from cliviz.errors import CLIVizError
 
-from conftest import BUNDLED, EXAMPLES, REPO
+from conftest import BUNDLED, EXAMPLES, REPO, main_outcome, one_error_line
 
 IMAGE = EXAMPLES / "color.png"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
@@ -85,9 +84,7 @@ def test_second_sweep_into_the_same_output_is_refused(data_dir, tmp_path, monkey
     )  # another process writing `out`
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, _, err = run_main(
-            monkeypatch,
-            capsys,
+        code, _, err = main_outcome(
             "sweep",
             "--data",
             str(data_dir),
@@ -99,16 +96,12 @@ def test_second_sweep_into_the_same_output_is_refused(data_dir, tmp_path, monkey
             str(tmp_path / "no-model"),
         )
         one_error_line(code, err, f"{out} is being written by another cliviz process")  # before the model
-        code, _, err = run_main(
-            monkeypatch, capsys, "sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu", "--resume"
-        )
+        code, _, err = main_outcome("sweep", "--data", str(data_dir), "--out", str(out), "--device", "cpu", "--resume")
         one_error_line(code, err, "being written by another cliviz process")
     finally:
         holder.communicate("done\n", timeout=60)
     assert holder.returncode == 0 and not out.exists()
-    code, _, err = run_main(
-        monkeypatch,
-        capsys,
+    code, _, err = main_outcome(
         "sweep",
         "--data",
         str(data_dir),
@@ -127,9 +120,7 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
     from cliviz.tracing.traceset import TraceSet
 
     out = tmp_path / "t.parquet"
-    code, _, err = run_main(
-        monkeypatch,
-        capsys,
+    code, _, err = main_outcome(
         "sweep",
         "--data",
         str(data_dir),
@@ -152,9 +143,7 @@ def test_resume_removes_temporaries_left_by_a_kill(data_dir, tmp_path, monkeypat
         (out / f".part-00000002.parquet.{hexname}.tmp").write_bytes(b"PAR1 half a file")
     (tmp_path / ".t.parquet.0123456789ab.tmp").write_bytes(b"PAR1 half a file")  # a single-file write's
     assert len(stale_temporaries(out)) == 1 and len(TraceSet.read(out)) == 4
-    code, out_text, err = run_main(
-        monkeypatch,
-        capsys,
+    code, out_text, err = main_outcome(
         "sweep",
         "--data",
         str(data_dir),
@@ -291,7 +280,7 @@ def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):
         (typer.Exit(3), 3, None),
     ):
         monkeypatch.setattr(cli_main, "build_app", app_raising(exc))
-        got, _, err = run_main(monkeypatch, capsys)
+        got, _, err = main_outcome()
         assert got == code
         assert err.strip().splitlines() == ([line] if line else [])
 
@@ -325,7 +314,7 @@ def test_output_under_a_file_is_refused_before_any_model_work(args, data_dir, tm
     argv = [a.format(blocker=blocker, data=data_dir, nomodel=broken) for a in args]
     if args[0] not in ("data", "train", "attach", "compare"):
         argv += ["--model", str(broken)]
-    code, _, err = run_main(monkeypatch, capsys, *argv)
+    code, _, err = main_outcome(*argv)
     one_error_line(code, err, f"{blocker} is a file, not a folder")
     assert blocker.read_bytes() == b"not a folder"
 

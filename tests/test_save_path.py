@@ -3,7 +3,6 @@ a kill at every file operation of the save path, a full disk, a tampered trainin
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,32 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import main_outcome, one_error_line
+
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`cliviz ARGS` through the console entry point, in this process; (exit code, stdout, stderr)."""
-    from cliviz.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["cliviz", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(code: int, err: str, needle: str) -> str:
-    """Exit 2 and one `error:` line (after the progress bar's last line, when training had begun)."""
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("train ")]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: ") and needle.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 def tiny_settings(**changes):
@@ -74,13 +51,13 @@ def test_out_over_init_from_is_refused_before_any_work(stopped, tmp_path, monkey
     shutil.copytree(stopped, base)
     before = snapshot(base)
     out = {"same": base, "inside": base / "sub", "contains": tmp_path / "parent"}[where]
-    code, _, err = run_main(monkeypatch, capsys, "train", "--init-from", str(base), "--steps", "1", "--out", str(out))
+    code, _, err = main_outcome("train", "--init-from", str(base), "--steps", "1", "--out", str(out))
     one_error_line(code, err, "--init-from")
     assert snapshot(base) == before and not (base / "sub").exists()
 
 
 def test_attach_out_over_base_is_refused(stopped, tmp_path, monkeypatch, capsys):
-    code, _, err = run_main(monkeypatch, capsys, "attach", "--base", str(stopped), "--out", str(stopped / "cli"))
+    code, _, err = main_outcome("attach", "--base", str(stopped), "--out", str(stopped / "cli"))
     one_error_line(code, err, "inside the --base folder")
     assert not (stopped / "cli").exists()
 
@@ -90,21 +67,21 @@ def test_a_model_or_another_runs_state_needs_overwrite(stopped, tmp_path, monkey
     other = tmp_path / "other"
     shutil.copytree(stopped, other)
     before = snapshot(other)
-    code, _, err = run_main(monkeypatch, capsys, "train", "--steps", "1", "--batch-size", "2", "--out", str(other))
+    code, _, err = main_outcome("train", "--steps", "1", "--batch-size", "2", "--out", str(other))
     one_error_line(code, err, "already holds another run's training state")
     assert "--resume" in err and "--overwrite" in err
     (other / "train_state.safetensors").unlink()
-    code, _, err = run_main(monkeypatch, capsys, "train", "--steps", "1", "--batch-size", "2", "--out", str(other))
+    code, _, err = main_outcome("train", "--steps", "1", "--batch-size", "2", "--out", str(other))
     one_error_line(code, err, "already holds a model")
     base = tmp_path / "llava"
     from llava_folders import llava15_folder
 
     llava15_folder(base)
     capsys.readouterr()  # the folder's own save progress
-    code, _, err = run_main(monkeypatch, capsys, "attach", "--base", str(base), "--out", str(other))
+    code, _, err = main_outcome("attach", "--base", str(base), "--out", str(other))
     one_error_line(code, err, "already holds a model")
     assert snapshot(other) == {k: v for k, v in before.items() if k != "train_state.safetensors"}
-    code, _, err = run_main(monkeypatch, capsys, "attach", "--base", str(base), "--out", str(other), "--overwrite")
+    code, _, err = main_outcome("attach", "--base", str(base), "--out", str(other), "--overwrite")
     assert code == 0, err
     assert json.loads((other / "config.json").read_text())["base_config"]["model_type"] == "llava"
 
@@ -112,7 +89,7 @@ def test_a_model_or_another_runs_state_needs_overwrite(stopped, tmp_path, monkey
 def test_resume_may_write_back_into_its_own_run(stopped, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
-    code, out, err = run_main(monkeypatch, capsys, "train", "--resume", str(run))
+    code, out, err = main_outcome("train", "--resume", str(run))
     assert code == 0, err
     assert not (run / "train_state.safetensors").exists() and "after 2 steps" in out
 
@@ -139,7 +116,7 @@ def test_second_writer_is_refused_naming_the_holder(stopped, tmp_path, monkeypat
             "train": ("train", "--steps", "1", "--batch-size", "2", "--out", str(out)),
             "attach": ("attach", "--base", str(base), "--out", str(out)),
         }[command]
-        code, _, err = run_main(monkeypatch, capsys, *args)
+        code, _, err = main_outcome(*args)
         line = one_error_line(code, err, "being written by another cliviz process")
         assert f"process {holder.pid}, cliviz train" in line
     finally:
@@ -262,7 +239,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_state(stopped, tmp_path, m
 
             monkeypatch.setitem(cliviz.atomic._FAULT, "count", 0)
             monkeypatch.setenv("CLIVIZ_FAULT", "enospc@2")  # the write of train_state.safetensors
-        code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run))
+        code, _, err = main_outcome("train", "--resume", str(run))
         one_error_line(code, err, "space")
         after = snapshot(run)
         assert after["train_state.safetensors"] == before["train_state.safetensors"]
@@ -283,7 +260,7 @@ def test_a_write_error_while_finishing_is_one_line(stopped, tmp_path, monkeypatc
     state_before = (run / "train_state.safetensors").read_bytes()
     monkeypatch.setitem(cliviz.atomic._FAULT, "count", 0)
     monkeypatch.setenv("CLIVIZ_FAULT", {"staged": "enospc@4", "write": "enospc@2"}[at])
-    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run))
+    code, _, err = main_outcome("train", "--resume", str(run))
     one_error_line(code, err, "no space left")
     if at == "write":
         assert (run / "train_state.safetensors").read_bytes() == state_before
@@ -348,7 +325,7 @@ def test_a_tampered_state_is_one_error_line(stopped, tmp_path, monkeypatch, caps
     shutil.copytree(stopped, run)
     _tamper(run, change)
     before = snapshot(run)
-    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", str(run))
+    code, _, err = main_outcome("train", "--resume", str(run))
     one_error_line(code, err, needle)
     assert snapshot(run) == before
 

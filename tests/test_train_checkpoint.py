@@ -5,9 +5,6 @@ equal one process with the doubled batch; exact resume; gradient checkpointing; 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,52 +13,11 @@ from llava_folders import llava15_folder, onevision_folder
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_clean_error, run_main
+from conftest import assert_clean_error, run_main, torchrun
+from factories import write_llava_data
 
 torch.set_num_threads(1)
 CLI_PREFIXES = ("amp.", "read_kv.", "agf.")
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
-def write_llava_data(root) -> tuple:
-    """A LLaVA instruction file (JSON list, two turns each) with images of three shapes, plus two bad rows."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(48):
-        name = list(COLORS)[i % 3]
-        w, h = [(48, 32), (32, 64), (40, 40)][i % 3]
-        pixels = np.full((h, w, 3), COLORS[name], dtype=np.uint8) + rng.integers(0, 20, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        rows.append(
-            {
-                "id": str(i),
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat color is the picture?"},
-                    {"from": "gpt", "value": f"The picture is {name}."},
-                    {"from": "human", "value": "Are you sure?"},
-                    {"from": "gpt", "value": "Yes."},
-                ],
-            }
-        )
-    rows.append(
-        {
-            "id": "no-image",
-            "image": "missing.png",
-            "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}],
-        }
-    )
-    rows.append(
-        {
-            "id": "no-token",
-            "image": "0.png",
-            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
-        }
-    )
-    (root / "train.json").write_text(json.dumps(rows))
-    return root / "train.json", images
 
 
 @pytest.fixture(scope="module")
@@ -172,18 +128,6 @@ def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
     assert with_grad and all(n.endswith("injection.alpha") for n in with_grad)
     groups = param_groups(model, TrainSettings(steps=1, init_from="x", alpha_lr=1e-2))
     assert [g["name"] for g in groups] == ["weights", "alpha"] and groups[1]["weight_decay"] == 0.0
-
-
-def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cliviz", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

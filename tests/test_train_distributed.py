@@ -11,7 +11,9 @@ import pytest
 import torch
 from llava_folders import llava15_folder
 from safetensors.torch import load_file
-from test_train_checkpoint import torchrun, write_llava_data
+
+from conftest import torchrun
+from factories import write_llava_data
 
 torch.set_num_threads(1)
 

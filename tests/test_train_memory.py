@@ -10,7 +10,8 @@ import pytest
 import torch
 from llava_folders import llava15_folder
 from safetensors.torch import load_file
-from test_train_checkpoint import write_llava_data
+
+from factories import write_llava_data
 
 torch.set_num_threads(1)
 
