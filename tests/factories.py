@@ -504,3 +504,15 @@ def write_llava_data(root: Path) -> tuple:
     )
     (root / "train.json").write_text(json.dumps(rows))
     return root / "train.json", images
+
+
+def make_lively(model, seed: int = 0) -> None:
+    """An attached model whose injection acts (alpha 0.8 everywhere) with random gates and AMP
+    corrections (`tanh(alpha) = 0` and zero LoRA at init would make every ablation a no-op)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.agf:
+            layer.injection.alpha.fill_(0.8)
+            torch.nn.init.normal_(layer.gate.to_logits.weight, std=0.5)
+        for lora in model.amp.loras:
+            torch.nn.init.normal_(lora.up.weight, std=0.1)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_clean_error, run_main
-from factories import PATCH, SIZE
+from factories import PATCH, SIZE, make_lively
 
 torch.set_num_threads(1)
 
@@ -87,13 +87,7 @@ def test_batched_equals_alone_with_different_crop_counts(ov, max_tokens):
 
     model, tok = _load(ov)
     model.config.read_max_tokens = max_tokens
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(0.8)
-            torch.nn.init.normal_(layer.gate.to_logits.weight, std=0.5)
-        for lora in model.amp.loras:
-            torch.nn.init.normal_(lora.up.weight, std=0.1)
+    make_lively(model)
     names = ["wide", "tall", "square"]
     images = [Image.open(ov["images"][n]).convert("RGB") for n in names]
     questions = ["what is this", "how many shapes are there ?", "color"]

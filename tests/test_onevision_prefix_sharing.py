@@ -15,22 +15,13 @@ from PIL import Image
 
 from cliviz.analyses import ablations as A
 
+from factories import make_lively
+
 torch.set_num_threads(1)
 NUM = ["logprob_ref", "logprob_own", "logprob_ref_seq"]
 SHAPES = [(60, 20), (20, 70), (40, 40), (200, 150)]  # (width, height): crops and token counts all differ
 QUESTIONS = ["what is this", "how many shapes are there ?", "color", "where"]
 REFERENCES = ["a cat", "two", "red", "left"]
-
-
-def lively(model) -> None:
-    """Injection on (alpha 0.8), gates and AMP's correction random: every ablation changes scores."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.agf:
-            layer.injection.alpha.fill_(0.8)
-            torch.nn.init.normal_(layer.gate.to_logits.weight, std=0.5)
-        for lora in model.amp.loras:
-            torch.nn.init.normal_(lora.up.weight, std=0.1)
 
 
 def full_read(model):
@@ -89,7 +80,7 @@ def test_onevision_ablation_shares_the_image_prefix(onevision_attached, read, mo
             return engine._Want(vision=True, memory=True, hidden_after=want.hidden_after), block
 
         monkeypatch.setattr(engine, "_cache_plan", without_kv)
-    lively(model)
+    make_lively(model)
     images = [
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
         for i, (w, h) in enumerate(SHAPES)
