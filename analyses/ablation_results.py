@@ -1,30 +1,24 @@
 """Ablation results that show themselves: one cell (`ablate`) and a knockout grid (`knockout`).
 
-Thin, displayable wrappers over the batched engine in `cliviz.analyses.ablations`
-(`single_cell`, `knockout_grid`, `grid_matrix`): the numbers are the engine's, unchanged; these
-classes add a plotly `heatmap()` (the builders of `analyses.heatmaps`) and `_repr_html_` for
-Jupyter, so a notebook user needs neither the command line nor the frame layout.
+`ablate` wraps the batched engine's `single_cell` as a `CellAblation`: the numbers are the
+engine's, unchanged; it adds a plotly `heatmap()` (the builders of `analyses.heatmaps`) and
+`_repr_html_` for Jupyter. `knockout` is the `run_grid` preset of `cliviz.analyses.ablations` under
+a notebook's name: a grid's result is the study's one result type, `AblationReport` (`matrix`,
+`heatmap`, `off_explains`, `_repr_html_`), so a notebook user needs neither the command line nor
+the frame layout.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from cliviz.errors import CLIVizError
 
-GRID_UNITS = {
-    "delta_logprob_ref": "Δ log-prob (reference answer), nats",
-    "delta_logprob_own": "Δ log-prob (own answer), nats",
-    "flip_rate": "share of answers flipped",
-    "accuracy": "accuracy under the knockout",
-    "delta_accuracy": "Δ accuracy",
-    "gate_mass": "mean gate",
-}
+if TYPE_CHECKING:
+    from cliviz.analyses.ablations.report import AblationReport
 
 
 @dataclass
@@ -118,60 +112,7 @@ def ablate(
     )
 
 
-@dataclass
-class KnockoutGrid:
-    """Every (LLM layer, vision layer) knockout of a set of samples: the engine's tidy `frame`
-    (see `knockout_grid`) plus the layer lists needed to lay it out as `[L, K]` matrices."""
-
-    frame: pd.DataFrame
-    vision_layers: list[int]
-    injection_layers: list[int]
-
-    @property
-    def n_samples(self) -> int:
-        rows = self.frame[(self.frame["qtype"] == "all")]
-        return int(rows["n"].max()) if len(rows) else 0
-
-    def matrix(self, metric: str = "delta_logprob_own", qtype: str = "all") -> np.ndarray:
-        """`[L, K]` matrix of one metric (rows: injection layers, columns: vision layers)."""
-        from cliviz.analyses.ablations import grid_matrix
-
-        return grid_matrix(self.frame, self.vision_layers, self.injection_layers, metric=metric, qtype=qtype)
-
-    def heatmap(self, metric: str = "delta_logprob_own", qtype: str = "all"):
-        """Diverging map of one metric, symmetric around 0, with its absolute range in the colour bar."""
-        from cliviz.analyses.heatmaps import difference_figure
-
-        m = self.matrix(metric, qtype)
-        top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
-        unit = GRID_UNITS.get(metric, metric)
-        return difference_figure(
-            m,
-            self.vision_layers,
-            self.injection_layers,
-            label=f"{metric}<br>±{top:.2g}",
-            title=f"knockout of each gate cell (the rest renormalised): {unit} ({qtype}, n={self.n_samples})",
-            zmax=top if top > 0 else None,
-        )
-
-    def _repr_html_(self) -> str:
-        from cliviz.analyses.display import figure_html
-
-        m = self.matrix("delta_logprob_own")
-        i, k = np.unravel_index(int(np.nanargmin(m)), m.shape)
-        flips = self.matrix("flip_rate")
-        head = (
-            f"<div style='font-family:sans-serif'><b>Knockout grid</b>: {len(self.injection_layers)} LLM x "
-            f"{len(self.vision_layers)} vision layers, {self.n_samples} samples. Most harmful cell: "
-            f"L{self.injection_layers[i]} × V{self.vision_layers[k]} (Δ log-prob {m[i, k]:+.4f}); largest flip "
-            f"rate {np.nanmax(flips):.0%}.</div>"
-        )
-        from cliviz.analyses.ablations.report import RENORMALISE_NOTE
-
-        note = f"<div style='font-size:12px'>{RENORMALISE_NOTE}</div>"
-        return (
-            head + note + figure_html(self.heatmap()) + "<div style='font-size:12px'>numbers: <code>.frame</code></div>"
-        )
+KNOCKOUT_OPTIONS = ("max_batch", "n_boot", "seed", "progress", "tokens")
 
 
 def knockout(
@@ -183,16 +124,31 @@ def knockout(
     *,
     qtypes: Sequence[str | None] | None = None,
     **options: Any,
-) -> KnockoutGrid:
-    """`knockout_grid` (every cell, batched) wrapped as a displayable `KnockoutGrid`. Example::
+) -> AblationReport:
+    """The knockout grid of a set of samples (`run_grid`, a preset of `run_study`): every (LLM layer,
+    vision layer) knockout plus each LLM layer's injection off, batched, as an `AblationReport`.
 
-    from cliviz import knockout, load_image, load_model
-    model, tok = load_model()
-    images = [load_image("assets/examples/color.png"), load_image("assets/examples/glyph.png")]
-    grid = knockout(model, tok, images, ["what color is the triangle ?", "what digit is in the corner ?"], n_boot=0)
-    grid.matrix("delta_logprob_own").shape    # (n injection layers, n vision layers)
+    `references`: the answers to score (None: the model's own unablated answers); `qtypes`: question
+    types, for per-type effects. Options: `max_batch`, `n_boot` (bootstrap resamples of the CIs, 0 for
+    none), `seed` and `progress` go to `run_study`; `tokens` (all | prompt | image | answer) picks the
+    token set of every condition (`grid_study_conditions`). `knockout_grid`'s `share_prefix` is not
+    taken (a study always shares the unablated prefix; the numbers are the same): use `knockout_grid`
+    for the frame of the unshared loop. Example::
+
+        from cliviz import knockout, load_image, load_model
+        model, tok = load_model()
+        images = [load_image("assets/examples/color.png"), load_image("assets/examples/glyph.png")]
+        grid = knockout(model, tok, images, ["what color is the triangle ?", "what digit is in the corner ?"], n_boot=0)
+        grid.matrix("delta_logprob_own").shape    # (n injection layers, n vision layers)
+        grid.off_explains()                       # share of each cell's harm that injection off explains
     """
-    from cliviz.analyses.ablations import knockout_grid
+    from cliviz.analyses.ablations import StudySamples, grid_study_conditions, run_study
 
-    frame = knockout_grid(model, tokenizer, list(images), list(questions), references, qtypes=qtypes, **options)
-    return KnockoutGrid(frame, list(model.config.vision_layers), list(model.config.injection_layers))
+    unknown = sorted(set(options) - set(KNOCKOUT_OPTIONS))
+    if unknown:
+        raise CLIVizError(
+            f"knockout() takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(KNOCKOUT_OPTIONS)}"
+        )
+    tokens = options.pop("tokens", "all")
+    samples = StudySamples(list(images), list(questions), references, qtypes)
+    return run_study(model, tokenizer, samples, functools.partial(grid_study_conditions, tokens=tokens), **options)

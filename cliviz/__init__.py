@@ -69,7 +69,7 @@ _EXPORTS: dict[str, str] = {
     "ablate": "cliviz.api",
     "knockout": "cliviz.analyses.ablation_results",
     "CellAblation": "cliviz.analyses.ablation_results",
-    "KnockoutGrid": "cliviz.analyses.ablation_results",
+    "AblationReport": "cliviz.analyses.ablations",
     # attributions
     "attribute": "cliviz.api",
     "AttributionResult": "cliviz.analyses.attributions",
@@ -101,9 +101,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what IDEs and type checkers see; never executed
     from cliviz.analyses import figures as figures
     from cliviz.analyses.ablation_results import CellAblation as CellAblation
-    from cliviz.analyses.ablation_results import KnockoutGrid as KnockoutGrid
     from cliviz.analyses.ablation_results import knockout as knockout
     from cliviz.analyses.ablations import Ablation as Ablation
+    from cliviz.analyses.ablations import AblationReport as AblationReport
     from cliviz.analyses.ablations import effects_frame as effects_frame
     from cliviz.analyses.ablations import faithfulness as faithfulness
     from cliviz.analyses.ablations import grid_matrix as grid_matrix

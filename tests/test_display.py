@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cliviz import CLIVizError, TraceSet, ablate, knockout, single_cell, trace
+from cliviz import AblationReport, CLIVizError, TraceSet, ablate, knockout, single_cell, trace
 from cliviz.analyses import display
 from cliviz.analyses.ablations import grid_matrix, knockout_grid
 from cliviz.analyses.heatmaps import gate_matrix, mean_gate_matrix
@@ -82,10 +82,19 @@ def test_knockout_grid_result(tiny_cli):
     model, tok = tiny_cli
     samples = [_sample(i) for i in range(3)]
     images, questions = [s[0] for s in samples], [s[1] for s in samples]
-    grid = knockout(model, tok, images, questions, n_boot=0)
+    report = knockout(model, tok, images, questions, n_boot=0)
+    assert isinstance(report, AblationReport) and report.is_grid and report.off_explains() is not None
     frame = knockout_grid(model, tok, images, questions, None, n_boot=0)
-    np.testing.assert_allclose(grid.matrix(), grid_matrix(frame, model.config, metric="delta_logprob_own"))
-    fig = grid.heatmap()
-    top = float(np.abs(grid.matrix()).max())
+    np.testing.assert_allclose(report.matrix(), grid_matrix(frame, model.config, metric="delta_logprob_own"))
+    np.testing.assert_allclose(report.matrix("flip_rate"), grid_matrix(frame, model.config, metric="flip_rate"))
+    own = grid_matrix(report.effects, model.config, metric="delta_logprob_own")
+    np.testing.assert_array_equal(report.matrix(), own)
+    assert (report.effects["ci_low"] == report.effects["value"]).all()  # n_boot=0 reached the effects: no CI
+    fig = report.heatmap()
+    top = float(np.abs(report.matrix()).max())
     assert fig.data[0].zmax == pytest.approx(top) and f"±{top:.2g}" in fig.data[0].colorbar.title.text
-    assert grid.n_samples == 3 and "Most harmful cell" in grid._repr_html_()
+    assert "renormalised" in fig.layout.title.text and "n=3" in fig.layout.title.text
+    html = report._repr_html_()
+    assert report.n_samples == 3 and "Most harmful cell" in html and "Ablation study" in html
+    with pytest.raises(CLIVizError, match="share_prefix"):
+        knockout(model, tok, images, questions, share_prefix=False)

@@ -37,7 +37,8 @@ words), ``image`` (image placeholders), ``answer`` (the position(s) whose output
 answer: the last prompt token, then each fed answer token but the last).
 
 One entry point for a whole study: `run_study(model, tok, samples, conditions)` returns an
-`AblationReport` (scores, effects, per-type flips, largest effects, renders itself, atomic writes) —
+`AblationReport` (scores, effects, per-type flips, largest effects, `[L, K]` grid matrices and
+heatmaps, renders itself, atomic writes) —
 what `cliviz ablate` runs (`report`). Presets are `functools.partial`s of it: `run_grid` (every
 knockout cell plus each LLM layer's injection off, with faithfulness), `run_injection_off`.
 

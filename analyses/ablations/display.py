@@ -204,14 +204,34 @@ def grid_page(report, title: str | None = None) -> str:
     )
 
 
+def grid_headline(report) -> str:
+    """One line on a grid: its size, the most harmful cell (Δ log-prob of the reference answer) and
+    the largest flip rate."""
+    m = report.matrix("delta_logprob_ref")
+    head = (
+        f"Knockout grid: {len(report.injection_layers)} LLM x {len(report.vision_layers)} vision layers, "
+        f"{report.n_samples} samples."
+    )
+    if not np.isfinite(m).any():
+        return head
+    i, k = np.unravel_index(int(np.nanargmin(m)), m.shape)
+    flips = report.matrix("flip_rate")
+    return (
+        f"{head} Most harmful cell: L{report.injection_layers[i]} × V{report.vision_layers[k]} "
+        f"(Δ log-prob of the reference answer {m[i, k]:+.4f}); largest flip rate {np.nanmax(flips):.0%}."
+    )
+
+
 def report_html(report) -> str:
-    """Jupyter: per-type table, and for a grid the page's figures and the Holm-corrected faithfulness."""
+    """Jupyter: per-type table, and for a grid its headline, the page's figures and the Holm-corrected
+    faithfulness."""
     from cliviz.analyses.ablations.faithfulness import CORRECTION
     from cliviz.analyses.ablations.report import KNOCKOUT_NOTE
     from cliviz.analyses.display import figure_html
 
     parts = [f"<h4>Ablation study — {html_lib.escape(report.subject)}</h4>", report.per_type().to_html(index=False)]
     if report.is_grid:
+        parts.append(f"<p>{html_lib.escape(grid_headline(report))}</p>")
         parts.append(f"<p>{html_lib.escape(KNOCKOUT_NOTE)}</p>")
         parts.append(figure_html(grid_figure(report.effects, report.vision_layers, report.injection_layers)))
         parts.append(f"<p>faithfulness, p_holm: {html_lib.escape(CORRECTION)}</p>")

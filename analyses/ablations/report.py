@@ -5,9 +5,11 @@ the conditions over the samples (`scoring`), reduces them to tidy effects with b
 (`effects`) and, when the conditions hold the knockout grid, adds the faithfulness report. Studies
 people run often are presets, `functools.partial`s of it (TransformerLens' `patching.py` style):
 `run_grid` (every knockout cell plus each LLM layer's injection off), `run_injection_off`. The
-`AblationReport` it returns renders itself — per-question-type flips and Δ log-prob, the grid with
-the share of each cell's harm that switching its LLM layer's injection off explains, a heatmap page
-— and writes its files atomically (`cliviz.atomic`).
+`AblationReport` it returns is the one result type of a study, a grid included: it renders itself —
+per-question-type flips and Δ log-prob, the grid with the share of each cell's harm that switching
+its LLM layer's injection off explains, a heatmap page — lays any metric of the grid out as an
+`[L, K]` matrix (`matrix`) and a diverging map (`heatmap`), and writes its files atomically
+(`cliviz.atomic`). `cliviz.knockout` is the notebook's name for `run_grid`.
 
 Why the injection-off row sits beside the grid: a knockout sets one gate to 0 and *renormalises*
 the others (`spec`), so the LLM layer reads more from the other vision layers. A knockout cell is
@@ -47,6 +49,16 @@ RENORMALISE_NOTE = (
     "knockout sets the cell's gate to 0 and renormalises the remaining gates of that LLM layer, so a "
     "cell's harm is not that vision layer's importance: part of it can come from the other reads growing."
 )
+# metric -> what `AblationReport.heatmap` writes in its title (with the unit)
+GRID_UNITS = {
+    "delta_logprob_ref": "Δ log-prob (reference answer), nats",
+    "delta_logprob_ref_seq": "Δ log-prob (whole reference answer), nats",
+    "delta_logprob_own": "Δ log-prob (own answer), nats",
+    "flip_rate": "share of answers flipped",
+    "accuracy": "accuracy under the knockout",
+    "delta_accuracy": "Δ accuracy",
+    "gate_mass": "mean gate",
+}
 KNOCKOUT_NOTE = (
     RENORMALISE_NOTE + " 'off explains' = the harm of switching that LLM layer's injection off / the cell's harm "
     "(clipped to 0..1)."
@@ -80,10 +92,12 @@ class StudySamples:
 
 @dataclass
 class AblationReport:
-    """The result of `run_study` / `run_grid`.
+    """The result of `run_study` and its presets (`run_grid`, `run_injection_off`, `cliviz.knockout`).
 
     `scores`: one row per (sample, condition) (`score_conditions`); `effects`: the tidy effects
     frame (`effects_frame`); `faithfulness`: the grid's gate-mass/harm rank correlations (grid only).
+    The single-cell knockouts among the conditions lay out as `[L, K]` grids: `matrix(metric)`,
+    `heatmap(metric)`.
     """
 
     conditions: list[Ablation | None]
@@ -148,6 +162,30 @@ class AblationReport:
         wide = wide[[c for c in keep if c in wide.columns]]
         order = {q: i for i, q in enumerate([ALL] + sorted(q for q in wide["qtype"].unique() if q != ALL))}
         return wide.sort_values("qtype", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+    def matrix(self, metric: str = "delta_logprob_own", qtype: str = ALL) -> np.ndarray:
+        """`[L, K]` matrix of one metric of the single-cell knockouts (rows: injection layers, columns:
+        vision layers; NaN for a cell the study did not knock out), as `grid_matrix` lays it out."""
+        return grid_matrix(self.effects, self.vision_layers, self.injection_layers, metric=metric, qtype=qtype)
+
+    def heatmap(self, metric: str = "delta_logprob_own", qtype: str = ALL):
+        """Diverging map of `matrix(metric, qtype)`, symmetric around 0, its absolute range in the colour
+        bar and the renormalisation in the title (`analyses.heatmaps.difference_figure`)."""
+        from cliviz.analyses.heatmaps import difference_figure
+
+        m = self.matrix(metric, qtype)
+        top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
+        rows = self.effects[(self.effects["qtype"] == qtype) & (self.effects["metric"] == metric)]
+        n = int(rows["n"].max()) if len(rows) else 0
+        return difference_figure(
+            m,
+            self.vision_layers,
+            self.injection_layers,
+            label=f"{metric}<br>±{top:.2g}",
+            title=f"knockout of each gate cell (the rest renormalised): {GRID_UNITS.get(metric, metric)} "
+            f"({qtype}, n={n})",
+            zmax=top if top > 0 else None,
+        )
 
     def off_rows(self) -> pd.DataFrame:
         """Δ log-prob of the reference answer when one LLM layer's injection is off, per layer (qtype `all`)."""
@@ -233,6 +271,7 @@ def run_study(
     conditions: Conditions,
     *,
     max_batch: int = 256,
+    n_boot: int = 1000,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> AblationReport:
@@ -241,6 +280,7 @@ def run_study(
     `conditions`: a list (None = the unablated run, which must be among them) or a function
     `model -> list` (the presets: `grid_study_conditions`, ...). When the list holds the knockout
     grid (every single-cell knockout of the model), the report adds the faithfulness table.
+    `n_boot` bootstrap resamples give the CIs (0: none, the CI equals the mean); `seed` seeds them.
     `progress(n)` hears of every n (sample, condition) rows done. Example::
 
         samples = StudySamples(images, questions, answers, qtypes)  # or StudySamples.from_records(...)
@@ -269,6 +309,7 @@ def run_study(
         gate_mass=gate_mass,
         injection_layers=cfg.injection_layers,
         vision_layers=cfg.vision_layers,
+        n_boot=n_boot,
         seed=seed,
     )
     return AblationReport(
