@@ -187,7 +187,7 @@ class AblationReport:
             zmax=top if top > 0 else None,
         )
 
-    def off_rows(self) -> pd.DataFrame:
+    def off_rows(self) -> pd.Series:
         """Δ log-prob of the reference answer when one LLM layer's injection is off, per layer (qtype `all`)."""
         e = self.effects
         off = e[
