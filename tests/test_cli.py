@@ -186,3 +186,12 @@ def test_attach_command(tmp_path):
         run_main("attach", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "x"), "--vision-layers", "a,b"),
         "integers",
     )
+
+
+def test_attach_takes_a_bundled_model_name(tmp_path):
+    """`--base projector-staged-tiny` names the bundled folder, as `--model cli-tiny` does."""
+    proc = run_main("attach", "--base", "projector-staged-tiny", "--out", str(tmp_path / "cli"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert config["fusion"] == "cli" and config["read_position_code"] is True
+    assert_clean_error(run_main("attach", "--base", "no-such-model", "--out", str(tmp_path / "x")), "no config.json")

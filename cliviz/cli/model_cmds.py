@@ -142,9 +142,11 @@ def attach_cmd(
 ) -> None:
     """Turn a LLaVA checkpoint (or a cliviz projector model) into a CLI model that equals the base at init."""
     from cliviz.model.attach import attach_folder, carried_files
+    from cliviz.model.loading import resolve_model_dir
     from cliviz.model.safety import refuse_remote_code
     from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 
+    base = resolve_model_dir(base)  # a bundled name (llava-tiny-base, projector-staged-tiny) works as --model does
     if not (base / "config.json").is_file():  # what the base is comes first: a typo in --base is named as such
         raise CLIVizError(f"base model folder {base} has no config.json")
     refuse_out_over_inputs(out, {"--base": base})
