@@ -113,7 +113,7 @@ sys.argv = ["cliviz", *{args!r}]
 try:
     main()
 except SystemExit as done:
-    print("torch" in sys.modules, done.code)
+    print("torch" in sys.modules or "plotly" in sys.modules, done.code)
 """
 
 
@@ -128,10 +128,13 @@ except SystemExit as done:
         (["compare", "--data", "nodata", "--models", "no/such/folder"], "model folder not found"),
         (["probe-layers", "--model", "no/such/folder"], "model folder not found"),
         (["probe-layers", "--out", "{tmp}/p"], "BROWSER_PATH=/no/such/chromium is not an executable"),
+        (["figures", str(EXAMPLES), "--out", "{tmp}/f"], "BROWSER_PATH=/no/such/chromium is not an executable"),
+        (["figures", "nope.parquet", "--out", "{tmp}/f"], "does not exist"),
     ],
 )
 def test_inputs_checked_before_torch_is_imported(args, needle, tmp_path):
-    """The error comes before torch is imported (the seconds of start-up a mistyped path used to cost)."""
+    """The error comes before torch or plotly is imported (the seconds of start-up a mistyped path or a
+    bad BROWSER_PATH used to cost: 35 s in `figures`)."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     env = {**os.environ, "BROWSER_PATH": "/no/such/chromium"}
     proc = subprocess.run(

@@ -55,6 +55,14 @@ def figures_cmd(
     Answer-step means are over content tokens (<eos> left out) unless --include-special; the model(s)
     and trace count are in manifest.json's caption (and under each title with --titles). The set is
     read one row group at a time: memory depends on the model's shapes, not on the number of traces."""
+    from cliviz.cli.options import check_browser_env
+    from cliviz.errors import CLIVizError
+
+    # cheap checks first, before plotly, pyarrow and kaleido are imported (seconds)
+    if not traces.exists():
+        raise CLIVizError(f"trace file {traces} does not exist")
+    check_browser_env()  # every format is drawn by kaleido's Chromium
+
     import logging
 
     from rich.console import Console
