@@ -17,6 +17,7 @@ from cliviz.errors import CLIVizError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from cliviz.analyses.ablation_results import CellAblation
     from cliviz.model.modeling import CLIForConditionalGeneration
 
 
@@ -33,15 +34,15 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto", dtyp
 
 
 def ablate(
-    model,
-    tokenizer,
-    image,
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    image: Any,
     question: str,
     llm_layer: int,
     vision_layer: int | None = None,
     kind: str = "knockout",
-    trace=None,
-):
+    trace: Any = None,
+) -> CellAblation:
     """Intervene on one gate cell and re-score the answer (`cliviz.analyses.ablation_results.ablate`),
     after checking every argument: the image (PIL, array or path) and question as `cliviz.trace`
     takes them, layers as real indices the model has, `trace` a `cliviz.Trace` or None."""

@@ -62,7 +62,10 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -
 
 
 def prepare_inputs(
-    model: CLIForConditionalGeneration, tokenizer, images: list[Image.Image], questions: list[str]
+    model: CLIForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    images: list[Image.Image],
+    questions: list[str],
 ) -> dict:
     """Left-padded prompts and the image inputs (`pixel_values`, and `image_sizes` for OneVision)."""
     pixels = image_inputs(images, model.config)
@@ -102,7 +105,7 @@ def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 @torch.no_grad()
 def answer(
     model: CLIForConditionalGeneration,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     images: list[Image.Image],
     questions: list[str],
     max_new_tokens: int | None = None,
@@ -127,7 +130,7 @@ def answer(
 
 def ask(
     model: CLIForConditionalGeneration,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     image: Image.Image | str | os.PathLike,
     question: str,
     *,
@@ -172,7 +175,7 @@ def reference_ids(tokenizer: PreTrainedTokenizerBase, reference: str) -> list[in
 @torch.no_grad()
 def score_references(
     model: CLIForConditionalGeneration,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     images: list[Image.Image],
     questions: list[str],
     references: list[str],
