@@ -257,6 +257,71 @@ def test_ctrl_c_during_start_up_is_one_line(delay, cpu_to_reach_cliviz):
     assert proc.stdout == ""
 
 
+# A Ctrl-C sent from inside torch's C++ start-up, at the moment `torch._C._c10d_init` (C++) calls
+# back into Python to import a module: the place where CI once saw the process abort.
+CTRL_C_INSIDE_TORCH_INIT = textwrap.dedent("""
+    import os, signal, sys
+    from cliviz.cli.main import entry
+
+    inside = []
+
+    def send_ctrl_c_inside(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") == "_c10d_init":
+            inside.append(arg)
+        elif event == "call" and inside:  # _c10d_init (C++) calls back into Python
+            sys.setprofile(None)
+            print("SIGINT sent inside torch._C._c10d_init", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, under the C++ frames
+
+    sys.setprofile(send_ctrl_c_inside)
+    sys.argv = ["cliviz", "ask", {image!r}, "what color is the circle ?", "--device", "cpu"]
+    entry()
+""")
+
+
+def test_ctrl_c_inside_torchs_native_start_up_waits_for_the_import():
+    """An exception raised in a Python callback of torch's C++ init used to abort the process
+    ("terminate called after throwing an instance of 'python_error'", exit -6); the interrupt now
+    waits until the import has finished and ends as the usual one line and 130."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_INSIDE_TORCH_INIT.format(image=str(IMAGE))],
+        cwd=REPO, env=ENV, text=True, capture_output=True, timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert lines[:1] == ["SIGINT sent inside torch._C._c10d_init"], proc.stderr  # the hook really fired
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert lines[1:] == ["interrupted; files written before the interrupt are kept"]
+    assert proc.stdout == ""
+
+
+def test_a_ctrl_c_during_an_import_lands_after_it(tmp_path):
+    """The rule, in any import: the module's own code runs to its end, then the interrupt."""
+    (tmp_path / "slow_module.py").write_text(
+        textwrap.dedent("""
+        import os, signal, sys
+        os.kill(os.getpid(), signal.SIGINT)
+        total = sum(range(200_000))  # bytecode enough for a handler to run mid-import
+        print("import finished", flush=True)
+    """)
+    )
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from cliviz.cli.main import _watch_interrupts, importing_now
+        _watch_interrupts()
+        try:
+            import slow_module
+            import time
+            time.sleep(5)  # the held-back interrupt arrives here
+            print("never interrupted")
+        except KeyboardInterrupt:
+            print("interrupted after the import", importing_now())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, text=True, capture_output=True, timeout=60)
+    assert proc.stdout.splitlines() == ["import finished", "interrupted after the import False"], proc.stderr
+
+
 def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):
     """typer returns Ctrl-C's 130 (and any `typer.Exit(n)`) in non-standalone mode; main() used to exit 0."""
     import typer

@@ -135,9 +135,34 @@ def main() -> None:
 _INTERRUPT = {"seen": False}
 
 
+# How soon a Ctrl-C held back during an import is delivered again (the import is then checked anew).
+_RETRY_INTERRUPT_S = 0.05
+
+
+def importing_now() -> bool:
+    """True while some module is still running its import.
+
+    torch's C++ start-up (`torch._C._c10d_init` and others) calls back into Python to import modules;
+    a KeyboardInterrupt raised inside such a callback cannot cross the C++ frames and aborts the
+    whole process ("terminate called after throwing an instance of 'python_error'", exit -6). So a
+    Ctrl-C that lands inside an import waits until the import has finished. `__spec__._initializing`
+    is the flag CPython's own import system reads for the same question."""
+    modules = list(sys.modules.values())
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in modules)
+
+
+def _deliver_interrupt_later() -> None:
+    timer = threading.Timer(_RETRY_INTERRUPT_S, _thread.interrupt_main)  # runs our handler again
+    timer.daemon = True
+    timer.start()
+
+
 def _watch_interrupts() -> None:
     def on_sigint(signum, frame):
         _INTERRUPT["seen"] = True
+        if importing_now():
+            _deliver_interrupt_later()
+            return
         raise KeyboardInterrupt
 
     def unraisable(info, default=sys.unraisablehook):
@@ -145,7 +170,7 @@ def _watch_interrupts() -> None:
             # a Ctrl-C lost in a __del__: no "Exception ignored" traceback; deliver it again, from a
             # thread, so that it lands in the main thread's own code once this hook has returned
             _INTERRUPT["seen"] = True
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            _deliver_interrupt_later()
             return
         default(info)
 
