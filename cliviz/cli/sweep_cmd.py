@@ -70,12 +70,13 @@ def sweep_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cliviz.launch import Dist
     from cliviz.tracing.compact import Compact
-    from cliviz.tracing.sweep import World, run_sweep
+    from cliviz.tracing.sweep import run_sweep
 
     # a bad value is one line before anything is read; None: lossless, or the set's own choice on --resume
     compact = Compact(gates or "float32", positions or "all") if (gates or positions) else None
-    world = World.from_env()
+    world = Dist.from_env()
     err = Console(stderr=True)
     label = f"sweeping (rank 0 of {world.world_size})" if world.enabled else "sweeping"
     with Progress(

@@ -18,6 +18,7 @@ import typer
 
 from cliviz.cli.options import DeviceOpt
 from cliviz.errors import CLIVizError
+from cliviz.launch import Dist
 from cliviz.train.settings import SettingError, command_line_fields
 
 if TYPE_CHECKING:
@@ -202,7 +203,6 @@ def _run(
     overwrite: bool = False,
 ) -> None:
     """Train with a progress bar (loss, accuracy, tokens/s, ETA); the final line says where the model went."""
-    import os
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -222,7 +222,7 @@ def _run(
         TimeRemainingColumn(),
     )
     what = settings.fusion if settings.init_from is None else f"{settings.trainable} on {Path(settings.init_from).name}"
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = Dist.from_env().main
     with Progress(*columns, console=Console(stderr=True), disable=not main) as progress:
 
         def on_start(trainer) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from cliviz.data.samples import DataSet, Record
 from cliviz.errors import CLIVizError, Interrupted
+from cliviz.launch import Dist
 from cliviz.tracing import store
 from cliviz.tracing.compact import Compact
 from cliviz.tracing.traceset import append_traces
@@ -41,7 +42,6 @@ __all__ = [
     "SweepItem",
     "SweepStats",
     "SweepResult",
-    "World",
     "plan_sweep",
     "sample_id",
     "done_rows",
@@ -79,35 +79,6 @@ class SweepResult:
     world: int  # processes
     skipped: dict[str, int]  # reason -> samples not traced (malformed lines, missing images...)
     compact: Compact
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's rank and the world size, as `torchrun` says in the environment (checked here,
-    before torch is imported; joining the group is `cliviz.train.distributed.init_distributed`)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> World:
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            rank = int(os.environ.get("RANK", "0") or 0)
-            int(os.environ.get("LOCAL_RANK", "0") or 0)
-        except ValueError:
-            raise CLIVizError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (launch with torchrun)") from None
-        if world < 1 or not 0 <= rank < world:
-            raise CLIVizError(f"inconsistent launch: RANK={rank}, WORLD_SIZE={world}")
-        return cls(rank, world)
 
 
 def sample_id(record: Record, data_dir: Path) -> str:
@@ -260,7 +231,7 @@ def run_sweep(
     from cliviz.data.samples import read_jsonl
 
     out = Path(out)
-    world = World.from_env()
+    world = Dist.from_env()
     _check_out(out)
     if batch_size < 1 or chunk_size < 1:
         raise CLIVizError("batch size and chunk size must be at least 1")
@@ -314,7 +285,7 @@ def _empty():
 
 
 @contextlib.contextmanager
-def _locks(world: World, out: Path):
+def _locks(world: Dist, out: Path):
     """Rank 0 holds the lock of the set for the whole run, every rank the lock of its own parts; with
     them held, rank 0 removes the temporaries a kill mid-append left behind."""
     from cliviz.atomic import exclusive_writer, remove_stale_temporaries
@@ -328,7 +299,7 @@ def _locks(world: World, out: Path):
 
 
 def _trace_pending(
-    world: World,
+    world: Dist,
     model_dir,
     device: str,
     dtype: str,

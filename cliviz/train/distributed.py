@@ -21,43 +21,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from cliviz.launch import Dist
+
 if TYPE_CHECKING:
     from cliviz.model.modeling import CLIForConditionalGeneration
     from cliviz.train.loop import Trainee
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the run (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group `torchrun` describes (gloo on CPU, nccl on GPU); a plain run is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
+    launch = Dist.from_env()
+    if not launch.enabled:
+        return launch
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), launch.local_rank)
 
 
 def device_for(device: torch.device, where: Dist) -> torch.device:

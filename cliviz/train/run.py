@@ -8,7 +8,6 @@ the other ranks write nothing there).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch
 
 from cliviz.atomic import remove_stale_temporaries
 from cliviz.errors import CLIVizError
+from cliviz.launch import Dist
 from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 from cliviz.train.settings import TrainSettings
 from cliviz.train.state import STATE_FILE, SavedState
 
 
 def _main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return Dist.from_env().main
 
 
 def run_training(
