@@ -18,7 +18,7 @@ from PIL import Image
 import cliviz
 from cliviz.errors import CLIVizError, CLIVizIndexError, CLIVizWarning
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, main_outcome, one_error_line
 
 COLOR = EXAMPLES / "color.png"
 QUESTION = "what color is the triangle ?"
@@ -380,3 +380,31 @@ def test_traceset_index_out_of_range_is_an_index_error_with_cliviz_message():
     with pytest.raises(IndexError, match="out of range") as caught:
         traces[3]
     assert isinstance(caught.value, CLIVizIndexError)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["ablate", str(COLOR), "what color is the circle ?", "--llm-layers", "1,x"], "--llm-layers"),
+        (["ablate", str(COLOR), "what color is the circle ?", "--vision-layers", "2;3"], "--vision-layers"),
+        (["probe-layers", "--layers", "one"], "--layers"),
+        (["attach", "--base", "llava-tiny-base", "--out", "{out}", "--vision-layers", "1.5"], "--vision-layers"),
+        (["attach", "--base", "llava-tiny-base", "--out", "{out}", "--injection-layers", "a,b"], "--injection-layers"),
+    ],
+)
+def test_layer_lists_have_one_rule_on_every_command(args, flag, tmp_path):
+    """Every layer-list option parses through `cli.options.int_list`: one message, naming the flag,
+    before anything is loaded or written."""
+    out = tmp_path / "attached"
+    code, _, err = main_outcome(*(a.format(out=out) for a in args))
+    line = one_error_line(code, err, flag)
+    assert line.endswith("wants comma-separated integers, e.g. 1,2; got " + repr(args[-1]))
+    assert not out.exists()
+
+
+def test_int_list_reads_spaces_and_treats_blank_as_default():
+    from cliviz.cli.options import int_list
+
+    assert int_list(" 1, 2 ,5", "--x") == [1, 2, 5]
+    assert int_list("", "--x") is None and int_list(None, "--x") is None
+    assert int_list("-1", "--x") == [-1]

@@ -22,7 +22,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_choice, check_image_path, check_model_path
+from cliviz.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    check_choice,
+    check_image_path,
+    check_model_path,
+    int_list,
+)
 from cliviz.cli.preflight import check_writable
 from cliviz.errors import CLIVizError
 
@@ -30,15 +39,6 @@ from cliviz.errors import CLIVizError
 # them equal to `ablations.KINDS` and `TOKEN_SETS`.
 CLI_KINDS = ("knockout", "zero", "uniform", "onehot", "mean", "injection_off", "patch")
 CLI_TOKENS = ("all", "prompt", "image", "answer")
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CLIVizError(f"{option} must be comma-separated integers, e.g. 1,2") from None
 
 
 def _default_out(image: Path | None, data: Path | None, grid: bool) -> Path:
@@ -238,8 +238,8 @@ def ablate_cmd(
     if data is not None and not data.exists():
         raise CLIVizError(f"data not found: {data} (give a folder holding samples.jsonl, or a .jsonl file)")
     check_model_path(model)
-    llm = _int_list(llm_layers, "--llm-layers")
-    vis = _int_list(vision_layers, "--vision-layers")
+    llm = int_list(llm_layers, "--llm-layers")
+    vis = int_list(vision_layers, "--vision-layers")
 
     from cliviz.analyses import ablations as A
 

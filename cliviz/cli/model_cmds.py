@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, SeedOpt
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, SeedOpt, int_list
 from cliviz.cli.preflight import check_output_folder, load_checked, prepare_question
 from cliviz.errors import CLIVizError
 
@@ -146,6 +146,8 @@ def attach_cmd(
     from cliviz.model.safety import refuse_remote_code
     from cliviz.outputs import check_replaceable, output_lock, refuse_out_over_inputs
 
+    vision = int_list(vision_layers, "--vision-layers")
+    injection = int_list(injection_layers, "--injection-layers")
     base = resolve_model_dir(base)  # a bundled name (llava-tiny-base, projector-staged-tiny) works as --model does
     if not (base / "config.json").is_file():  # what the base is comes first: a typo in --base is named as such
         raise CLIVizError(f"base model folder {base} has no config.json")
@@ -155,22 +157,14 @@ def attach_cmd(
         refuse_remote_code(base)  # attach loads the base's tokenizer through AutoTokenizer
     check_output_folder(out, "--out folder")
 
-    def parse(text: str | None) -> list[int] | None:
-        if text is None:
-            return None
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise CLIVizError(f"expected comma-separated integers, got {text!r}") from None
-
     with output_lock(out, "cliviz attach"):
         check_replaceable(out, overwrite)  # again, now that no other process can write here
         attach_folder(
             base,
             out,
             fusion=fusion,
-            vision_layers=parse(vision_layers),
-            injection_layers=parse(injection_layers),
+            vision_layers=vision,
+            injection_layers=injection,
             lora_rank=lora_rank,
             gate_temperature=temperature,
             read_width=read_width,

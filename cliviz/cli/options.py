@@ -82,6 +82,18 @@ def check_choice(value: str | None, choices: tuple[str, ...], option: str) -> No
         raise CLIVizError(f"unknown {option} {value!r}; use one of {', '.join(choices)}")
 
 
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """`1,2, 5` as [1, 2, 5] for every layer-list option; None or blank means "the default"."""
+    from cliviz.errors import CLIVizError
+
+    if text is None or not text.strip():
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIVizError(f"{option} wants comma-separated integers, e.g. 1,2; got {text!r}") from None
+
+
 def check_browser_env() -> None:
     """A `BROWSER_PATH` that is not an executable file, refused before any heavy import, with the
     words of `analyses.figures.find_chromium` (which still searches for a browser when none is set)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_browser_env, check_model_path
+from cliviz.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_browser_env, check_model_path, int_list
 from cliviz.errors import CLIVizError
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def probe_cmd(
     majority baseline, a permuted-label control and the layer the projector reads."""
     from cliviz.analyses.probe_labels import folder_scenes, generated_scenes, select_properties
 
-    chosen_layers = _int_list(layers, "--layers")
+    chosen_layers = int_list(layers, "--layers")
     select_properties(properties)  # fail before any work, and before torch is imported
     check_model_path(model)
     if out is not None and formats.strip().lower() not in ("", "none"):
@@ -116,15 +116,6 @@ def probe_cmd(
         typer.echo(json.dumps(report.to_json()))
         return
     _print(report, written)
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CLIVizError(f"{option} wants comma-separated integers, got {text!r}") from None
 
 
 def _check_out(out: Path | None, formats: str) -> list[str]:
