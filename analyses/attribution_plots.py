@@ -26,8 +26,6 @@ def token_strip_figure(result: AttributionResult) -> go.Figure:
     per answer token, every prompt token coloured by its gradient x input."""
     from plotly.subplots import make_subplots
 
-    from cliviz.analyses.heatmaps import DIVERGING
-
     totals = result.totals()
     labels = [f"{s}: {t}" for s, t in enumerate(result.answer_tokens)]
     fig = make_subplots(
@@ -40,50 +38,24 @@ def token_strip_figure(result: AttributionResult) -> go.Figure:
             f"prompt tokens: gradient × input (gxi) of the {result.target}",
         ),
     )
-    tmax = _abs_max(totals)
     fig.add_trace(
-        go.Heatmap(
-            z=[totals.tolist()],
-            x=labels,
-            y=["answer"],
-            text=[result.answer_tokens],
-            texttemplate="%{text}",
-            colorscale=DIVERGING,
-            zmid=0,
-            zmin=-tmax,
-            zmax=tmax,
-            coloraxis=None,
-            colorbar={
-                "title": {"text": scale_title("gates", tmax), "side": "right"},
-                "y": 1.0,
-                "yanchor": "top",
-                "len": 0.3,
-            },
-            hovertemplate="answer token %{x}<br>total %{z:.3g}<extra></extra>",
+        _signed_heatmap(
+            [totals.tolist()], labels, ["answer"], [result.answer_tokens], "gates",
+            {"y": 1.0, "yanchor": "top", "len": 0.3},
+            "answer token %{x}<br>total %{z:.3g}<extra></extra>",
         ),
         row=1,
         col=1,
-    )
-    cols = [f"{p}: {t}" for p, t in zip(result.prompt_positions, result.prompt_tokens)]
-    pmax = _abs_max(result.prompt_scores)
+    )  # fmt: skip
     fig.add_trace(
-        go.Heatmap(
-            z=result.prompt_scores,
-            x=cols,
-            y=[f"-> {t}" for t in result.answer_tokens],
-            text=[result.prompt_tokens] * result.n_answer,
-            texttemplate="%{text}",
-            colorscale=DIVERGING,
-            zmid=0,
-            zmin=-pmax,
-            zmax=pmax,
-            colorbar={
-                "title": {"text": scale_title("prompt", pmax), "side": "right"},
-                "y": 0.0,
-                "yanchor": "bottom",
-                "len": 0.6,
-            },
-            hovertemplate="prompt token %{x}<br>%{y}<br>grad × input %{z:.3g}<extra></extra>",
+        _signed_heatmap(
+            result.prompt_scores,
+            [f"{p}: {t}" for p, t in zip(result.prompt_positions, result.prompt_tokens)],
+            [f"-> {t}" for t in result.answer_tokens],
+            [result.prompt_tokens] * result.n_answer,
+            "prompt",
+            {"y": 0.0, "yanchor": "bottom", "len": 0.6},
+            "prompt token %{x}<br>%{y}<br>grad × input %{z:.3g}<extra></extra>",
         ),
         row=2,
         col=1,
@@ -98,6 +70,18 @@ def token_strip_figure(result: AttributionResult) -> go.Figure:
         margin={"l": 80, "r": 30, "t": 80, "b": 20},
     )
     return fig
+
+
+def _signed_heatmap(z, x: list[str], y: list[str], text, scale: str, bar: dict, hover: str) -> go.Heatmap:
+    """A heatmap of signed scores, centred on zero, each cell labelled with its token and with its own
+    colour bar (`bar` places it) titled by `scale_title`."""
+    from cliviz.analyses.heatmaps import DIVERGING
+
+    zmax = _abs_max(z)
+    return go.Heatmap(
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
+        colorbar={"title": {"text": scale_title(scale, zmax), "side": "right"}, **bar}, hovertemplate=hover,
+    )  # fmt: skip
 
 
 def _noise_tag(result: AttributionResult, step: int | None, kind: str = "cells") -> str:

@@ -72,7 +72,7 @@ def atomic_file(path: str | os.PathLike, what: str = "file") -> Iterator[BinaryI
         if isinstance(e, OSError):
             raise CLIVizError(f"cannot write {what} {p}: {write_error(e)}") from None
         raise
-    _fsync_folder(parent)
+    fsync_path(parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file") -> None:
@@ -81,14 +81,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file")
         fh.write(data)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable; best effort (not every platform can open a folder)."""
+def fsync_path(path: Path) -> None:
+    """Flush a written file, or a folder after a rename into it, to the disk; best effort (not every
+    platform can open a folder)."""
     try:
-        dfd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.fsync(fd)
         finally:
-            os.close(dfd)
+            os.close(fd)
     except OSError:
         pass
 

@@ -295,31 +295,38 @@ def test_ctrl_c_inside_torchs_native_start_up_waits_for_the_import():
     assert proc.stdout == ""
 
 
-def test_a_ctrl_c_during_an_import_lands_after_it(tmp_path):
-    """The rule, in any import: the module's own code runs to its end, then the interrupt."""
+def test_a_ctrl_c_in_torchs_import_lands_after_it_and_elsewhere_at_once(tmp_path):
+    """The rule: inside an import of a torch module the module's own code runs to its end, then the
+    interrupt; inside any other import (no C++ frames to cross) the interrupt is raised at once."""
     (tmp_path / "slow_module.py").write_text(
         textwrap.dedent("""
-        import os, signal, sys
+        import os, signal
         os.kill(os.getpid(), signal.SIGINT)
         total = sum(range(200_000))  # bytecode enough for a handler to run mid-import
         print("import finished", flush=True)
     """)
     )
     script = textwrap.dedent(f"""
-        import sys
+        import sys, time
+        import torch
+        torch.__path__.append({str(tmp_path)!r})  # so that `torch.slow_module` is a torch module
         sys.path.insert(0, {str(tmp_path)!r})
-        from cliviz.cli.main import _watch_interrupts, importing_now
+        from cliviz.cli.main import _watch_interrupts, importing_torch_now
         _watch_interrupts()
-        try:
-            import slow_module
-            import time
-            time.sleep(5)  # the held-back interrupt arrives here
-            print("never interrupted")
-        except KeyboardInterrupt:
-            print("interrupted after the import", importing_now())
+        for name in ("torch.slow_module", "slow_module"):
+            try:
+                __import__(name)
+                time.sleep(5)  # a held-back interrupt arrives here
+                print("never interrupted")
+            except KeyboardInterrupt:
+                print(name, "interrupted;", "torch still importing:", importing_torch_now())
     """)
     proc = subprocess.run([sys.executable, "-c", script], env=ENV, text=True, capture_output=True, timeout=60)
-    assert proc.stdout.splitlines() == ["import finished", "interrupted after the import False"], proc.stderr
+    assert proc.stdout.splitlines() == [
+        "import finished",
+        "torch.slow_module interrupted; torch still importing: False",
+        "slow_module interrupted; torch still importing: False",
+    ], proc.stderr
 
 
 def test_typer_exit_codes_are_not_dropped(monkeypatch, capsys):

@@ -135,20 +135,27 @@ def main() -> None:
 _INTERRUPT = {"seen": False}
 
 
-# How soon a Ctrl-C held back during an import is delivered again (the import is then checked anew).
-_RETRY_INTERRUPT_S = 0.05
+# How soon a Ctrl-C held back during torch's import is delivered again (the import is checked anew).
+_RETRY_INTERRUPT_S = 0.01
 
 
-def importing_now() -> bool:
-    """True while some module is still running its import.
+def importing_torch_now() -> bool:
+    """True while torch or one of its modules is still running its import.
 
     torch's C++ start-up (`torch._C._c10d_init` and others) calls back into Python to import modules;
     a KeyboardInterrupt raised inside such a callback cannot cross the C++ frames and aborts the
     whole process ("terminate called after throwing an instance of 'python_error'", exit -6). So a
-    Ctrl-C that lands inside an import waits until the import has finished. `__spec__._initializing`
-    is the flag CPython's own import system reads for the same question."""
-    modules = list(sys.modules.values())
-    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in modules)
+    Ctrl-C that lands inside torch's import waits until that import has finished; anywhere else it
+    is raised at once. `__spec__._initializing` is the flag CPython's own import system reads for the
+    same question; a module's `__dict__` is read directly so that no module-level `__getattr__` runs
+    inside a signal handler."""
+    for name, module in list(sys.modules.items()):
+        if name != "torch" and not name.startswith("torch."):
+            continue
+        spec = getattr(module, "__dict__", {}).get("__spec__")
+        if getattr(spec, "_initializing", False):
+            return True
+    return False
 
 
 def _deliver_interrupt_later() -> None:
@@ -160,7 +167,7 @@ def _deliver_interrupt_later() -> None:
 def _watch_interrupts() -> None:
     def on_sigint(signum, frame):
         _INTERRUPT["seen"] = True
-        if importing_now():
+        if importing_torch_now():
             _deliver_interrupt_later()
             return
         raise KeyboardInterrupt

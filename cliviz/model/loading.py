@@ -89,6 +89,7 @@ def load_model(
                 config=config,
                 use_safetensors=True,
                 dtype=dt,
+                device_map=dev,  # each tensor from the file straight to `dev`: no host copy of a GPU model
                 output_loading_info=True,
                 trust_remote_code=False,
                 generation_config=GenerationConfig(do_sample=False, num_beams=1),

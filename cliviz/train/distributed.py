@@ -19,9 +19,7 @@ so DDP's gradient average is exactly the mean over every answer token of the glo
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -100,28 +98,6 @@ def all_sum(values: list[float], where: Dist, device: torch.device) -> list[floa
     t = torch.tensor(values, device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-T = TypeVar("T")
-
-
-def load_in_turn(where: Dist, load: Callable[[], T]) -> T:
-    """Run `load()` in each process of a node one after another, not all at once.
-
-    A checkpoint is read into host memory before it moves to the rank's GPU, so 8 ranks loading a
-    7B model together hold 8 host copies (~14 GB each in bf16). In turn, a node holds one copy at a
-    time: each rank's copy has left the host (moved to its GPU) before the next rank reads. Costs
-    the load time x ranks per node; every rank joins the same number of barriers."""
-    if not where.enabled:
-        return load()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(where.world_size)))
-    loaded: T | None = None
-    for turn in range(per_node):
-        if where.local_rank == turn:
-            loaded = load()
-        dist.barrier()
-    assert loaded is not None, f"local rank {where.local_rank} outside LOCAL_WORLD_SIZE={per_node}"
-    return loaded
 
 
 def barrier(where: Dist) -> None:

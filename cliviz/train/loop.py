@@ -144,7 +144,8 @@ class Trainer:
         torch.manual_seed(settings.seed + self.where.rank)
         np.random.seed(settings.seed)
         base_dtype = _base_dtype(settings.dtype, self.device)
-        model, self.tokenizer = dist_.load_in_turn(self.where, lambda: build_model(settings, base_dtype, self.device))
+        # straight onto this rank's device (from_pretrained's device_map): no host copy of the model per rank
+        model, self.tokenizer = build_model(settings, base_dtype, self.device)
         self.model = model
         self.save_dtype = save_dtype or _stored_dtype(settings)
         self.trained = select_trainable(model, settings.trainable)

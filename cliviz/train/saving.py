@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cliviz.atomic import _fsync_folder, check_free_space, fault_point, write_error
+from cliviz.atomic import check_free_space, fault_point, fsync_path, write_error
 from cliviz.errors import CLIVizError
 
 STAGING_PREFIX = ".finishing-"
@@ -170,25 +170,14 @@ def commit(staging: Path, out: Path) -> list[str]:
     """Rename every staged file over its target in `out` (each rename atomic), then remove `staging`."""
     names = sorted(p.name for p in staging.iterdir())
     for path in sorted(staging.iterdir()):
-        _fsync_file(path)
+        fsync_path(path)
     for name in names:
         fault_point(f"rename {name}")
         os.replace(staging / name, out / name)
-    _fsync_folder(out)
+    fsync_path(out)
     fault_point("remove staging folder")
     shutil.rmtree(staging, ignore_errors=True)
     return names
-
-
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def verify_model_folder(out: Path, expected: dict[str, tuple[tuple[int, ...], str]] | None = None) -> None:
@@ -249,4 +238,4 @@ def delete_state(out: Path, state_file: str) -> None:
     """The last step of a finish: nothing left to resume."""
     fault_point(f"delete {state_file}")
     (out / state_file).unlink(missing_ok=True)
-    _fsync_folder(out)
+    fsync_path(out)

@@ -64,7 +64,7 @@ def build_model(
     folder = Path(settings.init_from)
     model_type = _model_type(folder)
     if model_type in ("llava", "llava_onevision"):
-        model, tokenizer = _attach_to_base(folder, model_type, settings, dtype)
+        model, tokenizer = _attach_to_base(folder, model_type, settings, dtype, torch.device(device or "cpu"))
         # PreTrainedModel.to is wrapped by functools.wraps, which typeshed does not type as a method
         return model.to(device or "cpu"), tokenizer  # type: ignore[arg-type]
     from cliviz.model.loading import load_model
@@ -104,10 +104,11 @@ def copy_vision_tower(folder: Path, model: CLIForConditionalGeneration) -> None:
 
 
 def _attach_to_base(
-    folder: Path, model_type: str, settings: TrainSettings, dtype: torch.dtype
+    folder: Path, model_type: str, settings: TrainSettings, dtype: torch.dtype, device: torch.device
 ) -> tuple[CLIForConditionalGeneration, PreTrainedTokenizerBase]:
     """A plain LLaVA folder (`model_type` a key of BASE_CLASSES, as its config.json says): load it
-    (safetensors only), attach CLI, and bring its tokenizer and processor."""
+    (safetensors only) straight onto `device` (a torchrun rank never holds the 7B base in host
+    memory), attach CLI, and bring its tokenizer and processor."""
     from cliviz.model.attach import attach
     from cliviz.model.loading import load_image_processor, load_tokenizer
     from cliviz.model.modeling import BASE_CLASSES
@@ -117,7 +118,9 @@ def _attach_to_base(
     cls = BASE_CLASSES[model_type]
     try:
         with no_stdin():
-            base = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
+            base = cls.from_pretrained(
+                folder, use_safetensors=True, dtype=dtype, device_map=device, trust_remote_code=False
+            )
     except (OSError, ValueError, RuntimeError) as err:
         raise CLIVizError(f"cannot load the base model in {folder}: {str(err).splitlines()[0]}") from None
     model = attach(base, fusion=settings.fusion)
