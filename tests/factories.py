@@ -506,6 +506,17 @@ def write_llava_data(root: Path) -> tuple:
     return root / "train.json", images
 
 
+def attached_llava15_run(root: Path) -> dict:
+    """What a training test starts from: a float16 LLaVA-1.5 folder with CLI attached (`cli`) and a
+    LLaVA instruction file (`data`) with its image folder (`images`)."""
+    from cliviz.model.attach import attach_folder
+
+    base = llava15_folder(root / "base", dtype=torch.float16)
+    attach_folder(base, root / "cli")
+    data, images = write_llava_data(root / "data")
+    return {"cli": root / "cli", "data": data, "images": images}
+
+
 def make_lively(model, seed: int = 0) -> None:
     """An attached model whose injection acts (alpha 0.8 everywhere) with random gates and AMP
     corrections (`tanh(alpha) = 0` and zero LoRA at init would make every ablation a no-op)."""

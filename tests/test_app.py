@@ -99,8 +99,18 @@ def expected_trace(app, image_path: Path, question: str):
     return app.cliviz_backend.ask(load_image(image_path), question)
 
 
-def upload(page: Page, path: Path) -> None:
+def upload(page: Page, path: Path, accepted: bool = True) -> None:
+    """Choose `path` in the upload box; for a file the app accepts, wait until its round trip to the
+    server has stored it (the caption names it), as a user sees the picture before pressing Ask."""
     page.locator("#upload input[type=file]").set_input_files(str(path))
+    if accepted:
+        expect(page.locator("#image-name")).to_contain_text(path.name)
+
+
+def pick_example(page: Page, name: str) -> None:
+    """Click a bundled example and wait until the server has stored it (the caption names it)."""
+    page.locator("button.example").filter(has_text=name).click()
+    expect(page.locator("#image-name")).to_have_text(f"example: {name}.png")
 
 
 def ask(page: Page, question: str) -> None:
@@ -155,7 +165,7 @@ def test_upload_ask_shows_answer_heatmap_and_attributions(page, served, tmp_path
 
 def test_token_click_redraws_heatmap(page, served, tmp_path):
     image, question = EXAMPLES / "count.png", "how many objects are there ?"
-    page.locator("button.example").filter(has_text="count").click()
+    pick_example(page, "count")
     expect(page.locator("#question")).to_have_value(question)
     page.locator("#ask").click()
     want = expected_trace(served[1], image, question)
@@ -189,7 +199,7 @@ def click_cell(page: Page, row: int, col: int, n_rows: int, n_cols: int) -> None
 
 def test_cell_click_ablates_and_reruns(page, served, tmp_path):
     image, question = EXAMPLES / "shape.png", "what shape is the purple object ?"
-    page.locator("button.example").filter(has_text="shape").click()
+    pick_example(page, "shape")
     expect(page.locator("#question")).to_have_value(question)
     page.locator("#ask").click()
     want = expected_trace(served[1], image, question)
@@ -214,7 +224,7 @@ def test_cell_click_ablates_and_reruns(page, served, tmp_path):
 
 
 def test_dataset_tab_renders_from_trace_set(page, served, tmp_path):
-    page.locator("button.example").filter(has_text="glyph").click()
+    pick_example(page, "glyph")
     page.locator("#ask").click()
     expect(page.locator("#answer-question")).to_have_text("what digit is in the corner ?")
     expect(page.locator("#answer-text")).to_have_text(re.compile(r"\S"))  # rendered, not just the question
@@ -238,13 +248,13 @@ def test_bad_inputs_show_friendly_messages(page, tmp_path):
     expect(page.locator("#ask-message")).to_contain_text("Choose an image first")
     fake = tmp_path / "notes.png"
     fake.write_text("these are my notes, not a picture\n")
-    upload(page, fake)
+    upload(page, fake, accepted=False)
     expect(page.locator("#upload-message")).to_contain_text("not a readable image")
     expect(page.locator("#upload-message")).to_contain_text("notes.png")
     shot(page, tmp_path, "bad-upload")
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (6 * 1024 * 1024))
-    upload(page, big)
+    upload(page, big, accepted=False)
     expect(page.locator("#upload-message")).to_contain_text("too large")
     upload(page, EXAMPLES / "glyph.png")  # a good file clears the message
     expect(page.locator("#upload-message")).to_be_empty()
@@ -256,8 +266,8 @@ def test_two_users_see_only_their_own_state(browser, served, tmp_path):
     url, app = served
     a, b = open_page(browser, url), open_page(browser, url)
     try:
-        a.locator("button.example").filter(has_text="color").click()
-        b.locator("button.example").filter(has_text="relation").click()
+        pick_example(a, "color")
+        pick_example(b, "relation")
         qa, qb = "what color is the triangle ?", "is the red object above or below the yellow object ?"
         expect(a.locator("#question")).to_have_value(qa)
         expect(b.locator("#question")).to_have_value(qb)
@@ -309,7 +319,7 @@ def test_map_carries_its_causal_check_and_photos_get_a_note(page, served, tmp_pa
     expect(page.locator("#causal-check")).to_have_text(want.map_notes()[-1])
     expect(page.locator("#map-notes")).to_have_attribute("data-matters", "yes" if want.causal.matters else "no")
     shot(page, tmp_path, "explore-photo")
-    page.locator("button.example").filter(has_text="color").click()  # a scene: no note
+    pick_example(page, "color")  # a scene: no note
     page.locator("#ask").click()
     expect(page.locator("#answer-question")).to_have_text("what color is the triangle ?")
     expect(page.locator("#world-warning")).to_have_count(0)
@@ -317,7 +327,7 @@ def test_map_carries_its_causal_check_and_photos_get_a_note(page, served, tmp_pa
 
 
 def test_attribution_target_and_readable_colour_bars(page, served, tmp_path):
-    page.locator("button.example").filter(has_text="glyph").click()
+    pick_example(page, "glyph")
     page.locator("#ask").click()
     # margin is the default target (it decides the answer and never saturates); log-prob is one click away
     expect(page.locator("#attr-description")).to_contain_text("margin: answer-token logit minus runner-up logit")

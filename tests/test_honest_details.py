@@ -340,6 +340,7 @@ def test_served_dashboard_names_untrained_gates_and_intervals(browser, attached_
         page.set_default_timeout(60_000)
         page.goto(url)
         page.locator("button.example").filter(has_text="color").click()
+        expect(page.locator("#image-name")).to_have_text("example: color.png")  # stored before Ask
         page.locator("#ask").click()
         expect(page.locator("#untrained-note")).to_contain_text(UNTRAINED)
         expect(page.locator("#untrained-note")).to_be_visible()

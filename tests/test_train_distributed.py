@@ -9,24 +9,17 @@ import math
 
 import pytest
 import torch
-from llava_folders import llava15_folder
 from safetensors.torch import load_file
 
 from conftest import torchrun
-from factories import write_llava_data
+from factories import attached_llava15_run
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from cliviz.model.attach import attach_folder
-
-    root = tmp_path_factory.mktemp("train-distributed")
-    base = llava15_folder(root / "base", dtype=torch.float16)
-    attach_folder(base, root / "cli")
-    data, images = write_llava_data(root / "data")
-    return {"cli": root / "cli", "data": data, "images": images}
+    return attached_llava15_run(tmp_path_factory.mktemp("train-distributed"))
 
 
 @pytest.mark.slow
