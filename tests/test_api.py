@@ -203,7 +203,15 @@ def example_globals():
     }
 
 
-@pytest.mark.parametrize("name, module, source", EXAMPLES_FOUND, ids=[n for n, _, _ in EXAMPLES_FOUND])
+# Examples that do a real job at a real size (thousands of probe fits): the second tier runs them.
+SLOW_EXAMPLES = {"cliviz.analyses.probes"}
+
+
+@pytest.mark.parametrize(
+    "name, module, source",
+    [pytest.param(*ex, marks=[pytest.mark.slow] if ex[0] in SLOW_EXAMPLES else []) for ex in EXAMPLES_FOUND],
+    ids=[n for n, _, _ in EXAMPLES_FOUND],
+)
 def test_docstring_example_runs(name, module, source, example_globals, monkeypatch, tmp_path):
     # examples name files relative to the repository root, and some write files: run them in a
     # scratch folder that sees the repository's inputs, so nothing lands in the checkout

@@ -46,6 +46,7 @@ APPENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_appends_from_many_processes_lose_nothing(tmp_path):
     """Read + extend + replace by several processes used to drop rows (392 of 400 survived)."""
     from cliviz.tracing.traceset import TraceSet

@@ -294,6 +294,7 @@ def test_compact_sweep_through_the_library(baseline, data_dir, random_model_dir,
     assert (again.traced, again.already, again.compact) == (0, N_SAMPLES, small)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_single_process(baseline, data_dir, random_model_dir, tmp_path):
     out = tmp_path / "traces.parquet"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}

@@ -130,6 +130,7 @@ def test_only_alpha_has_a_gradient_at_step_0_and_alpha_leaves_zero(setup):
     assert [g["name"] for g in groups] == ["weights", "alpha"] and groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_with_the_doubled_batch(setup, mode, tmp_path):
     """gloo on CPU: 2 processes x batch 4 give the loss curve and weights of 1 process x batch 8."""
