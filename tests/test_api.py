@@ -243,6 +243,7 @@ def test_readme_python_api_block_runs(monkeypatch):
 # ------------------------------------------------------------------------ the notebook
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_in_a_kernel(tmp_path, monkeypatch):
     """examples/quickstart.ipynb, executed cell by cell in a real ipykernel: load, trace, show a
     heatmap, ablate a cell, attribute, save a figure (PDF through kaleido and the system Chromium)."""

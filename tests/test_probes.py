@@ -205,6 +205,7 @@ def test_a_projector_layer_outside_the_tower_is_refused(tiny, scenes):
 # ------------------------------------------------------------------------------------------ probes
 
 
+@pytest.mark.slow
 def test_report_shape_baselines_and_projector_layer(tiny, scenes):
     from cliviz.analyses.probes import probe_layers
 
