@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import pickle
+import random
 import shutil
 import struct
 import zipfile
@@ -31,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "assets" / "models" / "cli-tiny"
 EVIL_MARKER = "CLIVIZ_TEST_EVIL_MARKER"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # an env var naming the file the folder's code would create
+
+
+def _noise(n: int, seed: int) -> bytes:
+    """`n` random-looking bytes, the same on every run: a failing corpus case can be run again."""
+    return random.Random(seed).randbytes(n)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def image_cases() -> list[Case]:
     bad: dict[str, tuple[str, bytes]] = {
         "empty.png": ("not a readable image", b""),
         "text.png": ("not a readable image", b"hello, I am not a picture\n" * 10),
-        "random.bin": ("not a readable image", os.urandom(4096)),
+        "random.bin": ("not a readable image", _noise(4096, seed=1)),
         "truncated-header.png": ("corrupt or truncated", good_png[:20]),
         "truncated-data.png": ("corrupt or truncated", good_png[: len(good_png) // 2]),
         "truncated.jpg": ("corrupt or truncated", jpeg[: len(jpeg) // 2]),
@@ -101,8 +106,8 @@ def image_cases() -> list[Case]:
         "gif-huge.gif": ("image too large", _gif_header(65535, 65535)),
         "tiff-truncated.tif": ("corrupt or truncated", _encoded("TIFF", rgb)[:200]),
         "webp-truncated.webp": ("corrupt or truncated", _encoded("WEBP", rgb)[:60]),
-        "ico-garbage.ico": ("not a readable image", b"\0\0\1\0" + os.urandom(64)),
-        "png-then-garbage-ihdr.png": ("not a readable image", b"\x89PNG\r\n\x1a\n" + os.urandom(64)),
+        "ico-garbage.ico": ("not a readable image", b"\0\0\1\0" + _noise(64, seed=2)),
+        "png-then-garbage-ihdr.png": ("not a readable image", b"\x89PNG\r\n\x1a\n" + _noise(64, seed=3)),
     }
     cases = [Case(f"bad:{name}", _write(name, data), expect) for name, (expect, data) in bad.items()]
     cases += [
@@ -601,7 +606,7 @@ def weight_cases() -> list[Case]:
         Case("weights:truncated-header", _raw_weights(lambda d: d[:5000]), "not a valid safetensors file"),
         Case("weights:truncated-data", _raw_weights(lambda d: d[:-1000]), "not a valid safetensors file"),
         Case("weights:extra-bytes", _raw_weights(lambda d: d + b"\0" * 64), "not a valid safetensors file"),
-        Case("weights:random", _raw_weights(lambda d: os.urandom(4096)), "not a valid safetensors file"),
+        Case("weights:random", _raw_weights(lambda d: _noise(4096, seed=4)), "not a valid safetensors file"),
         Case("weights:eight-bytes", _raw_weights(lambda d: b"\0" * 8), "not a valid safetensors file"),
         Case("weights:header-lies", _raw_weights(_header_lies), "not a valid safetensors file"),
         Case("weights:pickle-renamed", _torch_saved(zip_format=False), "pickled PyTorch file"),
@@ -669,7 +674,7 @@ def trace_file_cases() -> list[Case]:
         "empty": b"",
         "text": b"sample_id,gates\n1,2\n",
         "pickle": pickle.dumps({"gates": [1.0]}),
-        "random": os.urandom(2048),
+        "random": _noise(2048, seed=5),
         "parquet-magic-only": b"PAR1" + b"\0" * 32 + b"PAR1",
     }
     unreadable = "not a readable Parquet file"
