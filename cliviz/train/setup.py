@@ -64,9 +64,8 @@ def build_model(
     folder = Path(settings.init_from)
     model_type = _model_type(folder)
     if model_type in ("llava", "llava_onevision"):
-        model, tokenizer = _attach_to_base(folder, model_type, settings, dtype, torch.device(device or "cpu"))
-        # PreTrainedModel.to is wrapped by functools.wraps, which typeshed does not type as a method
-        return model.to(device or "cpu"), tokenizer  # type: ignore[arg-type]
+        # the base is loaded onto the device and `attach` puts the CLI modules beside it
+        return _attach_to_base(folder, model_type, settings, dtype, torch.device(device or "cpu"))
     from cliviz.model.loading import load_model
 
     model, tokenizer = load_model(folder, device=str(device or "cpu"), dtype=_dtype_name(dtype))
